@@ -1,0 +1,85 @@
+"""Helpers shared by the command-line entry points (`python -m hpcinfer.<name>`).
+
+Composing the Hydra config outside `@hydra.main` lets every CLI (and the tests) turn a bad
+override into one line and exit code 2, and lets `submit -m` check every job of a sweep before
+anything is launched.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List
+
+from .config import RunConfig, register_configs, to_run_config
+from .errors import ConfigError, exit_on_user_error, one_line
+
+CONF_DIR = os.environ.get("HPCINFER_CONF") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def split_argv(argv: List[str]) -> tuple[List[str], List[str]]:
+    """(Hydra flags, overrides): flags start with '-', overrides are key=value."""
+    flags = [a for a in argv if a.startswith("-")]
+    return flags, [a for a in argv if not a.startswith("-")]
+
+
+def compose(overrides: List[str]) -> RunConfig:
+    """The typed config for these overrides; ConfigError (one line) on any composition problem."""
+    return compose_sweep(overrides)[0]
+
+
+def compose_sweep(overrides: List[str]) -> List[RunConfig]:
+    """One typed config per job of a (possibly multirun) override list, e.g. ['tp=1,2', 'dp=2']."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    register_configs()
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0] if any(o.is_sweep_override() for o in parsed) else [overrides]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return [to_run_config(hydra_compose("config", overrides=list(job))) for job in jobs]
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra/OmegaConf composition errors: keep the message, drop the trace
+        raise ConfigError(_hydra_message(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _hydra_message(e: BaseException) -> str:
+    """Hydra's message without the search path, struct details and traceback hints."""
+    text = str(e)
+    if e.__cause__ is not None and str(e.__cause__) not in text:
+        text += " " + str(e.__cause__)
+    for cut in ("\n    full_key", "Config search path", "\n    object_type"):
+        text = text.split(cut)[0]
+    return one_line(text.replace("To append to your config use", "to add a new key use"))
+
+
+def hydra_main(task: Callable[[RunConfig], int], argv: List[str] | None = None) -> None:
+    """Check every job's config first (one-line errors, exit 2), then hand over to Hydra so that
+    -m sweeps, --cfg and --help behave as Hydra users expect. `task` returns an exit code."""
+    import hydra
+
+    argv = sys.argv[1:] if argv is None else argv
+    flags, overrides = split_argv(argv)
+    if not flags or any(f in MULTIRUN_FLAGS for f in flags):
+        with exit_on_user_error():
+            compose_sweep(overrides)
+
+    register_configs()
+    codes: List[int] = []
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def _main(cfg) -> None:
+        with exit_on_user_error():
+            codes.append(task(to_run_config(cfg)))
+
+    sys.argv = [sys.argv[0], *argv]
+    _main()
+    raise SystemExit(max(codes, default=0))

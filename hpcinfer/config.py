@@ -1,0 +1,273 @@
+"""Typed, documented configuration: the schema behind the Hydra tree in `conf/`.
+
+Every field is documented where it is declared. `validate()` is the single place for rules that
+involve more than one field; its messages quote the offending values. Derived sizes (GPUs per
+rank, total GPUs) are properties, never stored.
+
+The YAML files under `conf/` only choose values; the types and defaults live here, registered in
+Hydra's ConfigStore so that `python -m hpcinfer.submit tp=2 dp=8 ep=true` is type-checked.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+# Engine arguments that hpcinfer sets from the layout; setting them under `engine` is an error.
+LAYOUT_ENGINE_ARGS = {
+    "model": "model.path",
+    "tensor_parallel_size": "tp",
+    "pipeline_parallel_size": "pp",
+    "data_parallel_size": "dp",
+    "enable_expert_parallel": "ep",
+}
+
+# Columns hpcinfer adds to every output row (the output contract).
+OUTPUT_COLUMNS = ("generated_text", "finish_reason", "prompt_tokens", "output_tokens", "error")
+
+BUILTIN_MODELS = ("tiny-llama", "tiny-mixtral")
+
+
+@dataclass
+class ModelConfig:
+    """The model to serve, and what is known of its shape (for the plan and validation).
+
+    Shape fields left null are read from the model's `config.json` when the path is a local
+    directory; they matter only for planning (memory per GPU) and for checking `tp`.
+    """
+
+    name: str = MISSING  # short name used in reports
+    path: Optional[str] = None  # local directory or hub id (what vllm.LLM(model=...) gets)
+    builtin: Optional[str] = None  # "tiny-llama" | "tiny-mixtral": generated offline on first use
+    moe: bool = False  # a mixture-of-experts model (only these may use ep=true)
+    num_params_b: Optional[float] = None  # parameters in billions (else computed from the shape)
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    vocab_size: Optional[int] = None
+    num_experts: Optional[int] = None  # MoE: experts per layer
+    experts_per_token: Optional[int] = None  # MoE: top-k
+    engine: Dict[str, Any] = field(default_factory=dict)  # engine-arg defaults for this model
+
+
+@dataclass
+class SamplingConfig:
+    """vLLM SamplingParams for every row. With `seed` set, row i uses seed + i, so sampled
+    outputs do not depend on the layout (dp, shard sizes) that produced them."""
+
+    max_tokens: int = 64  # output tokens per row, at most
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0  # in [0, 1]
+    repetition_penalty: float = 1.0  # > 0
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    stop: List[str] = field(default_factory=list)  # stop strings
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    seed: Optional[int] = 0  # base of the per-row seeds; null = unseeded
+
+
+@dataclass
+class DataConfig:
+    """Where the prompts come from and how the work is cut into shards."""
+
+    input: Optional[str] = None  # Parquet file, directory or glob; null = built-in demo prompts
+    prompt_column: str = "prompt"  # string column holding the prompt text
+    id_column: Optional[str] = None  # optional column whose values must be unique
+    shard_rows: int = 1024  # at most this many rows per shard (the unit of durable output)
+    demo_rows: int = 300  # rows of the built-in demo set (data.input=null)
+
+
+@dataclass
+class LocalClusterConfig:
+    """Run every rank as a process on this machine."""
+
+    name: str = "local"
+    gpus: Optional[int] = None  # GPUs offered to the run; null = all visible ones (0 on a CPU box)
+    cpu_kvcache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB) per rank, unless already set
+    gpu_memory_gib: Optional[float] = None  # per GPU, for the plan; null = ask nvidia-smi
+
+
+@dataclass
+class RunConfig:
+    """One batch-inference run: model, sampling, data, layout and cluster."""
+
+    model: ModelConfig = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: Any = MISSING  # LocalClusterConfig (Slurm comes later)
+    tp: int = 1  # tensor parallel: GPUs that split each layer
+    pp: int = 1  # pipeline parallel: GPUs that split the layers
+    dp: int = 1  # data parallel: independent ranks (engines), each on tp*pp GPUs
+    ep: bool = False  # expert parallel (MoE models only)
+    engine: Dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM (nulls dropped)
+    run_dir: Optional[str] = None  # null = outputs/<date>/<time>
+    cache_dir: Optional[str] = None  # built-in models and demo data; null = $HPCINFER_CACHE or ~/.cache/hpcinfer
+
+    @property
+    def gpus_per_rank(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def world_gpus(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def cache_path(self) -> str:
+        return self.cache_dir or os.environ.get("HPCINFER_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "hpcinfer"
+        )
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/` YAML files are validated against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="sampling", name="sampling_schema", node=SamplingConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="cluster", name="local_schema", node=LocalClusterConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """A composed (or saved) DictConfig as typed dataclasses, `hydra` keys dropped."""
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), _without_hydra(cfg))
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    if isinstance(obj.cluster, (dict, DictConfig)):
+        obj.cluster = LocalClusterConfig(**dict(obj.cluster))
+    return obj
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    d.pop("hydra", None)
+    return OmegaConf.create(d)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def engine_args(cfg: RunConfig, model_path: str) -> Dict[str, Any]:
+    """Exactly the keyword arguments given to `vllm.LLM`: the model's engine defaults, then the
+    non-null `engine` overrides, then the layout. Pure."""
+    args: Dict[str, Any] = {"model": model_path}
+    for source in (cfg.model.engine, cfg.engine):  # null means "not set": keeps the model default
+        args.update({k: v for k, v in source.items() if v is not None})
+    args["tensor_parallel_size"] = cfg.tp
+    args["pipeline_parallel_size"] = cfg.pp
+    if cfg.ep:
+        args["enable_expert_parallel"] = True
+    return args
+
+
+def validate(cfg: RunConfig, gpus_available: Optional[int] = None) -> None:
+    """Cross-field rules. Raises ConfigError naming the offending values.
+
+    `gpus_available` is what the cluster offers (None: unknown, skip the GPU count check;
+    0: a CPU-only machine, where ranks run on CPU cores).
+    """
+    errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
+    errors += _data_errors(cfg.data) + _engine_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def _layout_errors(cfg: RunConfig, gpus_available: Optional[int]) -> List[str]:
+    errs = [f"{k} must be an integer >= 1, got {k}={getattr(cfg, k)!r}"
+            for k in ("tp", "pp", "dp") if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1]
+    if errs:
+        return errs
+    heads = cfg.model.num_attention_heads
+    if heads and heads % cfg.tp:
+        errs.append(f"tp={cfg.tp} must divide the model's attention heads "
+                    f"(model {cfg.model.name!r} has {heads})")
+    layers = cfg.model.num_layers
+    if layers and cfg.pp > layers:
+        errs.append(f"pp={cfg.pp} exceeds the model's {layers} layers")
+    if cfg.ep and not cfg.model.moe:
+        errs.append(f"ep=true needs a mixture-of-experts model; model {cfg.model.name!r} is dense "
+                    f"(set model.moe=true if it is MoE)")
+    if gpus_available and cfg.world_gpus > gpus_available:
+        errs.append(f"dp={cfg.dp} x tp={cfg.tp} x pp={cfg.pp} needs {cfg.world_gpus} GPUs, "
+                    f"but the cluster offers {gpus_available}")
+    return errs
+
+
+def _model_errors(cfg: RunConfig) -> List[str]:
+    m = cfg.model
+    if m.builtin is not None and m.builtin not in BUILTIN_MODELS:
+        return [f"model.builtin={m.builtin!r} is not one of {list(BUILTIN_MODELS)}"]
+    if m.builtin is None and not m.path:
+        return [f"model {m.name!r} has no path: set model.path=<local directory or hub id>"]
+    if m.builtin is None and m.path and _looks_local(m.path) and not os.path.isdir(os.path.expanduser(m.path)):
+        return [f"model.path={m.path!r} does not exist"]
+    return []
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(path)
+
+
+def _sampling_errors(s: SamplingConfig) -> List[str]:
+    checks = [
+        (s.max_tokens >= 1, f"sampling.max_tokens must be >= 1, got {s.max_tokens!r}"),
+        (s.temperature >= 0, f"sampling.temperature must be >= 0, got {s.temperature!r}"),
+        (0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1], got {s.top_p!r}"),
+        (s.top_k >= -1, f"sampling.top_k must be -1, 0 (off) or >= 1, got {s.top_k!r}"),
+        (0 <= s.min_p <= 1, f"sampling.min_p must be in [0, 1], got {s.min_p!r}"),
+        (s.repetition_penalty > 0, f"sampling.repetition_penalty must be > 0, got {s.repetition_penalty!r}"),
+        (-2 <= s.presence_penalty <= 2, f"sampling.presence_penalty must be in [-2, 2], got {s.presence_penalty!r}"),
+        (-2 <= s.frequency_penalty <= 2, f"sampling.frequency_penalty must be in [-2, 2], got {s.frequency_penalty!r}"),
+        (s.seed is None or s.seed >= 0, f"sampling.seed must be >= 0 or null, got {s.seed!r}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def _data_errors(d: DataConfig) -> List[str]:
+    errs = []
+    if d.shard_rows < 1:
+        errs.append(f"data.shard_rows must be >= 1, got {d.shard_rows!r}")
+    if d.input is None and d.demo_rows < 1:
+        errs.append(f"data.demo_rows must be >= 1, got {d.demo_rows!r}")
+    if not d.prompt_column:
+        errs.append("data.prompt_column must name a column")
+    if d.id_column is not None and d.id_column == d.prompt_column:
+        errs.append(f"data.id_column={d.id_column!r} must differ from data.prompt_column")
+    for col in (d.prompt_column, d.id_column):
+        if col in OUTPUT_COLUMNS:
+            errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")
+    return errs
+
+
+def _engine_errors(cfg: RunConfig) -> List[str]:
+    errs = []
+    for source, where in ((cfg.model.engine, "model.engine"), (cfg.engine, "engine")):
+        for key, value in source.items():
+            if key in LAYOUT_ENGINE_ARGS and value is not None:
+                errs.append(f"{where}.{key}={value!r}: set {LAYOUT_ENGINE_ARGS[key]} instead")
+    args = engine_args(cfg, "-")
+    mml = args.get("max_model_len")
+    if mml is not None and (not isinstance(mml, int) or mml < 2):
+        errs.append(f"engine.max_model_len must be an integer >= 2, got {mml!r}")
+    gmu = args.get("gpu_memory_utilization")
+    if gmu is not None and not 0 < gmu <= 1:
+        errs.append(f"engine.gpu_memory_utilization must be in (0, 1], got {gmu!r}")
+    if mml is not None and isinstance(mml, int) and cfg.sampling.max_tokens >= mml:
+        errs.append(f"sampling.max_tokens={cfg.sampling.max_tokens} leaves no room for a prompt "
+                    f"within engine.max_model_len={mml}")
+    return errs
+
+
+def load_run_config(path) -> RunConfig:
+    """The typed config saved in a run directory's config.yaml."""
+    return to_run_config(OmegaConf.load(path))

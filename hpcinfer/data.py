@@ -1,0 +1,236 @@
+"""Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
+
+The global row order is the order of the input files (sorted paths) and, within a file, its row
+order. Ranks get contiguous, near-equal ranges of that order (the remainder spread over the first
+ranks); each range is cut into shards at file boundaries and at `data.shard_rows`. `partition`
+and `make_shards` are pure; reading files and writing the manifest are at the edges.
+"""
+from __future__ import annotations
+
+import base64
+import glob as globlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import OUTPUT_COLUMNS
+from .errors import DataError
+
+SCHEMA_KEY = b"hpcinfer.input_schema"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The scanned input: files in global order and the schema all rows share."""
+
+    files: List[InputFile]
+    schema: pa.Schema
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range of one input file's rows, owned by one rank."""
+
+    shard: int
+    rank: int
+    path: str
+    file_start: int
+    file_end: int
+    global_start: int
+
+    @property
+    def rows(self) -> int:
+        return self.file_end - self.file_start
+
+
+# ---- pure: partitioning ----------------------------------------------------------------
+def partition(n_rows: int, ranks: int) -> List[Tuple[int, int]]:
+    """Contiguous [start, end) ranges for `ranks` ranks, sizes differing by at most one
+    (the first n_rows % ranks ranks get one more row)."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    base, extra = divmod(n_rows, ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        end = start + base + (1 if r < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def active_ranks(n_rows: int, dp: int) -> int:
+    """Ranks that get work: every rank gets at least one row, so at most n_rows ranks."""
+    return max(1, min(dp, n_rows))
+
+
+def make_shards(files: Sequence[InputFile], ranks: int, max_rows: int) -> List[Shard]:
+    """Cut the global row order into shards: per rank (see `partition`), then at file boundaries
+    and every `max_rows` rows. Shards are numbered in global order."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    bounds, offset = [], 0  # (global_start, global_end, file) for non-empty files
+    for f in files:
+        if f.rows:
+            bounds.append((offset, offset + f.rows, f))
+        offset += f.rows
+    shards: List[Shard] = []
+    for rank, (lo, hi) in enumerate(partition(offset, ranks)):
+        for f_lo, f_hi, f in bounds:
+            start, end = max(lo, f_lo), min(hi, f_hi)
+            for s in range(start, end, max_rows):
+                e = min(s + max_rows, end)
+                shards.append(Shard(len(shards), rank, f.path, s - f_lo, e - f_lo, s))
+    return shards
+
+
+# ---- discovery and checks ---------------------------------------------------------------
+def discover(spec: str) -> List[str]:
+    """Input files for a path, a directory (its *.parquet files) or a glob, in sorted order."""
+    spec = os.path.expanduser(spec)
+    if any(c in spec for c in "*?["):
+        paths = sorted(p for p in globlib.glob(spec) if os.path.isfile(p))
+        if not paths:
+            raise DataError(f"data.input={spec!r} matches no files")
+        return paths
+    if os.path.isdir(spec):
+        paths = sorted(globlib.glob(os.path.join(spec, "*.parquet")))
+        if not paths:
+            raise DataError(f"data.input={spec!r} is a directory without *.parquet files")
+        return paths
+    if not os.path.exists(spec):
+        raise DataError(f"data.input={spec!r} does not exist")
+    return [spec]
+
+
+def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None) -> Inputs:
+    """Open every file's footer, check the columns, unify the schemas. Reads no row data except
+    the id column when one is given (to check it is unique)."""
+    files, schemas = [], []
+    for path in paths:
+        pf = _open(path)
+        schema = pf.schema_arrow
+        files.append(InputFile(os.path.abspath(path), pf.metadata.num_rows))
+        if len(schema) == 0 and pf.metadata.num_rows == 0:
+            continue  # an empty file without columns: nothing to check
+        _check_columns(path, schema, prompt_column, id_column)
+        schemas.append((path, schema.remove_metadata()))
+    if not schemas:
+        raise DataError(f"data.input has no columns: {[f.path for f in files]!r}")
+    inputs = Inputs(files, _unify(schemas))
+    if inputs.rows == 0:
+        raise DataError(f"data.input has no rows ({len(files)} file(s), all empty)")
+    if id_column is not None:
+        check_unique_ids(inputs, id_column)
+    return inputs
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except PermissionError:
+        raise DataError(f"data.input file {path!r} is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise DataError(f"data.input {path!r} is a directory inside the input set") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"data.input file {path!r} is not a Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _check_columns(path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str]) -> None:
+    names = schema.names
+    if prompt_column not in names:
+        raise DataError(f"data.prompt_column={prompt_column!r} is not a column of {path!r} (columns: {names})")
+    ptype = schema.field(prompt_column).type
+    if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype) or pa.types.is_null(ptype)
+            or getattr(pa.types, "is_string_view", lambda t: False)(ptype)):
+        raise DataError(f"data.prompt_column={prompt_column!r} in {path!r} has type {ptype}; expected string")
+    if id_column is not None and id_column not in names:
+        raise DataError(f"data.id_column={id_column!r} is not a column of {path!r} (columns: {names})")
+    clash = [c for c in OUTPUT_COLUMNS if c in names]
+    if clash:
+        raise DataError(f"{path!r} already has column(s) {clash}, which hpcinfer adds to the output; rename them")
+
+
+def _unify(schemas: List[Tuple[str, pa.Schema]]) -> pa.Schema:
+    first_path, first = schemas[0]
+    for path, schema in schemas[1:]:
+        if schema.names != first.names:
+            raise DataError(f"input files disagree on columns: {first_path!r} has {first.names}, "
+                            f"{path!r} has {schema.names}")
+    try:
+        return pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"input files have incompatible column types: {str(e).splitlines()[0]}") from None
+
+
+def check_unique_ids(inputs: Inputs, id_column: str) -> None:
+    ids = pa.chunked_array(
+        [pq.read_table(f.path, columns=[id_column]).column(0).cast(inputs.schema.field(id_column).type)
+         for f in inputs.files if f.rows],
+        type=inputs.schema.field(id_column).type,
+    )
+    nulls = ids.null_count
+    if nulls:
+        raise DataError(f"data.id_column={id_column!r} has {nulls} null value(s)")
+    if len(pc.unique(ids)) != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+        raise DataError(f"data.id_column={id_column!r} is not unique: {len(dup)} value(s) repeat, "
+                        f"e.g. {dup[:3].to_pylist()!r}")
+
+
+# ---- the manifest ----------------------------------------------------------------------
+def write_manifest(path: str, shards: Sequence[Shard], schema: pa.Schema) -> None:
+    from .rundir import atomic_path
+
+    table = pa.Table.from_pylist([asdict(s) for s in shards], schema=_MANIFEST_SCHEMA)
+    table = table.replace_schema_metadata({SCHEMA_KEY: base64.b64encode(schema.serialize().to_pybytes())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_manifest(path: str) -> Tuple[List[Shard], pa.Schema]:
+    """The shards, in global order, and the input schema every shard is cast to."""
+    table = pq.read_table(path)
+    raw = base64.b64decode(table.schema.metadata[SCHEMA_KEY])
+    schema = pa.ipc.read_schema(pa.py_buffer(raw))
+    return [Shard(**row) for row in table.to_pylist()], schema
+
+
+_MANIFEST_SCHEMA = pa.schema([
+    ("shard", pa.int64()), ("rank", pa.int64()), ("path", pa.string()),
+    ("file_start", pa.int64()), ("file_end", pa.int64()), ("global_start", pa.int64()),
+])
+
+
+# ---- reading a shard -------------------------------------------------------------------
+def read_shard(shard: Shard, schema: pa.Schema) -> pa.Table:
+    """The shard's input rows, cast to the run's input schema. Reads only the row groups that
+    overlap the shard."""
+    pf = pq.ParquetFile(shard.path)
+    groups, first, offset = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if offset < shard.file_end and offset + n > shard.file_start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += n
+    if offset < shard.file_end:
+        raise DataError(f"{shard.path!r} has {offset} rows now, fewer than the {shard.file_end} "
+                        f"it had when the run was planned")
+    table = pf.read_row_groups(groups).slice(shard.file_start - (first or 0), shard.rows)
+    table = table.replace_schema_metadata(None)
+    return table if table.schema.equals(schema) else table.select(schema.names).cast(schema)

@@ -1,0 +1,113 @@
+"""Finalize: verify that every shard is done, stream the shard outputs in input order into
+results.parquet, prove every input row appears exactly once, and write summary.json.
+
+Nothing is published unless the result is complete: a missing shard, a shard whose row count or
+row positions disagree with the manifest, raises RunIncomplete and leaves no results.parquet.
+Memory stays bounded by one record batch (shards are streamed, never loaded whole).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from typing import Dict, List
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import __version__
+from .config import load_run_config
+from .data import Shard, read_manifest
+from .errors import RunIncomplete
+from .output import ROW_COLUMN, result_schema
+from .rundir import RunDir, atomic_path, atomic_write_json
+
+BATCH_ROWS = 64 * 1024
+
+
+def missing_shards(rd: RunDir, shards: List[Shard]) -> List[Shard]:
+    done = rd.done_shards()
+    return [s for s in shards if s.shard not in done or not rd.shard_output(s.shard).exists()]
+
+
+def describe_missing(missing: List[Shard], total: int) -> str:
+    listed = ", ".join(f"{s.shard} (rank {s.rank}, rows {s.global_start}-{s.global_start + s.rows - 1})"
+                       for s in missing[:20])
+    more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
+
+
+def finalize(run_dir: str) -> Dict:
+    """Publish results.parquet and summary.json for a complete run; RunIncomplete otherwise."""
+    rd = RunDir(run_dir)
+    shards, schema = read_manifest(str(rd.manifest))
+    missing = missing_shards(rd, shards)
+    if missing:
+        raise RunIncomplete(describe_missing(missing, len(shards)))
+    totals = merge_shards(rd, shards, result_schema(schema))
+    summary = build_summary(rd, shards, totals)
+    atomic_write_json(rd.summary, summary)
+    return summary
+
+
+def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
+    """Stream shards in global order into results.parquet, checking each row's position."""
+    totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
+    with atomic_path(rd.results) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for s in shards:
+                if s.global_start != totals["rows"]:
+                    raise RunIncomplete(f"manifest gap or overlap at shard {s.shard}: it starts at row "
+                                        f"{s.global_start}, expected {totals['rows']}")
+                pf = pq.ParquetFile(rd.shard_output(s.shard))
+                if pf.metadata.num_rows != s.rows:
+                    raise RunIncomplete(f"shard {s.shard} output has {pf.metadata.num_rows} rows, "
+                                        f"the manifest says {s.rows}")
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                    pos = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
+                    want = np.arange(totals["rows"], totals["rows"] + len(pos))
+                    if not np.array_equal(pos, want):
+                        raise RunIncomplete(f"shard {s.shard} holds rows out of order, duplicated or "
+                                            f"foreign (expected {want[0]}..{want[-1]})")
+                    writer.write_batch(batch.drop_columns([ROW_COLUMN]).cast(schema))
+                    totals["rows"] += len(pos)
+                    totals["rows_failed"] += len(pos) - batch.column("error").null_count
+                    totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
+                    totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+    return totals
+
+
+def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Dict:
+    plan = rd.read_plan()
+    cfg = load_run_config(rd.config)
+    ranks = rd.read_ranks()
+    per_rank: Dict[int, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for s in shards:
+        done = rd.read_done(s.shard)
+        for key in ("rows", "rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
+            per_rank[s.rank][key] += done[key]
+        per_rank[s.rank]["host"] = done["host"]
+    starts = [r["generation_started_at"] for r in ranks.values() if r.get("generation_started_at")]
+    ends = [r["generation_ended_at"] for r in ranks.values() if r.get("generation_ended_at")]
+    gen_seconds = max(ends) - min(starts) if starts and ends else 0.0
+    now = time.time()
+    rank_list = []
+    for r in sorted(per_rank):
+        info = ranks.get(r, {})
+        rank_list.append(dict(
+            rank=r, host=info.get("host", per_rank[r]["host"]), device_kind=info.get("device_kind"),
+            devices=info.get("devices"), rows=int(per_rank[r]["rows"]), rows_failed=int(per_rank[r]["rows_failed"]),
+            prompt_tokens=int(per_rank[r]["prompt_tokens"]), output_tokens=int(per_rank[r]["output_tokens"]),
+            seconds=round((info.get("finished_at") or now) - info.get("started_at", now), 3),
+            engine_seconds=round(info.get("engine_seconds", 0.0), 3),
+            generation_seconds=round(per_rank[r]["generation_seconds"], 3)))
+    return dict(
+        run_dir=str(rd.path), results=str(rd.results), hpcinfer_version=__version__,
+        rows=totals["rows"], rows_failed=totals["rows_failed"],
+        prompt_tokens=totals["prompt_tokens"], output_tokens=totals["output_tokens"],
+        wall_seconds=round(now - plan.get("submitted_at", now), 3), generation_seconds=round(gen_seconds, 3),
+        output_tokens_per_second=round(totals["output_tokens"] / gen_seconds, 2) if gen_seconds > 0 else None,
+        layout=dict(tp=plan["tp"], pp=plan["pp"], dp=plan["dp"], ep=plan["ep"], ranks=plan["ranks"]),
+        model=cfg.model.name, sampling=asdict(cfg.sampling), engine_args=plan["engine_args"],
+        shards=len(shards), ranks=rank_list, finished_at=now)

@@ -1,0 +1,22 @@
+"""`python -m hpcinfer.plan [overrides]`: print the layout a submit would use, and exit 2 with a
+one-line reason when it cannot work. Writes nothing."""
+from __future__ import annotations
+
+import sys
+
+from .cli import compose
+from .errors import exit_on_user_error
+from .planner import format_plan
+from .prepare import prepare
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    with exit_on_user_error():
+        cfg = compose(argv)
+        print(format_plan(prepare(cfg, build=False).plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

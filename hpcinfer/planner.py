@@ -1,0 +1,216 @@
+"""Layout arithmetic: ranks, devices per rank, nodes, memory per GPU. Pure.
+
+Seed rules: a model that fits one GPU needs no model parallelism; too large for one GPU -> tensor
+parallel within a node (tp must divide the attention heads), then pipeline parallel; more
+throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .config import ModelConfig, RunConfig
+from .data import Shard
+from .devices import Devices, split
+from .errors import ConfigError
+
+GIB = 1024**3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "auto": 2, "float32": 4, "float": 4}
+ACTIVATION_RESERVE_GIB = 1.0  # per GPU: activations, CUDA graphs, allocator slack (rule of thumb)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What planning needs to know of a model; unknown fields are None."""
+
+    num_params_b: Optional[float]
+    num_layers: Optional[int]
+    num_attention_heads: Optional[int]
+    num_kv_heads: Optional[int]
+    head_dim: Optional[int]
+    moe: bool = False
+    num_experts: Optional[int] = None
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> Optional[int]:
+        if None in (self.num_layers, self.num_kv_heads, self.head_dim):
+            return None
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+def model_shape(m: ModelConfig, model_dir: Optional[str] = None) -> ModelShape:
+    """Shape from the config's fields, filled from `<model_dir>/config.json` when present."""
+    hf: Dict[str, Any] = {}
+    if model_dir and os.path.isfile(os.path.join(model_dir, "config.json")):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hf = json.load(f)
+        hf = hf.get("text_config", hf)
+
+    def pick(ours, *keys):
+        return ours if ours is not None else next((hf[k] for k in keys if hf.get(k) is not None), None)
+
+    hidden = pick(m.hidden_size, "hidden_size")
+    heads = pick(m.num_attention_heads, "num_attention_heads")
+    kv = pick(m.num_kv_heads, "num_key_value_heads") or heads
+    head_dim = pick(m.head_dim, "head_dim") or (hidden // heads if hidden and heads else None)
+    experts = pick(m.num_experts, "num_local_experts", "num_experts", "n_routed_experts")
+    layers = pick(m.num_layers, "num_hidden_layers")
+    params = m.num_params_b
+    if params is None:
+        params = _estimate_params_b(hidden, pick(m.intermediate_size, "intermediate_size"), layers, heads, kv,
+                                    head_dim, pick(m.vocab_size, "vocab_size"), experts,
+                                    bool(hf.get("tie_word_embeddings", False)))
+    return ModelShape(params, layers, heads, kv, head_dim, m.moe or bool(experts), experts)
+
+
+def _estimate_params_b(hidden, inter, layers, heads, kv, head_dim, vocab, experts, tied) -> Optional[float]:
+    if None in (hidden, inter, layers, heads, kv, head_dim, vocab):
+        return None
+    attn = hidden * head_dim * (2 * heads + 2 * kv)
+    mlp = 3 * hidden * inter * (experts or 1) + (hidden * experts if experts else 0)
+    embed = vocab * hidden * (1 if tied else 2)
+    return (layers * (attn + mlp) + embed) / 1e9
+
+
+@dataclass
+class Memory:
+    """Per-GPU memory estimate of one rank's model replica."""
+
+    weights_gib: Optional[float]
+    kv_gib: Optional[float]  # KV cache room left (or as configured)
+    kv_tokens: Optional[int]  # tokens the KV room holds
+    budget_gib: Optional[float]  # GPU memory x gpu_memory_utilization
+    gpu_memory_gib: Optional[float]
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_gib is None or self.kv_gib > 0
+
+
+def memory_per_gpu(shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int,
+                   gpu_memory_gib: Optional[float]) -> Memory:
+    dtype_bytes = DTYPE_BYTES.get(str(engine.get("dtype", "auto")), 2)
+    weights = shape.num_params_b * 1e9 * dtype_bytes / (tp * pp) / GIB if shape.num_params_b else None
+    kv_tok = shape.kv_bytes_per_token(dtype_bytes)
+    if kv_tok is not None:  # KV heads split over tp (replicated past their count), layers over pp
+        kv_tok = kv_tok // (pp * min(tp, shape.num_kv_heads or 1))
+    budget = gpu_memory_gib * engine.get("gpu_memory_utilization", 0.9) if gpu_memory_gib else None
+    if engine.get("kv_cache_memory_bytes"):
+        kv = engine["kv_cache_memory_bytes"] / GIB
+    elif budget is not None and weights is not None:
+        kv = budget - weights - ACTIVATION_RESERVE_GIB
+    else:
+        kv = None
+    tokens = int(kv * GIB // kv_tok) if kv is not None and kv > 0 and kv_tok else None
+    return Memory(weights, kv, tokens, budget, gpu_memory_gib)
+
+
+def smallest_fitting_tp(shape: ModelShape, engine: Dict[str, Any], gpu_memory_gib: float, max_tp: int = 8) -> Optional[int]:
+    """The smallest power-of-two tp that divides the heads and leaves room for KV cache."""
+    tp = 1
+    while tp <= max_tp:
+        if (not shape.num_attention_heads or shape.num_attention_heads % tp == 0) and \
+                memory_per_gpu(shape, engine, tp, 1, gpu_memory_gib).fits:
+            return tp
+        tp *= 2
+    return None
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    devices: List[str]
+    shards: List[int]
+    rows: int
+
+
+@dataclass
+class Plan:
+    tp: int
+    pp: int
+    dp: int
+    ep: bool
+    ranks: int  # ranks that get work (min(dp, rows))
+    device_kind: str  # "cuda" | "cpu"
+    gpus_per_rank: int
+    nodes: int
+    rows: int
+    files: int
+    shards: int
+    memory: Memory
+    engine_args: Dict[str, Any]
+    model: Dict[str, Any]
+    rank_plans: List[RankPlan] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: Dict[str, Any],
+              shards: List[Shard], n_rows: int, n_files: int, active: int) -> Plan:
+    """The layout of this run. Raises ConfigError when it cannot work."""
+    notes: List[str] = []
+    gpu_mem = getattr(cfg.cluster, "gpu_memory_gib", None) or devices.gpu_memory_gib
+    memory = memory_per_gpu(shape, engine_args, cfg.tp, cfg.pp, gpu_mem if devices.gpus else None)
+    if devices.gpus and not memory.fits:
+        tp = smallest_fitting_tp(shape, engine_args, gpu_mem)
+        hint = f"try tp={tp}" if tp else "use pp>1 across GPUs, or a smaller/quantized model"
+        raise ConfigError(
+            f"model {cfg.model.name!r} does not fit: {memory.weights_gib:.1f} GiB of weights per GPU at "
+            f"tp={cfg.tp} pp={cfg.pp}, but a GPU offers {memory.budget_gib:.1f} GiB "
+            f"({gpu_mem:.0f} GiB x gpu_memory_utilization); {hint}")
+    if devices.gpus and (cfg.tp > 1 or cfg.pp > 1) and memory_per_gpu(shape, engine_args, 1, 1, gpu_mem).fits \
+            and shape.num_params_b is not None:
+        notes.append(f"the model fits one GPU: tp=1 pp=1 with dp={cfg.dp * cfg.tp * cfg.pp} "
+                     f"usually gives more throughput on the same GPUs")
+    if active < cfg.dp:
+        notes.append(f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), "
+                     f"a rank needs at least one row")
+    if not devices.gpus:
+        if active * cfg.gpus_per_rank > len(devices.cpus):
+            notes.append(f"no GPU: {active * cfg.gpus_per_rank} CPU worker(s) share {len(devices.cpus)} core(s)")
+    per_rank = split(devices, active, cfg.gpus_per_rank)
+    rank_plans = [RankPlan(r, per_rank[r], [s.shard for s in shards if s.rank == r],
+                           sum(s.rows for s in shards if s.rank == r)) for r in range(active)]
+    return Plan(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, ep=cfg.ep, ranks=active, device_kind=devices.kind,
+                gpus_per_rank=cfg.gpus_per_rank, nodes=1, rows=n_rows, files=n_files, shards=len(shards),
+                memory=memory, engine_args=engine_args,
+                model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
+                rank_plans=rank_plans, notes=notes)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the text `python -m hpcinfer.plan` prints."""
+    m, mem = plan.model, plan.memory
+    params = f"{m['num_params_b']:.3g}B params" if m.get("num_params_b") else "size unknown"
+    kind = "MoE" if m.get("moe") else "dense"
+    gpus = plan.dp * plan.gpus_per_rank
+    lines = [
+        f"model      {m['name']} ({kind}, {params}, {plan.engine_args.get('dtype', 'auto')}) at {m['path']}",
+        f"layout     dp={plan.dp} x tp={plan.tp} x pp={plan.pp} = {gpus} "
+        f"{'GPU(s)' if plan.device_kind == 'cuda' else 'engine worker(s) on CPU'}, ep={'on' if plan.ep else 'off'}",
+    ]
+    if plan.device_kind == "cuda":
+        lines.append(f"devices    {plan.gpus_per_rank} GPU(s) per rank, {plan.nodes} node(s)")
+    else:
+        lines.append(f"devices    no GPU: ranks run vLLM on CPU cores, {plan.nodes} node(s)")
+    per_rank = ", ".join(str(rp.rows) for rp in plan.rank_plans)
+    lines.append(f"work       {plan.rows} rows in {plan.files} file(s) -> {plan.shards} shard(s); "
+                 f"{plan.ranks} rank(s) with rows {per_rank}")
+    for rp in plan.rank_plans:
+        span = f"shards {rp.shards[0]}-{rp.shards[-1]}" if rp.shards else "no shards"
+        dev = ("gpu " if plan.device_kind == "cuda" else "cpu ") + ",".join(rp.devices)
+        lines.append(f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows)")
+    if mem.weights_gib is not None:
+        kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"
+        if mem.kv_tokens:
+            kv += f" (~{mem.kv_tokens:,} tokens)"
+        cap = (f" of {mem.budget_gib:.1f} GiB usable ({mem.gpu_memory_gib:.0f} GiB GPU)"
+               if mem.budget_gib is not None else "")
+        lines.append(f"memory     per {'GPU' if plan.device_kind == 'cuda' else 'rank'}: "
+                     f"weights {mem.weights_gib:.2f} GiB + {kv}{cap}")
+    lines += [f"note       {n}" for n in plan.notes]
+    return "\n".join(lines)
+

@@ -1,0 +1,116 @@
+"""`python -m hpcinfer.submit [overrides]`: plan, shard and run a batch-inference job.
+
+    python -m hpcinfer.submit                                  # demo: tiny model, demo prompts, local
+    python -m hpcinfer.submit dp=2 data.input='data/*.parquet' sampling=greedy run_dir=runs/a
+
+Writes the run directory (config.yaml, plan.json, manifest.parquet), runs the ranks with the
+cluster backend, then finalize; prints the run directory last on stdout. Re-running with the same
+`run_dir` and the same config continues an unfinished run (done shards are kept) and is a no-op
+for a finished one. Exit codes: 0 done, 1 the run failed or is incomplete, 2 bad config or data.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict, List
+
+from omegaconf import OmegaConf
+
+from .backends.local import run_ranks
+from .cli import hydra_main
+from .config import RunConfig, load_run_config, to_yaml
+from .data import read_manifest, write_manifest
+from .errors import EXIT_FAILED, EXIT_OK, UserError, RunIncomplete
+from .merge import finalize
+from .prepare import default_run_dir, prepare
+from .rundir import RunDir, atomic_write, atomic_write_json
+
+# Config sections that determine the results: a run directory is only continued with equal values.
+RESULT_KEYS = ("model", "sampling", "data", "engine", "tp", "pp", "dp", "ep")
+
+
+def log(msg: str) -> None:
+    print(f"hpcinfer: {msg}", file=sys.stderr, flush=True)
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> List[str]:
+    """Result-affecting keys whose values differ, as 'key: old -> new'. Pure."""
+    a, b = _flat(OmegaConf.to_container(OmegaConf.structured(old))), _flat(OmegaConf.to_container(OmegaConf.structured(new)))
+    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in RESULT_KEYS and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def submit(cfg: RunConfig) -> int:
+    submitted_at = time.time()
+    rd = RunDir(cfg.run_dir or default_run_dir())
+    resuming = rd.exists()
+    if resuming:
+        diff = config_differences(load_run_config(rd.config), cfg)
+        if diff:
+            raise UserError(f"run_dir {str(rd.path)!r} holds a run with a different config "
+                            f"({'; '.join(diff[:5])}); choose a new run_dir")
+    elif rd.path.exists() and any(rd.path.iterdir()):
+        raise UserError(f"run_dir {str(rd.path)!r} exists and is not an hpcinfer run directory")
+    prep = prepare(cfg)  # every config/data check happens here, before anything is written
+    plan = prep.plan
+    rd.create()
+    with rd.locked():
+        if resuming and rd.summary.exists() and rd.results.exists():
+            log(f"already finished: {rd.path}")
+            print(rd.path)
+            return EXIT_OK
+        if not resuming:
+            atomic_write(rd.config, to_yaml(cfg))
+            atomic_write_json(rd.plan, {**plan.to_json(), "submitted_at": submitted_at})
+            write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
+        else:
+            if read_manifest(str(rd.manifest))[0] != prep.shards:
+                raise UserError(f"the input files changed since {str(rd.path)!r} was planned; "
+                                f"choose a new run_dir")
+            log(f"continuing {rd.path}: {len(rd.done_shards())} of {plan.shards} shard(s) already done")
+        for note in plan.notes:
+            log(note)
+        log(f"run directory {rd.path}")
+        log(f"{plan.rows} rows, {plan.shards} shard(s), {plan.ranks} rank(s) on {plan.device_kind}")
+        outcomes = run_ranks(rd, cfg, plan)
+        failed = [o for o in outcomes if o.returncode != 0]
+        for o in failed:
+            log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{_tail(o.log)}")
+        try:
+            summary = finalize(str(rd.path))
+        except RunIncomplete as e:
+            log(f"incomplete, nothing published: {e}")
+            log(f"fix the cause and re-run with run_dir={rd.path} to continue")
+            return EXIT_FAILED
+    tps = summary["output_tokens_per_second"]
+    log(f"done: {summary['rows']} rows ({summary['rows_failed']} with errors), {summary['output_tokens']} output "
+        f"tokens in {summary['generation_seconds']:.1f}s of generation"
+        + (f" ({tps:,.0f} tok/s)" if tps else "") + f", {summary['wall_seconds']:.1f}s wall")
+    print(rd.path)
+    return EXIT_OK
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def main() -> None:
+    hydra_main(submit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The in-job worker: one rank's loop. `python -m hpcinfer.worker <run_dir>`
+
+Started by a backend with the environment of `ranks.rank_env`. It builds one vLLM engine, then
+for each of its shards not yet done: reads the rows, generates, writes the shard output
+atomically, and only then writes the shard's done marker. A restarted rank skips done shards, so
+a shard's rows are never written twice. Its state and counters go to `ranks/<rank>.json`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import Optional
+
+import pyarrow.parquet as pq
+
+from .config import load_run_config
+from .data import read_manifest, read_shard
+from .output import shard_table
+from .ranks import RankContext, context_from_env, pin_to_cores
+from .rundir import RunDir, atomic_path
+
+
+class RankState:
+    """This rank's `ranks/<rank>.json`: state, counters and timings, rewritten atomically."""
+
+    WRITE_INTERVAL_S = 1.0
+
+    def __init__(self, rd: RunDir, ctx: RankContext, rows_total: int, shards_total: int):
+        self.rd, self._last = rd, 0.0
+        self.s = dict(rank=ctx.rank, host=socket.gethostname(), pid=os.getpid(), device_kind=ctx.device_kind,
+                      devices=ctx.devices, state="starting", rows_total=rows_total, rows_done=0, rows_failed=0,
+                      prompt_tokens=0, output_tokens=0, shards_total=shards_total, shards_done=0,
+                      started_at=time.time(), engine_seconds=0.0, generation_seconds=0.0,
+                      generation_started_at=None, generation_ended_at=None, finished_at=None, error=None)
+        self._inflight = 0
+
+    def write(self, force: bool = True, **changes) -> None:
+        self.s.update(changes)
+        now = time.time()
+        if force or now - self._last >= self.WRITE_INTERVAL_S:
+            self._last = now
+            self.rd.write_rank(self.s["rank"], {**self.s, "rows_done": self.s["rows_done"] + self._inflight,
+                                                "updated_at": now})
+
+    def inflight(self, n: int) -> None:
+        self._inflight += n
+        self.write(force=False)
+
+    def add_shard(self, done: dict) -> None:
+        self._inflight = 0
+        for key in ("rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
+            self.s[key] += done[key]
+        self.s["rows_done"] += done["rows"]
+        self.s["shards_done"] += 1
+
+
+def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
+    ctx = ctx or context_from_env(os.environ)
+    if ctx.device_kind == "cpu":
+        pin_to_cores(ctx.devices)
+    rd = RunDir(run_dir)
+    cfg = load_run_config(rd.config)
+    plan = rd.read_plan()
+    shards, schema = read_manifest(str(rd.manifest))
+    mine = [s for s in shards if s.rank == ctx.rank]
+    state = RankState(rd, ctx, sum(s.rows for s in mine), len(mine))
+    for s in mine:  # shards finished by an earlier attempt count as done
+        if rd.is_done(s.shard):
+            state.add_shard(rd.read_done(s.shard))
+    todo = [s for s in mine if not rd.is_done(s.shard)]
+    state.write()
+    print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
+          f"{len(todo)} of {len(mine)} shard(s) to do", flush=True)
+    try:
+        if todo:
+            from .engine import Engine
+
+            t0 = time.time()
+            engine = Engine(plan["engine_args"], cfg.sampling)
+            state.write(state="running", engine_seconds=time.time() - t0, generation_started_at=time.time())
+            for shard in todo:
+                table = read_shard(shard, schema)
+                rows = range(shard.global_start, shard.global_start + shard.rows)
+                t1 = time.time()
+                results = engine.generate(table.column(cfg.data.prompt_column).to_pylist(), rows,
+                                          on_progress=state.inflight)
+                seconds = time.time() - t1
+                out = shard_table(table, results, shard.global_start)
+                with atomic_path(rd.shard_output(shard.shard)) as tmp:
+                    pq.write_table(out, tmp)
+                done = dict(shard=shard.shard, rank=ctx.rank, host=socket.gethostname(), rows=shard.rows,
+                            rows_failed=sum(r.error is not None for r in results),
+                            prompt_tokens=sum(r.prompt_tokens for r in results),
+                            output_tokens=sum(r.output_tokens for r in results),
+                            generation_seconds=seconds, finished_at=time.time())
+                rd.mark_done(shard.shard, done)
+                state.add_shard(done)
+                state.write(generation_ended_at=time.time())
+            engine.shutdown()
+        state.write(state="done", finished_at=time.time())
+        print(f"rank {ctx.rank} done: {state.s['rows_done']} rows, {state.s['output_tokens']} output tokens",
+              flush=True)
+        return 0
+    except BaseException as e:
+        traceback.print_exc()
+        state.write(state="failed", finished_at=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
+        return 1
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        print("usage: python -m hpcinfer.worker <run_dir>", file=sys.stderr)
+        raise SystemExit(2)
+    code = run(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: vLLM's engine threads can hang it
+
+
+if __name__ == "__main__":
+    main()
