@@ -260,7 +260,7 @@ def _engine_errors(cfg: RunConfig) -> List[str]:
     if mml is not None and (not isinstance(mml, int) or mml < 2):
         errs.append(f"engine.max_model_len must be an integer >= 2, got {mml!r}")
     gmu = args.get("gpu_memory_utilization")
-    if gmu is not None and not 0 < gmu <= 1:
+    if gmu is not None and (not isinstance(gmu, (int, float)) or isinstance(gmu, bool) or not 0 < gmu <= 1):
         errs.append(f"engine.gpu_memory_utilization must be in (0, 1], got {gmu!r}")
     if mml is not None and isinstance(mml, int) and cfg.sampling.max_tokens >= mml:
         errs.append(f"sampling.max_tokens={cfg.sampling.max_tokens} leaves no room for a prompt "

@@ -174,8 +174,9 @@ def resolve_model_path(builtin: str | None, path: str | None, cache_dir: str, bu
     """What vllm.LLM(model=...) gets: a built-in model's directory (built when `build`), a local
     directory as an absolute path, or a hub id unchanged."""
     if builtin:
-        target = cache_root(cache_dir) / "models" / f"{builtin}-{BUILD_VERSION}"
-        return ensure_builtin_model(builtin, cache_dir) if build else str(target)
+        if build:
+            return ensure_builtin_model(builtin, cache_dir)
+        return str(Path(cache_dir).expanduser() / "models" / f"{builtin}-{BUILD_VERSION}")  # plan only: no mkdir
     assert path
     local = os.path.expanduser(path)
     return os.path.abspath(local) if os.path.isdir(local) else path

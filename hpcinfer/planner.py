@@ -83,9 +83,7 @@ class Memory:
     budget_gib: Optional[float]  # GPU memory x gpu_memory_utilization
     gpu_memory_gib: Optional[float]
 
-    @property
-    def fits(self) -> bool:
-        return self.kv_gib is None or self.kv_gib > 0
+    fits: bool = True  # weights, activations and a non-empty KV cache fit the GPU budget (when known)
 
 
 def memory_per_gpu(shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int,
@@ -103,7 +101,10 @@ def memory_per_gpu(shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int,
     else:
         kv = None
     tokens = int(kv * GIB // kv_tok) if kv is not None and kv > 0 and kv_tok else None
-    return Memory(weights, kv, tokens, budget, gpu_memory_gib)
+    fits = kv is None or kv > 0
+    if fits and engine.get("kv_cache_memory_bytes") and budget is not None and weights is not None:
+        fits = weights + ACTIVATION_RESERVE_GIB + kv <= budget
+    return Memory(weights, kv, tokens, budget, gpu_memory_gib, fits)
 
 
 def smallest_fitting_tp(shape: ModelShape, engine: Dict[str, Any], gpu_memory_gib: float, max_tp: int = 8) -> Optional[int]:

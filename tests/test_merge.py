@@ -1,0 +1,310 @@
+"""Finalize (ordered, verified merge of shard outputs) and the run directory, without vLLM.
+
+`fake_run_dir` writes by hand what submit and the ranks would write: config.yaml, plan.json,
+manifest.parquet, shards/<id>.parquet (built with output.shard_table from made-up RowResults)
+and done/<id>.json markers.
+"""
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hpcinfer import config, data, output
+from hpcinfer.cli import compose
+from hpcinfer.engine import RowResult
+from hpcinfer.errors import RunIncomplete, UserError
+from hpcinfer.merge import finalize
+from hpcinfer.rundir import RunDir, atomic_path, atomic_write, atomic_write_json
+
+PYTHON = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python")
+REPO = str(Path(__file__).resolve().parents[1])
+
+FILE_SIZES = (7, 0, 11, 5)  # an empty file in the middle
+RANKS = 3
+SHARD_ROWS = 4
+
+
+def input_table(n, start):
+    rows = range(start, start + n)
+    return pa.table({
+        "id": pa.array(rows, pa.int64()),
+        "prompt": pa.array([None if i == 3 else f"prompt {i} — ü" for i in rows], pa.string()),
+        "tags": pa.array([[f"t{i}"] * (i % 3) for i in rows], pa.list_(pa.string())),
+    })
+
+
+def fake_result(row, prompt):
+    """A made-up generation for global row `row`: every 5th row failed."""
+    if prompt is None or row % 5 == 4:
+        return RowResult(None, None, 0, 0, "prompt is null" if prompt is None else "boom")
+    return RowResult(f"gen {row}", "length", row + 1, 10 + row % 3, None)
+
+
+def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_rows=SHARD_ROWS):
+    """A finished (or deliberately unfinished) run directory built by hand; returns
+    (RunDir, shards, the original input table)."""
+    inputs_dir = tmp_path / "inputs"
+    inputs_dir.mkdir()
+    tables, start = [], 0
+    for i, n in enumerate(FILE_SIZES):
+        t = input_table(n, start)
+        pq.write_table(t, inputs_dir / f"part-{i}.parquet", row_group_size=3)
+        tables.append(t)
+        start += n
+    original = pa.concat_tables(tables)
+    inputs = data.scan(data.discover(str(inputs_dir)), "prompt", "id")
+
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    cfg = compose([])
+    atomic_write(rd.config, config.to_yaml(cfg))
+    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=ranks, ep=False, ranks=ranks,
+                                    engine_args=config.engine_args(cfg, "/fake/tiny"),
+                                    submitted_at=time.time() - 5))
+    shards = data.make_shards(inputs.files, ranks, shard_rows)
+    data.write_manifest(str(rd.manifest), shards, inputs.schema)
+
+    todo = list(reversed(shards)) if order == "reverse" else list(shards)
+    for s in todo:
+        rows = data.read_shard(s, inputs.schema)
+        prompts = rows.column("prompt").to_pylist()
+        results = [fake_result(s.global_start + i, p) for i, p in enumerate(prompts)]
+        pq.write_table(output.shard_table(rows, results, s.global_start), rd.shard_output(s.shard))
+        if s.shard in skip_done:
+            continue
+        rd.mark_done(s.shard, dict(shard=s.shard, rank=s.rank, host="fakehost", rows=s.rows,
+                                   rows_failed=sum(r.error is not None for r in results),
+                                   prompt_tokens=sum(r.prompt_tokens for r in results),
+                                   output_tokens=sum(r.output_tokens for r in results),
+                                   generation_seconds=0.5))
+    return rd, shards, original
+
+
+def expected_results(original):
+    prompts = original.column("prompt").to_pylist()
+    return [fake_result(i, p) for i, p in enumerate(prompts)]
+
+
+def leftover_temp_files(path):
+    return [p for p in Path(path).rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---- finalize -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_finalize_merges_in_input_order(tmp_path, order):
+    rd, shards, original = fake_run_dir(tmp_path, order=order)
+    assert len(shards) > RANKS  # several shards per rank, cut at files and SHARD_ROWS
+    summary = finalize(str(rd.path))
+
+    res = pq.read_table(rd.results)
+    assert output.ROW_COLUMN not in res.column_names
+    assert res.column_names == original.column_names + [f.name for f in output.GENERATED]
+    assert res.num_rows == original.num_rows == sum(FILE_SIZES)
+    # the input columns are exactly the input, nested list column included, in input order
+    assert res.select(original.column_names).equals(original)
+    assert res.schema.field("tags").type == pa.list_(pa.string())
+    want = expected_results(original)
+    assert res.column("generated_text").to_pylist() == [r.generated_text for r in want]
+    assert res.column("error").to_pylist() == [r.error for r in want]
+    assert res.column("prompt_tokens").to_pylist() == [r.prompt_tokens for r in want]
+
+    assert summary["rows"] == original.num_rows
+    assert summary["rows_failed"] == sum(r.error is not None for r in want)
+    assert summary["prompt_tokens"] == sum(r.prompt_tokens for r in want)
+    assert summary["output_tokens"] == sum(r.output_tokens for r in want)
+    assert summary["shards"] == len(shards)
+    assert summary["layout"] == dict(tp=1, pp=1, dp=RANKS, ep=False, ranks=RANKS)
+    assert summary["model"] == "tiny"
+    assert summary["results"] == str(rd.results)
+    per_rank = {r["rank"]: r for r in summary["ranks"]}
+    assert sorted(per_rank) == list(range(RANKS))
+    for r, (lo, hi) in enumerate(data.partition(original.num_rows, RANKS)):
+        assert per_rank[r]["rows"] == hi - lo
+        assert per_rank[r]["rows_failed"] == sum(w.error is not None for w in want[lo:hi])
+        assert per_rank[r]["output_tokens"] == sum(w.output_tokens for w in want[lo:hi])
+        assert per_rank[r]["host"] == "fakehost"
+    assert rd.summary.exists()
+    assert leftover_temp_files(rd.path) == []
+
+
+def test_finalize_missing_done_marker(tmp_path):
+    rd, shards, _ = fake_run_dir(tmp_path, skip_done={2})
+    with pytest.raises(RunIncomplete) as e:
+        finalize(str(rd.path))
+    msg = str(e.value)
+    assert f"1 of {len(shards)} shard(s) missing" in msg
+    assert f"2 (rank {shards[2].rank}," in msg
+    assert not rd.results.exists()
+    assert not rd.summary.exists()
+
+
+def test_finalize_done_marker_without_output(tmp_path):
+    rd, shards, _ = fake_run_dir(tmp_path)
+    rd.shard_output(1).unlink()
+    with pytest.raises(RunIncomplete, match=r"1 \(rank"):
+        finalize(str(rd.path))
+    assert not rd.results.exists()
+
+
+def rewrite_positions(rd, shard, positions):
+    path = rd.shard_output(shard)
+    t = pq.read_table(path)
+    i = t.column_names.index(output.ROW_COLUMN)
+    pq.write_table(t.set_column(i, output.ROW_COLUMN, pa.array(positions, pa.int64())), path)
+
+
+@pytest.mark.parametrize("damage", ["duplicate", "swap", "foreign"])
+def test_finalize_rejects_bad_row_positions(tmp_path, damage):
+    rd, shards, _ = fake_run_dir(tmp_path)
+    s = next(s for s in shards if s.rows >= 3)
+    pos = list(range(s.global_start, s.global_start + s.rows))
+    if damage == "duplicate":
+        pos[1] = pos[0]
+    elif damage == "swap":
+        pos[0], pos[1] = pos[1], pos[0]
+    else:
+        pos[-1] = 10_000
+    rewrite_positions(rd, s.shard, pos)
+    with pytest.raises(RunIncomplete) as e:
+        finalize(str(rd.path))
+    assert f"shard {s.shard}" in str(e.value)
+    assert not rd.results.exists()
+    assert not rd.summary.exists()
+    assert leftover_temp_files(rd.path) == []
+
+
+def test_finalize_rejects_wrong_row_count(tmp_path):
+    rd, shards, _ = fake_run_dir(tmp_path)
+    path = rd.shard_output(0)
+    t = pq.read_table(path)
+    pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), path)  # one row duplicated at the end
+    with pytest.raises(RunIncomplete, match="shard 0 output has"):
+        finalize(str(rd.path))
+    assert not rd.results.exists()
+
+
+def test_finalize_cli_exit_codes(tmp_path):
+    rd, shards, _ = fake_run_dir(tmp_path, skip_done={0})
+    run = lambda *args: subprocess.run([PYTHON, "-m", "hpcinfer.finalize", *args], cwd=REPO,
+                                       capture_output=True, text=True, timeout=60)
+    p = run(str(rd.path))
+    assert p.returncode == 1
+    assert "incomplete" in p.stderr and "0 (rank 0" in p.stderr
+    assert not rd.results.exists()
+
+    info = dict(shard=0, rank=0, host="fakehost", rows=shards[0].rows, rows_failed=0, prompt_tokens=0,
+                output_tokens=0, generation_seconds=0.0)
+    rd.mark_done(0, info)
+    p = run(str(rd.path))
+    assert p.returncode == 0, p.stderr
+    assert f"{sum(FILE_SIZES)} rows" in p.stdout
+    assert rd.results.exists()
+
+    assert run().returncode == 2  # usage
+
+
+# ---- rundir -------------------------------------------------------------------------------------
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "x.json"
+    atomic_write(target, "one")
+    atomic_write(target, b"two")
+    atomic_write_json(tmp_path / "y.json", {"a": 1})
+    assert target.read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.json"]
+
+
+def test_atomic_path_failure_keeps_old_content(tmp_path):
+    target = tmp_path / "x.txt"
+    atomic_write(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_mark_done_refuses_without_output(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    with pytest.raises(RuntimeError, match="no output"):
+        rd.mark_done(3, {"shard": 3})
+    assert not rd.is_done(3)
+    assert rd.done_shards() == set()
+    rd.shard_output(3).write_bytes(b"x")
+    rd.mark_done(3, {"shard": 3})
+    assert rd.is_done(3) and rd.done_shards() == {3}
+    assert rd.read_done(3) == {"shard": 3}
+
+
+def test_locked_refuses_second_holder(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    with rd.locked():
+        assert rd.lock_file.read_text().strip() == str(os.getpid())
+        # flock is per open file description: a second open in this process conflicts too
+        with pytest.raises(UserError, match="in use"):
+            with rd.locked():
+                pass
+        errors = []
+
+        def other_holder():
+            try:
+                with RunDir(rd.path).locked():
+                    pass
+            except UserError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=other_holder)
+        t.start()
+        t.join()
+        assert len(errors) == 1
+    with rd.locked():  # released: can be taken again
+        pass
+
+
+def test_locked_refused_for_another_process(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    code = ("import sys; from hpcinfer.rundir import RunDir; from hpcinfer.errors import UserError\n"
+            "try:\n    RunDir(sys.argv[1]).locked().__enter__()\nexcept UserError:\n    sys.exit(3)\n")
+    with rd.locked():
+        p = subprocess.run([PYTHON, "-c", code, str(rd.path)], cwd=REPO, timeout=60)
+        assert p.returncode == 3
+    p = subprocess.run([PYTHON, "-c", code, str(rd.path)], cwd=REPO, timeout=60)
+    assert p.returncode == 0
+
+
+def test_create_is_private(tmp_path):
+    rd = RunDir(tmp_path / "a" / "run")
+    rd.create()
+    assert stat.S_IMODE(rd.path.stat().st_mode) == 0o700
+    for d in (rd.shards_dir, rd.done_dir, rd.ranks_dir, rd.logs_dir):
+        assert d.is_dir()
+    assert not rd.exists()  # no config.yaml yet: not a run
+
+
+def test_create_tightens_existing_dir(tmp_path):
+    path = tmp_path / "run"
+    path.mkdir(mode=0o755)
+    os.chmod(path, 0o755)
+    RunDir(path).create()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_rank_files_and_names(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    assert rd.shard_output(12).name == "000012.parquet"
+    assert rd.done_marker(12).name == "000012.json"
+    rd.write_rank(1, {"host": "h1"})
+    rd.write_rank(0, {"host": "h0"})
+    (rd.ranks_dir / "junk.json").write_text("{}")
+    assert rd.read_ranks() == {0: {"host": "h0"}, 1: {"host": "h1"}}
+

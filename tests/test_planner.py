@@ -1,0 +1,287 @@
+"""Planner arithmetic (model shape, memory per GPU, the plan) and how ranks split devices."""
+import copy
+import json
+
+import pytest
+
+from hpcinfer.cli import compose
+from hpcinfer.config import ModelConfig, engine_args
+from hpcinfer.data import InputFile, make_shards
+from hpcinfer.devices import Devices, split
+from hpcinfer.errors import ConfigError
+from hpcinfer.planner import GIB, format_plan, make_plan, memory_per_gpu, model_shape, smallest_fitting_tp
+
+LLAMA_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def llama_cfg():
+    return compose(["model=llama"])
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return compose([])
+
+
+def plan_for(cfg, devices, rows=100, files=1):
+    """make_plan as prepare() calls it, without touching the model or the data."""
+    inputs = [InputFile(f"/data/{i}.parquet", rows // files + (1 if i < rows % files else 0)) for i in range(files)]
+    active = max(1, min(cfg.dp, rows))
+    shards = make_shards(inputs, active, cfg.data.shard_rows)
+    shape = model_shape(cfg.model)
+    return make_plan(cfg, shape, devices, engine_args(cfg, cfg.model.path or "/cache/tiny"), shards, rows,
+                     files, active)
+
+
+# ---- model_shape --------------------------------------------------------------------------------
+def test_model_shape_from_config_fields(tiny_cfg):
+    s = model_shape(tiny_cfg.model)
+    assert (s.num_layers, s.num_attention_heads, s.num_kv_heads, s.head_dim) == (4, 4, 2, 64)
+    assert s.moe is False and s.num_experts is None
+    # 4 x (attention 256*64*(2*4+2*2) + MLP 3*256*512) + untied embeddings 2*3072*256
+    want = (4 * (256 * 64 * 12 + 3 * 256 * 512) + 2 * 3072 * 256) / 1e9
+    assert s.num_params_b == pytest.approx(want)
+
+
+def test_model_shape_given_params_win(llama_cfg):
+    s = model_shape(llama_cfg.model)
+    assert s.num_params_b == 8.03
+    assert (s.num_layers, s.num_attention_heads, s.num_kv_heads, s.head_dim) == (32, 32, 8, 128)
+
+
+def test_model_shape_moe():
+    s = model_shape(compose(["model=tiny_moe"]).model)
+    assert s.moe is True and s.num_experts == 4
+    dense = model_shape(compose([]).model)
+    assert s.num_params_b > dense.num_params_b  # 4 experts' MLPs
+
+
+def test_model_shape_from_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    s = model_shape(ModelConfig(name="llama-local"), str(tmp_path))
+    assert s.num_params_b == pytest.approx(8.03, rel=0.02)
+    assert (s.num_layers, s.num_attention_heads, s.num_kv_heads, s.head_dim) == (32, 32, 8, 128)
+    assert s.moe is False
+    assert s.kv_bytes_per_token(2) == 2 * 32 * 8 * 128 * 2
+
+
+def test_model_shape_config_fields_beat_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    s = model_shape(ModelConfig(name="x", num_layers=16, num_params_b=4.0), str(tmp_path))
+    assert s.num_layers == 16 and s.num_params_b == 4.0
+    assert s.num_attention_heads == 32
+
+
+def test_model_shape_nested_text_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": LLAMA_8B_CONFIG}))
+    s = model_shape(ModelConfig(name="vlm"), str(tmp_path))
+    assert s.num_params_b == pytest.approx(8.03, rel=0.02)
+
+
+def test_model_shape_json_moe(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_8B_CONFIG, "num_local_experts": 8}))
+    s = model_shape(ModelConfig(name="mix"), str(tmp_path))
+    assert s.moe is True and s.num_experts == 8
+
+
+def test_model_shape_unknown(tmp_path):
+    s = model_shape(ModelConfig(name="hub-only"), str(tmp_path))  # no config.json
+    assert s.num_params_b is None and s.num_layers is None
+    assert s.kv_bytes_per_token(2) is None
+
+
+# ---- memory_per_gpu -----------------------------------------------------------------------------
+def test_memory_weights_halve_with_tp(llama_cfg):
+    shape = model_shape(llama_cfg.model)
+    eng = {"dtype": "bfloat16"}
+    m1 = memory_per_gpu(shape, eng, 1, 1, 80.0)
+    m2 = memory_per_gpu(shape, eng, 2, 1, 80.0)
+    assert m1.weights_gib == pytest.approx(8.03e9 * 2 / GIB)
+    assert m2.weights_gib == pytest.approx(m1.weights_gib / 2)
+    assert memory_per_gpu(shape, eng, 1, 2, 80.0).weights_gib == pytest.approx(m1.weights_gib / 2)
+    assert m1.budget_gib == pytest.approx(72.0)  # default gpu_memory_utilization 0.9
+    assert m1.kv_gib == pytest.approx(72.0 - m1.weights_gib - 1.0)
+    assert m1.fits and m2.fits
+    # KV bytes per token are split over tp: twice the tokens in more room
+    assert m2.kv_tokens > 2 * m1.kv_tokens * 0.99
+
+
+def test_memory_dtype_and_utilization(llama_cfg):
+    shape = model_shape(llama_cfg.model)
+    m32 = memory_per_gpu(shape, {"dtype": "float32", "gpu_memory_utilization": 0.5}, 1, 1, 80.0)
+    assert m32.weights_gib == pytest.approx(8.03e9 * 4 / GIB)
+    assert m32.budget_gib == pytest.approx(40.0)
+
+
+def test_memory_does_not_fit(llama_cfg):
+    shape = model_shape(llama_cfg.model)
+    m = memory_per_gpu(shape, {}, 1, 1, 16.0)
+    assert not m.fits and m.kv_gib < 0 and m.kv_tokens is None
+    assert smallest_fitting_tp(shape, {}, 16.0) == 2
+
+
+def test_memory_unknown_gpu(llama_cfg):
+    m = memory_per_gpu(model_shape(llama_cfg.model), {}, 1, 1, None)
+    assert m.kv_gib is None and m.fits  # nothing known: no claim it does not fit
+
+
+# ---- make_plan ----------------------------------------------------------------------------------
+def test_plan_too_big_for_one_gpu_suggests_tp(llama_cfg):
+    with pytest.raises(ConfigError) as e:
+        plan_for(llama_cfg, Devices(gpus=["0"], gpu_memory_gib=16))
+    msg = str(e.value)
+    assert "does not fit" in msg
+    assert "try tp=2" in msg
+    assert "tp=1" in msg and "16 GiB" in msg
+
+
+def test_plan_fits_80gib(llama_cfg):
+    plan = plan_for(llama_cfg, Devices(gpus=["0"], gpu_memory_gib=80))
+    assert plan.device_kind == "cuda"
+    assert (plan.tp, plan.pp, plan.dp, plan.ranks) == (1, 1, 1, 1)
+    assert plan.memory.fits
+    assert plan.rank_plans[0].devices == ["0"]
+    assert plan.rank_plans[0].rows == 100
+    assert plan.notes == []
+    assert plan.engine_args["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert plan.model["name"] == "llama-3.1-8b-instruct"
+    json.dumps(plan.to_json())  # plan.json must be serialisable
+
+
+def test_plan_cluster_gpu_memory_overrides_detected(llama_cfg):
+    cfg = copy.deepcopy(llama_cfg)
+    cfg.cluster.gpu_memory_gib = 80.0
+    plan = plan_for(cfg, Devices(gpus=["0"], gpu_memory_gib=16))
+    assert plan.memory.gpu_memory_gib == 80.0
+
+
+def test_plan_tp_on_model_that_fits_adds_note(llama_cfg):
+    cfg = copy.deepcopy(llama_cfg)
+    cfg.tp = 2
+    plan = plan_for(cfg, Devices(gpus=["0", "1"], gpu_memory_gib=80))
+    assert any("fits one GPU" in n and "dp=2" in n for n in plan.notes)
+    assert plan.rank_plans[0].devices == ["0", "1"]
+
+
+def test_plan_more_ranks_than_rows_notes_it(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.dp = 4
+    plan = plan_for(cfg, Devices(gpus=[], cpus=[0, 1, 2, 3]), rows=2)
+    assert plan.ranks == 2 and len(plan.rank_plans) == 2
+    assert any("only 2 input row(s) for dp=4" in n for n in plan.notes)
+
+
+def test_plan_cpu(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.dp = 2
+    plan = plan_for(cfg, Devices(gpus=[], cpus=[0, 1, 2, 3]), rows=10)
+    assert plan.device_kind == "cpu"
+    assert [rp.devices for rp in plan.rank_plans] == [["0", "1"], ["2", "3"]]
+    assert [rp.rows for rp in plan.rank_plans] == [5, 5]
+    assert plan.memory.kv_gib == pytest.approx(0.25)  # kv_cache_memory_bytes of the tiny model
+
+
+def test_plan_cpu_oversubscribed_note(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.dp = 3
+    plan = plan_for(cfg, Devices(gpus=[], cpus=[0, 1]), rows=10)
+    assert any("3 CPU worker(s) share 2 core(s)" in n for n in plan.notes)
+
+
+def test_plan_rank_shards(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.dp = 2
+    cfg.data.shard_rows = 3
+    plan = plan_for(cfg, Devices(gpus=["0", "1"], gpu_memory_gib=80), rows=10, files=2)
+    assert plan.shards == sum(len(rp.shards) for rp in plan.rank_plans)
+    assert [rp.rows for rp in plan.rank_plans] == [5, 5]
+    assert plan.rank_plans[0].shards == [0, 1] and plan.rank_plans[1].shards == [2, 3]
+
+
+def test_format_plan_gpu(llama_cfg):
+    cfg = copy.deepcopy(llama_cfg)
+    cfg.dp = 2
+    plan = plan_for(cfg, Devices(gpus=["0", "1"], gpu_memory_gib=80), rows=10)
+    text = format_plan(plan)
+    lines = text.splitlines()
+    assert "layout     dp=2 x tp=1 x pp=1 = 2 GPU(s), ep=off" in lines
+    rank_lines = [line for line in lines if line.startswith("  rank ")]
+    assert len(rank_lines) == 2
+    assert "gpu 0" in rank_lines[0] and "5 rows" in rank_lines[0]
+    assert "gpu 1" in rank_lines[1]
+    assert "8.03B params" in text
+    assert "memory     per GPU: weights" in text
+
+
+def test_format_plan_cpu(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.dp = 3
+    plan = plan_for(cfg, Devices(gpus=[], cpus=[0, 1, 2]), rows=7)
+    text = format_plan(plan)
+    assert "dp=3 x tp=1 x pp=1 = 3 engine worker(s) on CPU" in text
+    assert len([line for line in text.splitlines() if line.startswith("  rank ")]) == 3
+    assert "7 rows in 1 file(s)" in text
+
+
+# ---- devices.split ------------------------------------------------------------------------------
+def test_split_gpus_in_groups():
+    d = Devices(gpus=[str(i) for i in range(8)])
+    assert split(d, 2, 4) == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
+    assert split(d, 8, 1) == [[str(i)] for i in range(8)]
+    assert split(d, 3, 2) == [["0", "1"], ["2", "3"], ["4", "5"]]
+
+
+def test_split_gpus_uses_visible_ids():
+    d = Devices(gpus=["3", "5", "6", "7"])
+    assert split(d, 2, 2) == [["3", "5"], ["6", "7"]]
+
+
+def test_split_too_few_gpus():
+    with pytest.raises(ValueError):
+        split(Devices(gpus=["0", "1"]), 2, 2)
+
+
+def test_split_cpu_near_equal_contiguous():
+    d = Devices(cpus=list(range(10)))
+    groups = split(d, 3, 1)
+    assert groups == [["0", "1", "2", "3"], ["4", "5", "6"], ["7", "8", "9"]]
+    assert split(Devices(cpus=[4, 5, 6, 7]), 1, 1) == [["4", "5", "6", "7"]]
+
+
+def test_split_cpu_more_ranks_than_cores_round_robin():
+    assert split(Devices(cpus=[0, 1]), 5, 1) == [["0"], ["1"], ["0"], ["1"], ["0"]]
+    assert split(Devices(cpus=[2, 3]), 2, 1) == [["2"], ["3"]]
+
+
+# ---- prepare(build=False): the plan-only path ---------------------------------------------------
+def test_prepare_plan_only_writes_nothing(tiny_cfg, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hpcinfer.prepare import prepare
+
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(9)]}), data)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.dp = 2
+    cfg.cluster.gpus = 0  # CPU layout whatever this machine has
+    cfg.data.input = str(data)
+    cfg.cache_dir = str(tmp_path / "cache")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    prep = prepare(cfg, build=False)
+    assert prep.plan.rows == 9 and prep.plan.ranks == 2 and prep.plan.device_kind == "cpu"
+    assert [rp.rows for rp in prep.plan.rank_plans] == [5, 4]
+    assert prep.plan.engine_args["model"] == str(tmp_path / "cache" / "models" / "tiny-llama-v1")
+    # "With build=False (plan only) nothing is written": not even the cache directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -1,0 +1,62 @@
+"""submit.config_differences: when may a run directory be continued with a new config?"""
+import copy
+
+import pytest
+
+from hpcinfer.cli import compose
+from hpcinfer.config import load_run_config, to_yaml
+from hpcinfer.submit import config_differences
+
+
+@pytest.fixture(scope="module")
+def base():
+    return compose([])
+
+
+def test_equal_configs_have_no_differences(base):
+    assert config_differences(base, copy.deepcopy(base)) == []
+    assert config_differences(base, compose([])) == []
+
+
+def test_saved_config_equals_composed(base, tmp_path):
+    # what submit compares on resume: config.yaml of the run vs the newly composed config
+    p = tmp_path / "config.yaml"
+    p.write_text(to_yaml(base))
+    assert config_differences(load_run_config(p), compose([])) == []
+
+
+def test_temperature_difference_is_named(base):
+    new = compose(["sampling.temperature=0.2"])
+    diff = config_differences(base, new)
+    assert diff == ["sampling.temperature: 0.7 -> 0.2"]
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: setattr(c, "dp", 2), "dp"),
+    (lambda c: setattr(c, "ep", True), "ep"),
+    (lambda c: c.engine.update(max_model_len=128), "engine.max_model_len"),
+    (lambda c: c.engine.update(kv_cache_dtype="fp8"), "engine.kv_cache_dtype"),
+    (lambda c: setattr(c.data, "input", "/data/x.parquet"), "data.input"),
+    (lambda c: setattr(c.data, "shard_rows", 10), "data.shard_rows"),
+    (lambda c: setattr(c.model, "path", "/models/y"), "model.path"),
+    (lambda c: c.model.engine.update(dtype="float16"), "model.engine.dtype"),
+    (lambda c: c.sampling.stop.append("###"), "sampling.stop"),
+])
+def test_result_affecting_differences_are_named(base, mutate, key):
+    new = copy.deepcopy(base)
+    mutate(new)
+    diff = config_differences(base, new)
+    assert [d.split(":")[0] for d in diff] == [key]
+
+
+def test_model_switch_lists_model_keys(base):
+    diff = config_differences(base, compose(["model=tiny_moe"]))
+    keys = {d.split(":")[0] for d in diff}
+    assert {"model.name", "model.builtin", "model.moe", "model.num_experts"} <= keys
+    assert all(k.startswith("model.") for k in keys)
+
+
+@pytest.mark.parametrize("overrides", [["run_dir=/tmp/other"], ["cluster.gpus=2"], ["cluster.cpu_kvcache_gib=8"],
+                                       ["cache_dir=/tmp/cache"], ["run_dir=/a", "cluster.gpu_memory_gib=40"]])
+def test_run_dir_cluster_and_cache_are_ignored(base, overrides):
+    assert config_differences(base, compose(overrides)) == []
