@@ -27,12 +27,12 @@ def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
     models are not built and the demo data is counted, not generated."""
     devices = detect(gpus=cfg.cluster.gpus)
     validate(cfg, gpus_available=len(devices.gpus) or None)
-    model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     if cfg.data.input is None and not build:
         inputs = _demo_inputs(cfg)
     else:
         spec = cfg.data.input or ensure_demo_data(cfg.data.demo_rows, cfg.cache_path)
         inputs = scan(discover(spec), cfg.data.prompt_column, cfg.data.id_column)
+    model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
     shards = make_shards(inputs.files, ranks, cfg.data.shard_rows)
     shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)

@@ -52,6 +52,8 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def submit(cfg: RunConfig) -> int:
     submitted_at = time.time()
+    prep = prepare(cfg)  # every config/data check happens here, before anything is written
+    plan = prep.plan
     rd = RunDir(cfg.run_dir or default_run_dir())
     resuming = rd.exists()
     if resuming:
@@ -61,8 +63,6 @@ def submit(cfg: RunConfig) -> int:
                             f"({'; '.join(diff[:5])}); choose a new run_dir")
     elif rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run_dir {str(rd.path)!r} exists and is not an hpcinfer run directory")
-    prep = prepare(cfg)  # every config/data check happens here, before anything is written
-    plan = prep.plan
     rd.create()
     with rd.locked():
         if resuming and rd.summary.exists() and rd.results.exists():

@@ -191,3 +191,23 @@ def test_failed_rank_leaves_nothing_published(hpcinfer, tmp_path):
     assert not (run_dir / "results.parquet").exists() and not (run_dir / "summary.json").exists()
     state = json.loads((run_dir / "ranks" / "0.json").read_text())
     assert state["state"] == "failed" and "no_such_engine_arg" in state["error"]
+
+
+def test_tiny_moe_runs_on_real_vllm(hpcinfer, tmp_path):
+    """The built-in MoE (Mixtral-style, 4 experts, top-2) builds offline and generates."""
+    run_dir = tmp_path / "moe"
+    proc = hpcinfer("submit", "model=tiny_moe", "sampling=greedy", "sampling.max_tokens=8", "data.demo_rows=6",
+                    f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["rows"] == 6 and s["rows_failed"] == 0 and 0 < s["output_tokens"] <= 6 * 8
+    assert "tiny-mixtral" in s["engine_args"]["model"]
+
+
+def test_plan_cli(hpcinfer):
+    ok = hpcinfer("plan", "dp=2")
+    assert ok.returncode == 0, ok.stderr
+    assert "dp=2 x tp=1 x pp=1" in ok.stdout and "rank 1" in ok.stdout
+    bad = hpcinfer("plan", "dp=2", "tp=3")
+    assert bad.returncode == 2 and "tp=3" in bad.stderr and "heads" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
