@@ -29,12 +29,19 @@ def cpu_torch_conflicts() -> list[str]:
     return [f"{n}=={installed(n)}" for n in BREAKERS if installed(n) and "+cpu" not in (installed(n) or "")]
 
 
-def main() -> int:
+def conflict_message() -> str | None:
+    """One line naming the broken packages and the command that fixes them, or None."""
     bad = cpu_torch_conflicts()
-    if bad:
-        print(f"hpcinfer doctor: torch {installed('torch')} is a CPU build, but {', '.join(bad)} are not; they "
-              f"break `import vllm`. Fix: {sys.executable} -m pip uninstall -y {' '.join(b.split('==')[0] for b in bad)}",
-              file=sys.stderr)
+    if not bad:
+        return None
+    return (f"torch {installed('torch')} is a CPU build, but {', '.join(bad)} are not; they break `import vllm`. "
+            f"Fix: {sys.executable} -m pip uninstall -y {' '.join(b.split('==')[0] for b in bad)}")
+
+
+def main() -> int:
+    msg = conflict_message()
+    if msg:
+        print(f"hpcinfer doctor: {msg}", file=sys.stderr)
         return 2
     probe = subprocess.run([sys.executable, "-c", "import vllm, torch; from vllm import LLM; "
                             "print(f'vllm {vllm.__version__}, torch {torch.__version__}')"],

@@ -10,6 +10,8 @@ from typing import List
 from .config import RunConfig, engine_args, validate
 from .data import Inputs, InputFile, Shard, active_ranks, discover, make_shards, scan
 from .devices import Devices, detect
+from .doctor import conflict_message
+from .errors import UserError
 from .models import ensure_demo_data, resolve_model_path
 from .planner import Plan, make_plan, model_shape
 
@@ -27,6 +29,9 @@ def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
     models are not built and the demo data is counted, not generated."""
     devices = detect(gpus=cfg.cluster.gpus)
     validate(cfg, gpus_available=len(devices.gpus) or None)
+    broken = conflict_message()
+    if broken:
+        raise UserError(broken)
     if cfg.data.input is None and not build:
         inputs = _demo_inputs(cfg)
     else:
