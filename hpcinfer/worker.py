@@ -8,6 +8,7 @@ a shard's rows are never written twice. Its state and counters go to `ranks/<ran
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -105,12 +106,20 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
               flush=True)
         return 0
     except BaseException as e:
-        traceback.print_exc()
-        state.write(state="failed", finished_at=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
+        stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
+        if not stopped:
+            traceback.print_exc()
+        state.write(state="stopped" if stopped else "failed", finished_at=time.time(),
+                    error=f"{type(e).__name__}: {e}"[:2000])
         return 1
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # record "stopped"; done shards stay done
     if len(sys.argv) != 2:
         print("usage: python -m hpcinfer.worker <run_dir>", file=sys.stderr)
         raise SystemExit(2)

@@ -211,3 +211,49 @@ def test_plan_cli(hpcinfer):
     bad = hpcinfer("plan", "dp=2", "tp=3")
     assert bad.returncode == 2 and "tp=3" in bad.stderr and "heads" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def test_sigterm_stops_every_rank_and_a_rerun_finishes(cache_dir, tmp_path, hpcinfer):
+    """scancel/kill of a local submit takes its ranks down (no orphans), records them as
+    stopped, and the same command then continues the run to a complete result."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "term"
+    args = ["dp=2", "data.demo_rows=400", "data.shard_rows=25", "sampling.max_tokens=256",
+            "sampling.ignore_eos=true", f"run_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "hpcinfer.submit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HPCINFER_CACHE": str(cache_dir)})
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until both ranks generate
+        states = [json.loads(p.read_text()).get("state") for p in (run_dir / "ranks").glob("*.json")] \
+            if (run_dir / "ranks").exists() else []
+        if states.count("running") == 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    time.sleep(1)
+    assert _processes_mentioning(str(run_dir)) == []
+    states = {json.loads(p.read_text())["state"] for p in (run_dir / "ranks").glob("*.json")}
+    assert states <= {"stopped", "done"} and not (run_dir / "results.parquet").exists()
+    rerun = hpcinfer("submit", *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "continuing" in rerun.stderr
+    results = pq.read_table(run_dir / "results.parquet")
+    assert results.column("id").to_pylist() == list(range(400))
+    assert set(results.column("output_tokens").to_pylist()) == {256}

@@ -44,16 +44,23 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, poll_s: float = 0.5) -> Li
                                           env=launch_env(cfg, plan, rp.rank, port), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
     display = ProgressDisplay(plan.rows)
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while any(p.poll() is None for p in procs):
             display.update(snapshot(rd, plan.rows))
             time.sleep(poll_s)
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (scancel, a closed terminal): take the ranks down too
         _stop(procs)
         raise
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         display.update(snapshot(rd, plan.rows), final=True)
     return [RankOutcome(r, p.returncode, str(rd.rank_log(r))) for r, p in enumerate(procs)]
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _stop(procs: List[subprocess.Popen], grace_s: float = 10.0) -> None:
