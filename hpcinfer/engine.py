@@ -69,7 +69,7 @@ class Engine:
         results: List[Optional[RowResult]] = [None] * len(prompts)
         todo, params = [], []
         base = sampling_kwargs(self.sampling)
-        for i, (prompt, toks) in enumerate(zip(prompts, token_ids)):
+        for i, (prompt, toks) in enumerate(zip(prompts, token_ids, strict=True)):
             err = row_error(prompt, None if toks is None else len(toks), self.max_model_len)
             if err:
                 results[i] = RowResult(None, None, 0 if toks is None else len(toks), 0, err)
@@ -79,7 +79,7 @@ class Engine:
         if todo:
             outs = self.llm.generate([{"prompt_token_ids": token_ids[i]} for i in todo], params,
                                      use_tqdm=_progress_hook(on_progress) if on_progress else False)
-            for i, out in zip(todo, outs):
+            for i, out in zip(todo, outs, strict=True):
                 c = out.outputs[0]
                 results[i] = RowResult(c.text, c.finish_reason, len(out.prompt_token_ids), len(c.token_ids), None)
         return results  # type: ignore[return-value]
