@@ -42,3 +42,9 @@ def exit_on_user_error(prog: str = "hpcinfer") -> Iterator[None]:
     except UserError as e:
         print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+
+
+def exit_on_signal(signum, frame) -> None:
+    """A signal handler: leave through SystemExit(128 + signum), the shell's convention, so that
+    `finally`/`except` blocks (stopping ranks, recording state) run."""
+    raise SystemExit(128 + signum)

@@ -18,6 +18,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from .config import load_run_config
+from .errors import exit_on_signal
 from .data import read_manifest, read_shard
 from .output import shard_table
 from .ranks import RankContext, context_from_env, pin_to_cores
@@ -114,12 +115,8 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
         return 1
 
 
-def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _exit_on_signal)  # record "stopped"; done shards stay done
+    signal.signal(signal.SIGTERM, exit_on_signal)  # record "stopped"; done shards stay done
     if len(sys.argv) != 2:
         print("usage: python -m hpcinfer.worker <run_dir>", file=sys.stderr)
         raise SystemExit(2)

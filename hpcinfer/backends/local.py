@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import List
 
 from ..config import RunConfig
+from ..errors import exit_on_signal
 from ..planner import Plan
 from ..progress import ProgressDisplay, snapshot
 from ..ranks import free_port, rank_env
@@ -44,7 +45,7 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, poll_s: float = 0.5) -> Li
                                           env=launch_env(cfg, plan, rp.rank, port), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
     display = ProgressDisplay(plan.rows)
-    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while any(p.poll() is None for p in procs):
             display.update(snapshot(rd, plan.rows))
@@ -57,10 +58,6 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, poll_s: float = 0.5) -> Li
             signal.signal(sig, handler)
         display.update(snapshot(rd, plan.rows), final=True)
     return [RankOutcome(r, p.returncode, str(rd.rank_log(r))) for r, p in enumerate(procs)]
-
-
-def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def _stop(procs: List[subprocess.Popen], grace_s: float = 10.0) -> None:
