@@ -26,7 +26,8 @@ def cpu_torch_conflicts() -> list[str]:
     torch = installed("torch") or ""
     if "+cpu" not in torch:
         return []
-    return [f"{n}=={installed(n)}" for n in BREAKERS if installed(n) and "+cpu" not in (installed(n) or "")]
+    versions = {n: installed(n) for n in BREAKERS}
+    return [f"{n}=={v}" for n, v in versions.items() if v and "+cpu" not in v]
 
 
 def conflict_message() -> str | None:

@@ -18,13 +18,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("HPCINFER_TEST_CACHE") or tmp_path_factory.mktemp("hpcinfer-cache"))
 
 
-@pytest.fixture
-def hpcinfer(cache_dir):
+@pytest.fixture(scope="session")
+def cli_env(cache_dir) -> dict:
+    """The environment a test's hpcinfer command runs with: the user's, plus the shared cache."""
+    return {**os.environ, "HPCINFER_CACHE": str(cache_dir)}
+
+
+@pytest.fixture(scope="session")
+def hpcinfer(cli_env):
     """Run `python -m hpcinfer.<module> args...` as a user would; returns CompletedProcess."""
 
-    def run(module: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "HPCINFER_CACHE": str(cache_dir), **(env or {})}
-        return subprocess.run([sys.executable, "-m", f"hpcinfer.{module}", *args], cwd=REPO, env=full_env,
+    def run(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"hpcinfer.{module}", *args], cwd=REPO, env=cli_env,
                               capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -58,11 +58,9 @@ def multi_args(input_dir, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def multi_file_run(input_dir, tmp_path_factory, cache_dir):
+def multi_file_run(input_dir, tmp_path_factory, hpcinfer):
     run_dir = tmp_path_factory.mktemp("runs") / "multi"
-    proc = subprocess.run([sys.executable, "-m", "hpcinfer.submit", *multi_args(input_dir, run_dir)],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HPCINFER_CACHE": str(cache_dir)})
+    proc = hpcinfer("submit", *multi_args(input_dir, run_dir), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir, proc
 
@@ -226,7 +224,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_sigterm_stops_every_rank_and_a_rerun_finishes(cache_dir, tmp_path, hpcinfer):
+def test_sigterm_stops_every_rank_and_a_rerun_finishes(cli_env, tmp_path, hpcinfer):
     """scancel/kill of a local submit takes its ranks down (no orphans), records them as
     stopped, and the same command then continues the run to a complete result."""
     import signal
@@ -236,7 +234,7 @@ def test_sigterm_stops_every_rank_and_a_rerun_finishes(cache_dir, tmp_path, hpci
     args = ["dp=2", "data.demo_rows=400", "data.shard_rows=25", "sampling.max_tokens=256",
             "sampling.ignore_eos=true", f"run_dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "hpcinfer.submit", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HPCINFER_CACHE": str(cache_dir)})
+                            stderr=subprocess.PIPE, text=True, env=cli_env)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until both ranks generate
         states = [json.loads(p.read_text()).get("state") for p in (run_dir / "ranks").glob("*.json")] \
