@@ -8,6 +8,7 @@ The YAML files under `conf/` only choose values; the types and defaults live her
 Hydra's ConfigStore so that `python -m hpcinfer.submit tp=2 dp=8 ep=true` is type-checked.
 """
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -95,13 +96,50 @@ class LocalClusterConfig:
 
 
 @dataclass
+class SlurmClusterConfig:
+    """Submit the ranks as Slurm jobs (through submitit) from a login node, and finalize as a
+    dependent job. Ranks of one job are its tasks: rank = group x ranks_per_group + SLURM_PROCID."""
+
+    name: str = "slurm"
+    partition: Optional[str] = None  # null = the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"  # time limit of each worker job: minutes, HH:MM:SS or D-HH:MM:SS
+    nodes: Optional[int] = None  # nodes per job; null = derived from the layout
+    gpus_per_node: int = 8  # GPUs of one node; 0 = CPU-only nodes (vLLM's CPU build)
+    ranks_per_node: Optional[int] = None  # null = gpus_per_node // (tp x pp); CPU nodes: 1
+    cpus_per_task: Optional[int] = None  # CPU cores per rank; null = the cluster's default
+    mem: Optional[str] = None  # memory per node, e.g. "200G"; null = the cluster's default
+    constraint: Optional[str] = None  # e.g. "h100"
+    exclusive: bool = False  # whole nodes only
+    sbatch: Dict[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {mail-type: END}
+    setup: List[str] = field(default_factory=list)  # shell lines run before the ranks (module load ...)
+    array: int = 1  # independent replica groups; >1 submits a job array with one element per group
+    max_nodes_per_job: Optional[int] = None  # a layout needing more nodes becomes an array of groups
+    array_parallelism: Optional[int] = None  # the '%' throttle: array elements running at once
+    max_array_size: int = 1001  # the cluster's MaxArraySize (scontrol show config)
+    job_name: str = "hpcinfer"
+    python: Optional[str] = None  # interpreter on the compute nodes; null = the submitting one
+    signal_delay_s: int = 120  # USR2 this long before the time limit (checkpoint, requeue)
+    finalize_time: str = "01:00:00"  # time limit of the finalize job
+    finalize_cpus: int = 1
+    finalize_mem: Optional[str] = None
+    cpu_kvcache_gib: int = 1  # CPU nodes only: VLLM_CPU_KVCACHE_SPACE (GiB) per rank
+    gpu_memory_gib: Optional[float] = None  # per GPU, for the plan's memory check; null = unknown
+    poll_s: float = 5.0  # wait=true: seconds between looks at the run
+
+
+CLUSTERS = {"local": LocalClusterConfig, "slurm": SlurmClusterConfig}
+
+
+@dataclass
 class RunConfig:
     """One batch-inference run: model, sampling, data, layout and cluster."""
 
     model: ModelConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    cluster: Any = MISSING  # LocalClusterConfig (Slurm comes later)
+    cluster: Any = MISSING  # LocalClusterConfig | SlurmClusterConfig, chosen by `cluster=<name>`
     tp: int = 1  # tensor parallel: GPUs that split each layer
     pp: int = 1  # pipeline parallel: GPUs that split the layers
     dp: int = 1  # data parallel: independent ranks (engines), each on tp*pp GPUs
@@ -109,6 +147,7 @@ class RunConfig:
     engine: Dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM (nulls dropped)
     run_dir: Optional[str] = None  # null = outputs/<date>/<time>
     cache_dir: Optional[str] = None  # built-in models and demo data; null = $HPCINFER_CACHE or ~/.cache/hpcinfer
+    wait: bool = False  # Slurm: block until finalize ends and exit with its status
 
     @property
     def gpus_per_rank(self) -> int:
@@ -135,6 +174,7 @@ def register_configs() -> None:
     cs.store(group="sampling", name="sampling_schema", node=SamplingConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="cluster", name="local_schema", node=LocalClusterConfig)
+    cs.store(group="cluster", name="slurm_schema", node=SlurmClusterConfig)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -143,8 +183,17 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
     if isinstance(obj.cluster, (dict, DictConfig)):
-        obj.cluster = LocalClusterConfig(**dict(obj.cluster))
+        obj.cluster = _cluster(dict(obj.cluster))
     return obj
+
+
+def _cluster(d: Dict[str, Any]):
+    """The typed cluster section (a saved config.yaml holds it untyped)."""
+    kind = CLUSTERS.get(d.get("name", "local"))
+    if kind is None:
+        raise ConfigError(f"cluster.name={d.get('name')!r} is not one of {sorted(CLUSTERS)}")
+    merged = OmegaConf.merge(OmegaConf.structured(kind), d)
+    return OmegaConf.to_object(merged)
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
@@ -178,6 +227,8 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None) -> None:
     """
     errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
     errors += _data_errors(cfg.data) + _engine_errors(cfg)
+    if isinstance(cfg.cluster, SlurmClusterConfig):
+        errors += _slurm_errors(cfg, cfg.cluster)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -265,6 +316,51 @@ def _engine_errors(cfg: RunConfig) -> List[str]:
     if mml is not None and isinstance(mml, int) and cfg.sampling.max_tokens >= mml:
         errs.append(f"sampling.max_tokens={cfg.sampling.max_tokens} leaves no room for a prompt "
                     f"within engine.max_model_len={mml}")
+    return errs
+
+
+# sbatch options hpcinfer sets itself from the layout; cluster.sbatch may not override them.
+OWN_SBATCH_OPTIONS = ("nodes", "ntasks-per-node", "ntasks", "array", "dependency", "output", "error",
+                      "signal", "open-mode", "job-name", "time", "gpus-per-node", "cpus-per-task")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-]*$")
+
+
+def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
+    from .slurm_layout import slurm_time_minutes
+
+    errs = []
+    for key in ("time", "finalize_time"):
+        try:
+            slurm_time_minutes(getattr(c, key))
+        except ValueError as e:
+            errs.append(f"cluster.{key}: {e}")
+    positive = {"array": c.array, "max_array_size": c.max_array_size, "finalize_cpus": c.finalize_cpus,
+                "nodes": c.nodes, "ranks_per_node": c.ranks_per_node, "cpus_per_task": c.cpus_per_task,
+                "max_nodes_per_job": c.max_nodes_per_job, "array_parallelism": c.array_parallelism}
+    errs += [f"cluster.{k} must be >= 1, got {v!r}" for k, v in positive.items() if v is not None and v < 1]
+    if c.gpus_per_node < 0:
+        errs.append(f"cluster.gpus_per_node must be >= 0 (0 = CPU nodes), got {c.gpus_per_node!r}")
+    elif c.gpus_per_node and cfg.gpus_per_rank > c.gpus_per_node:
+        errs.append(f"tp={cfg.tp} x pp={cfg.pp} = {cfg.gpus_per_rank} GPUs per rank exceeds "
+                    f"cluster.gpus_per_node={c.gpus_per_node}; replicas spanning nodes are not supported yet")
+    elif c.gpus_per_node and c.ranks_per_node and c.ranks_per_node * cfg.gpus_per_rank > c.gpus_per_node:
+        errs.append(f"cluster.ranks_per_node={c.ranks_per_node} x {cfg.gpus_per_rank} GPUs per rank exceeds "
+                    f"cluster.gpus_per_node={c.gpus_per_node}")
+    if cfg.ep and c.array > 1:
+        errs.append(f"ep=true ranks run in lockstep as one group; cluster.array={c.array} must be 1")
+    for key in ("partition", "account", "qos", "mem", "constraint", "finalize_mem", "job_name"):
+        value = getattr(c, key)
+        if value is not None and (not value or not _SAFE_VALUE.match(str(value))):
+            errs.append(f"cluster.{key}={value!r} has characters Slurm does not accept here")
+    for key, value in c.sbatch.items():
+        if not re.match(r"^[a-z][a-z0-9-]*$", str(key)):
+            errs.append(f"cluster.sbatch key {key!r} is not an sbatch option name (e.g. mail-type)")
+        elif key.replace("_", "-") in OWN_SBATCH_OPTIONS:
+            errs.append(f"cluster.sbatch.{key} is set by hpcinfer from the layout; use the cluster/layout keys")
+        elif "\n" in str(value) or "\r" in str(value):
+            errs.append(f"cluster.sbatch.{key}={value!r} contains a line break")
+    errs += [f"cluster.setup line {line!r} contains a line break (give one list item per line)"
+             for line in c.setup if "\n" in line or "\r" in line]
     return errs
 
 

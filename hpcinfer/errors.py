@@ -26,6 +26,10 @@ class DataError(UserError):
     """Input data that cannot be read or does not fit the config."""
 
 
+class RunInProgress(UserError):
+    """Another submission of the same run directory is live (a lock holder, or queued jobs)."""
+
+
 class RunIncomplete(Exception):
     """Finalize found missing, partial or duplicated shard outputs; nothing was published."""
 

@@ -11,10 +11,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .config import ModelConfig, RunConfig
+from .config import ModelConfig, RunConfig, SlurmClusterConfig
 from .data import Shard
 from .devices import Devices, split
 from .errors import ConfigError
+from .slurm_layout import JobLayout, job_layout, node_capacity
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "auto": 2, "float32": 4, "float": 4}
@@ -121,9 +122,11 @@ def smallest_fitting_tp(shape: ModelShape, engine: Dict[str, Any], gpu_memory_gi
 @dataclass
 class RankPlan:
     rank: int
-    devices: List[str]
+    devices: List[str]  # GPU ids or CPU cores (on Slurm: as numbered on its node)
     shards: List[int]
     rows: int
+    job: Optional[int] = None  # Slurm: the rank's group (job or array element)
+    node: Optional[int] = None  # Slurm: the rank's node within its job
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Plan:
     model: Dict[str, Any]
     rank_plans: List[RankPlan] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    jobs: Optional[JobLayout] = None  # Slurm: how the ranks are grouped into jobs and nodes
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -169,17 +173,43 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
     if active < cfg.dp:
         notes.append(f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), "
                      f"a rank needs at least one row")
-    if not devices.gpus:
-        if active * cfg.gpus_per_rank > len(devices.cpus):
+    jobs: Optional[JobLayout] = None
+    if isinstance(cfg.cluster, SlurmClusterConfig):
+        jobs = slurm_jobs(cfg, active)
+        where = [slurm_rank_place(jobs, r, cfg.gpus_per_rank, bool(devices.gpus)) for r in range(active)]
+        if jobs.idle_tasks(active):
+            notes.append(f"{jobs.idle_tasks(active)} Slurm task(s) get no rank: {active} rank(s) do not fill "
+                         f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)")
+    else:
+        if not devices.gpus and active * cfg.gpus_per_rank > len(devices.cpus):
             notes.append(f"no GPU: {active * cfg.gpus_per_rank} CPU worker(s) share {len(devices.cpus)} core(s)")
-    per_rank = split(devices, active, cfg.gpus_per_rank)
-    rank_plans = [RankPlan(r, per_rank[r], [s.shard for s in shards if s.rank == r],
-                           sum(s.rows for s in shards if s.rank == r)) for r in range(active)]
+        where = [(d, None, None) for d in split(devices, active, cfg.gpus_per_rank)]
+    rank_plans = [RankPlan(r, where[r][0], [s.shard for s in shards if s.rank == r],
+                           sum(s.rows for s in shards if s.rank == r), job=where[r][1], node=where[r][2])
+                  for r in range(active)]
     return Plan(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, ep=cfg.ep, ranks=active, device_kind=devices.kind,
-                gpus_per_rank=cfg.gpus_per_rank, nodes=1, rows=n_rows, files=n_files, shards=len(shards),
-                memory=memory, engine_args=engine_args,
+                gpus_per_rank=cfg.gpus_per_rank, nodes=jobs.nodes if jobs else 1, rows=n_rows, files=n_files,
+                shards=len(shards), memory=memory, engine_args=engine_args,
                 model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
-                rank_plans=rank_plans, notes=notes)
+                rank_plans=rank_plans, notes=notes, jobs=jobs)
+
+
+def slurm_jobs(cfg: RunConfig, ranks: int) -> JobLayout:
+    c = cfg.cluster
+    try:
+        return job_layout(ranks, node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
+                          nodes=c.nodes, array=c.array, max_nodes_per_job=c.max_nodes_per_job)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def slurm_rank_place(jobs: JobLayout, rank: int, gpus_per_rank: int, gpus: bool):
+    """(devices on its node, job, node within the job) of a rank: task `procid` of job `group`
+    runs on node procid // tasks_per_node as local rank procid % tasks_per_node."""
+    group, procid = divmod(rank, jobs.ranks_per_group)
+    local = procid % jobs.tasks_per_node
+    devices = [str(i) for i in range(local * gpus_per_rank, (local + 1) * gpus_per_rank)] if gpus else []
+    return devices, group, procid // jobs.tasks_per_node
 
 
 def format_plan(plan: Plan) -> str:
@@ -197,12 +227,19 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"devices    {plan.gpus_per_rank} GPU(s) per rank, {plan.nodes} node(s)")
     else:
         lines.append(f"devices    no GPU: ranks run vLLM on CPU cores, {plan.nodes} node(s)")
+    j = plan.jobs
+    if j is not None:
+        array = f"a job array of {j.groups}" if j.groups > 1 else "1 job"
+        lines.append(f"slurm      {array} x {j.nodes_per_job} node(s) x {j.tasks_per_node} task(s) per node "
+                     f"({j.ranks_per_group} rank(s) per job), then a finalize job")
     per_rank = ", ".join(str(rp.rows) for rp in plan.rank_plans)
     lines.append(f"work       {plan.rows} rows in {plan.files} file(s) -> {plan.shards} shard(s); "
                  f"{plan.ranks} rank(s) with rows {per_rank}")
     for rp in plan.rank_plans:
         span = f"shards {rp.shards[0]}-{rp.shards[-1]}" if rp.shards else "no shards"
-        dev = ("gpu " if plan.device_kind == "cuda" else "cpu ") + ",".join(rp.devices)
+        dev = ("gpu " if plan.device_kind == "cuda" else "cpu ") + (",".join(rp.devices) or "(its task's)")
+        if rp.job is not None:
+            dev = f"job {rp.job} node {rp.node} {dev}"
         lines.append(f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows)")
     if mem.weights_gib is not None:
         kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import List
 
-from .config import RunConfig, engine_args, validate
+from .config import RunConfig, SlurmClusterConfig, engine_args, validate
 from .data import Inputs, InputFile, Shard, active_ranks, discover, make_shards, scan
 from .devices import Devices, detect
 from .doctor import conflict_message
@@ -27,8 +27,13 @@ class Prepared:
 def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
     """Everything a launch needs. With build=False (plan only) nothing is written: built-in
     models are not built and the demo data is counted, not generated."""
-    devices = detect(gpus=cfg.cluster.gpus)
-    validate(cfg, gpus_available=len(devices.gpus) or None)
+    if isinstance(cfg.cluster, SlurmClusterConfig):  # devices of one compute node, as configured
+        devices = Devices(gpus=[str(i) for i in range(cfg.cluster.gpus_per_node)],
+                          cpus=list(range(cfg.cluster.cpus_per_task or 1)), gpu_memory_gib=cfg.cluster.gpu_memory_gib)
+        validate(cfg)
+    else:
+        devices = detect(gpus=cfg.cluster.gpus)
+        validate(cfg, gpus_available=len(devices.gpus) or None)
     broken = conflict_message()
     if broken:
         raise UserError(broken)

@@ -12,6 +12,9 @@ inspected on its own (as datatrove's executors coordinate through one logging fo
       ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
       logs/rank-<r>.log      per-rank output
       lock                   held (flock) while a submission of this run is live
+      jobs.json              Slurm: every submission's worker and finalize job ids
+      slurm/                 Slurm: submitit's job scripts, pickles and task logs
+      finalize.json          the outcome of the last finalize (exit code, message, job id)
       results.parquet        the ordered, verified result (finalize)
       summary.json           totals, layout, sampling, engine_args, ranks (finalize)
 
@@ -27,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import RunInProgress
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -72,6 +75,15 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def tail(path: str | os.PathLike, lines: int = 20) -> str:
+    """The last lines of a log file, or '(no log)'."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no log)"
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:06d}"
 
@@ -96,6 +108,9 @@ class RunDir:
     lock_file = property(lambda self: self.path / "lock")
     results = property(lambda self: self.path / "results.parquet")
     summary = property(lambda self: self.path / "summary.json")
+    jobs = property(lambda self: self.path / "jobs.json")
+    slurm_dir = property(lambda self: self.path / "slurm")
+    finalize_outcome = property(lambda self: self.path / "finalize.json")
 
     def shard_output(self, shard: int) -> Path:
         return self.shards_dir / f"{shard_name(shard)}.parquet"
@@ -128,7 +143,7 @@ class RunDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"run_dir {str(self.path)!r} is in use by another submission") from None
+                raise RunInProgress(f"run_dir {str(self.path)!r} is in use by another submission") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             yield
@@ -167,3 +182,10 @@ class RunDir:
 
     def read_plan(self) -> dict:
         return read_json(self.plan)
+
+    def read_optional(self, path: Path) -> Any:
+        """A JSON file of the run directory, or None when it is not there (yet)."""
+        try:
+            return read_json(path)
+        except (FileNotFoundError, ValueError):
+            return None

@@ -4,9 +4,12 @@
     python -m hpcinfer.submit dp=2 data.input='data/*.parquet' sampling=greedy run_dir=runs/a
 
 Writes the run directory (config.yaml, plan.json, manifest.parquet), runs the ranks with the
-cluster backend, then finalize; prints the run directory last on stdout. Re-running with the same
-`run_dir` and the same config continues an unfinished run (done shards are kept) and is a no-op
-for a finished one. Exit codes: 0 done, 1 the run failed or is incomplete, 2 bad config or data.
+cluster backend, then finalize; prints the run directory last on stdout. `cluster=local` runs the
+ranks here and finalizes; `cluster=slurm` queues the worker jobs and a dependent finalize job and
+returns (or, with wait=true, blocks until finalize ends). Re-running with the same `run_dir` and
+the same config continues an unfinished run (done shards are kept); it is a no-op for a finished
+run and for one whose jobs are still queued or whose submission is live (cron-safe).
+Exit codes: 0 done (or nothing to do), 1 the run failed or is incomplete, 2 bad config or data.
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
+from .backends import slurm
 from .backends.local import run_ranks
 from .cli import hydra_main
-from .config import RunConfig, load_run_config, to_yaml
+from .config import RunConfig, SlurmClusterConfig, load_run_config, to_yaml
 from .data import read_manifest, write_manifest
-from .errors import EXIT_FAILED, EXIT_OK, UserError, RunIncomplete
+from .errors import EXIT_FAILED, EXIT_OK, RunInProgress, RunIncomplete, UserError
 from .merge import finalize
 from .prepare import default_run_dir, prepare
-from .rundir import RunDir, atomic_write, atomic_write_json
+from .rundir import RunDir, atomic_write, atomic_write_json, tail
 
 # Config sections that determine the results: a run directory is only continued with equal values.
 RESULT_KEYS = ("model", "sampling", "data", "engine", "tp", "pp", "dp", "ep")
@@ -64,48 +68,70 @@ def submit(cfg: RunConfig) -> int:
     elif rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run_dir {str(rd.path)!r} exists and is not an hpcinfer run directory")
     rd.create()
-    with rd.locked():
-        if resuming and rd.summary.exists() and rd.results.exists():
-            log(f"already finished: {rd.path}")
-            print(rd.path)
-            return EXIT_OK
-        if not resuming:
-            atomic_write(rd.config, to_yaml(cfg))
-            atomic_write_json(rd.plan, {**plan.to_json(), "submitted_at": submitted_at})
-            write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
-        else:
-            if read_manifest(str(rd.manifest))[0] != prep.shards:
-                raise UserError(f"the input files changed since {str(rd.path)!r} was planned; "
-                                f"choose a new run_dir")
-            log(f"continuing {rd.path}: {len(rd.done_shards())} of {plan.shards} shard(s) already done")
-        for note in plan.notes:
-            log(note)
-        log(f"run directory {rd.path}")
-        log(f"{plan.rows} rows, {plan.shards} shard(s), {plan.ranks} rank(s) on {plan.device_kind}")
-        outcomes = run_ranks(rd, cfg, plan)
-        failed = [o for o in outcomes if o.returncode != 0]
-        for o in failed:
-            log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{_tail(o.log)}")
-        try:
-            summary = finalize(str(rd.path))
-        except RunIncomplete as e:
-            log(f"incomplete, nothing published: {e}")
-            log(f"fix the cause and re-run with run_dir={rd.path} to continue")
-            return EXIT_FAILED
+    try:
+        with rd.locked():
+            if resuming and rd.summary.exists() and rd.results.exists():
+                log(f"already finished: {rd.path}")
+                print(rd.path)
+                return EXIT_OK
+            if not resuming:
+                atomic_write(rd.config, to_yaml(cfg))
+                atomic_write_json(rd.plan, {**plan.to_json(), "submitted_at": submitted_at})
+                write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
+            else:
+                if read_manifest(str(rd.manifest))[0] != prep.shards:
+                    raise UserError(f"the input files changed since {str(rd.path)!r} was planned; "
+                                    f"choose a new run_dir")
+                log(f"continuing {rd.path}: {len(rd.done_shards())} of {plan.shards} shard(s) already done")
+            for note in plan.notes:
+                log(note)
+            log(f"run directory {rd.path}")
+            log(f"{plan.rows} rows, {plan.shards} shard(s), {plan.ranks} rank(s) on {plan.device_kind}")
+            if isinstance(cfg.cluster, SlurmClusterConfig):
+                record = _queue(rd, cfg, plan)
+            else:
+                return _run_here(rd, cfg, plan)
+    except RunInProgress as e:  # cron-safe: another submission of this run is live
+        log(f"{e}: nothing to do")
+        print(rd.path)
+        return EXIT_OK
+    code = slurm.wait(rd, record, plan.rows, cfg.cluster.poll_s) if cfg.wait else EXIT_OK
+    print(rd.path)
+    return code
+
+
+def _queue(rd: RunDir, cfg: RunConfig, plan) -> dict:
+    """Slurm: submit the worker and finalize jobs, unless this run's jobs are still queued."""
+    record = slurm.last_submission(rd)
+    live = slurm.live_jobs(record)
+    if live:
+        log(f"already queued: {', '.join(f'job {j} {s}' for j, s in live.items())}; nothing submitted")
+        return record
+    record = slurm.submit_jobs(rd, cfg, plan.jobs)
+    log(f"queued worker job(s) {' '.join(record['workers'])} ({plan.jobs.groups} group(s) x "
+        f"{plan.jobs.nodes_per_job} node(s)) and finalize job {record['finalize']} (afterany)")
+    log(f"follow it with: python -m hpcinfer.status {rd.path}")
+    return record
+
+
+def _run_here(rd: RunDir, cfg: RunConfig, plan) -> int:
+    """Local: run the ranks on this machine, then finalize."""
+    outcomes = run_ranks(rd, cfg, plan)
+    for o in outcomes:
+        if o.returncode != 0:
+            log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{tail(o.log)}")
+    try:
+        summary = finalize(str(rd.path))
+    except RunIncomplete as e:
+        log(f"incomplete, nothing published: {e}")
+        log(f"fix the cause and re-run with run_dir={rd.path} to continue")
+        return EXIT_FAILED
     tps = summary["output_tokens_per_second"]
     log(f"done: {summary['rows']} rows ({summary['rows_failed']} with errors), {summary['output_tokens']} output "
         f"tokens in {summary['generation_seconds']:.1f}s of generation"
         + (f" ({tps:,.0f} tok/s)" if tps else "") + f", {summary['wall_seconds']:.1f}s wall")
     print(rd.path)
     return EXIT_OK
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:]).rstrip()
-    except OSError:
-        return "(no log)"
 
 
 def main() -> None:

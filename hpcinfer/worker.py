@@ -115,6 +115,17 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
         return 1
 
 
+def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
+    """Called by a launcher once a rank process has ended. A rank killed before it could say so
+    (kill -9, the OOM killer, a lost node) still shows as running; record it as failed."""
+    state = rd.read_optional(rd.rank_file(rank)) or {"rank": rank, "rows_done": 0}
+    if returncode == 0 or state.get("state") in ("done", "failed", "stopped"):
+        return
+    how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+    rd.write_rank(rank, {**state, "state": "failed", "finished_at": time.time(), "updated_at": time.time(),
+                         "error": f"the rank process {how} without recording an error (see its log)"})
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, exit_on_signal)  # record "stopped"; done shards stay done
     if len(sys.argv) != 2:

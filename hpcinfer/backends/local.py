@@ -18,6 +18,7 @@ from ..planner import Plan
 from ..progress import ProgressDisplay, snapshot
 from ..ranks import free_port, rank_env
 from ..rundir import RunDir
+from ..worker import record_exit
 
 
 @dataclass
@@ -57,6 +58,8 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, poll_s: float = 0.5) -> Li
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         display.update(snapshot(rd, plan.rows), final=True)
+    for r, p in enumerate(procs):
+        record_exit(rd, r, p.returncode)
     return [RankOutcome(r, p.returncode, str(rd.rank_log(r))) for r, p in enumerate(procs)]
 
 

@@ -1,0 +1,172 @@
+"""The Slurm backend: submit a planned run as Slurm jobs through submitit, from a login node.
+
+- Worker jobs: one job whose tasks are the ranks (nodes x tasks per node from the plan's job
+  layout), or job arrays whose elements are such jobs, one per replica group. Every task runs
+  `slurm_task.run_group(run_dir, group)`.
+- Finalize: one small job that depends on all worker jobs with `afterany`, so that it runs
+  whatever the workers' outcome and reports an incomplete run instead of waiting forever
+  (`afterok` would leave it PENDING with DependencyNeverSatisfied after a failed rank).
+- `jobs.json` in the run directory records every submission's job ids (for status and resume).
+
+The sbatch parameters are pure functions of the config and plan, checked against golden files.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from ..config import RunConfig
+from ..errors import EXIT_FAILED, UserError, one_line
+from ..progress import ProgressDisplay, snapshot
+from ..rundir import RunDir, atomic_write_json
+from ..slurm_layout import JobLayout, array_chunks, slurm_time_minutes
+from ..slurm_queue import cancel, is_live, job_states, states_of, summarize
+
+
+def log(msg: str) -> None:
+    print(f"hpcinfer: {msg}", file=sys.stderr, flush=True)
+
+
+def _common(cfg: RunConfig) -> Dict[str, Any]:
+    c = cfg.cluster
+    out: Dict[str, Any] = {k: getattr(c, k) for k in ("partition", "account", "qos") if getattr(c, k)}
+    if c.setup:
+        out["setup"] = list(c.setup)
+    return out
+
+
+def worker_parameters(cfg: RunConfig, jobs: JobLayout) -> Dict[str, Any]:
+    """submitit SlurmExecutor parameters of the worker jobs. Pure."""
+    c = cfg.cluster
+    p = {**_common(cfg), "job_name": c.job_name, "time": slurm_time_minutes(c.time), "nodes": jobs.nodes_per_job,
+         "ntasks_per_node": jobs.tasks_per_node, "signal_delay_s": c.signal_delay_s, "stderr_to_stdout": True}
+    if c.gpus_per_node:
+        p["gpus_per_node"] = min(c.gpus_per_node, jobs.tasks_per_node * cfg.gpus_per_rank)
+    for key in ("cpus_per_task", "mem", "constraint", "array_parallelism"):
+        if getattr(c, key) is not None:
+            p[key] = getattr(c, key)
+    if c.exclusive:
+        p["exclusive"] = True
+    if c.sbatch:
+        p["additional_parameters"] = dict(c.sbatch)
+    return p
+
+
+def finalize_parameters(cfg: RunConfig, worker_ids: List[str]) -> Dict[str, Any]:
+    """submitit parameters of the finalize job: one task after every worker job ends. Pure."""
+    c = cfg.cluster
+    p = {**_common(cfg), "job_name": f"{c.job_name}-finalize", "time": slurm_time_minutes(c.finalize_time),
+         "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": c.finalize_cpus, "stderr_to_stdout": True,
+         "additional_parameters": {**c.sbatch, "dependency": dependency(worker_ids),
+                                   "kill-on-invalid-dep": "yes"}}
+    if c.finalize_mem:
+        p["mem"] = c.finalize_mem
+    return p
+
+
+def dependency(job_ids: List[str]) -> str:
+    """`afterany`: finalize runs once every worker job (every array element) has ended, however."""
+    return "afterany:" + ":".join(job_ids)
+
+
+def executor(folder: str, cfg: RunConfig, parameters: Dict[str, Any]):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, python=cfg.cluster.python, max_num_timeout=3)
+    ex.update_parameters(**parameters)
+    return ex
+
+
+def submit_jobs(rd: RunDir, cfg: RunConfig, jobs: JobLayout) -> Dict[str, Any]:
+    """Submit the worker jobs, then finalize; record them in jobs.json. Returns the record."""
+    from ..slurm_task import run_finalize, run_group
+
+    folder = str(rd.slurm_dir)
+    workers: List[str] = []
+    try:
+        ex = executor(folder, cfg, worker_parameters(cfg, jobs))
+        if jobs.groups == 1:
+            workers.append(ex.submit(run_group, str(rd.path), 0).job_id)
+        else:
+            for first, count in array_chunks(jobs.groups, cfg.cluster.max_array_size):
+                elements = ex.map_array(run_group, [str(rd.path)] * count, list(range(first, first + count)))
+                workers.append(elements[0].job_id.split("_")[0])
+        fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(run_finalize, str(rd.path)).job_id
+    except Exception as e:  # sbatch refused (bad partition, account, limits): take back what was queued
+        cancel(workers)
+        raise UserError(f"Slurm refused the submission: {one_line(_sbatch_message(e))}") from None
+    record = {"submitted_at": time.time(), "workers": workers, "finalize": fin, "groups": jobs.groups}
+    previous = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
+    atomic_write_json(rd.jobs, {"submissions": previous + [record]})
+    return record
+
+
+def _sbatch_message(e: Exception) -> str:
+    out = getattr(e, "output", None) or getattr(e, "stderr", None)
+    if isinstance(out, bytes):
+        out = out.decode(errors="replace")
+    return (out or str(e)).strip()[-500:]
+
+
+def last_submission(rd: RunDir) -> Optional[Dict[str, Any]]:
+    subs = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
+    return subs[-1] if subs else None
+
+
+def live_jobs(record: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """{job id: state} of the record's jobs that are still pending or running."""
+    if not record:
+        return {}
+    ids = [*record["workers"], record["finalize"]]
+    states = job_states(ids)
+    out = {j: summarize(states_of(j, states)) for j in ids}
+    return {j: s for j, s in out.items() if is_live(s)}
+
+
+def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
+    """Block until this submission's finalize job has ended; its exit code (1 if it ended
+    without recording an outcome: cancelled, timed out, node lost). Ctrl-C leaves the jobs."""
+    fin = record["finalize"]
+    display = ProgressDisplay(rows)
+    unknown_since: Optional[float] = None
+    try:
+        while True:
+            outcome = rd.read_optional(rd.finalize_outcome)
+            if outcome and str(outcome.get("job_id")) == str(fin):
+                display.update(snapshot(rd, rows), final=True)
+                (log if outcome["exit_code"] else _quiet)(outcome["message"])
+                return int(outcome["exit_code"])
+            state = summarize(states_of(fin, job_states([fin])))
+            unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
+            if unknown_since and time.time() - unknown_since > max(120.0, 10 * poll_s):
+                log(f"finalize job {fin} is not known to Slurm (squeue, sacct) any more and recorded no "
+                    f"outcome; python -m hpcinfer.status {rd.path}")
+                return EXIT_FAILED
+            if not is_live(state) and state != "UNKNOWN":
+                time.sleep(1.0)  # the outcome file may land just after the job ends
+                if not (rd.read_optional(rd.finalize_outcome) or {}).get("job_id") == fin:
+                    display.update(snapshot(rd, rows), final=True)
+                    log(f"finalize job {fin} ended {state} without recording an outcome; "
+                        f"see {rd.slurm_dir}/{fin}_0_log.out")
+                    return EXIT_FAILED
+                continue
+            display.update(snapshot(rd, rows))
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        log(f"stopped waiting; the jobs keep running: python -m hpcinfer.status {rd.path}")
+        raise
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def group_job_id(record: Dict[str, Any], group: int, max_array_size: int) -> str:
+    """The Slurm id of worker group `group` in a submission record ('12', or '13_4' in an array)."""
+    if record["groups"] == 1:
+        return record["workers"][0]
+    for job, (first, count) in zip(record["workers"], array_chunks(record["groups"], max_array_size)):
+        if first <= group < first + count:
+            return job if count == 1 else f"{job}_{group - first}"
+    raise ValueError(f"group {group} is not in a submission of {record['groups']} group(s)")

@@ -1,0 +1,113 @@
+"""How a run's ranks become Slurm jobs: replica groups, nodes and tasks per job, array chunks,
+time limits. Pure; used by the planner (to show the layout) and by the Slurm backend (to submit).
+
+A *group* is one Slurm job (or one element of a job array) whose tasks are consecutive ranks:
+rank = group x ranks_per_group + SLURM_PROCID. Groups are independent (dense models), so a run
+may be split into several smaller jobs that the scheduler can place as nodes free up.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    groups: int  # worker jobs (array elements)
+    ranks_per_group: int  # ranks (tasks with work) per job
+    nodes_per_job: int
+    tasks_per_node: int
+    ranks_per_node: int  # what one node can hold (GPUs per node // GPUs per rank)
+
+    @property
+    def tasks_per_job(self) -> int:
+        return self.nodes_per_job * self.tasks_per_node
+
+    @property
+    def nodes(self) -> int:
+        return self.groups * self.nodes_per_job
+
+    def idle_tasks(self, ranks: int) -> int:
+        """Tasks that get no rank (a rank count that does not fill the last node evenly)."""
+        return self.groups * self.tasks_per_job - ranks
+
+    def rank_of(self, group: int, procid: int) -> int:
+        return group * self.ranks_per_group + procid
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def node_capacity(gpus_per_node: int, gpus_per_rank: int, ranks_per_node: Optional[int]) -> int:
+    """Ranks one node holds: as configured, else GPUs per node // GPUs per rank (CPU nodes: 1)."""
+    if ranks_per_node is not None:
+        return ranks_per_node
+    if gpus_per_node == 0:
+        return 1
+    return max(1, gpus_per_node // gpus_per_rank)
+
+
+def job_layout(ranks: int, capacity: int, *, nodes: Optional[int] = None, array: int = 1,
+               max_nodes_per_job: Optional[int] = None) -> JobLayout:
+    """Split `ranks` into groups of near-equal size, each one job over as few nodes as hold it.
+
+    `nodes` fixes the nodes per job; `array` asks for that many groups; `max_nodes_per_job`
+    adds groups until each job fits. Raises ValueError naming the values that cannot work."""
+    if ranks < 1:
+        raise ValueError(f"no ranks to lay out (ranks={ranks})")
+    if array > ranks:
+        raise ValueError(f"cluster.array={array} exceeds the {ranks} rank(s) of this run")
+    groups = array
+    if max_nodes_per_job is not None:
+        groups = max(groups, math.ceil(math.ceil(ranks / capacity) / max_nodes_per_job))
+        groups = min(groups, ranks)
+    per_group = math.ceil(ranks / groups)
+    groups = math.ceil(ranks / per_group)  # e.g. 5 ranks in groups of 2 -> 3 groups, not 4
+    if nodes is None:
+        job_nodes = math.ceil(per_group / capacity)
+    else:
+        job_nodes = nodes
+        if job_nodes * capacity < per_group:
+            raise ValueError(f"cluster.nodes={nodes} node(s) x {capacity} rank(s) per node cannot hold the "
+                             f"{per_group} rank(s) of a job; raise cluster.nodes or cluster.array")
+        if job_nodes > per_group:
+            raise ValueError(f"cluster.nodes={nodes} is more nodes than the {per_group} rank(s) of a job")
+    if max_nodes_per_job is not None and job_nodes > max_nodes_per_job:
+        raise ValueError(f"a job needs {job_nodes} node(s) but cluster.max_nodes_per_job={max_nodes_per_job}")
+    return JobLayout(groups=groups, ranks_per_group=per_group, nodes_per_job=job_nodes,
+                     tasks_per_node=math.ceil(per_group / job_nodes), ranks_per_node=capacity)
+
+
+def array_chunks(groups: int, max_array_size: int) -> List[Tuple[int, int]]:
+    """(first group, count) of each job array to submit: Slurm refuses array indices at or above
+    MaxArraySize, so larger arrays go in several submissions whose group numbers are offset."""
+    if max_array_size < 1:
+        raise ValueError(f"max_array_size must be >= 1, got {max_array_size}")
+    return [(start, min(max_array_size, groups - start)) for start in range(0, groups, max_array_size)]
+
+
+_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+
+
+def slurm_time_minutes(value: Any) -> int:
+    """A Slurm time limit as whole minutes (rounded up). Accepts what sbatch --time accepts:
+    M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and an int of minutes). ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a time limit: {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"time limit must be >= 1 minute, got {value!r}")
+        return value
+    m = _TIME.match(str(value).strip())
+    if not m:
+        raise ValueError(f"not a Slurm time limit: {value!r} (use minutes, HH:MM:SS or D-HH:MM:SS)")
+    d, a, b, c = (int(x) if x is not None else None for x in m.group("d", "a", "b", "c"))
+    if d is None:  # M | M:S | H:M:S
+        seconds = a * 60 if b is None else (a * 60 + b if c is None else a * 3600 + b * 60 + c)
+    else:  # D-H | D-H:M | D-H:M:S
+        seconds = d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if seconds < 1:
+        raise ValueError(f"time limit must be > 0, got {value!r}")
+    return math.ceil(seconds / 60)
