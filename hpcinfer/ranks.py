@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping
 
 from .data import partition
-
-VLLM_DP_VARS = ("VLLM_DP_RANK", "VLLM_DP_RANK_LOCAL", "VLLM_DP_SIZE", "VLLM_DP_MASTER_IP", "VLLM_DP_MASTER_PORT")
+from .lockstep import VLLM_DP_VARS
 
 
 @dataclass(frozen=True)

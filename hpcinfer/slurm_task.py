@@ -53,7 +53,7 @@ def master(task: SlurmTask) -> Tuple[list, str, int]:
     """(hosts, master address, master port) of the task's job."""
     hosts = hostnames(task.nodelist)
     addr = resolve_address(hosts[0])
-    port = master_port(task.array_job_id or task.job_id)
+    port = master_port(task.job_id)  # SLURM_JOB_ID: shared by the tasks of one job, unique per array element
     return hosts, addr, port
 
 

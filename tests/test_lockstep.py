@@ -1,0 +1,196 @@
+"""The VLLM_DP_* environment of vLLM's lockstep data-parallel path (MoE with expert parallelism)."""
+import pytest
+
+from hpcinfer import ranks
+from hpcinfer.lockstep import VLLM_DP_VARS, LockstepError, check_group, lockstep_env, lockstep_env_from_slurm
+from hpcinfer.nodelist import expand_nodelist
+from hpcinfer.slurm_ranks import master_port
+
+
+def test_ranks_uses_the_same_variable_names():
+    assert ranks.VLLM_DP_VARS is VLLM_DP_VARS
+    assert set(VLLM_DP_VARS) == {"VLLM_DP_RANK", "VLLM_DP_RANK_LOCAL", "VLLM_DP_SIZE", "VLLM_DP_MASTER_IP",
+                                 "VLLM_DP_MASTER_PORT"}
+
+
+# ---- lockstep_env ----
+
+def test_lockstep_env():
+    assert lockstep_env(3, 1, 4, "10.0.0.1", 23936) == {
+        "VLLM_DP_RANK": "3", "VLLM_DP_RANK_LOCAL": "1", "VLLM_DP_SIZE": "4",
+        "VLLM_DP_MASTER_IP": "10.0.0.1", "VLLM_DP_MASTER_PORT": "23936"}
+
+
+def test_lockstep_env_edges():
+    assert lockstep_env(0, 0, 1, "127.0.0.1", 1)["VLLM_DP_SIZE"] == "1"
+    assert lockstep_env(5, 5, 6, "127.0.0.1", 65535)["VLLM_DP_RANK_LOCAL"] == "5"
+    assert lockstep_env(0, 0, 2, "fd00:0:0::1", 29500)["VLLM_DP_MASTER_IP"] == "fd00::1"  # IPv6, normalized
+
+
+@pytest.mark.parametrize("args,quoted", [
+    ((True, 0, 2, "10.0.0.1", 29500), "rank=True is not an integer"),
+    ((0, 0, 2.0, "10.0.0.1", 29500), "size=2.0 is not an integer"),
+    ((0, "0", 2, "10.0.0.1", 29500), "local_rank='0' is not an integer"),
+    ((0, 0, 2, "10.0.0.1", "29500"), "master_port='29500' is not an integer"),
+    ((0, 0, 0, "10.0.0.1", 29500), "size=0 is not >= 1"),
+    ((2, 0, 2, "10.0.0.1", 29500), "rank=2 is not in [0, size=2)"),
+    ((-1, 0, 2, "10.0.0.1", 29500), "rank=-1 is not in [0, size=2)"),
+    ((1, 2, 4, "10.0.0.1", 29500), "local_rank=2 is not in [0, rank=1]"),
+    ((1, -1, 4, "10.0.0.1", 29500), "local_rank=-1 is not in [0, rank=1]"),
+    ((0, 0, 2, "10.0.0.1", 0), "master_port=0 is not in [1, 65535]"),
+    ((0, 0, 2, "10.0.0.1", 65536), "master_port=65536 is not in [1, 65535]"),
+    ((0, 0, 2, "gpu01", 29500), "master_ip='gpu01' is not an IP address (a host name? resolve it first)"),
+    ((0, 0, 2, "10.0.0.1 ", 29500), "master_ip='10.0.0.1 ' is not an IP address"),
+    ((0, 0, 2, "", 29500), "master_ip='' is not an IP address"),
+    ((0, 0, 2, None, 29500), "master_ip=None is not a string"),
+    ((0, 0, 2, "0.0.0.0", 29500), "master_ip='0.0.0.0' is the unspecified address"),
+])
+def test_lockstep_env_rejects(args, quoted):
+    with pytest.raises(LockstepError) as e:
+        lockstep_env(*args)
+    assert quoted in str(e.value)
+
+
+def test_lockstep_env_reports_every_problem_at_once():
+    with pytest.raises(LockstepError) as e:
+        lockstep_env(5, 6, 2, "node1", 70000)
+    for part in ("rank=5", "local_rank=6", "master_port=70000", "master_ip='node1'"):
+        assert part in str(e.value)
+
+
+def test_lockstep_error_is_a_value_error():
+    assert issubclass(LockstepError, ValueError)
+
+
+# ---- lockstep_env_from_slurm ----
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
+         "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+DNS = {"gpu07": "10.0.0.7", "gpu08": "10.0.0.8"}
+
+
+def fake_resolve(host):
+    if host not in DNS:
+        raise ValueError(f"cannot resolve host {host!r}")
+    return DNS[host]
+
+
+def from_slurm(env, **kw):
+    kw.setdefault("resolve", fake_resolve)
+    kw.setdefault("hosts", lambda nodelist: {"gpu[07-08]": ["gpu07", "gpu08"]}[nodelist])
+    return lockstep_env_from_slurm(env, **kw)
+
+
+def test_from_slurm():
+    assert from_slurm(SLURM) == {"VLLM_DP_RANK": "3", "VLLM_DP_RANK_LOCAL": "1", "VLLM_DP_SIZE": "4",
+                                 "VLLM_DP_MASTER_IP": "10.0.0.7", "VLLM_DP_MASTER_PORT": str(master_port(4242))}
+
+
+def test_from_slurm_with_the_default_host_expansion():
+    env = lockstep_env_from_slurm({**SLURM, "SLURM_JOB_NODELIST": "gpu08,gpu07"}, resolve=fake_resolve)
+    assert env["VLLM_DP_MASTER_IP"] == "10.0.0.8"  # the first host of the list, not the smallest name
+
+
+def test_from_slurm_array_jobs_take_the_port_of_the_array_job_id():
+    env = from_slurm({**SLURM, "SLURM_ARRAY_JOB_ID": "4000", "SLURM_ARRAY_TASK_ID": "3"})
+    assert env["VLLM_DP_MASTER_PORT"] == str(master_port(4000)) != str(master_port(4242))
+
+
+def test_from_slurm_every_task_of_a_job_agrees():
+    envs = [from_slurm({**SLURM, "SLURM_PROCID": str(p), "SLURM_LOCALID": str(p % 2), "SLURM_NODEID": str(p // 2)})
+            for p in range(4)]
+    check_group(envs)
+    assert [e["VLLM_DP_RANK"] for e in envs] == ["0", "1", "2", "3"]
+
+
+def test_from_slurm_names_all_missing_variables():
+    with pytest.raises(LockstepError) as e:
+        from_slurm({"SLURM_JOB_ID": "1", "SLURM_NODEID": "0"})
+    for var in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST"):
+        assert var in str(e.value)
+
+
+def test_from_slurm_master_that_does_not_resolve():
+    with pytest.raises(LockstepError, match="master host 'gpu99' does not resolve"):
+        from_slurm({**SLURM, "SLURM_JOB_NODELIST": "gpu99,gpu07"}, hosts=lambda nl: nl.split(","))
+
+
+def test_from_slurm_resolver_returning_a_name_is_caught():
+    with pytest.raises(LockstepError, match="master_ip='gpu07.local' is not an IP address"):
+        from_slurm(SLURM, resolve=lambda host: host + ".local")
+
+
+@pytest.mark.parametrize("change,quoted", [({"SLURM_PROCID": "x"}, "SLURM_PROCID='x'"),
+                                           ({"SLURM_JOB_NODELIST": "gpu[2-1]"}, "'gpu[2-1]'"),
+                                           ({"SLURM_JOB_ID": "abc"}, "job id 'abc'")])
+def test_from_slurm_bad_values(change, quoted):
+    with pytest.raises(LockstepError) as e:
+        lockstep_env_from_slurm({**SLURM, **change}, resolve=fake_resolve, hosts=expand_nodelist)
+    assert quoted in str(e.value)
+
+
+# ---- check_group ----
+
+def group(size=3, ip="10.0.0.1", port=29500):
+    return [lockstep_env(r, r, size, ip, port) for r in range(size)]
+
+
+def test_check_group_accepts_a_consistent_group():
+    check_group(group())
+    check_group(list(reversed(group())))  # order of the list does not matter
+    check_group(group(size=1))
+
+
+@pytest.mark.parametrize("key,value,quoted", [
+    ("VLLM_DP_SIZE", "4", "VLLM_DP_SIZE differs: '3' at rank(s) 0,2, '4' at rank(s) 1"),
+    ("VLLM_DP_MASTER_IP", "10.0.0.9", "VLLM_DP_MASTER_IP differs: '10.0.0.1' at rank(s) 0,2, '10.0.0.9' at rank(s) 1"),
+    ("VLLM_DP_MASTER_PORT", "29501", "VLLM_DP_MASTER_PORT differs: '29500' at rank(s) 0,2, '29501' at rank(s) 1"),
+])
+def test_check_group_names_disagreements(key, value, quoted):
+    envs = group()
+    envs[1] = {**envs[1], key: value}
+    with pytest.raises(LockstepError) as e:
+        check_group(envs)
+    assert quoted in str(e.value)
+
+
+def test_check_group_names_duplicate_and_missing_ranks():
+    envs = group()
+    envs[2] = {**envs[2], "VLLM_DP_RANK": "1", "VLLM_DP_RANK_LOCAL": "0"}
+    with pytest.raises(LockstepError) as e:
+        check_group(envs)
+    assert "duplicate ranks [1]" in str(e.value) and "missing ranks [2]" in str(e.value)
+
+
+def test_check_group_names_missing_ranks_when_ranks_are_short():
+    with pytest.raises(LockstepError, match=r"missing ranks \[1, 2\] \(size 3\)"):
+        check_group(group()[:1])
+
+
+def test_check_group_names_out_of_range_ranks():
+    envs = group()
+    envs[0] = {**envs[0], "VLLM_DP_RANK": "5"}
+    with pytest.raises(LockstepError, match=r"missing ranks \[0\].*out-of-range ranks \[5\]"):
+        check_group(envs)
+
+
+def test_check_group_validates_each_env():
+    envs = group(size=2, ip="10.0.0.1")
+    envs = [{**e, "VLLM_DP_MASTER_IP": "gpu01"} for e in envs]
+    with pytest.raises(LockstepError, match="#0: .*master_ip='gpu01'"):
+        check_group(envs)
+
+
+@pytest.mark.parametrize("change,quoted", [({"VLLM_DP_SIZE": None}, "missing ['VLLM_DP_SIZE']"),
+                                           ({"VLLM_DP_MASTER_PORT": "x"}, "VLLM_DP_MASTER_PORT='x'")])
+def test_check_group_names_unreadable_envs(change, quoted):
+    envs = group()
+    envs[1] = {k: v for k, v in {**envs[1], **change}.items() if v is not None}
+    with pytest.raises(LockstepError) as e:
+        check_group(envs)
+    assert "#1" in str(e.value) and quoted in str(e.value)
+
+
+def test_check_group_of_nothing():
+    with pytest.raises(LockstepError, match="got none"):
+        check_group([])

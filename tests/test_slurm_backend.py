@@ -1,0 +1,219 @@
+"""The Slurm backend's pure parts: job layout, time limits, sbatch parameters (against golden
+sbatch files, rendered by submitit itself), job-state parsing, and status' state logic."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hpcinfer.backends.slurm import (dependency, executor, finalize_parameters, group_job_id,
+                                     worker_parameters)
+from hpcinfer.cli import compose
+from hpcinfer.config import validate
+from hpcinfer.errors import ConfigError
+from hpcinfer.slurm_layout import array_chunks, job_layout, node_capacity, slurm_time_minutes
+from hpcinfer.slurm_queue import parse_sacct, parse_squeue, states_of, summarize
+from hpcinfer.status import rank_state, render, run_state
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# ---- layout ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("gpn,per_rank,given,expected", [
+    (8, 1, None, 8), (8, 2, None, 4), (8, 3, None, 2), (4, 8, None, 1), (0, 1, None, 1), (8, 1, 2, 2)])
+def test_node_capacity(gpn, per_rank, given, expected):
+    assert node_capacity(gpn, per_rank, given) == expected
+
+
+def test_one_job_packs_ranks_onto_nodes():
+    j = job_layout(8, 4)
+    assert (j.groups, j.ranks_per_group, j.nodes_per_job, j.tasks_per_node) == (1, 8, 2, 4)
+    assert j.idle_tasks(8) == 0 and j.nodes == 2
+    assert [j.rank_of(0, p) for p in range(8)] == list(range(8))
+
+
+def test_uneven_ranks_spread_over_the_fewest_nodes():
+    j = job_layout(5, 4)
+    assert (j.nodes_per_job, j.tasks_per_node, j.idle_tasks(5)) == (2, 3, 1)
+
+
+def test_array_groups_and_rank_numbering():
+    j = job_layout(8, 1, array=4)
+    assert (j.groups, j.ranks_per_group, j.nodes_per_job, j.tasks_per_node) == (4, 2, 2, 1)
+    assert [j.rank_of(g, p) for g in range(4) for p in range(2)] == list(range(8))
+
+
+def test_max_nodes_per_job_turns_a_large_layout_into_an_array():
+    j = job_layout(64, 8, max_nodes_per_job=2)
+    assert (j.groups, j.ranks_per_group, j.nodes_per_job) == (4, 16, 2)
+    assert j.nodes == 8
+
+
+def test_groups_never_exceed_ranks_and_uneven_groups_shrink():
+    j = job_layout(5, 1, array=4)  # groups of 2: 3 groups are enough
+    assert (j.groups, j.ranks_per_group) == (3, 2)
+    with pytest.raises(ValueError, match="cluster.array=6 exceeds the 5"):
+        job_layout(5, 1, array=6)
+
+
+def test_given_nodes_must_hold_the_ranks():
+    assert job_layout(8, 4, nodes=4).tasks_per_node == 2
+    with pytest.raises(ValueError, match="cluster.nodes=1 node"):
+        job_layout(8, 4, nodes=1)
+    with pytest.raises(ValueError, match="more nodes than"):
+        job_layout(2, 4, nodes=3)
+
+
+@pytest.mark.parametrize("groups,size,expected", [
+    (1, 1001, [(0, 1)]), (1001, 1001, [(0, 1001)]), (2500, 1001, [(0, 1001), (1001, 1001), (2002, 498)]),
+    (5, 2, [(0, 2), (2, 2), (4, 1)])])
+def test_array_chunks_respect_max_array_size(groups, size, expected):
+    chunks = array_chunks(groups, size)
+    assert chunks == expected
+    assert sum(c for _, c in chunks) == groups and all(c <= size for _, c in chunks)
+
+
+@pytest.mark.parametrize("value,minutes", [
+    (30, 30), ("30", 30), ("90:30", 91), ("04:00:00", 240), ("1:00:01", 61), ("2-0", 2880), ("1-02:30", 1590),
+    ("1-00:00:30", 1441), ("0:0:59", 1)])
+def test_slurm_time_minutes(value, minutes):
+    assert slurm_time_minutes(value) == minutes
+
+
+@pytest.mark.parametrize("value", ["", "abc", "1:2:3:4", "-5", "0", 0, True, "1h"])
+def test_slurm_time_minutes_rejects(value):
+    with pytest.raises(ValueError):
+        slurm_time_minutes(value)
+
+
+# ---- config ----------------------------------------------------------------------------------
+def test_slurm_config_validation_names_the_values():
+    cfg = compose(["cluster=slurm", "tp=4", "cluster.gpus_per_node=2", "cluster.time=soon", "cluster.array=0",
+                   "+cluster.sbatch.ntasks=3", "cluster.partition='gpu;rm -rf'"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for part in ("tp=4 x pp=1 = 4 GPUs per rank exceeds cluster.gpus_per_node=2", "cluster.time",
+                 "'soon'", "cluster.array must be >= 1, got 0", "cluster.sbatch.ntasks is set by hpcinfer",
+                 "cluster.partition='gpu;rm -rf'"):
+        assert part in msg
+
+
+def test_ep_with_array_is_refused():
+    cfg = compose(["cluster=slurm", "model=tiny_moe", "ep=true", "dp=2", "cluster.array=2"])
+    with pytest.raises(ConfigError, match="lockstep"):
+        validate(cfg)
+
+
+def test_cpu_cluster_config_is_valid():
+    cfg = compose(["cluster=slurm_cpu", "dp=4"])
+    validate(cfg)
+    assert cfg.cluster.gpus_per_node == 0 and cfg.cluster.name == "slurm"
+
+
+# ---- sbatch text -----------------------------------------------------------------------------
+def _sbatch(cfg, params) -> str:
+    ex = executor("/runs/r1/slurm", cfg, params)
+    return ex._make_submission_file_text(ex._submitit_command_str, "uid")
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("HPCINFER_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"sbatch text differs from {path} (HPCINFER_UPDATE_GOLDEN=1 to accept)"
+
+
+GPU_ARGS = ["cluster=slurm", "dp=16", "tp=2", "cluster.partition=gpu", "cluster.account=proj42", "cluster.qos=high",
+            "cluster.time=12:00:00", "cluster.mem=400G", "cluster.cpus_per_task=16", "cluster.constraint=h100",
+            "cluster.exclusive=true", "+cluster.sbatch.mail-type=END",
+            "cluster.setup=['module load cuda/12.4', 'source /opt/venv/bin/activate']",
+            "cluster.python=/opt/venv/bin/python"]
+
+
+def test_golden_gpu_worker_job():
+    cfg = compose(GPU_ARGS)
+    jobs = job_layout(16, node_capacity(8, 2, None))
+    _check_golden("sbatch_workers_gpu.sh", _sbatch(cfg, worker_parameters(cfg, jobs)))
+
+
+def test_golden_cpu_worker_array():
+    cfg = compose(["cluster=slurm_cpu", "dp=6", "cluster.array=3", "cluster.array_parallelism=2",
+                   "cluster.python=/opt/venv/bin/python"])
+    jobs = job_layout(6, 1, array=3)
+    params = worker_parameters(cfg, jobs)
+    ex = executor("/runs/r1/slurm", cfg, params)
+    ex.parameters["map_count"] = 3  # what map_array sets for a 3-element array
+    _check_golden("sbatch_workers_cpu_array.sh", ex._make_submission_file_text(ex._submitit_command_str, "uid"))
+
+
+def test_golden_finalize_job():
+    cfg = compose(GPU_ARGS)
+    _check_golden("sbatch_finalize.sh", _sbatch(cfg, finalize_parameters(cfg, ["101", "102"])))
+
+
+def test_worker_gpus_are_what_the_tasks_of_a_node_use():
+    cfg = compose(["cluster=slurm", "dp=3", "tp=2"])
+    assert worker_parameters(cfg, job_layout(3, 4))["gpus_per_node"] == 6
+    assert "gpus_per_node" not in worker_parameters(compose(["cluster=slurm_cpu"]), job_layout(1, 1))
+
+
+def test_finalize_runs_after_any_outcome():
+    assert dependency(["12", "13"]) == "afterany:12:13"
+    params = finalize_parameters(compose(["cluster=slurm_cpu"]), ["7"])
+    assert params["additional_parameters"]["dependency"] == "afterany:7"
+    assert "gpus_per_node" not in params
+
+
+def test_group_job_ids():
+    assert group_job_id({"groups": 1, "workers": ["5"]}, 0, 1001) == "5"
+    rec = {"groups": 5, "workers": ["10", "11", "12"]}
+    assert [group_job_id(rec, g, 2) for g in range(5)] == ["10_0", "10_1", "11_0", "11_1", "12"]
+
+
+# ---- job states ------------------------------------------------------------------------------
+def test_parse_squeue_and_sacct():
+    states = parse_squeue("12|RUNNING|None\n13_0|COMPLETED|None\n13_1|PENDING|Dependency\n")
+    assert states["13_1"] == ("PENDING", "Dependency")
+    assert summarize(states_of("13", states)) == "PENDING"
+    assert summarize(states_of("12", states)) == "RUNNING"
+    assert summarize(states_of("99", states)) == "UNKNOWN"
+    acct = parse_sacct("20|CANCELLED by 0|None\n21|FAILED|NonZeroExitCode\n")
+    assert acct["20"][0] == "CANCELLED" and summarize(states_of("21", acct)) == "FAILED"
+    assert summarize([("COMPLETED", ""), ("FAILED", "")]) == "FAILED"
+
+
+# ---- status ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("own,job,expected", [
+    (None, "PENDING", "queued"), (None, "RUNNING", "starting"), (None, "FAILED", "failed"),
+    (None, None, "queued"), ({"state": "running"}, "RUNNING", "running"), ({"state": "running"}, None, "running"),
+    ({"state": "running"}, "NODE_FAIL", "failed"), ({"state": "done"}, "FAILED", "done"),
+    ({"state": "stopped"}, "CANCELLED", "stopped"), ({"state": "starting"}, "CANCELLED", "failed")])
+def test_rank_state(own, job, expected):
+    assert rank_state(own, job) == expected
+
+
+def test_run_state():
+    assert run_state(["done", "done"], 0, True) == "finished"
+    assert run_state(["done", "failed"], None, False) == "failed"
+    assert run_state(["done", "done"], 1, False) == "failed"
+    assert run_state(["done", "running"], None, False) == "running"
+    assert run_state(["queued", "queued"], None, False) == "queued"
+
+
+def test_render_shows_failed_rank_log_tail(tmp_path):
+    log = tmp_path / "rank-1.log"
+    log.write_text("starting\nTraceback ...\nValueError: boom\n")
+    info = {"run_dir": "/r", "state": "failed", "model": "tiny", "layout": "dp=2 tp=1 pp=1", "rows": 10,
+            "rows_done": 5, "tokens_per_second": 0.0, "eta_seconds": None,
+            "jobs": {"workers": {"7": "FAILED"}, "finalize": {"8": "COMPLETED"}, "reasons": {}},
+            "finalize": {"exit_code": 1, "message": "incomplete, nothing published: shard 1 missing"},
+            "ranks": [{"rank": 0, "state": "done", "host": "n1", "rows_done": 5, "rows": 5, "tokens_per_second": 9.0,
+                       "job": "7", "error": None, "log": "x"},
+                      {"rank": 1, "state": "failed", "host": "n2", "rows_done": 0, "rows": 5,
+                       "tokens_per_second": 0.0, "job": "7", "error": "ValueError: boom", "log": str(log)}]}
+    text = render(info)
+    assert "workers 7 FAILED; finalize 8 COMPLETED" in text
+    assert "--- rank 1 failed: ValueError: boom" in text and text.rstrip().endswith("ValueError: boom")
+    assert "finalize  exit 1: incomplete" in text and "5/10 done (50%)" in text
