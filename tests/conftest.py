@@ -33,3 +33,24 @@ def hpcinfer(cli_env):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def slurm_env(cli_env):
+    """A real Slurm cluster (slurm/cluster.sh): the one already up, else one started (as root)
+    for this session and stopped after it. The environment points clients (and jobs) at it."""
+    script = REPO / "slurm" / "cluster.sh"
+    env_line = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True).stdout.strip()
+    conf = env_line.split("=", 1)[1]
+    up = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True).returncode == 0
+    started = False
+    if not up:
+        if os.geteuid() != 0:
+            pytest.skip("no Slurm cluster is up and starting one (slurm/cluster.sh start) needs root")
+        r = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            pytest.fail(f"slurm/cluster.sh start failed:\n{r.stderr[-3000:]}")
+        started = True
+    yield {**cli_env, "SLURM_CONF": conf}
+    if started:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=300)

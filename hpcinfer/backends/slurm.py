@@ -135,7 +135,7 @@ def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
             outcome = rd.read_optional(rd.finalize_outcome)
             if outcome and str(outcome.get("job_id")) == str(fin):
                 display.update(snapshot(rd, rows), final=True)
-                (log if outcome["exit_code"] else _quiet)(outcome["message"])
+                log(("" if outcome["exit_code"] else "done: ") + outcome["message"])
                 return int(outcome["exit_code"])
             state = summarize(states_of(fin, job_states([fin])))
             unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
@@ -156,10 +156,6 @@ def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
     except KeyboardInterrupt:
         log(f"stopped waiting; the jobs keep running: python -m hpcinfer.status {rd.path}")
         raise
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 def group_job_id(record: Dict[str, Any], group: int, max_array_size: int) -> str:
