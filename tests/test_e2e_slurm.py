@@ -137,3 +137,22 @@ def test_failed_rank_reports_missing_shards_and_does_not_hang(inputs, tmp_path, 
     assert "FAILED" in st.stdout  # the worker job's state
     # rank 0's shards are durable and kept for a rerun
     assert len(list((run_dir / "done").glob("*.json"))) == 3
+
+
+def test_groups_beyond_max_array_size_go_in_several_submissions(inputs, tmp_path, slurm_env, local_results):
+    """3 groups with MaxArraySize 2: an array of 2 (groups 0-1) and a plain job (group 2, offset);
+    finalize depends on both."""
+    run_dir = tmp_path / "run"
+    r = slurm_run(slurm_env, *common(inputs, run_dir, "dp=3", "cluster.array=3", "cluster.max_array_size=2",
+                                     "wait=true"))
+    assert r.returncode == 0, r.stderr
+    record = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]
+    assert record["groups"] == 3 and len(record["workers"]) == 2
+    array_id, single = record["workers"]
+    assert "ArrayTaskId=1" in scontrol_job(f"{array_id}_1", slurm_env)
+    assert "ArrayTaskId" not in scontrol_job(single, slurm_env)
+    script = (run_dir / "slurm" / f"{record['finalize']}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterany:{array_id}:{single}" in script
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(rank["rank"] for rank in summary["ranks"]) == [0, 1, 2]
+    assert pq.read_table(run_dir / "results.parquet").equals(local_results)
