@@ -1,5 +1,4 @@
 """Slurm host lists: the pure parser, the scontrol/DNS edges with fakes, and Slurm itself when present."""
-import os
 import shutil
 import socket
 import subprocess
