@@ -58,6 +58,8 @@ def submit(cfg: RunConfig) -> int:
     submitted_at = time.time()
     prep = prepare(cfg)  # every config/data check happens here, before anything is written
     plan = prep.plan
+    if isinstance(cfg.cluster, SlurmClusterConfig):
+        slurm.check_cluster(cfg)
     rd = RunDir(cfg.run_dir or default_run_dir())
     resuming = rd.exists()
     if resuming:

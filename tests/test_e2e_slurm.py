@@ -3,6 +3,7 @@ real vLLM (CPU build) and real Parquet, through the real CLI, as a user on a log
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -156,3 +157,23 @@ def test_groups_beyond_max_array_size_go_in_several_submissions(inputs, tmp_path
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sorted(rank["rank"] for rank in summary["ranks"]) == [0, 1, 2]
     assert pq.read_table(run_dir / "results.parquet").equals(local_results)
+
+
+@pytest.mark.parametrize("extra,env_change,message", [
+    (["cluster.partition=nosuch"], {}, "cluster.partition='nosuch' does not exist"),
+    ([], {"PATH": "/nonexistent"}, "needs Slurm's sbatch on PATH"),
+    ([], {"SLURM_CONF": "dead"}, "the Slurm controller does not answer"),
+])
+def test_slurm_problems_are_refused_before_anything_is_written(inputs, tmp_path, slurm_env, extra, env_change,
+                                                               message):
+    run_dir = tmp_path / "run"
+    if env_change.get("SLURM_CONF") == "dead":  # a config whose controller port nobody listens on
+        conf = tmp_path / "slurm.conf"
+        conf.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=9", open(slurm_env["SLURM_CONF"]).read()))
+        env_change = {"SLURM_CONF": str(conf)}
+    r = subprocess.run([sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", "dp=2",
+                        *common(inputs, run_dir), *extra], cwd=REPO, env={**slurm_env, **env_change},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists()

@@ -24,6 +24,35 @@ from ..slurm_layout import JobLayout, array_chunks, slurm_time_minutes
 from ..slurm_queue import cancel, is_live, job_states, states_of, summarize
 
 
+START_TEST_CLUSTER = 'bash slurm/cluster.sh start && eval "$(bash slurm/cluster.sh env)"'
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    """Before anything is written: Slurm's clients are here, the controller answers, and the
+    partition exists. UserError naming what is missing otherwise."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch"):
+        raise UserError("cluster=slurm needs Slurm's sbatch on PATH (run submit on a login node; for a "
+                        f"test cluster on this machine: {START_TEST_CLUSTER})")
+
+    def scontrol(*args: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError) as e:
+            return subprocess.CompletedProcess(args, 1, "", str(e))
+
+    ping = scontrol("ping")
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        why = (ping.stderr or ping.stdout).strip().splitlines()
+        raise UserError(f"the Slurm controller does not answer (scontrol ping: {why[-1] if why else 'no output'}); "
+                        f"is SLURM_CONF set? For a test cluster on this machine: {START_TEST_CLUSTER}")
+    part = cfg.cluster.partition
+    if part and scontrol("show", "partition", part).returncode != 0:
+        raise UserError(f"cluster.partition={part!r} does not exist on this Slurm cluster (sinfo lists them)")
+
+
 def log(msg: str) -> None:
     print(f"hpcinfer: {msg}", file=sys.stderr, flush=True)
 
