@@ -86,6 +86,15 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """How often a rank makes its finished rows durable inside a shard: a killed rank loses at
+    most this much work. Not part of the results: may change when a run is resumed."""
+
+    rows: int = 256  # write a part after this many finished rows ...
+    seconds: float = 60.0  # ... or after this many seconds, whichever comes first
+
+
+@dataclass
 class LocalClusterConfig:
     """Run every rank as a process on this machine."""
 
@@ -145,6 +154,8 @@ class RunConfig:
     dp: int = 1  # data parallel: independent ranks (engines), each on tp*pp GPUs
     ep: bool = False  # expert parallel (MoE models only)
     engine: Dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM (nulls dropped)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rank_retries: int = 1  # times a failed rank process is restarted (in place) before it counts as failed
     run_dir: Optional[str] = None  # null = outputs/<date>/<time>
     cache_dir: Optional[str] = None  # built-in models and demo data; null = $HPCINFER_CACHE or ~/.cache/hpcinfer
     wait: bool = False  # Slurm: block until finalize ends and exit with its status
@@ -227,6 +238,11 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None) -> None:
     """
     errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
     errors += _data_errors(cfg.data) + _engine_errors(cfg)
+    if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
+        errors.append(f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
+                      f"seconds={cfg.checkpoint.seconds!r}")
+    if cfg.rank_retries < 0:
+        errors.append(f"rank_retries must be >= 0, got {cfg.rank_retries!r}")
     if isinstance(cfg.cluster, SlurmClusterConfig):
         errors += _slurm_errors(cfg, cfg.cluster)
     if errors:

@@ -1,4 +1,4 @@
-"""One vLLM engine per rank: build it from the run's engine_args, generate a batch of rows.
+"""One vLLM engine per rank: build it from the run's engine_args, stream rows through it.
 
 Rows that cannot be generated (null prompt, empty after tokenization, longer than the context)
 get a per-row `error` instead of failing the batch: vLLM rejects a whole `generate` call if any
@@ -7,8 +7,9 @@ module; `row_error` and `sampling_kwargs` are pure.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from .config import SamplingConfig
 
@@ -57,58 +58,43 @@ class Engine:
         self.sampling = sampling
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._requests = itertools.count()
 
-    def generate(self, prompts: Sequence[Optional[str]], rows: Sequence[int],
-                 on_progress: Optional[Callable[[int], None]] = None) -> List[RowResult]:
-        """Results for `prompts` (global row numbers `rows`), in the same order."""
+    def stream(self, prompts: Sequence[Optional[str]], rows: Sequence[int]) -> Iterator[Tuple[int, RowResult]]:
+        """(index into `prompts`, result) for every prompt as soon as it is finished: rows that
+        cannot be generated first, then in the engine's completion order. `rows` are the global
+        row numbers (for per-row seeds). All requests go to the engine at once, so it batches
+        as `LLM.generate` would; the caller makes finished rows durable while the rest run."""
         from vllm import SamplingParams
 
         texts = [p for p in prompts if p is not None]
         ids = iter(self.tokenizer(texts)["input_ids"] if texts else [])
         token_ids = [None if p is None else next(ids) for p in prompts]
-        results: List[Optional[RowResult]] = [None] * len(prompts)
-        todo, params = [], []
-        base = sampling_kwargs(self.sampling)
+        engine, base = self.llm.llm_engine, sampling_kwargs(self.sampling)
+        pending: Dict[str, int] = {}
+        aliases: Dict[str, str] = {}
+        failed = []
         for i, (prompt, toks) in enumerate(zip(prompts, token_ids, strict=True)):
             err = row_error(prompt, None if toks is None else len(toks), self.max_model_len)
             if err:
-                results[i] = RowResult(None, None, 0 if toks is None else len(toks), 0, err)
-            else:
-                todo.append(i)
-                params.append(SamplingParams(**base, seed=row_seed(self.sampling, rows[i])))
-        if todo:
-            outs = self.llm.generate([{"prompt_token_ids": token_ids[i]} for i in todo], params,
-                                     use_tqdm=_progress_hook(on_progress) if on_progress else False)
-            for i, out in zip(todo, outs, strict=True):
-                c = out.outputs[0]
-                results[i] = RowResult(c.text, c.finish_reason, len(out.prompt_token_ids), len(c.token_ids), None)
-        return results  # type: ignore[return-value]
+                failed.append((i, RowResult(None, None, 0 if toks is None else len(toks), 0, err)))
+                continue
+            request_id = f"hpcinfer-{rows[i]}-{next(self._requests)}"
+            params = SamplingParams(**base, seed=row_seed(self.sampling, rows[i]))
+            pending[request_id] = i
+            internal = engine.add_request(request_id, {"prompt_token_ids": toks}, params)
+            if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
+                aliases[internal] = request_id
+        yield from failed
+        while pending:
+            for out in engine.step():
+                if out.finished:
+                    c = out.outputs[0]
+                    yield pending.pop(aliases.get(out.request_id, out.request_id)), RowResult(c.text, c.finish_reason, len(out.prompt_token_ids),
+                                                                 len(c.token_ids), None)
 
     def shutdown(self) -> None:
         """Stop engine-core processes so the rank can exit without hanging."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-
-
-def _progress_hook(callback: Callable[[int], None]):
-    """A tqdm factory for `LLM.generate(use_tqdm=...)` that reports finished requests to
-    `callback` instead of drawing a bar."""
-    import os
-
-    from tqdm import tqdm
-
-    class _Hook(tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["file"] = open(os.devnull, "w")
-            super().__init__(*args, **kwargs)
-
-        def update(self, n=1):
-            super().update(n)
-            callback(n)
-
-        def close(self):
-            super().close()
-            self.fp.close()
-
-    return _Hook

@@ -32,12 +32,32 @@ def shard_schema(input_schema: pa.Schema) -> pa.Schema:
     return result_schema(input_schema).append(pa.field(ROW_COLUMN, pa.int64()))
 
 
-def shard_table(inputs: pa.Table, results: Sequence[RowResult], global_start: int) -> pa.Table:
-    """A shard's output: its input rows, the generated columns and their global positions."""
-    if len(results) != inputs.num_rows:
-        raise ValueError(f"{len(results)} results for {inputs.num_rows} input rows")
-    arrays = list(inputs.columns)
+def output_table(inputs: pa.Table, positions: Sequence[int], results: Sequence[RowResult],
+                 global_start: int) -> pa.Table:
+    """Output rows for `inputs` rows `positions` (in that order) with their results and global
+    positions (global_start + position)."""
+    if len(results) != len(positions):
+        raise ValueError(f"{len(results)} results for {len(positions)} input rows")
+    arrays = list(inputs.take(pa.array(positions, type=pa.int64())).columns)
     for f in GENERATED:
         arrays.append(pa.array([getattr(r, f.name) for r in results], type=f.type))
-    arrays.append(pa.array(range(global_start, global_start + inputs.num_rows), type=pa.int64()))
+    arrays.append(pa.array([global_start + p for p in positions], type=pa.int64()))
     return pa.Table.from_arrays(arrays, schema=shard_schema(inputs.schema))
+
+
+def shard_table(inputs: pa.Table, results: Sequence[RowResult], global_start: int) -> pa.Table:
+    """A whole shard's output: all its input rows in order."""
+    return output_table(inputs, range(inputs.num_rows), results, global_start)
+
+
+def assemble(parts: Sequence[pa.Table], global_start: int, rows: int) -> pa.Table:
+    """A shard's output from its parts (rows in any order): sorted by position; ValueError
+    unless it holds each of rows global_start .. global_start+rows-1 exactly once."""
+    table = pa.concat_tables(parts) if parts else None
+    if table is None or table.num_rows != rows:
+        raise ValueError(f"parts hold {0 if table is None else table.num_rows} rows, the shard has {rows}")
+    table = table.sort_by(ROW_COLUMN)
+    pos = table.column(ROW_COLUMN).to_pylist()
+    if pos != list(range(global_start, global_start + rows)):
+        raise ValueError(f"parts hold duplicated or foreign rows (expected {global_start}..{global_start + rows - 1})")
+    return table

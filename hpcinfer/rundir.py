@@ -8,6 +8,7 @@ inspected on its own (as datatrove's executors coordinate through one logging fo
       plan.json              layout, devices per rank, engine_args, memory estimate
       manifest.parquet       one row per shard (rank, file, row range, global start)
       shards/<id>.parquet    a finished shard's output (written to a temp file, then renamed)
+      shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
       done/<id>.json         written only after the shard output is durable
       ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
       logs/rank-<r>.log      per-rank output
@@ -114,6 +115,9 @@ class RunDir:
 
     def shard_output(self, shard: int) -> Path:
         return self.shards_dir / f"{shard_name(shard)}.parquet"
+
+    def shard_parts(self, shard: int) -> Path:
+        return self.shards_dir / f"{shard_name(shard)}.parts"
 
     def done_marker(self, shard: int) -> Path:
         return self.done_dir / f"{shard_name(shard)}.json"

@@ -15,47 +15,47 @@ import time
 import traceback
 from typing import Optional
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import load_run_config
 from .errors import exit_on_signal
-from .data import read_manifest, read_shard
-from .output import shard_table
+from .checkpoint import ShardCheckpoint, remove_parts
+from .data import Shard, read_manifest, read_shard
 from .ranks import RankContext, context_from_env, pin_to_cores
 from .rundir import RunDir, atomic_path
 
 
 class RankState:
-    """This rank's `ranks/<rank>.json`: state, counters and timings, rewritten atomically."""
+    """This rank's `ranks/<rank>.json`: state, counters and timings, rewritten atomically.
 
-    WRITE_INTERVAL_S = 1.0
+    `buffered` is the number of finished rows not yet durable; if the rank dies, a restart adds
+    them to `rows_recomputed` (they are generated again). `attempts` counts starts of this rank."""
+
+    WRITE_INTERVAL_S = 0.5
 
     def __init__(self, rd: RunDir, ctx: RankContext, rows_total: int, shards_total: int):
         self.rd, self._last = rd, 0.0
+        before = rd.read_optional(rd.rank_file(ctx.rank)) or {}
+        lost = before.get("buffered", 0) if before.get("state") not in (None, "done") else 0
         self.s = dict(rank=ctx.rank, host=socket.gethostname(), pid=os.getpid(), device_kind=ctx.device_kind,
                       devices=ctx.devices, state="starting", rows_total=rows_total, rows_done=0, rows_failed=0,
-                      prompt_tokens=0, output_tokens=0, shards_total=shards_total, shards_done=0,
+                      prompt_tokens=0, output_tokens=0, shards_total=shards_total, shards_done=0, buffered=0,
+                      attempts=before.get("attempts", 0) + 1,
+                      rows_recomputed=before.get("rows_recomputed", 0) + lost,
                       started_at=time.time(), engine_seconds=0.0, generation_seconds=0.0,
                       generation_started_at=None, generation_ended_at=None, finished_at=None, error=None)
-        self._inflight = 0
 
     def write(self, force: bool = True, **changes) -> None:
         self.s.update(changes)
         now = time.time()
         if force or now - self._last >= self.WRITE_INTERVAL_S:
             self._last = now
-            self.rd.write_rank(self.s["rank"], {**self.s, "rows_done": self.s["rows_done"] + self._inflight,
-                                                "updated_at": now})
-
-    def inflight(self, n: int) -> None:
-        self._inflight += n
-        self.write(force=False)
+            self.rd.write_rank(self.s["rank"], {**self.s, "updated_at": now})
 
     def add_shard(self, done: dict) -> None:
-        self._inflight = 0
         for key in ("rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
             self.s[key] += done[key]
-        self.s["rows_done"] += done["rows"]
         self.s["shards_done"] += 1
 
 
@@ -69,13 +69,16 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
     shards, schema = read_manifest(str(rd.manifest))
     mine = [s for s in shards if s.rank == ctx.rank]
     state = RankState(rd, ctx, sum(s.rows for s in mine), len(mine))
+    finished_rows = 0
     for s in mine:  # shards finished by an earlier attempt count as done
         if rd.is_done(s.shard):
             state.add_shard(rd.read_done(s.shard))
+            finished_rows += s.rows
+            remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
     todo = [s for s in mine if not rd.is_done(s.shard)]
-    state.write()
+    state.write(rows_done=finished_rows)
     print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
-          f"{len(todo)} of {len(mine)} shard(s) to do", flush=True)
+          f"{len(todo)} of {len(mine)} shard(s) to do (attempt {state.s['attempts']})", flush=True)
     try:
         if todo:
             from .engine import Engine
@@ -84,23 +87,10 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
             engine = Engine(plan["engine_args"], cfg.sampling)
             state.write(state="running", engine_seconds=time.time() - t0, generation_started_at=time.time())
             for shard in todo:
-                table = read_shard(shard, schema)
-                rows = range(shard.global_start, shard.global_start + shard.rows)
-                t1 = time.time()
-                results = engine.generate(table.column(cfg.data.prompt_column).to_pylist(), rows,
-                                          on_progress=state.inflight)
-                seconds = time.time() - t1
-                out = shard_table(table, results, shard.global_start)
-                with atomic_path(rd.shard_output(shard.shard)) as tmp:
-                    pq.write_table(out, tmp)
-                done = dict(shard=shard.shard, rank=ctx.rank, host=socket.gethostname(), rows=shard.rows,
-                            rows_failed=sum(r.error is not None for r in results),
-                            prompt_tokens=sum(r.prompt_tokens for r in results),
-                            output_tokens=sum(r.output_tokens for r in results),
-                            generation_seconds=seconds, finished_at=time.time())
-                rd.mark_done(shard.shard, done)
+                done = generate_shard(rd, cfg, shard, schema, engine, state, finished_rows, ctx.rank)
                 state.add_shard(done)
-                state.write(generation_ended_at=time.time())
+                finished_rows += shard.rows
+                state.write(rows_done=finished_rows, buffered=0, generation_ended_at=time.time())
             engine.shutdown()
         state.write(state="done", finished_at=time.time())
         print(f"rank {ctx.rank} done: {state.s['rows_done']} rows, {state.s['output_tokens']} output tokens",
@@ -115,6 +105,38 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
         return 1
 
 
+def generate_shard(rd: RunDir, cfg, shard: Shard, schema, engine, state: RankState, rows_before: int,
+                   rank: int) -> dict:
+    """Generate a shard's missing rows, durably in parts; assemble its output; mark it done."""
+    table = read_shard(shard, schema)
+    ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds)
+    todo = ck.todo()
+    t1, base_tokens, streamed_tokens = time.time(), state.s["output_tokens"], 0
+    if todo:
+        prompts = table.column(cfg.data.prompt_column).take(todo).to_pylist()
+        try:
+            for i, result in engine.stream(prompts, [shard.global_start + p for p in todo]):
+                ck.add(todo[i], result)
+                streamed_tokens += result.output_tokens
+                state.write(force=not ck.buffer, rows_done=rows_before + len(ck.durable) + len(ck.buffer),
+                            buffered=len(ck.buffer), output_tokens=base_tokens + streamed_tokens)
+        finally:  # stopped (SIGTERM, preemption) or failed: what is finished becomes durable
+            ck.flush()
+            state.write(buffered=0)
+    out = ck.complete()
+    with atomic_path(rd.shard_output(shard.shard)) as tmp:
+        pq.write_table(out, tmp)
+    done = dict(shard=shard.shard, rank=rank, host=socket.gethostname(), rows=shard.rows,
+                rows_failed=out.num_rows - out.column("error").null_count,
+                prompt_tokens=int(pc.sum(out.column("prompt_tokens")).as_py() or 0),
+                output_tokens=int(pc.sum(out.column("output_tokens")).as_py() or 0),
+                generation_seconds=time.time() - t1, rows_resumed=shard.rows - len(todo), finished_at=time.time())
+    rd.mark_done(shard.shard, done)
+    remove_parts(rd, shard.shard)
+    state.s["output_tokens"] = base_tokens  # the caller adds the shard's totals
+    return done
+
+
 def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
     """Called by a launcher once a rank process has ended. A rank killed before it could say so
     (kill -9, the OOM killer, a lost node) still shows as running; record it as failed."""
@@ -127,7 +149,10 @@ def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, exit_on_signal)  # record "stopped"; done shards stay done
+    # SIGTERM (scancel, a stopping launcher) and SIGUSR2 (Slurm's warning before a time limit or
+    # preemption): flush the finished rows, record "stopped", exit; a restart continues from there.
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGUSR2, exit_on_signal)
     if len(sys.argv) != 2:
         print("usage: python -m hpcinfer.worker <run_dir>", file=sys.stderr)
         raise SystemExit(2)
