@@ -194,11 +194,13 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
                 rank_plans=rank_plans, notes=notes, jobs=jobs)
 
 
-def slurm_jobs(cfg: RunConfig, ranks: int) -> JobLayout:
+def slurm_jobs(cfg: RunConfig, ranks: int, nodes: Optional[int] = -1) -> JobLayout:
+    """The job layout of `ranks` ranks (nodes per job: cluster.nodes unless given; None = derived)."""
     c = cfg.cluster
     try:
         return job_layout(ranks, node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
-                          nodes=c.nodes, array=c.array, max_nodes_per_job=c.max_nodes_per_job)
+                          nodes=c.nodes if nodes == -1 else nodes, array=min(c.array, ranks),
+                          max_nodes_per_job=c.max_nodes_per_job)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

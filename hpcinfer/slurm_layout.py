@@ -80,6 +80,12 @@ def job_layout(ranks: int, capacity: int, *, nodes: Optional[int] = None, array:
                      tasks_per_node=math.ceil(per_group / job_nodes), ranks_per_node=capacity)
 
 
+def rank_groups(ranks: List[int], jobs: JobLayout) -> List[List[int]]:
+    """The ranks each job runs: consecutive runs of `ranks_per_group` (task i runs the i-th)."""
+    per = jobs.ranks_per_group
+    return [ranks[i:i + per] for i in range(0, len(ranks), per)]
+
+
 def array_chunks(groups: int, max_array_size: int) -> List[Tuple[int, int]]:
     """(first group, count) of each job array to submit: Slurm refuses array indices at or above
     MaxArraySize, so larger arrays go in several submissions whose group numbers are offset."""

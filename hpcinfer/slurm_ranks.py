@@ -1,7 +1,7 @@
 """How a Slurm task finds out which hpcinfer rank it is and what it may use.
 
 Pure functions over what Slurm gives a task (its `SLURM_*` variables, its CUDA_VISIBLE_DEVICES,
-its CPU affinity): `slurm_task` reads the variables, `global_rank` numbers ranks across groups,
+its CPU affinity): `slurm_task` reads the variables, `task_rank` maps a task to its rank,
 `master_port` picks a deterministic rendezvous port per job, `task_gpus` / `task_cpus` pick the
 task's share of the node. `port_is_free` / `check_master_port` are the only side effects (a bind).
 """
@@ -63,12 +63,12 @@ def slurm_task(env: Mapping[str, str]) -> SlurmTask:
     return task
 
 
-def global_rank(procid: int, group: int, ranks_per_group: int) -> int:
-    """The hpcinfer rank of task `procid` of group `group` when every group has `ranks_per_group`."""
-    if ranks_per_group < 1 or group < 0 or not 0 <= procid < ranks_per_group:
-        raise SlurmEnvError(f"no global rank for procid={procid} of group={group} with "
-                            f"ranks_per_group={ranks_per_group}: need 0 <= procid < ranks_per_group and group >= 0")
-    return group * ranks_per_group + procid
+def task_rank(procid: int, ranks: Sequence[int]) -> Optional[int]:
+    """The hpcinfer rank of task `procid` of a job that runs `ranks` (task i runs ranks[i]);
+    None for a task past the end (the job's last node is not full)."""
+    if procid < 0:
+        raise SlurmEnvError(f"no rank for procid={procid}: need procid >= 0")
+    return ranks[procid] if procid < len(ranks) else None
 
 
 def master_port(job_id: Union[str, int], base: int = 20000, span: int = 10000, stride: int = 8) -> int:

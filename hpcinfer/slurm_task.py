@@ -1,7 +1,7 @@
 """What runs inside the Slurm jobs that backends/slurm.py submits through submitit.
 
-`run_group(run_dir, group)` runs in every task of a worker job. It works out who the task is
-(rank = group x ranks_per_group + SLURM_PROCID), which devices are its own, and the master
+`run_ranks(run_dir, ranks)` runs in every task of a worker job. It works out who the task is
+(task SLURM_PROCID runs ranks[SLURM_PROCID]), which devices are its own, and the master
 address (first host of SLURM_JOB_NODELIST) and port (from the job id), then runs
 `python -m hpcinfer.worker <run_dir>` with the rank's environment (ranks.rank_env), exactly as
 the local backend does. Dense models get no VLLM_DP_* variables; MoE models with ep=true get the
@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from .config import RunConfig, load_run_config
 from .errors import RunIncomplete
@@ -22,14 +22,8 @@ from .merge import finalize
 from .nodelist import hostnames, resolve_address
 from .ranks import rank_env
 from .rundir import RunDir, atomic_write_json
-from .slurm_ranks import SlurmTask, check_master_port, global_rank, master_port, slurm_task, task_cpus, task_gpus
-from .worker import record_exit
-
-
-def task_rank(task: SlurmTask, group: int, plan: dict) -> Optional[int]:
-    """The rank of this task, or None for a task that gets no rank (the last node not full)."""
-    rank = global_rank(task.procid, group, plan["jobs"]["ranks_per_group"])
-    return rank if rank < plan["ranks"] else None
+from .slurm_ranks import SlurmTask, check_master_port, master_port, slurm_task, task_cpus, task_gpus, task_rank
+from .worker import should_restart
 
 
 def task_env(env: Mapping[str, str], cfg: RunConfig, plan: dict, task: SlurmTask, rank: int,
@@ -57,13 +51,14 @@ def master(task: SlurmTask) -> Tuple[list, str, int]:
     return hosts, addr, port
 
 
-def run_group(run_dir: str, group: int) -> Optional[int]:
-    """One task of worker job `group`: run its rank's worker to the end. Returns the rank (None
-    for a task without one); raises when the rank failed, so Slurm records the task as failed."""
+def run_ranks(run_dir: str, ranks: List[int]) -> Optional[int]:
+    """One task of a worker job that runs `ranks`: run its rank's worker to the end (restarted
+    up to rank_retries times). Returns the rank (None for a task without one); raises when the
+    rank failed, so that Slurm records the task as failed."""
     rd = RunDir(run_dir)
     task = slurm_task(os.environ)
     plan, cfg = rd.read_plan(), load_run_config(rd.config)
-    rank = task_rank(task, group, plan)
+    rank = task_rank(task.procid, ranks)
     if rank is None:
         print(f"task {task.procid} of job {task.job_id} has no rank: nothing to do", flush=True)
         return None
@@ -73,10 +68,13 @@ def run_group(run_dir: str, group: int) -> Optional[int]:
     env = task_env(os.environ, cfg, plan, task, rank, hosts, addr, port, os.sched_getaffinity(0))
     print(f"rank {rank}: job {task.job_id} task {task.procid} on {hosts[task.nodeid]} "
           f"(restart {task.restart_count}), log {rd.rank_log(rank)}", flush=True)
-    with open(rd.rank_log(rank), "ab") as log:
-        code = subprocess.call([sys.executable, "-m", "hpcinfer.worker", str(rd.path)], env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-    record_exit(rd, rank, code)
+    for attempt in range(cfg.rank_retries + 1):
+        with open(rd.rank_log(rank), "ab") as log:
+            code = subprocess.call([sys.executable, "-m", "hpcinfer.worker", str(rd.path)], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        if not should_restart(rd, rank, code, cfg.rank_retries - attempt):
+            break
+        print(f"rank {rank} failed (exit {code}); restarting it ({attempt + 1} of {cfg.rank_retries})", flush=True)
     if code != 0:
         raise RuntimeError(f"rank {rank} failed (exit {code}); see {rd.rank_log(rank)}")
     return rank

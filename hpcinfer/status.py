@@ -62,7 +62,7 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
     for rp in plan["rank_plans"]:
         r = rp["rank"]
         own = files.get(r) or {}
-        job_id = jobs["of_group"].get(rp.get("job")) if rp.get("job") is not None else None
+        job_id = jobs["of_rank"].get(r)
         state = rank_state(own or None, jobs["states"].get(job_id) if job_id else None)
         started, ended = own.get("generation_started_at"), own.get("generation_ended_at") or now
         tps = own.get("output_tokens", 0) / max(ended - started, 1e-9) if started else 0.0
@@ -90,19 +90,18 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
 
 def _jobs(rd: RunDir, plan: dict) -> Dict[str, Any]:
     """Slurm job ids and states of the last submission (empty for local runs)."""
-    from .backends.slurm import group_job_id, last_submission
+    from .backends.slurm import last_submission, rank_jobs
     from .config import load_run_config
     from .slurm_queue import job_states, states_of, summarize
 
     record = last_submission(rd)
     if not record:
-        return {"of_group": {}, "states": {}, "summary": None}
-    cfg = load_run_config(rd.config)
-    of_group = {g: group_job_id(record, g, cfg.cluster.max_array_size) for g in range(record["groups"])}
-    ids = sorted(set(of_group.values()) | {record["finalize"]})
+        return {"of_rank": {}, "states": {}, "summary": None}
+    of_rank = rank_jobs(record, load_run_config(rd.config).cluster.max_array_size)
+    ids = sorted(set(of_rank.values()) | {record["finalize"]})
     raw = job_states([*record["workers"], record["finalize"]])
     states = {j: summarize(states_of(j, raw)) for j in ids}
-    return {"of_group": of_group, "states": states,
+    return {"of_rank": of_rank, "states": states,
             "summary": {"workers": {w: summarize(states_of(w, raw)) for w in record["workers"]},
                         "finalize": {record["finalize"]: states[record["finalize"]]},
                         "reasons": {j: r for j, (s, r) in raw.items() if s == "PENDING" and r and r != "None"}}}

@@ -26,6 +26,7 @@ from .config import RunConfig, SlurmClusterConfig, load_run_config, to_yaml
 from .data import read_manifest, write_manifest
 from .errors import EXIT_FAILED, EXIT_OK, RunInProgress, RunIncomplete, UserError
 from .merge import finalize
+from .planner import slurm_jobs
 from .prepare import default_run_dir, prepare
 from .rundir import RunDir, atomic_write, atomic_write_json, tail
 
@@ -103,22 +104,31 @@ def submit(cfg: RunConfig) -> int:
 
 
 def _queue(rd: RunDir, cfg: RunConfig, plan) -> dict:
-    """Slurm: submit the worker and finalize jobs, unless this run's jobs are still queued."""
+    """Slurm: submit worker jobs for the ranks with unfinished shards, and finalize, unless this
+    run's jobs are still queued or running."""
     record = slurm.last_submission(rd)
     live = slurm.live_jobs(record)
     if live:
         log(f"already queued: {', '.join(f'job {j} {s}' for j, s in live.items())}; nothing submitted")
         return record
-    record = slurm.submit_jobs(rd, cfg, plan.jobs)
-    log(f"queued worker job(s) {' '.join(record['workers'])} ({plan.jobs.groups} group(s) x "
-        f"{plan.jobs.nodes_per_job} node(s)) and finalize job {record['finalize']} (afterany)")
+    ranks = list(range(plan.ranks)) if cfg.ep else unfinished_ranks(rd, plan)  # lockstep: all together
+    jobs = plan.jobs if len(ranks) == plan.ranks else slurm_jobs(cfg, len(ranks), nodes=None)
+    record = slurm.submit_jobs(rd, cfg, ranks, jobs)
+    log(f"queued worker job(s) {' '.join(record['workers'])} for {len(ranks)} rank(s) ({jobs.groups} job(s) x "
+        f"{jobs.nodes_per_job} node(s)) and finalize job {record['finalize']} (afterany)")
     log(f"follow it with: python -m hpcinfer.status {rd.path}")
     return record
 
 
+def unfinished_ranks(rd: RunDir, plan) -> List[int]:
+    """Ranks with at least one shard not done (all of them for a new run)."""
+    done = rd.done_shards()
+    return [rp.rank for rp in plan.rank_plans if any(s not in done for s in rp.shards)]
+
+
 def _run_here(rd: RunDir, cfg: RunConfig, plan) -> int:
-    """Local: run the ranks on this machine, then finalize."""
-    outcomes = run_ranks(rd, cfg, plan)
+    """Local: run the ranks with unfinished shards on this machine, then finalize."""
+    outcomes = run_ranks(rd, cfg, plan, unfinished_ranks(rd, plan))
     for o in outcomes:
         if o.returncode != 0:
             log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{tail(o.log)}")

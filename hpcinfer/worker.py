@@ -137,6 +137,15 @@ def generate_shard(rd: RunDir, cfg, shard: Shard, schema, engine, state: RankSta
     return done
 
 
+def should_restart(rd: RunDir, rank: int, returncode: int, retries_left: int) -> bool:
+    """After a rank process ended: record a silent death (record_exit), and say whether to start
+    it again: it failed (not stopped by a signal: then its launcher is going down too) and the
+    retry budget is not spent. A restart continues from its durable parts."""
+    record_exit(rd, rank, returncode)
+    state = (rd.read_optional(rd.rank_file(rank)) or {}).get("state")
+    return returncode != 0 and state == "failed" and retries_left > 0
+
+
 def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
     """Called by a launcher once a rank process has ended. A rank killed before it could say so
     (kill -9, the OOM killer, a lost node) still shows as running; record it as failed."""

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcinfer.backends.slurm import (dependency, executor, finalize_parameters, group_job_id,
-                                     worker_parameters)
+from hpcinfer.backends.slurm import dependency, executor, finalize_parameters, rank_jobs, worker_parameters
 from hpcinfer.cli import compose
 from hpcinfer.config import validate
 from hpcinfer.errors import ConfigError
-from hpcinfer.slurm_layout import array_chunks, job_layout, node_capacity, slurm_time_minutes
+from hpcinfer.slurm_layout import array_chunks, job_layout, node_capacity, rank_groups, slurm_time_minutes
 from hpcinfer.slurm_queue import parse_sacct, parse_squeue, states_of, summarize
 from hpcinfer.status import rank_state, render, run_state
 
@@ -166,10 +165,15 @@ def test_finalize_runs_after_any_outcome():
     assert "gpus_per_node" not in params
 
 
-def test_group_job_ids():
-    assert group_job_id({"groups": 1, "workers": ["5"]}, 0, 1001) == "5"
-    rec = {"groups": 5, "workers": ["10", "11", "12"]}
-    assert [group_job_id(rec, g, 2) for g in range(5)] == ["10_0", "10_1", "11_0", "11_1", "12"]
+def test_rank_jobs():
+    assert rank_jobs({"rank_groups": [[0, 1, 2]], "workers": ["5"]}, 1001) == {0: "5", 1: "5", 2: "5"}
+    rec = {"rank_groups": [[0], [1, 4], [5], [6], [9]], "workers": ["10", "11", "12"]}
+    assert rank_jobs(rec, 2) == {0: "10_0", 1: "10_1", 4: "10_1", 5: "11_0", 6: "11_1", 9: "12"}
+
+
+def test_rank_groups_of_a_resubmission():
+    assert rank_groups([1, 3, 4, 7, 8], job_layout(5, 1, array=3)) == [[1, 3], [4, 7], [8]]
+    assert rank_groups([0, 1, 2, 3], job_layout(4, 4)) == [[0, 1, 2, 3]]
 
 
 # ---- job states ------------------------------------------------------------------------------

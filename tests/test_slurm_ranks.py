@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from hpcinfer.slurm_ranks import (REQUIRED_VARS, SlurmEnvError, SlurmTask, check_master_port, global_rank,
+from hpcinfer.slurm_ranks import (REQUIRED_VARS, SlurmEnvError, SlurmTask, check_master_port, task_rank,
                                   master_port, port_is_free, slurm_task, task_cpus, task_gpus)
 
 ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
@@ -63,19 +63,13 @@ def test_slurm_task_is_frozen():
         slurm_task(ENV).procid = 0
 
 
-# ---- global_rank ----
+# ---- task_rank ----
 
-def test_global_rank():
-    assert global_rank(0, 0, 4) == 0
-    assert global_rank(3, 0, 4) == 3
-    assert global_rank(1, 2, 4) == 9
-    assert [global_rank(p, g, 2) for g in range(3) for p in range(2)] == [0, 1, 2, 3, 4, 5]
-
-
-@pytest.mark.parametrize("procid,group,per", [(4, 0, 4), (5, 1, 4), (0, -1, 4), (-1, 0, 4), (0, 0, 0)])
-def test_global_rank_rejects(procid, group, per):
-    with pytest.raises(SlurmEnvError, match=f"procid={procid} of group={group} with ranks_per_group={per}"):
-        global_rank(procid, group, per)
+def test_task_rank_follows_the_jobs_rank_list():
+    assert [task_rank(p, [4, 5, 9]) for p in range(4)] == [4, 5, 9, None]
+    assert task_rank(0, []) is None
+    with pytest.raises(SlurmEnvError, match="procid=-1"):
+        task_rank(-1, [0])
 
 
 # ---- master_port ----

@@ -10,7 +10,7 @@ from hpcinfer.rundir import RunDir
 from hpcinfer.slurm_layout import job_layout
 from hpcinfer.slurm_ranks import slurm_task
 from hpcinfer.slurm_task import task_env, task_rank
-from hpcinfer.worker import record_exit
+from hpcinfer.worker import record_exit, should_restart
 
 
 def plan(ranks, jobs, kind="cuda", per_rank=2):
@@ -24,9 +24,9 @@ def slurm_env(procid, localid, ntasks, nodeid, job="77", **extra):
             "PATH": "/usr/bin", "VLLM_DP_RANK": "5", **extra}
 
 
-def build(cfg, p, env, group=0):
+def build(cfg, p, env, ranks=None):
     task = slurm_task(env)
-    rank = task_rank(task, group, p)
+    rank = task_rank(task.procid, list(range(p["ranks"])) if ranks is None else ranks)
     if rank is None:
         return None, None
     return rank, task_env(env, cfg, p, task, rank, ["g1", "g2"], "10.0.0.1", 20008, {0, 1, 2, 3})
@@ -52,13 +52,12 @@ def test_gpus_restricted_by_slurm_are_kept():
     assert out["CUDA_VISIBLE_DEVICES"] == "6,7"
 
 
-def test_array_group_offsets_the_rank_and_idle_tasks_get_none():
+def test_a_job_runs_its_rank_list_and_idle_tasks_get_none():
     cfg = compose(["cluster=slurm", "dp=5"])
-    jobs = job_layout(5, 8, array=3)  # groups of 2: ranks 0-1, 2-3, 4 (+1 idle task)
-    p = plan(5, jobs, per_rank=1)
-    assert build(cfg, p, slurm_env(1, 1, 2, 0), group=1)[0] == 3
-    assert build(cfg, p, slurm_env(0, 0, 2, 0), group=2)[0] == 4
-    assert build(cfg, p, slurm_env(1, 1, 2, 0), group=2) == (None, None)
+    p = plan(5, job_layout(5, 8, array=3), per_rank=1)  # groups of 2: ranks 0-1, 2-3, 4 (+1 idle task)
+    assert build(cfg, p, slurm_env(1, 1, 2, 0), ranks=[2, 3])[0] == 3
+    assert build(cfg, p, slurm_env(0, 0, 2, 0), ranks=[4])[0] == 4
+    assert build(cfg, p, slurm_env(1, 1, 2, 0), ranks=[4]) == (None, None)
 
 
 def test_cpu_tasks_spread_over_unconfined_cores():
@@ -97,3 +96,13 @@ def test_record_exit_marks_silent_deaths_failed(tmp_path, code, state, expect):
         assert after["state"] == "failed" and expect in after["error"]
     else:
         assert after is None or after["state"] == state
+
+
+@pytest.mark.parametrize("code,state,left,restart", [(1, "failed", 1, True), (1, "failed", 0, False),
+                                                     (-9, "running", 2, True), (1, "stopped", 3, False),
+                                                     (0, "done", 1, False)])
+def test_should_restart_only_failures_within_budget(tmp_path, code, state, left, restart):
+    rd = RunDir(tmp_path)
+    rd.create()
+    rd.write_rank(0, {"rank": 0, "state": state})
+    assert should_restart(rd, 0, code, left) is restart

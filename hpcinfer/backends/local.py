@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, List
 
 from ..config import RunConfig
 from ..errors import exit_on_signal
@@ -18,7 +18,7 @@ from ..planner import Plan
 from ..progress import ProgressDisplay, snapshot
 from ..ranks import free_port, rank_env
 from ..rundir import RunDir
-from ..worker import record_exit
+from ..worker import should_restart
 
 
 @dataclass
@@ -36,31 +36,44 @@ def launch_env(cfg: RunConfig, plan: Plan, rank: int, master_port: int) -> dict:
         cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib, offline=os.path.isdir(plan.engine_args["model"]))
 
 
-def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, poll_s: float = 0.5) -> List[RankOutcome]:
-    """Start every rank, show progress until all have exited, return their exit codes."""
+def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: float = 0.5) -> List[RankOutcome]:
+    """Start `ranks`, show progress until all have ended, restarting a failed rank up to
+    cfg.rank_retries times (it continues from its durable parts); return their exit codes."""
     port = free_port()
-    procs = []
-    for rp in plan.rank_plans:
-        with open(rd.rank_log(rp.rank), "ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "hpcinfer.worker", str(rd.path)],
-                                          env=launch_env(cfg, plan, rp.rank, port), stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(rank: int) -> subprocess.Popen:
+        with open(rd.rank_log(rank), "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "hpcinfer.worker", str(rd.path)],
+                                    env=launch_env(cfg, plan, rank, port), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    procs = {r: start(r) for r in ranks}
+    retries = {r: cfg.rank_retries for r in ranks}
+    ended: Dict[int, int] = {}
     display = ProgressDisplay(plan.rows)
     previous = {sig: signal.signal(sig, exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        while any(p.poll() is None for p in procs):
+        while len(ended) < len(procs):
+            for r, p in procs.items():
+                if r in ended or p.poll() is None:
+                    continue
+                if should_restart(rd, r, p.returncode, retries[r]):
+                    retries[r] -= 1
+                    print(f"hpcinfer: rank {r} failed (exit {p.returncode}); restarting it "
+                          f"({cfg.rank_retries - retries[r]} of {cfg.rank_retries})", file=sys.stderr, flush=True)
+                    procs[r] = start(r)
+                else:
+                    ended[r] = p.returncode
             display.update(snapshot(rd, plan.rows))
             time.sleep(poll_s)
     except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (scancel, a closed terminal): take the ranks down too
-        _stop(procs)
+        _stop(list(procs.values()))
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         display.update(snapshot(rd, plan.rows), final=True)
-    for r, p in enumerate(procs):
-        record_exit(rd, r, p.returncode)
-    return [RankOutcome(r, p.returncode, str(rd.rank_log(r))) for r, p in enumerate(procs)]
+    return [RankOutcome(r, code, str(rd.rank_log(r))) for r, code in sorted(ended.items())]
 
 
 def _stop(procs: List[subprocess.Popen], grace_s: float = 10.0) -> None:

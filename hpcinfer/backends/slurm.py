@@ -2,7 +2,8 @@
 
 - Worker jobs: one job whose tasks are the ranks (nodes x tasks per node from the plan's job
   layout), or job arrays whose elements are such jobs, one per replica group. Every task runs
-  `slurm_task.run_group(run_dir, group)`.
+  `slurm_task.run_ranks(run_dir, ranks)`: the ranks of its job (a resubmission carries only the
+  ranks with unfinished shards).
 - Finalize: one small job that depends on all worker jobs with `afterany`, so that it runs
   whatever the workers' outcome and reports an incomplete run instead of waiting forever
   (`afterok` would leave it PENDING with DependencyNeverSatisfied after a failed rank).
@@ -20,7 +21,7 @@ from ..config import RunConfig
 from ..errors import EXIT_FAILED, UserError, one_line
 from ..progress import ProgressDisplay, snapshot
 from ..rundir import RunDir, atomic_write_json
-from ..slurm_layout import JobLayout, array_chunks, slurm_time_minutes
+from ..slurm_layout import JobLayout, array_chunks, rank_groups, slurm_time_minutes
 from ..slurm_queue import cancel, is_live, job_states, states_of, summarize
 
 
@@ -107,25 +108,27 @@ def executor(folder: str, cfg: RunConfig, parameters: Dict[str, Any]):
     return ex
 
 
-def submit_jobs(rd: RunDir, cfg: RunConfig, jobs: JobLayout) -> Dict[str, Any]:
-    """Submit the worker jobs, then finalize; record them in jobs.json. Returns the record."""
-    from ..slurm_task import run_finalize, run_group
+def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -> Dict[str, Any]:
+    """Submit worker jobs for `ranks` (laid out as `jobs`), then finalize; record them in
+    jobs.json. Returns the record."""
+    from ..slurm_task import run_finalize, run_ranks
 
     folder = str(rd.slurm_dir)
+    groups = rank_groups(ranks, jobs)
     workers: List[str] = []
     try:
         ex = executor(folder, cfg, worker_parameters(cfg, jobs))
-        if jobs.groups == 1:
-            workers.append(ex.submit(run_group, str(rd.path), 0).job_id)
+        if len(groups) == 1:
+            workers.append(ex.submit(run_ranks, str(rd.path), groups[0]).job_id)
         else:
-            for first, count in array_chunks(jobs.groups, cfg.cluster.max_array_size):
-                elements = ex.map_array(run_group, [str(rd.path)] * count, list(range(first, first + count)))
+            for first, count in array_chunks(len(groups), cfg.cluster.max_array_size):
+                elements = ex.map_array(run_ranks, [str(rd.path)] * count, groups[first:first + count])
                 workers.append(elements[0].job_id.split("_")[0])
         fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(run_finalize, str(rd.path)).job_id
     except Exception as e:  # sbatch refused (bad partition, account, limits): take back what was queued
         cancel(workers)
         raise UserError(f"Slurm refused the submission: {one_line(_sbatch_message(e))}") from None
-    record = {"submitted_at": time.time(), "workers": workers, "finalize": fin, "groups": jobs.groups}
+    record = {"submitted_at": time.time(), "workers": workers, "finalize": fin, "rank_groups": groups}
     previous = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
     atomic_write_json(rd.jobs, {"submissions": previous + [record]})
     return record
@@ -187,11 +190,13 @@ def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
         raise
 
 
-def group_job_id(record: Dict[str, Any], group: int, max_array_size: int) -> str:
-    """The Slurm id of worker group `group` in a submission record ('12', or '13_4' in an array)."""
-    if record["groups"] == 1:
-        return record["workers"][0]
-    for job, (first, count) in zip(record["workers"], array_chunks(record["groups"], max_array_size)):
-        if first <= group < first + count:
-            return job if count == 1 else f"{job}_{group - first}"
-    raise ValueError(f"group {group} is not in a submission of {record['groups']} group(s)")
+def rank_jobs(record: Dict[str, Any], max_array_size: int) -> Dict[int, str]:
+    """{rank: Slurm id of the job (or array element, '13_4') that runs it} for a submission."""
+    groups = record["rank_groups"]
+    if len(groups) == 1:
+        return {r: record["workers"][0] for r in groups[0]}
+    out: Dict[int, str] = {}
+    for job, (first, count) in zip(record["workers"], array_chunks(len(groups), max_array_size)):
+        for g in range(first, first + count):
+            out.update({r: job if count == 1 else f"{job}_{g - first}" for r in groups[g]})
+    return out
