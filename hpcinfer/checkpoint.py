@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from typing import List, Set, Tuple
+from typing import Callable, List, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,8 +24,9 @@ from .rundir import RunDir, atomic_path
 
 
 class ShardCheckpoint:
-    def __init__(self, rd: RunDir, shard: Shard, inputs: pa.Table, every_rows: int, every_seconds: float):
-        self.rd, self.shard, self.inputs = rd, shard, inputs
+    def __init__(self, rd: RunDir, shard: Shard, inputs: pa.Table, every_rows: int, every_seconds: float,
+                 before_write: Callable[[], None] = lambda: None):
+        self.rd, self.shard, self.inputs, self.before_write = rd, shard, inputs, before_write
         self.every_rows, self.every_seconds = max(1, every_rows), every_seconds
         self.dir = rd.shard_parts(shard.shard)
         self.dir.mkdir(exist_ok=True, mode=0o700)
@@ -55,6 +56,7 @@ class ShardCheckpoint:
         self._last_flush = time.monotonic()
         if not self.buffer:
             return
+        self.before_write()  # e.g. raises when a newer attempt of this rank owns the shard
         positions = [p for p, _ in self.buffer]
         table = output_table(self.inputs, positions, [r for _, r in self.buffer], self.shard.global_start)
         with atomic_path(self.dir / f"{self.seq:06d}.parquet") as tmp:

@@ -6,11 +6,16 @@ anything is launched.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import re
 import sys
-from typing import Callable, List
+from typing import Any, Callable, Dict, List, Set
 
-from .config import RunConfig, register_configs, to_run_config
+from omegaconf import OmegaConf
+
+from .config import CLUSTERS, RunConfig, register_configs, to_run_config
 from .errors import ConfigError, exit_on_user_error, one_line
 
 CONF_DIR = os.environ.get("HPCINFER_CONF") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -42,13 +47,50 @@ def compose_sweep(overrides: List[str]) -> List[RunConfig]:
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if any(o.is_sweep_override() for o in parsed) else [overrides]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return [to_run_config(hydra_compose("config", overrides=list(job))) for job in jobs]
+            try:
+                return [to_run_config(hydra_compose("config", overrides=list(job))) for job in jobs]
+            except ConfigError:
+                raise
+            except Exception as e:  # composition errors: keep the message, drop the trace, suggest a key
+                raise ConfigError(_unknown_key_message(e, lambda: hydra_compose("config")) or _hydra_message(e)) from None
     except ConfigError:
         raise
-    except Exception as e:  # Hydra/OmegaConf composition errors: keep the message, drop the trace
+    except Exception as e:  # override syntax errors
         raise ConfigError(_hydra_message(e)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _unknown_key_message(e: BaseException, default_config: Callable[[], Any]) -> str:
+    """For an override of a key that does not exist: the key, the closest known one, and how to add
+    a key where that is possible (free-form sections like engine). '' for any other error."""
+    text = _hydra_message(e)
+    m = re.search(r"Could not override '([\w.\-]+)'", text)
+    if not m:
+        return ""
+    key = m.group(1)
+    parent, _, leaf = key.rpartition(".")
+    try:
+        known = _known_keys(OmegaConf.to_container(default_config(), resolve=False))
+    except Exception:  # the hint is a nicety: never let it hide the error
+        known = set()
+    for kind in CLUSTERS.values():  # every cluster kind's keys, not just the default one's
+        known |= {f"cluster.{f.name}" for f in dataclasses.fields(kind)}
+    siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    typed = re.search(r"not in '\w+'", text)  # a typed section (dataclass): no key can be added there
+    how = "" if typed else f"; to add a new key use +{key}=..."
+    return f"unknown config key {key!r}{hint}{how} (python -m hpcinfer.submit --cfg job shows the config)"
+
+
+def _known_keys(d: Dict[str, Any], prefix: str = "") -> Set[str]:
+    out: Set[str] = set()
+    for k, v in d.items():
+        out.add(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out |= _known_keys(v, f"{prefix}{k}.")
+    return out
 
 
 def _hydra_message(e: BaseException) -> str:

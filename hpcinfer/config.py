@@ -9,11 +9,13 @@ Hydra's ConfigStore so that `python -m hpcinfer.submit tp=2 dp=8 ep=true` is typ
 """
 import os
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from . import secrets
 from .errors import ConfigError
 
 # Engine arguments that hpcinfer sets from the layout; setting them under `engine` is an error.
@@ -213,8 +215,17 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(d)
 
 
-def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: RunConfig, env: Optional[Mapping[str, str]] = None) -> str:
+    """The config as saved in a run directory (config.yaml), secrets kept out: a secret value held
+    by an environment variable is saved as `${oc.env:NAME,***}` (resolved again by
+    `load_run_config` wherever the run reads it), any other secret-named value as `***` with a
+    warning (validate() refuses those, so a submitted run never has one). See hpcinfer/secrets.py."""
+    env = os.environ if env is None else env
+    saved, lost = secrets.env_references(OmegaConf.to_container(OmegaConf.structured(cfg)), env)
+    for key in lost:
+        print(f"hpcinfer: warning: {key} looks like a secret and no environment variable holds it: "
+              f"saved as {secrets.MASK!r}, so it cannot be reproduced from config.yaml", file=sys.stderr)
+    return secrets.redact(OmegaConf.to_yaml(OmegaConf.create(saved)), env)
 
 
 def engine_args(cfg: RunConfig, model_path: str) -> Dict[str, Any]:
@@ -230,14 +241,15 @@ def engine_args(cfg: RunConfig, model_path: str) -> Dict[str, Any]:
     return args
 
 
-def validate(cfg: RunConfig, gpus_available: Optional[int] = None) -> None:
+def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> None:
     """Cross-field rules. Raises ConfigError naming the offending values.
 
     `gpus_available` is what the cluster offers (None: unknown, skip the GPU count check;
-    0: a CPU-only machine, where ranks run on CPU cores).
+    0: a CPU-only machine, where ranks run on CPU cores). `env` (default: os.environ) is where
+    secret-named values must come from (see `_secret_errors`).
     """
     errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
-    errors += _data_errors(cfg.data) + _engine_errors(cfg)
+    errors += _data_errors(cfg.data) + _engine_errors(cfg) + _secret_errors(cfg, os.environ if env is None else env)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
                       f"seconds={cfg.checkpoint.seconds!r}")
@@ -335,10 +347,19 @@ def _engine_errors(cfg: RunConfig) -> List[str]:
     return errs
 
 
+def _secret_errors(cfg: RunConfig, env: Mapping[str, str]) -> List[str]:
+    """A secret-named value (engine.hf_token, ...) must come from the environment: config.yaml
+    then refers to the variable instead of holding the secret, and the ranks read it back."""
+    lost = secrets.env_references(OmegaConf.to_container(OmegaConf.structured(cfg)), env)[1]
+    return [f"{key} looks like a secret, and hpcinfer writes no secrets into the run directory; put it in "
+            f"an environment variable and pass {key}='${{oc.env:NAME}}' (the value is not shown here)" for key in lost]
+
+
 # sbatch options hpcinfer sets itself from the layout; cluster.sbatch may not override them.
 OWN_SBATCH_OPTIONS = ("nodes", "ntasks-per-node", "ntasks", "array", "dependency", "output", "error",
                       "signal", "open-mode", "job-name", "time", "gpus-per-node", "cpus-per-task")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-]*$")
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_.,:@%+/~\-]+$")
 
 
 def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
@@ -368,6 +389,8 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
         value = getattr(c, key)
         if value is not None and (not value or not _SAFE_VALUE.match(str(value))):
             errs.append(f"cluster.{key}={value!r} has characters Slurm does not accept here")
+    if c.python is not None and not _SAFE_PATH.match(c.python):  # it goes unquoted into the job script
+        errs.append(f"cluster.python={c.python!r} must be the interpreter's path, without spaces or shell characters")
     for key, value in c.sbatch.items():
         if not re.match(r"^[a-z][a-z0-9-]*$", str(key)):
             errs.append(f"cluster.sbatch key {key!r} is not an sbatch option name (e.g. mail-type)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import glob as globlib
 import os
+import stat
 from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -132,21 +133,36 @@ def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = No
         raise DataError(f"data.input has no columns: {[f.path for f in files]!r}")
     inputs = Inputs(files, _unify(schemas))
     if inputs.rows == 0:
-        raise DataError(f"data.input has no rows ({len(files)} file(s), all empty)")
+        raise DataError(f"data.input has no rows: all {len(files)} file(s) are empty, e.g. {files[0].path!r}")
     if id_column is not None:
         check_unique_ids(inputs, id_column)
     return inputs
 
 
 def _open(path: str) -> pq.ParquetFile:
+    """The file's Parquet footer; DataError naming the file when it is not a readable Parquet file.
+    Only regular files are opened (a FIFO would block forever)."""
+    _check_readable(path)
     try:
         return pq.ParquetFile(path)
-    except PermissionError:
-        raise DataError(f"data.input file {path!r} is not readable (permission denied)") from None
-    except IsADirectoryError:
-        raise DataError(f"data.input {path!r} is a directory inside the input set") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"data.input file {path!r} is not a Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _check_readable(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            with open(path, "rb"):
+                return
+    except PermissionError:
+        raise DataError(f"data.input file {path!r} is not readable (permission denied)") from None
+    except OSError as e:
+        link = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
+        raise DataError(f"data.input file {path!r} cannot be read{link}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"data.input {path!r} is a directory inside the input set; give Parquet files")
+    raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give Parquet files")
 
 
 def _check_columns(path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str]) -> None:
@@ -177,19 +193,32 @@ def _unify(schemas: List[Tuple[str, pa.Schema]]) -> pa.Schema:
 
 
 def check_unique_ids(inputs: Inputs, id_column: str) -> None:
-    ids = pa.chunked_array(
-        [pq.read_table(f.path, columns=[id_column]).column(0).cast(inputs.schema.field(id_column).type)
-         for f in inputs.files if f.rows],
-        type=inputs.schema.field(id_column).type,
-    )
-    nulls = ids.null_count
-    if nulls:
-        raise DataError(f"data.id_column={id_column!r} has {nulls} null value(s)")
+    """The id column has no nulls and no value twice; DataError naming a bad value and its files."""
+    typ = inputs.schema.field(id_column).type
+    columns = [(f.path, _read_column(f.path, id_column).cast(typ)) for f in inputs.files if f.rows]
+    ids = pa.chunked_array([c for _, c in columns], type=typ)
+    if ids.null_count:
+        path, rows = next((p, _rows_where(pc.is_null(c))) for p, c in columns if c.null_count)
+        raise DataError(f"data.id_column={id_column!r} has {ids.null_count} null value(s), e.g. row "
+                        f"{rows[0]} of {path!r}")
     if len(pc.unique(ids)) != len(ids):
         counts = pc.value_counts(ids)
         dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+        where = [f"row {r} of {p!r}" for p, c in columns for r in _rows_where(pc.equal(c, dup[0]))]
         raise DataError(f"data.id_column={id_column!r} is not unique: {len(dup)} value(s) repeat, "
-                        f"e.g. {dup[:3].to_pylist()!r}")
+                        f"e.g. {dup[:3].to_pylist()!r}; {dup[0].as_py()!r} is at {' and '.join(where[:3])}"
+                        + (f" and {len(where) - 3} more row(s)" if len(where) > 3 else ""))
+
+
+def _read_column(path: str, column: str) -> pa.ChunkedArray:
+    try:
+        return pq.read_table(path, columns=[column]).column(0)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"data.input file {path!r}: cannot read column {column!r} ({str(e).splitlines()[0]})") from None
+
+
+def _rows_where(mask: pa.ChunkedArray) -> List[int]:
+    return pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()
 
 
 # ---- the manifest ----------------------------------------------------------------------

@@ -51,13 +51,18 @@ def shard_table(inputs: pa.Table, results: Sequence[RowResult], global_start: in
 
 
 def assemble(parts: Sequence[pa.Table], global_start: int, rows: int) -> pa.Table:
-    """A shard's output from its parts (rows in any order): sorted by position; ValueError
-    unless it holds each of rows global_start .. global_start+rows-1 exactly once."""
-    table = pa.concat_tables(parts) if parts else None
-    if table is None or table.num_rows != rows:
-        raise ValueError(f"parts hold {0 if table is None else table.num_rows} rows, the shard has {rows}")
-    table = table.sort_by(ROW_COLUMN)
-    pos = table.column(ROW_COLUMN).to_pylist()
-    if pos != list(range(global_start, global_start + rows)):
-        raise ValueError(f"parts hold duplicated or foreign rows (expected {global_start}..{global_start + rows - 1})")
-    return table
+    """A shard's output from its parts (rows in any order): sorted by position, each row once.
+
+    A row found in several parts (two attempts of one rank that overlapped, e.g. an orphan on a
+    lost node) is kept once, from the earliest part: every attempt computes the same result for
+    a row (per-row seeds). ValueError unless rows global_start .. global_start+rows-1 are all there."""
+    if not parts:
+        raise ValueError(f"no parts for a shard of {rows} rows")
+    table = pa.concat_tables(parts)
+    first = {}
+    for i, p in enumerate(table.column(ROW_COLUMN).to_pylist()):
+        first.setdefault(p, i)
+    if sorted(first) != list(range(global_start, global_start + rows)):
+        raise ValueError(f"parts hold {len(first)} distinct rows of {rows}, or foreign ones "
+                         f"(expected {global_start}..{global_start + rows - 1})")
+    return table.take(pa.array([first[p] for p in sorted(first)], type=pa.int64()))

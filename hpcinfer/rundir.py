@@ -11,6 +11,7 @@ inspected on its own (as datatrove's executors coordinate through one logging fo
       shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
       done/<id>.json         written only after the shard output is durable
       ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
+      ranks/<r>.owner        which attempt of the rank may write (the newest start)
       logs/rank-<r>.log      per-rank output
       lock                   held (flock) while a submission of this run is live
       jobs.json              Slurm: every submission's worker and finalize job ids
@@ -124,6 +125,9 @@ class RunDir:
 
     def rank_file(self, rank: int) -> Path:
         return self.ranks_dir / f"{rank}.json"
+
+    def rank_owner(self, rank: int) -> Path:
+        return self.ranks_dir / f"{rank}.owner"
 
     def rank_log(self, rank: int) -> Path:
         return self.logs_dir / f"rank-{rank}.log"

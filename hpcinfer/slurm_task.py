@@ -70,14 +70,52 @@ def run_ranks(run_dir: str, ranks: List[int]) -> Optional[int]:
           f"(restart {task.restart_count}), log {rd.rank_log(rank)}", flush=True)
     for attempt in range(cfg.rank_retries + 1):
         with open(rd.rank_log(rank), "ab") as log:
-            code = subprocess.call([sys.executable, "-m", "hpcinfer.worker", str(rd.path)], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+            _worker[0] = subprocess.Popen([sys.executable, "-m", "hpcinfer.worker", str(rd.path)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT)
+            code = _wait(_worker[0])
         if not should_restart(rd, rank, code, cfg.rank_retries - attempt):
             break
         print(f"rank {rank} failed (exit {code}); restarting it ({attempt + 1} of {cfg.rank_retries})", flush=True)
+    state = (rd.read_optional(rd.rank_file(rank)) or {}).get("state")
+    if code != 0 and state == "stopped":  # a signal (preemption, time limit, scancel): the job is going
+        print(f"rank {rank} stopped by a signal; its finished rows are durable", flush=True)
+        return None
     if code != 0:
         raise RuntimeError(f"rank {rank} failed (exit {code}); see {rd.rank_log(rank)}")
     return rank
+
+
+_worker: List[Optional[subprocess.Popen]] = [None]  # this task's worker process, for RankTask.checkpoint
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    while True:  # a signal handler may interrupt the wait: wait again
+        try:
+            return proc.wait()
+        except InterruptedError:
+            continue
+
+
+class RankTask:
+    """What submitit runs in each task of a worker job: `run_ranks`, made checkpointable. Slurm's
+    USR2 before a time limit or a preemption reaches the worker (it makes its finished rows
+    durable and stops) and submitit's handler, which calls `checkpoint` and requeues the job; the
+    requeued job resumes from the durable parts. `checkpoint` first lets the worker finish its
+    last write."""
+
+    def __call__(self, run_dir: str, ranks: List[int]) -> Optional[int]:
+        return run_ranks(run_dir, ranks)
+
+    def checkpoint(self, run_dir: str, ranks: List[int]):
+        import submitit
+
+        proc = _worker[0]
+        if proc is not None:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        return submitit.helpers.DelayedSubmission(RankTask(), run_dir, ranks)
 
 
 def run_finalize(run_dir: str) -> dict:

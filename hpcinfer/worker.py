@@ -7,6 +7,7 @@ a shard's rows are never written twice. Its state and counters go to `ranks/<ran
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,7 +24,11 @@ from .errors import exit_on_signal
 from .checkpoint import ShardCheckpoint, remove_parts
 from .data import Shard, read_manifest, read_shard
 from .ranks import RankContext, context_from_env, pin_to_cores
-from .rundir import RunDir, atomic_path
+from .rundir import RunDir, atomic_path, atomic_write
+
+
+class Superseded(Exception):
+    """A newer attempt of this rank has started (this one is an orphan, e.g. on a lost node)."""
 
 
 class RankState:
@@ -36,6 +41,8 @@ class RankState:
 
     def __init__(self, rd: RunDir, ctx: RankContext, rows_total: int, shards_total: int):
         self.rd, self._last = rd, 0.0
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
+        atomic_write(rd.rank_owner(ctx.rank), self.token)
         before = rd.read_optional(rd.rank_file(ctx.rank)) or {}
         lost = before.get("buffered", 0) if before.get("state") not in (None, "done") else 0
         self.s = dict(rank=ctx.rank, host=socket.gethostname(), pid=os.getpid(), device_kind=ctx.device_kind,
@@ -51,7 +58,17 @@ class RankState:
         now = time.time()
         if force or now - self._last >= self.WRITE_INTERVAL_S:
             self._last = now
+            self.check_owner()
             self.rd.write_rank(self.s["rank"], {**self.s, "updated_at": now})
+
+    def check_owner(self) -> None:
+        """Raise Superseded when a newer attempt of this rank owns it: stop writing at once."""
+        try:
+            owner = self.rd.rank_owner(self.s["rank"]).read_text()
+        except FileNotFoundError:
+            owner = self.token
+        if owner != self.token:
+            raise Superseded(f"rank {self.s['rank']} was started again elsewhere ({owner})")
 
     def add_shard(self, done: dict) -> None:
         for key in ("rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
@@ -96,12 +113,16 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
         print(f"rank {ctx.rank} done: {state.s['rows_done']} rows, {state.s['output_tokens']} output tokens",
               flush=True)
         return 0
+    except Superseded as e:  # leave everything to the newer attempt
+        print(f"{e}; this attempt stops without writing", flush=True)
+        return 1
     except BaseException as e:
         stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
         if not stopped:
             traceback.print_exc()
-        state.write(state="stopped" if stopped else "failed", finished_at=time.time(),
-                    error=f"{type(e).__name__}: {e}"[:2000])
+        with contextlib.suppress(Superseded):
+            state.write(state="stopped" if stopped else "failed", finished_at=time.time(),
+                        error=f"{type(e).__name__}: {e}"[:2000])
         return 1
 
 
@@ -109,7 +130,7 @@ def generate_shard(rd: RunDir, cfg, shard: Shard, schema, engine, state: RankSta
                    rank: int) -> dict:
     """Generate a shard's missing rows, durably in parts; assemble its output; mark it done."""
     table = read_shard(shard, schema)
-    ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds)
+    ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds, state.check_owner)
     todo = ck.todo()
     t1, base_tokens, streamed_tokens = time.time(), state.s["output_tokens"], 0
     if todo:
@@ -123,6 +144,7 @@ def generate_shard(rd: RunDir, cfg, shard: Shard, schema, engine, state: RankSta
         finally:  # stopped (SIGTERM, preemption) or failed: what is finished becomes durable
             ck.flush()
             state.write(buffered=0)
+    state.check_owner()
     out = ck.complete()
     with atomic_path(rd.shard_output(shard.shard)) as tmp:
         pq.write_table(out, tmp)

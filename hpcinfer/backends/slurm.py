@@ -111,7 +111,7 @@ def executor(folder: str, cfg: RunConfig, parameters: Dict[str, Any]):
 def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -> Dict[str, Any]:
     """Submit worker jobs for `ranks` (laid out as `jobs`), then finalize; record them in
     jobs.json. Returns the record."""
-    from ..slurm_task import run_finalize, run_ranks
+    from ..slurm_task import RankTask, run_finalize
 
     folder = str(rd.slurm_dir)
     groups = rank_groups(ranks, jobs)
@@ -119,10 +119,10 @@ def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -
     try:
         ex = executor(folder, cfg, worker_parameters(cfg, jobs))
         if len(groups) == 1:
-            workers.append(ex.submit(run_ranks, str(rd.path), groups[0]).job_id)
+            workers.append(ex.submit(RankTask(), str(rd.path), groups[0]).job_id)
         else:
             for first, count in array_chunks(len(groups), cfg.cluster.max_array_size):
-                elements = ex.map_array(run_ranks, [str(rd.path)] * count, groups[first:first + count])
+                elements = ex.map_array(RankTask(), [str(rd.path)] * count, groups[first:first + count])
                 workers.append(elements[0].job_id.split("_")[0])
         fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(run_finalize, str(rd.path)).job_id
     except Exception as e:  # sbatch refused (bad partition, account, limits): take back what was queued
