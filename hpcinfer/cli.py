@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from .config import CLUSTERS, RunConfig, register_configs, to_run_config
 from .errors import ConfigError, exit_on_user_error, one_line
+from .secrets import redact
 
 CONF_DIR = os.environ.get("HPCINFER_CONF") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -100,7 +101,8 @@ def _hydra_message(e: BaseException) -> str:
         text += " " + str(e.__cause__)
     for cut in ("\n    full_key", "Config search path", "\n    object_type"):
         text = text.split(cut)[0]
-    return one_line(text.replace("To append to your config use", "to add a new key use"))
+    text = re.sub(r"\s\w+_schema\b", "", text)  # the schemas are not options a user picks
+    return redact(one_line(text.replace("To append to your config use", "to add a new key use")), os.environ)
 
 
 def hydra_main(task: Callable[[RunConfig], int], argv: List[str] | None = None) -> None:

@@ -1,0 +1,83 @@
+"""Exactly once on a real Slurm cluster: a preemption signal (USR2) requeues the job and it resumes
+from the durable parts; a node whose slurmd dies is requeued elsewhere and the run completes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from test_chaos_local import args, inputs, reference  # noqa: F401  (module fixtures)
+from test_e2e_slurm import scontrol_job, submit_in_background
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slurm]
+
+
+def wait_running(run_dir, rank, min_rows, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            s = json.loads((run_dir / "ranks" / f"{rank}.json").read_text())
+        except (OSError, ValueError):
+            s = {}
+        if s.get("state") == "running" and s.get("rows_done", 0) >= min_rows:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never got busy")
+
+
+def test_preemption_signal_requeues_and_resumes(inputs, tmp_path, slurm_env, reference):  # noqa: F811
+    run_dir = tmp_path / "run"
+    proc = submit_in_background(slurm_env, args(inputs, run_dir, "dp=2"), run_dir)
+    wait_running(run_dir, 0, 24, proc)
+    job = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]["workers"][0]
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "Restarts=1" in scontrol_job(job, slurm_env)
+    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert all(r["attempts"] == 2 for r in summary["ranks"]), summary["ranks"]
+    assert summary["rows_recomputed"] <= 2 * 8
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"{job}_*_log.out"))
+    assert "this job is preempted" in log
+
+
+@pytest.fixture(scope="module")
+def long_inputs(tmp_path_factory):
+    """Enough work (1200 rows per rank) that a rank still runs when Slurm declares its node dead (~16 s)."""
+    d = tmp_path_factory.mktemp("long-inputs")
+    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(2400)]
+    pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=200)
+    return d / "prompts.parquet"
+
+
+def long_args(path, run_dir, *extra):
+    return args(path, run_dir, "data.shard_rows=1200", "sampling.max_tokens=128", *extra)
+
+
+def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, slurm_env, hpcinfer):
+    ref_dir = tmp_path / "reference"
+    r = hpcinfer("submit", *long_args(long_inputs, ref_dir, "dp=2"))
+    assert r.returncode == 0, r.stderr
+    reference = pq.read_table(ref_dir / "results.parquet")
+    run_dir = tmp_path / "run"
+    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2"), run_dir)
+    victim = wait_running(run_dir, 1, 8, proc)["host"]
+    script = str(REPO / "slurm" / "cluster.sh")
+    subprocess.run(["bash", script, "kill-node", victim], env=slurm_env, check=True, capture_output=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        subprocess.run(["bash", script, "revive-node", victim], env=slurm_env, capture_output=True)
+    assert proc.returncode == 0, err
+    job = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]["workers"][0]
+    assert "Restarts=1" in scontrol_job(job, slurm_env)
+    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert victim not in {r["host"] for r in summary["ranks"]}  # the rerun went to other nodes
