@@ -13,6 +13,8 @@ Exit codes: 0 done (or nothing to do), 1 the run failed or is incomplete, 2 bad 
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from typing import Any, Dict, List
@@ -28,7 +30,8 @@ from .errors import EXIT_FAILED, EXIT_OK, RunInProgress, RunIncomplete, UserErro
 from .merge import finalize
 from .planner import slurm_jobs
 from .prepare import default_run_dir, prepare
-from .rundir import RunDir, atomic_write, atomic_write_json, tail
+from .rundir import RunDir, atomic_write, tail
+from .secrets import redact
 
 # Config sections that determine the results: a run directory is only continued with equal values.
 RESULT_KEYS = ("model", "sampling", "data", "engine", "tp", "pp", "dp", "ep")
@@ -79,7 +82,8 @@ def submit(cfg: RunConfig) -> int:
                 return EXIT_OK
             if not resuming:
                 atomic_write(rd.config, to_yaml(cfg))
-                atomic_write_json(rd.plan, {**plan.to_json(), "submitted_at": submitted_at})
+                atomic_write(rd.plan, redact(json.dumps({**plan.to_json(), "submitted_at": submitted_at}, indent=1,
+                                                        sort_keys=True, default=str), os.environ) + "\n")
                 write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
             else:
                 if read_manifest(str(rd.manifest))[0] != prep.shards:

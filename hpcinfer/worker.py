@@ -19,7 +19,7 @@ from typing import Optional
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import load_run_config
+from .config import engine_args, load_run_config
 from .errors import exit_on_signal
 from .checkpoint import ShardCheckpoint, remove_parts
 from .data import Shard, read_manifest, read_shard
@@ -101,7 +101,8 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
             from .engine import Engine
 
             t0 = time.time()
-            engine = Engine(plan["engine_args"], cfg.sampling)
+            # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
+            engine = Engine(engine_args(cfg, plan["engine_args"]["model"]), cfg.sampling)
             state.write(state="running", engine_seconds=time.time() - t0, generation_started_at=time.time())
             for shard in todo:
                 done = generate_shard(rd, cfg, shard, schema, engine, state, finished_rows, ctx.rank)
