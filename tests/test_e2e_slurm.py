@@ -104,7 +104,7 @@ def test_job_array_run(inputs, tmp_path, slurm_env, local_results):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     record = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]
-    assert record["groups"] == 2 and len(record["workers"]) == 1
+    assert record["rank_groups"] == [[0, 1], [2, 3]] and len(record["workers"]) == 1
     array_id = record["workers"][0]
     for element in (f"{array_id}_0", f"{array_id}_1"):
         info = scontrol_job(element, slurm_env)
@@ -148,7 +148,7 @@ def test_groups_beyond_max_array_size_go_in_several_submissions(inputs, tmp_path
                                      "wait=true"))
     assert r.returncode == 0, r.stderr
     record = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]
-    assert record["groups"] == 3 and len(record["workers"]) == 2
+    assert record["rank_groups"] == [[0], [1], [2]] and len(record["workers"]) == 2
     array_id, single = record["workers"]
     assert "ArrayTaskId=1" in scontrol_job(f"{array_id}_1", slurm_env)
     assert "ArrayTaskId" not in scontrol_job(single, slurm_env)
