@@ -3,6 +3,8 @@ from the durable parts; a node whose slurmd dies is requeued elsewhere and the r
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -81,3 +83,16 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     assert pq.read_table(run_dir / "results.parquet").equals(reference)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert victim not in {r["host"] for r in summary["ranks"]}  # the rerun went to other nodes
+
+
+def test_killed_rank_process_in_a_slurm_task_restarts_in_place(inputs, tmp_path, slurm_env, reference):  # noqa: F811
+    run_dir = tmp_path / "run"
+    proc = submit_in_background(slurm_env, args(inputs, run_dir, "dp=2", "rank_retries=1"), run_dir)
+    os.kill(wait_running(run_dir, 0, 16, proc)["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 2, 1: 1}
+    assert summary["rows_recomputed"] <= 8
+    assert "restarting it" in "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.out"))
