@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 import sys
-from typing import Any, Callable, Dict, List, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from omegaconf import OmegaConf
 
@@ -119,11 +119,30 @@ def hydra_main(task: Callable[[RunConfig], int], argv: List[str] | None = None) 
     register_configs()
     codes: List[int] = []
 
+    sweep_dirs: List[str] = []
+
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def _main(cfg) -> None:
         with exit_on_user_error():
-            codes.append(task(to_run_config(cfg)))
+            run = to_run_config(cfg)
+            sweep = _sweep_dir()
+            if sweep and run.run_dir is None:  # -m: every job's run directory inside the sweep's
+                run.run_dir = os.path.join(sweep[0], sweep[1])
+                sweep_dirs.append(sweep[0])
+            codes.append(task(run))
 
     sys.argv = [sys.argv[0], *argv]
     _main()
+    if sweep_dirs:
+        print(f"hpcinfer: sweep {sweep_dirs[0]}: {len(codes)} run(s); compare them with "
+              f"python -m hpcinfer.report {sweep_dirs[0]}", file=sys.stderr)
     raise SystemExit(max(codes, default=0))
+
+
+def _sweep_dir() -> Optional[tuple]:
+    """(sweep dir, this job's subdir) when running as a job of a -m sweep, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    return (hc.sweep.dir, hc.sweep.subdir) if hc.mode == RunMode.MULTIRUN else None
