@@ -66,6 +66,7 @@ class Engine:
         row numbers (for per-row seeds). All requests go to the engine at once, so it batches
         as `LLM.generate` would; the caller makes finished rows durable while the rest run."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         texts = [p for p in prompts if p is not None]
         ids = iter(self.tokenizer(texts)["input_ids"] if texts else [])
@@ -80,7 +81,9 @@ class Engine:
                 failed.append((i, RowResult(None, None, 0 if toks is None else len(toks), 0, err)))
                 continue
             request_id = f"hpcinfer-{rows[i]}-{next(self._requests)}"
-            params = SamplingParams(**base, seed=row_seed(self.sampling, rows[i]))
+            # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
+            params = SamplingParams(**base, seed=row_seed(self.sampling, rows[i]),
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
             pending[request_id] = i
             internal = engine.add_request(request_id, {"prompt_token_ids": toks}, params)
             if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other

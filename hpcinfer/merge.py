@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Dict, List
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -54,6 +55,13 @@ def finalize(run_dir: str) -> Dict:
 def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
     """Stream shards in global order into results.parquet, checking each row's position."""
     totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
+    pending: List = []  # batches of small shards, written together: one row group per ~BATCH_ROWS rows
+
+    def write(writer, force: bool = False) -> None:
+        if pending and (force or sum(b.num_rows for b in pending) >= BATCH_ROWS):
+            writer.write_table(pa.Table.from_batches(pending, schema=schema))
+            pending.clear()
+
     with atomic_path(rd.results) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             for s in shards:
@@ -70,11 +78,13 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
                     if not np.array_equal(pos, want):
                         raise RunIncomplete(f"shard {s.shard} holds rows out of order, duplicated or "
                                             f"foreign (expected {want[0]}..{want[-1]})")
-                    writer.write_batch(batch.drop_columns([ROW_COLUMN]).cast(schema))
+                    pending.append(batch.drop_columns([ROW_COLUMN]).cast(schema))
+                    write(writer)
                     totals["rows"] += len(pos)
                     totals["rows_failed"] += len(pos) - batch.column("error").null_count
                     totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
                     totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+            write(writer, force=True)
     return totals
 
 

@@ -35,29 +35,32 @@ from typing import Any, Iterator
 from .errors import RunInProgress
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` so that `path` holds either its old content or all of the new, never a part."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new, never a part.
+    durable=False skips the fsyncs: for progress records that a crash may leave a little stale."""
+    with atomic_path(path, durable) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", durable)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
+    """Yield a temp path beside `path`; on success fsync it (durable) and rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -178,7 +181,8 @@ class RunDir:
 
     # ---- rank state --------------------------------------------------------------------
     def write_rank(self, rank: int, state: dict) -> None:
-        atomic_write_json(self.rank_file(rank), state)
+        """Progress, rewritten often: atomic for readers, not fsynced (it is not the output)."""
+        atomic_write_json(self.rank_file(rank), state, durable=False)
 
     def read_ranks(self) -> dict[int, dict]:
         out = {}
