@@ -1,6 +1,7 @@
 """Overhead of hpcinfer against raw vLLM, measured side by side in one run.
 
     .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 3] [--model tiny]
+        [--set model.path=/models/m engine.max_model_len=512 ...]   (any further config overrides)
 
 Both sides get the same prompts (Parquet written once), the same engine arguments (hpcinfer's
 `engine_args` for this config, printed) and the same rank environment (`ranks.cpu_engine_env` on
@@ -53,9 +54,12 @@ import os; os._exit(0)
 """
 
 
+EXTRA: list[str] = []  # --set overrides, for both sides
+
+
 def overrides(model: str, data: Path, max_tokens: int, run_dir: Path | None = None) -> list[str]:
     out = [f"model={model}", f"data.input={data}", "sampling=greedy", f"sampling.max_tokens={max_tokens}",
-           "sampling.ignore_eos=true", "dp=1"]
+           "sampling.ignore_eos=true", "dp=1", *EXTRA]
     return out + ([f"run_dir={run_dir}"] if run_dir else [])
 
 
@@ -106,7 +110,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="tiny", help="a conf/model name (tiny, tiny_moe, llama, ...)")
+    ap.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. model.path=/models/m")
     a = ap.parse_args()
+    EXTRA.extend(a.set)
 
     from hpcinfer.cli import compose
     from hpcinfer.config import engine_args

@@ -1,0 +1,34 @@
+"""A random-weight Llama of about 1B parameters (hidden 2048, 16 layers, 16 heads, ffn 5632, bf16)
+for GPU benchmarks, with the tokenizer of hpcinfer's built-in tiny model (trained locally, so no
+hub is needed):
+
+    python bench/make_llama.py /tmp/llama-1b     # then: model=llama model.path=/tmp/llama-1b ...
+"""
+import os
+import sys
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hpcinfer.models import resolve_model_path
+
+
+def main(out: str) -> None:
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", None, _cache(), build=True))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters -> {out}")
+
+
+def _cache() -> str:
+    return os.environ.get("HPCINFER_CACHE") or os.path.expanduser("~/.cache/hpcinfer")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
