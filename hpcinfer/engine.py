@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .config import SamplingConfig
 
@@ -48,6 +48,9 @@ def row_seed(s: SamplingConfig, row: int) -> Optional[int]:
     return None if s.seed is None or s.temperature == 0 else s.seed + row
 
 
+Finished = Tuple[Any, int, RowResult]  # (tag given to Engine.add, index within that add, result)
+
+
 class Engine:
     """A vLLM `LLM` built from exactly `engine_args`."""
 
@@ -59,42 +62,64 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._requests = itertools.count()
+        self._pending: Dict[str, Tuple[Any, int]] = {}  # request id -> (tag, index)
+        self._aliases: Dict[str, str] = {}  # engine-internal id -> our request id
 
-    def stream(self, prompts: Sequence[Optional[str]], rows: Sequence[int]) -> Iterator[Tuple[int, RowResult]]:
-        """(index into `prompts`, result) for every prompt as soon as it is finished: rows that
-        cannot be generated first, then in the engine's completion order. `rows` are the global
-        row numbers (for per-row seeds). All requests go to the engine at once, so it batches
-        as `LLM.generate` would; the caller makes finished rows durable while the rest run."""
+    @property
+    def pending(self) -> int:
+        """Requests added and not finished yet."""
+        return len(self._pending)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """How many requests the engine runs at once (its batch)."""
+        sched = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        return int(getattr(sched, "max_num_seqs", None) or 256)
+
+    def add(self, tag: Any, prompts: Sequence[Optional[str]], rows: Sequence[int]) -> List[Finished]:
+        """Queue `prompts` (global row numbers `rows`, for per-row seeds) under `tag`. Returns the
+        rows that cannot be generated, as finished with their error; `step` returns the others."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         texts = [p for p in prompts if p is not None]
         ids = iter(self.tokenizer(texts)["input_ids"] if texts else [])
         token_ids = [None if p is None else next(ids) for p in prompts]
-        engine, base = self.llm.llm_engine, sampling_kwargs(self.sampling)
-        pending: Dict[str, int] = {}
-        aliases: Dict[str, str] = {}
-        failed = []
+        base, failed = sampling_kwargs(self.sampling), []
         for i, (prompt, toks) in enumerate(zip(prompts, token_ids, strict=True)):
             err = row_error(prompt, None if toks is None else len(toks), self.max_model_len)
             if err:
-                failed.append((i, RowResult(None, None, 0 if toks is None else len(toks), 0, err)))
+                failed.append((tag, i, RowResult(None, None, 0 if toks is None else len(toks), 0, err)))
                 continue
             request_id = f"hpcinfer-{rows[i]}-{next(self._requests)}"
             # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
             params = SamplingParams(**base, seed=row_seed(self.sampling, rows[i]),
                                     output_kind=RequestOutputKind.FINAL_ONLY)
-            pending[request_id] = i
-            internal = engine.add_request(request_id, {"prompt_token_ids": toks}, params)
+            self._pending[request_id] = (tag, i)
+            internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": toks}, params)
             if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
-                aliases[internal] = request_id
-        yield from failed
-        while pending:
-            for out in engine.step():
-                if out.finished:
-                    c = out.outputs[0]
-                    yield pending.pop(aliases.get(out.request_id, out.request_id)), RowResult(c.text, c.finish_reason, len(out.prompt_token_ids),
-                                                                 len(c.token_ids), None)
+                self._aliases[internal] = request_id
+        return failed
+
+    def step(self) -> List[Finished]:
+        """One engine step: the requests it finished, as (tag, index in its `add`, result)."""
+        done = []
+        for out in self.llm.llm_engine.step():
+            if out.finished:
+                tag, i = self._pending.pop(self._aliases.pop(out.request_id, out.request_id))
+                c = out.outputs[0]
+                done.append((tag, i, RowResult(c.text, c.finish_reason, len(out.prompt_token_ids), len(c.token_ids),
+                                               None)))
+        return done
+
+    def stream(self, prompts: Sequence[Optional[str]], rows: Sequence[int]) -> Iterator[Tuple[int, RowResult]]:
+        """(index into `prompts`, result) for every prompt, as each finishes: `add` all, then `step`
+        until none is pending. All requests go to the engine at once, as with `LLM.generate`."""
+        for _, i, result in self.add(None, prompts, rows):
+            yield i, result
+        while self._pending:
+            for _, i, result in self.step():
+                yield i, result
 
     def shutdown(self) -> None:
         """Stop engine-core processes so the rank can exit without hanging."""

@@ -14,7 +14,8 @@ import socket
 import sys
 import time
 import traceback
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -104,11 +105,7 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
             engine = Engine(engine_args(cfg, plan["engine_args"]["model"]), cfg.sampling)
             state.write(state="running", engine_seconds=time.time() - t0, generation_started_at=time.time())
-            for shard in todo:
-                done = generate_shard(rd, cfg, shard, schema, engine, state, finished_rows, ctx.rank)
-                state.add_shard(done)
-                finished_rows += shard.rows
-                state.write(rows_done=finished_rows, buffered=0, generation_ended_at=time.time())
+            run_shards(rd, cfg, todo, schema, engine, state, finished_rows, ctx.rank)
             engine.shutdown()
         state.write(state="done", finished_at=time.time())
         print(f"rank {ctx.rank} done: {state.s['rows_done']} rows, {state.s['output_tokens']} output tokens",
@@ -127,25 +124,84 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
         return 1
 
 
-def generate_shard(rd: RunDir, cfg, shard: Shard, schema, engine, state: RankState, rows_before: int,
-                   rank: int) -> dict:
-    """Generate a shard's missing rows, durably in parts; assemble its output; mark it done."""
-    table = read_shard(shard, schema)
-    ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds, state.check_owner)
-    todo = ck.todo()
-    t1, base_tokens, streamed_tokens = time.time(), state.s["output_tokens"], 0
-    if todo:
+@dataclass
+class _Open:
+    """A shard whose rows are in the engine."""
+
+    shard: Shard
+    ck: ShardCheckpoint
+    todo: List[int]  # positions generated in this attempt (index = the engine's index)
+    left: int
+    started: float
+    tokens: int = 0  # output tokens streamed so far (progress)
+
+
+def run_shards(rd: RunDir, cfg, shards: List[Shard], schema, engine, state: RankState, rows_before: int,
+               rank: int) -> None:
+    """Generate the shards' missing rows through one engine, durably in parts. The next shard's
+    rows join the engine while the current one's still run (below two batches' worth pending),
+    so the batch never drains at a shard boundary. Each shard is assembled and marked done as
+    soon as its last row is durable."""
+    queue, open_ = list(shards), {}
+    low_water = 2 * engine.max_num_seqs
+    base_tokens, finished_rows = state.s["output_tokens"], rows_before
+
+    def progress(force: bool = False) -> None:
+        state.write(force=force, rows_done=finished_rows + sum(len(o.ck.durable) + len(o.ck.buffer)
+                                                               for o in open_.values()),
+                    buffered=sum(len(o.ck.buffer) for o in open_.values()),
+                    output_tokens=base_tokens + sum(o.tokens for o in open_.values()))
+
+    def deliver(tag: int, i: int, result) -> None:
+        o = open_[tag]
+        o.ck.add(o.todo[i], result)
+        o.tokens += result.output_tokens
+        o.left -= 1
+        if o.left == 0:
+            close(o)
+        progress(force=not o.ck.buffer)
+
+    def close(o: _Open) -> None:
+        nonlocal finished_rows, base_tokens
+        o.ck.flush()
+        state.check_owner()
+        done = finish_shard(rd, o.shard, o.ck, rank, time.time() - o.started, o.shard.rows - len(o.todo))
+        del open_[o.shard.shard]
+        state.s["output_tokens"] = base_tokens  # drop what was streamed: the done totals count it
+        state.add_shard(done)
+        finished_rows += o.shard.rows
+        base_tokens = state.s["output_tokens"]
+        state.write(generation_ended_at=time.time())
+
+    def open_next() -> None:
+        shard = queue.pop(0)
+        table = read_shard(shard, schema)
+        ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds, state.check_owner)
+        todo = ck.todo()
+        o = open_[shard.shard] = _Open(shard, ck, todo, len(todo), time.time())
+        if not todo:  # every row already durable in parts: assemble it
+            close(o)
+            return
         prompts = table.column(cfg.data.prompt_column).take(todo).to_pylist()
-        try:
-            for i, result in engine.stream(prompts, [shard.global_start + p for p in todo]):
-                ck.add(todo[i], result)
-                streamed_tokens += result.output_tokens
-                state.write(force=not ck.buffer, rows_done=rows_before + len(ck.durable) + len(ck.buffer),
-                            buffered=len(ck.buffer), output_tokens=base_tokens + streamed_tokens)
-        finally:  # stopped (SIGTERM, preemption) or failed: what is finished becomes durable
-            ck.flush()
-            state.write(buffered=0)
-    state.check_owner()
+        for tag, i, result in engine.add(shard.shard, prompts, [shard.global_start + p for p in todo]):
+            deliver(tag, i, result)
+
+    try:
+        while queue or open_:
+            while queue and engine.pending < low_water:
+                open_next()
+            if open_ and not engine.pending:
+                raise RuntimeError(f"shard(s) {sorted(open_)} wait for rows the engine does not have")
+            for tag, i, result in engine.step():
+                deliver(tag, i, result)
+    finally:  # stopped (SIGTERM, preemption) or failed: what is finished becomes durable
+        for o in open_.values():
+            o.ck.flush()
+        progress(force=True)
+
+
+def finish_shard(rd: RunDir, shard: Shard, ck: ShardCheckpoint, rank: int, seconds: float, resumed: int) -> dict:
+    """Assemble a shard from its parts, write its output, then its done marker, then drop the parts."""
     out = ck.complete()
     with atomic_path(rd.shard_output(shard.shard)) as tmp:
         pq.write_table(out, tmp)
@@ -153,10 +209,9 @@ def generate_shard(rd: RunDir, cfg, shard: Shard, schema, engine, state: RankSta
                 rows_failed=out.num_rows - out.column("error").null_count,
                 prompt_tokens=int(pc.sum(out.column("prompt_tokens")).as_py() or 0),
                 output_tokens=int(pc.sum(out.column("output_tokens")).as_py() or 0),
-                generation_seconds=time.time() - t1, rows_resumed=shard.rows - len(todo), finished_at=time.time())
+                generation_seconds=seconds, rows_resumed=resumed, finished_at=time.time())
     rd.mark_done(shard.shard, done)
     remove_parts(rd, shard.shard)
-    state.s["output_tokens"] = base_tokens  # the caller adds the shard's totals
     return done
 
 
