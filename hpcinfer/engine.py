@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import SamplingConfig
 
@@ -111,15 +111,6 @@ class Engine:
                 done.append((tag, i, RowResult(c.text, c.finish_reason, len(out.prompt_token_ids), len(c.token_ids),
                                                None)))
         return done
-
-    def stream(self, prompts: Sequence[Optional[str]], rows: Sequence[int]) -> Iterator[Tuple[int, RowResult]]:
-        """(index into `prompts`, result) for every prompt, as each finishes: `add` all, then `step`
-        until none is pending. All requests go to the engine at once, as with `LLM.generate`."""
-        for _, i, result in self.add(None, prompts, rows):
-            yield i, result
-        while self._pending:
-            for _, i, result in self.step():
-                yield i, result
 
     def shutdown(self) -> None:
         """Stop engine-core processes so the rank can exit without hanging."""

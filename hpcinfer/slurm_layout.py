@@ -33,9 +33,6 @@ class JobLayout:
         """Tasks that get no rank (a rank count that does not fill the last node evenly)."""
         return self.groups * self.tasks_per_job - ranks
 
-    def rank_of(self, group: int, procid: int) -> int:
-        return group * self.ranks_per_group + procid
-
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
 

@@ -29,7 +29,7 @@ def test_one_job_packs_ranks_onto_nodes():
     j = job_layout(8, 4)
     assert (j.groups, j.ranks_per_group, j.nodes_per_job, j.tasks_per_node) == (1, 8, 2, 4)
     assert j.idle_tasks(8) == 0 and j.nodes == 2
-    assert [j.rank_of(0, p) for p in range(8)] == list(range(8))
+    assert rank_groups(list(range(8)), j) == [list(range(8))]
 
 
 def test_uneven_ranks_spread_over_the_fewest_nodes():
@@ -40,7 +40,7 @@ def test_uneven_ranks_spread_over_the_fewest_nodes():
 def test_array_groups_and_rank_numbering():
     j = job_layout(8, 1, array=4)
     assert (j.groups, j.ranks_per_group, j.nodes_per_job, j.tasks_per_node) == (4, 2, 2, 1)
-    assert [j.rank_of(g, p) for g in range(4) for p in range(2)] == list(range(8))
+    assert rank_groups(list(range(8)), j) == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_max_nodes_per_job_turns_a_large_layout_into_an_array():
