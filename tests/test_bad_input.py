@@ -294,7 +294,7 @@ def test_sbatch_option_names_are_checked(key):
 
 @pytest.mark.parametrize("key", ["Mail", "nodes", "array"])
 def test_plan_refuses_bad_sbatch_option_names(scratch, key):
-    assert_usage_error(scratch.run("plan", "cluster=slurm", f"+cluster.sbatch.{key}=x"), [f"cluster.sbatch"])
+    assert_usage_error(scratch.run("plan", "cluster=slurm", f"+cluster.sbatch.{key}=x"), ["cluster.sbatch"])
 
 
 def test_setup_item_with_a_line_break_is_refused(scratch):

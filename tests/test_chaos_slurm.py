@@ -67,7 +67,7 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     ref_dir = tmp_path / "reference"
     r = hpcinfer("submit", *long_args(long_inputs, ref_dir, "dp=2"))
     assert r.returncode == 0, r.stderr
-    reference = pq.read_table(ref_dir / "results.parquet")
+    expected = pq.read_table(ref_dir / "results.parquet")
     run_dir = tmp_path / "run"
     proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2"), run_dir)
     victim = wait_running(run_dir, 1, 8, proc)["host"]
@@ -80,7 +80,7 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     assert proc.returncode == 0, err
     job = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]["workers"][0]
     assert "Restarts=1" in scontrol_job(job, slurm_env)
-    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    assert pq.read_table(run_dir / "results.parquet").equals(expected)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert victim not in {r["host"] for r in summary["ranks"]}  # the rerun went to other nodes
 
