@@ -52,15 +52,15 @@ def test_preemption_signal_requeues_and_resumes(inputs, tmp_path, slurm_env, ref
 
 @pytest.fixture(scope="module")
 def long_inputs(tmp_path_factory):
-    """Enough work (1200 rows per rank) that a rank still runs when Slurm declares its node dead (~16 s)."""
+    """1200 rows: 600 per rank at dp=2."""
     d = tmp_path_factory.mktemp("long-inputs")
-    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(2400)]
+    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(1200)]
     pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=200)
     return d / "prompts.parquet"
 
 
 def long_args(path, run_dir, *extra):
-    return args(path, run_dir, "data.shard_rows=1200", "sampling.max_tokens=128", *extra)
+    return args(path, run_dir, "data.shard_rows=600", "sampling.max_tokens=128", *extra)
 
 
 def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, slurm_env, hpcinfer):
@@ -69,7 +69,10 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     assert r.returncode == 0, r.stderr
     expected = pq.read_table(ref_dir / "results.parquet")
     run_dir = tmp_path / "run"
-    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2"), run_dir)
+    # small batches: the ranks must outlast Slurm's ~16 s to declare the node dead (results do
+    # not depend on the batch in float32, so the reference ran with vLLM's default batch)
+    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2", "engine.max_num_seqs=16"),
+                                run_dir)
     victim = wait_running(run_dir, 1, 8, proc)["host"]
     script = str(REPO / "slurm" / "cluster.sh")
     subprocess.run(["bash", script, "kill-node", victim], env=slurm_env, check=True, capture_output=True)
