@@ -52,15 +52,15 @@ def test_preemption_signal_requeues_and_resumes(inputs, tmp_path, slurm_env, ref
 
 @pytest.fixture(scope="module")
 def long_inputs(tmp_path_factory):
-    """1200 rows: 600 per rank at dp=2."""
+    """2400 rows: 1200 per rank at dp=2."""
     d = tmp_path_factory.mktemp("long-inputs")
-    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(1200)]
+    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(2400)]
     pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=200)
     return d / "prompts.parquet"
 
 
 def long_args(path, run_dir, *extra):
-    return args(path, run_dir, "data.shard_rows=600", "sampling.max_tokens=128", *extra)
+    return args(path, run_dir, "data.shard_rows=1200", "sampling.max_tokens=128", *extra)
 
 
 def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, slurm_env, hpcinfer):
