@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 # States after which a job (or array element) will not run again by itself.
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -51,6 +51,14 @@ def summarize(states: List[Tuple[str, str]]) -> str:
             return live
     bad = [s for s in names if s != "COMPLETED"]
     return bad[0] if bad else "COMPLETED"
+
+
+def summarized(job_ids: Iterable[str], known: Optional[JobStates] = None) -> Dict[str, str]:
+    """{job id: summarize(...)} for jobs, arrays or array elements; asks Slurm unless `known`
+    (the result of an earlier job_states call that covers them) is given."""
+    ids = [str(j) for j in job_ids]
+    states = job_states(ids) if known is None else known
+    return {j: summarize(states_of(j, states)) for j in ids}
 
 
 def is_live(state: str) -> bool:

@@ -92,17 +92,16 @@ def _jobs(rd: RunDir, plan: dict) -> Dict[str, Any]:
     """Slurm job ids and states of the last submission (empty for local runs)."""
     from .backends.slurm import last_submission, rank_jobs
     from .config import load_run_config
-    from .slurm_queue import job_states, states_of, summarize
+    from .slurm_queue import job_states, summarized
 
     record = last_submission(rd)
     if not record:
         return {"of_rank": {}, "states": {}, "summary": None}
     of_rank = rank_jobs(record, load_run_config(rd.config).cluster.max_array_size)
-    ids = sorted(set(of_rank.values()) | {record["finalize"]})
-    raw = job_states([*record["workers"], record["finalize"]])
-    states = {j: summarize(states_of(j, raw)) for j in ids}
+    raw = job_states([*record["workers"], record["finalize"]])  # array elements come with their arrays
+    states = summarized(set(of_rank.values()) | set(record["workers"]) | {record["finalize"]}, raw)
     return {"of_rank": of_rank, "states": states,
-            "summary": {"workers": {w: summarize(states_of(w, raw)) for w in record["workers"]},
+            "summary": {"workers": {w: states[w] for w in record["workers"]},
                         "finalize": {record["finalize"]: states[record["finalize"]]},
                         "reasons": {j: r for j, (s, r) in raw.items() if s == "PENDING" and r and r != "None"}}}
 

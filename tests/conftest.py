@@ -54,3 +54,31 @@ def slurm_env(cli_env):
     yield {**cli_env, "SLURM_CONF": conf}
     if started:
         subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=300)
+
+
+def submit_results(hpcinfer, run_dir: Path, *args: str):
+    """Run `submit ... run_dir=<run_dir>` to the end (it must succeed); its results table."""
+    import pyarrow.parquet as pq
+
+    r = hpcinfer("submit", *args, f"run_dir={run_dir}")
+    assert r.returncode == 0, r.stderr
+    return pq.read_table(run_dir / "results.parquet")
+
+
+def busy_rank(run_dir: Path, rank: int, min_rows: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
+    """Wait until rank `rank` is generating and has finished `min_rows` rows (its submit `proc`
+    still running); its ranks/<rank>.json record (pid, host, ...)."""
+    import json
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            s = json.loads((run_dir / "ranks" / f"{rank}.json").read_text())
+        except (OSError, ValueError):
+            s = {}
+        if s.get("state") == "running" and s.get("rows_done", 0) >= min_rows:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"rank {rank} never got busy")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, busy_rank, submit_results
 
 pytestmark = pytest.mark.vllm
 
@@ -38,9 +38,7 @@ def args(inputs, run_dir, *extra):
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory, hpcinfer):
     run_dir = tmp_path_factory.mktemp("chaos-ref") / "run"
-    r = hpcinfer("submit", *args(inputs, run_dir, "dp=1"))
-    assert r.returncode == 0, r.stderr
-    return pq.read_table(run_dir / "results.parquet")
+    return submit_results(hpcinfer, run_dir, *args(inputs, run_dir, "dp=1"))
 
 
 def start(cli_env, *argv):
@@ -48,21 +46,11 @@ def start(cli_env, *argv):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when_busy(run_dir, rank, min_rows, proc, timeout=300):
+def kill_when_busy(run_dir, rank, min_rows, proc):
     """SIGKILL rank `rank`'s worker once it has finished `min_rows` rows of its shard (mid-shard)."""
-    deadline = time.time() + timeout
-    path = run_dir / "ranks" / f"{rank}.json"
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            s = json.loads(path.read_text())
-        except (OSError, ValueError):
-            s = {}
-        if s.get("state") == "running" and s.get("rows_done", 0) >= min_rows:
-            os.kill(s["pid"], signal.SIGKILL)
-            return s["rows_done"]
-        time.sleep(0.02)
-    raise AssertionError(f"rank {rank} never got busy")
+    s = busy_rank(run_dir, rank, min_rows, proc)
+    os.kill(s["pid"], signal.SIGKILL)
+    return s["rows_done"]
 
 
 def test_kill9_mid_shard_then_resume_is_exactly_once(inputs, tmp_path, cli_env, hpcinfer, reference):

@@ -6,37 +6,22 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, busy_rank, submit_results
 from test_chaos_local import args, inputs, reference  # noqa: F401  (module fixtures)
 from test_e2e_slurm import scontrol_job, submit_in_background
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slurm]
 
 
-def wait_running(run_dir, rank, min_rows, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            s = json.loads((run_dir / "ranks" / f"{rank}.json").read_text())
-        except (OSError, ValueError):
-            s = {}
-        if s.get("state") == "running" and s.get("rows_done", 0) >= min_rows:
-            return s
-        time.sleep(0.05)
-    raise AssertionError(f"rank {rank} never got busy")
-
-
 def test_preemption_signal_requeues_and_resumes(inputs, tmp_path, slurm_env, reference):  # noqa: F811
     run_dir = tmp_path / "run"
     proc = submit_in_background(slurm_env, args(inputs, run_dir, "dp=2"), run_dir)
-    wait_running(run_dir, 0, 24, proc)
+    busy_rank(run_dir, 0, 24, proc)
     job = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]["workers"][0]
     subprocess.run(["scancel", "--signal=USR2", job], env=slurm_env, check=True)
     out, err = proc.communicate(timeout=600)
@@ -65,15 +50,13 @@ def long_args(path, run_dir, *extra):
 
 def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, slurm_env, hpcinfer):
     ref_dir = tmp_path / "reference"
-    r = hpcinfer("submit", *long_args(long_inputs, ref_dir, "dp=2"))
-    assert r.returncode == 0, r.stderr
-    expected = pq.read_table(ref_dir / "results.parquet")
+    expected = submit_results(hpcinfer, ref_dir, *long_args(long_inputs, ref_dir, "dp=2"))
     run_dir = tmp_path / "run"
     # small batches: the ranks must outlast Slurm's ~16 s to declare the node dead (results do
     # not depend on the batch in float32, so the reference ran with vLLM's default batch)
     proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2", "engine.max_num_seqs=16"),
                                 run_dir)
-    victim = wait_running(run_dir, 1, 8, proc)["host"]
+    victim = busy_rank(run_dir, 1, 8, proc)["host"]
     script = str(REPO / "slurm" / "cluster.sh")
     subprocess.run(["bash", script, "kill-node", victim], env=slurm_env, check=True, capture_output=True)
     try:
@@ -91,7 +74,7 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
 def test_killed_rank_process_in_a_slurm_task_restarts_in_place(inputs, tmp_path, slurm_env, reference):  # noqa: F811
     run_dir = tmp_path / "run"
     proc = submit_in_background(slurm_env, args(inputs, run_dir, "dp=2", "rank_retries=1"), run_dir)
-    os.kill(wait_running(run_dir, 0, 16, proc)["pid"], signal.SIGKILL)
+    os.kill(busy_rank(run_dir, 0, 16, proc)["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert pq.read_table(run_dir / "results.parquet").equals(reference)

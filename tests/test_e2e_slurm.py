@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, submit_results
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slurm]
 
@@ -38,9 +38,7 @@ def common(inputs, run_dir, *extra):
 @pytest.fixture(scope="module")
 def local_results(inputs, tmp_path_factory, hpcinfer):
     run_dir = tmp_path_factory.mktemp("slurm-ref") / "run"
-    r = hpcinfer("submit", *common(inputs, run_dir, "dp=1"))
-    assert r.returncode == 0, r.stderr
-    return pq.read_table(run_dir / "results.parquet")
+    return submit_results(hpcinfer, run_dir, *common(inputs, run_dir, "dp=1"))
 
 
 def slurm_run(slurm_env, *args, timeout=600):

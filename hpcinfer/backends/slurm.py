@@ -22,7 +22,7 @@ from ..errors import EXIT_FAILED, UserError, one_line
 from ..progress import ProgressDisplay, snapshot
 from ..rundir import RunDir, atomic_write_json
 from ..slurm_layout import JobLayout, array_chunks, rank_groups, slurm_time_minutes
-from ..slurm_queue import cancel, is_live, job_states, states_of, summarize
+from ..slurm_queue import cancel, is_live, summarized
 
 
 START_TEST_CLUSTER = 'bash slurm/cluster.sh start && eval "$(bash slurm/cluster.sh env)"'
@@ -150,9 +150,7 @@ def live_jobs(record: Optional[Dict[str, Any]]) -> Dict[str, str]:
     """{job id: state} of the record's jobs that are still pending or running."""
     if not record:
         return {}
-    ids = [*record["workers"], record["finalize"]]
-    states = job_states(ids)
-    out = {j: summarize(states_of(j, states)) for j in ids}
+    out = summarized([*record["workers"], record["finalize"]])
     return {j: s for j, s in out.items() if is_live(s)}
 
 
@@ -169,7 +167,7 @@ def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
                 display.update(snapshot(rd, rows), final=True)
                 log(("" if outcome["exit_code"] else "done: ") + outcome["message"])
                 return int(outcome["exit_code"])
-            state = summarize(states_of(fin, job_states([fin])))
+            state = summarized([fin])[fin]
             unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
             if unknown_since and time.time() - unknown_since > max(120.0, 10 * poll_s):
                 log(f"finalize job {fin} is not known to Slurm (squeue, sacct) any more and recorded no "
