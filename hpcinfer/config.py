@@ -84,6 +84,7 @@ class DataConfig:
     prompt_column: str = "prompt"  # string column holding the prompt text
     id_column: Optional[str] = None  # optional column whose values must be unique
     shard_rows: int = 1024  # at most this many rows per shard (the unit of durable output)
+    max_tokens_column: Optional[str] = None  # optional integer column: this row's output cap (null: sampling.max_tokens)
     demo_rows: int = 300  # rows of the built-in demo set (data.input=null)
 
 
@@ -94,6 +95,21 @@ class CheckpointConfig:
 
     rows: int = 256  # write a part after this many finished rows ...
     seconds: float = 60.0  # ... or after this many seconds, whichever comes first
+
+
+@dataclass
+class ScheduleConfig:
+    """Which rank generates which shard.
+
+    dynamic: shards are cut by estimated tokens (prompt bytes / 4 + the row's max_tokens), and
+    ranks claim them from the run directory, largest first, as they have room; a claim is a lease
+    that another rank takes over when its holder is gone (failed, stopped, or silent for
+    `lease_s`). static: each rank generates its own contiguous share of the rows (what vLLM's
+    data_parallel.py does); MoE ranks in lockstep (ep=true) always use it."""
+
+    mode: str = "dynamic"  # "dynamic" | "static"
+    shards_per_rank: int = 8  # dynamic: cut about this many shards per rank (more = a shorter tail)
+    lease_s: float = 120.0  # dynamic: a claim whose holder shows no heartbeat this long is taken over
 
 
 @dataclass
@@ -157,6 +173,7 @@ class RunConfig:
     ep: bool = False  # expert parallel (MoE models only)
     engine: Dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM (nulls dropped)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     rank_retries: int = 1  # times a failed rank process is restarted (in place) before it counts as failed
     run_dir: Optional[str] = None  # null = outputs/<date>/<time>
     cache_dir: Optional[str] = None  # built-in models and demo data; null = $HPCINFER_CACHE or ~/.cache/hpcinfer
@@ -169,6 +186,17 @@ class RunConfig:
     @property
     def world_gpus(self) -> int:
         return self.dp * self.tp * self.pp
+
+    @property
+    def lockstep(self) -> bool:
+        """MoE with expert parallelism: the DP ranks form one vLLM data-parallel group that steps
+        together (VLLM_DP_* variables, static work per rank)."""
+        return self.ep and self.model.moe
+
+    @property
+    def dynamic(self) -> bool:
+        """Ranks claim shards from the run directory (see ScheduleConfig)."""
+        return self.schedule.mode == "dynamic" and not self.lockstep
 
     @property
     def cache_path(self) -> str:
@@ -253,6 +281,12 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
                       f"seconds={cfg.checkpoint.seconds!r}")
+    sch = cfg.schedule
+    if sch.mode not in ("dynamic", "static"):
+        errors.append(f"schedule.mode must be 'dynamic' or 'static', got {sch.mode!r}")
+    if sch.shards_per_rank < 1 or sch.lease_s <= 0:
+        errors.append(f"schedule.shards_per_rank must be >= 1 and schedule.lease_s > 0, got "
+                      f"shards_per_rank={sch.shards_per_rank!r} lease_s={sch.lease_s!r}")
     if cfg.rank_retries < 0:
         errors.append(f"rank_retries must be >= 0, got {cfg.rank_retries!r}")
     if isinstance(cfg.cluster, SlurmClusterConfig):
@@ -322,7 +356,9 @@ def _data_errors(d: DataConfig) -> List[str]:
         errs.append("data.prompt_column must name a column")
     if d.id_column is not None and d.id_column == d.prompt_column:
         errs.append(f"data.id_column={d.id_column!r} must differ from data.prompt_column")
-    for col in (d.prompt_column, d.id_column):
+    if d.max_tokens_column is not None and d.max_tokens_column in (d.prompt_column, d.id_column):
+        errs.append(f"data.max_tokens_column={d.max_tokens_column!r} must differ from the prompt and id columns")
+    for col in (d.prompt_column, d.id_column, d.max_tokens_column):
         if col in OUTPUT_COLUMNS:
             errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")
     return errs
