@@ -1,9 +1,14 @@
 """Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
 
 The global row order is the order of the input files (sorted paths) and, within a file, its row
-order. Ranks get contiguous, near-equal ranges of that order (the remainder spread over the first
-ranks); each range is cut into shards at file boundaries and at `data.shard_rows`. `partition`
-and `make_shards` are pure; reading files and writing the manifest are at the edges.
+order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
+
+- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
+  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
+- `cut_by_tokens` (dynamic): shards of about equal *estimated tokens* (see `row_tokens`), cut at
+  file boundaries and at `data.shard_rows`; ranks claim them at run time, largest first
+  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
+  it (`expected_ranks`), for the plan.
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Shard:
-    """A contiguous range of one input file's rows, owned by one rank."""
+    """A contiguous range of one input file's rows: owned by one rank (static), or claimed by
+    whichever rank has room (dynamic; `rank` is then the expected one)."""
 
     shard: int
     rank: int
@@ -52,6 +58,7 @@ class Shard:
     file_start: int
     file_end: int
     global_start: int
+    tokens: int = 0  # estimated prompt + output tokens of its rows (the dynamic schedule's size)
 
     @property
     def rows(self) -> int:
@@ -98,6 +105,96 @@ def make_shards(files: Sequence[InputFile], ranks: int, max_rows: int) -> List[S
     return shards
 
 
+def cut_by_tokens(files: Sequence[InputFile], tokens: Sequence[Sequence[int]], ranks: int, shards_per_rank: int,
+                  max_rows: int) -> List[Shard]:
+    """Cut the global row order into shards of about total_tokens / (ranks x shards_per_rank)
+    estimated tokens (`tokens[i][j]`: row j of file i), never across a file boundary and never
+    over `max_rows` rows. Shards are numbered in global order; `rank` is `expected_ranks`'."""
+    import numpy as np
+
+    if max_rows < 1 or shards_per_rank < 1 or ranks < 1:
+        raise ValueError(f"max_rows, shards_per_rank and ranks must be >= 1, got {max_rows}, {shards_per_rank}, {ranks}")
+    per_file = [np.asarray(t, dtype=np.int64) for t in tokens]
+    total = int(sum(int(t.sum()) for t in per_file))
+    target = max(1, -(-total // (ranks * shards_per_rank)))
+    cuts: List[Tuple[int, int, int, int, int]] = []  # (file index, start, end, global start, tokens)
+    offset = 0
+    for i, (f, t) in enumerate(zip(files, per_file, strict=True)):
+        if len(t) != f.rows:
+            raise ValueError(f"{f.path}: {len(t)} token estimates for {f.rows} rows")
+        cum = np.concatenate(([0], np.cumsum(t)))
+        start = 0
+        while start < f.rows:
+            by_tokens = int(np.searchsorted(cum, cum[start] + target, side="left"))
+            end = min(max(by_tokens, start + 1), start + max_rows, f.rows)
+            cuts.append((i, start, end, offset + start, int(cum[end] - cum[start])))
+            start = end
+        offset += f.rows
+    home = expected_ranks([c[4] for c in cuts], ranks)
+    return [Shard(n, home[n], files[i].path, lo, hi, g, tok) for n, (i, lo, hi, g, tok) in enumerate(cuts)]
+
+
+def claim_order(shards: Sequence[Shard]) -> List[Shard]:
+    """The order ranks claim shards in: largest estimated tokens first, then input order (the
+    longest-processing-time-first rule: long work starts early, short work fills the tail)."""
+    return sorted(shards, key=lambda s: (-s.tokens, s.shard))
+
+
+def expected_ranks(sizes: Sequence[int], ranks: int) -> List[int]:
+    """For each item, the rank greedy longest-first assignment gives it (the least loaded rank
+    when its turn comes, lowest rank on ties): what dynamic claiming approximates."""
+    import heapq
+
+    load = [(0, r) for r in range(ranks)]
+    out = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        used, r = heapq.heappop(load)
+        out[i] = r
+        heapq.heappush(load, (used + sizes[i], r))
+    return out
+
+
+# ---- token estimates -------------------------------------------------------------------
+BYTES_PER_TOKEN = 4  # a rough rule for BPE tokenizers on text; only relative sizes matter
+
+
+def row_tokens(files: Sequence[InputFile], prompt_column: str, max_tokens_column: Optional[str],
+               max_tokens: int) -> List["np.ndarray"]:  # noqa: F821
+    """Estimated tokens of every row, per file: prompt UTF-8 bytes / BYTES_PER_TOKEN plus the
+    row's output cap (its `max_tokens_column` value, else `max_tokens`). Streams the columns
+    batch by batch, so memory stays small whatever the prompt sizes."""
+    import numpy as np
+
+    out = []
+    for f in files:
+        parts = []
+        if f.rows:
+            columns = [prompt_column] + ([max_tokens_column] if max_tokens_column else [])
+            for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=columns):
+                nbytes = pc.fill_null(pc.binary_length(batch.column(0).cast(pa.large_string())), 0)
+                cap = (pc.fill_null(batch.column(1), max_tokens).to_numpy(zero_copy_only=False)
+                       if max_tokens_column else max_tokens)
+                parts.append(nbytes.to_numpy(zero_copy_only=False) // BYTES_PER_TOKEN + 1 + cap)
+        out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64))
+    return out
+
+
+def check_max_tokens(inputs: Inputs, column: str) -> None:
+    """The per-row output cap column holds integers >= 1 (nulls: sampling.max_tokens)."""
+    typ = inputs.schema.field(column).type
+    if not pa.types.is_integer(typ) and not pa.types.is_null(typ):
+        raise DataError(f"data.max_tokens_column={column!r} has type {typ}; expected integers")
+    for f in inputs.files:
+        if not f.rows or pa.types.is_null(typ):
+            continue
+        values = _read_column(f.path, column)
+        bad = pc.less(values, 1)
+        if pc.any(bad).as_py():
+            row = _rows_where(bad)[0]
+            raise DataError(f"data.max_tokens_column={column!r} must be >= 1, but row {row} of {f.path!r} "
+                            f"has {values[row].as_py()!r}")
+
+
 # ---- discovery and checks ---------------------------------------------------------------
 def discover(spec: str) -> List[str]:
     """Input files for a path, a directory (its *.parquet files) or a glob, in sorted order."""
@@ -117,7 +214,8 @@ def discover(spec: str) -> List[str]:
     return [spec]
 
 
-def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None) -> Inputs:
+def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None,
+         max_tokens_column: Optional[str] = None) -> Inputs:
     """Open every file's footer, check the columns, unify the schemas. Reads no row data except
     the id column when one is given (to check it is unique)."""
     files, schemas = [], []
@@ -127,7 +225,7 @@ def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = No
         files.append(InputFile(os.path.abspath(path), pf.metadata.num_rows))
         if len(schema) == 0 and pf.metadata.num_rows == 0:
             continue  # an empty file without columns: nothing to check
-        _check_columns(path, schema, prompt_column, id_column)
+        _check_columns(path, schema, prompt_column, id_column, max_tokens_column)
         schemas.append((path, schema.remove_metadata()))
     if not schemas:
         raise DataError(f"data.input has no columns: {[f.path for f in files]!r}")
@@ -136,6 +234,8 @@ def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = No
         raise DataError(f"data.input has no rows: all {len(files)} file(s) are empty, e.g. {files[0].path!r}")
     if id_column is not None:
         check_unique_ids(inputs, id_column)
+    if max_tokens_column is not None:
+        check_max_tokens(inputs, max_tokens_column)
     return inputs
 
 
@@ -165,7 +265,8 @@ def _check_readable(path: str) -> None:
     raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give Parquet files")
 
 
-def _check_columns(path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str]) -> None:
+def _check_columns(path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str],
+                   max_tokens_column: Optional[str] = None) -> None:
     names = schema.names
     if prompt_column not in names:
         raise DataError(f"data.prompt_column={prompt_column!r} is not a column of {path!r} (columns: {names})")
@@ -175,6 +276,8 @@ def _check_columns(path: str, schema: pa.Schema, prompt_column: str, id_column: 
         raise DataError(f"data.prompt_column={prompt_column!r} in {path!r} has type {ptype}; expected string")
     if id_column is not None and id_column not in names:
         raise DataError(f"data.id_column={id_column!r} is not a column of {path!r} (columns: {names})")
+    if max_tokens_column is not None and max_tokens_column not in names:
+        raise DataError(f"data.max_tokens_column={max_tokens_column!r} is not a column of {path!r} (columns: {names})")
     clash = [c for c in OUTPUT_COLUMNS if c in names]
     if clash:
         raise DataError(f"{path!r} already has column(s) {clash}, which hpcinfer adds to the output; rename them")
@@ -252,7 +355,7 @@ def read_manifest(path: str) -> Tuple[List[Shard], pa.Schema]:
 
 _MANIFEST_SCHEMA = pa.schema([
     ("shard", pa.int64()), ("rank", pa.int64()), ("path", pa.string()),
-    ("file_start", pa.int64()), ("file_end", pa.int64()), ("global_start", pa.int64()),
+    ("file_start", pa.int64()), ("file_end", pa.int64()), ("global_start", pa.int64()), ("tokens", pa.int64()),
 ])
 
 

@@ -76,9 +76,11 @@ class Engine:
         sched = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
         return int(getattr(sched, "max_num_seqs", None) or 256)
 
-    def add(self, tag: Any, prompts: Sequence[Optional[str]], rows: Sequence[int]) -> List[Finished]:
-        """Queue `prompts` (global row numbers `rows`, for per-row seeds) under `tag`. Returns the
-        rows that cannot be generated, as finished with their error; `step` returns the others."""
+    def add(self, tag: Any, prompts: Sequence[Optional[str]], rows: Sequence[int],
+            max_tokens: Optional[Sequence[Optional[int]]] = None) -> List[Finished]:
+        """Queue `prompts` (global row numbers `rows`, for per-row seeds) under `tag`, each with
+        its own output cap when `max_tokens` gives one. Returns the rows that cannot be generated,
+        as finished with their error; `step` returns the others."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -93,7 +95,8 @@ class Engine:
                 continue
             request_id = f"hpcinfer-{rows[i]}-{next(self._requests)}"
             # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
-            params = SamplingParams(**base, seed=row_seed(self.sampling, rows[i]),
+            cap = max_tokens[i] if max_tokens is not None and max_tokens[i] is not None else base["max_tokens"]
+            params = SamplingParams(**{**base, "max_tokens": cap}, seed=row_seed(self.sampling, rows[i]),
                                     output_kind=RequestOutputKind.FINAL_ONLY)
             self._pending[request_id] = (tag, i)
             internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": toks}, params)
@@ -111,6 +114,19 @@ class Engine:
                 done.append((tag, i, RowResult(c.text, c.finish_reason, len(out.prompt_token_ids), len(c.token_ids),
                                                None)))
         return done
+
+    def abort(self, tag: Any) -> None:
+        """Drop the unfinished requests added under `tag` (their shard went to another rank)."""
+        ids = [rid for rid, (t, _) in self._pending.items() if t == tag]
+        for rid in ids:
+            del self._pending[rid]
+        if ids:
+            self.llm.llm_engine.abort_request(ids)
+
+    def group_busy(self) -> bool:
+        """Lockstep (MoE data-parallel group): whether any rank of the group still has requests.
+        An idle rank must keep stepping while it does (vLLM runs dummy batches for it)."""
+        return bool(self.llm.llm_engine.has_unfinished_requests())
 
     def shutdown(self) -> None:
         """Stop engine-core processes so the rank can exit without hanging."""

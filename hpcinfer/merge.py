@@ -95,9 +95,10 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
     per_rank: Dict[int, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for s in shards:
         done = rd.read_done(s.shard)
+        who = done.get("rank", s.rank)  # the rank that generated it (dynamic: whoever claimed it)
         for key in ("rows", "rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
-            per_rank[s.rank][key] += done[key]
-        per_rank[s.rank]["host"] = done["host"]
+            per_rank[who][key] += done[key]
+        per_rank[who]["host"] = done["host"]
     starts = [r["generation_started_at"] for r in ranks.values() if r.get("generation_started_at")]
     ends = [r["generation_ended_at"] for r in ranks.values() if r.get("generation_ended_at")]
     gen_seconds = max(ends) - min(starts) if starts and ends else 0.0

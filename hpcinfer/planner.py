@@ -148,6 +148,8 @@ class Plan:
     rank_plans: List[RankPlan] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     jobs: Optional[JobLayout] = None  # Slurm: how the ranks are grouped into jobs and nodes
+    schedule: str = "static"  # "dynamic": ranks claim shards at run time (rank_plans are expectations)
+    tokens: int = 0  # estimated prompt + output tokens of all rows
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -191,7 +193,8 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
                 gpus_per_rank=cfg.gpus_per_rank, nodes=jobs.nodes if jobs else 1, rows=n_rows, files=n_files,
                 shards=len(shards), memory=memory, engine_args=engine_args,
                 model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
-                rank_plans=rank_plans, notes=notes, jobs=jobs)
+                rank_plans=rank_plans, notes=notes, jobs=jobs, schedule="dynamic" if cfg.dynamic else "static",
+                tokens=sum(s.tokens for s in shards))
 
 
 def slurm_jobs(cfg: RunConfig, ranks: int, nodes: Optional[int] = -1) -> JobLayout:
@@ -235,14 +238,18 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"slurm      {array} x {j.nodes_per_job} node(s) x {j.tasks_per_node} task(s) per node "
                      f"({j.ranks_per_group} rank(s) per job), then a finalize job")
     per_rank = ", ".join(str(rp.rows) for rp in plan.rank_plans)
-    lines.append(f"work       {plan.rows} rows in {plan.files} file(s) -> {plan.shards} shard(s); "
-                 f"{plan.ranks} rank(s) with rows {per_rank}")
+    dynamic = plan.schedule == "dynamic"
+    lines.append(f"work       {plan.rows} rows in {plan.files} file(s) (~{plan.tokens:,} tokens) -> {plan.shards} "
+                 f"shard(s); {plan.ranks} rank(s) with rows {per_rank}"
+                 + (" expected: ranks claim shards as they have room, largest first" if dynamic else ""))
     for rp in plan.rank_plans:
         span = f"shards {rp.shards[0]}-{rp.shards[-1]}" if rp.shards else "no shards"
+        if dynamic:
+            span = "claims at run time"
         dev = ("gpu " if plan.device_kind == "cuda" else "cpu ") + (",".join(rp.devices) or "(its task's)")
         if rp.job is not None:
             dev = f"job {rp.job} node {rp.node} {dev}"
-        lines.append(f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows)")
+        lines.append(f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows{' expected' if dynamic else ''})")
     if mem.weights_gib is not None:
         kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"
         if mem.kv_tokens:

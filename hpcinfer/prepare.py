@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List
 
 from .config import RunConfig, SlurmClusterConfig, engine_args, validate
-from .data import Inputs, InputFile, Shard, active_ranks, discover, make_shards, scan
+from .data import Inputs, InputFile, Shard, active_ranks, cut_by_tokens, discover, make_shards, row_tokens, scan
 from .devices import Devices, detect
 from .doctor import conflict_message
 from .errors import UserError
@@ -41,14 +41,31 @@ def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
         inputs = _demo_inputs(cfg)
     else:
         spec = cfg.data.input or ensure_demo_data(cfg.data.demo_rows, cfg.cache_path)
-        inputs = scan(discover(spec), cfg.data.prompt_column, cfg.data.id_column)
+        inputs = scan(discover(spec), cfg.data.prompt_column, cfg.data.id_column, cfg.data.max_tokens_column)
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
-    shards = make_shards(inputs.files, ranks, cfg.data.shard_rows)
+    shards = cut_shards(cfg, inputs, ranks)
     shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)
     plan = make_plan(cfg, shape, devices, engine_args(cfg, model_path), shards, inputs.rows,
                      len(inputs.files), ranks)
     return Prepared(plan, inputs, shards, devices)
+
+
+def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int) -> List[Shard]:
+    """The run's shards: by estimated tokens for the dynamic schedule, by rows per rank for the
+    static one (then `tokens` is still filled in, for the plan)."""
+    import numpy as np
+
+    d = cfg.data
+    if all(os.path.isfile(f.path) for f in inputs.files):
+        tokens = row_tokens(inputs.files, d.prompt_column, d.max_tokens_column, cfg.sampling.max_tokens)
+    else:  # plan of the demo set before it exists: only the output caps are known
+        tokens = [np.full(f.rows, cfg.sampling.max_tokens + 16, dtype=np.int64) for f in inputs.files]
+    if cfg.dynamic:
+        return cut_by_tokens(inputs.files, tokens, ranks, cfg.schedule.shards_per_rank, d.shard_rows)
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+    return [replace(s, tokens=int(flat[s.global_start:s.global_start + s.rows].sum()))
+            for s in make_shards(inputs.files, ranks, d.shard_rows)]
 
 
 def _demo_inputs(cfg: RunConfig) -> Inputs:

@@ -6,12 +6,14 @@ inspected on its own (as datatrove's executors coordinate through one logging fo
     <run_dir>/
       config.yaml            the resolved config of the run
       plan.json              layout, devices per rank, engine_args, memory estimate
-      manifest.parquet       one row per shard (rank, file, row range, global start)
+      manifest.parquet       one row per shard (rank, file, row range, global start, est. tokens)
       shards/<id>.parquet    a finished shard's output (written to a temp file, then renamed)
       shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
       done/<id>.json         written only after the shard output is durable
       ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
       ranks/<r>.owner        which attempt of the rank may write (the newest start)
+      ranks/<r>.beat         the attempt's heartbeat (dynamic schedule: claims.py)
+      claims/<id>.<gen>      which attempt claimed a shard (dynamic schedule: claims.py)
       logs/rank-<r>.log      per-rank output
       lock                   held (flock) while a submission of this run is live
       jobs.json              Slurm: every submission's worker and finalize job ids
@@ -131,6 +133,9 @@ class RunDir:
 
     def rank_owner(self, rank: int) -> Path:
         return self.ranks_dir / f"{rank}.owner"
+
+    def rank_beat(self, rank: int) -> Path:
+        return self.ranks_dir / f"{rank}.beat"
 
     def rank_log(self, rank: int) -> Path:
         return self.logs_dir / f"rank-{rank}.log"

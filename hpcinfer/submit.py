@@ -35,6 +35,7 @@ from .secrets import redact
 
 # Config sections that determine the results: a run directory is only continued with equal values.
 RESULT_KEYS = ("model", "sampling", "data", "engine", "tp", "pp", "dp", "ep")
+SHARDING_KEYS = ("schedule.mode", "schedule.shards_per_rank")  # they change the manifest
 
 
 def log(msg: str) -> None:
@@ -44,7 +45,8 @@ def log(msg: str) -> None:
 def config_differences(old: RunConfig, new: RunConfig) -> List[str]:
     """Result-affecting keys whose values differ, as 'key: old -> new'. Pure."""
     a, b = _flat(OmegaConf.to_container(OmegaConf.structured(old))), _flat(OmegaConf.to_container(OmegaConf.structured(new)))
-    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in RESULT_KEYS and a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if (k.split(".")[0] in RESULT_KEYS or k in SHARDING_KEYS)
+                  and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
@@ -115,7 +117,7 @@ def _queue(rd: RunDir, cfg: RunConfig, plan) -> dict:
     if live:
         log(f"already queued: {', '.join(f'job {j} {s}' for j, s in live.items())}; nothing submitted")
         return record
-    ranks = list(range(plan.ranks)) if cfg.ep else unfinished_ranks(rd, plan)  # lockstep: all together
+    ranks = unfinished_ranks(rd, plan)
     jobs = plan.jobs if len(ranks) == plan.ranks else slurm_jobs(cfg, len(ranks), nodes=None)
     record = slurm.submit_jobs(rd, cfg, ranks, jobs)
     log(f"queued worker job(s) {' '.join(record['workers'])} for {len(ranks)} rank(s) ({jobs.groups} job(s) x "
@@ -125,8 +127,12 @@ def _queue(rd: RunDir, cfg: RunConfig, plan) -> dict:
 
 
 def unfinished_ranks(rd: RunDir, plan) -> List[int]:
-    """Ranks with at least one shard not done (all of them for a new run)."""
+    """The ranks to start: static, those with a shard not done (all of them for a new run); when
+    shards are claimed (dynamic) or ranks step in lockstep (MoE with ep), all of them while any
+    shard is not done."""
     done = rd.done_shards()
+    if plan.schedule == "dynamic" or plan.ep:
+        return [rp.rank for rp in plan.rank_plans] if len(done) < plan.shards else []
     return [rp.rank for rp in plan.rank_plans if any(s not in done for s in rp.shards)]
 
 

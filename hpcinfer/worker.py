@@ -1,9 +1,11 @@
 """The in-job worker: one rank's loop. `python -m hpcinfer.worker <run_dir>`
 
-Started by a backend with the environment of `ranks.rank_env`. It builds one vLLM engine, then
-for each of its shards not yet done: reads the rows, generates, writes the shard output
-atomically, and only then writes the shard's done marker. A restarted rank skips done shards, so
-a shard's rows are never written twice. Its state and counters go to `ranks/<rank>.json`.
+Started by a backend with the environment of `ranks.rank_env`. It builds one vLLM engine and
+streams shards through it: with the dynamic schedule it claims them from the run directory as the
+batch has room, largest first (`ClaimedWork`, claims.py); with the static one it takes its own
+(`StaticWork`). For each shard it writes finished rows in durable parts, then the shard output
+atomically, and only then the done marker; a restarted rank skips done shards and rows already in
+parts, so no row is written twice. Its state and counters go to `ranks/<rank>.json`.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import pyarrow.parquet as pq
 from .config import engine_args, load_run_config
 from .errors import exit_on_signal
 from .checkpoint import ShardCheckpoint, remove_parts
-from .data import Shard, read_manifest, read_shard
+from .claims import ClaimLost, Claims, Heartbeat
+from .data import Shard, claim_order, read_manifest, read_shard
 from .ranks import RankContext, context_from_env, pin_to_cores
 from .rundir import RunDir, atomic_path, atomic_write
 
@@ -46,7 +49,7 @@ class RankState:
         atomic_write(rd.rank_owner(ctx.rank), self.token)
         before = rd.read_optional(rd.rank_file(ctx.rank)) or {}
         lost = before.get("buffered", 0) if before.get("state") not in (None, "done") else 0
-        self.s = dict(rank=ctx.rank, host=socket.gethostname(), pid=os.getpid(), device_kind=ctx.device_kind,
+        self.s = dict(rank=ctx.rank, token=self.token, host=socket.gethostname(), pid=os.getpid(), device_kind=ctx.device_kind,
                       devices=ctx.devices, state="starting", rows_total=rows_total, rows_done=0, rows_failed=0,
                       prompt_tokens=0, output_tokens=0, shards_total=shards_total, shards_done=0, buffered=0,
                       attempts=before.get("attempts", 0) + 1,
@@ -85,27 +88,34 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
     cfg = load_run_config(rd.config)
     plan = rd.read_plan()
     shards, schema = read_manifest(str(rd.manifest))
-    mine = [s for s in shards if s.rank == ctx.rank]
-    state = RankState(rd, ctx, sum(s.rows for s in mine), len(mine))
+    expected = [s for s in shards if s.rank == ctx.rank]
+    state = RankState(rd, ctx, sum(s.rows for s in expected), len(expected))
     finished_rows = 0
-    for s in mine:  # shards finished by an earlier attempt count as done
+    for s in shards:  # shards this rank finished in an earlier attempt count as its own
         if rd.is_done(s.shard):
-            state.add_shard(rd.read_done(s.shard))
-            finished_rows += s.rows
-            remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
-    todo = [s for s in mine if not rd.is_done(s.shard)]
+            done = rd.read_done(s.shard)
+            if done.get("rank") == ctx.rank:
+                state.add_shard(done)
+                finished_rows += s.rows
+            if rd.shard_parts(s.shard).exists():
+                remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
+    work = (ClaimedWork(rd, ctx.rank, state.token, shards, cfg.schedule.lease_s) if cfg.dynamic
+            else StaticWork(rd, expected))
     state.write(rows_done=finished_rows)
     print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
-          f"{len(todo)} of {len(mine)} shard(s) to do (attempt {state.s['attempts']})", flush=True)
+          f"{work.describe()} (attempt {state.s['attempts']})", flush=True)
     try:
-        if todo:
+        if not work.exhausted() or cfg.lockstep:  # a lockstep rank steps with its group even when idle
             from .engine import Engine
 
             t0 = time.time()
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
             engine = Engine(engine_args(cfg, plan["engine_args"]["model"]), cfg.sampling)
             state.write(state="running", engine_seconds=time.time() - t0, generation_started_at=time.time())
-            run_shards(rd, cfg, todo, schema, engine, state, finished_rows, ctx.rank)
+            run_shards(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank)
+            if cfg.lockstep:
+                while engine.group_busy():  # idle here, busy elsewhere: vLLM runs a dummy batch
+                    engine.step()
             engine.shutdown()
         state.write(state="done", finished_at=time.time())
         print(f"rank {ctx.rank} done: {state.s['rows_done']} rows, {state.s['output_tokens']} output tokens",
@@ -122,6 +132,74 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
             state.write(state="stopped" if stopped else "failed", finished_at=time.time(),
                         error=f"{type(e).__name__}: {e}"[:2000])
         return 1
+    finally:
+        work.close()
+
+
+class StaticWork:
+    """schedule.mode=static (and MoE lockstep): this rank's own shards, in order."""
+
+    room_batches = 2  # keep this many batches' worth of rows in the engine
+
+    def __init__(self, rd: RunDir, mine: List[Shard]):
+        self.total = len(mine)
+        self.queue = [s for s in mine if not rd.is_done(s.shard)]
+
+    def describe(self) -> str:
+        return f"{len(self.queue)} of {self.total} shard(s) to do"
+
+    def next(self) -> Optional[Shard]:
+        return self.queue.pop(0) if self.queue else None
+
+    def exhausted(self) -> bool:
+        return not self.queue
+
+    def check(self, shard: int) -> None:
+        pass
+
+    def release(self, shard: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ClaimedWork:
+    """schedule.mode=dynamic: shards claimed from the run directory, largest first (claims.py).
+    An idle rank stays while other ranks hold unfinished shards, to take them over if they die."""
+
+    room_batches = 1  # claim only what the batch can start: the rest stays for idle ranks
+    poll_s = 1.0  # how often an idle rank looks for claimable shards
+
+    def __init__(self, rd: RunDir, rank: int, token: str, shards: List[Shard], lease_s: float):
+        self.by_id = {s.shard: s for s in shards}
+        self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)
+        self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
+        self._next_look = 0.0
+
+    def describe(self) -> str:
+        return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), largest first"
+
+    def next(self) -> Optional[Shard]:
+        if time.monotonic() < self._next_look:
+            return None
+        shard = self.claims.next()
+        if shard is None:
+            self._next_look = time.monotonic() + self.poll_s
+            return None
+        return self.by_id[shard]
+
+    def exhausted(self) -> bool:
+        return self.claims.unfinished() == 0
+
+    def check(self, shard: int) -> None:
+        self.claims.check(shard)
+
+    def release(self, shard: int) -> None:
+        self.claims.release(shard)
+
+    def close(self) -> None:
+        self.heartbeat.stop()
 
 
 @dataclass
@@ -136,14 +214,13 @@ class _Open:
     tokens: int = 0  # output tokens streamed so far (progress)
 
 
-def run_shards(rd: RunDir, cfg, shards: List[Shard], schema, engine, state: RankState, rows_before: int,
-               rank: int) -> None:
-    """Generate the shards' missing rows through one engine, durably in parts. The next shard's
-    rows join the engine while the current one's still run (below two batches' worth pending),
-    so the batch never drains at a shard boundary. Each shard is assembled and marked done as
-    soon as its last row is durable."""
-    queue, open_ = list(shards), {}
-    low_water = 2 * engine.max_num_seqs
+def run_shards(rd: RunDir, cfg, work, schema, engine, state: RankState, rows_before: int, rank: int) -> None:
+    """Generate the missing rows of the shards `work` hands out through one engine, durably in
+    parts. The next shard's rows join the engine while the current one's still run (below
+    `work.room_batches` batches' worth pending), so the batch never drains at a shard boundary.
+    Each shard is assembled and marked done as soon as its last row is durable."""
+    open_ = {}
+    room = work.room_batches * engine.max_num_seqs
     base_tokens, finished_rows = state.s["output_tokens"], rows_before
 
     def progress(force: bool = False) -> None:
@@ -153,50 +230,81 @@ def run_shards(rd: RunDir, cfg, shards: List[Shard], schema, engine, state: Rank
                     output_tokens=base_tokens + sum(o.tokens for o in open_.values()))
 
     def deliver(tag: int, i: int, result) -> None:
-        o = open_[tag]
-        o.ck.add(o.todo[i], result)
+        o = open_.get(tag)
+        if o is None:  # its shard was dropped (taken over) while the row was in flight
+            return
+        try:
+            o.ck.add(o.todo[i], result)
+        except ClaimLost as e:
+            return drop(o, e)
         o.tokens += result.output_tokens
         o.left -= 1
         if o.left == 0:
             close(o)
         progress(force=not o.ck.buffer)
 
+    def drop(o: _Open, why: Exception) -> None:
+        print(f"rank {rank}: {why}; dropping it", flush=True)
+        engine.abort(o.shard.shard)
+        del open_[o.shard.shard]
+        work.release(o.shard.shard)
+
     def close(o: _Open) -> None:
         nonlocal finished_rows, base_tokens
-        o.ck.flush()
+        try:
+            o.ck.flush()
+            work.check(o.shard.shard)
+        except ClaimLost as e:
+            return drop(o, e)
         state.check_owner()
         done = finish_shard(rd, o.shard, o.ck, rank, time.time() - o.started, o.shard.rows - len(o.todo))
         del open_[o.shard.shard]
+        work.release(o.shard.shard)
         state.s["output_tokens"] = base_tokens  # drop what was streamed: the done totals count it
         state.add_shard(done)
         finished_rows += o.shard.rows
         base_tokens = state.s["output_tokens"]
         state.write(generation_ended_at=time.time())
 
-    def open_next() -> None:
-        shard = queue.pop(0)
+    def open_next(shard: Shard) -> None:
         table = read_shard(shard, schema)
-        ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds, state.check_owner)
+
+        def before_write() -> None:
+            state.check_owner()
+            work.check(shard.shard)
+
+        ck = ShardCheckpoint(rd, shard, table, cfg.checkpoint.rows, cfg.checkpoint.seconds, before_write)
         todo = ck.todo()
         o = open_[shard.shard] = _Open(shard, ck, todo, len(todo), time.time())
         if not todo:  # every row already durable in parts: assemble it
             close(o)
             return
         prompts = table.column(cfg.data.prompt_column).take(todo).to_pylist()
-        for tag, i, result in engine.add(shard.shard, prompts, [shard.global_start + p for p in todo]):
+        caps = (table.column(cfg.data.max_tokens_column).take(todo).to_pylist()
+                if cfg.data.max_tokens_column else None)
+        for tag, i, result in engine.add(shard.shard, prompts, [shard.global_start + p for p in todo], caps):
             deliver(tag, i, result)
 
     try:
-        while queue or open_:
-            while queue and engine.pending < low_water:
-                open_next()
-            if open_ and not engine.pending:
+        while True:
+            while engine.pending < room:
+                shard = work.next()
+                if shard is None:
+                    break
+                open_next(shard)
+            if not open_:
+                if work.exhausted():
+                    break
+                time.sleep(ClaimedWork.poll_s)  # others hold the rest: stay to take over if they die
+                continue
+            if not engine.pending:
                 raise RuntimeError(f"shard(s) {sorted(open_)} wait for rows the engine does not have")
             for tag, i, result in engine.step():
                 deliver(tag, i, result)
     finally:  # stopped (SIGTERM, preemption) or failed: what is finished becomes durable
         for o in open_.values():
-            o.ck.flush()
+            with contextlib.suppress(ClaimLost):
+                o.ck.flush()
         progress(force=True)
 
 
