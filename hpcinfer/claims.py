@@ -47,22 +47,20 @@ def pick(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: 
          rank: int, token: str) -> Optional[Tuple[int, int]]:
     """The next (shard, generation to create) for attempt `token` of `rank`, or None. Pure.
 
-    In priority: a shard an earlier attempt of this rank held (its durable parts are here), then
-    the first unclaimed shard of `order` (largest first), then a dead claim of another rank."""
-    free = taken = None
+    A shard an earlier attempt of this rank held comes first (its durable parts are here); then
+    the first shard of `order` (largest first) that is unclaimed or whose holder is dead."""
+    first = None
     for s in order:
         if s in done:
             continue
         c = holders.get(s)
         if c is None:
-            if free is None:
-                free = (s, 0)
+            first = first or (s, 0)
         elif c.token != token and dead(c):
             if c.rank == rank:
                 return s, c.gen + 1
-            if taken is None:
-                taken = (s, c.gen + 1)
-    return free or taken
+            first = first or (s, c.gen + 1)
+    return first
 
 
 def parse_claim_name(name: str) -> Optional[Tuple[int, int]]:

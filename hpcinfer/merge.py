@@ -104,7 +104,7 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
     gen_seconds = max(ends) - min(starts) if starts and ends else 0.0
     now = time.time()
     rank_list = []
-    for r in sorted(per_rank):
+    for r in sorted(set(per_rank) | set(ranks)):  # a rank that started counts, even with no rows
         info = ranks.get(r, {})
         rank_list.append(dict(
             rank=r, host=info.get("host", per_rank[r]["host"]), device_kind=info.get("device_kind"),

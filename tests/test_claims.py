@@ -1,0 +1,345 @@
+"""The dynamic schedule: token-sized shards (data.cut_by_tokens), the claim protocol (claims.py)
+and the worker loop claiming, taking over and finishing shards. The worker tests run the real
+worker loop with FakeEngine, a stand-in for engine.Engine that needs no vLLM: they test
+orchestration only; tests/test_e2e_local.py and tests/test_chaos_local.py run real vLLM."""
+import json
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hpcinfer import config, data, worker
+from hpcinfer.claims import Claim, ClaimLost, Claims, Heartbeat, parse_claim_name, pick
+from hpcinfer.cli import compose
+from hpcinfer.engine import RowResult
+from hpcinfer.errors import DataError
+from hpcinfer.merge import finalize
+from hpcinfer.ranks import RankContext
+from hpcinfer.rundir import RunDir, atomic_write, atomic_write_json
+
+
+# ---- cutting by tokens -----------------------------------------------------------------------
+def files_of(sizes):
+    return [data.InputFile(f"/data/part-{i}.parquet", n) for i, n in enumerate(sizes)]
+
+
+def test_cut_by_tokens_gives_long_rows_their_own_small_shards():
+    files = files_of([10, 10])
+    tokens = [[100] * 10, [10] * 10]  # the first file's rows are 10x longer
+    shards = data.cut_by_tokens(files, tokens, ranks=2, shards_per_rank=2, max_rows=100)
+    # target = 1100 / 4 = 275 tokens: 3 long rows per shard, then the short file's rows together
+    assert [(s.path[-10:], s.file_start, s.file_end, s.tokens) for s in shards] == [
+        ("-0.parquet", 0, 3, 300), ("-0.parquet", 3, 6, 300), ("-0.parquet", 6, 9, 300),
+        ("-0.parquet", 9, 10, 100), ("-1.parquet", 0, 10, 100)]
+    assert [s.global_start for s in shards] == [0, 3, 6, 9, 10]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cut_by_tokens_covers_every_row_once_in_order(seed):
+    rng = np.random.default_rng(seed)
+    sizes = list(rng.integers(0, 30, size=rng.integers(1, 5)))
+    tokens = [list(rng.integers(1, 500, size=n)) for n in sizes]
+    ranks, per, max_rows = int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.integers(1, 12))
+    shards = data.cut_by_tokens(files_of(sizes), tokens, ranks, per, max_rows)
+    covered, offset = [], 0
+    for i, n in enumerate(sizes):
+        mine = [s for s in shards if s.path.endswith(f"-{i}.parquet")]
+        assert [r for s in mine for r in range(s.file_start, s.file_end)] == list(range(n))
+        assert all(s.global_start == offset + s.file_start for s in mine)
+        assert all(s.tokens == sum(tokens[i][s.file_start:s.file_end]) for s in mine)
+        offset += n
+        covered += mine
+    assert [s.shard for s in shards] == list(range(len(shards)))
+    assert all(1 <= s.rows <= max_rows for s in shards)
+    target = -(-sum(map(sum, tokens)) // (ranks * per)) if shards else 0
+    # a shard only passes the target by its last row
+    assert all(s.rows == 1 or sum(tokens[int(s.path[-9])][s.file_start:s.file_end - 1]) < target for s in shards)
+
+
+def test_claim_order_is_largest_first_then_input_order():
+    shards = [data.Shard(i, 0, "/f", i, i + 1, i, tok) for i, tok in enumerate([5, 9, 5, 1, 9])]
+    assert [s.shard for s in data.claim_order(shards)] == [1, 4, 0, 2, 3]
+
+
+def test_expected_ranks_is_greedy_longest_first():
+    assert data.expected_ranks([10, 1, 1, 7, 3], 2) == [0, 0, 1, 1, 1]  # 10 | 7, 3 | then the 1s alternate
+    assert data.expected_ranks([4, 4, 4, 4], 4) == [0, 1, 2, 3]
+    assert data.expected_ranks([], 3) == []
+
+
+def test_row_tokens_uses_bytes_and_the_per_row_cap(tmp_path):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["abcdefgh", None, "ü" * 4], "cap": pa.array([None, 7, 100], pa.int32())}), path)
+    files = [data.InputFile(str(path), 3)]
+    assert data.row_tokens(files, "prompt", None, 50)[0].tolist() == [8 // 4 + 1 + 50, 1 + 50, 8 // 4 + 1 + 50]
+    assert data.row_tokens(files, "prompt", "cap", 50)[0].tolist() == [3 + 50, 1 + 7, 3 + 100]
+
+
+@pytest.mark.parametrize("values, message", [
+    (pa.array(["1", "2"]), "has type string; expected integers"),
+    (pa.array([3, 0], pa.int64()), "must be >= 1, but row 1 of"),
+    (pa.array([-5, None], pa.int16()), "must be >= 1, but row 0 of"),
+])
+def test_max_tokens_column_bad_values(tmp_path, values, message):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "cap": values}), path)
+    with pytest.raises(DataError, match=message):
+        data.scan([str(path)], "prompt", None, "cap")
+
+
+def test_max_tokens_column_missing(tmp_path):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a"]}), path)
+    with pytest.raises(DataError, match="data.max_tokens_column='cap' is not a column"):
+        data.scan([str(path)], "prompt", None, "cap")
+
+
+# ---- the claim protocol ----------------------------------------------------------------------
+def never_dead(c):
+    return False
+
+
+def test_pick_priorities():
+    holders = {1: Claim(1, 0, 0, "A"), 2: Claim(2, 3, 1, "old-me"), 3: Claim(3, 0, 2, "C")}
+    dead = {"old-me", "C"}.__contains__
+    order = [3, 1, 0, 2, 4]
+    # an earlier attempt's own claim first (its parts are here), wherever it is in the order
+    assert pick(order, set(), holders, lambda c: dead(c.token), rank=1, token="me") == (2, 4)
+    # then the first shard in claim order that is free or held by a dead rank
+    assert pick(order, set(), holders, lambda c: c.token == "C", rank=1, token="me") == (3, 1)
+    assert pick(order, set(), holders, never_dead, rank=1, token="me") == (0, 0)
+    assert pick(order, {0}, holders, never_dead, rank=1, token="me") == (4, 0)
+    # live claims, done shards and this attempt's own claims are never picked
+    assert pick(order, {0, 4}, holders, never_dead, rank=1, token="me") is None
+    assert pick([1], set(), {1: Claim(1, 0, 1, "me")}, lambda c: True, rank=1, token="me") is None
+
+
+def test_parse_claim_name():
+    assert parse_claim_name("000012.3") == (12, 3)
+    assert parse_claim_name(".claim.abc") is None
+    assert parse_claim_name("000012.tmp") is None
+
+
+def new_run_dir(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    return rd
+
+
+def test_two_ranks_never_claim_the_same_shard_and_go_largest_first(tmp_path):
+    rd = new_run_dir(tmp_path)
+    a, b = Claims(rd, 0, "A", [3, 1, 2, 0], 60), Claims(rd, 1, "B", [3, 1, 2, 0], 60)
+    got = [a.next(), b.next(), b.next(), a.next(), a.next(), b.next()]
+    assert got == [3, 1, 2, 0, None, None]
+    assert sorted(p.name for p in a.dir.iterdir()) == ["000000.0", "000001.0", "000002.0", "000003.0"]
+    assert json.loads((a.dir / "000001.0").read_text())["token"] == "B"
+
+
+def _claim_all(run_dir, rank, order, barrier, out):
+    c = Claims(RunDir(run_dir), rank, f"T{rank}", order, 60)
+    barrier.wait()
+    got = []
+    while (s := c.next()) is not None:
+        got.append(s)
+    out.put((rank, got))
+
+
+def test_concurrent_processes_claim_each_shard_exactly_once(tmp_path):
+    rd = new_run_dir(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    barrier, out, n = ctx.Barrier(4), ctx.Queue(), 40
+    procs = [ctx.Process(target=_claim_all, args=(str(rd.path), r, list(range(n)), barrier, out)) for r in range(4)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(10)
+    claimed = [s for got in results.values() for s in got]
+    assert sorted(claimed) == list(range(n))  # every shard once, none twice
+    assert sorted(p.name for p in (rd.path / "claims").iterdir()) == [f"{s:06d}.0" for s in range(n)]
+
+
+def test_dead_when_superseded_or_ended_with_its_token(tmp_path):
+    rd = new_run_dir(tmp_path)
+    c = Claims(rd, 1, "me", [0], 60)
+    claim = Claim(0, 0, 0, "A")
+    atomic_write(rd.rank_owner(0), "A")
+    atomic_write(rd.rank_beat(0), "A 0")
+    assert not c.dead(claim)
+    atomic_write_json(rd.rank_file(0), {"token": "A", "state": "running"})
+    assert not c.dead(claim)
+    for state in ("failed", "stopped", "done"):
+        atomic_write_json(rd.rank_file(0), {"token": "A", "state": state})
+        assert c.dead(claim)
+    atomic_write_json(rd.rank_file(0), {"token": "older", "state": "failed"})  # another attempt's record
+    assert not c.dead(claim)
+    atomic_write(rd.rank_owner(0), "B")  # rank 0 started again: A is an orphan
+    assert c.dead(claim)
+
+
+def test_dead_when_the_heartbeat_stalls_for_a_lease_on_the_observers_clock(tmp_path):
+    rd = new_run_dir(tmp_path)
+    now = [1000.0]
+    c = Claims(rd, 1, "me", [0], lease_s=10, clock=lambda: now[0])
+    claim = Claim(0, 0, 0, "A")
+    atomic_write(rd.rank_owner(0), "A")
+    atomic_write(rd.rank_beat(0), "A 0")
+    assert not c.dead(claim)  # first sight starts the clock
+    now[0] += 9
+    assert not c.dead(claim)
+    atomic_write(rd.rank_beat(0), "A 1")  # it beat: the lease restarts
+    now[0] += 5
+    assert not c.dead(claim)
+    now[0] += 9.5
+    assert not c.dead(claim)
+    now[0] += 1
+    assert c.dead(claim)
+
+
+def test_takeover_makes_the_old_holder_stop_writing(tmp_path):
+    rd = new_run_dir(tmp_path)
+    a, b = Claims(rd, 0, "A", [0, 1], 60), Claims(rd, 1, "B", [0, 1], 60)
+    assert a.next() == 0
+    a.check(0)
+    atomic_write(rd.rank_owner(0), "A-restarted")  # A is superseded
+    assert b.next() == 0 and b.mine == {0: 1}
+    with pytest.raises(ClaimLost):
+        a.check(0)
+    b.check(0)
+    c = Claims(rd, 2, "C", [0, 1], 60)  # B is alive: C gets the free shard, not B's
+    assert c.next() == 1 and c.next() is None
+
+
+def test_heartbeat_advances(tmp_path):
+    rd = new_run_dir(tmp_path)
+    hb = Heartbeat(rd, 3, "tok", 0.05).start()
+    try:
+        first = rd.rank_beat(3).read_text()
+        time.sleep(0.3)
+        assert first == "tok 0" and rd.rank_beat(3).read_text() != first
+    finally:
+        hb.stop()
+
+
+# ---- the worker loop with a fake engine ------------------------------------------------------
+class FakeEngine:
+    """Stands in for engine.Engine without vLLM: 'generates' `gen <row>` a few rows per step.
+    For orchestration tests only (claims, takeover, parts); never evidence that inference works."""
+
+    max_num_seqs = 4
+    instances = []
+
+    def __init__(self, engine_args, sampling, rows_per_step=2, crash_after=None, barrier=None):
+        self.queue, self.rows_per_step, self.crash_after, self.generated = [], rows_per_step, crash_after, 0
+        if barrier is not None:
+            barrier.wait()
+        FakeEngine.instances.append(self)
+
+    @property
+    def pending(self):
+        return len(self.queue)
+
+    def add(self, tag, prompts, rows, max_tokens=None):
+        self.queue += [(tag, i, row) for i, row in enumerate(rows)]
+        return []
+
+    def step(self):
+        time.sleep(0.005)
+        out, self.queue = self.queue[:self.rows_per_step], self.queue[self.rows_per_step:]
+        self.generated += len(out)
+        if self.crash_after is not None and self.generated > self.crash_after:
+            raise RuntimeError("fake engine crashed")
+        return [(tag, i, RowResult(f"gen {row}", "length", 1, 1, None)) for tag, i, row in out]
+
+    def abort(self, tag):
+        self.queue = [q for q in self.queue if q[0] != tag]
+
+    def group_busy(self):
+        return False
+
+    def shutdown(self):
+        pass
+
+
+ROWS = 37
+
+
+@pytest.fixture
+def claimed_run(tmp_path):
+    """A planned, not started run directory with the dynamic schedule: 2 ranks."""
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [("x" * (200 if i % 9 == 0 else 8)) + str(i) for i in range(ROWS)]}), path)
+    rd = new_run_dir(tmp_path)
+    cfg = compose(["dp=2", "schedule.lease_s=0.4", "checkpoint.rows=2", f"data.input={path}"])
+    inputs = data.scan([str(path)], "prompt")
+    atomic_write(rd.config, config.to_yaml(cfg))
+    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=2, ep=False, ranks=2, engine_args=config.engine_args(cfg, "/fake"),
+                                    submitted_at=time.time()))
+    tokens = data.row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
+    shards = data.cut_by_tokens(inputs.files, tokens, 2, cfg.schedule.shards_per_rank, cfg.data.shard_rows)
+    data.write_manifest(str(rd.manifest), shards, inputs.schema)
+    return rd, shards
+
+
+def run_rank(rd, rank, monkeypatch, **engine_kw):
+    monkeypatch.setattr("hpcinfer.engine.Engine", lambda args, sampling: FakeEngine(args, sampling, **engine_kw))
+    ctx = RankContext(rank, 2, rank, ["localhost"], "127.0.0.1", 1, "cuda", [str(rank)])
+    return worker.run(str(rd.path), ctx)
+
+
+def finalized_texts(rd):
+    finalize(str(rd.path))
+    return pq.read_table(rd.results).column("generated_text").to_pylist()
+
+
+def test_two_ranks_share_the_shards_and_every_row_is_generated_once(claimed_run, monkeypatch):
+    rd, shards = claimed_run
+    barrier, codes = threading.Barrier(2), {}
+    threads = [threading.Thread(target=lambda r=r: codes.update({r: run_rank(rd, r, monkeypatch, barrier=barrier)}))
+               for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert codes == {0: 0, 1: 0}
+    assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
+    by = {rd.read_done(s.shard)["rank"] for s in shards}
+    assert by == {0, 1}  # both ranks did work
+    assert all(p.name.endswith(".0") for p in (rd.path / "claims").iterdir())  # no takeovers: nobody died
+    assert sum(e.generated for e in FakeEngine.instances[-2:]) == ROWS
+
+
+def test_a_dead_ranks_claims_are_taken_over_with_their_parts(claimed_run, monkeypatch):
+    rd, shards = claimed_run
+    assert run_rank(rd, 0, monkeypatch, crash_after=5) == 1  # claims a batch's worth, crashes after 5 rows
+    assert rd.read_optional(rd.rank_file(0))["state"] == "failed"
+    held = {parse_claim_name(p.name)[0] for p in (rd.path / "claims").iterdir()}
+    done_by_0 = rd.done_shards()
+    assert held - done_by_0  # it died holding unfinished shards ...
+    in_parts = sum(pq.read_metadata(p).num_rows for p in rd.shards_dir.glob("*.parts/*.parquet"))
+    assert in_parts >= 1  # ... and rows of them in durable parts
+    assert run_rank(rd, 1, monkeypatch) == 0  # takes over at once: rank 0 recorded that it failed
+    assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
+    assert {s.shard for s in shards if rd.read_done(s.shard)["rank"] == 1} == {s.shard for s in shards} - done_by_0
+    assert sum(rd.read_done(s.shard)["rows_resumed"] for s in shards) == in_parts  # parts were kept, not redone
+    rows_by_0 = sum(s.rows for s in shards if s.shard in done_by_0)
+    assert FakeEngine.instances[-1].generated == ROWS - rows_by_0 - in_parts
+
+
+def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monkeypatch):
+    rd, shards = claimed_run
+    first = data.claim_order(shards)[0].shard
+    claims_dir = rd.path / "claims"
+    claims_dir.mkdir()
+    (claims_dir / f"{first:06d}.0").write_text(json.dumps({"rank": 0, "token": "ghost", "host": "lost-node"}))
+    atomic_write(rd.rank_owner(0), "ghost")
+    atomic_write(rd.rank_beat(0), "ghost 7")  # and never again: its node is gone
+    t0 = time.monotonic()
+    assert run_rank(rd, 1, monkeypatch) == 0
+    assert time.monotonic() - t0 >= 0.4  # it waited for the lease (schedule.lease_s=0.4)
+    assert (claims_dir / f"{first:06d}.1").exists()
+    assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
