@@ -132,7 +132,7 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
         list(pool.map(write, shards))
     for r in range(ranks):
         rd.write_rank(r, dict(rank=r, host=socket.gethostname(), state="done", device_kind="cpu", devices=[],
-                              attempts=1, rows_recomputed=0, started_at=now - 3500, engine_seconds=10.0,
+                              attempts=1, rows_generated=rows // ranks, started_at=now - 3500, engine_seconds=10.0,
                               generation_started_at=now - 3400, generation_ended_at=now - 100,
                               finished_at=now - 90))
     return rd, shards, len(templates)

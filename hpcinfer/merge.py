@@ -113,11 +113,11 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
             seconds=round((info.get("finished_at") or now) - info.get("started_at", now), 3),
             engine_seconds=round(info.get("engine_seconds", 0.0), 3),
             generation_seconds=round(per_rank[r]["generation_seconds"], 3),
-            attempts=info.get("attempts", 1), rows_recomputed=info.get("rows_recomputed", 0)))
+            attempts=info.get("attempts", 1), rows_generated=info.get("rows_generated", 0)))
     return dict(
         run_dir=str(rd.path), results=str(rd.results), hpcinfer_version=__version__,
         rows=totals["rows"], rows_failed=totals["rows_failed"],
-        rows_recomputed=sum(r.get("rows_recomputed", 0) for r in ranks.values()),
+        rows_recomputed=max(0, sum(r.get("rows_generated", 0) for r in ranks.values()) - totals["rows"]),
         prompt_tokens=totals["prompt_tokens"], output_tokens=totals["output_tokens"],
         wall_seconds=round(now - plan.get("submitted_at", now), 3), generation_seconds=round(gen_seconds, 3),
         output_tokens_per_second=round(totals["output_tokens"] / gen_seconds, 2) if gen_seconds > 0 else None,

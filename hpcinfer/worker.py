@@ -38,8 +38,11 @@ class Superseded(Exception):
 class RankState:
     """This rank's `ranks/<rank>.json`: state, counters and timings, rewritten atomically.
 
-    `buffered` is the number of finished rows not yet durable; if the rank dies, a restart adds
-    them to `rows_recomputed` (they are generated again). `attempts` counts starts of this rank."""
+    `buffered` is the number of finished rows not yet durable (lost if the rank dies now).
+    `rows_generated` counts the rows this rank's engine finished, over all its attempts: the
+    summary's `rows_recomputed` is their sum over the ranks less the rows of the run (rows lost
+    with a dead attempt and generated again, by it or by the rank that took its shards over).
+    `attempts` counts starts of this rank."""
 
     WRITE_INTERVAL_S = 0.5
 
@@ -48,12 +51,11 @@ class RankState:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
         atomic_write(rd.rank_owner(ctx.rank), self.token)
         before = rd.read_optional(rd.rank_file(ctx.rank)) or {}
-        lost = before.get("buffered", 0) if before.get("state") not in (None, "done") else 0
         self.s = dict(rank=ctx.rank, token=self.token, host=socket.gethostname(), pid=os.getpid(), device_kind=ctx.device_kind,
                       devices=ctx.devices, state="starting", rows_total=rows_total, rows_done=0, rows_failed=0,
                       prompt_tokens=0, output_tokens=0, shards_total=shards_total, shards_done=0, buffered=0,
                       attempts=before.get("attempts", 0) + 1,
-                      rows_recomputed=before.get("rows_recomputed", 0) + lost,
+                      rows_generated=before.get("rows_generated", 0),
                       started_at=time.time(), engine_seconds=0.0, generation_seconds=0.0,
                       generation_started_at=None, generation_ended_at=None, finished_at=None, error=None)
 
@@ -239,6 +241,7 @@ def run_shards(rd: RunDir, cfg, work, schema, engine, state: RankState, rows_bef
             return drop(o, e)
         o.tokens += result.output_tokens
         o.left -= 1
+        state.s["rows_generated"] += 1
         if o.left == 0:
             close(o)
         progress(force=not o.ck.buffer)

@@ -54,8 +54,9 @@ def kill_when_busy(run_dir, rank, min_rows, proc):
 
 
 def test_kill9_mid_shard_then_resume_is_exactly_once(inputs, tmp_path, cli_env, hpcinfer, reference):
+    """Static schedule: nobody else may take the killed rank's shards; `resume` finishes them."""
     run_dir = tmp_path / "run"
-    proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=0"))
+    proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=0", "schedule.mode=static"))
     kill_when_busy(run_dir, 1, 3 * CHUNK, proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1 and "incomplete" in err, err
@@ -69,6 +70,25 @@ def test_kill9_mid_shard_then_resume_is_exactly_once(inputs, tmp_path, cli_env, 
     assert 0 <= summary["rows_recomputed"] <= CHUNK
     assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 1, 1: 2}
     assert not list((run_dir / "shards").glob("*.parts"))  # parts are gone once their shard is done
+
+
+def test_kill9_without_retries_the_other_rank_takes_the_shards_over(inputs, tmp_path, cli_env, reference):
+    """Dynamic schedule: the killed rank's claims go to the live rank, with their durable parts,
+    and the run completes without a resume."""
+    run_dir = tmp_path / "run"
+    proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=0"))
+    kill_when_busy(run_dir, 1, 3 * CHUNK, proc)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "rank 1 failed" in err
+    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0 <= summary["rows_recomputed"] <= CHUNK
+    assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 1, 1: 1}
+    taken_over = [p.name for p in (run_dir / "claims").iterdir() if not p.name.endswith(".0")]
+    assert taken_over, "no claim of the killed rank was taken over"
+    assert sum(r["rows"] for r in summary["ranks"] if r["rank"] == 0) > ROWS // 2
+    assert not list((run_dir / "shards").glob("*.parts"))
 
 
 def test_random_kills_restart_in_place_and_results_are_identical(inputs, tmp_path, cli_env, reference):
