@@ -73,8 +73,9 @@ class Claims:
     """One attempt's view of the claims: claim, check, take over."""
 
     def __init__(self, rd: RunDir, rank: int, token: str, order: Sequence[int], lease_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, sizes: Optional[Dict[int, int]] = None):
         self.rd, self.rank, self.token, self.order, self.lease_s, self.clock = rd, rank, token, list(order), lease_s, clock
+        self.sizes = sizes or {}  # shard -> estimated tokens
         self.dir = rd.path / "claims"
         self.dir.mkdir(exist_ok=True, mode=0o700)
         self.mine: Dict[int, int] = {}  # shard -> generation this attempt holds
@@ -122,13 +123,23 @@ class Claims:
         return now - since >= self.lease_s
 
     # ---- claiming ---------------------------------------------------------------------
-    def next(self) -> Optional[int]:
+    def next(self, allow: Callable[[int, int], bool] = lambda shard, tokens_left: True,
+             fill: bool = True) -> Optional[int]:
         """Claim the next shard (see `pick`) and return it, or None when nothing is claimable now.
+        When `allow(shard, tokens of all shards not done)` refuses the largest, the smallest
+        is claimed instead if `fill` (the batch is not full): the batch stays full while the
+        large shards spread over the ranks.
         Losing a race for one shard just moves on to the next."""
         for _ in range(len(self.order) + 1):
-            choice = pick(self.order, self.rd.done_shards(), self.holders(), self.dead, self.rank, self.token)
+            done, holders = self.rd.done_shards(), self.holders()
+            choice = pick(self.order, done, holders, self.dead, self.rank, self.token)
             if choice is None:
                 return None
+            left = sum(self.sizes.get(s, 0) for s in self.order if s not in done)
+            if not allow(choice[0], left):
+                if not fill:
+                    return None
+                choice = pick(self.order[::-1], done, holders, self.dead, self.rank, self.token)
             if self._create(*choice):
                 self.mine[choice[0]] = choice[1]
                 return choice[0]

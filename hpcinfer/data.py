@@ -5,7 +5,7 @@ order. Two ways to cut it into shards (both pure; reading files and the manifest
 
 - `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
   remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
-- `cut_by_tokens` (dynamic): shards of about equal *estimated tokens* (see `row_tokens`), cut at
+- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
   file boundaries and at `data.shard_rows`; ranks claim them at run time, largest first
   (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
   it (`expected_ranks`), for the plan.
@@ -155,14 +155,17 @@ def expected_ranks(sizes: Sequence[int], ranks: int) -> List[int]:
 
 
 # ---- token estimates -------------------------------------------------------------------
-BYTES_PER_TOKEN = 4  # a rough rule for BPE tokenizers on text; only relative sizes matter
+BYTES_PER_TOKEN = 4  # a rough rule for BPE tokenizers on text
+PROMPT_TOKEN_COST = 0.25  # a prompt token (prefilled in parallel) costs about this many output tokens (decoded one per step)
 
 
 def row_tokens(files: Sequence[InputFile], prompt_column: str, max_tokens_column: Optional[str],
                max_tokens: int) -> List["np.ndarray"]:  # noqa: F821
-    """Estimated tokens of every row, per file: prompt UTF-8 bytes / BYTES_PER_TOKEN plus the
-    row's output cap (its `max_tokens_column` value, else `max_tokens`). Streams the columns
-    batch by batch, so memory stays small whatever the prompt sizes."""
+    """Estimated work of every row, per file, in output-token equivalents: its prompt's tokens
+    (UTF-8 bytes / BYTES_PER_TOKEN) weighted by PROMPT_TOKEN_COST, plus its output cap (its
+    `max_tokens_column` value, else `max_tokens`). Only relative sizes matter: they cut shards
+    of equal work and order the claims. Streams the columns batch by batch, so memory stays
+    small whatever the prompt sizes."""
     import numpy as np
 
     out = []
@@ -174,7 +177,8 @@ def row_tokens(files: Sequence[InputFile], prompt_column: str, max_tokens_column
                 nbytes = pc.fill_null(pc.binary_length(batch.column(0).cast(pa.large_string())), 0)
                 cap = (pc.fill_null(batch.column(1), max_tokens).to_numpy(zero_copy_only=False)
                        if max_tokens_column else max_tokens)
-                parts.append(nbytes.to_numpy(zero_copy_only=False) // BYTES_PER_TOKEN + 1 + cap)
+                prompt = nbytes.to_numpy(zero_copy_only=False) // BYTES_PER_TOKEN + 1
+                parts.append((prompt * PROMPT_TOKEN_COST).astype(np.int64) + 1 + cap)
         out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64))
     return out
 

@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -101,7 +101,7 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
                 finished_rows += s.rows
             if rd.shard_parts(s.shard).exists():
                 remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
-    work = (ClaimedWork(rd, ctx.rank, state.token, shards, cfg.schedule.lease_s) if cfg.dynamic
+    work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s) if cfg.dynamic
             else StaticWork(rd, expected))
     state.write(rows_done=finished_rows)
     print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
@@ -109,10 +109,11 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
     try:
         if not work.exhausted() or cfg.lockstep:  # a lockstep rank steps with its group even when idle
             from .engine import Engine
+            from .replica import replica_engine_args
 
             t0 = time.time()
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
-            engine = Engine(engine_args(cfg, plan["engine_args"]["model"]), cfg.sampling)
+            engine = Engine({**engine_args(cfg, plan["engine_args"]["model"]), **replica_engine_args(os.environ)}, cfg.sampling)
             state.write(state="running", engine_seconds=time.time() - t0, generation_started_at=time.time())
             run_shards(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank)
             if cfg.lockstep:
@@ -150,7 +151,7 @@ class StaticWork:
     def describe(self) -> str:
         return f"{len(self.queue)} of {self.total} shard(s) to do"
 
-    def next(self) -> Optional[Shard]:
+    def next(self, fill: bool = True) -> Optional[Shard]:
         return self.queue.pop(0) if self.queue else None
 
     def exhausted(self) -> bool:
@@ -168,27 +169,37 @@ class StaticWork:
 
 class ClaimedWork:
     """schedule.mode=dynamic: shards claimed from the run directory, largest first (claims.py).
-    An idle rank stays while other ranks hold unfinished shards, to take them over if they die."""
 
-    room_batches = 1  # claim only what the batch can start: the rest stays for idle ranks
+    A rank claims while its engine has room: the largest claimable shard while its outstanding
+    work stays within its share of what is left (`fair_share`), else, if the running batch is
+    not full, the smallest: the batch stays full, the long shards spread over the ranks and
+    start early, and the short ones fill the tail. An idle rank stays while other ranks hold unfinished shards, to take
+    them over if they die."""
+
+    room_batches = 2  # as StaticWork: a queue behind the running batch keeps it full
     poll_s = 1.0  # how often an idle rank looks for claimable shards
+    retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
 
-    def __init__(self, rd: RunDir, rank: int, token: str, shards: List[Shard], lease_s: float):
-        self.by_id = {s.shard: s for s in shards}
-        self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)
+    def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
+        self.by_id, self.world = {s.shard: s for s in shards}, world
+        self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s,
+                             sizes={s.shard: s.tokens for s in shards})
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
+        self.outstanding: Dict[int, int] = {}  # open shard -> its estimated tokens
         self._next_look = 0.0
 
     def describe(self) -> str:
         return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), largest first"
 
-    def next(self) -> Optional[Shard]:
+    def next(self, fill: bool = True) -> Optional[Shard]:
         if time.monotonic() < self._next_look:
             return None
-        shard = self.claims.next()
+        shard = self.claims.next(lambda s, left: fair_share(sum(self.outstanding.values()), self.by_id[s].tokens,
+                                                            left, self.world), fill)
         if shard is None:
-            self._next_look = time.monotonic() + self.poll_s
+            self._next_look = time.monotonic() + (self.retry_s if self.outstanding else self.poll_s)
             return None
+        self.outstanding[shard] = self.by_id[shard].tokens
         return self.by_id[shard]
 
     def exhausted(self) -> bool:
@@ -199,9 +210,18 @@ class ClaimedWork:
 
     def release(self, shard: int) -> None:
         self.claims.release(shard)
+        self.outstanding.pop(shard, None)
 
     def close(self) -> None:
         self.heartbeat.stop()
+
+
+def fair_share(outstanding: int, candidate: int, left: int, world: int) -> bool:
+    """Whether a rank holding `outstanding` estimated tokens may take a shard of `candidate` more
+    when `left` tokens of the run are not done, among `world` ranks: at most half of its share of
+    what is left (the chunk rule of *factoring*, Hummel et al. 1992), so the large shards spread
+    over the ranks and all start early. A rank with nothing in hand may always take one. Pure."""
+    return outstanding == 0 or outstanding + candidate <= left / (2 * max(1, world))
 
 
 @dataclass
@@ -291,7 +311,7 @@ def run_shards(rd: RunDir, cfg, work, schema, engine, state: RankState, rows_bef
     try:
         while True:
             while engine.pending < room:
-                shard = work.next()
+                shard = work.next(fill=engine.pending < engine.max_num_seqs)  # the running batch has room
                 if shard is None:
                     break
                 open_next(shard)

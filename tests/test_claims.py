@@ -71,12 +71,13 @@ def test_expected_ranks_is_greedy_longest_first():
     assert data.expected_ranks([], 3) == []
 
 
-def test_row_tokens_uses_bytes_and_the_per_row_cap(tmp_path):
+def test_row_tokens_weighs_prompt_bytes_and_the_per_row_cap(tmp_path):
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": ["abcdefgh", None, "ü" * 4], "cap": pa.array([None, 7, 100], pa.int32())}), path)
+    pq.write_table(pa.table({"prompt": ["a" * 40, None, "ü" * 20], "cap": pa.array([None, 7, 100], pa.int32())}), path)
     files = [data.InputFile(str(path), 3)]
-    assert data.row_tokens(files, "prompt", None, 50)[0].tolist() == [8 // 4 + 1 + 50, 1 + 50, 8 // 4 + 1 + 50]
-    assert data.row_tokens(files, "prompt", "cap", 50)[0].tolist() == [3 + 50, 1 + 7, 3 + 100]
+    # 40 bytes = 11 prompt tokens ~ 2 output tokens of work; + 1; + the cap
+    assert data.row_tokens(files, "prompt", None, 50)[0].tolist() == [2 + 1 + 50, 0 + 1 + 50, 2 + 1 + 50]
+    assert data.row_tokens(files, "prompt", "cap", 50)[0].tolist() == [2 + 1 + 50, 0 + 1 + 7, 2 + 1 + 100]
 
 
 @pytest.mark.parametrize("values, message", [
@@ -343,3 +344,10 @@ def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monke
     assert time.monotonic() - t0 >= 0.4  # it waited for the lease (schedule.lease_s=0.4)
     assert (claims_dir / f"{first:06d}.1").exists()
     assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
+
+
+def test_fair_share_holds_at_most_half_a_ranks_share_of_what_is_left():
+    assert worker.fair_share(0, 10_000, 100, 4)  # nothing in hand: always claim (never idle)
+    assert worker.fair_share(50, 50, 800, 4)  # 100 <= 800 / (2 x 4)
+    assert not worker.fair_share(60, 50, 800, 4)  # 110 > 100: leave it to the other ranks
+    assert not worker.fair_share(1, 1, 3, 1)
