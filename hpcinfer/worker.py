@@ -101,7 +101,8 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
                 finished_rows += s.rows
             if rd.shard_parts(s.shard).exists():
                 remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
-    work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s) if cfg.dynamic
+    work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s,
+                        by_tokens=ctx.device_kind == "cpu") if cfg.dynamic
             else StaticWork(rd, expected))
     state.write(rows_done=finished_rows)
     print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
@@ -169,19 +170,25 @@ class StaticWork:
 
 class ClaimedWork:
     """schedule.mode=dynamic: shards claimed from the run directory, largest first (claims.py).
+    An idle rank stays while other ranks hold unfinished shards, to take them over if they die.
 
-    A rank claims while its engine has room: the largest claimable shard while its outstanding
-    work stays within its share of what is left (`fair_share`), else, if the running batch is
-    not full, the smallest: the batch stays full, the long shards spread over the ranks and
-    start early, and the short ones fill the tail. An idle rank stays while other ranks hold unfinished shards, to take
-    them over if they die."""
+    How much a rank takes at once follows what its finish time depends on:
+    - GPU (`by_tokens=False`): a decode step costs about the same for one sequence or a full
+      batch, so a rank's finish is set by its longest requests and how many batch waves they
+      need. It claims, largest first, only while fewer than one batch of rows is pending: the
+      long shards spread one batch per rank and all start at once; short ones fill the end.
+    - CPU (`by_tokens=True`): time grows with tokens. It claims while two batches are pending,
+      the largest shard while it holds at most half its share of the work left (`fair_share`),
+      else, when the running batch has room, the smallest: the batch stays full and the work
+      spreads evenly."""
 
-    room_batches = 2  # as StaticWork: a queue behind the running batch keeps it full
     poll_s = 1.0  # how often an idle rank looks for claimable shards
     retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
 
-    def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
-        self.by_id, self.world = {s.shard: s for s in shards}, world
+    def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float,
+                 by_tokens: bool = False):
+        self.by_id, self.world, self.by_tokens = {s.shard: s for s in shards}, world, by_tokens
+        self.room_batches = 2 if by_tokens else 1
         self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s,
                              sizes={s.shard: s.tokens for s in shards})
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
@@ -194,8 +201,8 @@ class ClaimedWork:
     def next(self, fill: bool = True) -> Optional[Shard]:
         if time.monotonic() < self._next_look:
             return None
-        shard = self.claims.next(lambda s, left: fair_share(sum(self.outstanding.values()), self.by_id[s].tokens,
-                                                            left, self.world), fill)
+        shard = self.claims.next(lambda s, left: not self.by_tokens or fair_share(
+            sum(self.outstanding.values()), self.by_id[s].tokens, left, self.world), fill)
         if shard is None:
             self._next_look = time.monotonic() + (self.retry_s if self.outstanding else self.poll_s)
             return None
