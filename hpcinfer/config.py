@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -25,7 +25,25 @@ LAYOUT_ENGINE_ARGS = {
     "pipeline_parallel_size": "pp",
     "data_parallel_size": "dp",
     "enable_expert_parallel": "ep",
+    "enable_eplb": "expert.eplb",
+    "eplb_config": "expert.eplb_window_size, expert.eplb_step_interval, expert.redundant_experts",
+    "expert_placement_strategy": "expert.placement",
+    "all2all_backend": "expert.all2all_backend",
+    # a replica spanning nodes (tp x pp > cluster.gpus_per_node): set per process (see replica.py)
+    "nnodes": "tp x pp and cluster.gpus_per_node",
+    "node_rank": "tp x pp and cluster.gpus_per_node",
+    "master_addr": "tp x pp and cluster.gpus_per_node",
+    "master_port": "tp x pp and cluster.gpus_per_node",
 }
+
+# Expert-parallel values vLLM accepts (vllm/config/parallel.py of 0.32; 0.26 has all but "moonep").
+# "passthrough" is bound by vLLM itself, not selectable.
+EXPERT_PLACEMENTS = ("linear", "round_robin")
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency", "deepep_v2",
+                    "mori_high_throughput", "mori_low_latency", "moonep", "nixl_ep", "flashinfer_all2allv",
+                    "flashinfer_nvlink_two_sided", "flashinfer_nvlink_one_sided")
+REMOVED_ALL2ALL_BACKENDS = ("naive", "pplx")  # vLLM warns and uses allgather_reducescatter instead
+MAX_REDUNDANT_EXPERTS = 1023  # vLLM's MAX_EXPERT_REDUNDANCY (distributed/eplb/eplb_state.py)
 
 # Columns hpcinfer adds to every output row (the output contract).
 OUTPUT_COLUMNS = ("generated_text", "finish_reason", "prompt_tokens", "output_tokens", "error")
@@ -113,6 +131,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class ExpertConfig:
+    """Expert-parallel options (ep=true, MoE models only), given to vLLM under its own engine
+    argument names (in brackets); null = vLLM's default. EPLB (expert-parallel load balancing)
+    moves experts between GPUs as their load shifts and can keep extra copies of busy experts;
+    vLLM runs it on CUDA/ROCm GPUs only, with more than one expert-parallel GPU (dp x tp > 1)."""
+
+    placement: Optional[str] = None  # [expert_placement_strategy] "linear" | "round_robin" (vLLM: linear)
+    all2all_backend: Optional[str] = None  # [all2all_backend] e.g. "deepep_low_latency" (vLLM: allgather_reducescatter)
+    eplb: bool = False  # [enable_eplb] expert-parallel load balancing
+    eplb_window_size: Optional[int] = None  # [eplb_config.window_size] steps of expert load recorded (vLLM: 1000)
+    eplb_step_interval: Optional[int] = None  # [eplb_config.step_interval] steps between rebalancings (vLLM: 3000)
+    redundant_experts: int = 0  # [eplb_config.num_redundant_experts] extra expert copies (needs eplb)
+
+
+@dataclass
 class LocalClusterConfig:
     """Run every rank as a process on this machine."""
 
@@ -120,6 +153,9 @@ class LocalClusterConfig:
     gpus: Optional[int] = None  # GPUs offered to the run; null = all visible ones (0 on a CPU box)
     cpu_kvcache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB) per rank, unless already set
     gpu_memory_gib: Optional[float] = None  # per GPU, for the plan; null = ask nvidia-smi
+    # GPUs of one "node" (CPU: engine workers): a replica with tp x pp above it runs as
+    # tp x pp / gpus_per_node processes (vLLM nnodes, leader + headless). null = all are one node.
+    gpus_per_node: Optional[int] = None
 
 
 @dataclass
@@ -134,6 +170,8 @@ class SlurmClusterConfig:
     time: str = "04:00:00"  # time limit of each worker job: minutes, HH:MM:SS or D-HH:MM:SS
     nodes: Optional[int] = None  # nodes per job; null = derived from the layout
     gpus_per_node: int = 8  # GPUs of one node; 0 = CPU-only nodes (vLLM's CPU build)
+    # CPU nodes only: engine workers one node runs; tp x pp above it spans nodes (null: never)
+    workers_per_node: Optional[int] = None
     ranks_per_node: Optional[int] = None  # null = gpus_per_node // (tp x pp); CPU nodes: 1
     cpus_per_task: Optional[int] = None  # CPU cores per rank; null = the cluster's default
     mem: Optional[str] = None  # memory per node, e.g. "200G"; null = the cluster's default
@@ -171,6 +209,7 @@ class RunConfig:
     pp: int = 1  # pipeline parallel: GPUs that split the layers
     dp: int = 1  # data parallel: independent ranks (engines), each on tp*pp GPUs
     ep: bool = False  # expert parallel (MoE models only)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)  # ep=true options (EPLB, placement, all2all)
     engine: Dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM (nulls dropped)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -266,6 +305,23 @@ def engine_args(cfg: RunConfig, model_path: str) -> Dict[str, Any]:
     args["pipeline_parallel_size"] = cfg.pp
     if cfg.ep:
         args["enable_expert_parallel"] = True
+        args.update(expert_engine_args(cfg.expert))
+    return args
+
+
+def expert_engine_args(e: ExpertConfig) -> Dict[str, Any]:
+    """vLLM's engine arguments for the expert options that are set; the EPLB ones only with eplb."""
+    args: Dict[str, Any] = {}
+    if e.placement is not None:
+        args["expert_placement_strategy"] = e.placement
+    if e.all2all_backend is not None:
+        args["all2all_backend"] = e.all2all_backend
+    if e.eplb:
+        args["enable_eplb"] = True
+        eplb = {"window_size": e.eplb_window_size, "step_interval": e.eplb_step_interval,
+                "num_redundant_experts": e.redundant_experts or None}
+        if any(v is not None for v in eplb.values()):
+            args["eplb_config"] = {k: v for k, v in eplb.items() if v is not None}
     return args
 
 
@@ -278,6 +334,7 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
     """
     errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
     errors += _data_errors(cfg.data) + _engine_errors(cfg) + _secret_errors(cfg, os.environ if env is None else env)
+    errors += _expert_errors(cfg)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
                       f"seconds={cfg.checkpoint.seconds!r}")
@@ -291,6 +348,10 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
         errors.append(f"rank_retries must be >= 0, got {cfg.rank_retries!r}")
     if isinstance(cfg.cluster, SlurmClusterConfig):
         errors += _slurm_errors(cfg, cfg.cluster)
+    elif cfg.cluster.gpus_per_node is not None and cfg.cluster.gpus_per_node < 1:
+        errors.append(f"cluster.gpus_per_node must be >= 1 or null (all GPUs one node), got {cfg.cluster.gpus_per_node!r}")
+    else:
+        errors += _spanning_errors(cfg)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -313,6 +374,74 @@ def _layout_errors(cfg: RunConfig, gpus_available: Optional[int]) -> List[str]:
     if gpus_available and cfg.world_gpus > gpus_available:
         errs.append(f"dp={cfg.dp} x tp={cfg.tp} x pp={cfg.pp} needs {cfg.world_gpus} GPUs, "
                     f"but the cluster offers {gpus_available}")
+    return errs
+
+
+def _expert_errors(cfg: RunConfig) -> List[str]:
+    """The expert options as vLLM validates them (ParallelConfig, EPLBConfig), checked up front."""
+    e, errs = cfg.expert, []
+    if e.placement is not None and e.placement not in EXPERT_PLACEMENTS:
+        errs.append(f"expert.placement={e.placement!r} is not one of {list(EXPERT_PLACEMENTS)}")
+    if e.all2all_backend in REMOVED_ALL2ALL_BACKENDS:
+        errs.append(f"expert.all2all_backend={e.all2all_backend!r} was removed from vLLM (it would run "
+                    f"'allgather_reducescatter'); use one of {list(ALL2ALL_BACKENDS)}")
+    elif e.all2all_backend is not None and e.all2all_backend not in ALL2ALL_BACKENDS:
+        errs.append(f"expert.all2all_backend={e.all2all_backend!r} is not one of {list(ALL2ALL_BACKENDS)}")
+    if not 0 <= e.redundant_experts <= MAX_REDUNDANT_EXPERTS:
+        errs.append(f"expert.redundant_experts must be in [0, {MAX_REDUNDANT_EXPERTS}], got {e.redundant_experts!r}")
+    for key in ("eplb_window_size", "eplb_step_interval"):
+        if getattr(e, key) is not None and getattr(e, key) < 1:
+            errs.append(f"expert.{key} must be >= 1 or null, got {getattr(e, key)!r}")
+    if e.eplb and not cfg.ep:
+        errs.append("expert.eplb=true needs ep=true (EPLB balances experts across the expert-parallel GPUs)")
+    elif e.eplb and cfg.dp * cfg.tp < 2:
+        errs.append(f"expert.eplb=true needs more than one expert-parallel GPU (dp x tp > 1), got dp={cfg.dp} tp={cfg.tp}")
+    if e.redundant_experts > 0 and not e.eplb:
+        errs.append(f"expert.redundant_experts={e.redundant_experts} needs expert.eplb=true "
+                    "(vLLM keeps redundant experts only with EPLB)")
+    if not e.eplb:
+        errs += [f"expert.{k}={getattr(e, k)!r} applies only with expert.eplb=true"
+                 for k in ("eplb_window_size", "eplb_step_interval") if getattr(e, k) is not None]
+    if not cfg.ep:
+        errs += [f"expert.{k}={getattr(e, k)!r} applies only with ep=true"
+                 for k in ("placement", "all2all_backend") if getattr(e, k) is not None]
+    return errs
+
+
+def node_size(cluster) -> Tuple[Optional[int], str]:
+    """(what one node holds of a rank's tp x pp, the key that sets it): GPUs, or on Slurm's CPU
+    nodes engine workers; None = no limit (ranks never span nodes)."""
+    if isinstance(cluster, SlurmClusterConfig) and not cluster.gpus_per_node:
+        return cluster.workers_per_node, "cluster.workers_per_node"
+    return cluster.gpus_per_node or None, "cluster.gpus_per_node"
+
+
+def nodes_per_rank(cfg: RunConfig) -> int:
+    """Nodes one rank spans: tp x pp / the node size when it exceeds a node, else 1 (replica.py).
+    ValueError when tp x pp is neither within a node nor a whole number of nodes."""
+    from .replica import nodes_per_replica
+
+    size, key = node_size(cfg.cluster)
+    return nodes_per_replica(cfg.gpus_per_rank, size, key)
+
+
+def _spanning_errors(cfg: RunConfig) -> List[str]:
+    """A replica larger than a node (tp x pp > its GPUs) spans whole nodes: what rules out one."""
+    size, key = node_size(cfg.cluster)
+    try:
+        nodes = nodes_per_rank(cfg)
+    except ValueError as e:
+        return [f"tp={cfg.tp} x pp={cfg.pp}: {e}"]
+    if nodes == 1:
+        return []
+    errs = []
+    spans = f"tp={cfg.tp} x pp={cfg.pp} = {cfg.gpus_per_rank} per rank over {nodes} nodes of {key}={size}"
+    if cfg.lockstep:
+        errs.append(f"ep=true runs the ranks as one vLLM data-parallel group, which hpcinfer does not combine "
+                    f"with replicas spanning nodes ({spans}); keep tp x pp within a node")
+    ranks_per_node = getattr(cfg.cluster, "ranks_per_node", None)
+    if ranks_per_node is not None and ranks_per_node != 1:  # 1 (slurm_cpu's): holds for a rank spanning nodes
+        errs.append(f"cluster.ranks_per_node={ranks_per_node} cannot be set when a rank spans nodes ({spans})")
     return errs
 
 
@@ -413,9 +542,11 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
     errs += [f"cluster.{k} must be >= 1, got {v!r}" for k, v in positive.items() if v is not None and v < 1]
     if c.gpus_per_node < 0:
         errs.append(f"cluster.gpus_per_node must be >= 0 (0 = CPU nodes), got {c.gpus_per_node!r}")
-    elif c.gpus_per_node and cfg.gpus_per_rank > c.gpus_per_node:
-        errs.append(f"tp={cfg.tp} x pp={cfg.pp} = {cfg.gpus_per_rank} GPUs per rank exceeds "
-                    f"cluster.gpus_per_node={c.gpus_per_node}; replicas spanning nodes are not supported yet")
+    elif c.workers_per_node is not None and (c.gpus_per_node or c.workers_per_node < 1):
+        errs.append(f"cluster.workers_per_node={c.workers_per_node!r} is for CPU nodes (cluster.gpus_per_node=0) "
+                    "and must be >= 1")
+    elif cfg.gpus_per_rank > (node_size(c)[0] or cfg.gpus_per_rank):
+        errs += _spanning_errors(cfg)
     elif c.gpus_per_node and c.ranks_per_node and c.ranks_per_node * cfg.gpus_per_rank > c.gpus_per_node:
         errs.append(f"cluster.ranks_per_node={c.ranks_per_node} x {cfg.gpus_per_rank} GPUs per rank exceeds "
                     f"cluster.gpus_per_node={c.gpus_per_node}")

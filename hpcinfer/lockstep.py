@@ -24,11 +24,11 @@ class LockstepError(ValueError):
     """Lockstep data-parallel settings that are missing, invalid or inconsistent."""
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _ip_problem(master_ip: object) -> Optional[str]:
+def ip_problem(master_ip: object) -> Optional[str]:
     """Why `master_ip` is not a usable IP literal, or None."""
     if not isinstance(master_ip, str):
         return f"master_ip={master_ip!r} is not a string"
@@ -44,7 +44,7 @@ def _ip_problem(master_ip: object) -> Optional[str]:
 def lockstep_env(rank: int, local_rank: int, size: int, master_ip: str, master_port: int) -> Dict[str, str]:
     """The five `VLLM_DP_*` variables of one rank, as strings. LockstepError quotes every bad value."""
     args = {"rank": rank, "local_rank": local_rank, "size": size, "master_port": master_port}
-    problems = [f"{k}={v!r} is not an integer" for k, v in args.items() if not _is_int(v)]
+    problems = [f"{k}={v!r} is not an integer" for k, v in args.items() if not is_int(v)]
     if not problems:
         if size < 1:
             problems.append(f"size={size} is not >= 1")
@@ -54,9 +54,9 @@ def lockstep_env(rank: int, local_rank: int, size: int, master_ip: str, master_p
             problems.append(f"local_rank={local_rank} is not in [0, rank={rank}]")
         if not 1 <= master_port <= 65535:
             problems.append(f"master_port={master_port} is not in [1, 65535]")
-    ip_problem = _ip_problem(master_ip)
-    if ip_problem:
-        problems.append(ip_problem)
+    bad_ip = ip_problem(master_ip)
+    if bad_ip:
+        problems.append(bad_ip)
     if problems:
         raise LockstepError("bad lockstep data-parallel settings: " + "; ".join(problems))
     return {"VLLM_DP_RANK": str(rank), "VLLM_DP_RANK_LOCAL": str(local_rank), "VLLM_DP_SIZE": str(size),
@@ -64,10 +64,12 @@ def lockstep_env(rank: int, local_rank: int, size: int, master_ip: str, master_p
 
 
 def lockstep_env_from_slurm(env: Mapping[str, str], resolve: Callable[[str], str] = resolve_address,
-                            hosts: Callable[[str], List[str]] = hostnames) -> Dict[str, str]:
+                            hosts: Callable[[str], List[str]] = hostnames,
+                            size: Optional[int] = None) -> Dict[str, str]:
     """The `VLLM_DP_*` variables of a Slurm task: one task = one DP rank (SLURM_PROCID of
     SLURM_NTASKS, local rank SLURM_LOCALID), master = the first host of SLURM_JOB_NODELIST,
-    port = `master_port` of SLURM_ARRAY_JOB_ID or SLURM_JOB_ID."""
+    port = `master_port` of SLURM_ARRAY_JOB_ID or SLURM_JOB_ID. `size` (default SLURM_NTASKS) is
+    the group's size when the job's last tasks have no rank (they never join the group)."""
     try:
         task = slurm_task(env)
         master_host = hosts(task.nodelist)[0]
@@ -78,7 +80,24 @@ def lockstep_env_from_slurm(env: Mapping[str, str], resolve: Callable[[str], str
         master_ip = resolve(master_host)
     except (OSError, ValueError) as e:
         raise LockstepError(f"the lockstep master host {master_host!r} does not resolve: {e}") from None
-    return lockstep_env(task.procid, task.localid, task.ntasks, master_ip, port)
+    return lockstep_env(task.procid, task.localid, task.ntasks if size is None else size, master_ip, port)
+
+
+def lockstep_devices(visible: Optional[Sequence[str]], local_rank: int, gpus_per_rank: int) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES of a lockstep rank. vLLM places the workers of DP local rank l itself,
+    on visible GPUs l x gpus_per_rank .. + gpus_per_rank - 1 (v1/worker/gpu_worker.py,
+    init_device), so a rank must see its node's GPUs, not only its own: `visible` (the node's
+    GPUs in rank order) is kept whole; None (nothing set: all GPUs visible) stays unset (None).
+    LockstepError when fewer than (l + 1) x gpus_per_rank GPUs are visible."""
+    if visible is None:
+        return None
+    need = (local_rank + 1) * gpus_per_rank
+    if len(visible) < need:
+        raise LockstepError(f"lockstep rank with VLLM_DP_RANK_LOCAL={local_rank} and {gpus_per_rank} GPU(s) per rank "
+                            f"needs its node's first {need} GPUs visible (vLLM picks GPU {local_rank} x "
+                            f"{gpus_per_rank} + i itself), but only {list(visible)} are; give the ranks of a "
+                            "node all its GPUs (no per-task GPU binding)")
+    return ",".join(visible)
 
 
 def _disagreements(envs: Sequence[Mapping[str, str]]) -> List[str]:

@@ -11,10 +11,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .config import ModelConfig, RunConfig, SlurmClusterConfig
+from .config import ModelConfig, RunConfig, SlurmClusterConfig, nodes_per_rank
 from .data import Shard
 from .devices import Devices, split
 from .errors import ConfigError
+from .replica import node_slices
 from .slurm_layout import JobLayout, job_layout, node_capacity
 
 GIB = 1024**3
@@ -33,6 +34,7 @@ class ModelShape:
     head_dim: Optional[int]
     moe: bool = False
     num_experts: Optional[int] = None
+    expert_params_b: Optional[float] = None  # MoE: the experts' share of num_params_b (split by EP, not TP)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> Optional[int]:
         if None in (self.num_layers, self.num_kv_heads, self.head_dim):
@@ -58,11 +60,16 @@ def model_shape(m: ModelConfig, model_dir: Optional[str] = None) -> ModelShape:
     experts = pick(m.num_experts, "num_local_experts", "num_experts", "n_routed_experts")
     layers = pick(m.num_layers, "num_hidden_layers")
     params = m.num_params_b
+    inter = pick(m.intermediate_size, "intermediate_size")
     if params is None:
-        params = _estimate_params_b(hidden, pick(m.intermediate_size, "intermediate_size"), layers, heads, kv,
+        params = _estimate_params_b(hidden, inter, layers, heads, kv,
                                     head_dim, pick(m.vocab_size, "vocab_size"), experts,
                                     bool(hf.get("tie_word_embeddings", False)))
-    return ModelShape(params, layers, heads, kv, head_dim, m.moe or bool(experts), experts)
+    expert_params = layers * 3 * hidden * inter * experts / 1e9 if experts and None not in (layers, hidden, inter) \
+        else None
+    if expert_params is not None and (params is None or expert_params > params):
+        expert_params = None  # a given size that the shape does not explain: do not split it
+    return ModelShape(params, layers, heads, kv, head_dim, m.moe or bool(experts), experts, expert_params)
 
 
 def _estimate_params_b(hidden, inter, layers, heads, kv, head_dim, vocab, experts, tied) -> Optional[float]:
@@ -88,9 +95,13 @@ class Memory:
 
 
 def memory_per_gpu(shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int,
-                   gpu_memory_gib: Optional[float]) -> Memory:
+                   gpu_memory_gib: Optional[float], ep_size: int = 1) -> Memory:
+    """Weights per GPU = params x bytes / (tp x pp); with expert parallelism (ep_size = dp x tp
+    GPUs) the experts' share is split over ep_size x pp instead. KV cache = what is left."""
     dtype_bytes = DTYPE_BYTES.get(str(engine.get("dtype", "auto")), 2)
     weights = shape.num_params_b * 1e9 * dtype_bytes / (tp * pp) / GIB if shape.num_params_b else None
+    if weights is not None and ep_size > tp and shape.expert_params_b:
+        weights -= shape.expert_params_b * 1e9 * dtype_bytes * (1 / (tp * pp) - 1 / (ep_size * pp)) / GIB
     kv_tok = shape.kv_bytes_per_token(dtype_bytes)
     if kv_tok is not None:  # KV heads split over tp (replicated past their count), layers over pp
         kv_tok = kv_tok // (pp * min(tp, shape.num_kv_heads or 1))
@@ -117,6 +128,36 @@ def smallest_fitting_tp(shape: ModelShape, engine: Dict[str, Any], gpu_memory_gi
             return tp
         tp *= 2
     return None
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a MoE model's experts spread over the GPUs with ep=true (vLLM's FusedMoE): the EP group
+    is the dp x tp GPUs of one pipeline stage; each holds the experts of its share of every MoE
+    layer, `num_experts + redundant` physical experts dealt out as evenly as possible."""
+
+    ep_size: int  # GPUs in the expert-parallel group: dp x tp
+    num_experts: Optional[int]  # routed experts per MoE layer (None: unknown)
+    redundant: int  # extra copies kept by EPLB
+    per_gpu_min: Optional[int]
+    per_gpu_max: Optional[int]
+    eplb: bool = False
+    placement: str = "linear"
+    all2all_backend: str = "allgather_reducescatter"
+
+
+def expert_layout(num_experts: Optional[int], dp: int, tp: int, redundant: int = 0, eplb: bool = False,
+                  placement: Optional[str] = None, all2all_backend: Optional[str] = None) -> ExpertLayout:
+    """EP size and experts per GPU for `dp` lockstep ranks of `tp` GPUs each (null placement and
+    backend: vLLM's defaults)."""
+    ep = dp * tp
+    if num_experts is None:
+        lo = hi = None
+    else:
+        lo, rem = divmod(num_experts + redundant, ep)
+        hi = lo + (1 if rem else 0)
+    return ExpertLayout(ep, num_experts, redundant, lo, hi, eplb, placement or "linear",
+                        all2all_backend or "allgather_reducescatter")
 
 
 @dataclass
@@ -150,6 +191,8 @@ class Plan:
     jobs: Optional[JobLayout] = None  # Slurm: how the ranks are grouped into jobs and nodes
     schedule: str = "static"  # "dynamic": ranks claim shards at run time (rank_plans are expectations)
     tokens: int = 0  # estimated prompt + output tokens of all rows
+    nodes_per_replica: int = 1  # > 1: each rank spans this many nodes (processes): a leader + headless ones
+    experts: Optional["ExpertLayout"] = None  # ep=true: how the experts spread over the GPUs
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -160,7 +203,8 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
     """The layout of this run. Raises ConfigError when it cannot work."""
     notes: List[str] = []
     gpu_mem = getattr(cfg.cluster, "gpu_memory_gib", None) or devices.gpu_memory_gib
-    memory = memory_per_gpu(shape, engine_args, cfg.tp, cfg.pp, gpu_mem if devices.gpus else None)
+    memory = memory_per_gpu(shape, engine_args, cfg.tp, cfg.pp, gpu_mem if devices.gpus else None,
+                            ep_size=active * cfg.tp if cfg.lockstep else 1)
     if devices.gpus and not memory.fits:
         tp = smallest_fitting_tp(shape, engine_args, gpu_mem)
         hint = f"try tp={tp}" if tp else "use pp>1 across GPUs, or a smaller/quantized model"
@@ -175,6 +219,7 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
     if active < cfg.dp:
         notes.append(f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), "
                      f"a rank needs at least one row")
+    experts = _experts(cfg, shape, active, bool(devices.gpus), notes) if cfg.lockstep else None
     jobs: Optional[JobLayout] = None
     if isinstance(cfg.cluster, SlurmClusterConfig):
         jobs = slurm_jobs(cfg, active)
@@ -194,27 +239,54 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
                 shards=len(shards), memory=memory, engine_args=engine_args,
                 model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
                 rank_plans=rank_plans, notes=notes, jobs=jobs, schedule="dynamic" if cfg.dynamic else "static",
-                tokens=sum(s.tokens for s in shards))
+                tokens=sum(s.tokens for s in shards), experts=experts,
+                nodes_per_replica=jobs.nodes_per_rank if jobs else nodes_per_rank(cfg))
+
+
+def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: List[str]) -> ExpertLayout:
+    """The expert layout of an ep=true run; ConfigError for what vLLM's EPLB would refuse."""
+    e = cfg.expert
+    lay = expert_layout(shape.num_experts, ranks, cfg.tp, e.redundant_experts, e.eplb, e.placement, e.all2all_backend)
+    if e.eplb and not gpus:
+        raise ConfigError("expert.eplb=true needs GPUs: vLLM runs EPLB on CUDA/ROCm devices only, and this run has none")
+    if e.eplb and lay.num_experts is not None and lay.per_gpu_min != lay.per_gpu_max:
+        raise ConfigError(f"expert.eplb=true needs the {lay.num_experts} experts + {lay.redundant} redundant to "
+                          f"divide evenly over the EP size {lay.ep_size} (dp={ranks} x tp={cfg.tp}): vLLM's EPLB "
+                          "supports only an even distribution; change expert.redundant_experts, dp or tp")
+    if lay.num_experts is None:
+        notes.append("experts per GPU unknown: set model.num_experts (or give a model directory with config.json)")
+    if e.placement == "round_robin":
+        notes.append("expert.placement=round_robin: vLLM uses it only for models with expert groups and without "
+                     "EPLB/redundant experts (and an all2all backend that supports it); otherwise it places linearly")
+    return lay
 
 
 def slurm_jobs(cfg: RunConfig, ranks: int, nodes: Optional[int] = -1) -> JobLayout:
     """The job layout of `ranks` ranks (nodes per job: cluster.nodes unless given; None = derived)."""
     c = cfg.cluster
     try:
-        return job_layout(ranks, node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
+        jobs = job_layout(ranks, node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
                           nodes=c.nodes if nodes == -1 else nodes, array=min(c.array, ranks),
-                          max_nodes_per_job=c.max_nodes_per_job)
+                          max_nodes_per_job=c.max_nodes_per_job,
+                          nodes_per_rank=nodes_per_rank(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.lockstep and jobs.groups > 1:
+        raise ConfigError(f"ep=true ranks run in lockstep as one vLLM group, so they must be one job, but "
+                          f"{ranks} rank(s) need {jobs.groups} jobs of at most cluster.max_nodes_per_job="
+                          f"{c.max_nodes_per_job} node(s)")
+    return jobs
 
 
 def slurm_rank_place(jobs: JobLayout, rank: int, gpus_per_rank: int, gpus: bool):
     """(devices on its node, job, node within the job) of a rank: task `procid` of job `group`
-    runs on node procid // tasks_per_node as local rank procid % tasks_per_node."""
+    runs on node procid // tasks_per_node as local rank procid % tasks_per_node. A rank spanning
+    k = nodes_per_rank nodes: its first (leader) node, and the GPUs it uses on each of them."""
     group, procid = divmod(rank, jobs.ranks_per_group)
     local = procid % jobs.tasks_per_node
-    devices = [str(i) for i in range(local * gpus_per_rank, (local + 1) * gpus_per_rank)] if gpus else []
-    return devices, group, procid // jobs.tasks_per_node
+    per_node = gpus_per_rank // jobs.nodes_per_rank
+    devices = [str(i) for i in range(local * per_node, (local + 1) * per_node)] if gpus else []
+    return devices, group, procid // jobs.tasks_per_node * jobs.nodes_per_rank
 
 
 def format_plan(plan: Plan) -> str:
@@ -232,6 +304,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"devices    {plan.gpus_per_rank} GPU(s) per rank, {plan.nodes} node(s)")
     else:
         lines.append(f"devices    no GPU: ranks run vLLM on CPU cores, {plan.nodes} node(s)")
+    lines += _expert_lines(plan)
     j = plan.jobs
     if j is not None:
         array = f"a job array of {j.groups}" if j.groups > 1 else "1 job"
@@ -250,6 +323,7 @@ def format_plan(plan: Plan) -> str:
         if rp.job is not None:
             dev = f"job {rp.job} node {rp.node} {dev}"
         lines.append(f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows{' expected' if dynamic else ''})")
+    lines += _replica_lines(plan)
     if mem.weights_gib is not None:
         kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"
         if mem.kv_tokens:
@@ -260,4 +334,43 @@ def format_plan(plan: Plan) -> str:
                      f"weights {mem.weights_gib:.2f} GiB + {kv}{cap}")
     lines += [f"note       {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _expert_lines(plan: Plan) -> List[str]:
+    """ep=true: the EP group and the experts each GPU holds."""
+    x = plan.experts
+    if x is None:
+        return []
+    unit = "GPU" if plan.device_kind == "cuda" else "worker"
+    if x.num_experts is None:
+        held = f"experts per {unit} unknown"
+    else:
+        count = str(x.per_gpu_min) if x.per_gpu_min == x.per_gpu_max else f"{x.per_gpu_min}-{x.per_gpu_max}"
+        extra = f" + {x.redundant} redundant" if x.redundant else ""
+        held = f"{x.num_experts} experts{extra} per MoE layer -> {count} per {unit}"
+    eplb = "EPLB on" if x.eplb else "EPLB off"
+    return [f"experts    EP size {x.ep_size} (dp={plan.ranks} x tp={plan.tp}): {held}; placement {x.placement}, "
+            f"all2all {x.all2all_backend}, {eplb}"]
+
+
+def _replica_lines(plan: Plan) -> List[str]:
+    """Ranks spanning nodes: which node holds which part of each rank (leader and headless)."""
+    k = plan.nodes_per_replica
+    if k < 2:
+        return []
+    lines = [f"replicas   each rank spans {k} nodes of {plan.gpus_per_rank // k} "
+             f"{'GPU(s)' if plan.device_kind == 'cuda' else 'worker(s)'}: the leader (node 0 of the rank) runs the "
+             f"engine and writes the outputs, the others run vLLM's workers headless"]
+    for rp in plan.rank_plans:
+        if rp.job is not None:  # Slurm: the same local GPUs on each of the rank's nodes
+            nodes = [f"{rp.node + i} ({'leader' if i == 0 else 'headless'})" for i in range(k)]
+            gpus = ",".join(rp.devices) or "its task's"
+            unit = "gpu" if plan.device_kind == "cuda" else "cpu"
+            lines.append(f"  rank {rp.rank:<4} job {rp.job} nodes {', '.join(nodes)}, {unit} {gpus} on each")
+        else:  # local: one process per node, each on its share of the rank's devices
+            parts = [",".join(part) for part in node_slices(rp.devices, k)]
+            lines.append(f"  rank {rp.rank:<4} " + "; ".join(
+                f"node {i} {'leader' if i == 0 else 'headless'} {'gpu' if plan.device_kind == 'cuda' else 'cpu'} "
+                f"{part}" for i, part in enumerate(parts)))
+    return lines
 

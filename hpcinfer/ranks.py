@@ -3,7 +3,8 @@
 A launcher (the local backend now, a Slurm task later) gives each rank process these variables;
 `context_from_env` turns them into a `RankContext`. `rank_env` builds them, pure. Dense models
 run one independent vLLM engine per rank, so `VLLM_DP_*` variables (vLLM's lockstep MoE data
-parallel path, which rejects dense models) are removed from every rank's environment here.
+parallel path, which rejects dense models) are removed from every rank's environment here, and
+so are a spanning replica's `HPCINFER_NNODES` & co. (replica.py): launchers add what applies.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Dict, List, Mapping
 
 from .data import partition
 from .lockstep import VLLM_DP_VARS
+from .replica import REPLICA_VARS
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def rank_env(base: Mapping[str, str], *, rank: int, world_size: int, local_rank:
              master_addr: str, master_port: int, device_kind: str, devices: List[str],
              workers_per_rank: int, cpu_kvcache_gib: int, offline: bool) -> Dict[str, str]:
     """The full environment of one rank process. Pure."""
-    env = {k: v for k, v in base.items() if k not in VLLM_DP_VARS}
+    env = {k: v for k, v in base.items() if k not in VLLM_DP_VARS and k not in REPLICA_VARS}
     env.update({
         "HPCINFER_RANK": str(rank),
         "HPCINFER_WORLD_SIZE": str(world_size),

@@ -4,6 +4,10 @@ time limits. Pure; used by the planner (to show the layout) and by the Slurm bac
 A *group* is one Slurm job (or one element of a job array) whose tasks are consecutive ranks:
 rank = group x ranks_per_group + SLURM_PROCID. Groups are independent (dense models), so a run
 may be split into several smaller jobs that the scheduler can place as nodes free up.
+
+A rank larger than a node (tp x pp > gpus_per_node) is a replica spanning `nodes_per_rank` whole
+nodes, one task per node: rank = group x ranks_per_group + SLURM_PROCID // nodes_per_rank, and
+SLURM_PROCID % nodes_per_rank is the task's node within its replica (0: the leader; replica.py).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ class JobLayout:
     ranks_per_group: int  # ranks (tasks with work) per job
     nodes_per_job: int
     tasks_per_node: int
-    ranks_per_node: int  # what one node can hold (GPUs per node // GPUs per rank)
+    ranks_per_node: int  # what one node can hold (GPUs per node // GPUs per rank; 1 when a rank spans nodes)
+    nodes_per_rank: int = 1  # > 1: each rank is a replica spanning this many nodes (one task per node)
 
     @property
     def tasks_per_job(self) -> int:
@@ -31,7 +36,7 @@ class JobLayout:
 
     def idle_tasks(self, ranks: int) -> int:
         """Tasks that get no rank (a rank count that does not fill the last node evenly)."""
-        return self.groups * self.tasks_per_job - ranks
+        return self.groups * self.tasks_per_job - ranks * self.nodes_per_rank
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -47,34 +52,44 @@ def node_capacity(gpus_per_node: int, gpus_per_rank: int, ranks_per_node: Option
 
 
 def job_layout(ranks: int, capacity: int, *, nodes: Optional[int] = None, array: int = 1,
-               max_nodes_per_job: Optional[int] = None) -> JobLayout:
+               max_nodes_per_job: Optional[int] = None, nodes_per_rank: int = 1) -> JobLayout:
     """Split `ranks` into groups of near-equal size, each one job over as few nodes as hold it.
 
     `nodes` fixes the nodes per job; `array` asks for that many groups; `max_nodes_per_job`
-    adds groups until each job fits. Raises ValueError naming the values that cannot work."""
-    if ranks < 1:
-        raise ValueError(f"no ranks to lay out (ranks={ranks})")
+    adds groups until each job fits. `nodes_per_rank` > 1: every rank spans that many whole
+    nodes, one task each (`capacity` is then 1). Raises ValueError naming the values that cannot
+    work."""
+    k = nodes_per_rank
+    if ranks < 1 or k < 1:
+        raise ValueError(f"no ranks to lay out (ranks={ranks}, nodes_per_rank={k})")
     if array > ranks:
         raise ValueError(f"cluster.array={array} exceeds the {ranks} rank(s) of this run")
+    capacity = 1 if k > 1 else capacity
     groups = array
     if max_nodes_per_job is not None:
-        groups = max(groups, math.ceil(math.ceil(ranks / capacity) / max_nodes_per_job))
+        if max_nodes_per_job < k:
+            raise ValueError(f"a rank spans {k} nodes but cluster.max_nodes_per_job={max_nodes_per_job}")
+        groups = max(groups, math.ceil(ranks / (max_nodes_per_job // k * capacity)))
         groups = min(groups, ranks)
     per_group = math.ceil(ranks / groups)
     groups = math.ceil(ranks / per_group)  # e.g. 5 ranks in groups of 2 -> 3 groups, not 4
     if nodes is None:
-        job_nodes = math.ceil(per_group / capacity)
+        job_nodes = math.ceil(per_group / capacity) * k
     else:
         job_nodes = nodes
-        if job_nodes * capacity < per_group:
-            raise ValueError(f"cluster.nodes={nodes} node(s) x {capacity} rank(s) per node cannot hold the "
+        if job_nodes % k:
+            raise ValueError(f"cluster.nodes={nodes} is not a multiple of the {k} nodes each rank spans")
+        if job_nodes // k * capacity < per_group:
+            held = f"{capacity} rank(s) per node" if k == 1 else f"1 rank per {k} nodes"
+            raise ValueError(f"cluster.nodes={nodes} node(s) x {held} cannot hold the "
                              f"{per_group} rank(s) of a job; raise cluster.nodes or cluster.array")
-        if job_nodes > per_group:
-            raise ValueError(f"cluster.nodes={nodes} is more nodes than the {per_group} rank(s) of a job")
+        if job_nodes > per_group * k:
+            raise ValueError(f"cluster.nodes={nodes} is more nodes than the {per_group} rank(s) of a job need")
     if max_nodes_per_job is not None and job_nodes > max_nodes_per_job:
         raise ValueError(f"a job needs {job_nodes} node(s) but cluster.max_nodes_per_job={max_nodes_per_job}")
     return JobLayout(groups=groups, ranks_per_group=per_group, nodes_per_job=job_nodes,
-                     tasks_per_node=math.ceil(per_group / job_nodes), ranks_per_node=capacity)
+                     tasks_per_node=math.ceil(per_group / (job_nodes // k)) if k == 1 else 1,
+                     ranks_per_node=capacity, nodes_per_rank=k)
 
 
 def rank_groups(ranks: List[int], jobs: JobLayout) -> List[List[int]]:

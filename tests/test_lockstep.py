@@ -2,7 +2,8 @@
 import pytest
 
 from hpcinfer import ranks
-from hpcinfer.lockstep import VLLM_DP_VARS, LockstepError, check_group, lockstep_env, lockstep_env_from_slurm
+from hpcinfer.lockstep import (VLLM_DP_VARS, LockstepError, check_group, lockstep_devices, lockstep_env,
+                               lockstep_env_from_slurm)
 from hpcinfer.nodelist import expand_nodelist
 from hpcinfer.slurm_ranks import master_port
 
@@ -194,3 +195,104 @@ def test_check_group_names_unreadable_envs(change, quoted):
 def test_check_group_of_nothing():
     with pytest.raises(LockstepError, match="got none"):
         check_group([])
+
+
+# ---- lockstep_devices, a group smaller than the job's tasks ----
+
+def test_lockstep_devices_keep_the_node_gpus_visible():
+    assert lockstep_devices(["0", "1", "2", "3"], 1, 2) == "0,1,2,3"  # vLLM picks 2,3 for local rank 1
+    assert lockstep_devices(["4", "5"], 0, 2) == "4,5"
+    assert lockstep_devices(None, 3, 2) is None  # nothing set: all GPUs visible, leave it so
+    with pytest.raises(LockstepError, match="needs its node's first 4 GPUs visible"):
+        lockstep_devices(["6", "7"], 1, 2)  # Slurm bound the task to its own GPUs
+
+
+def test_from_slurm_group_size_of_the_ranks_that_run():
+    env = from_slurm({**SLURM, "SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, size=3)  # task 3 has no rank
+    assert (env["VLLM_DP_RANK"], env["VLLM_DP_SIZE"]) == ("2", "3")
+    with pytest.raises(LockstepError, match=r"rank=3 is not in \[0, size=3\)"):
+        from_slurm(SLURM, size=3)
+
+
+# ---- the local backend's ranks ----
+
+def _local(overrides, devices, base):
+    from hpcinfer.backends.local import rank_launches
+    from hpcinfer.cli import compose
+    from hpcinfer.config import engine_args, validate
+    from hpcinfer.data import InputFile, make_shards
+    from hpcinfer.planner import make_plan, model_shape
+
+    cfg = compose(overrides)
+    validate(cfg)
+    shards = make_shards([InputFile("/x.parquet", 40)], cfg.dp, 1024)
+    plan = make_plan(cfg, model_shape(cfg.model), devices, engine_args(cfg, "/m"), shards, 40, 1, cfg.dp)
+    return [rank_launches(base, cfg, plan, r, group=list(range(cfg.dp)), master_port=29611)[0].env
+            for r in range(cfg.dp)]
+
+
+PARENT = {"PATH": "/bin", "VLLM_DP_RANK": "9", "VLLM_DP_SIZE": "12", "VLLM_DP_MASTER_IP": "10.1.1.1"}
+
+
+def test_local_moe_ep_ranks_form_one_group_seeing_all_gpus():
+    from hpcinfer.devices import Devices
+
+    envs = _local(["model=tiny_moe", "ep=true", "dp=2", "tp=2"], Devices(gpus=["0", "1", "2", "3"]), PARENT)
+    check_group(envs)
+    assert [(e["VLLM_DP_RANK"], e["VLLM_DP_RANK_LOCAL"], e["VLLM_DP_SIZE"]) for e in envs] == [("0", "0", "2"),
+                                                                                              ("1", "1", "2")]
+    assert {e["VLLM_DP_MASTER_IP"] for e in envs} == {"127.0.0.1"}
+    assert {e["VLLM_DP_MASTER_PORT"] for e in envs} == {"29611"}
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1,2,3", "0,1,2,3"]  # vLLM: rank 1 -> GPUs 2,3
+    assert [e["HPCINFER_DEVICES"] for e in envs] == ["0,1", "2,3"]  # each rank's own, for the summary
+
+
+def test_local_moe_ep_on_cpu_binds_the_whole_group():
+    from hpcinfer.devices import Devices
+
+    envs = _local(["model=tiny_moe", "ep=true", "dp=2"], Devices(cpus=[0, 1]), {"PATH": "/bin"})
+    assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in envs] == ["0|1", "0|1"]  # sliced by VLLM_DP_RANK_LOCAL
+    assert _local(["model=tiny_moe", "ep=true", "dp=2"], Devices(cpus=[0, 1]),
+                  {"PATH": "/bin", "VLLM_CPU_OMP_THREADS_BIND": "all"})[0]["VLLM_CPU_OMP_THREADS_BIND"] == "all"
+
+
+@pytest.mark.parametrize("overrides", [["dp=2"], ["model=tiny_moe", "dp=2"]])
+def test_local_dense_and_moe_without_ep_never_get_vllm_dp_vars(overrides):
+    from hpcinfer.devices import Devices
+
+    for env in _local(overrides, Devices(gpus=["0", "1"]), PARENT):
+        assert not any(k in env for k in VLLM_DP_VARS)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in _local(overrides, Devices(gpus=["0", "1"]), PARENT)] == ["0", "1"]
+
+
+# ---- the Slurm task's ranks ----
+
+def _slurm_task_env(overrides, procid, localid, visible):
+    from hpcinfer.cli import compose
+    from hpcinfer.slurm_ranks import slurm_task
+    from hpcinfer.slurm_task import task_env
+
+    cfg = compose(["cluster=slurm", *overrides])
+    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid), "SLURM_NTASKS": "4",
+           "SLURM_NODEID": str(procid // 2), "SLURM_JOB_NODELIST": "gpu[07-08]", "PATH": "/bin", **PARENT}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    plan = {"ranks": 4, "device_kind": "cuda", "gpus_per_rank": 2, "engine_args": {"model": "/nonexistent"}}
+    return task_env(env, cfg, plan, slurm_task(env), procid, ["gpu07", "gpu08"], "10.0.0.7", master_port(4242),
+                    {0})
+
+
+def test_slurm_moe_ep_tasks_use_lockstep_env_from_slurm_and_see_their_node():
+    envs = [_slurm_task_env(["model=tiny_moe", "ep=true", "dp=4", "tp=2"], p, p % 2, "0,1,2,3") for p in range(4)]
+    check_group(envs)
+    for p, env in enumerate(envs):
+        expect = from_slurm({**SLURM, "SLURM_PROCID": str(p), "SLURM_LOCALID": str(p % 2), "SLURM_NODEID": str(p // 2)})
+        assert {k: env[k] for k in VLLM_DP_VARS} == expect
+        assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and env["HPCINFER_DEVICES"] == ["0,1", "2,3"][p % 2]
+    unset = _slurm_task_env(["model=tiny_moe", "ep=true", "dp=4", "tp=2"], 1, 1, None)
+    assert "CUDA_VISIBLE_DEVICES" not in unset  # Slurm set nothing: every GPU stays visible
+
+
+def test_slurm_dense_tasks_get_no_vllm_dp_vars_and_their_own_gpus():
+    env = _slurm_task_env(["dp=4", "tp=2"], 1, 1, "0,1,2,3")
+    assert not any(k in env for k in VLLM_DP_VARS) and env["CUDA_VISIBLE_DEVICES"] == "2,3"

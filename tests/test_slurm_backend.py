@@ -88,12 +88,13 @@ def test_slurm_time_minutes_rejects(value):
 
 # ---- config ----------------------------------------------------------------------------------
 def test_slurm_config_validation_names_the_values():
-    cfg = compose(["cluster=slurm", "tp=4", "cluster.gpus_per_node=2", "cluster.time=soon", "cluster.array=0",
+    cfg = compose(["cluster=slurm", "tp=3", "cluster.gpus_per_node=2", "cluster.time=soon", "cluster.array=0",
                    "+cluster.sbatch.ntasks=3", "cluster.partition='gpu;rm -rf'"])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     msg = str(e.value)
-    for part in ("tp=4 x pp=1 = 4 GPUs per rank exceeds cluster.gpus_per_node=2", "cluster.time",
+    for part in ("tp=3 x pp=1: 3 GPUs per rank is neither at most cluster.gpus_per_node=2 nor a multiple of it",
+                 "cluster.time",
                  "'soon'", "cluster.array must be >= 1, got 0", "cluster.sbatch.ntasks is set by hpcinfer",
                  "cluster.partition='gpu;rm -rf'"):
         assert part in msg
@@ -145,6 +146,16 @@ def test_golden_cpu_worker_array():
     ex = executor("/runs/r1/slurm", cfg, params)
     ex.parameters["map_count"] = 3  # what map_array sets for a 3-element array
     _check_golden("sbatch_workers_cpu_array.sh", ex._make_submission_file_text(ex._submitit_command_str, "uid"))
+
+
+def test_golden_gpu_worker_job_of_replicas_spanning_nodes():
+    """tp=16 on 8-GPU nodes: 3 ranks of 2 nodes each = 6 nodes, one task (and all 8 GPUs) per node."""
+    cfg = compose(["cluster=slurm", "model=llama", "model.path=org/llama", "dp=3", "tp=16", "cluster.partition=gpu",
+                   "cluster.time=12:00:00", "cluster.python=/opt/venv/bin/python"])
+    validate(cfg)
+    jobs = job_layout(3, node_capacity(8, 16, None), nodes_per_rank=2)
+    assert (jobs.nodes_per_job, jobs.tasks_per_node) == (6, 1)
+    _check_golden("sbatch_workers_gpu_spanning.sh", _sbatch(cfg, worker_parameters(cfg, jobs)))
 
 
 def test_golden_finalize_job():
