@@ -34,7 +34,7 @@ from .rundir import RunDir, atomic_write, tail
 from .secrets import redact
 
 # Config sections that determine the results: a run directory is only continued with equal values.
-RESULT_KEYS = ("model", "sampling", "data", "engine", "tp", "pp", "dp", "ep")
+RESULT_KEYS = ("model", "sampling", "data", "engine", "expert", "tp", "pp", "dp", "ep")
 SHARDING_KEYS = ("schedule.mode", "schedule.shards_per_rank")  # they change the manifest
 
 
