@@ -123,10 +123,9 @@ class Claims:
         return now - since >= self.lease_s
 
     # ---- claiming ---------------------------------------------------------------------
-    def next(self, allow: Callable[[int, int], bool] = lambda shard, tokens_left: True,
-             fill: bool = True) -> Optional[int]:
+    def next(self, allow: Optional[Callable[[int, int], bool]] = None, fill: bool = True) -> Optional[int]:
         """Claim the next shard (see `pick`) and return it, or None when nothing is claimable now.
-        When `allow(shard, tokens of all shards not done)` refuses the largest, the smallest
+        When `allow(shard, tokens of all shards not done)` (if given) refuses the largest, the smallest
         is claimed instead if `fill` (the batch is not full): the batch stays full while the
         large shards spread over the ranks.
         Losing a race for one shard just moves on to the next."""
@@ -135,8 +134,8 @@ class Claims:
             choice = pick(self.order, done, holders, self.dead, self.rank, self.token)
             if choice is None:
                 return None
-            left = sum(self.sizes.get(s, 0) for s in self.order if s not in done)
-            if not allow(choice[0], left):
+            if allow is not None and not allow(
+                    choice[0], sum(self.sizes.get(s, 0) for s in self.order if s not in done)):
                 if not fill:
                     return None
                 choice = pick(self.order[::-1], done, holders, self.dead, self.rank, self.token)

@@ -201,13 +201,15 @@ class ClaimedWork:
     def next(self, fill: bool = True) -> Optional[Shard]:
         if time.monotonic() < self._next_look:
             return None
-        shard = self.claims.next(lambda s, left: not self.by_tokens or fair_share(
-            sum(self.outstanding.values()), self.by_id[s].tokens, left, self.world), fill)
+        shard = self.claims.next(self._fair if self.by_tokens else None, fill)
         if shard is None:
             self._next_look = time.monotonic() + (self.retry_s if self.outstanding else self.poll_s)
             return None
         self.outstanding[shard] = self.by_id[shard].tokens
         return self.by_id[shard]
+
+    def _fair(self, shard: int, left: int) -> bool:
+        return fair_share(sum(self.outstanding.values()), self.by_id[shard].tokens, left, self.world)
 
     def exhausted(self) -> bool:
         return self.claims.unfinished() == 0
