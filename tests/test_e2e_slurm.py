@@ -114,13 +114,15 @@ def test_job_array_run(inputs, tmp_path, slurm_env, local_results):
 
 def test_failed_rank_reports_missing_shards_and_does_not_hang(inputs, tmp_path, slurm_env):
     """Rank 1's input file turns unreadable after submission: rank 0's work is kept, finalize
-    (afterany) runs anyway, reports the missing shards and fails; status shows the failed rank."""
+    (afterany) runs anyway, reports the missing shards and fails; status shows the failed rank.
+    Static schedule, so that the unreadable file is rank 1's alone (with claims, whichever rank
+    reaches it fails, and the other one too when it takes the shard over)."""
     data = tmp_path / "data"
     data.mkdir()
     for f in inputs.glob("*.parquet"):
         (data / f.name).write_bytes(f.read_bytes())
     run_dir = tmp_path / "run"
-    proc = submit_in_background(slurm_env, common(data, run_dir, "dp=2"), run_dir)
+    proc = submit_in_background(slurm_env, common(data, run_dir, "dp=2", "schedule.mode=static"), run_dir)
     (data / "part-1.parquet").write_bytes(b"this is not parquet any more")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err
