@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__
+from .checkpoint import remove_parts
 from .config import load_run_config
 from .data import Shard, read_manifest
 from .errors import RunIncomplete
@@ -49,6 +50,8 @@ def finalize(run_dir: str) -> Dict:
     totals = merge_shards(rd, shards, result_schema(schema))
     summary = build_summary(rd, shards, totals)
     atomic_write_json(rd.summary, summary)
+    for s in shards:  # a rank killed between a done marker and its cleanup leaves the parts behind
+        remove_parts(rd, s.shard)
     return summary
 
 

@@ -133,6 +133,15 @@ def test_finalize_merges_in_input_order(tmp_path, order):
     assert leftover_temp_files(rd.path) == []
 
 
+def test_finalize_drops_parts_left_by_a_rank_killed_after_its_done_marker(tmp_path):
+    rd, shards, _ = fake_run_dir(tmp_path)
+    stale = rd.shard_parts(shards[1].shard)
+    stale.mkdir()
+    (stale / "000000.parquet").write_bytes(b"partial")
+    finalize(str(rd.path))
+    assert rd.results.exists() and not stale.exists()
+
+
 def test_finalize_missing_done_marker(tmp_path):
     rd, shards, _ = fake_run_dir(tmp_path, skip_done={2})
     with pytest.raises(RunIncomplete) as e:
