@@ -1,4 +1,4 @@
-"""Dynamic work distribution: ranks claim shards from the run directory, largest first.
+"""Dynamic work distribution: ranks claim shards from the run directory.
 
 The contract, under the run directory:
 
@@ -15,7 +15,8 @@ A claim is *dead*, and may be taken over, when the attempt that made it
     (hosts' clocks are never compared).
 A shard is done only by its done marker, never by a claim. A rank that finds its claim taken
 over stops writing that shard (`ClaimLost`); rows two attempts both produced are kept once by
-the shard's assembly. `pick` is the pure decision, `Claims` does the I/O, `Heartbeat` the beat.
+the shard's assembly. `claimable` is the pure protocol, schedule.py the balancing policies, `Claims` does the I/O,
+`Heartbeat` the beat.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .rundir import RunDir, atomic_write, shard_name
 
@@ -43,24 +44,31 @@ class Claim:
     token: str  # the attempt that made it (worker.RankState.token)
 
 
-def pick(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: Callable[[Claim], bool],
-         rank: int, token: str) -> Optional[Tuple[int, int]]:
-    """The next (shard, generation to create) for attempt `token` of `rank`, or None. Pure.
+def claimable(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: Callable[[Claim], bool],
+              rank: int, token: str) -> List[Tuple[int, int, bool]]:
+    """What attempt `token` of `rank` may claim now, in priority order: (shard, generation to
+    create, whether an earlier attempt of this rank held it). Pure.
 
-    A shard an earlier attempt of this rank held comes first (its durable parts are here); then
-    the first shard of `order` (largest first) that is unclaimed or whose holder is dead."""
-    first = None
+    Shards an earlier attempt of this rank held come first (their durable parts are here); then the
+    shards of `order` that are unclaimed or whose holder is dead. Live claims, done shards and this
+    attempt's own claims never appear."""
+    own, rest = [], []
     for s in order:
         if s in done:
             continue
         c = holders.get(s)
         if c is None:
-            first = first or (s, 0)
+            rest.append((s, 0, False))
         elif c.token != token and dead(c):
-            if c.rank == rank:
-                return s, c.gen + 1
-            first = first or (s, c.gen + 1)
-    return first
+            (own if c.rank == rank else rest).append((s, c.gen + 1, c.rank == rank))
+    return own + rest
+
+
+def pick(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: Callable[[Claim], bool],
+         rank: int, token: str) -> Optional[Tuple[int, int]]:
+    """The first of `claimable`, as (shard, generation to create), or None. Pure."""
+    found = claimable(order, done, holders, dead, rank, token)
+    return found[0][:2] if found else None
 
 
 def parse_claim_name(name: str) -> Optional[Tuple[int, int]]:
@@ -73,9 +81,8 @@ class Claims:
     """One attempt's view of the claims: claim, check, take over."""
 
     def __init__(self, rd: RunDir, rank: int, token: str, order: Sequence[int], lease_s: float,
-                 clock: Callable[[], float] = time.monotonic, sizes: Optional[Dict[int, int]] = None):
+                 clock: Callable[[], float] = time.monotonic):
         self.rd, self.rank, self.token, self.order, self.lease_s, self.clock = rd, rank, token, list(order), lease_s, clock
-        self.sizes = sizes or {}  # shard -> estimated tokens
         self.dir = rd.path / "claims"
         self.dir.mkdir(exist_ok=True, mode=0o700)
         self.mine: Dict[int, int] = {}  # shard -> generation this attempt holds
@@ -123,25 +130,27 @@ class Claims:
         return now - since >= self.lease_s
 
     # ---- claiming ---------------------------------------------------------------------
-    def next(self, allow: Optional[Callable[[int, int], bool]] = None, fill: bool = True) -> Optional[int]:
-        """Claim the next shard (see `pick`) and return it, or None when nothing is claimable now.
-        When `allow(shard, tokens of all shards not done)` (if given) refuses the largest, the smallest
-        is claimed instead if `fill` (the batch is not full): the batch stays full while the
-        large shards spread over the ranks.
-        Losing a race for one shard just moves on to the next."""
+    def next(self, choose: Optional[Callable[[List[int], List[int]], Optional[int]]] = None) -> Optional[int]:
+        """Claim a shard and return it, or None when nothing is claimable now. `choose(candidates,
+        unfinished)` (a policy of schedule.py; default: the first candidate) picks among the
+        claimable shards in priority order, given the shards not done; a shard an earlier attempt
+        of this rank held is taken first whatever the policy. Losing a race for one shard just
+        moves on to the next."""
         for _ in range(len(self.order) + 1):
             done, holders = self.rd.done_shards(), self.holders()
-            choice = pick(self.order, done, holders, self.dead, self.rank, self.token)
-            if choice is None:
+            found = claimable(self.order, done, holders, self.dead, self.rank, self.token)
+            if not found:
                 return None
-            if allow is not None and not allow(
-                    choice[0], sum(self.sizes.get(s, 0) for s in self.order if s not in done)):
-                if not fill:
+            if found[0][2] or choose is None:
+                shard, gen, _ = found[0]
+            else:
+                shard = choose([s for s, _, _ in found], [s for s in self.order if s not in done])
+                if shard is None:
                     return None
-                choice = pick(self.order[::-1], done, holders, self.dead, self.rank, self.token)
-            if self._create(*choice):
-                self.mine[choice[0]] = choice[1]
-                return choice[0]
+                gen = next(g for s, g, _ in found if s == shard)
+            if self._create(shard, gen):
+                self.mine[shard] = gen
+                return shard
         return None
 
     def _create(self, shard: int, gen: int) -> bool:

@@ -135,9 +135,9 @@ def cut_by_tokens(files: Sequence[InputFile], tokens: Sequence[Sequence[int]], r
 
 
 def claim_order(shards: Sequence[Shard]) -> List[Shard]:
-    """The order ranks claim shards in: largest estimated tokens first, then input order (the
-    longest-processing-time-first rule: long work starts early, short work fills the tail)."""
-    return sorted(shards, key=lambda s: (-s.tokens, s.shard))
+    """The order ranks claim shards in: densest first (estimated tokens per row: the longest
+    requests start early, on every rank), then largest, then input order."""
+    return sorted(shards, key=lambda s: (-s.tokens / max(1, s.rows), -s.tokens, s.shard))
 
 
 def expected_ranks(sizes: Sequence[int], ranks: int) -> List[int]:

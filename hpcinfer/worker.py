@@ -17,11 +17,12 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional, Set
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import schedule
 from .config import engine_args, load_run_config
 from .errors import exit_on_signal
 from .checkpoint import ShardCheckpoint, remove_parts
@@ -169,18 +170,12 @@ class StaticWork:
 
 
 class ClaimedWork:
-    """schedule.mode=dynamic: shards claimed from the run directory, largest first (claims.py).
-    An idle rank stays while other ranks hold unfinished shards, to take them over if they die.
+    """schedule.mode=dynamic: shards claimed from the run directory (claims.py), as the device's
+    balancing policy chooses (schedule.py: `by_mix` on GPUs, `by_tokens` on CPUs). An idle rank
+    stays while other ranks hold unfinished shards, to take them over if they die.
 
-    How much a rank takes at once follows what its finish time depends on:
-    - GPU (`by_tokens=False`): a decode step costs about the same for one sequence or a full
-      batch, so a rank's finish is set by its longest requests and how many batch waves they
-      need. It claims, largest first, only while fewer than one batch of rows is pending: the
-      long shards spread one batch per rank and all start at once; short ones fill the end.
-    - CPU (`by_tokens=True`): time grows with tokens. It claims while two batches are pending,
-      the largest shard while it holds at most half its share of the work left (`fair_share`),
-      else, when the running batch has room, the smallest: the batch stays full and the work
-      spreads evenly."""
+    A GPU rank keeps one batch of rows in its engine (long requests start at once and spread over
+    the ranks); a CPU rank two (its batch never drains between shards)."""
 
     poll_s = 1.0  # how often an idle rank looks for claimable shards
     retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
@@ -189,27 +184,30 @@ class ClaimedWork:
                  by_tokens: bool = False):
         self.by_id, self.world, self.by_tokens = {s.shard: s for s in shards}, world, by_tokens
         self.room_batches = 2 if by_tokens else 1
-        self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s,
-                             sizes={s.shard: s.tokens for s in shards})
+        self.tokens = {s.shard: s.tokens for s in shards}
+        self.rows = {s.shard: s.rows for s in shards}
+        self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
-        self.outstanding: Dict[int, int] = {}  # open shard -> its estimated tokens
+        self.held: Set[int] = set()  # open shards
         self._next_look = 0.0
 
     def describe(self) -> str:
-        return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), largest first"
+        return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), longest rows first"
 
     def next(self, fill: bool = True) -> Optional[Shard]:
         if time.monotonic() < self._next_look:
             return None
-        shard = self.claims.next(self._fair if self.by_tokens else None, fill)
+        shard = self.claims.next(lambda candidates, unfinished: self._choose(candidates, unfinished, fill))
         if shard is None:
-            self._next_look = time.monotonic() + (self.retry_s if self.outstanding else self.poll_s)
+            self._next_look = time.monotonic() + (self.retry_s if self.held else self.poll_s)
             return None
-        self.outstanding[shard] = self.by_id[shard].tokens
+        self.held.add(shard)
         return self.by_id[shard]
 
-    def _fair(self, shard: int, left: int) -> bool:
-        return fair_share(sum(self.outstanding.values()), self.by_id[shard].tokens, left, self.world)
+    def _choose(self, candidates: List[int], unfinished: List[int], fill: bool) -> Optional[int]:
+        if self.by_tokens:
+            return schedule.by_tokens(candidates, unfinished, self.tokens, self.held, self.world, fill)
+        return schedule.by_mix(candidates, unfinished, self.tokens, self.rows, self.held, self.world)
 
     def exhausted(self) -> bool:
         return self.claims.unfinished() == 0
@@ -219,18 +217,10 @@ class ClaimedWork:
 
     def release(self, shard: int) -> None:
         self.claims.release(shard)
-        self.outstanding.pop(shard, None)
+        self.held.discard(shard)
 
     def close(self) -> None:
         self.heartbeat.stop()
-
-
-def fair_share(outstanding: int, candidate: int, left: int, world: int) -> bool:
-    """Whether a rank holding `outstanding` estimated tokens may take a shard of `candidate` more
-    when `left` tokens of the run are not done, among `world` ranks: at most half of its share of
-    what is left (the chunk rule of *factoring*, Hummel et al. 1992), so the large shards spread
-    over the ranks and all start early. A rank with nothing in hand may always take one. Pure."""
-    return outstanding == 0 or outstanding + candidate <= left / (2 * max(1, world))
 
 
 @dataclass

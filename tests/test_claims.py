@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hpcinfer import config, data, worker
+from hpcinfer import config, data, schedule, worker
 from hpcinfer.claims import Claim, ClaimLost, Claims, Heartbeat, parse_claim_name, pick
 from hpcinfer.cli import compose
 from hpcinfer.engine import RowResult
@@ -60,9 +60,12 @@ def test_cut_by_tokens_covers_every_row_once_in_order(seed):
     assert all(s.rows == 1 or sum(tokens[int(s.path[-9])][s.file_start:s.file_end - 1]) < target for s in shards)
 
 
-def test_claim_order_is_largest_first_then_input_order():
-    shards = [data.Shard(i, 0, "/f", i, i + 1, i, tok) for i, tok in enumerate([5, 9, 5, 1, 9])]
+def test_claim_order_is_densest_then_largest_then_input_order():
+    shards = [data.Shard(i, 0, "/f", i, i + 1, i, tok) for i, tok in enumerate([5, 9, 5, 1, 9])]  # one row each
     assert [s.shard for s in data.claim_order(shards)] == [1, 4, 0, 2, 3]
+    # 2 rows of 50 tokens come before 10 rows of 12 tokens, though they are less work
+    mixed = [data.Shard(0, 0, "/f", 0, 10, 0, 120), data.Shard(1, 0, "/f", 10, 12, 10, 100)]
+    assert [s.shard for s in data.claim_order(mixed)] == [1, 0]
 
 
 def test_expected_ranks_is_greedy_longest_first():
@@ -316,7 +319,7 @@ def test_two_ranks_share_the_shards_and_every_row_is_generated_once(claimed_run,
 
 def test_a_dead_ranks_claims_are_taken_over_with_their_parts(claimed_run, monkeypatch):
     rd, shards = claimed_run
-    assert run_rank(rd, 0, monkeypatch, crash_after=5) == 1  # claims a batch's worth, crashes after 5 rows
+    assert run_rank(rd, 0, monkeypatch, crash_after=6) == 1  # claims a batch's worth, crashes after 6 rows
     assert rd.read_optional(rd.rank_file(0))["state"] == "failed"
     held = {parse_claim_name(p.name)[0] for p in (rd.path / "claims").iterdir()}
     done_by_0 = rd.done_shards()
@@ -346,8 +349,79 @@ def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monke
     assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
 
 
+# ---- balancing policies (schedule.py) --------------------------------------------------------
 def test_fair_share_holds_at_most_half_a_ranks_share_of_what_is_left():
-    assert worker.fair_share(0, 10_000, 100, 4)  # nothing in hand: always claim (never idle)
-    assert worker.fair_share(50, 50, 800, 4)  # 100 <= 800 / (2 x 4)
-    assert not worker.fair_share(60, 50, 800, 4)  # 110 > 100: leave it to the other ranks
-    assert not worker.fair_share(1, 1, 3, 1)
+    assert schedule.fair_share(0, 10_000, 100, 4)  # nothing in hand: always claim (never idle)
+    assert schedule.fair_share(50, 50, 800, 4)  # 100 <= 800 / (2 x 4)
+    assert not schedule.fair_share(60, 50, 800, 4)  # 110 > 100: leave it to the other ranks
+    assert not schedule.fair_share(1, 1, 3, 1)
+
+
+def test_by_tokens_takes_the_largest_within_its_share_else_fills_with_the_smallest():
+    tokens = {0: 100, 1: 10, 2: 40}
+    assert schedule.by_tokens([0, 2, 1], [0, 1, 2], tokens, set(), 2, fill=False) == 0  # empty-handed
+    assert schedule.by_tokens([2, 1], [0, 1, 2], tokens, {0}, 2, fill=True) == 1  # 140 > 150/4: fill
+    assert schedule.by_tokens([2, 1], [0, 1, 2], tokens, {0}, 2, fill=False) is None  # batch full: wait
+    assert schedule.by_tokens([], [0], tokens, set(), 2, fill=True) is None
+
+
+def test_share_allows_never_leaves_a_shard_unclaimable():
+    rng = np.random.default_rng(7)
+    for _ in range(2000):
+        world, candidate = int(rng.integers(1, 9)), int(rng.integers(1, 100))
+        held = rng.integers(0, 100, size=world)
+        pool = int(held.sum()) + candidate + int(rng.integers(0, 50))  # what the ranks hold + the candidate + free
+        assert any(schedule.share_allows(int(h), candidate, pool, world) for h in held)
+    assert schedule.share_allows(0, 10, 10, 4)  # the only shard left: an empty-handed rank takes it
+    assert schedule.share_allows(30, 10, 70, 2)  # 30 <= (70 - 10) / 2
+    assert not schedule.share_allows(31, 10, 70, 2)
+
+
+def simulate_claims(shards, world, room_rows, policy):
+    """Ranks claiming one after the other (claims take milliseconds, engine start-ups differ by
+    seconds), each while fewer than `room_rows` rows are pending, nothing finishing: what each rank
+    holds once no rank claims any more (the start of a run)."""
+    tokens = {s.shard: s.tokens for s in shards}
+    rows = {s.shard: s.rows for s in shards}
+    order = [s.shard for s in data.claim_order(shards)]
+    held = [set() for _ in range(world)]
+    progress = True
+    while progress:
+        progress = False
+        for r in range(world):
+            while sum(rows[s] for s in held[r]) < room_rows:
+                free = [s for s in order if not any(s in h for h in held)]
+                got = policy(free, order, tokens, rows, held[r], world) if free else None
+                if got is None:
+                    break
+                held[r].add(got)
+                progress = True
+    return held
+
+
+def test_by_mix_gives_every_gpu_its_share_of_the_long_requests_at_once():
+    """The GPU benchmark's workload: 4,096 rows, the first 10% asking for 1,024 tokens, the rest
+    for 32, cut into 16 shards of equal work. Claiming densest first while less than a batch is
+    pending (the old GPU rule) gave one GPU every long request; by_mix splits them evenly."""
+    caps = [1024] * 410 + [32] * 3686
+    files = [data.InputFile("/data/skewed.parquet", len(caps))]
+    shards = data.cut_by_tokens(files, [caps], 2, 8, 4096)
+    long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start:s.global_start + s.rows]) for s in shards}
+
+    def greedy(free, order, tokens, rows, held, world):
+        return free[0]
+
+    def mix(free, order, tokens, rows, held, world):
+        return schedule.by_mix(free, order, tokens, rows, held, world)
+
+    def long_per_rank(held):
+        return sorted(sum(long_rows[s] for s in h) for h in held)
+
+    assert long_per_rank(simulate_claims(shards, 2, 1024, greedy)) == [0, 410]
+    lo, hi = long_per_rank(simulate_claims(shards, 2, 1024, mix))
+    assert lo + hi == 410 and hi - lo <= max(long_rows.values())  # even, to one shard
+    for world in (3, 4):
+        shards = data.cut_by_tokens(files, [caps], world, 8, 4096)
+        long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start:s.global_start + s.rows]) for s in shards}
+        per = long_per_rank(simulate_claims(shards, world, 1024, mix))
+        assert sum(per) == 410 and per[-1] - per[0] <= max(long_rows.values()), per
