@@ -102,8 +102,7 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
                 finished_rows += s.rows
             if rd.shard_parts(s.shard).exists():
                 remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
-    work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s,
-                        by_tokens=ctx.device_kind == "cpu") if cfg.dynamic
+    work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s) if cfg.dynamic
             else StaticWork(rd, expected))
     state.write(rows_done=finished_rows)
     print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
@@ -153,7 +152,7 @@ class StaticWork:
     def describe(self) -> str:
         return f"{len(self.queue)} of {self.total} shard(s) to do"
 
-    def next(self, fill: bool = True) -> Optional[Shard]:
+    def next(self) -> Optional[Shard]:
         return self.queue.pop(0) if self.queue else None
 
     def exhausted(self) -> bool:
@@ -170,20 +169,17 @@ class StaticWork:
 
 
 class ClaimedWork:
-    """schedule.mode=dynamic: shards claimed from the run directory (claims.py), as the device's
-    balancing policy chooses (schedule.py: `by_mix` on GPUs, `by_tokens` on CPUs). An idle rank
-    stays while other ranks hold unfinished shards, to take them over if they die.
+    """schedule.mode=dynamic: shards claimed from the run directory (claims.py) as the balancing
+    policy (`schedule.by_mix`) allows: every rank its share of the longest requests first, all
+    started at once, short ones beside them. It keeps one batch of rows in its engine. An idle rank
+    stays while other ranks hold unfinished shards, to take them over if they die."""
 
-    A GPU rank keeps one batch of rows in its engine (long requests start at once and spread over
-    the ranks); a CPU rank two (its batch never drains between shards)."""
-
+    room_batches = 1
     poll_s = 1.0  # how often an idle rank looks for claimable shards
     retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
 
-    def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float,
-                 by_tokens: bool = False):
-        self.by_id, self.world, self.by_tokens = {s.shard: s for s in shards}, world, by_tokens
-        self.room_batches = 2 if by_tokens else 1
+    def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
+        self.by_id, self.world = {s.shard: s for s in shards}, world
         self.tokens = {s.shard: s.tokens for s in shards}
         self.rows = {s.shard: s.rows for s in shards}
         self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)
@@ -194,20 +190,17 @@ class ClaimedWork:
     def describe(self) -> str:
         return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), longest rows first"
 
-    def next(self, fill: bool = True) -> Optional[Shard]:
+    def next(self) -> Optional[Shard]:
         if time.monotonic() < self._next_look:
             return None
-        shard = self.claims.next(lambda candidates, unfinished: self._choose(candidates, unfinished, fill))
+        shard = self.claims.next(
+            lambda candidates, unfinished: schedule.by_mix(candidates, unfinished, self.tokens, self.rows,
+                                                           self.held, self.world))
         if shard is None:
             self._next_look = time.monotonic() + (self.retry_s if self.held else self.poll_s)
             return None
         self.held.add(shard)
         return self.by_id[shard]
-
-    def _choose(self, candidates: List[int], unfinished: List[int], fill: bool) -> Optional[int]:
-        if self.by_tokens:
-            return schedule.by_tokens(candidates, unfinished, self.tokens, self.held, self.world, fill)
-        return schedule.by_mix(candidates, unfinished, self.tokens, self.rows, self.held, self.world)
 
     def exhausted(self) -> bool:
         return self.claims.unfinished() == 0
@@ -310,7 +303,7 @@ def run_shards(rd: RunDir, cfg, work, schema, engine, state: RankState, rows_bef
     try:
         while True:
             while engine.pending < room:
-                shard = work.next(fill=engine.pending < engine.max_num_seqs)  # the running batch has room
+                shard = work.next()
                 if shard is None:
                     break
                 open_next(shard)

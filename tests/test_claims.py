@@ -350,21 +350,6 @@ def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monke
 
 
 # ---- balancing policies (schedule.py) --------------------------------------------------------
-def test_fair_share_holds_at_most_half_a_ranks_share_of_what_is_left():
-    assert schedule.fair_share(0, 10_000, 100, 4)  # nothing in hand: always claim (never idle)
-    assert schedule.fair_share(50, 50, 800, 4)  # 100 <= 800 / (2 x 4)
-    assert not schedule.fair_share(60, 50, 800, 4)  # 110 > 100: leave it to the other ranks
-    assert not schedule.fair_share(1, 1, 3, 1)
-
-
-def test_by_tokens_takes_the_largest_within_its_share_else_fills_with_the_smallest():
-    tokens = {0: 100, 1: 10, 2: 40}
-    assert schedule.by_tokens([0, 2, 1], [0, 1, 2], tokens, set(), 2, fill=False) == 0  # empty-handed
-    assert schedule.by_tokens([2, 1], [0, 1, 2], tokens, {0}, 2, fill=True) == 1  # 140 > 150/4: fill
-    assert schedule.by_tokens([2, 1], [0, 1, 2], tokens, {0}, 2, fill=False) is None  # batch full: wait
-    assert schedule.by_tokens([], [0], tokens, set(), 2, fill=True) is None
-
-
 def test_share_allows_never_leaves_a_shard_unclaimable():
     rng = np.random.default_rng(7)
     for _ in range(2000):
