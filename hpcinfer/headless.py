@@ -89,13 +89,22 @@ def headless_args(run_dir: str, env) -> Tuple[RankContext, Dict[str, Any]]:
 _executor: list = [None]
 
 
+def engine_config(args: Dict[str, Any]):
+    """The vLLM config of this node: the leader's, built the way its `vllm.LLM` builds it. vLLM's
+    defaults depend on the usage context (on an H200: max_num_batched_tokens 16384 for the LLM
+    class, 2048 otherwise), and a node whose profile run used another batch size than the
+    leader's would wait forever in the first collective of different size (seen on 2x H200)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    return EngineArgs(**args).create_engine_config(usage_context=UsageContext.LLM_CLASS, headless=True)
+
+
 def serve(args: Dict[str, Any]) -> None:
     """vLLM's headless multi-node workers (as run_headless does); returns when a worker has died."""
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    config = EngineArgs(**args).create_engine_config(headless=True)
-    _executor[0] = MultiprocExecutor(config, monitor_workers=False)
+    _executor[0] = MultiprocExecutor(engine_config(args), monitor_workers=False)
     print(f"headless node {args['node_rank']} of {args['nnodes']}: workers up, joined to "
           f"{args['master_addr']}:{args['master_port']}", flush=True)
     _executor[0].start_worker_monitor(inline=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,16 @@ def test_leader_and_headless_formed_one_engine_and_the_headless_left_by_itself(s
     assert "headless node 1 of 2 (cpu ['1'])" in headless
     assert "world_size=2 rank=1" in headless  # this node's worker is TP rank 1 of the replica
     assert "leader of rank 0 ended (done): headless node 1 exits" in headless
+
+
+def test_every_node_runs_the_leaders_scheduler_limits(spanning_run):
+    """vLLM's defaults depend on how the engine is made (its `LLM` class or not); a node whose
+    profile run used another batch size than the leader's hangs in the first collective (2x H200)."""
+    def limits(log):
+        return re.findall(r"max_num_batched_tokens=(\d+)", (spanning_run / "logs" / log).read_text())
+
+    leader, headless = limits("rank-0.log"), limits("rank-0-node-1.log")
+    assert leader and headless and set(leader) == set(headless), (leader, headless)
 
 
 def test_greedy_text_equals_one_tp2_engine_in_one_process(spanning_run):
