@@ -91,6 +91,14 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
     return totals
 
 
+def rank_generation_seconds(record: Dict, shard_seconds: float) -> float:
+    """A rank's generation time: from its engine's start of generation to its last shard's end
+    (shards overlap in the engine, so their own times add up to more); the shards' sum when the
+    rank recorded no window (a run from before these fields). Pure."""
+    start, end = record.get("generation_started_at"), record.get("generation_ended_at")
+    return max(0.0, end - start) if start and end else shard_seconds
+
+
 def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Dict:
     plan = rd.read_plan()
     cfg = load_run_config(rd.config)
@@ -115,7 +123,7 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
             prompt_tokens=int(per_rank[r]["prompt_tokens"]), output_tokens=int(per_rank[r]["output_tokens"]),
             seconds=round((info.get("finished_at") or now) - info.get("started_at", now), 3),
             engine_seconds=round(info.get("engine_seconds", 0.0), 3),
-            generation_seconds=round(per_rank[r]["generation_seconds"], 3),
+            generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
             attempts=info.get("attempts", 1), rows_generated=info.get("rows_generated", 0)))
     return dict(
         run_dir=str(rd.path), results=str(rd.results), hpcinfer_version=__version__,

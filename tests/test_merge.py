@@ -133,6 +133,12 @@ def test_finalize_merges_in_input_order(tmp_path, order):
     assert leftover_temp_files(rd.path) == []
 
 
+def test_rank_generation_seconds_is_its_window_not_the_sum_of_overlapping_shards():
+    from hpcinfer.merge import rank_generation_seconds
+    assert rank_generation_seconds({"generation_started_at": 100.0, "generation_ended_at": 103.5}, 9.0) == 3.5
+    assert rank_generation_seconds({"generation_started_at": 100.0}, 9.0) == 9.0  # no window recorded
+
+
 def test_finalize_drops_parts_left_by_a_rank_killed_after_its_done_marker(tmp_path):
     rd, shards, _ = fake_run_dir(tmp_path)
     stale = rd.shard_parts(shards[1].shard)
