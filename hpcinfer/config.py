@@ -120,7 +120,7 @@ class ScheduleConfig:
     """Which rank generates which shard.
 
     dynamic: shards are cut by estimated tokens (prompt bytes / 4 + the row's max_tokens), and
-    ranks claim them from the run directory, largest first, as they have room; a claim is a lease
+    ranks claim them from the run directory, longest requests first, as they have room; a claim is a lease
     that another rank takes over when its holder is gone (failed, stopped, or silent for
     `lease_s`). static: each rank generates its own contiguous share of the rows (what vLLM's
     data_parallel.py does); MoE ranks in lockstep (ep=true) always use it."""

@@ -6,7 +6,7 @@ order. Two ways to cut it into shards (both pure; reading files and the manifest
 - `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
   remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
 - `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
-  file boundaries and at `data.shard_rows`; ranks claim them at run time, largest first
+  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
   (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
   it (`expected_ranks`), for the plan.
 """

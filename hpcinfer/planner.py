@@ -314,7 +314,7 @@ def format_plan(plan: Plan) -> str:
     dynamic = plan.schedule == "dynamic"
     lines.append(f"work       {plan.rows} rows in {plan.files} file(s) (~{plan.tokens:,} tokens) -> {plan.shards} "
                  f"shard(s); {plan.ranks} rank(s) with rows {per_rank}"
-                 + (" expected: ranks claim shards as they have room, largest first" if dynamic else ""))
+                 + (" expected: ranks claim shards as they have room, longest requests first" if dynamic else ""))
     for rp in plan.rank_plans:
         span = f"shards {rp.shards[0]}-{rp.shards[-1]}" if rp.shards else "no shards"
         if dynamic:

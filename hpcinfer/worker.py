@@ -2,7 +2,7 @@
 
 Started by a backend with the environment of `ranks.rank_env`. It builds one vLLM engine and
 streams shards through it: with the dynamic schedule it claims them from the run directory as the
-batch has room, largest first (`ClaimedWork`, claims.py); with the static one it takes its own
+batch has room, each rank its share of the longest requests first (`ClaimedWork`, claims.py, schedule.py); with the static one it takes its own
 (`StaticWork`). For each shard it writes finished rows in durable parts, then the shard output
 atomically, and only then the done marker; a restarted rank skips done shards and rows already in
 parts, so no row is written twice. Its state and counters go to `ranks/<rank>.json`.
