@@ -130,21 +130,23 @@ class Claims:
         return now - since >= self.lease_s
 
     # ---- claiming ---------------------------------------------------------------------
-    def next(self, choose: Optional[Callable[[List[int], List[int]], Optional[int]]] = None) -> Optional[int]:
+    def next(self, choose: Optional[Callable[[List[int], List[int], int], Optional[int]]] = None) -> Optional[int]:
         """Claim a shard and return it, or None when nothing is claimable now. `choose(candidates,
-        unfinished)` (a policy of schedule.py; default: the first candidate) picks among the
-        claimable shards in priority order, given the shards not done; a shard an earlier attempt
-        of this rank held is taken first whatever the policy. Losing a race for one shard just
-        moves on to the next."""
+        unfinished, gone)` (schedule.py's policy; default: the first candidate) picks among the
+        claimable shards in priority order, given the shards not done and how many other ranks
+        are gone (see `gone_ranks`); a shard an earlier attempt of this rank held is taken first
+        whatever the policy. Losing a race for one shard just moves on to the next."""
         for _ in range(len(self.order) + 1):
             done, holders = self.rd.done_shards(), self.holders()
-            found = claimable(self.order, done, holders, self.dead, self.rank, self.token)
+            dead = {c for s, c in holders.items() if s not in done and c.token != self.token and self.dead(c)}
+            found = claimable(self.order, done, holders, dead.__contains__, self.rank, self.token)
             if not found:
                 return None
             if found[0][2] or choose is None:
                 shard, gen, _ = found[0]
             else:
-                shard = choose([s for s, _, _ in found], [s for s in self.order if s not in done])
+                shard = choose([s for s, _, _ in found], [s for s in self.order if s not in done],
+                               len(self.gone_ranks(dead)))
                 if shard is None:
                     return None
                 gen = next(g for s, g, _ in found if s == shard)
@@ -152,6 +154,19 @@ class Claims:
                 self.mine[shard] = gen
                 return shard
         return None
+
+    def gone_ranks(self, dead: Set[Claim]) -> Set[int]:
+        """Other ranks whose latest attempt holds one of the `dead` claims: they will not come back
+        for their share (a superseded attempt's rank has restarted and will)."""
+        gone = set()
+        for rank, token in {(c.rank, c.token) for c in dead if c.rank != self.rank}:
+            try:
+                latest = self.rd.rank_owner(rank).read_text()
+            except FileNotFoundError:
+                latest = token
+            if latest == token:
+                gone.add(rank)
+        return gone
 
     def _create(self, shard: int, gen: int) -> bool:
         """Write the claim to a temp file, then hard-link it to its name: the link fails if the

@@ -193,9 +193,9 @@ class ClaimedWork:
     def next(self) -> Optional[Shard]:
         if time.monotonic() < self._next_look:
             return None
-        shard = self.claims.next(
-            lambda candidates, unfinished: schedule.by_mix(candidates, unfinished, self.tokens, self.rows,
-                                                           self.held, self.world))
+        shard = self.claims.next(  # a rank that is gone leaves its share to the others
+            lambda candidates, unfinished, gone: schedule.by_mix(candidates, unfinished, self.tokens, self.rows,
+                                                                 self.held, max(1, self.world - gone)))
         if shard is None:
             self._next_look = time.monotonic() + (self.retry_s if self.held else self.poll_s)
             return None

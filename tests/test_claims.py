@@ -218,6 +218,27 @@ def test_takeover_makes_the_old_holder_stop_writing(tmp_path):
     assert c.next() == 1 and c.next() is None
 
 
+def test_the_policy_hears_how_many_other_ranks_are_gone(tmp_path):
+    """A rank that died leaves its share to the others (the policy divides by the ranks left);
+    one that restarted (a newer attempt owns it) will come back for its own claims."""
+    rd = new_run_dir(tmp_path)
+    seen = []
+
+    def spy(candidates, unfinished, gone):
+        seen.append(gone)
+        return candidates[0]
+
+    for rank, token in ((0, "A"), (2, "C")):
+        atomic_write(rd.rank_owner(rank), token)
+        atomic_write(rd.rank_beat(rank), f"{token} 0")
+        assert Claims(rd, rank, token, [rank], 60).next() == rank
+    atomic_write_json(rd.rank_file(0), {"token": "A", "state": "failed"})  # rank 0 died
+    b = Claims(rd, 1, "B", [0, 2, 5], 60)
+    assert b.next(spy) == 0 and seen == [1]  # rank 0 is gone; rank 2 lives
+    atomic_write(rd.rank_owner(2), "C2")  # rank 2 restarted: its old claim is dead, the rank is not
+    assert b.next(spy) == 2 and seen == [1, 0]
+
+
 def test_heartbeat_advances(tmp_path):
     rd = new_run_dir(tmp_path)
     hb = Heartbeat(rd, 3, "tok", 0.05).start()
