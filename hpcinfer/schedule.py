@@ -16,6 +16,8 @@ smallest shard) left 6-8%.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Collection, Dict, Optional, Sequence
 
 
@@ -32,14 +34,22 @@ def by_mix(candidates: Sequence[int], unfinished: Collection[int], tokens: Dict[
            held: Collection[int], world: int) -> Optional[int]:
     """The first candidate (densest first) for which `share_allows`, counting only the shards
     at least as dense as it (in tokens per row): long requests spread over the ranks first, short
-    ones beside them. `held`: the unfinished shards this rank holds."""
+    ones beside them. `held`: the unfinished shards this rank holds. Sorted prefix sums make each
+    candidate's pool a binary search, so a rank with thousands of shards to look through stays
+    off its engine's hot path."""
     def density(s: int) -> float:
         return tokens[s] / max(1, rows[s])
 
+    def at_least_as_dense(shards: Collection[int]):
+        """`tokens_from(d)`: the tokens of `shards` with density >= d."""
+        ordered = sorted(shards, key=density, reverse=True)
+        keys = [-density(s) for s in ordered]  # ascending
+        sums = list(itertools.accumulate((tokens[s] for s in ordered), initial=0))
+        return lambda d: sums[bisect.bisect_right(keys, -d)]
+
+    pool, mine = at_least_as_dense(unfinished), at_least_as_dense(held)
     for c in candidates:
         d = density(c)
-        pool = sum(tokens[s] for s in unfinished if density(s) >= d)
-        mine = sum(tokens[s] for s in held if density(s) >= d)
-        if share_allows(mine, tokens[c], pool, world):
+        if share_allows(mine(d), tokens[c], pool(d), world):
             return c
     return None

@@ -383,6 +383,34 @@ def test_share_allows_never_leaves_a_shard_unclaimable():
     assert not schedule.share_allows(31, 10, 70, 2)
 
 
+def test_by_mix_is_its_definition(seed=3):
+    """by_mix's prefix sums give what its definition says: the first candidate whose rank holds,
+    of the unfinished shards at least as dense, at most its share of the rest."""
+    rng = np.random.default_rng(seed)
+
+    def definition(candidates, unfinished, tokens, rows, held, world):
+        def density(s):
+            return tokens[s] / max(1, rows[s])
+        for c in candidates:
+            pool = sum(tokens[s] for s in unfinished if density(s) >= density(c))
+            mine = sum(tokens[s] for s in held if density(s) >= density(c))
+            if schedule.share_allows(mine, tokens[c], pool, world):
+                return c
+        return None
+
+    for _ in range(2000):
+        n = int(rng.integers(1, 40))
+        rows = {s: int(rng.choice([1, 2, 3, 8])) for s in range(n)}
+        tokens = {s: rows[s] * int(rng.choice([1, 2, 5, 100])) for s in range(n)}
+        order = sorted(range(n), key=lambda s: (-tokens[s] / rows[s], -tokens[s], s))
+        unfinished = [s for s in order if rng.random() < 0.8]
+        held = {s for s in unfinished if rng.random() < 0.3}
+        candidates = [s for s in unfinished if s not in held]
+        world = int(rng.integers(1, 6))
+        args = (candidates, unfinished, tokens, rows, held, world)
+        assert schedule.by_mix(*args) == definition(*args), args
+
+
 def simulate_claims(shards, world, room_rows, policy):
     """Ranks claiming one after the other (claims take milliseconds, engine start-ups differ by
     seconds), each while fewer than `room_rows` rows are pending, nothing finishing: what each rank
