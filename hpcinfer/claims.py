@@ -2,10 +2,11 @@
 
 The contract, under the run directory:
 
-    claims/<shard>.<gen>   a claim of a shard, created with O_CREAT|O_EXCL (atomic, on NFS v3+ as
-                           well): {"rank", "token", "host"}. The holder is the highest generation;
-                           taking a claim over creates gen+1, so of two ranks taking over the same
-                           claim exactly one wins, and a shard never has two live holders.
+    claims/<shard>.<gen>   a claim of a shard: {"rank", "token", "host"}, a temp file hard-linked to
+                           that name (the link fails if it exists: atomic on local disks and NFS
+                           alike). The holder is the highest generation; taking a claim over
+                           creates gen+1, so of two ranks taking over the same claim exactly one
+                           wins, and a shard never has two live holders.
     ranks/<r>.beat         "<attempt token> <counter>", rewritten every lease_s/4 by each attempt.
 
 A claim is *dead*, and may be taken over, when the attempt that made it
@@ -15,7 +16,7 @@ A claim is *dead*, and may be taken over, when the attempt that made it
     (hosts' clocks are never compared).
 A shard is done only by its done marker, never by a claim. A rank that finds its claim taken
 over stops writing that shard (`ClaimLost`); rows two attempts both produced are kept once by
-the shard's assembly. `claimable` is the pure protocol, schedule.py the balancing policies, `Claims` does the I/O,
+the shard's assembly. `claimable` is the pure protocol, schedule.py the balancing policy, `Claims` does the I/O,
 `Heartbeat` the beat.
 """
 from __future__ import annotations
@@ -62,13 +63,6 @@ def claimable(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], d
         elif c.token != token and dead(c):
             (own if c.rank == rank else rest).append((s, c.gen + 1, c.rank == rank))
     return own + rest
-
-
-def pick(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: Callable[[Claim], bool],
-         rank: int, token: str) -> Optional[Tuple[int, int]]:
-    """The first of `claimable`, as (shard, generation to create), or None. Pure."""
-    found = claimable(order, done, holders, dead, rank, token)
-    return found[0][:2] if found else None
 
 
 def parse_claim_name(name: str) -> Optional[Tuple[int, int]]:
