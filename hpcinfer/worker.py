@@ -100,8 +100,6 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
             if done.get("rank") == ctx.rank:
                 state.add_shard(done)
                 finished_rows += s.rows
-            if rd.shard_parts(s.shard).exists():
-                remove_parts(rd, s.shard)  # left over if an attempt died between done marker and cleanup
     work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s) if cfg.dynamic
             else StaticWork(rd, expected))
     state.write(rows_done=finished_rows)
