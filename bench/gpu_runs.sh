@@ -38,7 +38,7 @@ case "${1:-}" in
     show moe-ep $O/moe-ep; grep -h -i -E "EP rank|expert parallel|DP rank|dp_rank|EP1|DP1" $O/moe-ep/logs/rank-*.log | cut -c1-220 | head -8
     timeout 200 python3 -m hpcinfer.submit model=tiny_moe dp=2 $common run_dir=$O/moe-noep > $O/moe-noep.log 2>&1; echo "moe-noep exit $?"
     show moe-noep $O/moe-noep
-    tail -5 $O/moe-ep.log $O/moe-noep.log
+    tail -n 5 $O/moe-ep.log $O/moe-noep.log
     ;;
   span)  # span [EXTRA OVERRIDES...]: a tp=2 replica over two "nodes" of one GPU (leader + headless)
     shift; [ -d .gpuspy ] && [ ! -x /tmp/spy/bin/py-spy ] && pip install -q --no-index --no-deps --target /tmp/spy .gpuspy/*.whl
