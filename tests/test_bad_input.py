@@ -161,6 +161,7 @@ CASES = [
     ("unknown-sampling-key", ["sampling.tempreature=0.5"], ["tempreature", "did you mean sampling.temperature"]),
     ("unknown-engine-key", ["engine.max_model_length=64"], ["max_model_length", "did you mean engine.max_model_len"]),
     ("unknown-group", ["model=nosuchmodel"], ["nosuchmodel"]),
+    ("key-under-a-value", ["ep.eplb=true"], ["'ep.eplb'", "'ep' is a value", "did you mean expert.eplb"]),
     # layout
     ("dp-zero", ["dp=0"], ["dp=0"]),
     ("tp-negative", ["tp=-1"], ["tp=-1"]),
