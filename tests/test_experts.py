@@ -1,6 +1,7 @@
 """Expert parallelism (ep=true, MoE): the `expert.*` options as vLLM's engine arguments, their
 validation (as vLLM validates them), and the plan's EP numbers (EP size, experts per GPU, memory)."""
 import copy
+import re
 
 import pytest
 
@@ -174,6 +175,20 @@ def test_plan_refuses_eplb_that_vllm_refuses():
         plan_of(MOE_EP + ["expert.eplb=true", "expert.redundant_experts=1"])
     with pytest.raises(ConfigError, match="needs GPUs: vLLM runs EPLB on CUDA/ROCm devices only"):
         plan_of(MOE_EP + ["expert.eplb=true"], devices=CPUS)
+
+
+@pytest.mark.parametrize("overrides, quoted", [
+    (MOE_EP, "ep=true with dp=2 x tp=1 (EP size 2) needs GPUs"),
+    (["model=tiny_moe", "ep=true", "tp=2"], "ep=true with dp=1 x tp=2 (EP size 2) needs GPUs"),
+])
+def test_plan_refuses_ep_on_cpu_which_vllms_cpu_build_cannot_run(overrides, quoted):
+    with pytest.raises(ConfigError, match=re.escape(quoted)):
+        plan_of(overrides, devices=CPUS)
+
+
+def test_plan_on_cpu_allows_what_vllms_cpu_build_runs():
+    assert plan_of(["model=tiny_moe", "ep=true"], devices=CPUS).experts.ep_size == 1  # EP over one worker
+    assert plan_of(["model=tiny_moe", "dp=2"], devices=CPUS).experts is None  # independent engines
 
 
 def test_plan_notes_round_robin_fallback():
