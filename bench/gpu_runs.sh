@@ -8,6 +8,7 @@
 #   bash bench/gpu_runs.sh part      # carry .gpukit0 .gpukit2
 #   bash bench/gpu_runs.sh last      # carry .gpukit0 .gpukit3 .gpuspy: the kit is complete
 #   bash bench/gpu_runs.sh moe       # MoE EP lockstep, MoE without EP
+#   bash bench/gpu_runs.sh moe-uneven # MoE EP lockstep where one rank runs out of work long before the other
 #   bash bench/gpu_runs.sh span      # a tp=2 replica spanning two "nodes" (one GPU each)
 #   bash bench/gpu_runs.sh balance   # the skewed-workload benchmark at dp=2 (1B random Llama)
 set -u
@@ -40,6 +41,22 @@ case "${1:-}" in
     show moe-noep $O/moe-noep
     tail -n 5 $O/moe-ep.log $O/moe-noep.log
     ;;
+  moe-uneven)  # lockstep with one rank idle: rows 0-255 (rank 0) stop after 4 tokens, 256-511 (rank 1) run 400
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    python3 -c "
+import pyarrow as pa, pyarrow.parquet as pq
+n = 512
+pq.write_table(pa.table({'id': list(range(n)), 'prompt': [f'Tell me about topic {i}.' for i in range(n)],
+                         'max_tokens': [4 if i < n // 2 else 400 for i in range(n)]}), '$O/uneven.parquet')"
+    timeout 400 python3 -m hpcinfer.submit model=tiny_moe ep=true dp=2 $common data.input=$O/uneven.parquet \
+      data.id_column=id data.max_tokens_column=max_tokens sampling.ignore_eos=true run_dir=$O/moe-uneven \
+      > $O/moe-uneven.log 2>&1; echo "moe-uneven exit $?"
+    show moe-uneven $O/moe-uneven
+    python3 -c "
+import json; s = json.load(open('$O/moe-uneven/summary.json'))
+for r in s['ranks']: print('rank', r['rank'], 'rows', r['rows'], 'output tokens', r['output_tokens'], 'generation s', r['generation_seconds'])"
+    grep -h -E "EP Rank|idle|dummy" $O/moe-uneven/logs/rank-*.log | cut -c1-200 | head -4; tail -n 3 $O/moe-uneven.log
+    ;;
   span)  # span [EXTRA OVERRIDES...]: a tp=2 replica over two "nodes" of one GPU (leader + headless)
     shift; [ -d .gpuspy ] && [ ! -x /tmp/spy/bin/py-spy ] && pip install -q --no-index --no-deps --target /tmp/spy .gpuspy/*.whl
     name=${SPAN_NAME:-span}$(printf '%s' "$*" | tr -c 'a-z0-9' '_' | cut -c1-40)
@@ -65,5 +82,5 @@ case "${1:-}" in
       --set model.name=llama-1b model.path=/tmp/llama-1b engine.max_model_len=2048 engine.gpu_memory_utilization=0.85 \
       --sides ${SIDES:-raw-static,hpcinfer} 2>&1 | grep -v -E "INFO|WARNING|it/s" | tail -25
     ;;
-  *) echo "usage: bash bench/gpu_runs.sh deps|part|last|moe|span|balance"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_runs.sh deps|part|last|moe|moe-uneven|span|balance"; exit 2 ;;
 esac
