@@ -10,6 +10,8 @@
 #   bash bench/gpu_runs.sh moe       # MoE EP lockstep, MoE without EP
 #   bash bench/gpu_runs.sh moe-uneven # MoE EP lockstep where one rank runs out of work long before the other
 #   bash bench/gpu_runs.sh span      # a tp=2 replica spanning two "nodes" (one GPU each)
+#   bash bench/gpu_runs.sh submit NAME OVERRIDES...  # any other layout, e.g. on 4 GPUs:
+#        submit moe-ep-tp2 model=tiny_moe ep=true dp=2 tp=2
 #   bash bench/gpu_runs.sh balance   # the skewed-workload benchmark at dp=2 (1B random Llama)
 set -u
 source .gpukit0/device_kit.sh
@@ -40,6 +42,12 @@ case "${1:-}" in
     timeout 200 python3 -m hpcinfer.submit model=tiny_moe dp=2 $common run_dir=$O/moe-noep > $O/moe-noep.log 2>&1; echo "moe-noep exit $?"
     show moe-noep $O/moe-noep
     tail -n 5 $O/moe-ep.log $O/moe-noep.log
+    ;;
+  submit)  # submit NAME [OVERRIDES...]: one hpcinfer run with the common overrides, and its result
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    name=$2; shift 2
+    timeout 400 python3 -m hpcinfer.submit $common "$@" run_dir=$O/$name > $O/$name.log 2>&1; echo "$name exit $?"
+    show $name $O/$name; grep -h -E "EP Rank [0-9]+/" $O/$name/logs/rank-*.log | cut -c1-200 | head -4; tail -n 3 $O/$name.log
     ;;
   moe-uneven)  # lockstep with one rank idle: rows 0-255 (rank 0) stop after 4 tokens, 256-511 (rank 1) run 400
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
@@ -82,5 +90,5 @@ for r in s['ranks']: print('rank', r['rank'], 'rows', r['rows'], 'output tokens'
       --set model.name=llama-1b model.path=/tmp/llama-1b engine.max_model_len=2048 engine.gpu_memory_utilization=0.85 \
       --sides ${SIDES:-raw-static,hpcinfer} 2>&1 | grep -v -E "INFO|WARNING|it/s" | tail -25
     ;;
-  *) echo "usage: bash bench/gpu_runs.sh deps|part|last|moe|moe-uneven|span|balance"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_runs.sh deps|part|last|moe|moe-uneven|span|submit|balance"; exit 2 ;;
 esac
