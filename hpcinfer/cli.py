@@ -66,37 +66,28 @@ def _unknown_key_message(e: BaseException, default_config: Callable[[], Any]) ->
     """For an override of a key that does not exist: the key, the closest known one, and how to add
     a key where that is possible (free-form sections like engine). '' for any other error."""
     text = _hydra_message(e)
-    m = re.search(r"Could not override '([\w.\-]+)'", text) or re.search(r"Error merging override ([\w.\-]+)=", text)
+    under_value = re.search(r"Error merging override ([\w.\-]+)=.*'\{\}'", text)  # ep.eplb=true: ep is a value
+    m = re.search(r"Could not override '([\w.\-]+)'", text) or under_value
     if not m:
         return ""
     key = m.group(1)
     parent, _, leaf = key.rpartition(".")
     try:
-        defaults = OmegaConf.to_container(default_config(), resolve=False)
-        known = _known_keys(defaults)
+        known = _known_keys(OmegaConf.to_container(default_config(), resolve=False))
     except Exception:  # the hint is a nicety: never let it hide the error
-        defaults, known = {}, set()
+        known = set()
     for kind in CLUSTERS.values():  # every cluster kind's keys, not just the default one's
         known |= {f"cluster.{f.name}" for f in dataclasses.fields(kind)}
-    if parent in known and not isinstance(_lookup(defaults, parent), dict):  # e.g. ep.eplb: ep is a value
+    if m is under_value:
         same_leaf = sorted(k for k in known if k.rpartition(".")[2] == leaf and k != key)
         hint = f"; did you mean {same_leaf[0]}?" if same_leaf else ""
         return f"unknown config key {key!r}: {parent!r} is a value ({parent}=...), not a section{hint}"
-    if not m.group(0).startswith("Could not override"):
-        return ""
     siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
     hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
     typed = re.search(r"not in '\w+'", text)  # a typed section (dataclass): no key can be added there
     how = "" if typed else f"; to add a new key use +{key}=..."
     return f"unknown config key {key!r}{hint}{how} (python -m hpcinfer.submit --cfg job shows the config)"
-
-
-def _lookup(d: Dict[str, Any], key: str) -> Any:
-    """The value at a dotted key of a nested dict; None where it is absent."""
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 def _known_keys(d: Dict[str, Any], prefix: str = "") -> Set[str]:

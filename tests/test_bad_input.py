@@ -162,6 +162,8 @@ CASES = [
     ("unknown-engine-key", ["engine.max_model_length=64"], ["max_model_length", "did you mean engine.max_model_len"]),
     ("unknown-group", ["model=nosuchmodel"], ["nosuchmodel"]),
     ("key-under-a-value", ["ep.eplb=true"], ["'ep.eplb'", "'ep' is a value", "did you mean expert.eplb"]),
+    ("new-key-in-a-free-section", ["cluster=slurm", "cluster.sbatch.foo=1"],
+     ["'cluster.sbatch.foo'", "+cluster.sbatch.foo="]),
     # layout
     ("dp-zero", ["dp=0"], ["dp=0"]),
     ("tp-negative", ["tp=-1"], ["tp=-1"]),
