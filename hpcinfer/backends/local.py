@@ -30,7 +30,7 @@ from ..errors import exit_on_signal
 from ..lockstep import lockstep_devices, lockstep_env
 from ..planner import Plan
 from ..progress import ProgressDisplay, snapshot
-from ..ranks import cpu_engine_env, free_port, rank_env
+from ..ranks import free_port, rank_env
 from ..replica import node_slices, replica_env
 from ..rundir import RunDir
 from ..worker import should_restart
@@ -72,24 +72,19 @@ def rank_launches(base: Mapping[str, str], cfg: RunConfig, plan: Plan, rank: int
             env.setdefault("VLLM_HOST_IP", "127.0.0.1")  # vLLM's queues between the "nodes": loopback
         launches.append(Launch("hpcinfer.worker" if node_rank == 0 else "hpcinfer.headless", node_rank, env))
     if cfg.lockstep:  # never spanning nodes (config.validate)
-        _make_lockstep(launches[0].env, base, cfg, plan, rank, group, master_port)
+        _make_lockstep(launches[0].env, plan, rank, group, master_port)
     return launches
 
 
-def _make_lockstep(env: Dict[str, str], base: Mapping[str, str], cfg: RunConfig, plan: Plan, rank: int,
-                   group: Sequence[int], master_port: int) -> None:
-    """Turn `env` into a lockstep rank's: VLLM_DP_*, and the devices of its whole group, of which
-    vLLM picks this rank's share by VLLM_DP_RANK_LOCAL (its GPUs; on CPU, its thread-binding entry)."""
+def _make_lockstep(env: Dict[str, str], plan: Plan, rank: int, group: Sequence[int], master_port: int) -> None:
+    """Turn `env` into a lockstep rank's: VLLM_DP_*, and on GPUs the devices of its whole group, of
+    which vLLM picks this rank's share by VLLM_DP_RANK_LOCAL. (On CPU a lockstep group is a single
+    rank, planner._experts refuses more, so the rank's own binding from rank_env stays.)"""
     dp_rank = list(group).index(rank)
     env.update(lockstep_env(dp_rank, dp_rank, len(group), "127.0.0.1", master_port))
-    devices = [plan.rank_plans[r].devices for r in group]
     if plan.device_kind == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = str(lockstep_devices([d for ds in devices for d in ds], dp_rank,
-                                                           plan.gpus_per_rank))
-    elif "VLLM_CPU_OMP_THREADS_BIND" not in base:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            cpu_engine_env(base, ds, plan.gpus_per_rank, cfg.cluster.cpu_kvcache_gib)["VLLM_CPU_OMP_THREADS_BIND"]
-            for ds in devices)
+        devices = [d for r in group for d in plan.rank_plans[r].devices]
+        env["CUDA_VISIBLE_DEVICES"] = str(lockstep_devices(devices, dp_rank, plan.gpus_per_rank))
 
 
 def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: float = 0.5) -> List[RankOutcome]:
