@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import List, Optional, Set
+from typing import Collection, List, Optional
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -182,7 +182,6 @@ class ClaimedWork:
         self.rows = {s.shard: s.rows for s in shards}
         self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
-        self.held: Set[int] = set()  # open shards
         self._next_look = 0.0
 
     def describe(self) -> str:
@@ -197,8 +196,12 @@ class ClaimedWork:
         if shard is None:
             self._next_look = time.monotonic() + (self.retry_s if self.held else self.poll_s)
             return None
-        self.held.add(shard)
         return self.by_id[shard]
+
+    @property
+    def held(self) -> Collection[int]:
+        """The shards this attempt holds open (claimed, not yet released)."""
+        return self.claims.mine.keys()
 
     def exhausted(self) -> bool:
         return self.claims.unfinished() == 0
@@ -208,7 +211,6 @@ class ClaimedWork:
 
     def release(self, shard: int) -> None:
         self.claims.release(shard)
-        self.held.discard(shard)
 
     def close(self) -> None:
         self.heartbeat.stop()
