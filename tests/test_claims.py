@@ -299,21 +299,30 @@ class FakeEngine:
 ROWS = 37
 
 
+def planned_run(tmp_path, prompts, overrides):
+    """A planned, not started run directory of 2 ranks over `prompts`, sharded as its schedule does."""
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    rd = new_run_dir(tmp_path)
+    cfg = compose(["dp=2", *overrides, f"data.input={path}"])
+    inputs = data.scan([str(path)], "prompt")
+    atomic_write(rd.config, config.to_yaml(cfg))
+    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=2, ep=cfg.ep, ranks=2, engine_args=config.engine_args(cfg, "/fake"),
+                                    submitted_at=time.time()))
+    if cfg.dynamic:
+        tokens = data.row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
+        shards = data.cut_by_tokens(inputs.files, tokens, 2, cfg.schedule.shards_per_rank, cfg.data.shard_rows)
+    else:
+        shards = data.make_shards(inputs.files, 2, cfg.data.shard_rows)
+    data.write_manifest(str(rd.manifest), shards, inputs.schema)
+    return rd, shards
+
+
 @pytest.fixture
 def claimed_run(tmp_path):
     """A planned, not started run directory with the dynamic schedule: 2 ranks."""
-    path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": [("x" * (200 if i % 9 == 0 else 8)) + str(i) for i in range(ROWS)]}), path)
-    rd = new_run_dir(tmp_path)
-    cfg = compose(["dp=2", "schedule.lease_s=0.4", "checkpoint.rows=2", f"data.input={path}"])
-    inputs = data.scan([str(path)], "prompt")
-    atomic_write(rd.config, config.to_yaml(cfg))
-    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=2, ep=False, ranks=2, engine_args=config.engine_args(cfg, "/fake"),
-                                    submitted_at=time.time()))
-    tokens = data.row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
-    shards = data.cut_by_tokens(inputs.files, tokens, 2, cfg.schedule.shards_per_rank, cfg.data.shard_rows)
-    data.write_manifest(str(rd.manifest), shards, inputs.schema)
-    return rd, shards
+    return planned_run(tmp_path, [("x" * (200 if i % 9 == 0 else 8)) + str(i) for i in range(ROWS)],
+                       ["schedule.lease_s=0.4", "checkpoint.rows=2"])
 
 
 def run_rank(rd, rank, monkeypatch, **engine_kw):
@@ -374,6 +383,39 @@ def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monke
     assert time.monotonic() - t0 >= 0.4  # it waited for the lease (schedule.lease_s=0.4)
     assert (claims_dir / f"{first:06d}.1").exists()
     assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
+
+
+class BusyGroupEngine(FakeEngine):
+    """A fake lockstep engine: the group stays busy for `busy_steps` more of this rank's steps."""
+
+    def __init__(self, *args, busy_steps=0, **kw):
+        super().__init__(*args, **kw)
+        self.busy_left, self.idle_steps = busy_steps, 0
+
+    def step(self):
+        if not self.queue:
+            self.idle_steps += 1
+            self.busy_left -= 1
+        return super().step()
+
+    def group_busy(self):
+        return self.busy_left > 0
+
+
+def test_a_lockstep_rank_out_of_rows_keeps_stepping_until_its_group_is_done(tmp_path, monkeypatch):
+    """Fake engine (orchestration only; vLLM's CPU build cannot run lockstep): with ep=true a rank
+    whose rows are all done must step with its group, not exit and leave the others hanging."""
+    rd, _ = planned_run(tmp_path, [f"p{i}" for i in range(6)], ["model=tiny_moe", "ep=true"])
+    engines = []
+
+    def engine(args, sampling):
+        engines.append(BusyGroupEngine(args, sampling, busy_steps=5))
+        return engines[-1]
+
+    monkeypatch.setattr("hpcinfer.engine.Engine", engine)
+    assert worker.run(str(rd.path), RankContext(0, 2, 0, ["localhost"], "127.0.0.1", 1, "cuda", ["0"])) == 0
+    assert engines[0].generated == 3 and engines[0].idle_steps == 5 and not engines[0].group_busy()
+    assert json.loads(rd.rank_file(0).read_text())["state"] == "done"
 
 
 # ---- balancing policies (schedule.py) --------------------------------------------------------
