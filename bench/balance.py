@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +85,8 @@ def common_overrides(a, data: Path) -> list[str]:
 
 def rank_envs(cfg, dp: int) -> list[dict]:
     """Each rank's environment as hpcinfer's local backend builds it (devices, CPU binding)."""
-    from hpcinfer.devices import detect, split
-    from hpcinfer.ranks import cpu_engine_env
+    from hpcinfer.launch.env import cpu_engine_env
+    from hpcinfer.planning.devices import detect, split
 
     devices = detect()
     out = []
@@ -156,7 +155,7 @@ def main() -> None:
 
     from hpcinfer.cli import compose
     from hpcinfer.config import engine_args
-    from hpcinfer.models import resolve_model_path
+    from hpcinfer.planning.models import resolve_model_path
 
     with tempfile.TemporaryDirectory(prefix="hpcinfer-balance-") as tmp:
         tmp = Path(tmp)

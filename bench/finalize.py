@@ -15,7 +15,7 @@ Target: peak RSS < 1 GiB (memory must stay bounded by a record batch, whatever t
 
 The run directory is built with the project's own contract, as submit and the ranks would leave
 it: config.yaml (config.to_yaml(cli.compose(...))), plan.json, manifest.parquet
-(data.make_shards + data.write_manifest), shards/<id>.parquet (output.shard_table, written with
+(make_shards + write_manifest), shards/<id>.parquet (output.shard_table, written with
 pq.write_table as the worker does), done/<id>.json (RunDir.mark_done) and ranks/<r>.json
 (RunDir.write_rank). Input columns: id int64 and prompt (~60 chars); generated_text ~200 chars,
 every 50th row a failed one. The input files themselves are listed in the manifest but not
@@ -37,21 +37,36 @@ from typing import Dict, List
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import (
+    GIB,
+    MIB,
+    check_ok,
+    free_bytes,
+    machine_lines,
+    parse_args,
+    print_table,
+    run_measured,
+    verdict,
+    words,
+    work_dir,
+)
 
-from common import (GIB, MIB, check_ok, free_bytes, machine_lines, parse_args, print_table, run_measured, verdict,
-                    work_dir, words)
-
-from hpcinfer import config, data, output
+from hpcinfer import config
 from hpcinfer.cli import compose
-from hpcinfer.engine import RowResult
-from hpcinfer.rundir import RunDir, atomic_write, atomic_write_json
+from hpcinfer.planning.inputs import InputFile
+from hpcinfer.planning.sharding import make_shards, partition
+from hpcinfer.rank.engine import RowResult
+from hpcinfer.rundir import output
+from hpcinfer.rundir.files import atomic_write, atomic_write_json
+from hpcinfer.rundir.manifest import Shard, write_manifest
+from hpcinfer.rundir.paths import RunDir
 
 TARGET_RSS = 1 * GIB
 BYTES_PER_ROW = 320  # ~8 id + 60 prompt + 200 text + finish_reason, tokens, error, position
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from hpcinfer.merge import finalize
+from hpcinfer.rundir.merge import finalize
 t1 = time.perf_counter()
 summary = finalize(sys.argv[1])
 t2 = time.perf_counter()
@@ -99,11 +114,11 @@ def at_position(table: pa.Table, global_start: int) -> pa.Table:
 
 def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int):
     """A finished run directory (see the module docstring); returns (RunDir, shards)."""
-    per_file = data.partition(rows, n_files)
-    files = [data.InputFile(str(root / "inputs" / f"part-{i:05d}.parquet"), hi - lo)
+    per_file = partition(rows, n_files)
+    files = [InputFile(str(root / "inputs" / f"part-{i:05d}.parquet"), hi - lo)
              for i, (lo, hi) in enumerate(per_file)]
     shard_rows = max(1, math.ceil(rows / shards_wanted))
-    shards = data.make_shards(files, ranks, shard_rows)
+    shards = make_shards(files, ranks, shard_rows)
     schema = pa.schema([("id", pa.int64()), ("prompt", pa.string())])
 
     rd = RunDir(root / "run")
@@ -115,14 +130,14 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
     atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=ranks, ep=False, ranks=ranks,
                                     engine_args=config.engine_args(cfg, str(root / "model")),
                                     submitted_at=now - 3600))
-    data.write_manifest(str(rd.manifest), shards, schema)
+    write_manifest(str(rd.manifest), shards, schema)
 
     templates: Dict[int, tuple] = {}
     for s in shards:
         if s.rows not in templates:
             templates[s.rows] = template(s.rows)
 
-    def write(s: data.Shard) -> None:
+    def write(s: Shard) -> None:
         table, totals = templates[s.rows]
         pq.write_table(at_position(table, s.global_start), rd.shard_output(s.shard))
         rd.mark_done(s.shard, dict(shard=s.shard, rank=s.rank, host=socket.gethostname(), rows=s.rows,

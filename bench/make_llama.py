@@ -10,7 +10,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hpcinfer.models import resolve_model_path
+from hpcinfer.planning.models import resolve_model_path
 
 
 def main(out: str) -> None:

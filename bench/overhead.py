@@ -75,8 +75,8 @@ def write_prompts(path: Path, rows: int) -> None:
 
 def raw_env(engine_args: dict) -> dict:
     """The environment a dp=1 hpcinfer rank gets, for the raw side too."""
-    from hpcinfer.devices import detect, split
-    from hpcinfer.ranks import cpu_engine_env
+    from hpcinfer.launch.env import cpu_engine_env
+    from hpcinfer.planning.devices import detect, split
 
     env = dict(os.environ)
     devices = detect()
@@ -116,7 +116,7 @@ def main() -> None:
 
     from hpcinfer.cli import compose
     from hpcinfer.config import engine_args
-    from hpcinfer.models import resolve_model_path
+    from hpcinfer.planning.models import resolve_model_path
 
     with tempfile.TemporaryDirectory(prefix="hpcinfer-bench-") as tmp:
         data = Path(tmp) / "prompts.parquet"

@@ -35,14 +35,13 @@ from typing import Callable, List, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from common import check_ok, machine_lines, parse_args, print_table, run_measured, verdict, work_dir, words
+from common import check_ok, machine_lines, parse_args, print_table, run_measured, verdict, words, work_dir
 
 TARGET_S = 10.0
 
 
 def write_inputs(root: Path, rows: int, n_files: int) -> Path:
-    from hpcinfer.data import partition
+    from hpcinfer.planning.sharding import partition
 
     d = root / "inputs"
     d.mkdir()
@@ -63,25 +62,30 @@ def timed(steps: List[Tuple[str, float]], name: str, fn: Callable):
 
 def in_process(overrides: List[str]) -> List[Tuple[str, float]]:
     """prepare(cfg, build=False), step by step, then whole; [(step, seconds)]."""
-    from hpcinfer import config, data, devices, doctor, models, planner, prepare
+    from hpcinfer import config, doctor
     from hpcinfer.cli import compose
+    from hpcinfer.planning import devices, models, prepare
+    from hpcinfer.planning.inputs import check_unique_ids, discover, scan
+    from hpcinfer.planning.layout import make_plan, model_shape
+    from hpcinfer.planning.render import format_plan
+    from hpcinfer.planning.sharding import active_ranks, make_shards
 
     steps: List[Tuple[str, float]] = []
     cfg = timed(steps, "compose config (hydra)", lambda: compose(overrides))
     devs = timed(steps, "detect devices + validate + doctor check", lambda: (
         devices.detect(gpus=cfg.cluster.gpus), config.validate(cfg), doctor.conflict_message())[0])
-    paths = timed(steps, "discover input files", lambda: data.discover(cfg.data.input))
-    inputs = timed(steps, "scan footers + schema checks", lambda: data.scan(paths, cfg.data.prompt_column))
-    timed(steps, "duplicate-id check", lambda: data.check_unique_ids(inputs, cfg.data.id_column))
-    ranks = data.active_ranks(inputs.rows, cfg.dp)
-    shards = timed(steps, "make shards", lambda: data.make_shards(inputs.files, ranks, cfg.data.shard_rows))
+    paths = timed(steps, "discover input files", lambda: discover(cfg.data.input))
+    inputs = timed(steps, "scan footers + schema checks", lambda: scan(paths, cfg.data.prompt_column))
+    timed(steps, "duplicate-id check", lambda: check_unique_ids(inputs, cfg.data.id_column))
+    ranks = active_ranks(inputs.rows, cfg.dp)
+    shards = timed(steps, "make shards", lambda: make_shards(inputs.files, ranks, cfg.data.shard_rows))
 
     def layout():
         path = models.resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=False)
-        shape = planner.model_shape(cfg.model, path if os.path.isdir(path) else None)
-        plan = planner.make_plan(cfg, shape, devs, config.engine_args(cfg, path), shards, inputs.rows,
+        shape = model_shape(cfg.model, path if os.path.isdir(path) else None)
+        plan = make_plan(cfg, shape, devs, config.engine_args(cfg, path), shards, inputs.rows,
                                  len(inputs.files), ranks)
-        return planner.format_plan(plan)
+        return format_plan(plan)
 
     timed(steps, f"layout + format ({len(shards):,} shards, {ranks} ranks)", layout)
     steps.append(("sum of the steps", sum(s for _, s in steps)))

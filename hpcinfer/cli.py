@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 from omegaconf import OmegaConf
 
-from .config import CLUSTERS, RunConfig, register_configs, to_run_config
-from .errors import ConfigError, exit_on_user_error, one_line
-from .secrets import redact
+from hpcinfer.config import CLUSTERS, RunConfig, register_configs, to_run_config
+from hpcinfer.errors import ConfigError, exit_on_user_error, one_line
+from hpcinfer.secrets import redact
 
 CONF_DIR = os.environ.get("HPCINFER_CONF") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 MULTIRUN_FLAGS = ("-m", "--multirun")

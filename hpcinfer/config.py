@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from . import secrets
-from .errors import ConfigError
+from hpcinfer import secrets
+from hpcinfer.errors import ConfigError
 
 # Engine arguments that hpcinfer sets from the layout; setting them under `engine` is an error.
 LAYOUT_ENGINE_ARGS = {
@@ -419,7 +419,7 @@ def node_size(cluster) -> Tuple[Optional[int], str]:
 def nodes_per_rank(cfg: RunConfig) -> int:
     """Nodes one rank spans: tp x pp / the node size when it exceeds a node, else 1 (replica.py).
     ValueError when tp x pp is neither within a node nor a whole number of nodes."""
-    from .replica import nodes_per_replica
+    from hpcinfer.launch.env import nodes_per_replica
 
     size, key = node_size(cfg.cluster)
     return nodes_per_replica(cfg.gpus_per_rank, size, key)
@@ -528,7 +528,7 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.,:@%+/~\-]+$")
 
 
 def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
-    from .slurm_layout import slurm_time_minutes
+    from hpcinfer.launch.slurm.layout import slurm_time_minutes
 
     errs = []
     for key in ("time", "finalize_time"):

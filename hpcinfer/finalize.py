@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from .errors import EXIT_FAILED, EXIT_USAGE, RunIncomplete
-from .merge import finalize
+from hpcinfer.errors import EXIT_FAILED, EXIT_USAGE, RunIncomplete
+from hpcinfer.rundir.merge import finalize
 
 
 def main(argv=None) -> int:

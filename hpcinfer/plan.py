@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from .cli import compose
-from .errors import exit_on_user_error
-from .planner import format_plan
-from .prepare import prepare
+from hpcinfer.cli import compose
+from hpcinfer.errors import exit_on_user_error
+from hpcinfer.planning.prepare import prepare
+from hpcinfer.planning.render import format_plan
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import EXIT_FAILED, EXIT_OK, UserError, exit_on_user_error
-from .rundir import RunDir, atomic_path, atomic_write
+from hpcinfer.errors import EXIT_FAILED, EXIT_OK, UserError, exit_on_user_error
+from hpcinfer.rundir.files import atomic_path, atomic_write
+from hpcinfer.rundir.paths import RunDir
 
 
 def row_of(rd: RunDir) -> Dict[str, Any]:

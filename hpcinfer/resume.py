@@ -13,10 +13,10 @@ from typing import List
 
 from omegaconf import OmegaConf
 
-from .config import RunConfig, to_run_config
-from .errors import ConfigError, UserError, exit_on_user_error, one_line
-from .rundir import RunDir
-from .submit import submit
+from hpcinfer.config import RunConfig, to_run_config
+from hpcinfer.errors import ConfigError, UserError, exit_on_user_error, one_line
+from hpcinfer.rundir.paths import RunDir
+from hpcinfer.submit import submit
 
 
 def saved_config(run_dir: str, overrides: List[str]) -> RunConfig:

@@ -14,8 +14,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from .errors import EXIT_FAILED, EXIT_OK, UserError, exit_on_user_error
-from .rundir import RunDir, tail
+from hpcinfer.errors import EXIT_FAILED, EXIT_OK, UserError, exit_on_user_error
+from hpcinfer.rundir.files import tail
+from hpcinfer.rundir.paths import RunDir
 
 FINISHED, FAILED, RUNNING, QUEUED = "finished", "failed", "running", "queued"
 
@@ -90,9 +91,9 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
 
 def _jobs(rd: RunDir, plan: dict) -> Dict[str, Any]:
     """Slurm job ids and states of the last submission (empty for local runs)."""
-    from .backends.slurm import last_submission, rank_jobs
-    from .config import load_run_config
-    from .slurm_queue import job_states, summarized
+    from hpcinfer.config import load_run_config
+    from hpcinfer.launch.slurm.launcher import last_submission, rank_jobs
+    from hpcinfer.launch.slurm.queue import job_states, summarized
 
     record = last_submission(rd)
     if not record:

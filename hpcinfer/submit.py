@@ -21,17 +21,18 @@ from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
-from .backends import slurm
-from .backends.local import run_ranks
-from .cli import hydra_main
-from .config import RunConfig, SlurmClusterConfig, load_run_config, to_yaml
-from .data import read_manifest, write_manifest
-from .errors import EXIT_FAILED, EXIT_OK, RunInProgress, RunIncomplete, UserError
-from .merge import finalize
-from .planner import slurm_jobs
-from .prepare import default_run_dir, prepare
-from .rundir import RunDir, atomic_write, tail
-from .secrets import redact
+from hpcinfer.launch.slurm import launcher as slurm
+from hpcinfer.cli import hydra_main
+from hpcinfer.config import RunConfig, SlurmClusterConfig, load_run_config, to_yaml
+from hpcinfer.errors import EXIT_FAILED, EXIT_OK, RunIncomplete, RunInProgress, UserError
+from hpcinfer.launch.local import run_ranks
+from hpcinfer.launch.slurm.layout import slurm_jobs
+from hpcinfer.planning.prepare import default_run_dir, prepare
+from hpcinfer.rundir.files import atomic_write, tail
+from hpcinfer.rundir.manifest import read_manifest, write_manifest
+from hpcinfer.rundir.merge import finalize
+from hpcinfer.rundir.paths import RunDir
+from hpcinfer.secrets import redact
 
 # Config sections that determine the results: a run directory is only continued with equal values.
 RESULT_KEYS = ("model", "sampling", "data", "engine", "expert", "tp", "pp", "dp", "ep")

@@ -82,3 +82,9 @@ def busy_rank(run_dir: Path, rank: int, min_rows: int, proc: subprocess.Popen, t
             return s
         time.sleep(0.02)
     raise AssertionError(f"rank {rank} never got busy")
+
+
+def check_group(envs):
+    """The envs form one lockstep group: the same size, master address and port, ranks 0..size-1."""
+    assert len({(e["VLLM_DP_SIZE"], e["VLLM_DP_MASTER_IP"], e["VLLM_DP_MASTER_PORT"]) for e in envs}) == 1, envs
+    assert sorted(int(e["VLLM_DP_RANK"]) for e in envs) == list(range(int(envs[0]["VLLM_DP_SIZE"]))), envs

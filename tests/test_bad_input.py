@@ -228,16 +228,17 @@ def test_unreadable_file(scratch, tmp_path):
                                               (OSError(5, "Input/output error"), "Input/output error")])
 def test_open_errors_name_the_file(scratch, monkeypatch, error, must_name):
     """What a file the user may not read, or a failing disk, gives (also as root)."""
-    from hpcinfer import data
     from hpcinfer.errors import DataError
+    from hpcinfer.planning import inputs
+    from hpcinfer.planning.inputs import scan
 
     def refuse(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(data, "open", refuse, raising=False)
+    monkeypatch.setattr(inputs, "open", refuse, raising=False)
     path = str(scratch.root / "in" / "good.parquet")
     with pytest.raises(DataError) as e:
-        data.scan([path], "prompt")
+        scan([path], "prompt")
     assert path in str(e.value) and must_name in str(e.value)
 
 
@@ -316,10 +317,10 @@ def test_allowed_sbatch_values_are_rendered_quoted(value, tmp_path):
     quotes them, the line stays one `#SBATCH` comment, and bash running the script runs nothing."""
     import shlex
 
-    from hpcinfer.backends.slurm import executor, finalize_parameters, worker_parameters
     from hpcinfer.cli import compose
     from hpcinfer.config import validate
-    from hpcinfer.slurm_layout import job_layout
+    from hpcinfer.launch.slurm.launcher import executor, finalize_parameters, worker_parameters
+    from hpcinfer.launch.slurm.layout import job_layout
 
     cfg = compose(["cluster=slurm", "dp=2", f"+cluster.sbatch.mail-user={_quoted(value)}",
                    f"+cluster.sbatch.comment={_quoted(value)}"])

@@ -13,7 +13,6 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, busy_rank, submit_results
 
 pytestmark = pytest.mark.vllm

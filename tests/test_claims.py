@@ -1,4 +1,4 @@
-"""The dynamic schedule: token-sized shards (data.cut_by_tokens), the claim protocol (claims.py)
+"""The dynamic schedule: token-sized shards (cut_by_tokens), the claim protocol (claims.py)
 and the worker loop claiming, taking over and finishing shards. The worker tests run the real
 worker loop with FakeEngine, a stand-in for engine.Engine that needs no vLLM: they test
 orchestration only; tests/test_e2e_local.py and tests/test_chaos_local.py run real vLLM."""
@@ -12,25 +12,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hpcinfer import config, data, schedule, worker
-from hpcinfer.claims import Claim, ClaimLost, Claims, Heartbeat, claimable, parse_claim_name
+from hpcinfer import config
 from hpcinfer.cli import compose
-from hpcinfer.engine import RowResult
 from hpcinfer.errors import DataError
-from hpcinfer.merge import finalize
-from hpcinfer.ranks import RankContext
-from hpcinfer.rundir import RunDir, atomic_write, atomic_write_json
+from hpcinfer.planning.inputs import InputFile, scan
+from hpcinfer.planning.sharding import cut_by_tokens, expected_ranks, make_shards, row_tokens
+from hpcinfer.rank import schedule, worker
+from hpcinfer.rank.context import RankContext
+from hpcinfer.rank.engine import RowResult
+from hpcinfer.rank.schedule import claim_order
+from hpcinfer.rundir.claims import Claim, ClaimLost, Claims, Heartbeat, claimable, parse_claim_name
+from hpcinfer.rundir.files import atomic_write, atomic_write_json
+from hpcinfer.rundir.manifest import Shard, write_manifest
+from hpcinfer.rundir.merge import finalize
+from hpcinfer.rundir.paths import RunDir
 
 
 # ---- cutting by tokens -----------------------------------------------------------------------
 def files_of(sizes):
-    return [data.InputFile(f"/data/part-{i}.parquet", n) for i, n in enumerate(sizes)]
+    return [InputFile(f"/data/part-{i}.parquet", n) for i, n in enumerate(sizes)]
 
 
 def test_cut_by_tokens_gives_long_rows_their_own_small_shards():
     files = files_of([10, 10])
     tokens = [[100] * 10, [10] * 10]  # the first file's rows are 10x longer
-    shards = data.cut_by_tokens(files, tokens, ranks=2, shards_per_rank=2, max_rows=100)
+    shards = cut_by_tokens(files, tokens, ranks=2, shards_per_rank=2, max_rows=100)
     # target = 1100 / 4 = 275 tokens: 3 long rows per shard, then the short file's rows together
     assert [(s.path[-10:], s.file_start, s.file_end, s.tokens) for s in shards] == [
         ("-0.parquet", 0, 3, 300), ("-0.parquet", 3, 6, 300), ("-0.parquet", 6, 9, 300),
@@ -44,7 +50,7 @@ def test_cut_by_tokens_covers_every_row_once_in_order(seed):
     sizes = list(rng.integers(0, 30, size=rng.integers(1, 5)))
     tokens = [list(rng.integers(1, 500, size=n)) for n in sizes]
     ranks, per, max_rows = int(rng.integers(1, 5)), int(rng.integers(1, 5)), int(rng.integers(1, 12))
-    shards = data.cut_by_tokens(files_of(sizes), tokens, ranks, per, max_rows)
+    shards = cut_by_tokens(files_of(sizes), tokens, ranks, per, max_rows)
     covered, offset = [], 0
     for i, n in enumerate(sizes):
         mine = [s for s in shards if s.path.endswith(f"-{i}.parquet")]
@@ -61,26 +67,26 @@ def test_cut_by_tokens_covers_every_row_once_in_order(seed):
 
 
 def test_claim_order_is_densest_then_largest_then_input_order():
-    shards = [data.Shard(i, 0, "/f", i, i + 1, i, tok) for i, tok in enumerate([5, 9, 5, 1, 9])]  # one row each
-    assert [s.shard for s in data.claim_order(shards)] == [1, 4, 0, 2, 3]
+    shards = [Shard(i, 0, "/f", i, i + 1, i, tok) for i, tok in enumerate([5, 9, 5, 1, 9])]  # one row each
+    assert [s.shard for s in claim_order(shards)] == [1, 4, 0, 2, 3]
     # 2 rows of 50 tokens come before 10 rows of 12 tokens, though they are less work
-    mixed = [data.Shard(0, 0, "/f", 0, 10, 0, 120), data.Shard(1, 0, "/f", 10, 12, 10, 100)]
-    assert [s.shard for s in data.claim_order(mixed)] == [1, 0]
+    mixed = [Shard(0, 0, "/f", 0, 10, 0, 120), Shard(1, 0, "/f", 10, 12, 10, 100)]
+    assert [s.shard for s in claim_order(mixed)] == [1, 0]
 
 
 def test_expected_ranks_is_greedy_longest_first():
-    assert data.expected_ranks([10, 1, 1, 7, 3], 2) == [0, 0, 1, 1, 1]  # 10 | 7, 3 | then the 1s alternate
-    assert data.expected_ranks([4, 4, 4, 4], 4) == [0, 1, 2, 3]
-    assert data.expected_ranks([], 3) == []
+    assert expected_ranks([10, 1, 1, 7, 3], 2) == [0, 0, 1, 1, 1]  # 10 | 7, 3 | then the 1s alternate
+    assert expected_ranks([4, 4, 4, 4], 4) == [0, 1, 2, 3]
+    assert expected_ranks([], 3) == []
 
 
 def test_row_tokens_weighs_prompt_bytes_and_the_per_row_cap(tmp_path):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["a" * 40, None, "ü" * 20], "cap": pa.array([None, 7, 100], pa.int32())}), path)
-    files = [data.InputFile(str(path), 3)]
+    files = [InputFile(str(path), 3)]
     # 40 bytes = 11 prompt tokens ~ 2 output tokens of work; + 1; + the cap
-    assert data.row_tokens(files, "prompt", None, 50)[0].tolist() == [2 + 1 + 50, 0 + 1 + 50, 2 + 1 + 50]
-    assert data.row_tokens(files, "prompt", "cap", 50)[0].tolist() == [2 + 1 + 50, 0 + 1 + 7, 2 + 1 + 100]
+    assert row_tokens(files, "prompt", None, 50)[0].tolist() == [2 + 1 + 50, 0 + 1 + 50, 2 + 1 + 50]
+    assert row_tokens(files, "prompt", "cap", 50)[0].tolist() == [2 + 1 + 50, 0 + 1 + 7, 2 + 1 + 100]
 
 
 @pytest.mark.parametrize("values, message", [
@@ -92,14 +98,14 @@ def test_max_tokens_column_bad_values(tmp_path, values, message):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"], "cap": values}), path)
     with pytest.raises(DataError, match=message):
-        data.scan([str(path)], "prompt", None, "cap")
+        scan([str(path)], "prompt", None, "cap")
 
 
 def test_max_tokens_column_missing(tmp_path):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["a"]}), path)
     with pytest.raises(DataError, match="data.max_tokens_column='cap' is not a column"):
-        data.scan([str(path)], "prompt", None, "cap")
+        scan([str(path)], "prompt", None, "cap")
 
 
 # ---- the claim protocol ----------------------------------------------------------------------
@@ -305,16 +311,16 @@ def planned_run(tmp_path, prompts, overrides):
     pq.write_table(pa.table({"prompt": prompts}), path)
     rd = new_run_dir(tmp_path)
     cfg = compose(["dp=2", *overrides, f"data.input={path}"])
-    inputs = data.scan([str(path)], "prompt")
+    inputs = scan([str(path)], "prompt")
     atomic_write(rd.config, config.to_yaml(cfg))
     atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=2, ep=cfg.ep, ranks=2, engine_args=config.engine_args(cfg, "/fake"),
                                     submitted_at=time.time()))
     if cfg.dynamic:
-        tokens = data.row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
-        shards = data.cut_by_tokens(inputs.files, tokens, 2, cfg.schedule.shards_per_rank, cfg.data.shard_rows)
+        tokens = row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
+        shards = cut_by_tokens(inputs.files, tokens, 2, cfg.schedule.shards_per_rank, cfg.data.shard_rows)
     else:
-        shards = data.make_shards(inputs.files, 2, cfg.data.shard_rows)
-    data.write_manifest(str(rd.manifest), shards, inputs.schema)
+        shards = make_shards(inputs.files, 2, cfg.data.shard_rows)
+    write_manifest(str(rd.manifest), shards, inputs.schema)
     return rd, shards
 
 
@@ -326,7 +332,7 @@ def claimed_run(tmp_path):
 
 
 def run_rank(rd, rank, monkeypatch, **engine_kw):
-    monkeypatch.setattr("hpcinfer.engine.Engine", lambda args, sampling: FakeEngine(args, sampling, **engine_kw))
+    monkeypatch.setattr("hpcinfer.rank.engine.Engine", lambda args, sampling: FakeEngine(args, sampling, **engine_kw))
     ctx = RankContext(rank, 2, rank, ["localhost"], "127.0.0.1", 1, "cuda", [str(rank)])
     return worker.run(str(rd.path), ctx)
 
@@ -372,7 +378,7 @@ def test_a_dead_ranks_claims_are_taken_over_with_their_parts(claimed_run, monkey
 
 def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monkeypatch):
     rd, shards = claimed_run
-    first = data.claim_order(shards)[0].shard
+    first = claim_order(shards)[0].shard
     claims_dir = rd.path / "claims"
     claims_dir.mkdir()
     (claims_dir / f"{first:06d}.0").write_text(json.dumps({"rank": 0, "token": "ghost", "host": "lost-node"}))
@@ -412,7 +418,7 @@ def test_a_lockstep_rank_out_of_rows_keeps_stepping_until_its_group_is_done(tmp_
         engines.append(BusyGroupEngine(args, sampling, busy_steps=5))
         return engines[-1]
 
-    monkeypatch.setattr("hpcinfer.engine.Engine", engine)
+    monkeypatch.setattr("hpcinfer.rank.engine.Engine", engine)
     assert worker.run(str(rd.path), RankContext(0, 2, 0, ["localhost"], "127.0.0.1", 1, "cuda", ["0"])) == 0
     assert engines[0].generated == 3 and engines[0].idle_steps == 5 and not engines[0].group_busy()
     assert json.loads(rd.rank_file(0).read_text())["state"] == "done"
@@ -465,7 +471,7 @@ def simulate_claims(shards, world, room_rows, policy):
     holds once no rank claims any more (the start of a run)."""
     tokens = {s.shard: s.tokens for s in shards}
     rows = {s.shard: s.rows for s in shards}
-    order = [s.shard for s in data.claim_order(shards)]
+    order = [s.shard for s in claim_order(shards)]
     held = [set() for _ in range(world)]
     progress = True
     while progress:
@@ -486,8 +492,8 @@ def test_by_mix_gives_every_gpu_its_share_of_the_long_requests_at_once():
     for 32, cut into 16 shards of equal work. Claiming densest first while less than a batch is
     pending (the old GPU rule) gave one GPU every long request; by_mix splits them evenly."""
     caps = [1024] * 410 + [32] * 3686
-    files = [data.InputFile("/data/skewed.parquet", len(caps))]
-    shards = data.cut_by_tokens(files, [caps], 2, 8, 4096)
+    files = [InputFile("/data/skewed.parquet", len(caps))]
+    shards = cut_by_tokens(files, [caps], 2, 8, 4096)
     long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start:s.global_start + s.rows]) for s in shards}
 
     def greedy(free, order, tokens, rows, held, world):
@@ -503,7 +509,7 @@ def test_by_mix_gives_every_gpu_its_share_of_the_long_requests_at_once():
     lo, hi = long_per_rank(simulate_claims(shards, 2, 1024, mix))
     assert lo + hi == 410 and hi - lo <= max(long_rows.values())  # even, to one shard
     for world in (3, 4):
-        shards = data.cut_by_tokens(files, [caps], world, 8, 4096)
+        shards = cut_by_tokens(files, [caps], world, 8, 4096)
         long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start:s.global_start + s.rows]) for s in shards}
         per = long_per_rank(simulate_claims(shards, world, 1024, mix))
         assert sum(per) == 410 and per[-1] - per[0] <= max(long_rows.values()), per

@@ -5,9 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hpcinfer.data import (InputFile, Inputs, Shard, active_ranks, discover, make_shards, partition,
-                           read_manifest, read_shard, scan, write_manifest)
 from hpcinfer.errors import DataError
+from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
+from hpcinfer.planning.sharding import active_ranks, make_shards, partition
+from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard, write_manifest
 
 
 # ---- helpers ------------------------------------------------------------------------------------

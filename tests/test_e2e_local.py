@@ -3,8 +3,8 @@ Slurm cluster will run, launched through the real CLI."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -11,7 +11,6 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, submit_results
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slurm]

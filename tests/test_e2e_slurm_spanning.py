@@ -11,7 +11,6 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slurm]

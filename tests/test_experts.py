@@ -7,11 +7,13 @@ import pytest
 
 from hpcinfer.cli import compose
 from hpcinfer.config import ALL2ALL_BACKENDS, LAYOUT_ENGINE_ARGS, engine_args, validate
-from hpcinfer.data import InputFile, make_shards
-from hpcinfer.devices import Devices
 from hpcinfer.errors import ConfigError
-from hpcinfer.planner import (ExpertLayout, expert_layout, format_plan, make_plan, memory_per_gpu,
-                              model_shape)
+from hpcinfer.planning.devices import Devices
+from hpcinfer.planning.inputs import InputFile
+from hpcinfer.planning.layout import expert_layout, make_plan, memory_per_gpu, model_shape
+from hpcinfer.planning.render import format_plan
+from hpcinfer.planning.sharding import make_shards
+from hpcinfer.rundir.records import ExpertLayout
 
 MOE_EP = ["model=tiny_moe", "ep=true", "dp=2"]
 GPUS = Devices(gpus=[str(i) for i in range(8)], gpu_memory_gib=80.0)

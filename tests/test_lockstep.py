@@ -1,15 +1,14 @@
 """The VLLM_DP_* environment of vLLM's lockstep data-parallel path (MoE with expert parallelism)."""
 import pytest
+from conftest import check_group
 
-from hpcinfer import ranks
-from hpcinfer.lockstep import (VLLM_DP_VARS, LockstepError, check_group, lockstep_devices, lockstep_env,
-                               lockstep_env_from_slurm)
-from hpcinfer.nodelist import expand_nodelist
-from hpcinfer.slurm_ranks import master_port
+from hpcinfer.launch.env import VLLM_DP_VARS, LockstepError, lockstep_devices, lockstep_env
+from hpcinfer.launch.slurm.nodelist import expand_nodelist
+from hpcinfer.launch.slurm.task import lockstep_env_from_slurm, master_port
 
 
 def test_ranks_uses_the_same_variable_names():
-    assert ranks.VLLM_DP_VARS is VLLM_DP_VARS
+    assert VLLM_DP_VARS is VLLM_DP_VARS
     assert set(VLLM_DP_VARS) == {"VLLM_DP_RANK", "VLLM_DP_RANK_LOCAL", "VLLM_DP_SIZE", "VLLM_DP_MASTER_IP",
                                  "VLLM_DP_MASTER_PORT"}
 
@@ -57,10 +56,6 @@ def test_lockstep_env_reports_every_problem_at_once():
         lockstep_env(5, 6, 2, "node1", 70000)
     for part in ("rank=5", "local_rank=6", "master_port=70000", "master_ip='node1'"):
         assert part in str(e.value)
-
-
-def test_lockstep_error_is_a_value_error():
-    assert issubclass(LockstepError, ValueError)
 
 
 # ---- lockstep_env_from_slurm ----
@@ -130,73 +125,6 @@ def test_from_slurm_bad_values(change, quoted):
     assert quoted in str(e.value)
 
 
-# ---- check_group ----
-
-def group(size=3, ip="10.0.0.1", port=29500):
-    return [lockstep_env(r, r, size, ip, port) for r in range(size)]
-
-
-def test_check_group_accepts_a_consistent_group():
-    check_group(group())
-    check_group(list(reversed(group())))  # order of the list does not matter
-    check_group(group(size=1))
-
-
-@pytest.mark.parametrize("key,value,quoted", [
-    ("VLLM_DP_SIZE", "4", "VLLM_DP_SIZE differs: '3' at rank(s) 0,2, '4' at rank(s) 1"),
-    ("VLLM_DP_MASTER_IP", "10.0.0.9", "VLLM_DP_MASTER_IP differs: '10.0.0.1' at rank(s) 0,2, '10.0.0.9' at rank(s) 1"),
-    ("VLLM_DP_MASTER_PORT", "29501", "VLLM_DP_MASTER_PORT differs: '29500' at rank(s) 0,2, '29501' at rank(s) 1"),
-])
-def test_check_group_names_disagreements(key, value, quoted):
-    envs = group()
-    envs[1] = {**envs[1], key: value}
-    with pytest.raises(LockstepError) as e:
-        check_group(envs)
-    assert quoted in str(e.value)
-
-
-def test_check_group_names_duplicate_and_missing_ranks():
-    envs = group()
-    envs[2] = {**envs[2], "VLLM_DP_RANK": "1", "VLLM_DP_RANK_LOCAL": "0"}
-    with pytest.raises(LockstepError) as e:
-        check_group(envs)
-    assert "duplicate ranks [1]" in str(e.value) and "missing ranks [2]" in str(e.value)
-
-
-def test_check_group_names_missing_ranks_when_ranks_are_short():
-    with pytest.raises(LockstepError, match=r"missing ranks \[1, 2\] \(size 3\)"):
-        check_group(group()[:1])
-
-
-def test_check_group_names_out_of_range_ranks():
-    envs = group()
-    envs[0] = {**envs[0], "VLLM_DP_RANK": "5"}
-    with pytest.raises(LockstepError, match=r"missing ranks \[0\].*out-of-range ranks \[5\]"):
-        check_group(envs)
-
-
-def test_check_group_validates_each_env():
-    envs = group(size=2, ip="10.0.0.1")
-    envs = [{**e, "VLLM_DP_MASTER_IP": "gpu01"} for e in envs]
-    with pytest.raises(LockstepError, match="#0: .*master_ip='gpu01'"):
-        check_group(envs)
-
-
-@pytest.mark.parametrize("change,quoted", [({"VLLM_DP_SIZE": None}, "missing ['VLLM_DP_SIZE']"),
-                                           ({"VLLM_DP_MASTER_PORT": "x"}, "VLLM_DP_MASTER_PORT='x'")])
-def test_check_group_names_unreadable_envs(change, quoted):
-    envs = group()
-    envs[1] = {k: v for k, v in {**envs[1], **change}.items() if v is not None}
-    with pytest.raises(LockstepError) as e:
-        check_group(envs)
-    assert "#1" in str(e.value) and quoted in str(e.value)
-
-
-def test_check_group_of_nothing():
-    with pytest.raises(LockstepError, match="got none"):
-        check_group([])
-
-
 # ---- lockstep_devices, a group smaller than the job's tasks ----
 
 def test_lockstep_devices_keep_the_node_gpus_visible():
@@ -217,11 +145,12 @@ def test_from_slurm_group_size_of_the_ranks_that_run():
 # ---- the local backend's ranks ----
 
 def _local(overrides, devices, base):
-    from hpcinfer.backends.local import rank_launches
     from hpcinfer.cli import compose
     from hpcinfer.config import engine_args, validate
-    from hpcinfer.data import InputFile, make_shards
-    from hpcinfer.planner import make_plan, model_shape
+    from hpcinfer.launch.local import rank_launches
+    from hpcinfer.planning.inputs import InputFile
+    from hpcinfer.planning.layout import make_plan, model_shape
+    from hpcinfer.planning.sharding import make_shards
 
     cfg = compose(overrides)
     validate(cfg)
@@ -235,7 +164,7 @@ PARENT = {"PATH": "/bin", "VLLM_DP_RANK": "9", "VLLM_DP_SIZE": "12", "VLLM_DP_MA
 
 
 def test_local_moe_ep_ranks_form_one_group_seeing_all_gpus():
-    from hpcinfer.devices import Devices
+    from hpcinfer.planning.devices import Devices
 
     envs = _local(["model=tiny_moe", "ep=true", "dp=2", "tp=2"], Devices(gpus=["0", "1", "2", "3"]), PARENT)
     check_group(envs)
@@ -251,7 +180,7 @@ def test_local_moe_ep_ranks_form_one_group_seeing_all_gpus():
 
 @pytest.mark.parametrize("overrides", [["dp=2"], ["model=tiny_moe", "dp=2"]])
 def test_local_dense_and_moe_without_ep_never_get_vllm_dp_vars(overrides):
-    from hpcinfer.devices import Devices
+    from hpcinfer.planning.devices import Devices
 
     for env in _local(overrides, Devices(gpus=["0", "1"]), PARENT):
         assert not any(k in env for k in VLLM_DP_VARS)
@@ -262,8 +191,8 @@ def test_local_dense_and_moe_without_ep_never_get_vllm_dp_vars(overrides):
 
 def _slurm_task_env(overrides, procid, localid, visible):
     from hpcinfer.cli import compose
-    from hpcinfer.slurm_ranks import slurm_task
-    from hpcinfer.slurm_task import task_env
+    from hpcinfer.launch.slurm.entry import task_env
+    from hpcinfer.launch.slurm.task import slurm_task
 
     cfg = compose(["cluster=slurm", *overrides])
     env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid), "SLURM_NTASKS": "4",

@@ -15,12 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hpcinfer import config, data, output
+from hpcinfer import config
 from hpcinfer.cli import compose
-from hpcinfer.engine import RowResult
 from hpcinfer.errors import RunIncomplete, UserError
-from hpcinfer.merge import finalize
-from hpcinfer.rundir import RunDir, atomic_path, atomic_write, atomic_write_json
+from hpcinfer.planning.inputs import discover, scan
+from hpcinfer.planning.sharding import make_shards, partition
+from hpcinfer.rank.engine import RowResult
+from hpcinfer.rundir import output
+from hpcinfer.rundir.files import atomic_path, atomic_write, atomic_write_json
+from hpcinfer.rundir.manifest import read_shard, write_manifest
+from hpcinfer.rundir.merge import finalize
+from hpcinfer.rundir.paths import RunDir
 
 PYTHON = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python")
 REPO = str(Path(__file__).resolve().parents[1])
@@ -58,7 +63,7 @@ def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_row
         tables.append(t)
         start += n
     original = pa.concat_tables(tables)
-    inputs = data.scan(data.discover(str(inputs_dir)), "prompt", "id")
+    inputs = scan(discover(str(inputs_dir)), "prompt", "id")
 
     rd = RunDir(tmp_path / "run")
     rd.create()
@@ -67,12 +72,12 @@ def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_row
     atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=ranks, ep=False, ranks=ranks,
                                     engine_args=config.engine_args(cfg, "/fake/tiny"),
                                     submitted_at=time.time() - 5))
-    shards = data.make_shards(inputs.files, ranks, shard_rows)
-    data.write_manifest(str(rd.manifest), shards, inputs.schema)
+    shards = make_shards(inputs.files, ranks, shard_rows)
+    write_manifest(str(rd.manifest), shards, inputs.schema)
 
     todo = list(reversed(shards)) if order == "reverse" else list(shards)
     for s in todo:
-        rows = data.read_shard(s, inputs.schema)
+        rows = read_shard(s, inputs.schema)
         prompts = rows.column("prompt").to_pylist()
         results = [fake_result(s.global_start + i, p) for i, p in enumerate(prompts)]
         pq.write_table(output.shard_table(rows, results, s.global_start), rd.shard_output(s.shard))
@@ -124,7 +129,7 @@ def test_finalize_merges_in_input_order(tmp_path, order):
     assert summary["results"] == str(rd.results)
     per_rank = {r["rank"]: r for r in summary["ranks"]}
     assert sorted(per_rank) == list(range(RANKS))
-    for r, (lo, hi) in enumerate(data.partition(original.num_rows, RANKS)):
+    for r, (lo, hi) in enumerate(partition(original.num_rows, RANKS)):
         assert per_rank[r]["rows"] == hi - lo
         assert per_rank[r]["rows_failed"] == sum(w.error is not None for w in want[lo:hi])
         assert per_rank[r]["output_tokens"] == sum(w.output_tokens for w in want[lo:hi])
@@ -134,7 +139,7 @@ def test_finalize_merges_in_input_order(tmp_path, order):
 
 
 def test_rank_generation_seconds_is_its_window_not_the_sum_of_overlapping_shards():
-    from hpcinfer.merge import rank_generation_seconds
+    from hpcinfer.rundir.merge import rank_generation_seconds
     assert rank_generation_seconds({"generation_started_at": 100.0, "generation_ended_at": 103.5}, 9.0) == 3.5
     assert rank_generation_seconds({"generation_started_at": 100.0}, 9.0) == 9.0  # no window recorded
 
@@ -287,7 +292,7 @@ def test_locked_refuses_second_holder(tmp_path):
 def test_locked_refused_for_another_process(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()
-    code = ("import sys; from hpcinfer.rundir import RunDir; from hpcinfer.errors import UserError\n"
+    code = ("import sys; from hpcinfer.rundir.paths import RunDir; from hpcinfer.errors import UserError\n"
             "try:\n    RunDir(sys.argv[1]).locked().__enter__()\nexcept UserError:\n    sys.exit(3)\n")
     with rd.locked():
         p = subprocess.run([PYTHON, "-c", code, str(rd.path)], cwd=REPO, timeout=60)

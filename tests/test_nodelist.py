@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from hpcinfer.nodelist import expand_nodelist, hostnames, resolve_address
+from hpcinfer.launch.slurm.nodelist import expand_nodelist, hostnames, resolve_address
 
 EXPANSIONS = {
     "n1": ["n1"],

@@ -6,10 +6,12 @@ import pytest
 
 from hpcinfer.cli import compose
 from hpcinfer.config import ModelConfig, engine_args
-from hpcinfer.data import InputFile, make_shards
-from hpcinfer.devices import Devices, split
 from hpcinfer.errors import ConfigError
-from hpcinfer.planner import GIB, format_plan, make_plan, memory_per_gpu, model_shape, smallest_fitting_tp
+from hpcinfer.planning.devices import Devices, split
+from hpcinfer.planning.inputs import InputFile
+from hpcinfer.planning.layout import GIB, make_plan, memory_per_gpu, model_shape, smallest_fitting_tp
+from hpcinfer.planning.render import format_plan
+from hpcinfer.planning.sharding import make_shards
 
 LLAMA_8B_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -269,7 +271,7 @@ def test_prepare_plan_only_writes_nothing(tiny_cfg, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hpcinfer.prepare import prepare
+    from hpcinfer.planning.prepare import prepare
 
     data = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(9)]}), data)

@@ -3,7 +3,8 @@ import socket
 
 import pytest
 
-from hpcinfer.ranks import VLLM_DP_VARS, RankContext, context_from_env, free_port, rank_env
+from hpcinfer.launch.env import VLLM_DP_VARS, free_port, rank_env
+from hpcinfer.rank.context import RankContext, context_from_env
 
 BASE = {"PATH": "/usr/bin", "HOME": "/home/u", "CUDA_VISIBLE_DEVICES": "0,1,2,3",
         **{k: "7" for k in VLLM_DP_VARS}}

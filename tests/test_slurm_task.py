@@ -3,14 +3,15 @@ Dense models never get VLLM_DP_*; MoE models with ep=true get a consistent locks
 from __future__ import annotations
 
 import pytest
+from conftest import check_group
 
 from hpcinfer.cli import compose
-from hpcinfer.lockstep import VLLM_DP_VARS, check_group
-from hpcinfer.rundir import RunDir
-from hpcinfer.slurm_layout import job_layout
-from hpcinfer.slurm_ranks import slurm_task
-from hpcinfer.slurm_task import task_env, task_rank
-from hpcinfer.worker import record_exit, should_restart
+from hpcinfer.launch.env import VLLM_DP_VARS
+from hpcinfer.launch.slurm.entry import task_env, task_rank
+from hpcinfer.launch.slurm.layout import job_layout
+from hpcinfer.launch.slurm.task import slurm_task
+from hpcinfer.rank.worker import record_exit, should_restart
+from hpcinfer.rundir.paths import RunDir
 
 
 def plan(ranks, jobs, kind="cuda", per_rank=2):

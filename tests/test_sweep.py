@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hpcinfer.report import best, report, table
-from hpcinfer.rundir import RunDir
+from hpcinfer.rundir.paths import RunDir
 
 
 def fake_run(root, name, tp, dp, tps, kind="cuda"):

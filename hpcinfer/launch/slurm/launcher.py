@@ -1,0 +1,201 @@
+"""[from backends.slurm] The Slurm backend: submit a planned run as Slurm jobs through submitit, from a login node.
+
+- Worker jobs: one job whose tasks are the ranks (nodes x tasks per node from the plan's job
+  layout), or job arrays whose elements are such jobs, one per replica group. Every task runs
+  `slurm_task.run_ranks(run_dir, ranks)`: the ranks of its job (a resubmission carries only the
+  ranks with unfinished shards).
+- Finalize: one small job that depends on all worker jobs with `afterany`, so that it runs
+  whatever the workers' outcome and reports an incomplete run instead of waiting forever
+  (`afterok` would leave it PENDING with DependencyNeverSatisfied after a failed rank).
+- `jobs.json` in the run directory records every submission's job ids (for status and resume).
+
+The sbatch parameters are pure functions of the config and plan, checked against golden files.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from hpcinfer.config import RunConfig
+from hpcinfer.errors import EXIT_FAILED, UserError, one_line
+from hpcinfer.launch.progress import ProgressDisplay, snapshot
+from hpcinfer.launch.slurm.layout import array_chunks, rank_groups, slurm_time_minutes
+from hpcinfer.launch.slurm.queue import cancel, is_live, summarized
+from hpcinfer.rundir.files import atomic_write_json
+from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import JobLayout
+
+START_TEST_CLUSTER = 'bash slurm/cluster.sh start && eval "$(bash slurm/cluster.sh env)"'
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    """Before anything is written: Slurm's clients are here, the controller answers, and the
+    partition exists. UserError naming what is missing otherwise."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch"):
+        raise UserError("cluster=slurm needs Slurm's sbatch on PATH (run submit on a login node; for a "
+                        f"test cluster on this machine: {START_TEST_CLUSTER})")
+
+    def scontrol(*args: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError) as e:
+            return subprocess.CompletedProcess(args, 1, "", str(e))
+
+    ping = scontrol("ping")
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        why = (ping.stderr or ping.stdout).strip().splitlines()
+        raise UserError(f"the Slurm controller does not answer (scontrol ping: {why[-1] if why else 'no output'}); "
+                        f"is SLURM_CONF set? For a test cluster on this machine: {START_TEST_CLUSTER}")
+    part = cfg.cluster.partition
+    if part and scontrol("show", "partition", part).returncode != 0:
+        raise UserError(f"cluster.partition={part!r} does not exist on this Slurm cluster (sinfo lists them)")
+
+
+def log(msg: str) -> None:
+    print(f"hpcinfer: {msg}", file=sys.stderr, flush=True)
+
+
+def _common(cfg: RunConfig) -> Dict[str, Any]:
+    c = cfg.cluster
+    out: Dict[str, Any] = {k: getattr(c, k) for k in ("partition", "account", "qos") if getattr(c, k)}
+    if c.setup:
+        out["setup"] = list(c.setup)
+    return out
+
+
+def worker_parameters(cfg: RunConfig, jobs: JobLayout) -> Dict[str, Any]:
+    """submitit SlurmExecutor parameters of the worker jobs. Pure."""
+    c = cfg.cluster
+    p = {**_common(cfg), "job_name": c.job_name, "time": slurm_time_minutes(c.time), "nodes": jobs.nodes_per_job,
+         "ntasks_per_node": jobs.tasks_per_node, "signal_delay_s": c.signal_delay_s, "stderr_to_stdout": True}
+    if c.gpus_per_node:
+        p["gpus_per_node"] = min(c.gpus_per_node, jobs.tasks_per_node * cfg.gpus_per_rank)
+    for key in ("cpus_per_task", "mem", "constraint", "array_parallelism"):
+        if getattr(c, key) is not None:
+            p[key] = getattr(c, key)
+    if c.exclusive:
+        p["exclusive"] = True
+    if c.sbatch:
+        p["additional_parameters"] = dict(c.sbatch)
+    return p
+
+
+def finalize_parameters(cfg: RunConfig, worker_ids: List[str]) -> Dict[str, Any]:
+    """submitit parameters of the finalize job: one task after every worker job ends. Pure."""
+    c = cfg.cluster
+    p = {**_common(cfg), "job_name": f"{c.job_name}-finalize", "time": slurm_time_minutes(c.finalize_time),
+         "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": c.finalize_cpus, "stderr_to_stdout": True,
+         "additional_parameters": {**c.sbatch, "dependency": dependency(worker_ids),
+                                   "kill-on-invalid-dep": "yes"}}
+    if c.finalize_mem:
+        p["mem"] = c.finalize_mem
+    return p
+
+
+def dependency(job_ids: List[str]) -> str:
+    """`afterany`: finalize runs once every worker job (every array element) has ended, however."""
+    return "afterany:" + ":".join(job_ids)
+
+
+def executor(folder: str, cfg: RunConfig, parameters: Dict[str, Any]):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, python=cfg.cluster.python, max_num_timeout=3)
+    ex.update_parameters(**parameters)
+    return ex
+
+
+def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -> Dict[str, Any]:
+    """Submit worker jobs for `ranks` (laid out as `jobs`), then finalize; record them in
+    jobs.json. Returns the record."""
+    from hpcinfer.launch.slurm.entry import RankTask, run_finalize
+
+    folder = str(rd.slurm_dir)
+    groups = rank_groups(ranks, jobs)
+    workers: List[str] = []
+    try:
+        ex = executor(folder, cfg, worker_parameters(cfg, jobs))
+        if len(groups) == 1:
+            workers.append(ex.submit(RankTask(), str(rd.path), groups[0]).job_id)
+        else:
+            for first, count in array_chunks(len(groups), cfg.cluster.max_array_size):
+                elements = ex.map_array(RankTask(), [str(rd.path)] * count, groups[first:first + count])
+                workers.append(elements[0].job_id.split("_")[0])
+        fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(run_finalize, str(rd.path)).job_id
+    except Exception as e:  # sbatch refused (bad partition, account, limits): take back what was queued
+        cancel(workers)
+        raise UserError(f"Slurm refused the submission: {one_line(_sbatch_message(e))}") from None
+    record = {"submitted_at": time.time(), "workers": workers, "finalize": fin, "rank_groups": groups}
+    previous = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
+    atomic_write_json(rd.jobs, {"submissions": previous + [record]})
+    return record
+
+
+def _sbatch_message(e: Exception) -> str:
+    out = getattr(e, "output", None) or getattr(e, "stderr", None)
+    if isinstance(out, bytes):
+        out = out.decode(errors="replace")
+    return (out or str(e)).strip()[-500:]
+
+
+def last_submission(rd: RunDir) -> Optional[Dict[str, Any]]:
+    subs = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
+    return subs[-1] if subs else None
+
+
+def live_jobs(record: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """{job id: state} of the record's jobs that are still pending or running."""
+    if not record:
+        return {}
+    out = summarized([*record["workers"], record["finalize"]])
+    return {j: s for j, s in out.items() if is_live(s)}
+
+
+def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
+    """Block until this submission's finalize job has ended; its exit code (1 if it ended
+    without recording an outcome: cancelled, timed out, node lost). Ctrl-C leaves the jobs."""
+    fin = record["finalize"]
+    display = ProgressDisplay(rows)
+    unknown_since: Optional[float] = None
+    try:
+        while True:
+            outcome = rd.read_optional(rd.finalize_outcome)
+            if outcome and str(outcome.get("job_id")) == str(fin):
+                display.update(snapshot(rd, rows), final=True)
+                log(("" if outcome["exit_code"] else "done: ") + outcome["message"])
+                return int(outcome["exit_code"])
+            state = summarized([fin])[fin]
+            unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
+            if unknown_since and time.time() - unknown_since > max(120.0, 10 * poll_s):
+                log(f"finalize job {fin} is not known to Slurm (squeue, sacct) any more and recorded no "
+                    f"outcome; python -m hpcinfer.status {rd.path}")
+                return EXIT_FAILED
+            if not is_live(state) and state != "UNKNOWN":
+                time.sleep(1.0)  # the outcome file may land just after the job ends
+                if not (rd.read_optional(rd.finalize_outcome) or {}).get("job_id") == fin:
+                    display.update(snapshot(rd, rows), final=True)
+                    log(f"finalize job {fin} ended {state} without recording an outcome; "
+                        f"see {rd.slurm_dir}/{fin}_0_log.out")
+                    return EXIT_FAILED
+                continue
+            display.update(snapshot(rd, rows))
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        log(f"stopped waiting; the jobs keep running: python -m hpcinfer.status {rd.path}")
+        raise
+
+
+def rank_jobs(record: Dict[str, Any], max_array_size: int) -> Dict[int, str]:
+    """{rank: Slurm id of the job (or array element, '13_4') that runs it} for a submission."""
+    groups = record["rank_groups"]
+    if len(groups) == 1:
+        return {r: record["workers"][0] for r in groups[0]}
+    out: Dict[int, str] = {}
+    for job, (first, count) in zip(record["workers"], array_chunks(len(groups), max_array_size)):
+        for g in range(first, first + count):
+            out.update({r: job if count == 1 else f"{job}_{g - first}" for r in groups[g]})
+    return out

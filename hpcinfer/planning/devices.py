@@ -1,0 +1,71 @@
+"""[from devices] The devices a run can use on one machine, and how ranks split them.
+
+Detection (nvidia-smi, CUDA_VISIBLE_DEVICES, CPU affinity) is at the edge; `split` is pure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional
+
+from hpcinfer.planning.sharding import partition
+
+
+@dataclass(frozen=True)
+class Devices:
+    """What one machine offers: GPU ids (as CUDA_VISIBLE_DEVICES names them) or, with no GPU,
+    CPU cores."""
+
+    gpus: List[str] = field(default_factory=list)
+    cpus: List[int] = field(default_factory=list)
+    gpu_memory_gib: Optional[float] = None  # per GPU
+    gpu_name: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+
+def detect(env: Mapping[str, str] | None = None, gpus: Optional[int] = None) -> Devices:
+    """This machine's devices. `gpus` limits how many GPUs are offered (None: all visible)."""
+    env = os.environ if env is None else env
+    cpus = sorted(os.sched_getaffinity(0))
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    names, mem, model = _nvidia_smi()
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    else:
+        ids = [str(i) for i in range(len(names))]
+    if gpus is not None:
+        ids = ids[:gpus]
+    return Devices(gpus=ids, cpus=cpus, gpu_memory_gib=mem, gpu_name=model)
+
+
+def _nvidia_smi() -> tuple[list[str], Optional[float], Optional[str]]:
+    if not shutil.which("nvidia-smi"):
+        return [], None, None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return [], None, None
+    rows = [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+    if not rows:
+        return [], None, None
+    return [r[0] for r in rows], float(rows[0][2]) / 1024, rows[0][1]
+
+
+def split(devices: Devices, ranks: int, per_rank: int) -> List[List[str]]:
+    """Each rank's devices. GPUs: consecutive groups of `per_rank` (the caller has checked there
+    are enough). CPU: the cores split into `ranks` near-equal contiguous groups; with more ranks
+    than cores, ranks share cores round-robin."""
+    if devices.gpus:
+        if ranks * per_rank > len(devices.gpus):
+            raise ValueError(f"{ranks} ranks x {per_rank} GPUs > {len(devices.gpus)} GPUs")
+        return [devices.gpus[r * per_rank:(r + 1) * per_rank] for r in range(ranks)]
+    cpus = [str(c) for c in devices.cpus]
+    if ranks >= len(cpus):
+        return [[cpus[r % len(cpus)]] for r in range(ranks)]
+    return [cpus[lo:hi] for lo, hi in partition(len(cpus), ranks)]

@@ -1,0 +1,88 @@
+"""[from prepare] From a config to a plan, on the login node: detect devices, validate, locate the model,
+scan the inputs, cut shards, lay out the ranks. Shared by `submit` and `plan`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import List
+
+from hpcinfer.config import RunConfig, SlurmClusterConfig, engine_args, validate
+from hpcinfer.doctor import conflict_message
+from hpcinfer.errors import UserError
+from hpcinfer.planning.devices import Devices, detect
+from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
+from hpcinfer.planning.layout import make_plan, model_shape
+from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
+from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, make_shards, row_tokens
+from hpcinfer.rundir.manifest import Shard
+from hpcinfer.rundir.records import Plan
+
+
+@dataclass
+class Prepared:
+    plan: Plan
+    inputs: Inputs
+    shards: List[Shard]
+    devices: Devices
+
+
+def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
+    """Everything a launch needs. With build=False (plan only) nothing is written: built-in
+    models are not built and the demo data is counted, not generated."""
+    if isinstance(cfg.cluster, SlurmClusterConfig):  # devices of one compute node, as configured
+        devices = Devices(gpus=[str(i) for i in range(cfg.cluster.gpus_per_node)],
+                          cpus=list(range(cfg.cluster.cpus_per_task or 1)), gpu_memory_gib=cfg.cluster.gpu_memory_gib)
+        validate(cfg)
+    else:
+        devices = detect(gpus=cfg.cluster.gpus)
+        validate(cfg, gpus_available=len(devices.gpus) or None)
+    broken = conflict_message()
+    if broken:
+        raise UserError(broken)
+    if cfg.data.input is None and not build:
+        inputs = _demo_inputs(cfg)
+    else:
+        spec = cfg.data.input or ensure_demo_data(cfg.data.demo_rows, cfg.cache_path)
+        inputs = scan(discover(spec), cfg.data.prompt_column, cfg.data.id_column, cfg.data.max_tokens_column)
+    model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
+    ranks = active_ranks(inputs.rows, cfg.dp)
+    shards = cut_shards(cfg, inputs, ranks)
+    shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)
+    plan = make_plan(cfg, shape, devices, engine_args(cfg, model_path), shards, inputs.rows,
+                     len(inputs.files), ranks)
+    return Prepared(plan, inputs, shards, devices)
+
+
+def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int) -> List[Shard]:
+    """The run's shards: by estimated tokens for the dynamic schedule, by rows per rank for the
+    static one (then `tokens` is still filled in, for the plan)."""
+    import numpy as np
+
+    d = cfg.data
+    if all(os.path.isfile(f.path) for f in inputs.files):
+        tokens = row_tokens(inputs.files, d.prompt_column, d.max_tokens_column, cfg.sampling.max_tokens)
+    else:  # plan of the demo set before it exists: only the output caps are known
+        tokens = [np.full(f.rows, cfg.sampling.max_tokens + 16, dtype=np.int64) for f in inputs.files]
+    if cfg.dynamic:
+        return cut_by_tokens(inputs.files, tokens, ranks, cfg.schedule.shards_per_rank, d.shard_rows)
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+    return [replace(s, tokens=int(flat[s.global_start:s.global_start + s.rows].sum()))
+            for s in make_shards(inputs.files, ranks, d.shard_rows)]
+
+
+def _demo_inputs(cfg: RunConfig) -> Inputs:
+    import pyarrow as pa
+
+    return Inputs([InputFile("<demo prompts, generated on first run>", cfg.data.demo_rows)],
+                  pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("topic", pa.string())]))
+
+
+def default_run_dir(root: str = "outputs") -> str:
+    """outputs/<date>/<time>, made unique if a run started in the same second."""
+    base = os.path.abspath(os.path.join(root, time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S")))
+    path, n = base, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path

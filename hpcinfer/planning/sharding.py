@@ -1,0 +1,136 @@
+"""[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
+
+The global row order is the order of the input files (sorted paths) and, within a file, its row
+order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
+
+- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
+  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
+- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
+  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
+  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
+  it (`expected_ranks`), for the plan.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hpcinfer.planning.inputs import InputFile
+from hpcinfer.rundir.manifest import Shard
+
+
+# ---- pure: partitioning ----------------------------------------------------------------
+def partition(n_rows: int, ranks: int) -> List[Tuple[int, int]]:
+    """Contiguous [start, end) ranges for `ranks` ranks, sizes differing by at most one
+    (the first n_rows % ranks ranks get one more row)."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    base, extra = divmod(n_rows, ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        end = start + base + (1 if r < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def active_ranks(n_rows: int, dp: int) -> int:
+    """Ranks that get work: every rank gets at least one row, so at most n_rows ranks."""
+    return max(1, min(dp, n_rows))
+
+
+def make_shards(files: Sequence[InputFile], ranks: int, max_rows: int) -> List[Shard]:
+    """Cut the global row order into shards: per rank (see `partition`), then at file boundaries
+    and every `max_rows` rows. Shards are numbered in global order."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    bounds, offset = [], 0  # (global_start, global_end, file) for non-empty files
+    for f in files:
+        if f.rows:
+            bounds.append((offset, offset + f.rows, f))
+        offset += f.rows
+    shards: List[Shard] = []
+    for rank, (lo, hi) in enumerate(partition(offset, ranks)):
+        for f_lo, f_hi, f in bounds:
+            start, end = max(lo, f_lo), min(hi, f_hi)
+            for s in range(start, end, max_rows):
+                e = min(s + max_rows, end)
+                shards.append(Shard(len(shards), rank, f.path, s - f_lo, e - f_lo, s))
+    return shards
+
+
+def cut_by_tokens(files: Sequence[InputFile], tokens: Sequence[Sequence[int]], ranks: int, shards_per_rank: int,
+                  max_rows: int) -> List[Shard]:
+    """Cut the global row order into shards of about total_tokens / (ranks x shards_per_rank)
+    estimated tokens (`tokens[i][j]`: row j of file i), never across a file boundary and never
+    over `max_rows` rows. Shards are numbered in global order; `rank` is `expected_ranks`'."""
+    import numpy as np
+
+    if max_rows < 1 or shards_per_rank < 1 or ranks < 1:
+        raise ValueError(f"max_rows, shards_per_rank and ranks must be >= 1, got {max_rows}, {shards_per_rank}, {ranks}")
+    per_file = [np.asarray(t, dtype=np.int64) for t in tokens]
+    total = int(sum(int(t.sum()) for t in per_file))
+    target = max(1, -(-total // (ranks * shards_per_rank)))
+    cuts: List[Tuple[int, int, int, int, int]] = []  # (file index, start, end, global start, tokens)
+    offset = 0
+    for i, (f, t) in enumerate(zip(files, per_file, strict=True)):
+        if len(t) != f.rows:
+            raise ValueError(f"{f.path}: {len(t)} token estimates for {f.rows} rows")
+        cum = np.concatenate(([0], np.cumsum(t)))
+        start = 0
+        while start < f.rows:
+            by_tokens = int(np.searchsorted(cum, cum[start] + target, side="left"))
+            end = min(max(by_tokens, start + 1), start + max_rows, f.rows)
+            cuts.append((i, start, end, offset + start, int(cum[end] - cum[start])))
+            start = end
+        offset += f.rows
+    home = expected_ranks([c[4] for c in cuts], ranks)
+    return [Shard(n, home[n], files[i].path, lo, hi, g, tok) for n, (i, lo, hi, g, tok) in enumerate(cuts)]
+
+
+def expected_ranks(sizes: Sequence[int], ranks: int) -> List[int]:
+    """For each item, the rank greedy longest-first assignment gives it (the least loaded rank
+    when its turn comes, lowest rank on ties): what dynamic claiming approximates."""
+    import heapq
+
+    load = [(0, r) for r in range(ranks)]
+    out = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        used, r = heapq.heappop(load)
+        out[i] = r
+        heapq.heappush(load, (used + sizes[i], r))
+    return out
+
+
+# ---- token estimates -------------------------------------------------------------------
+BYTES_PER_TOKEN = 4  # a rough rule for BPE tokenizers on text
+
+
+PROMPT_TOKEN_COST = 0.25  # a prompt token (prefilled in parallel) costs about this many output tokens (decoded one per step)
+
+
+def row_tokens(files: Sequence[InputFile], prompt_column: str, max_tokens_column: Optional[str],
+               max_tokens: int) -> List["np.ndarray"]:  # noqa: F821
+    """Estimated work of every row, per file, in output-token equivalents: its prompt's tokens
+    (UTF-8 bytes / BYTES_PER_TOKEN) weighted by PROMPT_TOKEN_COST, plus its output cap (its
+    `max_tokens_column` value, else `max_tokens`). Only relative sizes matter: they cut shards
+    of equal work and order the claims. Streams the columns batch by batch, so memory stays
+    small whatever the prompt sizes."""
+    import numpy as np
+
+    out = []
+    for f in files:
+        parts = []
+        if f.rows:
+            columns = [prompt_column] + ([max_tokens_column] if max_tokens_column else [])
+            for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=columns):
+                nbytes = pc.fill_null(pc.binary_length(batch.column(0).cast(pa.large_string())), 0)
+                cap = (pc.fill_null(batch.column(1), max_tokens).to_numpy(zero_copy_only=False)
+                       if max_tokens_column else max_tokens)
+                prompt = nbytes.to_numpy(zero_copy_only=False) // BYTES_PER_TOKEN + 1
+                parts.append((prompt * PROMPT_TOKEN_COST).astype(np.int64) + 1 + cap)
+        out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64))
+    return out

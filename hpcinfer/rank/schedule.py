@@ -1,0 +1,75 @@
+"""[from schedule] Which shard a rank of the dynamic schedule claims next: the balancing policy. Pure.
+
+`claims.Claims.next` hands the policy the shards this rank could claim now (in claim order:
+densest first, see `data.claim_order`) and the shards not done yet; the policy returns the one to
+claim, or None to leave them to the other ranks for now.
+
+A rank finishes when its longest requests do: they decode one token per step, however many other
+sequences share the batch (on a GPU a step costs about the same for one sequence or a full batch).
+So what must be even across ranks is the *mix*: every rank gets its share of the long requests,
+all started at once, and its share of the short ones beside them. For a candidate shard, take the
+shards at least as dense (estimated tokens per row) that are not done; a rank may claim it while
+what it holds of them is at most its share of the rest (`share_allows`). Measured against vLLM's
+static split on a skewed workload (docs/benchmarks.md): 1.67x on 2 H200s, tail 0.9%; on 2 CPU
+cores tail under 1%, where the *factoring* rule (half a share of the tokens left, else the
+smallest shard) left 6-8%.
+
+[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
+
+The global row order is the order of the input files (sorted paths) and, within a file, its row
+order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
+
+- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
+  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
+- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
+  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
+  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
+  it (`expected_ranks`), for the plan.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import Collection, Dict, List, Optional, Sequence
+
+from hpcinfer.rundir.manifest import Shard
+
+
+def share_allows(held: int, candidate: int, pool: int, world: int) -> bool:
+    """Whether a rank holding `held` estimated tokens of a pool of `pool` (not done, the
+    candidate's `candidate` included) may claim the candidate: `held <= (pool - candidate) / world`,
+    i.e. after it, what this rank holds is at most its share of what the others may still claim.
+    Some rank always qualifies (the least loaded holds at most (pool - candidate) / world), so a
+    shard is never left unclaimed while the ranks still have room."""
+    return held * max(1, world) <= pool - candidate
+
+
+def by_mix(candidates: Sequence[int], unfinished: Collection[int], tokens: Dict[int, int], rows: Dict[int, int],
+           held: Collection[int], world: int) -> Optional[int]:
+    """The first candidate (densest first) for which `share_allows`, counting only the shards
+    at least as dense as it (in tokens per row): long requests spread over the ranks first, short
+    ones beside them. `held`: the unfinished shards this rank holds. Sorted prefix sums make each
+    candidate's pool a binary search, so a rank with thousands of shards to look through stays
+    off its engine's hot path."""
+    def density(s: int) -> float:
+        return tokens[s] / max(1, rows[s])
+
+    def at_least_as_dense(shards: Collection[int]):
+        """`tokens_from(d)`: the tokens of `shards` with density >= d."""
+        ordered = sorted(shards, key=density, reverse=True)
+        keys = [-density(s) for s in ordered]  # ascending
+        sums = list(itertools.accumulate((tokens[s] for s in ordered), initial=0))
+        return lambda d: sums[bisect.bisect_right(keys, -d)]
+
+    pool, mine = at_least_as_dense(unfinished), at_least_as_dense(held)
+    for c in candidates:
+        d = density(c)
+        if share_allows(mine(d), tokens[c], pool(d), world):
+            return c
+    return None
+
+
+def claim_order(shards: Sequence[Shard]) -> List[Shard]:
+    """The order ranks claim shards in: densest first (estimated tokens per row: the longest
+    requests start early, on every rank), then largest, then input order."""
+    return sorted(shards, key=lambda s: (-s.tokens / max(1, s.rows), -s.tokens, s.shard))

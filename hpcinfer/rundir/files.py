@@ -1,0 +1,88 @@
+"""[from rundir] The run directory: the contract between submit, the ranks, finalize, status and resume.
+
+Every step reads and writes only here, under fixed names, so any of them can be rerun or
+inspected on its own (as datatrove's executors coordinate through one logging folder):
+
+    <run_dir>/
+      config.yaml            the resolved config of the run
+      plan.json              layout, devices per rank, engine_args, memory estimate
+      manifest.parquet       one row per shard (rank, file, row range, global start, est. tokens)
+      shards/<id>.parquet    a finished shard's output (written to a temp file, then renamed)
+      shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
+      done/<id>.json         written only after the shard output is durable
+      ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
+      ranks/<r>.owner        which attempt of the rank may write (the newest start)
+      ranks/<r>.beat         the attempt's heartbeat (dynamic schedule: claims.py)
+      claims/<id>.<gen>      which attempt claimed a shard (dynamic schedule: claims.py)
+      logs/rank-<r>.log      per-rank output
+      lock                   held (flock) while a submission of this run is live
+      jobs.json              Slurm: every submission's worker and finalize job ids
+      slurm/                 Slurm: submitit's job scripts, pickles and task logs
+      finalize.json          the outcome of the last finalize (exit code, message, job id)
+      results.parquet        the ordered, verified result (finalize)
+      summary.json           totals, layout, sampling, engine_args, ranks (finalize)
+
+Every write is atomic: a temp file in the same directory, fsync, rename.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new, never a part.
+    durable=False skips the fsyncs: for progress records that a crash may leave a little stale."""
+    with atomic_path(path, durable) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", durable)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
+    """Yield a temp path beside `path`; on success fsync it (durable) and rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def tail(path: str | os.PathLike, lines: int = 20) -> str:
+    """The last lines of a log file, or '(no log)'."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no log)"

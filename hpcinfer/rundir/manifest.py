@@ -1,0 +1,86 @@
+"""[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
+
+The global row order is the order of the input files (sorted paths) and, within a file, its row
+order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
+
+- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
+  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
+- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
+  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
+  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
+  it (`expected_ranks`), for the plan.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict, dataclass
+from typing import List, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hpcinfer.errors import DataError
+
+SCHEMA_KEY = b"hpcinfer.input_schema"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range of one input file's rows: owned by one rank (static), or claimed by
+    whichever rank has room (dynamic; `rank` is then the expected one)."""
+
+    shard: int
+    rank: int
+    path: str
+    file_start: int
+    file_end: int
+    global_start: int
+    tokens: int = 0  # estimated prompt + output tokens of its rows (the dynamic schedule's size)
+
+    @property
+    def rows(self) -> int:
+        return self.file_end - self.file_start
+
+
+# ---- the manifest ----------------------------------------------------------------------
+def write_manifest(path: str, shards: Sequence[Shard], schema: pa.Schema) -> None:
+    from hpcinfer.rundir.files import atomic_path
+
+    table = pa.Table.from_pylist([asdict(s) for s in shards], schema=_MANIFEST_SCHEMA)
+    table = table.replace_schema_metadata({SCHEMA_KEY: base64.b64encode(schema.serialize().to_pybytes())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_manifest(path: str) -> Tuple[List[Shard], pa.Schema]:
+    """The shards, in global order, and the input schema every shard is cast to."""
+    table = pq.read_table(path)
+    raw = base64.b64decode(table.schema.metadata[SCHEMA_KEY])
+    schema = pa.ipc.read_schema(pa.py_buffer(raw))
+    return [Shard(**row) for row in table.to_pylist()], schema
+
+
+_MANIFEST_SCHEMA = pa.schema([
+    ("shard", pa.int64()), ("rank", pa.int64()), ("path", pa.string()),
+    ("file_start", pa.int64()), ("file_end", pa.int64()), ("global_start", pa.int64()), ("tokens", pa.int64()),
+])
+
+
+# ---- reading a shard -------------------------------------------------------------------
+def read_shard(shard: Shard, schema: pa.Schema) -> pa.Table:
+    """The shard's input rows, cast to the run's input schema. Reads only the row groups that
+    overlap the shard."""
+    pf = pq.ParquetFile(shard.path)
+    groups, first, offset = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if offset < shard.file_end and offset + n > shard.file_start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += n
+    if offset < shard.file_end:
+        raise DataError(f"{shard.path!r} has {offset} rows now, fewer than the {shard.file_end} "
+                        f"it had when the run was planned")
+    table = pf.read_row_groups(groups).slice(shard.file_start - (first or 0), shard.rows)
+    table = table.replace_schema_metadata(None)
+    return table if table.schema.equals(schema) else table.select(schema.names).cast(schema)

@@ -1,0 +1,138 @@
+"""[from merge] Finalize: verify that every shard is done, stream the shard outputs in input order into
+results.parquet, prove every input row appears exactly once, and write summary.json.
+
+Nothing is published unless the result is complete: a missing shard, a shard whose row count or
+row positions disagree with the manifest, raises RunIncomplete and leaves no results.parquet.
+Memory stays bounded by one record batch (shards are streamed, never loaded whole).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from typing import Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hpcinfer import __version__
+from hpcinfer.config import load_run_config
+from hpcinfer.errors import RunIncomplete
+from hpcinfer.rundir.files import atomic_path, atomic_write_json
+from hpcinfer.rundir.manifest import Shard, read_manifest
+from hpcinfer.rundir.output import ROW_COLUMN, result_schema
+from hpcinfer.rundir.parts import remove_parts
+from hpcinfer.rundir.paths import RunDir
+
+BATCH_ROWS = 64 * 1024
+
+
+def missing_shards(rd: RunDir, shards: List[Shard]) -> List[Shard]:
+    done = rd.done_shards()
+    return [s for s in shards if s.shard not in done or not rd.shard_output(s.shard).exists()]
+
+
+def describe_missing(missing: List[Shard], total: int) -> str:
+    listed = ", ".join(f"{s.shard} (rank {s.rank}, rows {s.global_start}-{s.global_start + s.rows - 1})"
+                       for s in missing[:20])
+    more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
+
+
+def finalize(run_dir: str) -> Dict:
+    """Publish results.parquet and summary.json for a complete run; RunIncomplete otherwise."""
+    rd = RunDir(run_dir)
+    shards, schema = read_manifest(str(rd.manifest))
+    missing = missing_shards(rd, shards)
+    if missing:
+        raise RunIncomplete(describe_missing(missing, len(shards)))
+    totals = merge_shards(rd, shards, result_schema(schema))
+    summary = build_summary(rd, shards, totals)
+    atomic_write_json(rd.summary, summary)
+    for s in shards:  # a rank killed between a done marker and its cleanup leaves the parts behind
+        remove_parts(rd, s.shard)
+    return summary
+
+
+def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
+    """Stream shards in global order into results.parquet, checking each row's position."""
+    totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
+    pending: List = []  # batches of small shards, written together: one row group per ~BATCH_ROWS rows
+
+    def write(writer, force: bool = False) -> None:
+        if pending and (force or sum(b.num_rows for b in pending) >= BATCH_ROWS):
+            writer.write_table(pa.Table.from_batches(pending, schema=schema))
+            pending.clear()
+
+    with atomic_path(rd.results) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for s in shards:
+                if s.global_start != totals["rows"]:
+                    raise RunIncomplete(f"manifest gap or overlap at shard {s.shard}: it starts at row "
+                                        f"{s.global_start}, expected {totals['rows']}")
+                pf = pq.ParquetFile(rd.shard_output(s.shard))
+                if pf.metadata.num_rows != s.rows:
+                    raise RunIncomplete(f"shard {s.shard} output has {pf.metadata.num_rows} rows, "
+                                        f"the manifest says {s.rows}")
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                    pos = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
+                    want = np.arange(totals["rows"], totals["rows"] + len(pos))
+                    if not np.array_equal(pos, want):
+                        raise RunIncomplete(f"shard {s.shard} holds rows out of order, duplicated or "
+                                            f"foreign (expected {want[0]}..{want[-1]})")
+                    pending.append(batch.drop_columns([ROW_COLUMN]).cast(schema))
+                    write(writer)
+                    totals["rows"] += len(pos)
+                    totals["rows_failed"] += len(pos) - batch.column("error").null_count
+                    totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
+                    totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+            write(writer, force=True)
+    return totals
+
+
+def rank_generation_seconds(record: Dict, shard_seconds: float) -> float:
+    """A rank's generation time: from its engine's start of generation to its last shard's end
+    (shards overlap in the engine, so their own times add up to more); the shards' sum when the
+    rank recorded no window (a run from before these fields). Pure."""
+    start, end = record.get("generation_started_at"), record.get("generation_ended_at")
+    return max(0.0, end - start) if start and end else shard_seconds
+
+
+def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Dict:
+    plan = rd.read_plan()
+    cfg = load_run_config(rd.config)
+    ranks = rd.read_ranks()
+    per_rank: Dict[int, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for s in shards:
+        done = rd.read_done(s.shard)
+        who = done.get("rank", s.rank)  # the rank that generated it (dynamic: whoever claimed it)
+        for key in ("rows", "rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
+            per_rank[who][key] += done[key]
+        per_rank[who]["host"] = done["host"]
+    starts = [r["generation_started_at"] for r in ranks.values() if r.get("generation_started_at")]
+    ends = [r["generation_ended_at"] for r in ranks.values() if r.get("generation_ended_at")]
+    gen_seconds = max(ends) - min(starts) if starts and ends else 0.0
+    now = time.time()
+    rank_list = []
+    for r in sorted(set(per_rank) | set(ranks)):  # a rank that started counts, even with no rows
+        info = ranks.get(r, {})
+        rank_list.append(dict(
+            rank=r, host=info.get("host", per_rank[r]["host"]), device_kind=info.get("device_kind"),
+            devices=info.get("devices"), rows=int(per_rank[r]["rows"]), rows_failed=int(per_rank[r]["rows_failed"]),
+            prompt_tokens=int(per_rank[r]["prompt_tokens"]), output_tokens=int(per_rank[r]["output_tokens"]),
+            seconds=round((info.get("finished_at") or now) - info.get("started_at", now), 3),
+            engine_seconds=round(info.get("engine_seconds", 0.0), 3),
+            generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
+            attempts=info.get("attempts", 1), rows_generated=info.get("rows_generated", 0)))
+    return dict(
+        run_dir=str(rd.path), results=str(rd.results), hpcinfer_version=__version__,
+        rows=totals["rows"], rows_failed=totals["rows_failed"],
+        rows_recomputed=max(0, sum(r.get("rows_generated", 0) for r in ranks.values()) - totals["rows"]),
+        prompt_tokens=totals["prompt_tokens"], output_tokens=totals["output_tokens"],
+        wall_seconds=round(now - plan.get("submitted_at", now), 3), generation_seconds=round(gen_seconds, 3),
+        output_tokens_per_second=round(totals["output_tokens"] / gen_seconds, 2) if gen_seconds > 0 else None,
+        layout=dict(tp=plan["tp"], pp=plan["pp"], dp=plan["dp"], ep=plan["ep"], ranks=plan["ranks"]),
+        model=cfg.model.name, sampling=asdict(cfg.sampling), engine_args=plan["engine_args"],
+        shards=len(shards), ranks=rank_list, finished_at=now)

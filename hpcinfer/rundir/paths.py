@@ -1,0 +1,153 @@
+"""[from rundir] The run directory: the contract between submit, the ranks, finalize, status and resume.
+
+Every step reads and writes only here, under fixed names, so any of them can be rerun or
+inspected on its own (as datatrove's executors coordinate through one logging folder):
+
+    <run_dir>/
+      config.yaml            the resolved config of the run
+      plan.json              layout, devices per rank, engine_args, memory estimate
+      manifest.parquet       one row per shard (rank, file, row range, global start, est. tokens)
+      shards/<id>.parquet    a finished shard's output (written to a temp file, then renamed)
+      shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
+      done/<id>.json         written only after the shard output is durable
+      ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
+      ranks/<r>.owner        which attempt of the rank may write (the newest start)
+      ranks/<r>.beat         the attempt's heartbeat (dynamic schedule: claims.py)
+      claims/<id>.<gen>      which attempt claimed a shard (dynamic schedule: claims.py)
+      logs/rank-<r>.log      per-rank output
+      lock                   held (flock) while a submission of this run is live
+      jobs.json              Slurm: every submission's worker and finalize job ids
+      slurm/                 Slurm: submitit's job scripts, pickles and task logs
+      finalize.json          the outcome of the last finalize (exit code, message, job id)
+      results.parquet        the ordered, verified result (finalize)
+      summary.json           totals, layout, sampling, engine_args, ranks (finalize)
+
+Every write is atomic: a temp file in the same directory, fsync, rename.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from hpcinfer.errors import RunInProgress
+from hpcinfer.rundir.files import atomic_write_json, read_json
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:06d}"
+
+
+class RunDir:
+    """Paths and small readers/writers for one run directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ---- fixed names -------------------------------------------------------------------
+    config = property(lambda self: self.path / "config.yaml")
+    plan = property(lambda self: self.path / "plan.json")
+    manifest = property(lambda self: self.path / "manifest.parquet")
+    shards_dir = property(lambda self: self.path / "shards")
+    done_dir = property(lambda self: self.path / "done")
+    ranks_dir = property(lambda self: self.path / "ranks")
+    logs_dir = property(lambda self: self.path / "logs")
+    lock_file = property(lambda self: self.path / "lock")
+    results = property(lambda self: self.path / "results.parquet")
+    summary = property(lambda self: self.path / "summary.json")
+    jobs = property(lambda self: self.path / "jobs.json")
+    slurm_dir = property(lambda self: self.path / "slurm")
+    finalize_outcome = property(lambda self: self.path / "finalize.json")
+
+    def shard_output(self, shard: int) -> Path:
+        return self.shards_dir / f"{shard_name(shard)}.parquet"
+
+    def shard_parts(self, shard: int) -> Path:
+        return self.shards_dir / f"{shard_name(shard)}.parts"
+
+    def done_marker(self, shard: int) -> Path:
+        return self.done_dir / f"{shard_name(shard)}.json"
+
+    def rank_file(self, rank: int) -> Path:
+        return self.ranks_dir / f"{rank}.json"
+
+    def rank_owner(self, rank: int) -> Path:
+        return self.ranks_dir / f"{rank}.owner"
+
+    def rank_beat(self, rank: int) -> Path:
+        return self.ranks_dir / f"{rank}.beat"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs_dir / f"rank-{rank}.log"
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def create(self) -> None:
+        """Create the layout, private to the user (0700): pickled payloads and prompts live here."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
+        for d in (self.shards_dir, self.done_dir, self.ranks_dir, self.logs_dir):
+            d.mkdir(exist_ok=True, mode=0o700)
+
+    def exists(self) -> bool:
+        return self.config.exists()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock; a second live submission of the same run is refused."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunInProgress(f"run_dir {str(self.path)!r} is in use by another submission") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- shard completion --------------------------------------------------------------
+    def is_done(self, shard: int) -> bool:
+        return self.done_marker(shard).exists()
+
+    def done_shards(self) -> set[int]:
+        if not self.done_dir.exists():
+            return set()
+        return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}
+
+    def mark_done(self, shard: int, info: dict) -> None:
+        """Record a shard as finished. Call only after its output is durable."""
+        if not self.shard_output(shard).exists():
+            raise RuntimeError(f"shard {shard} has no output; refusing to mark it done")
+        atomic_write_json(self.done_marker(shard), info)
+
+    def read_done(self, shard: int) -> dict:
+        return read_json(self.done_marker(shard))
+
+    # ---- rank state --------------------------------------------------------------------
+    def write_rank(self, rank: int, state: dict) -> None:
+        """Progress, rewritten often: atomic for readers, not fsynced (it is not the output)."""
+        atomic_write_json(self.rank_file(rank), state, durable=False)
+
+    def read_ranks(self) -> dict[int, dict]:
+        out = {}
+        if self.ranks_dir.exists():
+            for p in self.ranks_dir.glob("*.json"):
+                with contextlib.suppress(ValueError, OSError):
+                    out[int(p.stem)] = read_json(p)
+        return dict(sorted(out.items()))
+
+    def read_plan(self) -> dict:
+        return read_json(self.plan)
+
+    def read_optional(self, path: Path) -> Any:
+        """A JSON file of the run directory, or None when it is not there (yet)."""
+        try:
+            return read_json(path)
+        except (FileNotFoundError, ValueError):
+            return None
