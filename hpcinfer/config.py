@@ -7,6 +7,7 @@ rank, total GPUs) are properties, never stored.
 The YAML files under `conf/` only choose values; the types and defaults live here, registered in
 Hydra's ConfigStore so that `python -m hpcinfer.submit tp=2 dp=8 ep=true` is type-checked.
 """
+import math
 import os
 import re
 import sys
@@ -157,6 +158,16 @@ class LocalClusterConfig:
     # tp x pp / gpus_per_node processes (vLLM nnodes, leader + headless). null = all are one node.
     gpus_per_node: Optional[int] = None
 
+    def node_size(self) -> Tuple[Optional[int], str]:
+        """(GPUs of one "node" that a rank's tp x pp may fill, the key that sets it); None: no limit."""
+        return self.gpus_per_node or None, "cluster.gpus_per_node"
+
+    def errors(self, cfg: "RunConfig") -> List[str]:
+        """This cluster's rules for `cfg` (the rest of `validate`)."""
+        if self.gpus_per_node is not None and self.gpus_per_node < 1:
+            return [f"cluster.gpus_per_node must be >= 1 or null (all GPUs one node), got {self.gpus_per_node!r}"]
+        return _spanning_errors(cfg)
+
 
 @dataclass
 class SlurmClusterConfig:
@@ -193,6 +204,17 @@ class SlurmClusterConfig:
     gpu_memory_gib: Optional[float] = None  # per GPU, for the plan's memory check; null = unknown
     poll_s: float = 5.0  # wait=true: seconds between looks at the run
 
+    def node_size(self) -> Tuple[Optional[int], str]:
+        """(what one node holds of a rank's tp x pp, the key that sets it): GPUs, or on CPU nodes
+        engine workers; None = no limit (ranks never span nodes)."""
+        if not self.gpus_per_node:
+            return self.workers_per_node, "cluster.workers_per_node"
+        return self.gpus_per_node, "cluster.gpus_per_node"
+
+    def errors(self, cfg: "RunConfig") -> List[str]:
+        """This cluster's rules for `cfg` (the rest of `validate`)."""
+        return _slurm_errors(cfg, self)
+
 
 CLUSTERS = {"local": LocalClusterConfig, "slurm": SlurmClusterConfig}
 
@@ -225,6 +247,14 @@ class RunConfig:
     @property
     def world_gpus(self) -> int:
         return self.dp * self.tp * self.pp
+
+    @property
+    def nodes_per_rank(self) -> int:
+        """Nodes one rank spans: tp x pp / the node size when it exceeds a node, else 1 (a replica
+        spanning nodes, see launch/env.py). ValueError when tp x pp is neither within a node nor
+        a whole number of nodes."""
+        size, key = self.cluster.node_size()
+        return nodes_per_rank(self.gpus_per_rank, size, key)
 
     @property
     def lockstep(self) -> bool:
@@ -346,12 +376,7 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
                       f"shards_per_rank={sch.shards_per_rank!r} lease_s={sch.lease_s!r}")
     if cfg.rank_retries < 0:
         errors.append(f"rank_retries must be >= 0, got {cfg.rank_retries!r}")
-    if isinstance(cfg.cluster, SlurmClusterConfig):
-        errors += _slurm_errors(cfg, cfg.cluster)
-    elif cfg.cluster.gpus_per_node is not None and cfg.cluster.gpus_per_node < 1:
-        errors.append(f"cluster.gpus_per_node must be >= 1 or null (all GPUs one node), got {cfg.cluster.gpus_per_node!r}")
-    else:
-        errors += _spanning_errors(cfg)
+    errors += cfg.cluster.errors(cfg)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -408,28 +433,25 @@ def _expert_errors(cfg: RunConfig) -> List[str]:
     return errs
 
 
-def node_size(cluster) -> Tuple[Optional[int], str]:
-    """(what one node holds of a rank's tp x pp, the key that sets it): GPUs, or on Slurm's CPU
-    nodes engine workers; None = no limit (ranks never span nodes)."""
-    if isinstance(cluster, SlurmClusterConfig) and not cluster.gpus_per_node:
-        return cluster.workers_per_node, "cluster.workers_per_node"
-    return cluster.gpus_per_node or None, "cluster.gpus_per_node"
-
-
-def nodes_per_rank(cfg: RunConfig) -> int:
-    """Nodes one rank spans: tp x pp / the node size when it exceeds a node, else 1 (replica.py).
-    ValueError when tp x pp is neither within a node nor a whole number of nodes."""
-    from hpcinfer.launch.env import nodes_per_replica
-
-    size, key = node_size(cfg.cluster)
-    return nodes_per_replica(cfg.gpus_per_rank, size, key)
+def nodes_per_rank(gpus_per_rank: int, node_size: Optional[int], what: str = "cluster.gpus_per_node") -> int:
+    """Nodes one rank (a replica of the model over `gpus_per_rank` GPUs; CPU: engine workers) spans:
+    1 when it fits a node (or the node size is unknown: None or 0), else gpus_per_rank / node_size.
+    ValueError, naming the node size as `what`, when it is neither at most a node nor a whole number
+    of nodes (vLLM needs nnodes to divide the replica's world size, and a replica sharing a node with
+    another could not place its devices). Pure."""
+    if not node_size or gpus_per_rank <= node_size:
+        return 1
+    if gpus_per_rank % node_size:
+        raise ValueError(f"{gpus_per_rank} GPUs per rank is neither at most {what}={node_size} "
+                         f"nor a multiple of it (a replica larger than a node spans whole nodes)")
+    return gpus_per_rank // node_size
 
 
 def _spanning_errors(cfg: RunConfig) -> List[str]:
     """A replica larger than a node (tp x pp > its GPUs) spans whole nodes: what rules out one."""
-    size, key = node_size(cfg.cluster)
+    size, key = cfg.cluster.node_size()
     try:
-        nodes = nodes_per_rank(cfg)
+        nodes = cfg.nodes_per_rank
     except ValueError as e:
         return [f"tp={cfg.tp} x pp={cfg.pp}: {e}"]
     if nodes == 1:
@@ -528,8 +550,6 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.,:@%+/~\-]+$")
 
 
 def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
-    from hpcinfer.launch.slurm.layout import slurm_time_minutes
-
     errs = []
     for key in ("time", "finalize_time"):
         try:
@@ -545,7 +565,7 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
     elif c.workers_per_node is not None and (c.gpus_per_node or c.workers_per_node < 1):
         errs.append(f"cluster.workers_per_node={c.workers_per_node!r} is for CPU nodes (cluster.gpus_per_node=0) "
                     "and must be >= 1")
-    elif cfg.gpus_per_rank > (node_size(c)[0] or cfg.gpus_per_rank):
+    elif cfg.gpus_per_rank > (c.node_size()[0] or cfg.gpus_per_rank):
         errs += _spanning_errors(cfg)
     elif c.gpus_per_node and c.ranks_per_node and c.ranks_per_node * cfg.gpus_per_rank > c.gpus_per_node:
         errs.append(f"cluster.ranks_per_node={c.ranks_per_node} x {cfg.gpus_per_rank} GPUs per rank exceeds "
@@ -573,3 +593,28 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
 def load_run_config(path) -> RunConfig:
     """The typed config saved in a run directory's config.yaml."""
     return to_run_config(OmegaConf.load(path))
+
+
+_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+
+
+def slurm_time_minutes(value: Any) -> int:
+    """A Slurm time limit as whole minutes (rounded up). Accepts what sbatch --time accepts:
+    M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and an int of minutes). ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a time limit: {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"time limit must be >= 1 minute, got {value!r}")
+        return value
+    m = _TIME.match(str(value).strip())
+    if not m:
+        raise ValueError(f"not a Slurm time limit: {value!r} (use minutes, HH:MM:SS or D-HH:MM:SS)")
+    d, a, b, c = (int(x) if x is not None else None for x in m.group("d", "a", "b", "c"))
+    if d is None:  # M | M:S | H:M:S
+        seconds = a * 60 if b is None else (a * 60 + b if c is None else a * 3600 + b * 60 + c)
+    else:  # D-H | D-H:M | D-H:M:S
+        seconds = d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if seconds < 1:
+        raise ValueError(f"time limit must be > 0, got {value!r}")
+    return math.ceil(seconds / 60)

@@ -21,11 +21,11 @@ from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
-from hpcinfer.launch.slurm import launcher as slurm
 from hpcinfer.cli import hydra_main
 from hpcinfer.config import RunConfig, SlurmClusterConfig, load_run_config, to_yaml
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, RunIncomplete, RunInProgress, UserError
 from hpcinfer.launch.local import run_ranks
+from hpcinfer.launch.slurm import launcher as slurm
 from hpcinfer.launch.slurm.layout import slurm_jobs
 from hpcinfer.planning.prepare import default_run_dir, prepare
 from hpcinfer.rundir.files import atomic_write, tail

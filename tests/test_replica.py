@@ -11,10 +11,10 @@ import time
 import pytest
 
 from hpcinfer.cli import compose
-from hpcinfer.config import engine_args, validate
+from hpcinfer.config import engine_args, nodes_per_rank, validate
 from hpcinfer.errors import ConfigError
 from hpcinfer.launch import local
-from hpcinfer.launch.env import REPLICA_VARS, VLLM_DP_VARS, ReplicaError, node_slices, nodes_per_replica, replica_env
+from hpcinfer.launch.env import REPLICA_VARS, VLLM_DP_VARS, ReplicaError, node_slices, replica_env
 from hpcinfer.launch.slurm.entry import replica_task_env, task_env
 from hpcinfer.launch.slurm.layout import job_layout, rank_groups, slurm_jobs
 from hpcinfer.launch.slurm.task import replica_port, slurm_task, task_replica
@@ -33,15 +33,15 @@ LLAMA = ["model=llama", "model.path=org/llama"]  # 32 heads: tp up to 32
 # ---- replica.py --------------------------------------------------------------------------------
 @pytest.mark.parametrize("per_rank,per_node,nodes", [(1, 8, 1), (8, 8, 1), (16, 8, 2), (32, 8, 4), (2, 1, 2),
                                                      (4, None, 1), (4, 0, 1), (6, 2, 3)])
-def test_nodes_per_replica(per_rank, per_node, nodes):
-    assert nodes_per_replica(per_rank, per_node) == nodes
+def test_nodes_per_rank(per_rank, per_node, nodes):
+    assert nodes_per_rank(per_rank, per_node) == nodes
 
 
 @pytest.mark.parametrize("per_rank,per_node", [(12, 8), (3, 2), (9, 4)])
 def test_nodes_per_replica_needs_whole_nodes(per_rank, per_node):
     with pytest.raises(ValueError, match=f"{per_rank} GPUs per rank is neither at most "
                                          f"cluster.gpus_per_node={per_node} nor a multiple of it"):
-        nodes_per_replica(per_rank, per_node)
+        nodes_per_rank(per_rank, per_node)
 
 
 def test_replica_env_and_engine_args_round_trip():
@@ -166,7 +166,7 @@ def test_job_layout_of_spanning_ranks_with_limits():
 def test_slurm_jobs_and_places_of_spanning_ranks():
     cfg = compose(["cluster=slurm", *LLAMA, "tp=16", "dp=3", "cluster.gpus_per_node=8"])
     plan = _plan(cfg, Devices(gpus=[str(i) for i in range(8)]))
-    assert plan.jobs.nodes_per_rank == 2 and plan.nodes == 6 and plan.nodes_per_replica == 2
+    assert plan.jobs.nodes_per_rank == 2 and plan.nodes == 6 and plan.nodes_per_rank == 2
     assert [(rp.job, rp.node, rp.devices) for rp in plan.rank_plans] == [
         (0, 0, [str(i) for i in range(8)]), (0, 2, [str(i) for i in range(8)]), (0, 4, [str(i) for i in range(8)])]
     text = format_plan(plan)
@@ -183,11 +183,11 @@ def test_lockstep_must_be_one_job():
 
 def test_local_plan_shows_each_node_of_a_rank():
     plan = _plan(compose(["tp=2", "dp=2", "cluster.gpus_per_node=1"]), Devices(gpus=["0", "1", "2", "3"]))
-    assert plan.nodes_per_replica == 2
+    assert plan.nodes_per_rank == 2
     text = format_plan(plan)
     assert "  rank 0    node 0 leader gpu 0; node 1 headless gpu 1" in text
     assert "  rank 1    node 0 leader gpu 2; node 1 headless gpu 3" in text
-    assert _plan(compose(["tp=2"]), Devices(gpus=["0", "1"])).nodes_per_replica == 1
+    assert _plan(compose(["tp=2"]), Devices(gpus=["0", "1"])).nodes_per_rank == 1
 
 
 def _plan(cfg, devices, rows=30):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from hpcinfer.cli import compose
-from hpcinfer.config import validate
+from hpcinfer.config import slurm_time_minutes, validate
 from hpcinfer.errors import ConfigError
 from hpcinfer.launch.slurm.launcher import dependency, executor, finalize_parameters, rank_jobs, worker_parameters
-from hpcinfer.launch.slurm.layout import array_chunks, job_layout, node_capacity, rank_groups, slurm_time_minutes
+from hpcinfer.launch.slurm.layout import array_chunks, job_layout, node_capacity, rank_groups
 from hpcinfer.launch.slurm.queue import parse_sacct, parse_squeue, states_of, summarize
 from hpcinfer.status import rank_state, render, run_state
 

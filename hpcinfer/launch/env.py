@@ -108,20 +108,6 @@ class ReplicaError(ValueError):
     """Settings of a spanning replica that are missing, invalid or inconsistent."""
 
 
-def nodes_per_replica(gpus_per_rank: int, gpus_per_node, what: str = "cluster.gpus_per_node") -> int:
-    """Nodes one replica of `gpus_per_rank` GPUs (CPU: engine workers) spans: 1 when it fits a node
-    (or the node size is unknown: None or 0), else gpus_per_rank / gpus_per_node. ValueError,
-    naming the node size as `what`, when it is neither at most a node nor a whole number of nodes
-    (vLLM needs nnodes to divide the replica's world size, and a replica sharing a node with
-    another could not place its devices)."""
-    if not gpus_per_node or gpus_per_rank <= gpus_per_node:
-        return 1
-    if gpus_per_rank % gpus_per_node:
-        raise ValueError(f"{gpus_per_rank} GPUs per rank is neither at most {what}={gpus_per_node} "
-                         f"nor a multiple of it (a replica larger than a node spans whole nodes)")
-    return gpus_per_rank // gpus_per_node
-
-
 def replica_env(nnodes: int, node_rank: int, addr: str, port: int) -> Dict[str, str]:
     """The variables of one process of a replica; {} for a single-node replica (nnodes=1).
     ReplicaError quotes every bad value."""

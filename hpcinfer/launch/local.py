@@ -57,7 +57,7 @@ def rank_launches(base: Mapping[str, str], cfg: RunConfig, plan: Plan, rank: int
     """The processes that run `rank`, with their environments (pure). `group`: the ranks started
     together (a lockstep group's members); `master_port`: the run's master (and lockstep) port;
     `replica_port`: the rendezvous port of this rank when it spans nodes."""
-    k = plan.nodes_per_replica
+    k = plan.nodes_per_rank
     devices = plan.rank_plans[rank].devices
     launches = []
     for node_rank, share in enumerate(node_slices(devices, k) if k > 1 else [devices]):
@@ -93,7 +93,7 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: 
     def start(rank: int) -> List[subprocess.Popen]:
         """The rank's processes, its leader (the worker) first."""
         launches = rank_launches(os.environ, cfg, plan, rank, group=ranks, master_port=port, host=host,
-                                 replica_port=free_port() if plan.nodes_per_replica > 1 else None)
+                                 replica_port=free_port() if plan.nodes_per_rank > 1 else None)
         return [_popen(rd, rank, launch) for launch in launches]
 
     procs = {r: start(r) for r in ranks}

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
-from hpcinfer.config import ModelConfig, RunConfig, SlurmClusterConfig, nodes_per_rank
+from hpcinfer.config import ModelConfig, RunConfig, SlurmClusterConfig
 from hpcinfer.errors import ConfigError
 from hpcinfer.launch.slurm.layout import slurm_jobs, slurm_rank_place
 from hpcinfer.planning.devices import Devices, split
@@ -177,7 +177,7 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
                 model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
                 rank_plans=rank_plans, notes=notes, jobs=jobs, schedule="dynamic" if cfg.dynamic else "static",
                 tokens=sum(s.tokens for s in shards), experts=experts,
-                nodes_per_replica=jobs.nodes_per_rank if jobs else nodes_per_rank(cfg))
+                nodes_per_rank=jobs.nodes_per_rank if jobs else cfg.nodes_per_rank)
 
 
 def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: List[str]) -> ExpertLayout:

@@ -78,7 +78,7 @@ def _expert_lines(plan: Plan) -> List[str]:
 
 def _replica_lines(plan: Plan) -> List[str]:
     """Ranks spanning nodes: which node holds which part of each rank (leader and headless)."""
-    k = plan.nodes_per_replica
+    k = plan.nodes_per_rank
     if k < 2:
         return []
     lines = [f"replicas   each rank spans {k} nodes of {plan.gpus_per_rank // k} "

@@ -1,24 +1,34 @@
-"""[from slurm_layout] How a run's ranks become Slurm jobs: replica groups, nodes and tasks per job, array chunks,
-time limits. Pure; used by the planner (to show the layout) and by the Slurm backend (to submit).
+"""Typed records of the run directory: what each JSON file holds, one dataclass per file, with
+`to_json` / `from_json`. Every reader and writer goes through these, so a field has one name and
+one meaning everywhere:
 
-A *group* is one Slurm job (or one element of a job array) whose tasks are consecutive ranks:
-rank = group x ranks_per_group + SLURM_PROCID. Groups are independent (dense models), so a run
-may be split into several smaller jobs that the scheduler can place as nodes free up.
+    plan.json         Plan (with RankPlan, Memory, JobLayout, ExpertLayout)   written by submit
+    ranks/<r>.json    RankRecord: one attempt of a rank, its state and counters  written by the rank
+    done/<id>.json    DoneRecord: a finished shard                             written by the rank
+    finalize.json     FinalizeOutcome                                          written by finalize (Slurm)
+    jobs.json         Submissions: every Slurm submission's job ids            written by submit (Slurm)
 
-A rank larger than a node (tp x pp > gpus_per_node) is a replica spanning `nodes_per_rank` whole
-nodes, one task per node: rank = group x ranks_per_group + SLURM_PROCID // nodes_per_rank, and
-SLURM_PROCID % nodes_per_rank is the task's node within its replica (0: the leader; replica.py).
-
-[from planner] Layout arithmetic: ranks, devices per rank, nodes, memory per GPU. Pure.
-
-Seed rules: a model that fits one GPU needs no model parallelism; too large for one GPU -> tensor
-parallel within a node (tp must divide the attention heads), then pipeline parallel; more
-throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp.
+A rank's *attempt* (one start of its process) is identified by its token (`RankRecord.token`,
+also in `ranks/<r>.owner`, the heartbeat and its claims). Its states: starting -> running ->
+done | failed | stopped; `TERMINAL` are the last three.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Type, TypeVar
+
+T = TypeVar("T")
+
+STARTING, RUNNING, DONE, FAILED, STOPPED = "starting", "running", "done", "failed", "stopped"
+TERMINAL = (DONE, FAILED, STOPPED)  # an attempt in one of these has ended
+
+
+def from_dict(cls: Type[T], d: Dict[str, Any]) -> T:
+    """`cls` from a JSON object: known fields only (a record written by another version may have more
+    or fewer; missing ones take their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,122 @@ class Plan:
     jobs: Optional[JobLayout] = None  # Slurm: how the ranks are grouped into jobs and nodes
     schedule: str = "static"  # "dynamic": ranks claim shards at run time (rank_plans are expectations)
     tokens: int = 0  # estimated prompt + output tokens of all rows
-    nodes_per_replica: int = 1  # > 1: each rank spans this many nodes (processes): a leader + headless ones
-    experts: Optional["ExpertLayout"] = None  # ep=true: how the experts spread over the GPUs
+    nodes_per_rank: int = 1  # > 1: each rank spans this many nodes (processes): a leader + headless ones
+    experts: Optional[ExpertLayout] = None  # ep=true: how the experts spread over the GPUs
+    submitted_at: Optional[float] = None  # when submit wrote it (the summary's wall_seconds start here)
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "Plan":
+        plan = from_dict(cls, d)
+        plan.memory = from_dict(Memory, d["memory"])
+        plan.rank_plans = [from_dict(RankPlan, rp) for rp in d.get("rank_plans", [])]
+        plan.jobs = from_dict(JobLayout, d["jobs"]) if d.get("jobs") else None
+        plan.experts = from_dict(ExpertLayout, d["experts"]) if d.get("experts") else None
+        return plan
+
+
+@dataclass
+class RankRecord:
+    """`ranks/<r>.json`: the latest attempt of a rank, rewritten as it goes (not fsynced: progress).
+
+    `buffered`: finished rows not yet durable (lost if the rank dies now). `rows_generated`: rows
+    this rank's engine finished over all its attempts (the summary's `rows_recomputed` is their
+    sum over the ranks less the run's rows). `attempts`: starts of this rank."""
+
+    rank: int
+    token: Optional[str] = None  # the attempt: "<host>:<pid>:<start time>"
+    host: Optional[str] = None
+    pid: Optional[int] = None
+    device_kind: Optional[str] = None
+    devices: List[str] = field(default_factory=list)
+    state: str = STARTING  # starting | running | done | failed | stopped
+    rows_total: int = 0
+    rows_done: int = 0
+    rows_failed: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    shards_total: int = 0
+    shards_done: int = 0
+    buffered: int = 0
+    attempts: int = 0
+    rows_generated: int = 0
+    started_at: Optional[float] = None
+    engine_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    generation_started_at: Optional[float] = None
+    generation_ended_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    updated_at: Optional[float] = None
+    error: Optional[str] = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "RankRecord":
+        return from_dict(cls, d)
+
+
+@dataclass
+class DoneRecord:
+    """`done/<id>.json`: a shard whose output is durable; written only after it."""
+
+    shard: int
+    rank: int  # the rank that generated it (dynamic schedule: whoever claimed it)
+    host: str
+    rows: int
+    rows_failed: int
+    prompt_tokens: int
+    output_tokens: int
+    generation_seconds: float
+    rows_resumed: int = 0  # rows taken from an earlier attempt's parts
+    finished_at: Optional[float] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "DoneRecord":
+        return from_dict(cls, d)
+
+
+@dataclass
+class FinalizeOutcome:
+    """`finalize.json`: how the last finalize ended (Slurm's finalize job writes it)."""
+
+    job_id: Optional[str]
+    exit_code: int
+    message: str
+    finished_at: Optional[float] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "FinalizeOutcome":
+        return from_dict(cls, d)
+
+
+@dataclass
+class Submission:
+    """One Slurm submission in `jobs.json`: its worker jobs (or arrays), the finalize job, and the
+    ranks of each job (group)."""
+
+    submitted_at: float
+    workers: List[str]
+    finalize: str
+    rank_groups: List[List[int]]
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "Submission":
+        return from_dict(cls, d)

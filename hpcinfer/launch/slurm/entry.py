@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from hpcinfer.config import RunConfig, load_run_config, nodes_per_rank
+from hpcinfer.config import RunConfig, load_run_config
 from hpcinfer.errors import RunIncomplete
 from hpcinfer.launch.env import lockstep_devices, rank_env, replica_env
 from hpcinfer.launch.slurm.nodelist import hostnames, resolve_address
@@ -45,7 +45,7 @@ def task_env(env: Mapping[str, str], cfg: RunConfig, plan: dict, task: SlurmTask
              hosts, master_addr: str, port: int, affinity, group_size: Optional[int] = None) -> Dict[str, str]:
     """The worker's environment for this task. Pure given its inputs. `group_size`: the ranks of
     this job (a lockstep group's size; default the plan's ranks)."""
-    nodes = nodes_per_rank(cfg)
+    nodes = cfg.nodes_per_rank
     per_node = plan["gpus_per_rank"] // nodes  # a rank spanning nodes: its GPUs (CPU: workers) on this node
     if plan["device_kind"] == "cuda":
         devices = task_gpus(env.get("CUDA_VISIBLE_DEVICES"), task.localid, per_node)
@@ -96,7 +96,7 @@ def run_ranks(run_dir: str, ranks: List[int]) -> Optional[int]:
     rd = RunDir(run_dir)
     task = slurm_task(os.environ)
     plan, cfg = rd.read_plan(), load_run_config(rd.config)
-    nodes = nodes_per_rank(cfg)
+    nodes = cfg.nodes_per_rank
     index, node_rank = task_replica(task.procid, nodes)
     rank = task_rank(index, ranks)
     if rank is None:

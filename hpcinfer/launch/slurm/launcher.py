@@ -17,10 +17,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from hpcinfer.config import RunConfig
+from hpcinfer.config import RunConfig, slurm_time_minutes
 from hpcinfer.errors import EXIT_FAILED, UserError, one_line
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
-from hpcinfer.launch.slurm.layout import array_chunks, rank_groups, slurm_time_minutes
+from hpcinfer.launch.slurm.layout import array_chunks, rank_groups
 from hpcinfer.launch.slurm.queue import cancel, is_live, summarized
 from hpcinfer.rundir.files import atomic_write_json
 from hpcinfer.rundir.paths import RunDir

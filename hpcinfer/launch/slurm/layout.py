@@ -18,10 +18,9 @@ throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp 
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from hpcinfer.config import RunConfig, nodes_per_rank
+from hpcinfer.config import RunConfig
 from hpcinfer.errors import ConfigError
 from hpcinfer.rundir.records import JobLayout
 
@@ -90,31 +89,6 @@ def array_chunks(groups: int, max_array_size: int) -> List[Tuple[int, int]]:
     return [(start, min(max_array_size, groups - start)) for start in range(0, groups, max_array_size)]
 
 
-_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
-
-
-def slurm_time_minutes(value: Any) -> int:
-    """A Slurm time limit as whole minutes (rounded up). Accepts what sbatch --time accepts:
-    M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and an int of minutes). ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a time limit: {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"time limit must be >= 1 minute, got {value!r}")
-        return value
-    m = _TIME.match(str(value).strip())
-    if not m:
-        raise ValueError(f"not a Slurm time limit: {value!r} (use minutes, HH:MM:SS or D-HH:MM:SS)")
-    d, a, b, c = (int(x) if x is not None else None for x in m.group("d", "a", "b", "c"))
-    if d is None:  # M | M:S | H:M:S
-        seconds = a * 60 if b is None else (a * 60 + b if c is None else a * 3600 + b * 60 + c)
-    else:  # D-H | D-H:M | D-H:M:S
-        seconds = d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    if seconds < 1:
-        raise ValueError(f"time limit must be > 0, got {value!r}")
-    return math.ceil(seconds / 60)
-
-
 def slurm_jobs(cfg: RunConfig, ranks: int, nodes: Optional[int] = -1) -> JobLayout:
     """The job layout of `ranks` ranks (nodes per job: cluster.nodes unless given; None = derived)."""
     c = cfg.cluster
@@ -122,7 +96,7 @@ def slurm_jobs(cfg: RunConfig, ranks: int, nodes: Optional[int] = -1) -> JobLayo
         jobs = job_layout(ranks, node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
                           nodes=c.nodes if nodes == -1 else nodes, array=min(c.array, ranks),
                           max_nodes_per_job=c.max_nodes_per_job,
-                          nodes_per_rank=nodes_per_rank(cfg))
+                          nodes_per_rank=cfg.nodes_per_rank)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.lockstep and jobs.groups > 1:
