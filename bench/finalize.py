@@ -5,7 +5,7 @@
     options: --files N (input files, default 100)  --ranks N (default 100)
              --tmp DIR (where the run directory goes)  --keep (leave it there)
 
-What it measures: `hpcinfer.merge.finalize(run_dir)` (completeness check, streaming ordered merge
+What it measures: `hpcinfer.finalize.finalize(run_dir)` (completeness check, streaming ordered merge
 with row-position verification, summary.json) run in a child process on a finished run
 directory, so that the peak RSS reported is finalize's own (os.wait4 of that child). Reported:
 rows, shards, seconds (inside the child, imports excluded; the child's wall time too), rows/s,
@@ -66,7 +66,7 @@ BYTES_PER_ROW = 320  # ~8 id + 60 prompt + 200 text + finish_reason, tokens, err
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from hpcinfer.rundir.merge import finalize
+from hpcinfer.finalize import finalize
 t1 = time.perf_counter()
 summary = finalize(sys.argv[1])
 t2 = time.perf_counter()

@@ -15,7 +15,7 @@ hpcinfer/prepare.py runs them), to show where the time goes.
 
 Target: < 10 s for 1M rows (median of the timed CLI runs).
 
-The model: plan runs prepare(cfg, build=False), which never builds the built-in tiny model (it
+The model: plan runs prepare(cfg, launcher_for(cfg), build=False), which never builds the built-in tiny model (it
 only names the path it would have). HPCINFER_CACHE points at an empty directory inside the temp
 dir, and the benchmark checks that it is still empty afterwards, so no model build is hidden in or
 excluded from the numbers. One untimed CLI run comes first (the .pyc files and the freshly
@@ -61,9 +61,10 @@ def timed(steps: List[Tuple[str, float]], name: str, fn: Callable):
 
 
 def in_process(overrides: List[str]) -> List[Tuple[str, float]]:
-    """prepare(cfg, build=False), step by step, then whole; [(step, seconds)]."""
+    """prepare(cfg, launcher_for(cfg), build=False), step by step, then whole; [(step, seconds)]."""
     from hpcinfer import config, doctor
     from hpcinfer.cli import compose
+    from hpcinfer.launch import launcher_for
     from hpcinfer.planning import devices, models, prepare
     from hpcinfer.planning.inputs import check_unique_ids, discover, scan
     from hpcinfer.planning.layout import make_plan, model_shape
@@ -84,12 +85,12 @@ def in_process(overrides: List[str]) -> List[Tuple[str, float]]:
         path = models.resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=False)
         shape = model_shape(cfg.model, path if os.path.isdir(path) else None)
         plan = make_plan(cfg, shape, devs, config.engine_args(cfg, path), shards, inputs.rows,
-                                 len(inputs.files), ranks)
+                         len(inputs.files), ranks, place=launcher_for(cfg).place)
         return format_plan(plan)
 
     timed(steps, f"layout + format ({len(shards):,} shards, {ranks} ranks)", layout)
     steps.append(("sum of the steps", sum(s for _, s in steps)))
-    timed(steps, "prepare(cfg, build=False) in one call", lambda: prepare.prepare(cfg, build=False))
+    timed(steps, "prepare(cfg, launcher_for(cfg), build=False) in one call", lambda: prepare.prepare(cfg, launcher_for(cfg), build=False))
     return steps
 
 

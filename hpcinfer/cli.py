@@ -1,6 +1,7 @@
-"""Helpers shared by the command-line entry points (`python -m hpcinfer.<name>`).
+"""The command line: `hpcinfer <command> [args]` (the console script), the same as
+`python -m hpcinfer.<command> [args]`, and the helpers the commands share.
 
-Composing the Hydra config outside `@hydra.main` lets every CLI (and the tests) turn a bad
+Composing the Hydra config outside `@hydra.main` lets every command (and the tests) turn a bad
 override into one line and exit code 2, and lets `submit -m` check every job of a sweep before
 anything is launched.
 """
@@ -151,3 +152,41 @@ def _sweep_dir() -> Optional[tuple]:
 
     hc = HydraConfig.get()
     return (hc.sweep.dir, hc.sweep.subdir) if hc.mode == RunMode.MULTIRUN else None
+
+
+COMMANDS = {
+    "submit": "plan, shard and run (or queue) a batch job: hpcinfer submit [key=value ...]",
+    "plan": "show what a submit would do, writing nothing: hpcinfer plan [key=value ...]",
+    "status": "where a run stands (ranks, rows, jobs, failed ranks' logs): hpcinfer status <run_dir>",
+    "resume": "continue a run with its saved config: hpcinfer resume <run_dir> [key=value ...]",
+    "finalize": "merge a run's shards into results.parquet again: hpcinfer finalize <run_dir>",
+    "report": "compare the runs of a layout sweep: hpcinfer report <sweep_dir>",
+    "doctor": "check that vLLM can run in this environment: hpcinfer doctor",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return ("usage: hpcinfer <command> [args]   (or: python -m hpcinfer.<command> [args])\n\n"
+            "Offline LLM batch inference with vLLM, on this machine or a Slurm cluster.\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`hpcinfer submit --help` shows the config groups and keys.")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """The `hpcinfer` console script: run one command's `main` as `python -m hpcinfer.<command>` does."""
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        print(f"hpcinfer: error: unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+              + f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        raise SystemExit(2)
+    sys.argv = [f"hpcinfer {command}", *rest]
+    code = importlib.import_module(f"hpcinfer.{command}").main()
+    raise SystemExit(code or 0)

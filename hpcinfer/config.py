@@ -46,9 +46,6 @@ ALL2ALL_BACKENDS = ("allgather_reducescatter", "deepep_high_throughput", "deepep
 REMOVED_ALL2ALL_BACKENDS = ("naive", "pplx")  # vLLM warns and uses allgather_reducescatter instead
 MAX_REDUNDANT_EXPERTS = 1023  # vLLM's MAX_EXPERT_REDUNDANCY (distributed/eplb/eplb_state.py)
 
-# Columns hpcinfer adds to every output row (the output contract).
-OUTPUT_COLUMNS = ("generated_text", "finish_reason", "prompt_tokens", "output_tokens", "error")
-
 BUILTIN_MODELS = ("tiny-llama", "tiny-mixtral")
 
 
@@ -509,6 +506,8 @@ def _data_errors(d: DataConfig) -> List[str]:
         errs.append(f"data.id_column={d.id_column!r} must differ from data.prompt_column")
     if d.max_tokens_column is not None and d.max_tokens_column in (d.prompt_column, d.id_column):
         errs.append(f"data.max_tokens_column={d.max_tokens_column!r} must differ from the prompt and id columns")
+    from hpcinfer.rundir.output import OUTPUT_COLUMNS  # the output contract (rundir may import config, not back)
+
     for col in (d.prompt_column, d.id_column, d.max_tokens_column):
         if col in OUTPUT_COLUMNS:
             errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")

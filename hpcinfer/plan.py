@@ -6,6 +6,7 @@ import sys
 
 from hpcinfer.cli import compose
 from hpcinfer.errors import exit_on_user_error
+from hpcinfer.launch import launcher_for
 from hpcinfer.planning.prepare import prepare
 from hpcinfer.planning.render import format_plan
 
@@ -14,7 +15,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with exit_on_user_error():
         cfg = compose(argv)
-        print(format_plan(prepare(cfg, build=False).plan))
+        print(format_plan(prepare(cfg, launcher_for(cfg), build=False).plan))
     return 0
 
 

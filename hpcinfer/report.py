@@ -22,11 +22,11 @@ def row_of(rd: RunDir) -> Dict[str, Any]:
     """One run of the sweep as a table row (pure given the run directory's files)."""
     plan = rd.read_plan()
     summary = rd.read_optional(rd.summary)
-    devices = plan["dp"] * plan["tp"] * plan["pp"]
+    devices = plan.dp * plan.tp * plan.pp
     tps = (summary or {}).get("output_tokens_per_second")
-    return {"run": rd.path.name, "layout": f"tp={plan['tp']} pp={plan['pp']} dp={plan['dp']}",
-            "device_kind": plan["device_kind"], "devices": devices,
-            "state": "finished" if summary else "unfinished", "rows": plan["rows"],
+    return {"run": rd.path.name, "layout": f"tp={plan.tp} pp={plan.pp} dp={plan.dp}",
+            "device_kind": plan.device_kind, "devices": devices,
+            "state": "finished" if summary else "unfinished", "rows": plan.rows,
             "output_tokens_per_second": tps, "per_device": tps / devices if tps else None,
             "wall_seconds": (summary or {}).get("wall_seconds")}
 
@@ -37,13 +37,17 @@ def best(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return max(done, key=lambda r: r["per_device"]) if done else None
 
 
+def fmt(value: Optional[float], spec: str) -> str:
+    """`value` formatted by `spec`, or "-" when there is none."""
+    return format(value, spec) if value is not None else "-"
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
     """A Markdown table. Pure."""
     unit = "GPU" if any(r["device_kind"] == "cuda" for r in rows) else "CPU worker"
     lines = [f"| run | layout | {unit}s | state | output tok/s | tok/s per {unit} | wall s |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
-        fmt = (lambda v, spec: format(v, spec) if v is not None else "-")
         lines.append(f"| {r['run']} | {r['layout']} | {r['devices']} | {r['state']} | "
                      f"{fmt(r['output_tokens_per_second'], ',.0f')} | {fmt(r['per_device'], ',.0f')} | "
                      f"{fmt(r['wall_seconds'], '.1f')} |")

@@ -15,40 +15,43 @@ import time
 from typing import Any, Dict, List, Optional
 
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, UserError, exit_on_user_error
+from hpcinfer.rundir import records
 from hpcinfer.rundir.files import tail
 from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import RankRecord
 
-FINISHED, FAILED, RUNNING, QUEUED = "finished", "failed", "running", "queued"
+# the run's states (a rank's are records.STARTING ... records.STOPPED, and QUEUED before it starts)
+FINISHED, FAILED, RUNNING, QUEUED = "finished", records.FAILED, records.RUNNING, "queued"
 
 
-def rank_state(rank_file: Optional[dict], job_state: Optional[str]) -> str:
+def rank_state(record: Optional[RankRecord], job_state: Optional[str]) -> str:
     """A rank's state from its own record and, on Slurm, its job's state. Pure.
 
     A rank that never wrote a record is queued while its job waits, starting while it runs, and
     failed once its job ended; a rank whose record says running while its job has ended was lost
     (killed, node failure) and counts as failed."""
-    own = (rank_file or {}).get("state")
+    own = record.state if record is not None else None
     job_over = job_state is not None and job_state not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING",
                                                           "REQUEUED", "SUSPENDED", "UNKNOWN")
-    if own in ("done", "failed", "stopped"):
+    if own in records.TERMINAL:
         return own
-    if own in ("starting", "running"):
-        return "failed" if job_over else own
+    if own in (records.STARTING, records.RUNNING):
+        return records.FAILED if job_over else own
     if job_state == "PENDING":
-        return "queued"
+        return QUEUED
     if job_over:
-        return "failed"
-    return "starting" if job_state in ("RUNNING", "CONFIGURING") else "queued"
+        return records.FAILED
+    return records.STARTING if job_state in ("RUNNING", "CONFIGURING") else QUEUED
 
 
 def run_state(ranks: List[str], finalize_exit: Optional[int], published: bool) -> str:
-    """The run's state in one word. Pure."""
+    """The run's state in one word, from its ranks' states (`rank_state`). Pure."""
     if published:
         return FINISHED
-    if finalize_exit not in (None, 0) or (ranks and all(r in ("done", "failed", "stopped") for r in ranks)
-                                          and any(r != "done" for r in ranks)):
+    if finalize_exit not in (None, 0) or (ranks and all(r in records.TERMINAL for r in ranks)
+                                          and any(r != records.DONE for r in ranks)):
         return FAILED
-    if any(r in ("starting", "running", "done") for r in ranks):
+    if any(r in (records.STARTING, records.RUNNING, records.DONE) for r in ranks):
         return RUNNING
     return QUEUED
 
@@ -58,53 +61,43 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
     now = now or time.time()
     plan = rd.read_plan()
     files = rd.read_ranks()
-    jobs = _jobs(rd, plan)
+    jobs = _jobs(rd)
     ranks = []
-    for rp in plan["rank_plans"]:
-        r = rp["rank"]
-        own = files.get(r) or {}
+    for rp in plan.rank_plans:
+        r = rp.rank
         job_id = jobs["of_rank"].get(r)
-        state = rank_state(own or None, jobs["states"].get(job_id) if job_id else None)
-        started, ended = own.get("generation_started_at"), own.get("generation_ended_at") or now
-        tps = own.get("output_tokens", 0) / max(ended - started, 1e-9) if started else 0.0
-        ranks.append({"rank": r, "state": state, "host": own.get("host"), "rows_done": own.get("rows_done", 0),
-                      "rows": rp["rows"], "output_tokens": own.get("output_tokens", 0), "tokens_per_second": tps,
-                      "job": job_id, "error": own.get("error"), "log": str(rd.rank_log(r))})
-    outcome = rd.read_optional(rd.finalize_outcome)
+        state = rank_state(files.get(r), jobs["states"].get(job_id) if job_id else None)
+        own = files.get(r) or RankRecord(r)
+        started, ended = own.generation_started_at, own.generation_ended_at or now
+        tps = own.output_tokens / max(ended - started, 1e-9) if started else 0.0
+        ranks.append({"rank": r, "state": state, "host": own.host, "rows_done": own.rows_done,
+                      "rows": rp.rows, "output_tokens": own.output_tokens, "tokens_per_second": tps,
+                      "job": job_id, "error": own.error, "log": str(rd.rank_log(r))})
+    outcome = rd.read_finalize_outcome()
     published = rd.summary.exists() and rd.results.exists()
     rows_done = sum(r["rows_done"] for r in ranks)
-    starts = [f.get("generation_started_at") for f in files.values() if f.get("generation_started_at")]
+    starts = [f.generation_started_at for f in files.values() if f.generation_started_at]
     elapsed = now - min(starts) if starts else 0.0
     rate = rows_done / elapsed if elapsed > 0 else 0.0
-    active = [r for r in ranks if r["state"] == "running"]
+    active = [r for r in ranks if r["state"] == records.RUNNING]
     return {
-        "run_dir": str(rd.path), "state": run_state([r["state"] for r in ranks], (outcome or {}).get("exit_code"),
-                                                    published),
-        "rows": plan["rows"], "rows_done": rows_done, "ranks": ranks,
+        "run_dir": str(rd.path), "state": run_state([r["state"] for r in ranks],
+                                                    outcome.exit_code if outcome else None, published),
+        "rows": plan.rows, "rows_done": rows_done, "ranks": ranks,
         "tokens_per_second": (sum(r["tokens_per_second"] for r in active) if active else
                               (rd.read_optional(rd.summary) or {}).get("output_tokens_per_second") or 0.0),
-        "eta_seconds": (plan["rows"] - rows_done) / rate if rate > 0 and not published else None,
-        "jobs": jobs["summary"], "finalize": outcome, "model": plan["model"]["name"],
-        "layout": f"dp={plan['dp']} tp={plan['tp']} pp={plan['pp']}",
+        "eta_seconds": (plan.rows - rows_done) / rate if rate > 0 and not published else None,
+        "jobs": jobs["summary"], "finalize": outcome.to_json() if outcome else None, "model": plan.model["name"],
+        "layout": f"dp={plan.dp} tp={plan.tp} pp={plan.pp}",
     }
 
 
-def _jobs(rd: RunDir, plan: dict) -> Dict[str, Any]:
-    """Slurm job ids and states of the last submission (empty for local runs)."""
+def _jobs(rd: RunDir) -> Dict[str, Any]:
+    """The cluster's jobs of the run (its launcher's `jobs`: Slurm job ids and states); none locally."""
     from hpcinfer.config import load_run_config
-    from hpcinfer.launch.slurm.launcher import last_submission, rank_jobs
-    from hpcinfer.launch.slurm.queue import job_states, summarized
+    from hpcinfer.launch import launcher_for
 
-    record = last_submission(rd)
-    if not record:
-        return {"of_rank": {}, "states": {}, "summary": None}
-    of_rank = rank_jobs(record, load_run_config(rd.config).cluster.max_array_size)
-    raw = job_states([*record["workers"], record["finalize"]])  # array elements come with their arrays
-    states = summarized(set(of_rank.values()) | set(record["workers"]) | {record["finalize"]}, raw)
-    return {"of_rank": of_rank, "states": states,
-            "summary": {"workers": {w: states[w] for w in record["workers"]},
-                        "finalize": {record["finalize"]: states[record["finalize"]]},
-                        "reasons": {j: r for j, (s, r) in raw.items() if s == "PENDING" and r and r != "None"}}}
+    return launcher_for(load_run_config(rd.config)).jobs(rd) or {"of_rank": {}, "states": {}, "summary": None}
 
 
 def render(info: Dict[str, Any]) -> str:
@@ -129,7 +122,7 @@ def render(info: Dict[str, Any]) -> str:
     if info["finalize"]:
         lines.append(f"finalize  exit {info['finalize']['exit_code']}: {info['finalize']['message']}")
     for r in info["ranks"]:
-        if r["state"] == "failed":
+        if r["state"] == records.FAILED:
             lines.append(f"--- rank {r['rank']} failed: {r['error'] or 'its job ended before it finished'}")
             lines.append(f"--- last lines of {r['log']}:")
             lines.append(tail(r["log"], 15))

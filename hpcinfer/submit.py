@@ -17,20 +17,18 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
 from hpcinfer.cli import hydra_main
-from hpcinfer.config import RunConfig, SlurmClusterConfig, load_run_config, to_yaml
-from hpcinfer.errors import EXIT_FAILED, EXIT_OK, RunIncomplete, RunInProgress, UserError
-from hpcinfer.launch.local import run_ranks
-from hpcinfer.launch.slurm import launcher as slurm
-from hpcinfer.launch.slurm.layout import slurm_jobs
+from hpcinfer.config import RunConfig, load_run_config, to_yaml
+from hpcinfer.errors import EXIT_OK, RunInProgress, UserError
+from hpcinfer.launch import launcher_for
 from hpcinfer.planning.prepare import default_run_dir, prepare
-from hpcinfer.rundir.files import atomic_write, tail
+from hpcinfer.rundir.files import atomic_write
 from hpcinfer.rundir.manifest import read_manifest, write_manifest
-from hpcinfer.rundir.merge import finalize
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.secrets import redact
 
@@ -63,10 +61,10 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def submit(cfg: RunConfig) -> int:
     submitted_at = time.time()
-    prep = prepare(cfg)  # every config/data check happens here, before anything is written
-    plan = prep.plan
-    if isinstance(cfg.cluster, SlurmClusterConfig):
-        slurm.check_cluster(cfg)
+    launcher = launcher_for(cfg)
+    prep = prepare(cfg, launcher)  # every config/data check happens here, before anything is written
+    plan = replace(prep.plan, submitted_at=submitted_at)
+    launcher.check()
     rd = RunDir(cfg.run_dir or default_run_dir())
     resuming = rd.exists()
     if resuming:
@@ -85,8 +83,8 @@ def submit(cfg: RunConfig) -> int:
                 return EXIT_OK
             if not resuming:
                 atomic_write(rd.config, to_yaml(cfg))
-                atomic_write(rd.plan, redact(json.dumps({**plan.to_json(), "submitted_at": submitted_at}, indent=1,
-                                                        sort_keys=True, default=str), os.environ) + "\n")
+                atomic_write(rd.plan, redact(json.dumps(plan.to_json(), indent=1, sort_keys=True, default=str),
+                                             os.environ) + "\n")
                 write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
             else:
                 if read_manifest(str(rd.manifest))[0] != prep.shards:
@@ -97,64 +95,15 @@ def submit(cfg: RunConfig) -> int:
                 log(note)
             log(f"run directory {rd.path}")
             log(f"{plan.rows} rows, {plan.shards} shard(s), {plan.ranks} rank(s) on {plan.device_kind}")
-            if isinstance(cfg.cluster, SlurmClusterConfig):
-                record = _queue(rd, cfg, plan)
-            else:
-                return _run_here(rd, cfg, plan)
+            code = launcher.start(rd, plan)
     except RunInProgress as e:  # cron-safe: another submission of this run is live
         log(f"{e}: nothing to do")
         print(rd.path)
         return EXIT_OK
-    code = slurm.wait(rd, record, plan.rows, cfg.cluster.poll_s) if cfg.wait else EXIT_OK
+    if code is None:  # queued: follow it outside the lock (a later cron submission sees its jobs)
+        code = launcher.follow(rd, plan)
     print(rd.path)
     return code
-
-
-def _queue(rd: RunDir, cfg: RunConfig, plan) -> dict:
-    """Slurm: submit worker jobs for the ranks with unfinished shards, and finalize, unless this
-    run's jobs are still queued or running."""
-    record = slurm.last_submission(rd)
-    live = slurm.live_jobs(record)
-    if live:
-        log(f"already queued: {', '.join(f'job {j} {s}' for j, s in live.items())}; nothing submitted")
-        return record
-    ranks = unfinished_ranks(rd, plan)
-    jobs = plan.jobs if len(ranks) == plan.ranks else slurm_jobs(cfg, len(ranks), nodes=None)
-    record = slurm.submit_jobs(rd, cfg, ranks, jobs)
-    log(f"queued worker job(s) {' '.join(record['workers'])} for {len(ranks)} rank(s) ({jobs.groups} job(s) x "
-        f"{jobs.nodes_per_job} node(s)) and finalize job {record['finalize']} (afterany)")
-    log(f"follow it with: python -m hpcinfer.status {rd.path}")
-    return record
-
-
-def unfinished_ranks(rd: RunDir, plan) -> List[int]:
-    """The ranks to start: static, those with a shard not done (all of them for a new run); when
-    shards are claimed (dynamic) or ranks step in lockstep (MoE with ep), all of them while any
-    shard is not done."""
-    done = rd.done_shards()
-    if plan.schedule == "dynamic" or plan.ep:
-        return [rp.rank for rp in plan.rank_plans] if len(done) < plan.shards else []
-    return [rp.rank for rp in plan.rank_plans if any(s not in done for s in rp.shards)]
-
-
-def _run_here(rd: RunDir, cfg: RunConfig, plan) -> int:
-    """Local: run the ranks with unfinished shards on this machine, then finalize."""
-    outcomes = run_ranks(rd, cfg, plan, unfinished_ranks(rd, plan))
-    for o in outcomes:
-        if o.returncode != 0:
-            log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{tail(o.log)}")
-    try:
-        summary = finalize(str(rd.path))
-    except RunIncomplete as e:
-        log(f"incomplete, nothing published: {e}")
-        log(f"fix the cause and re-run with run_dir={rd.path} to continue")
-        return EXIT_FAILED
-    tps = summary["output_tokens_per_second"]
-    log(f"done: {summary['rows']} rows ({summary['rows_failed']} with errors), {summary['output_tokens']} output "
-        f"tokens in {summary['generation_seconds']:.1f}s of generation"
-        + (f" ({tps:,.0f} tok/s)" if tps else "") + f", {summary['wall_seconds']:.1f}s wall")
-    print(rd.path)
-    return EXIT_OK
 
 
 def main() -> None:

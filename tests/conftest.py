@@ -88,3 +88,30 @@ def check_group(envs):
     """The envs form one lockstep group: the same size, master address and port, ranks 0..size-1."""
     assert len({(e["VLLM_DP_SIZE"], e["VLLM_DP_MASTER_IP"], e["VLLM_DP_MASTER_PORT"]) for e in envs}) == 1, envs
     assert sorted(int(e["VLLM_DP_RANK"]) for e in envs) == list(range(int(envs[0]["VLLM_DP_SIZE"]))), envs
+
+
+def plan_for(cfg, devices, rows=100, files=1, model_path=None):
+    """make_plan as prepare() calls it (with the launcher's placement), without touching the model
+    or the data: `rows` rows over `files` input files that need not exist."""
+    from hpcinfer.config import engine_args, validate
+    from hpcinfer.launch import launcher_for
+    from hpcinfer.planning.inputs import InputFile
+    from hpcinfer.planning.layout import make_plan, model_shape
+    from hpcinfer.planning.sharding import make_shards
+
+    validate(cfg)
+    inputs = [InputFile(f"/data/{i}.parquet", rows // files + (1 if i < rows % files else 0)) for i in range(files)]
+    active = max(1, min(cfg.dp, rows))
+    shards = make_shards(inputs, active, cfg.data.shard_rows)
+    return make_plan(cfg, model_shape(cfg.model), devices, engine_args(cfg, model_path or cfg.model.path or "/m"),
+                     shards, rows, files, active, place=launcher_for(cfg).place)
+
+
+def bare_plan(ranks, jobs=None, kind="cuda", per_rank=2, model="/nonexistent/model"):
+    """A Plan with just what a rank's environment depends on (a Slurm task's tests)."""
+    from hpcinfer.rundir.records import Memory, Plan
+
+    return Plan(tp=per_rank, pp=1, dp=ranks, ep=False, ranks=ranks, device_kind=kind, gpus_per_rank=per_rank,
+                nodes=jobs.nodes if jobs else 1, rows=ranks, files=1, shards=ranks,
+                memory=Memory(None, None, None, None, None), engine_args={"model": model}, model={}, jobs=jobs,
+                nodes_per_rank=jobs.nodes_per_rank if jobs else 1)

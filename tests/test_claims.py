@@ -1,7 +1,9 @@
 """The dynamic schedule: token-sized shards (cut_by_tokens), the claim protocol (claims.py)
 and the worker loop claiming, taking over and finishing shards. The worker tests run the real
-worker loop with FakeEngine, a stand-in for engine.Engine that needs no vLLM: they test
-orchestration only; tests/test_e2e_local.py and tests/test_chaos_local.py run real vLLM."""
+worker loop with FakeEngine, a fake implementation of the engine.Engine protocol that needs no
+vLLM: they test orchestration only; tests/test_e2e_local.py and tests/test_chaos_local.py run
+real vLLM."""
+import dataclasses
 import json
 import multiprocessing
 import threading
@@ -11,21 +13,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import bare_plan
 
 from hpcinfer import config
 from hpcinfer.cli import compose
 from hpcinfer.errors import DataError
+from hpcinfer.finalize import finalize
 from hpcinfer.planning.inputs import InputFile, scan
 from hpcinfer.planning.sharding import cut_by_tokens, expected_ranks, make_shards, row_tokens
 from hpcinfer.rank import schedule, worker
 from hpcinfer.rank.context import RankContext
-from hpcinfer.rank.engine import RowResult
+from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.schedule import claim_order
 from hpcinfer.rundir.claims import Claim, ClaimLost, Claims, Heartbeat, claimable, parse_claim_name
 from hpcinfer.rundir.files import atomic_write, atomic_write_json
 from hpcinfer.rundir.manifest import Shard, write_manifest
-from hpcinfer.rundir.merge import finalize
+from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import DONE, FAILED, RankRecord
 
 
 # ---- cutting by tokens -----------------------------------------------------------------------
@@ -176,7 +181,7 @@ def test_concurrent_processes_claim_each_shard_exactly_once(tmp_path):
         p.join(10)
     claimed = [s for got in results.values() for s in got]
     assert sorted(claimed) == list(range(n))  # every shard once, none twice
-    assert sorted(p.name for p in (rd.path / "claims").iterdir()) == [f"{s:06d}.0" for s in range(n)]
+    assert sorted(p.name for p in rd.claims_dir.iterdir()) == [rd.claim(s, 0).name for s in range(n)]
 
 
 def test_dead_when_superseded_or_ended_with_its_token(tmp_path):
@@ -186,12 +191,12 @@ def test_dead_when_superseded_or_ended_with_its_token(tmp_path):
     atomic_write(rd.rank_owner(0), "A")
     atomic_write(rd.rank_beat(0), "A 0")
     assert not c.dead(claim)
-    atomic_write_json(rd.rank_file(0), {"token": "A", "state": "running"})
+    rd.write_rank(RankRecord(0, token="A", state="running"))
     assert not c.dead(claim)
     for state in ("failed", "stopped", "done"):
-        atomic_write_json(rd.rank_file(0), {"token": "A", "state": state})
+        rd.write_rank(RankRecord(0, token="A", state=state))
         assert c.dead(claim)
-    atomic_write_json(rd.rank_file(0), {"token": "older", "state": "failed"})  # another attempt's record
+    rd.write_rank(RankRecord(0, token="older", state="failed"))  # another attempt's record
     assert not c.dead(claim)
     atomic_write(rd.rank_owner(0), "B")  # rank 0 started again: A is an orphan
     assert c.dead(claim)
@@ -244,7 +249,7 @@ def test_the_policy_hears_how_many_other_ranks_are_gone(tmp_path):
         atomic_write(rd.rank_owner(rank), token)
         atomic_write(rd.rank_beat(rank), f"{token} 0")
         assert Claims(rd, rank, token, [rank], 60).next() == rank
-    atomic_write_json(rd.rank_file(0), {"token": "A", "state": "failed"})  # rank 0 died
+    rd.write_rank(RankRecord(0, token="A", state=FAILED))  # rank 0 died
     b = Claims(rd, 1, "B", [0, 2, 5], 60)
     assert b.next(spy) == 0 and seen == [1]  # rank 0 is gone; rank 2 lives
     atomic_write(rd.rank_owner(2), "C2")  # rank 2 restarted: its old claim is dead, the rank is not
@@ -263,14 +268,24 @@ def test_heartbeat_advances(tmp_path):
 
 
 # ---- the worker loop with a fake engine ------------------------------------------------------
+class FakeTokenizer:
+    """One token per character, called as vLLM's tokenizers are: a list of texts in, input_ids out."""
+
+    def __call__(self, texts):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
 class FakeEngine:
-    """Stands in for engine.Engine without vLLM: 'generates' `gen <row>` a few rows per step.
-    For orchestration tests only (claims, takeover, parts); never evidence that inference works."""
+    """A fake engine: implements the Engine protocol without vLLM, 'generating' `gen <row>` a
+    few rows per step. For orchestration tests only (claims, takeover, parts); never evidence
+    that inference works."""
 
     max_num_seqs = 4
+    max_model_len = 100_000
     instances = []
 
-    def __init__(self, engine_args, sampling, rows_per_step=2, crash_after=None, barrier=None):
+    def __init__(self, engine_args, rows_per_step=2, crash_after=None, barrier=None):
+        self.tokenizer = FakeTokenizer()
         self.queue, self.rows_per_step, self.crash_after, self.generated = [], rows_per_step, crash_after, 0
         if barrier is not None:
             barrier.wait()
@@ -280,9 +295,8 @@ class FakeEngine:
     def pending(self):
         return len(self.queue)
 
-    def add(self, tag, prompts, rows, max_tokens=None):
-        self.queue += [(tag, i, row) for i, row in enumerate(rows)]
-        return []
+    def add(self, tag, index, request):
+        self.queue.append((tag, index, request.row))
 
     def step(self):
         time.sleep(0.005)
@@ -302,6 +316,11 @@ class FakeEngine:
         pass
 
 
+def test_the_fake_engine_is_an_engine():
+    assert isinstance(FakeEngine({}), Engine)
+    assert not isinstance(object(), Engine)
+
+
 ROWS = 37
 
 
@@ -313,8 +332,9 @@ def planned_run(tmp_path, prompts, overrides):
     cfg = compose(["dp=2", *overrides, f"data.input={path}"])
     inputs = scan([str(path)], "prompt")
     atomic_write(rd.config, config.to_yaml(cfg))
-    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=2, ep=cfg.ep, ranks=2, engine_args=config.engine_args(cfg, "/fake"),
-                                    submitted_at=time.time()))
+    plan = dataclasses.replace(bare_plan(2, per_rank=1), ep=cfg.ep, engine_args=config.engine_args(cfg, "/fake"),
+                               submitted_at=time.time())
+    atomic_write_json(rd.plan, plan.to_json())
     if cfg.dynamic:
         tokens = row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
         shards = cut_by_tokens(inputs.files, tokens, 2, cfg.schedule.shards_per_rank, cfg.data.shard_rows)
@@ -332,7 +352,7 @@ def claimed_run(tmp_path):
 
 
 def run_rank(rd, rank, monkeypatch, **engine_kw):
-    monkeypatch.setattr("hpcinfer.rank.engine.Engine", lambda args, sampling: FakeEngine(args, sampling, **engine_kw))
+    monkeypatch.setattr("hpcinfer.rank.engine.create_engine", lambda args: FakeEngine(args, **engine_kw))
     ctx = RankContext(rank, 2, rank, ["localhost"], "127.0.0.1", 1, "cuda", [str(rank)])
     return worker.run(str(rd.path), ctx)
 
@@ -353,25 +373,25 @@ def test_two_ranks_share_the_shards_and_every_row_is_generated_once(claimed_run,
         t.join(60)
     assert codes == {0: 0, 1: 0}
     assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
-    by = {rd.read_done(s.shard)["rank"] for s in shards}
+    by = {rd.read_done(s.shard).rank for s in shards}
     assert by == {0, 1}  # both ranks did work
-    assert all(p.name.endswith(".0") for p in (rd.path / "claims").iterdir())  # no takeovers: nobody died
+    assert all(p.name.endswith(".0") for p in rd.claims_dir.iterdir())  # no takeovers: nobody died
     assert sum(e.generated for e in FakeEngine.instances[-2:]) == ROWS
 
 
 def test_a_dead_ranks_claims_are_taken_over_with_their_parts(claimed_run, monkeypatch):
     rd, shards = claimed_run
     assert run_rank(rd, 0, monkeypatch, crash_after=6) == 1  # claims a batch's worth, crashes after 6 rows
-    assert rd.read_optional(rd.rank_file(0))["state"] == "failed"
-    held = {parse_claim_name(p.name)[0] for p in (rd.path / "claims").iterdir()}
+    assert rd.read_rank(0).state == FAILED
+    held = {parse_claim_name(p.name)[0] for p in rd.claims_dir.iterdir()}
     done_by_0 = rd.done_shards()
     assert held - done_by_0  # it died holding unfinished shards ...
     in_parts = sum(pq.read_metadata(p).num_rows for p in rd.shards_dir.glob("*.parts/*.parquet"))
     assert in_parts >= 1  # ... and rows of them in durable parts
     assert run_rank(rd, 1, monkeypatch) == 0  # takes over at once: rank 0 recorded that it failed
     assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
-    assert {s.shard for s in shards if rd.read_done(s.shard)["rank"] == 1} == {s.shard for s in shards} - done_by_0
-    assert sum(rd.read_done(s.shard)["rows_resumed"] for s in shards) == in_parts  # parts were kept, not redone
+    assert {s.shard for s in shards if rd.read_done(s.shard).rank == 1} == {s.shard for s in shards} - done_by_0
+    assert sum(rd.read_done(s.shard).rows_resumed for s in shards) == in_parts  # parts were kept, not redone
     rows_by_0 = sum(s.rows for s in shards if s.shard in done_by_0)
     assert FakeEngine.instances[-1].generated == ROWS - rows_by_0 - in_parts
 
@@ -379,16 +399,30 @@ def test_a_dead_ranks_claims_are_taken_over_with_their_parts(claimed_run, monkey
 def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monkeypatch):
     rd, shards = claimed_run
     first = claim_order(shards)[0].shard
-    claims_dir = rd.path / "claims"
-    claims_dir.mkdir()
-    (claims_dir / f"{first:06d}.0").write_text(json.dumps({"rank": 0, "token": "ghost", "host": "lost-node"}))
+    rd.claims_dir.mkdir()
+    rd.claim(first, 0).write_text(json.dumps({"rank": 0, "token": "ghost", "host": "lost-node"}))
     atomic_write(rd.rank_owner(0), "ghost")
     atomic_write(rd.rank_beat(0), "ghost 7")  # and never again: its node is gone
     t0 = time.monotonic()
     assert run_rank(rd, 1, monkeypatch) == 0
     assert time.monotonic() - t0 >= 0.4  # it waited for the lease (schedule.lease_s=0.4)
-    assert (claims_dir / f"{first:06d}.1").exists()
+    assert rd.claim(first, 1).exists()
     assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
+
+
+def test_rows_that_cannot_be_generated_get_their_error_and_the_rest_is_generated(tmp_path, monkeypatch):
+    """requests.build_requests turns a null, empty or too long prompt into its error row at once;
+    the shard loop delivers those beside the engine's rows (here: all of a shard's rows fail)."""
+    rd, shards = planned_run(tmp_path, ["p0", None, "", "x" * 50, "p4", None, None], ["data.shard_rows=2"])
+    monkeypatch.setattr(FakeEngine, "max_model_len", 10)
+    assert run_rank(rd, 0, monkeypatch) == 0 and run_rank(rd, 1, monkeypatch) == 0
+    finalize(str(rd.path))
+    res = pq.read_table(rd.results)
+    assert res.column("generated_text").to_pylist() == ["gen 0", None, None, None, "gen 4", None, None]
+    assert res.column("error").to_pylist() == [
+        None, "prompt is null", "prompt is empty (0 tokens)",
+        "prompt has 50 tokens; max_model_len=10 leaves no room for output", None, "prompt is null", "prompt is null"]
+    assert sum(rd.read_done(s.shard).rows_failed for s in shards) == 5
 
 
 class BusyGroupEngine(FakeEngine):
@@ -414,14 +448,14 @@ def test_a_lockstep_rank_out_of_rows_keeps_stepping_until_its_group_is_done(tmp_
     rd, _ = planned_run(tmp_path, [f"p{i}" for i in range(6)], ["model=tiny_moe", "ep=true"])
     engines = []
 
-    def engine(args, sampling):
-        engines.append(BusyGroupEngine(args, sampling, busy_steps=5))
+    def engine(args):
+        engines.append(BusyGroupEngine(args, busy_steps=5))
         return engines[-1]
 
-    monkeypatch.setattr("hpcinfer.rank.engine.Engine", engine)
+    monkeypatch.setattr("hpcinfer.rank.engine.create_engine", engine)
     assert worker.run(str(rd.path), RankContext(0, 2, 0, ["localhost"], "127.0.0.1", 1, "cuda", ["0"])) == 0
     assert engines[0].generated == 3 and engines[0].idle_steps == 5 and not engines[0].group_busy()
-    assert json.loads(rd.rank_file(0).read_text())["state"] == "done"
+    assert rd.read_rank(0).state == DONE
 
 
 # ---- balancing policies (schedule.py) --------------------------------------------------------

@@ -4,6 +4,7 @@
 manifest.parquet, shards/<id>.parquet (built with output.shard_table from made-up RowResults)
 and done/<id>.json markers.
 """
+import dataclasses
 import os
 import stat
 import subprocess
@@ -14,18 +15,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import bare_plan
 
 from hpcinfer import config
 from hpcinfer.cli import compose
 from hpcinfer.errors import RunIncomplete, UserError
+from hpcinfer.finalize import finalize
 from hpcinfer.planning.inputs import discover, scan
 from hpcinfer.planning.sharding import make_shards, partition
-from hpcinfer.rank.engine import RowResult
 from hpcinfer.rundir import output
 from hpcinfer.rundir.files import atomic_path, atomic_write, atomic_write_json
 from hpcinfer.rundir.manifest import read_shard, write_manifest
-from hpcinfer.rundir.merge import finalize
+from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import DoneRecord, RankRecord
 
 PYTHON = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python")
 REPO = str(Path(__file__).resolve().parents[1])
@@ -69,9 +72,9 @@ def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_row
     rd.create()
     cfg = compose([])
     atomic_write(rd.config, config.to_yaml(cfg))
-    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=ranks, ep=False, ranks=ranks,
-                                    engine_args=config.engine_args(cfg, "/fake/tiny"),
-                                    submitted_at=time.time() - 5))
+    plan = dataclasses.replace(bare_plan(ranks, per_rank=1), engine_args=config.engine_args(cfg, "/fake/tiny"),
+                               submitted_at=time.time() - 5)
+    atomic_write_json(rd.plan, plan.to_json())
     shards = make_shards(inputs.files, ranks, shard_rows)
     write_manifest(str(rd.manifest), shards, inputs.schema)
 
@@ -83,11 +86,11 @@ def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_row
         pq.write_table(output.shard_table(rows, results, s.global_start), rd.shard_output(s.shard))
         if s.shard in skip_done:
             continue
-        rd.mark_done(s.shard, dict(shard=s.shard, rank=s.rank, host="fakehost", rows=s.rows,
-                                   rows_failed=sum(r.error is not None for r in results),
-                                   prompt_tokens=sum(r.prompt_tokens for r in results),
-                                   output_tokens=sum(r.output_tokens for r in results),
-                                   generation_seconds=0.5))
+        rd.mark_done(DoneRecord(shard=s.shard, rank=s.rank, host="fakehost", rows=s.rows,
+                                rows_failed=sum(r.error is not None for r in results),
+                                prompt_tokens=sum(r.prompt_tokens for r in results),
+                                output_tokens=sum(r.output_tokens for r in results),
+                                generation_seconds=0.5))
     return rd, shards, original
 
 
@@ -140,8 +143,9 @@ def test_finalize_merges_in_input_order(tmp_path, order):
 
 def test_rank_generation_seconds_is_its_window_not_the_sum_of_overlapping_shards():
     from hpcinfer.rundir.merge import rank_generation_seconds
-    assert rank_generation_seconds({"generation_started_at": 100.0, "generation_ended_at": 103.5}, 9.0) == 3.5
-    assert rank_generation_seconds({"generation_started_at": 100.0}, 9.0) == 9.0  # no window recorded
+    assert rank_generation_seconds(RankRecord(0, generation_started_at=100.0, generation_ended_at=103.5), 9.0) == 3.5
+    assert rank_generation_seconds(RankRecord(0, generation_started_at=100.0), 9.0) == 9.0  # no window recorded
+    assert rank_generation_seconds(None, 9.0) == 9.0  # no record: a rank known only by its done markers
 
 
 def test_finalize_drops_parts_left_by_a_rank_killed_after_its_done_marker(tmp_path):
@@ -211,16 +215,18 @@ def test_finalize_rejects_wrong_row_count(tmp_path):
 
 def test_finalize_cli_exit_codes(tmp_path):
     rd, shards, _ = fake_run_dir(tmp_path, skip_done={0})
-    run = lambda *args: subprocess.run([PYTHON, "-m", "hpcinfer.finalize", *args], cwd=REPO,
-                                       capture_output=True, text=True, timeout=60)
+
+    def run(*args):
+        return subprocess.run([PYTHON, "-m", "hpcinfer.finalize", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+
     p = run(str(rd.path))
     assert p.returncode == 1
     assert "incomplete" in p.stderr and "0 (rank 0" in p.stderr
     assert not rd.results.exists()
 
-    info = dict(shard=0, rank=0, host="fakehost", rows=shards[0].rows, rows_failed=0, prompt_tokens=0,
-                output_tokens=0, generation_seconds=0.0)
-    rd.mark_done(0, info)
+    rd.mark_done(DoneRecord(shard=0, rank=0, host="fakehost", rows=shards[0].rows, rows_failed=0, prompt_tokens=0,
+                            output_tokens=0, generation_seconds=0.0))
     p = run(str(rd.path))
     assert p.returncode == 0, p.stderr
     assert f"{sum(FILE_SIZES)} rows" in p.stdout
@@ -253,14 +259,16 @@ def test_atomic_path_failure_keeps_old_content(tmp_path):
 def test_mark_done_refuses_without_output(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()
+    done = DoneRecord(shard=3, rank=1, host="h", rows=5, rows_failed=1, prompt_tokens=7, output_tokens=9,
+                      generation_seconds=0.5)
     with pytest.raises(RuntimeError, match="no output"):
-        rd.mark_done(3, {"shard": 3})
+        rd.mark_done(done)
     assert not rd.is_done(3)
     assert rd.done_shards() == set()
     rd.shard_output(3).write_bytes(b"x")
-    rd.mark_done(3, {"shard": 3})
+    rd.mark_done(done)
     assert rd.is_done(3) and rd.done_shards() == {3}
-    assert rd.read_done(3) == {"shard": 3}
+    assert rd.read_done(3) == done
 
 
 def test_locked_refuses_second_holder(tmp_path):
@@ -323,8 +331,15 @@ def test_rank_files_and_names(tmp_path):
     rd.create()
     assert rd.shard_output(12).name == "000012.parquet"
     assert rd.done_marker(12).name == "000012.json"
-    rd.write_rank(1, {"host": "h1"})
-    rd.write_rank(0, {"host": "h0"})
+    assert rd.claim(12, 3) == rd.claims_dir / "000012.3"
+    assert rd.node_log(2, 0) == rd.rank_log(2) == rd.logs_dir / "rank-2.log"
+    assert rd.node_log(2, 1) == rd.logs_dir / "rank-2-node-1.log"
+    assert rd.read_rank(0) is None and rd.read_ranks() == {}
+    rd.write_rank(RankRecord(1, host="h1"))
+    rd.write_rank(RankRecord(0, host="h0", token="t", state="running", devices=["0", "1"]))
     (rd.ranks_dir / "junk.json").write_text("{}")
-    assert rd.read_ranks() == {0: {"host": "h0"}, 1: {"host": "h1"}}
+    (rd.ranks_dir / "7.json").write_text("{}")  # not a record: no rank
+    assert rd.read_ranks() == {0: RankRecord(0, host="h0", token="t", state="running", devices=["0", "1"]),
+                               1: RankRecord(1, host="h1")}
+    assert rd.read_rank(1) == RankRecord(1, host="h1")
 

@@ -1,39 +1,28 @@
-"""[from lockstep] The environment of vLLM's lockstep data-parallel path (`VLLM_DP_*`).
+"""The environment of a rank's processes: the contract between a launcher and the code inside a
+rank (read back by `hpcinfer.rank.context`). Pure: every function here maps values to variables.
 
-vLLM runs data parallel in lockstep (all ranks step together, one DP group) only for MoE models
-with expert parallelism; it rejects dense models, which hpcinfer runs as independent engines,
-one per rank, with these variables removed (see `ranks.rank_env`). This module builds the
-variables for the MoE case, from explicit values or from a Slurm task's environment, and checks
-that the ranks of one group agree.
+A launcher works out, for each process it starts, a `ProcessSpec` (who the rank is, its devices,
+the run's master address and port, and, where they apply, its place in a replica spanning nodes
+and in a lockstep group); `process` turns it into the process to start: its module and its full
+environment. The local launcher and a Slurm task differ only in how they fill the spec.
 
-[from replica] Replicas that span nodes: one hpcinfer rank (one vLLM engine) over tp x pp GPUs on several
-nodes, through vLLM's multiprocessing backend (engine arguments `nnodes`, `node_rank`,
-`master_addr`, `master_port`). A replica of tp x pp = k x gpus_per_node GPUs runs one process on
-each of its k nodes: node 0 is the leader (`python -m hpcinfer.worker`: the engine, the rank loop,
-the outputs), nodes 1..k-1 run vLLM's workers headless (`python -m hpcinfer.headless`).
-
-Pure. A launcher (backends/local.py, slurm_task.py) gives each process of a spanning replica
-these variables (a single-node replica gets none of them):
-
-  HPCINFER_NNODES        nodes of the replica (>= 2)
-  HPCINFER_NODE_RANK     this process's node in the replica (0 = the leader)
-  HPCINFER_REPLICA_ADDR  IP address of the leader's node (vLLM's master_addr)
-  HPCINFER_REPLICA_PORT  the replica's torch.distributed rendezvous port there (vLLM's master_port)
-
-and `replica_engine_args` turns them into the extra engine arguments, the same on every node.
-
-[from ranks] Who a rank is and what it may use: the environment contract between a launcher and a worker.
-
-A launcher (the local backend now, a Slurm task later) gives each rank process these variables;
-`context_from_env` turns them into a `RankContext`. `rank_env` builds them, pure. Dense models
-run one independent vLLM engine per rank, so `VLLM_DP_*` variables (vLLM's lockstep MoE data
-parallel path, which rejects dense models) are removed from every rank's environment here, and
-so are a spanning replica's `HPCINFER_NNODES` & co. (replica.py): launchers add what applies.
+  HPCINFER_RANK, _WORLD_SIZE, _LOCAL_RANK, _HOSTS, _MASTER_ADDR, _MASTER_PORT, _DEVICE_KIND, _DEVICES
+      every rank process (`rank_env`); on CPU also vLLM's CPU settings (`cpu_engine_env`)
+  HPCINFER_NNODES, _NODE_RANK, _REPLICA_ADDR, _REPLICA_PORT
+      each process of a replica spanning nodes (`replica_env`): one rank (one vLLM engine) over
+      tp x pp devices on k nodes, through vLLM's multiprocessing backend (engine arguments nnodes,
+      node_rank, master_addr, master_port); node 0, the leader, runs `hpcinfer.rank.worker`, the
+      others `hpcinfer.rank.headless`
+  VLLM_DP_RANK, _RANK_LOCAL, _SIZE, _MASTER_IP, _MASTER_PORT
+      only MoE ranks with ep=true, which vLLM runs as one lockstep data-parallel group
+      (`lockstep_env`); vLLM rejects dense models on that path, so every other rank has them
+      removed, as it has inherited replica variables removed: a launcher adds what applies.
 """
 from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from hpcinfer.planning.sharding import partition
@@ -131,17 +120,6 @@ def replica_env(nnodes: int, node_rank: int, addr: str, port: int) -> Dict[str, 
             "HPCINFER_REPLICA_ADDR": addr, "HPCINFER_REPLICA_PORT": str(port)}
 
 
-def node_slices(devices: Sequence[str], nnodes: int) -> List[List[str]]:
-    """A replica's devices (GPU ids or CPU cores) cut into its nodes' consecutive equal shares;
-    with fewer devices than nodes (CPU cores), nodes share them round-robin."""
-    if nnodes < 1 or not devices:
-        raise ReplicaError(f"cannot split devices {list(devices)} over {nnodes} node(s)")
-    if len(devices) < nnodes:
-        return [[devices[i % len(devices)]] for i in range(nnodes)]
-    per = len(devices) // nnodes
-    return [list(devices[i * per:(i + 1) * per]) for i in range(nnodes)]
-
-
 def rank_env(base: Mapping[str, str], *, rank: int, world_size: int, local_rank: int, hosts: List[str],
              master_addr: str, master_port: int, device_kind: str, devices: List[str],
              workers_per_rank: int, cpu_kvcache_gib: int, offline: bool) -> Dict[str, str]:
@@ -185,3 +163,87 @@ def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
+
+
+WORKER, HEADLESS = "hpcinfer.rank.worker", "hpcinfer.rank.headless"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A process's place in a replica spanning `nnodes` nodes (vLLM's nnodes / node_rank /
+    master_addr / master_port); `host_ip` is this node's address for vLLM's queues between the
+    nodes (VLLM_HOST_IP, unless the user set it)."""
+
+    nnodes: int
+    node_rank: int
+    addr: str
+    port: int
+    host_ip: Optional[str]  # None: the user's VLLM_HOST_IP stays
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """A rank's place in vLLM's lockstep data-parallel group (MoE with ep=true). `visible`: the
+    GPUs its node shows the group in rank order (vLLM places DP local rank l on visible GPUs
+    l x tp*pp.. itself), None to leave CUDA_VISIBLE_DEVICES unset (all the node's GPUs)."""
+
+    dp_rank: int
+    local_rank: int
+    size: int
+    master_ip: str
+    master_port: int
+    visible: Optional[List[str]] = None
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """Everything that distinguishes one process of a rank, as its launcher worked it out."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    hosts: List[str]
+    master_addr: str
+    master_port: int
+    device_kind: str  # "cuda" | "cpu"
+    devices: List[str]  # this process's GPU ids or CPU cores
+    workers: int  # engine workers of this process (tp x pp / nodes of the replica)
+    cpu_kvcache_gib: int
+    offline: bool  # the model is a local directory: no hub lookups
+    replica: Optional[Replica] = None
+    lockstep: Optional[Lockstep] = None
+
+    @property
+    def node_rank(self) -> int:
+        return self.replica.node_rank if self.replica else 0
+
+
+@dataclass(frozen=True)
+class Process:
+    """One process of a rank, ready to start: `python -m <module> <run_dir>` with `env`."""
+
+    module: str  # WORKER (the rank; a spanning replica's leader) | HEADLESS (another node of it)
+    node_rank: int  # its node within a replica spanning nodes (0: the leader)
+    env: Dict[str, str]
+
+
+def process(base: Mapping[str, str], spec: ProcessSpec) -> Process:
+    """The process of `spec`, its environment built from `base` (the launcher's own). Pure."""
+    env = rank_env(base, rank=spec.rank, world_size=spec.world_size, local_rank=spec.local_rank, hosts=spec.hosts,
+                   master_addr=spec.master_addr, master_port=spec.master_port, device_kind=spec.device_kind,
+                   devices=spec.devices, workers_per_rank=spec.workers, cpu_kvcache_gib=spec.cpu_kvcache_gib,
+                   offline=spec.offline)
+    r = spec.replica
+    if r is not None and r.nnodes > 1:
+        env.update(replica_env(r.nnodes, r.node_rank, r.addr, r.port))
+        if r.host_ip and not env.get("VLLM_HOST_IP"):
+            env["VLLM_HOST_IP"] = r.host_ip
+    g = spec.lockstep
+    if g is not None:
+        env.update(lockstep_env(g.dp_rank, g.local_rank, g.size, g.master_ip, g.master_port))
+        if spec.device_kind == "cuda":  # on CPU a lockstep group is one rank: its own binding stays
+            if g.visible is None:
+                env.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = str(lockstep_devices(g.visible, g.local_rank, spec.workers))
+    return Process(WORKER if spec.node_rank == 0 else HEADLESS, spec.node_rank, env)

@@ -1,5 +1,6 @@
-"""[from progress] Progress of a run, read from the run directory (`ranks/<r>.json`), and shown while it runs:
-rows done of total, output tokens/s, ETA. A bar on a terminal, a line every few seconds in logs.
+"""Progress of a run while it runs, read from its ranks' records (`ranks/<r>.json`): rows done
+of total, output tokens/s, ETA, how many ranks are in each state. A bar on a terminal, a line
+every few seconds in logs.
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ class Snapshot:
 
 
 def snapshot(rd: RunDir, rows_total: int) -> Snapshot:
+    """The run's progress now, summed over its ranks' records."""
     snap = Snapshot(rows_total)
-    for rank, s in rd.read_ranks().items():
-        snap.rows_done += s.get("rows_done", 0)
-        snap.output_tokens += s.get("output_tokens", 0)
-        snap.states[rank] = s.get("state", "?")
-        started = s.get("generation_started_at")
+    for rank, record in rd.read_ranks().items():
+        snap.rows_done += record.rows_done
+        snap.output_tokens += record.output_tokens
+        snap.states[rank] = record.state
+        started = record.generation_started_at
         if started and (snap.generation_started_at is None or started < snap.generation_started_at):
             snap.generation_started_at = started
     return snap

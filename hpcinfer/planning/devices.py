@@ -1,6 +1,7 @@
-"""[from devices] The devices a run can use on one machine, and how ranks split them.
+"""The devices a run can use on one machine, and how ranks (and a rank's nodes) split them.
 
-Detection (nvidia-smi, CUDA_VISIBLE_DEVICES, CPU affinity) is at the edge; `split` is pure.
+Detection (nvidia-smi, CUDA_VISIBLE_DEVICES, CPU affinity) is at the edge; `split` and
+`node_slices` are pure.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence
 
 from hpcinfer.planning.sharding import partition
 
@@ -69,3 +70,14 @@ def split(devices: Devices, ranks: int, per_rank: int) -> List[List[str]]:
     if ranks >= len(cpus):
         return [[cpus[r % len(cpus)]] for r in range(ranks)]
     return [cpus[lo:hi] for lo, hi in partition(len(cpus), ranks)]
+
+
+def node_slices(devices: Sequence[str], nnodes: int) -> List[List[str]]:
+    """A replica's devices (GPU ids or CPU cores) cut into its nodes' consecutive equal shares;
+    with fewer devices than nodes (CPU cores), nodes share them round-robin."""
+    if nnodes < 1 or not devices:
+        raise ValueError(f"cannot split devices {list(devices)} over {nnodes} node(s)")
+    if len(devices) < nnodes:
+        return [[devices[i % len(devices)]] for i in range(nnodes)]
+    per = len(devices) // nnodes
+    return [list(devices[i * per:(i + 1) * per]) for i in range(nnodes)]

@@ -1,14 +1,8 @@
-"""[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
-
-The global row order is the order of the input files (sorted paths) and, within a file, its row
-order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
-
-- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
-  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
-- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
-  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
-  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
-  it (`expected_ranks`), for the plan.
+"""Input data on the submitting machine: discovery (a file, a directory, a glob), and the checks
+made before anything is written: readable Parquet files, the prompt column a string, the schemas
+of all files one schema, ids unique and non-null, per-row output caps integers >= 1. Reads
+footers and the few columns it checks, never whole files. The global row order is the order of
+the input files (sorted paths) and, within a file, its row order.
 """
 from __future__ import annotations
 
@@ -22,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hpcinfer.config import OUTPUT_COLUMNS
 from hpcinfer.errors import DataError
+from hpcinfer.rundir.output import OUTPUT_COLUMNS
 
 
 @dataclass(frozen=True)

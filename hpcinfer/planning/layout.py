@@ -1,22 +1,22 @@
-"""[from planner] Layout arithmetic: ranks, devices per rank, nodes, memory per GPU. Pure.
+"""Layout arithmetic: model shape, memory per GPU, the expert layout, and `make_plan`. Pure.
 
 Seed rules: a model that fits one GPU needs no model parallelism; too large for one GPU -> tensor
 parallel within a node (tp must divide the attention heads), then pipeline parallel; more
-throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp.
+throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp. Where
+ranks go (devices, Slurm jobs and nodes) is the launcher's `place`, handed in.
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from hpcinfer.config import ModelConfig, RunConfig, SlurmClusterConfig
+from hpcinfer.config import ModelConfig, RunConfig
 from hpcinfer.errors import ConfigError
-from hpcinfer.launch.slurm.layout import slurm_jobs, slurm_rank_place
-from hpcinfer.planning.devices import Devices, split
+from hpcinfer.planning.devices import Devices
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.records import ExpertLayout, JobLayout, Memory, Plan, RankPlan
+from hpcinfer.rundir.records import ExpertLayout, Memory, Plan, RankPlan
 
 GIB = 1024**3
 
@@ -136,8 +136,10 @@ def expert_layout(num_experts: Optional[int], dp: int, tp: int, redundant: int =
 
 
 def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: Dict[str, Any],
-              shards: List[Shard], n_rows: int, n_files: int, active: int) -> Plan:
-    """The layout of this run. Raises ConfigError when it cannot work."""
+              shards: List[Shard], n_rows: int, n_files: int, active: int,
+              place: Callable[[int, Devices], "Placement"]) -> Plan:
+    """The layout of this run; `place` is the launcher's (`Launcher.place`: each rank's devices
+    and, on Slurm, its job and node). Raises ConfigError when it cannot work."""
     notes: List[str] = []
     gpu_mem = getattr(cfg.cluster, "gpu_memory_gib", None) or devices.gpu_memory_gib
     memory = memory_per_gpu(shape, engine_args, cfg.tp, cfg.pp, gpu_mem if devices.gpus else None,
@@ -157,27 +159,18 @@ def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: 
         notes.append(f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), "
                      f"a rank needs at least one row")
     experts = _experts(cfg, shape, active, bool(devices.gpus), notes) if cfg.lockstep else None
-    jobs: Optional[JobLayout] = None
-    if isinstance(cfg.cluster, SlurmClusterConfig):
-        jobs = slurm_jobs(cfg, active)
-        where = [slurm_rank_place(jobs, r, cfg.gpus_per_rank, bool(devices.gpus)) for r in range(active)]
-        if jobs.idle_tasks(active):
-            notes.append(f"{jobs.idle_tasks(active)} Slurm task(s) get no rank: {active} rank(s) do not fill "
-                         f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)")
-    else:
-        if not devices.gpus and active * cfg.gpus_per_rank > len(devices.cpus):
-            notes.append(f"no GPU: {active * cfg.gpus_per_rank} CPU worker(s) share {len(devices.cpus)} core(s)")
-        where = [(d, None, None) for d in split(devices, active, cfg.gpus_per_rank)]
-    rank_plans = [RankPlan(r, where[r][0], [s.shard for s in shards if s.rank == r],
-                           sum(s.rows for s in shards if s.rank == r), job=where[r][1], node=where[r][2])
+    where = place(active, devices)
+    notes += where.notes
+    rank_plans = [RankPlan(r, where.devices[r], [s.shard for s in shards if s.rank == r],
+                           sum(s.rows for s in shards if s.rank == r), job=where.job[r], node=where.node[r])
                   for r in range(active)]
     return Plan(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, ep=cfg.ep, ranks=active, device_kind=devices.kind,
-                gpus_per_rank=cfg.gpus_per_rank, nodes=jobs.nodes if jobs else 1, rows=n_rows, files=n_files,
+                gpus_per_rank=cfg.gpus_per_rank, nodes=where.nodes, rows=n_rows, files=n_files,
                 shards=len(shards), memory=memory, engine_args=engine_args,
                 model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
-                rank_plans=rank_plans, notes=notes, jobs=jobs, schedule="dynamic" if cfg.dynamic else "static",
+                rank_plans=rank_plans, notes=notes, jobs=where.jobs, schedule="dynamic" if cfg.dynamic else "static",
                 tokens=sum(s.tokens for s in shards), experts=experts,
-                nodes_per_rank=jobs.nodes_per_rank if jobs else cfg.nodes_per_rank)
+                nodes_per_rank=cfg.nodes_per_rank)
 
 
 def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: List[str]) -> ExpertLayout:
@@ -201,3 +194,7 @@ def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: L
         notes.append("expert.placement=round_robin: vLLM uses it only for models with expert groups and without "
                      "EPLB/redundant experts (and an all2all backend that supports it); otherwise it places linearly")
     return lay
+
+
+if TYPE_CHECKING:
+    from hpcinfer.launch.base import Placement

@@ -1,4 +1,4 @@
-"""[from models] Offline built-in models and demo data: no model hub, no network.
+"""Offline built-in models and demo data: no model hub, no network.
 
 `tiny-llama` (a random-weight LlamaForCausalLM) and `tiny-mixtral` (a Mixtral-style MoE, 4
 experts, top-2) share a byte-level BPE tokenizer trained here on a corpus generated from a fixed

@@ -1,17 +1,17 @@
-"""[from prepare] From a config to a plan, on the login node: detect devices, validate, locate the model,
-scan the inputs, cut shards, lay out the ranks. Shared by `submit` and `plan`.
+"""From a config to a plan, on the submitting machine: the launcher's devices, validation, the
+model's path, the inputs scanned, the shards cut, the ranks laid out. Shared by `submit` and `plan`.
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import List
+from typing import TYPE_CHECKING, List
 
-from hpcinfer.config import RunConfig, SlurmClusterConfig, engine_args, validate
+from hpcinfer.config import RunConfig, engine_args, validate
 from hpcinfer.doctor import conflict_message
 from hpcinfer.errors import UserError
-from hpcinfer.planning.devices import Devices, detect
+from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
 from hpcinfer.planning.layout import make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
@@ -28,16 +28,11 @@ class Prepared:
     devices: Devices
 
 
-def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
-    """Everything a launch needs. With build=False (plan only) nothing is written: built-in
-    models are not built and the demo data is counted, not generated."""
-    if isinstance(cfg.cluster, SlurmClusterConfig):  # devices of one compute node, as configured
-        devices = Devices(gpus=[str(i) for i in range(cfg.cluster.gpus_per_node)],
-                          cpus=list(range(cfg.cluster.cpus_per_task or 1)), gpu_memory_gib=cfg.cluster.gpu_memory_gib)
-        validate(cfg)
-    else:
-        devices = detect(gpus=cfg.cluster.gpus)
-        validate(cfg, gpus_available=len(devices.gpus) or None)
+def prepare(cfg: RunConfig, launcher: "Launcher", build: bool = True) -> Prepared:
+    """Everything a launch needs, for the cluster of `launcher`. With build=False (plan only)
+    nothing is written: built-in models are not built and the demo data is counted, not generated."""
+    devices = launcher.devices()
+    validate(cfg, gpus_available=launcher.gpus_offered(devices))
     broken = conflict_message()
     if broken:
         raise UserError(broken)
@@ -51,7 +46,7 @@ def prepare(cfg: RunConfig, build: bool = True) -> Prepared:
     shards = cut_shards(cfg, inputs, ranks)
     shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)
     plan = make_plan(cfg, shape, devices, engine_args(cfg, model_path), shards, inputs.rows,
-                     len(inputs.files), ranks)
+                     len(inputs.files), ranks, place=launcher.place)
     return Prepared(plan, inputs, shards, devices)
 
 
@@ -86,3 +81,7 @@ def default_run_dir(root: str = "outputs") -> str:
     while os.path.exists(path):
         path, n = f"{base}-{n}", n + 1
     return path
+
+
+if TYPE_CHECKING:
+    from hpcinfer.launch.base import Launcher

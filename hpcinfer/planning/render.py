@@ -1,14 +1,11 @@
-"""[from planner] Layout arithmetic: ranks, devices per rank, nodes, memory per GPU. Pure.
-
-Seed rules: a model that fits one GPU needs no model parallelism; too large for one GPU -> tensor
-parallel within a node (tp must divide the attention heads), then pipeline parallel; more
-throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp.
+"""The plan as `hpcinfer plan` prints it: model, layout, devices, experts, Slurm jobs, work per
+rank, replicas spanning nodes, memory per GPU, notes. Pure.
 """
 from __future__ import annotations
 
 from typing import List
 
-from hpcinfer.launch.env import node_slices
+from hpcinfer.planning.devices import node_slices
 from hpcinfer.rundir.records import Plan
 
 

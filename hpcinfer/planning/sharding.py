@@ -1,14 +1,11 @@
-"""[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
+"""Cutting the global row order into shards (pure), and the work estimates that size them.
 
-The global row order is the order of the input files (sorted paths) and, within a file, its row
-order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
-
-- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
+- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of the rows (the
   remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
 - `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
   file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
-  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
-  it (`expected_ranks`), for the plan.
+  (rank/schedule.py). Each shard's `rank` is then only where greedy longest-first balancing
+  expects it (`expected_ranks`), for the plan.
 """
 from __future__ import annotations
 

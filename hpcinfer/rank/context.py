@@ -1,26 +1,21 @@
-"""[from replica] Replicas that span nodes: one hpcinfer rank (one vLLM engine) over tp x pp GPUs on several
-nodes, through vLLM's multiprocessing backend (engine arguments `nnodes`, `node_rank`,
-`master_addr`, `master_port`). A replica of tp x pp = k x gpus_per_node GPUs runs one process on
-each of its k nodes: node 0 is the leader (`python -m hpcinfer.worker`: the engine, the rank loop,
-the outputs), nodes 1..k-1 run vLLM's workers headless (`python -m hpcinfer.headless`).
+"""Who a rank process is and what it may use, from the environment its launcher gave it.
 
-Pure. A launcher (backends/local.py, slurm_task.py) gives each process of a spanning replica
-these variables (a single-node replica gets none of them):
+`context_from_env` turns the HPCINFER_* variables (rank, world size, hosts, devices; written by
+launch/env.py) into a `RankContext`; `pin_to_cores` keeps a CPU rank on its cores.
+
+A replica spanning nodes (one rank, one vLLM engine, over tp x pp GPUs on several nodes, through
+vLLM's multiprocessing backend) runs one process per node: node 0 is the leader
+(`python -m hpcinfer.rank.worker`: the engine, the shard loop, the outputs), nodes 1..k-1 run
+vLLM's workers headless (`python -m hpcinfer.rank.headless`). Each of those processes gets
 
   HPCINFER_NNODES        nodes of the replica (>= 2)
   HPCINFER_NODE_RANK     this process's node in the replica (0 = the leader)
   HPCINFER_REPLICA_ADDR  IP address of the leader's node (vLLM's master_addr)
   HPCINFER_REPLICA_PORT  the replica's torch.distributed rendezvous port there (vLLM's master_port)
 
-and `replica_engine_args` turns them into the extra engine arguments, the same on every node.
-
-[from ranks] Who a rank is and what it may use: the environment contract between a launcher and a worker.
-
-A launcher (the local backend now, a Slurm task later) gives each rank process these variables;
-`context_from_env` turns them into a `RankContext`. `rank_env` builds them, pure. Dense models
-run one independent vLLM engine per rank, so `VLLM_DP_*` variables (vLLM's lockstep MoE data
-parallel path, which rejects dense models) are removed from every rank's environment here, and
-so are a spanning replica's `HPCINFER_NNODES` & co. (replica.py): launchers add what applies.
+and `replica_engine_args` turns them into vLLM's extra engine arguments, the same on every node
+(a single-node replica gets none). This module is rank/'s only door to launch/env.py: the
+variables' names and their validation.
 """
 from __future__ import annotations
 

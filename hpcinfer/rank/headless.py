@@ -1,18 +1,19 @@
-"""[from headless] A node of a replica spanning nodes that is not its leader: `python -m hpcinfer.headless <run_dir>`
+"""A node of a replica spanning nodes that is not its leader: `python -m hpcinfer.rank.headless <run_dir>`.
 
-Started by a launcher (backends/local.py, slurm_task.py) with the rank's environment plus the
-replica's (replica.py, HPCINFER_NODE_RANK > 0). It runs vLLM's workers for this node's GPUs the way
-`vllm serve --headless` does (vllm/entrypoints/cli/serve.py, run_headless): the engine config
-built with headless=True, then `MultiprocExecutor(config, monitor_workers=False)` and
+Started by a launcher with the rank's environment plus the replica's (context.py,
+HPCINFER_NODE_RANK > 0). It runs vLLM's workers for this node's GPUs the way `vllm serve
+--headless` does (vllm/entrypoints/cli/serve.py, run_headless): the engine config built with
+headless=True, then `MultiprocExecutor(config, monitor_workers=False)` and
 `start_worker_monitor(inline=True)`. The workers join the leader's engine (the rank's
-`hpcinfer.worker`, node 0) through master_addr:master_port; only the leader reads rows and writes
-outputs. This process writes nothing to the run directory.
+`hpcinfer.rank.worker`, node 0) through master_addr:master_port; only the leader reads rows and
+writes outputs. This process writes nothing to the run directory.
 
 vLLM's headless executor never returns while its workers live, even after the leader is gone. So
-this process watches the leader's `ranks/<rank>.json` and exits on its own once the leader's
-attempt has ended (done, failed or stopped): 0 when it is done, 1 otherwise. If its own workers
-die first, it waits (at most LEADER_GRACE_S) for the leader to end too, so a launcher that sees
-it exit can tell from the leader's state whether the replica will be started again.
+this process watches the leader's `ranks/<rank>.json` (`LeaderWatch`) and exits on its own once
+the leader's attempt has ended (a state in records.TERMINAL): 0 when it is done, 1 otherwise. If
+its own workers die first, it waits (at most LEADER_GRACE_S) for the leader to end too, so a
+launcher that sees it exit can tell from the leader's state whether the replica will be started
+again.
 """
 from __future__ import annotations
 
@@ -26,44 +27,36 @@ from typing import Any, Dict, Optional, Tuple
 from hpcinfer.config import engine_args, load_run_config
 from hpcinfer.rank.context import RankContext, context_from_env, pin_to_cores, replica_engine_args
 from hpcinfer.rundir.paths import RunDir
-
-TERMINAL = ("done", "failed", "stopped")
-
+from hpcinfer.rundir.records import DONE, TERMINAL, RankRecord
 
 POLL_S = 1.0
 
-
 LEADER_GRACE_S = 600.0  # > vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300): the leader notices a lost node
-
 
 SHUTDOWN_S = 30.0
 
 
-def _attempt(state: Optional[dict]) -> Optional[Tuple[Any, Any, Any]]:
-    """What tells one start of a rank from another in its ranks/<rank>.json."""
-    return None if not state else (state.get("host"), state.get("pid"), state.get("started_at"))
-
-
 class LeaderWatch:
-    """Whether the leader attempt that this process serves has ended. A terminal state already
-    on disk when the watch starts is taken for an earlier attempt's (the replica is being
-    restarted) and ignored until the leader writes a newer one, or for `stale_s` at most: if no
-    newer attempt comes by then (the leader had in fact ended before this node started), it
-    counts, so a headless node never waits for a leader that will not start again."""
+    """Whether the leader attempt that this process serves has ended. An attempt is its record's
+    `token`. A terminal state already on disk when the watch starts is taken for an earlier
+    attempt's (the replica is being restarted) and ignored until the leader writes a newer one,
+    or for `stale_s` at most: if no newer attempt comes by then (the leader had in fact ended
+    before this node started), it counts, so a headless node never waits for a leader that will
+    not start again."""
 
     def __init__(self, rd: RunDir, rank: int, stale_s: float = LEADER_GRACE_S):
         self.rd, self.rank, self.deadline = rd, rank, time.time() + stale_s
-        first = rd.read_optional(rd.rank_file(rank))
-        self.stale = _attempt(first) if first and first.get("state") in TERMINAL else None
+        first = rd.read_rank(rank)
+        self.stale: Optional[RankRecord] = first if first is not None and first.state in TERMINAL else None
 
     def ended(self) -> Optional[str]:
-        """The leader's final state ("done", "failed", "stopped") once its attempt has ended; else None."""
-        state = self.rd.read_optional(self.rd.rank_file(self.rank))
-        if not state or state.get("state") not in TERMINAL:
+        """The leader's final state (one of records.TERMINAL) once its attempt has ended; else None."""
+        record = self.rd.read_rank(self.rank)
+        if record is None or record.state not in TERMINAL:
             return None
-        if _attempt(state) == self.stale and time.time() < self.deadline:
+        if self.stale is not None and record.token == self.stale.token and time.time() < self.deadline:
             return None
-        return state["state"]
+        return record.state
 
     def wait(self, timeout_s: float, poll_s: float = POLL_S) -> Optional[str]:
         deadline = time.time() + timeout_s
@@ -75,7 +68,7 @@ class LeaderWatch:
 
 
 def exit_code(outcome: Optional[str]) -> int:
-    return 0 if outcome == "done" else 1
+    return 0 if outcome == DONE else 1
 
 
 def headless_args(run_dir: str, env) -> Tuple[RankContext, Dict[str, Any]]:
@@ -85,10 +78,10 @@ def headless_args(run_dir: str, env) -> Tuple[RankContext, Dict[str, Any]]:
     ctx = context_from_env(env)
     extra = replica_engine_args(env)
     if not extra or extra["node_rank"] == 0:
-        raise RuntimeError("hpcinfer.headless runs the non-leader nodes of a replica spanning nodes: "
+        raise RuntimeError("hpcinfer.rank.headless runs the non-leader nodes of a replica spanning nodes: "
                            f"HPCINFER_NNODES > 1 and HPCINFER_NODE_RANK > 0 must be set, got {extra or 'none'}")
     cfg = load_run_config(rd.config)
-    return ctx, {**engine_args(cfg, rd.read_plan()["engine_args"]["model"]), **extra}
+    return ctx, {**engine_args(cfg, rd.read_plan().engine_args["model"]), **extra}
 
 
 _executor: list = [None]
@@ -154,7 +147,7 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, lambda signum, _frame: _exit(1, f"headless node: signal {signum}, exiting"))
     if len(sys.argv) != 2:
-        print("usage: python -m hpcinfer.headless <run_dir>", file=sys.stderr)
+        print("usage: python -m hpcinfer.rank.headless <run_dir>", file=sys.stderr)
         raise SystemExit(2)
     try:
         run(sys.argv[1])

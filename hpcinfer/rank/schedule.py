@@ -1,7 +1,7 @@
-"""[from schedule] Which shard a rank of the dynamic schedule claims next: the balancing policy. Pure.
+"""Which shard a rank of the dynamic schedule claims next: the balancing policy. Pure.
 
-`claims.Claims.next` hands the policy the shards this rank could claim now (in claim order:
-densest first, see `data.claim_order`) and the shards not done yet; the policy returns the one to
+`rundir.claims.Claims.next` hands the policy the shards this rank could claim now (in claim
+order: densest first, `claim_order`) and the shards not done yet; the policy returns the one to
 claim, or None to leave them to the other ranks for now.
 
 A rank finishes when its longest requests do: they decode one token per step, however many other
@@ -13,18 +13,6 @@ what it holds of them is at most its share of the rest (`share_allows`). Measure
 static split on a skewed workload (docs/benchmarks.md): 1.67x on 2 H200s, tail 0.9%; on 2 CPU
 cores tail under 1%, where the *factoring* rule (half a share of the tokens left, else the
 smallest shard) left 6-8%.
-
-[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
-
-The global row order is the order of the input files (sorted paths) and, within a file, its row
-order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
-
-- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
-  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
-- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
-  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
-  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
-  it (`expected_ranks`), for the plan.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""[from claims] Dynamic work distribution: ranks claim shards from the run directory.
+"""Dynamic work distribution: the ranks of the dynamic schedule claim shards from the run directory.
 
 The contract, under the run directory:
 
@@ -11,13 +11,13 @@ The contract, under the run directory:
 
 A claim is *dead*, and may be taken over, when the attempt that made it
   - was superseded (`ranks/<r>.owner` names a newer attempt of that rank: it restarted),
-  - recorded that it ended (`ranks/<r>.json` carries its token and says failed, stopped or done),
+  - recorded that it ended (`ranks/<r>.json` carries its token and a state in records.TERMINAL),
   - or has not advanced its heartbeat for `lease_s` seconds, timed on the observer's own clock
     (hosts' clocks are never compared).
 A shard is done only by its done marker, never by a claim. A rank that finds its claim taken
 over stops writing that shard (`ClaimLost`); rows two attempts both produced are kept once by
-the shard's assembly. `claimable` is the pure protocol, schedule.py the balancing policy, `Claims` does the I/O,
-`Heartbeat` the beat.
+the shard's assembly. `claimable` is the pure protocol, rank/schedule.py the balancing policy,
+`Claims` does the I/O, `Heartbeat` the beat.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from hpcinfer.rundir.files import atomic_write
-from hpcinfer.rundir.paths import RunDir, shard_name
+from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import TERMINAL
 
 
 class ClaimLost(Exception):
@@ -43,7 +44,7 @@ class Claim:
     shard: int
     gen: int
     rank: int
-    token: str  # the attempt that made it (worker.RankState.token)
+    token: str  # the attempt that made it (its RankRecord.token)
 
 
 def claimable(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: Callable[[Claim], bool],
@@ -77,8 +78,9 @@ class Claims:
 
     def __init__(self, rd: RunDir, rank: int, token: str, order: Sequence[int], lease_s: float,
                  clock: Callable[[], float] = time.monotonic):
-        self.rd, self.rank, self.token, self.order, self.lease_s, self.clock = rd, rank, token, list(order), lease_s, clock
-        self.dir = rd.path / "claims"
+        self.rd, self.rank, self.token, self.order = rd, rank, token, list(order)
+        self.lease_s, self.clock = lease_s, clock
+        self.dir = rd.claims_dir
         self.dir.mkdir(exist_ok=True, mode=0o700)
         self.mine: Dict[int, int] = {}  # shard -> generation this attempt holds
         self._beats: Dict[int, Tuple[Optional[str], float]] = {}  # rank -> (last beat seen, when it changed)
@@ -97,7 +99,7 @@ class Claims:
         """A claim file's content (write-once, so read once)."""
         key = (shard, gen)
         if key not in self._seen:
-            with open(self.dir / f"{shard_name(shard)}.{gen}") as f:
+            with open(self.rd.claim(shard, gen)) as f:
                 info = json.load(f)
             self._seen[key] = Claim(shard, gen, info["rank"], info["token"])
         return self._seen[key]
@@ -110,8 +112,8 @@ class Claims:
             owner = None
         if owner is not None and owner != c.token:
             return True
-        record = self.rd.read_optional(self.rd.rank_file(c.rank)) or {}
-        if record.get("token") == c.token and record.get("state") in ("failed", "stopped", "done"):
+        record = self.rd.read_rank(c.rank)
+        if record is not None and record.token == c.token and record.state in TERMINAL:
             return True
         try:
             beat = self.rd.rank_beat(c.rank).read_text()
@@ -127,7 +129,7 @@ class Claims:
     # ---- claiming ---------------------------------------------------------------------
     def next(self, choose: Optional[Callable[[List[int], List[int], int], Optional[int]]] = None) -> Optional[int]:
         """Claim a shard and return it, or None when nothing is claimable now. `choose(candidates,
-        unfinished, gone)` (schedule.py's policy; default: the first candidate) picks among the
+        unfinished, gone)` (rank/schedule.py's policy; default: the first candidate) picks among the
         claimable shards in priority order, given the shards not done and how many other ranks
         are gone (see `gone_ranks`); a shard an earlier attempt of this rank held is taken first
         whatever the policy. Losing a race for one shard just moves on to the next."""
@@ -171,7 +173,7 @@ class Claims:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"rank": self.rank, "token": self.token, "host": socket.gethostname()}, f)
-            os.link(tmp, self.dir / f"{shard_name(shard)}.{gen}")
+            os.link(tmp, self.rd.claim(shard, gen))
             return True
         except FileExistsError:
             return False
@@ -181,7 +183,7 @@ class Claims:
     def check(self, shard: int) -> None:
         """Raise ClaimLost when this attempt no longer holds `shard` (a newer claim exists)."""
         gen = self.mine.get(shard)
-        if gen is None or (self.dir / f"{shard_name(shard)}.{gen + 1}").exists():
+        if gen is None or self.rd.claim(shard, gen + 1).exists():
             raise ClaimLost(f"shard {shard} was taken over by another rank")
 
     def release(self, shard: int) -> None:
@@ -203,7 +205,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpcinfer-heartbeat", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._beat(0)
         self._thread.start()
         return self

@@ -1,28 +1,7 @@
-"""[from rundir] The run directory: the contract between submit, the ranks, finalize, status and resume.
-
-Every step reads and writes only here, under fixed names, so any of them can be rerun or
-inspected on its own (as datatrove's executors coordinate through one logging folder):
-
-    <run_dir>/
-      config.yaml            the resolved config of the run
-      plan.json              layout, devices per rank, engine_args, memory estimate
-      manifest.parquet       one row per shard (rank, file, row range, global start, est. tokens)
-      shards/<id>.parquet    a finished shard's output (written to a temp file, then renamed)
-      shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
-      done/<id>.json         written only after the shard output is durable
-      ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
-      ranks/<r>.owner        which attempt of the rank may write (the newest start)
-      ranks/<r>.beat         the attempt's heartbeat (dynamic schedule: claims.py)
-      claims/<id>.<gen>      which attempt claimed a shard (dynamic schedule: claims.py)
-      logs/rank-<r>.log      per-rank output
-      lock                   held (flock) while a submission of this run is live
-      jobs.json              Slurm: every submission's worker and finalize job ids
-      slurm/                 Slurm: submitit's job scripts, pickles and task logs
-      finalize.json          the outcome of the last finalize (exit code, message, job id)
-      results.parquet        the ordered, verified result (finalize)
-      summary.json           totals, layout, sampling, engine_args, ranks (finalize)
-
-Every write is atomic: a temp file in the same directory, fsync, rename.
+"""Writing and reading run-directory files safely: `atomic_write` / `atomic_write_json` /
+`atomic_path` leave a file with either its old content or all of the new, never a part (a temp
+file in the same directory, fsync, rename, fsync of the directory; `durable=False` skips the
+fsyncs for progress records); `read_json`; `tail` of a log.
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
-"""[from data] Input data: discovery, schema checks, sharding, the shard manifest and reading a shard.
+"""The shard manifest (manifest.parquet) and reading a shard's input rows.
 
-The global row order is the order of the input files (sorted paths) and, within a file, its row
-order. Two ways to cut it into shards (both pure; reading files and the manifest are at the edges):
-
-- `make_shards` (schedule.mode=static): ranks get contiguous, near-equal ranges of that order (the
-  remainder spread over the first ranks), each cut at file boundaries and at `data.shard_rows`.
-- `cut_by_tokens` (dynamic): shards of about equal *estimated work* (see `row_tokens`), cut at
-  file boundaries and at `data.shard_rows`; ranks claim them at run time, densest first
-  (`claims.py`). Each shard's `rank` is then only where greedy longest-first balancing expects
-  it (`expected_ranks`), for the plan.
+A `Shard` is a contiguous range of one input file's rows, with its place in the global row order
+(the input files in sorted path order, each in its own row order). planning/sharding.py cuts the
+input into shards; submit writes them here (`write_manifest`, with the input schema in the file's
+metadata); the ranks read them back (`read_manifest`) and read a shard's rows (`read_shard`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""[from merge] Finalize: verify that every shard is done, stream the shard outputs in input order into
+"""Finalize: verify that every shard is done, stream the shard outputs in input order into
 results.parquet, prove every input row appears exactly once, and write summary.json.
 
 Nothing is published unless the result is complete: a missing shard, a shard whose row count or
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 from hpcinfer import __version__
 from hpcinfer.config import load_run_config
 from hpcinfer.errors import RunIncomplete
-from hpcinfer.rundir.files import atomic_path, atomic_write_json
-from hpcinfer.rundir.manifest import Shard, read_manifest
-from hpcinfer.rundir.output import ROW_COLUMN, result_schema
-from hpcinfer.rundir.parts import remove_parts
+from hpcinfer.rundir.files import atomic_path
+from hpcinfer.rundir.manifest import Shard
+from hpcinfer.rundir.output import ROW_COLUMN
 from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import RankRecord
 
 BATCH_ROWS = 64 * 1024
 
@@ -39,21 +39,6 @@ def describe_missing(missing: List[Shard], total: int) -> str:
                        for s in missing[:20])
     more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
     return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
-
-
-def finalize(run_dir: str) -> Dict:
-    """Publish results.parquet and summary.json for a complete run; RunIncomplete otherwise."""
-    rd = RunDir(run_dir)
-    shards, schema = read_manifest(str(rd.manifest))
-    missing = missing_shards(rd, shards)
-    if missing:
-        raise RunIncomplete(describe_missing(missing, len(shards)))
-    totals = merge_shards(rd, shards, result_schema(schema))
-    summary = build_summary(rd, shards, totals)
-    atomic_write_json(rd.summary, summary)
-    for s in shards:  # a rank killed between a done marker and its cleanup leaves the parts behind
-        remove_parts(rd, s.shard)
-    return summary
 
 
 def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
@@ -92,47 +77,53 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
     return totals
 
 
-def rank_generation_seconds(record: Dict, shard_seconds: float) -> float:
+def rank_generation_seconds(record: Optional[RankRecord], shard_seconds: float) -> float:
     """A rank's generation time: from its engine's start of generation to its last shard's end
     (shards overlap in the engine, so their own times add up to more); the shards' sum when the
     rank recorded no window (a run from before these fields). Pure."""
-    start, end = record.get("generation_started_at"), record.get("generation_ended_at")
+    start = record.generation_started_at if record else None
+    end = record.generation_ended_at if record else None
     return max(0.0, end - start) if start and end else shard_seconds
 
 
 def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Dict:
+    """summary.json: the run's totals, layout, model, sampling and engine_args, and per rank its
+    share of the rows and tokens (from the done markers) and its times (from its record)."""
     plan = rd.read_plan()
     cfg = load_run_config(rd.config)
     ranks = rd.read_ranks()
     per_rank: Dict[int, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for s in shards:
         done = rd.read_done(s.shard)
-        who = done.get("rank", s.rank)  # the rank that generated it (dynamic: whoever claimed it)
+        who = done.rank  # the rank that generated it (dynamic: whoever claimed it)
         for key in ("rows", "rows_failed", "prompt_tokens", "output_tokens", "generation_seconds"):
-            per_rank[who][key] += done[key]
-        per_rank[who]["host"] = done["host"]
-    starts = [r["generation_started_at"] for r in ranks.values() if r.get("generation_started_at")]
-    ends = [r["generation_ended_at"] for r in ranks.values() if r.get("generation_ended_at")]
+            per_rank[who][key] += getattr(done, key)
+        per_rank[who]["host"] = done.host
+    starts = [r.generation_started_at for r in ranks.values() if r.generation_started_at]
+    ends = [r.generation_ended_at for r in ranks.values() if r.generation_ended_at]
     gen_seconds = max(ends) - min(starts) if starts and ends else 0.0
     now = time.time()
     rank_list = []
     for r in sorted(set(per_rank) | set(ranks)):  # a rank that started counts, even with no rows
-        info = ranks.get(r, {})
+        info = ranks.get(r)
+        started = info.started_at if info and info.started_at is not None else now
         rank_list.append(dict(
-            rank=r, host=info.get("host", per_rank[r]["host"]), device_kind=info.get("device_kind"),
-            devices=info.get("devices"), rows=int(per_rank[r]["rows"]), rows_failed=int(per_rank[r]["rows_failed"]),
+            rank=r, host=info.host if info and info.host is not None else per_rank[r]["host"],
+            device_kind=info.device_kind if info else None, devices=info.devices if info else None,
+            rows=int(per_rank[r]["rows"]), rows_failed=int(per_rank[r]["rows_failed"]),
             prompt_tokens=int(per_rank[r]["prompt_tokens"]), output_tokens=int(per_rank[r]["output_tokens"]),
-            seconds=round((info.get("finished_at") or now) - info.get("started_at", now), 3),
-            engine_seconds=round(info.get("engine_seconds", 0.0), 3),
+            seconds=round(((info.finished_at if info else None) or now) - started, 3),
+            engine_seconds=round(info.engine_seconds if info else 0.0, 3),
             generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
-            attempts=info.get("attempts", 1), rows_generated=info.get("rows_generated", 0)))
+            attempts=info.attempts if info else 1, rows_generated=info.rows_generated if info else 0))
+    submitted = plan.submitted_at if plan.submitted_at is not None else now
     return dict(
         run_dir=str(rd.path), results=str(rd.results), hpcinfer_version=__version__,
         rows=totals["rows"], rows_failed=totals["rows_failed"],
-        rows_recomputed=max(0, sum(r.get("rows_generated", 0) for r in ranks.values()) - totals["rows"]),
+        rows_recomputed=max(0, sum(r.rows_generated for r in ranks.values()) - totals["rows"]),
         prompt_tokens=totals["prompt_tokens"], output_tokens=totals["output_tokens"],
-        wall_seconds=round(now - plan.get("submitted_at", now), 3), generation_seconds=round(gen_seconds, 3),
+        wall_seconds=round(now - submitted, 3), generation_seconds=round(gen_seconds, 3),
         output_tokens_per_second=round(totals["output_tokens"] / gen_seconds, 2) if gen_seconds > 0 else None,
-        layout=dict(tp=plan["tp"], pp=plan["pp"], dp=plan["dp"], ep=plan["ep"], ranks=plan["ranks"]),
-        model=cfg.model.name, sampling=asdict(cfg.sampling), engine_args=plan["engine_args"],
+        layout=dict(tp=plan.tp, pp=plan.pp, dp=plan.dp, ep=plan.ep, ranks=plan.ranks),
+        model=cfg.model.name, sampling=asdict(cfg.sampling), engine_args=plan.engine_args,
         shards=len(shards), ranks=rank_list, finished_at=now)

@@ -1,17 +1,32 @@
-"""[from output] The output contract: every input column unchanged, then the generated columns.
+"""The output contract: every input column unchanged, then the generated columns. Pure.
+
+This module owns the output schema: `RowResult` (what generating one row gives), `GENERATED` (its
+columns and their Arrow types, in output order) and `OUTPUT_COLUMNS` (their names, which no input
+column may take). A new output column is a field of RowResult and a field of GENERATED.
 
 Shard files carry one more column, ROW_COLUMN (the row's global position), which finalize uses
-to prove every row is present exactly once and in order, and then drops. Pure.
+to prove every row is present exactly once and in order, and then drops.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import pyarrow as pa
 
-from hpcinfer.rank.engine import RowResult
-
 ROW_COLUMN = "__hpcinfer_row"
+
+
+@dataclass
+class RowResult:
+    """One row's generated columns: its generation, or the `error` that kept it from being
+    generated (then `generated_text` and `finish_reason` are None)."""
+
+    generated_text: Optional[str]
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    output_tokens: int
+    error: Optional[str]
 
 
 GENERATED = pa.schema([
@@ -21,6 +36,8 @@ GENERATED = pa.schema([
     ("output_tokens", pa.int64()),
     ("error", pa.string()),
 ])
+
+OUTPUT_COLUMNS: Tuple[str, ...] = tuple(GENERATED.names)  # the columns hpcinfer adds to every row
 
 
 def result_schema(input_schema: pa.Schema) -> pa.Schema:

@@ -1,4 +1,4 @@
-"""[from checkpoint] Durable progress inside a shard.
+"""Durable progress inside a shard: its parts.
 
 While a shard is generated, finished rows are buffered and written as *parts*
 (`shards/<id>.parts/<seq>.parquet`, each atomically: temp file, fsync, rename) every
@@ -17,14 +17,17 @@ from typing import Callable, List, Set, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hpcinfer.rank.engine import RowResult
 from hpcinfer.rundir.files import atomic_path
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.output import ROW_COLUMN, assemble, output_table
+from hpcinfer.rundir.output import ROW_COLUMN, RowResult, assemble, output_table
 from hpcinfer.rundir.paths import RunDir
 
 
 class ShardCheckpoint:
+    """One attempt's parts of a shard: which rows are durable, the buffer of finished rows not
+    yet written, and the shard's output assembled from the parts. `before_write` runs before
+    each part is written (the worker checks there that this attempt may still write the shard)."""
+
     def __init__(self, rd: RunDir, shard: Shard, inputs: pa.Table, every_rows: int, every_seconds: float,
                  before_write: Callable[[], None] = lambda: None):
         self.rd, self.shard, self.inputs, self.before_write = rd, shard, inputs, before_write

@@ -1,28 +1,31 @@
-"""[from rundir] The run directory: the contract between submit, the ranks, finalize, status and resume.
+"""The run directory: the contract between submit, the ranks, finalize, status and resume.
 
 Every step reads and writes only here, under fixed names, so any of them can be rerun or
-inspected on its own (as datatrove's executors coordinate through one logging folder):
+inspected on its own (as datatrove's executors coordinate through one logging folder). `RunDir`
+names every path and reads and writes the JSON records as the typed records of records.py:
 
     <run_dir>/
-      config.yaml            the resolved config of the run
-      plan.json              layout, devices per rank, engine_args, memory estimate
-      manifest.parquet       one row per shard (rank, file, row range, global start, est. tokens)
-      shards/<id>.parquet    a finished shard's output (written to a temp file, then renamed)
-      shards/<id>.parts/     durable parts of a shard in progress (checkpoint.py)
-      done/<id>.json         written only after the shard output is durable
-      ranks/<r>.json         per-rank state and stats (host, devices, rows, tokens, seconds)
-      ranks/<r>.owner        which attempt of the rank may write (the newest start)
-      ranks/<r>.beat         the attempt's heartbeat (dynamic schedule: claims.py)
-      claims/<id>.<gen>      which attempt claimed a shard (dynamic schedule: claims.py)
-      logs/rank-<r>.log      per-rank output
-      lock                   held (flock) while a submission of this run is live
-      jobs.json              Slurm: every submission's worker and finalize job ids
-      slurm/                 Slurm: submitit's job scripts, pickles and task logs
-      finalize.json          the outcome of the last finalize (exit code, message, job id)
-      results.parquet        the ordered, verified result (finalize)
-      summary.json           totals, layout, sampling, engine_args, ranks (finalize)
+      config.yaml                 the resolved config of the run
+      plan.json                   Plan: layout, devices per rank, engine_args, memory estimate
+      manifest.parquet            one row per shard (rank, file, row range, global start, est. tokens)
+      shards/<id>.parquet         a finished shard's output (written to a temp file, then renamed)
+      shards/<id>.parts/          durable parts of a shard in progress (parts.py)
+      done/<id>.json              DoneRecord: written only after the shard output is durable
+      ranks/<r>.json              RankRecord: the rank's latest attempt, its state and counters
+      ranks/<r>.owner             which attempt of the rank may write (the newest start)
+      ranks/<r>.beat              the attempt's heartbeat (dynamic schedule: claims.py)
+      claims/<id>.<gen>           which attempt claimed a shard (dynamic schedule: claims.py)
+      logs/rank-<r>.log           per-rank output (a spanning replica's leader, node 0)
+      logs/rank-<r>-node-<n>.log  node n > 0 of a rank spanning nodes (its headless process)
+      lock                        held (flock) while a submission of this run is live
+      jobs.json                   Slurm: every submission's worker and finalize job ids (Submission)
+      slurm/                      Slurm: submitit's job scripts, pickles and task logs
+      finalize.json               FinalizeOutcome: how the last finalize ended
+      results.parquet             the ordered, verified result (finalize)
+      summary.json                totals, layout, sampling, engine_args, ranks (finalize)
 
-Every write is atomic: a temp file in the same directory, fsync, rename.
+Every write is atomic: a temp file in the same directory, fsync, rename (progress records skip
+the fsync).
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 from hpcinfer.errors import RunInProgress
 from hpcinfer.rundir.files import atomic_write_json, read_json
+from hpcinfer.rundir.records import DoneRecord, FinalizeOutcome, Plan, RankRecord
 
 
 def shard_name(shard: int) -> str:
@@ -56,6 +60,7 @@ class RunDir:
     shards_dir = property(lambda self: self.path / "shards")
     done_dir = property(lambda self: self.path / "done")
     ranks_dir = property(lambda self: self.path / "ranks")
+    claims_dir = property(lambda self: self.path / "claims")
     logs_dir = property(lambda self: self.path / "logs")
     lock_file = property(lambda self: self.path / "lock")
     results = property(lambda self: self.path / "results.parquet")
@@ -73,6 +78,10 @@ class RunDir:
     def done_marker(self, shard: int) -> Path:
         return self.done_dir / f"{shard_name(shard)}.json"
 
+    def claim(self, shard: int, gen: int) -> Path:
+        """Generation `gen` of the claim of `shard` (claims.py)."""
+        return self.claims_dir / f"{shard_name(shard)}.{gen}"
+
     def rank_file(self, rank: int) -> Path:
         return self.ranks_dir / f"{rank}.json"
 
@@ -84,6 +93,11 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.logs_dir / f"rank-{rank}.log"
+
+    def node_log(self, rank: int, node_rank: int) -> Path:
+        """The log of node `node_rank` of a rank (a replica spanning nodes): node 0, the leader,
+        writes the rank's own log; the others a log each."""
+        return self.rank_log(rank) if node_rank == 0 else self.logs_dir / f"rank-{rank}-node-{node_rank}.log"
 
     # ---- lifecycle ---------------------------------------------------------------------
     def create(self) -> None:
@@ -111,6 +125,10 @@ class RunDir:
         finally:
             os.close(fd)
 
+    # ---- the plan ----------------------------------------------------------------------
+    def read_plan(self) -> Plan:
+        return Plan.from_json(read_json(self.plan))
+
     # ---- shard completion --------------------------------------------------------------
     def is_done(self, shard: int) -> bool:
         return self.done_marker(shard).exists()
@@ -120,31 +138,45 @@ class RunDir:
             return set()
         return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}
 
-    def mark_done(self, shard: int, info: dict) -> None:
-        """Record a shard as finished. Call only after its output is durable."""
-        if not self.shard_output(shard).exists():
-            raise RuntimeError(f"shard {shard} has no output; refusing to mark it done")
-        atomic_write_json(self.done_marker(shard), info)
+    def mark_done(self, record: DoneRecord) -> None:
+        """Record shard `record.shard` as finished. Call only after its output is durable."""
+        if not self.shard_output(record.shard).exists():
+            raise RuntimeError(f"shard {record.shard} has no output; refusing to mark it done")
+        atomic_write_json(self.done_marker(record.shard), record.to_json())
 
-    def read_done(self, shard: int) -> dict:
-        return read_json(self.done_marker(shard))
+    def read_done(self, shard: int) -> DoneRecord:
+        return DoneRecord.from_json(read_json(self.done_marker(shard)))
 
     # ---- rank state --------------------------------------------------------------------
-    def write_rank(self, rank: int, state: dict) -> None:
-        """Progress, rewritten often: atomic for readers, not fsynced (it is not the output)."""
-        atomic_write_json(self.rank_file(rank), state, durable=False)
+    def write_rank(self, record: RankRecord) -> None:
+        """`ranks/<record.rank>.json`. Progress, rewritten often: atomic for readers, not fsynced
+        (it is not the output)."""
+        atomic_write_json(self.rank_file(record.rank), record.to_json(), durable=False)
 
-    def read_ranks(self) -> dict[int, dict]:
+    def read_rank(self, rank: int) -> Optional[RankRecord]:
+        """The rank's record, or None when it has written none (yet)."""
+        d = self.read_optional(self.rank_file(rank))
+        return None if d is None else RankRecord.from_json(d)
+
+    def read_ranks(self) -> Dict[int, RankRecord]:
+        """Every rank's record, by rank (files that are not a rank's record are skipped)."""
         out = {}
         if self.ranks_dir.exists():
             for p in self.ranks_dir.glob("*.json"):
-                with contextlib.suppress(ValueError, OSError):
-                    out[int(p.stem)] = read_json(p)
+                with contextlib.suppress(ValueError, TypeError, OSError):
+                    out[int(p.stem)] = RankRecord.from_json(read_json(p))
         return dict(sorted(out.items()))
 
-    def read_plan(self) -> dict:
-        return read_json(self.plan)
+    # ---- finalize ----------------------------------------------------------------------
+    def write_finalize_outcome(self, outcome: FinalizeOutcome) -> None:
+        atomic_write_json(self.finalize_outcome, outcome.to_json())
 
+    def read_finalize_outcome(self) -> Optional[FinalizeOutcome]:
+        """How the last finalize ended, or None when none has recorded it."""
+        d = self.read_optional(self.finalize_outcome)
+        return None if d is None else FinalizeOutcome.from_json(d)
+
+    # ---- any JSON file -----------------------------------------------------------------
     def read_optional(self, path: Path) -> Any:
         """A JSON file of the run directory, or None when it is not there (yet)."""
         try:

@@ -175,7 +175,7 @@ class RankRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "RankRecord":
+    def from_json(cls, d: Dict[str, Any]) -> RankRecord:
         return from_dict(cls, d)
 
 
@@ -198,7 +198,7 @@ class DoneRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "DoneRecord":
+    def from_json(cls, d: Dict[str, Any]) -> DoneRecord:
         return from_dict(cls, d)
 
 
@@ -215,7 +215,7 @@ class FinalizeOutcome:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "FinalizeOutcome":
+    def from_json(cls, d: Dict[str, Any]) -> FinalizeOutcome:
         return from_dict(cls, d)
 
 
@@ -233,5 +233,5 @@ class Submission:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "Submission":
+    def from_json(cls, d: Dict[str, Any]) -> Submission:
         return from_dict(cls, d)

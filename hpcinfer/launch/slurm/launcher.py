@@ -1,9 +1,9 @@
-"""[from backends.slurm] The Slurm backend: submit a planned run as Slurm jobs through submitit, from a login node.
+"""The Slurm launcher: submit a planned run as Slurm jobs through submitit, from a login node.
 
 - Worker jobs: one job whose tasks are the ranks (nodes x tasks per node from the plan's job
   layout), or job arrays whose elements are such jobs, one per replica group. Every task runs
-  `slurm_task.run_ranks(run_dir, ranks)`: the ranks of its job (a resubmission carries only the
-  ranks with unfinished shards).
+  `entry.RankTask` over the ranks of its job (a resubmission carries only the ranks with
+  unfinished shards); entry.py maps the task to its rank.
 - Finalize: one small job that depends on all worker jobs with `afterany`, so that it runs
   whatever the workers' outcome and reports an incomplete run instead of waiting forever
   (`afterok` would leave it PENDING with DependencyNeverSatisfied after a failed rank).
@@ -18,15 +18,76 @@ import time
 from typing import Any, Dict, List, Optional
 
 from hpcinfer.config import RunConfig, slurm_time_minutes
-from hpcinfer.errors import EXIT_FAILED, UserError, one_line
+from hpcinfer.errors import EXIT_FAILED, EXIT_OK, UserError, one_line
+from hpcinfer.launch.base import Launcher, Placement, unfinished_ranks
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
-from hpcinfer.launch.slurm.layout import array_chunks, rank_groups
-from hpcinfer.launch.slurm.queue import cancel, is_live, summarized
+from hpcinfer.launch.slurm.layout import array_chunks, rank_groups, slurm_jobs, slurm_rank_place
+from hpcinfer.launch.slurm.queue import cancel, is_live, job_states, summarized
+from hpcinfer.planning.devices import Devices
 from hpcinfer.rundir.files import atomic_write_json
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import JobLayout
+from hpcinfer.rundir.records import JobLayout, Plan, Submission
 
 START_TEST_CLUSTER = 'bash slurm/cluster.sh start && eval "$(bash slurm/cluster.sh env)"'
+
+
+class SlurmLauncher(Launcher):
+    """Ranks as the tasks of Slurm jobs, finalize as a dependent job (cluster=slurm)."""
+
+    def devices(self) -> Devices:
+        """One compute node as configured (the submitting machine is not one)."""
+        c = self.cfg.cluster
+        return Devices(gpus=[str(i) for i in range(c.gpus_per_node)], cpus=list(range(c.cpus_per_task or 1)),
+                       gpu_memory_gib=c.gpu_memory_gib)
+
+    def gpus_offered(self, devices: Devices) -> Optional[int]:
+        return None  # the cluster's size is not known here: Slurm refuses what it cannot run
+
+    def place(self, ranks: int, devices: Devices) -> Placement:
+        jobs = slurm_jobs(self.cfg, ranks)
+        where = [slurm_rank_place(jobs, r, self.cfg.gpus_per_rank, bool(devices.gpus)) for r in range(ranks)]
+        notes = []
+        if jobs.idle_tasks(ranks):
+            notes.append(f"{jobs.idle_tasks(ranks)} Slurm task(s) get no rank: {ranks} rank(s) do not fill "
+                         f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)")
+        return Placement([w[0] for w in where], [w[1] for w in where], [w[2] for w in where], nodes=jobs.nodes,
+                         jobs=jobs, notes=notes)
+
+    def check(self) -> None:
+        check_cluster(self.cfg)
+
+    def start(self, rd: RunDir, plan: Plan) -> None:
+        """Submit worker jobs for the ranks with unfinished shards, and finalize, unless this run's
+        jobs are still queued or running."""
+        record = last_submission(rd)
+        live = live_jobs(record)
+        if live:
+            log(f"already queued: {', '.join(f'job {j} {s}' for j, s in live.items())}; nothing submitted")
+            return None
+        ranks = unfinished_ranks(rd, plan)
+        jobs = plan.jobs if len(ranks) == plan.ranks else slurm_jobs(self.cfg, len(ranks), nodes=None)
+        record = submit_jobs(rd, self.cfg, ranks, jobs)
+        log(f"queued worker job(s) {' '.join(record.workers)} for {len(ranks)} rank(s) ({jobs.groups} job(s) x "
+            f"{jobs.nodes_per_job} node(s)) and finalize job {record.finalize} (afterany)")
+        log(f"follow it with: python -m hpcinfer.status {rd.path}")
+        return None
+
+    def follow(self, rd: RunDir, plan: Plan) -> int:
+        """wait=true: until the last submission's finalize job ends, with its exit code."""
+        record = last_submission(rd)
+        return wait(rd, record, plan.rows, self.cfg.cluster.poll_s) if self.cfg.wait and record else EXIT_OK
+
+    def jobs(self, rd: RunDir) -> Optional[Dict[str, Any]]:
+        record = last_submission(rd)
+        if not record:
+            return None
+        of_rank = rank_jobs(record, self.cfg.cluster.max_array_size)
+        raw = job_states([*record.workers, record.finalize])  # array elements come with their arrays
+        states = summarized(set(of_rank.values()) | set(record.workers) | {record.finalize}, raw)
+        return {"of_rank": of_rank, "states": states,
+                "summary": {"workers": {w: states[w] for w in record.workers},
+                            "finalize": {record.finalize: states[record.finalize]},
+                            "reasons": {j: r for j, (s, r) in raw.items() if s == "PENDING" and r and r != "None"}}}
 
 
 def check_cluster(cfg: RunConfig) -> None:
@@ -109,10 +170,11 @@ def executor(folder: str, cfg: RunConfig, parameters: Dict[str, Any]):
     return ex
 
 
-def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -> Dict[str, Any]:
+def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -> Submission:
     """Submit worker jobs for `ranks` (laid out as `jobs`), then finalize; record them in
     jobs.json. Returns the record."""
-    from hpcinfer.launch.slurm.entry import RankTask, run_finalize
+    from hpcinfer.finalize import finalize_job
+    from hpcinfer.launch.slurm.entry import RankTask
 
     folder = str(rd.slurm_dir)
     groups = rank_groups(ranks, jobs)
@@ -125,13 +187,13 @@ def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -
             for first, count in array_chunks(len(groups), cfg.cluster.max_array_size):
                 elements = ex.map_array(RankTask(), [str(rd.path)] * count, groups[first:first + count])
                 workers.append(elements[0].job_id.split("_")[0])
-        fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(run_finalize, str(rd.path)).job_id
+        fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(finalize_job, str(rd.path)).job_id
     except Exception as e:  # sbatch refused (bad partition, account, limits): take back what was queued
         cancel(workers)
         raise UserError(f"Slurm refused the submission: {one_line(_sbatch_message(e))}") from None
-    record = {"submitted_at": time.time(), "workers": workers, "finalize": fin, "rank_groups": groups}
+    record = Submission(time.time(), workers, fin, groups)
     previous = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
-    atomic_write_json(rd.jobs, {"submissions": previous + [record]})
+    atomic_write_json(rd.jobs, {"submissions": previous + [record.to_json()]})
     return record
 
 
@@ -142,32 +204,33 @@ def _sbatch_message(e: Exception) -> str:
     return (out or str(e)).strip()[-500:]
 
 
-def last_submission(rd: RunDir) -> Optional[Dict[str, Any]]:
+def last_submission(rd: RunDir) -> Optional[Submission]:
+    """The latest submission recorded in jobs.json, if any."""
     subs = (rd.read_optional(rd.jobs) or {}).get("submissions", [])
-    return subs[-1] if subs else None
+    return Submission.from_json(subs[-1]) if subs else None
 
 
-def live_jobs(record: Optional[Dict[str, Any]]) -> Dict[str, str]:
+def live_jobs(record: Optional[Submission]) -> Dict[str, str]:
     """{job id: state} of the record's jobs that are still pending or running."""
     if not record:
         return {}
-    out = summarized([*record["workers"], record["finalize"]])
+    out = summarized([*record.workers, record.finalize])
     return {j: s for j, s in out.items() if is_live(s)}
 
 
-def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
+def wait(rd: RunDir, record: Submission, rows: int, poll_s: float) -> int:
     """Block until this submission's finalize job has ended; its exit code (1 if it ended
     without recording an outcome: cancelled, timed out, node lost). Ctrl-C leaves the jobs."""
-    fin = record["finalize"]
+    fin = record.finalize
     display = ProgressDisplay(rows)
     unknown_since: Optional[float] = None
     try:
         while True:
-            outcome = rd.read_optional(rd.finalize_outcome)
-            if outcome and str(outcome.get("job_id")) == str(fin):
+            outcome = rd.read_finalize_outcome()
+            if outcome and str(outcome.job_id) == str(fin):
                 display.update(snapshot(rd, rows), final=True)
-                log(("" if outcome["exit_code"] else "done: ") + outcome["message"])
-                return int(outcome["exit_code"])
+                log(("" if outcome.exit_code else "done: ") + outcome.message)
+                return int(outcome.exit_code)
             state = summarized([fin])[fin]
             unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
             if unknown_since and time.time() - unknown_since > max(120.0, 10 * poll_s):
@@ -176,7 +239,8 @@ def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
                 return EXIT_FAILED
             if not is_live(state) and state != "UNKNOWN":
                 time.sleep(1.0)  # the outcome file may land just after the job ends
-                if not (rd.read_optional(rd.finalize_outcome) or {}).get("job_id") == fin:
+                late = rd.read_finalize_outcome()
+                if not (late and str(late.job_id) == str(fin)):
                     display.update(snapshot(rd, rows), final=True)
                     log(f"finalize job {fin} ended {state} without recording an outcome; "
                         f"see {rd.slurm_dir}/{fin}_0_log.out")
@@ -189,13 +253,13 @@ def wait(rd: RunDir, record: Dict[str, Any], rows: int, poll_s: float) -> int:
         raise
 
 
-def rank_jobs(record: Dict[str, Any], max_array_size: int) -> Dict[int, str]:
+def rank_jobs(record: Submission, max_array_size: int) -> Dict[int, str]:
     """{rank: Slurm id of the job (or array element, '13_4') that runs it} for a submission."""
-    groups = record["rank_groups"]
+    groups = record.rank_groups
     if len(groups) == 1:
-        return {r: record["workers"][0] for r in groups[0]}
+        return {r: record.workers[0] for r in groups[0]}
     out: Dict[int, str] = {}
-    for job, (first, count) in zip(record["workers"], array_chunks(len(groups), max_array_size)):
+    for job, (first, count) in zip(record.workers, array_chunks(len(groups), max_array_size)):
         for g in range(first, first + count):
             out.update({r: job if count == 1 else f"{job}_{g - first}" for r in groups[g]})
     return out

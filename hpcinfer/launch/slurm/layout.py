@@ -1,5 +1,5 @@
-"""[from slurm_layout] How a run's ranks become Slurm jobs: replica groups, nodes and tasks per job, array chunks,
-time limits. Pure; used by the planner (to show the layout) and by the Slurm backend (to submit).
+"""How a run's ranks become Slurm jobs: replica groups, nodes and tasks per job, array chunks. Pure;
+used by the Slurm launcher to place ranks (for the plan) and to submit.
 
 A *group* is one Slurm job (or one element of a job array) whose tasks are consecutive ranks:
 rank = group x ranks_per_group + SLURM_PROCID. Groups are independent (dense models), so a run
@@ -7,13 +7,7 @@ may be split into several smaller jobs that the scheduler can place as nodes fre
 
 A rank larger than a node (tp x pp > gpus_per_node) is a replica spanning `nodes_per_rank` whole
 nodes, one task per node: rank = group x ranks_per_group + SLURM_PROCID // nodes_per_rank, and
-SLURM_PROCID % nodes_per_rank is the task's node within its replica (0: the leader; replica.py).
-
-[from planner] Layout arithmetic: ranks, devices per rank, nodes, memory per GPU. Pure.
-
-Seed rules: a model that fits one GPU needs no model parallelism; too large for one GPU -> tensor
-parallel within a node (tp must divide the attention heads), then pipeline parallel; more
-throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp.
+SLURM_PROCID % nodes_per_rank is the task's node within its replica (0: the leader).
 """
 from __future__ import annotations
 

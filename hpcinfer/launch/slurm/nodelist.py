@@ -1,4 +1,4 @@
-"""[from nodelist] Slurm host lists: expand `SLURM_JOB_NODELIST` expressions and find a node's address.
+"""Slurm host lists: expand `SLURM_JOB_NODELIST` expressions and find a node's address.
 
 `expand_nodelist` is a pure parser of Slurm's hostlist syntax (`gpu[001-003,7],login1`);
 `hostnames` and `resolve_address` are the edge functions that prefer Slurm's own answer

@@ -1,4 +1,4 @@
-"""[from slurm_queue] What Slurm says about a run's jobs: `squeue` (jobs still in slurmctld's memory), else `sacct`
+"""What Slurm says about a run's jobs: `squeue` (jobs still in slurmctld's memory), else `sacct`
 (accounting, when the cluster has it). Parsing is pure; the commands are at the edge.
 """
 from __future__ import annotations

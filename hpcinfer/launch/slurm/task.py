@@ -1,33 +1,10 @@
-"""[from slurm_ranks] How a Slurm task finds out which hpcinfer rank it is and what it may use.
+"""How a Slurm task finds out which hpcinfer rank it is and what it may use.
 
 Pure functions over what Slurm gives a task (its `SLURM_*` variables, its CUDA_VISIBLE_DEVICES,
-its CPU affinity): `slurm_task` reads the variables, `task_rank` maps a task to its rank,
-`master_port` picks a deterministic rendezvous port per job, `task_gpus` / `task_cpus` pick the
-task's share of the node. `port_is_free` / `check_master_port` are the only side effects (a bind).
-
-[from lockstep] The environment of vLLM's lockstep data-parallel path (`VLLM_DP_*`).
-
-vLLM runs data parallel in lockstep (all ranks step together, one DP group) only for MoE models
-with expert parallelism; it rejects dense models, which hpcinfer runs as independent engines,
-one per rank, with these variables removed (see `ranks.rank_env`). This module builds the
-variables for the MoE case, from explicit values or from a Slurm task's environment, and checks
-that the ranks of one group agree.
-
-[from replica] Replicas that span nodes: one hpcinfer rank (one vLLM engine) over tp x pp GPUs on several
-nodes, through vLLM's multiprocessing backend (engine arguments `nnodes`, `node_rank`,
-`master_addr`, `master_port`). A replica of tp x pp = k x gpus_per_node GPUs runs one process on
-each of its k nodes: node 0 is the leader (`python -m hpcinfer.worker`: the engine, the rank loop,
-the outputs), nodes 1..k-1 run vLLM's workers headless (`python -m hpcinfer.headless`).
-
-Pure. A launcher (backends/local.py, slurm_task.py) gives each process of a spanning replica
-these variables (a single-node replica gets none of them):
-
-  HPCINFER_NNODES        nodes of the replica (>= 2)
-  HPCINFER_NODE_RANK     this process's node in the replica (0 = the leader)
-  HPCINFER_REPLICA_ADDR  IP address of the leader's node (vLLM's master_addr)
-  HPCINFER_REPLICA_PORT  the replica's torch.distributed rendezvous port there (vLLM's master_port)
-
-and `replica_engine_args` turns them into the extra engine arguments, the same on every node.
+its CPU affinity): `slurm_task` reads the variables, `task_rank` and `task_replica` map a task to
+its rank (and its node in a replica spanning nodes), `master_port` / `replica_port` pick
+deterministic rendezvous ports per job, `task_gpus` / `task_cpus` pick the task's share of the
+node. `port_is_free` / `check_master_port` are the only side effects (a bind).
 """
 from __future__ import annotations
 
@@ -35,10 +12,9 @@ import errno
 import re
 import socket
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from hpcinfer.launch.env import LockstepError, ReplicaError, lockstep_env
-from hpcinfer.launch.slurm.nodelist import hostnames, resolve_address
+from hpcinfer.launch.env import ReplicaError
 
 
 class SlurmEnvError(RuntimeError):
@@ -191,26 +167,6 @@ def task_cpus(affinity: Sequence[int], cpus_per_task: Optional[int], slot: int) 
     start = (slot * cpus_per_task) % len(cores)
     window = [cores[(start + i) % len(cores)] for i in range(cpus_per_task)]
     return [str(c) for c in sorted(window)]
-
-
-def lockstep_env_from_slurm(env: Mapping[str, str], resolve: Callable[[str], str] = resolve_address,
-                            hosts: Callable[[str], List[str]] = hostnames,
-                            size: Optional[int] = None) -> Dict[str, str]:
-    """The `VLLM_DP_*` variables of a Slurm task: one task = one DP rank (SLURM_PROCID of
-    SLURM_NTASKS, local rank SLURM_LOCALID), master = the first host of SLURM_JOB_NODELIST,
-    port = `master_port` of SLURM_ARRAY_JOB_ID or SLURM_JOB_ID. `size` (default SLURM_NTASKS) is
-    the group's size when the job's last tasks have no rank (they never join the group)."""
-    try:
-        task = slurm_task(env)
-        master_host = hosts(task.nodelist)[0]
-        port = master_port(task.array_job_id or task.job_id)
-    except (SlurmEnvError, ValueError, IndexError) as e:
-        raise LockstepError(f"no lockstep settings from this Slurm environment: {e}") from None
-    try:
-        master_ip = resolve(master_host)
-    except (OSError, ValueError) as e:
-        raise LockstepError(f"the lockstep master host {master_host!r} does not resolve: {e}") from None
-    return lockstep_env(task.procid, task.localid, task.ntasks if size is None else size, master_ip, port)
 
 
 def task_replica(procid: int, nnodes: int) -> Tuple[int, int]:

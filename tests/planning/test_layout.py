@@ -2,16 +2,15 @@
 import copy
 import json
 
+import conftest
 import pytest
 
 from hpcinfer.cli import compose
-from hpcinfer.config import ModelConfig, engine_args
+from hpcinfer.config import ModelConfig
 from hpcinfer.errors import ConfigError
 from hpcinfer.planning.devices import Devices, split
-from hpcinfer.planning.inputs import InputFile
-from hpcinfer.planning.layout import GIB, make_plan, memory_per_gpu, model_shape, smallest_fitting_tp
+from hpcinfer.planning.layout import GIB, memory_per_gpu, model_shape, smallest_fitting_tp
 from hpcinfer.planning.render import format_plan
-from hpcinfer.planning.sharding import make_shards
 
 LLAMA_8B_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -37,13 +36,7 @@ def tiny_cfg():
 
 
 def plan_for(cfg, devices, rows=100, files=1):
-    """make_plan as prepare() calls it, without touching the model or the data."""
-    inputs = [InputFile(f"/data/{i}.parquet", rows // files + (1 if i < rows % files else 0)) for i in range(files)]
-    active = max(1, min(cfg.dp, rows))
-    shards = make_shards(inputs, active, cfg.data.shard_rows)
-    shape = model_shape(cfg.model)
-    return make_plan(cfg, shape, devices, engine_args(cfg, cfg.model.path or "/cache/tiny"), shards, rows,
-                     files, active)
+    return conftest.plan_for(cfg, devices, rows, files, model_path=cfg.model.path or "/cache/tiny")
 
 
 # ---- model_shape --------------------------------------------------------------------------------
@@ -271,6 +264,7 @@ def test_prepare_plan_only_writes_nothing(tiny_cfg, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from hpcinfer.launch import launcher_for
     from hpcinfer.planning.prepare import prepare
 
     data = tmp_path / "in.parquet"
@@ -281,7 +275,7 @@ def test_prepare_plan_only_writes_nothing(tiny_cfg, tmp_path):
     cfg.data.input = str(data)
     cfg.cache_dir = str(tmp_path / "cache")
     before = sorted(p.name for p in tmp_path.iterdir())
-    prep = prepare(cfg, build=False)
+    prep = prepare(cfg, launcher_for(cfg), build=False)
     assert prep.plan.rows == 9 and prep.plan.ranks == 2 and prep.plan.device_kind == "cpu"
     assert [rp.rows for rp in prep.plan.rank_plans] == [5, 4]
     assert prep.plan.engine_args["model"] == str(tmp_path / "cache" / "models" / "tiny-llama-v1")

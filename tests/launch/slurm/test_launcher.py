@@ -13,7 +13,7 @@ from hpcinfer.errors import ConfigError
 from hpcinfer.launch.slurm.launcher import dependency, executor, finalize_parameters, rank_jobs, worker_parameters
 from hpcinfer.launch.slurm.layout import array_chunks, job_layout, node_capacity, rank_groups
 from hpcinfer.launch.slurm.queue import parse_sacct, parse_squeue, states_of, summarize
-from hpcinfer.status import rank_state, render, run_state
+from hpcinfer.rundir.records import Submission
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -177,8 +177,8 @@ def test_finalize_runs_after_any_outcome():
 
 
 def test_rank_jobs():
-    assert rank_jobs({"rank_groups": [[0, 1, 2]], "workers": ["5"]}, 1001) == {0: "5", 1: "5", 2: "5"}
-    rec = {"rank_groups": [[0], [1, 4], [5], [6], [9]], "workers": ["10", "11", "12"]}
+    assert rank_jobs(Submission(0.0, ["5"], "6", [[0, 1, 2]]), 1001) == {0: "5", 1: "5", 2: "5"}
+    rec = Submission(0.0, ["10", "11", "12"], "13", [[0], [1, 4], [5], [6], [9]])
     assert rank_jobs(rec, 2) == {0: "10_0", 1: "10_1", 4: "10_1", 5: "11_0", 6: "11_1", 9: "12"}
 
 
@@ -199,36 +199,3 @@ def test_parse_squeue_and_sacct():
     assert summarize([("COMPLETED", ""), ("FAILED", "")]) == "FAILED"
 
 
-# ---- status ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("own,job,expected", [
-    (None, "PENDING", "queued"), (None, "RUNNING", "starting"), (None, "FAILED", "failed"),
-    (None, None, "queued"), ({"state": "running"}, "RUNNING", "running"), ({"state": "running"}, None, "running"),
-    ({"state": "running"}, "NODE_FAIL", "failed"), ({"state": "done"}, "FAILED", "done"),
-    ({"state": "stopped"}, "CANCELLED", "stopped"), ({"state": "starting"}, "CANCELLED", "failed")])
-def test_rank_state(own, job, expected):
-    assert rank_state(own, job) == expected
-
-
-def test_run_state():
-    assert run_state(["done", "done"], 0, True) == "finished"
-    assert run_state(["done", "failed"], None, False) == "failed"
-    assert run_state(["done", "done"], 1, False) == "failed"
-    assert run_state(["done", "running"], None, False) == "running"
-    assert run_state(["queued", "queued"], None, False) == "queued"
-
-
-def test_render_shows_failed_rank_log_tail(tmp_path):
-    log = tmp_path / "rank-1.log"
-    log.write_text("starting\nTraceback ...\nValueError: boom\n")
-    info = {"run_dir": "/r", "state": "failed", "model": "tiny", "layout": "dp=2 tp=1 pp=1", "rows": 10,
-            "rows_done": 5, "tokens_per_second": 0.0, "eta_seconds": None,
-            "jobs": {"workers": {"7": "FAILED"}, "finalize": {"8": "COMPLETED"}, "reasons": {}},
-            "finalize": {"exit_code": 1, "message": "incomplete, nothing published: shard 1 missing"},
-            "ranks": [{"rank": 0, "state": "done", "host": "n1", "rows_done": 5, "rows": 5, "tokens_per_second": 9.0,
-                       "job": "7", "error": None, "log": "x"},
-                      {"rank": 1, "state": "failed", "host": "n2", "rows_done": 0, "rows": 5,
-                       "tokens_per_second": 0.0, "job": "7", "error": "ValueError: boom", "log": str(log)}]}
-    text = render(info)
-    assert "workers 7 FAILED; finalize 8 COMPLETED" in text
-    assert "--- rank 1 failed: ValueError: boom" in text and text.rstrip().endswith("ValueError: boom")
-    assert "finalize  exit 1: incomplete" in text and "5/10 done (50%)" in text

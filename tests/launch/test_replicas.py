@@ -1,31 +1,23 @@
 """Replicas spanning nodes (tp x pp > gpus_per_node): the replica environment and engine
 arguments (replica.py), the config rules, the Slurm job layout and task mapping, the plan, the
-local backend's processes (leader + headless) and how a headless process knows its leader ended."""
+local backend's processes (leader + headless) and how a headless process knows its leader ended.
+"""
 from __future__ import annotations
 
-import json
-import sys
-import threading
-import time
-
 import pytest
+from conftest import bare_plan, plan_for
 
 from hpcinfer.cli import compose
-from hpcinfer.config import engine_args, nodes_per_rank, validate
+from hpcinfer.config import nodes_per_rank, validate
 from hpcinfer.errors import ConfigError
 from hpcinfer.launch import local
-from hpcinfer.launch.env import REPLICA_VARS, VLLM_DP_VARS, ReplicaError, node_slices, replica_env
-from hpcinfer.launch.slurm.entry import replica_task_env, task_env
+from hpcinfer.launch.env import HEADLESS, REPLICA_VARS, VLLM_DP_VARS, WORKER, ReplicaError, replica_env
+from hpcinfer.launch.slurm.entry import task_process
 from hpcinfer.launch.slurm.layout import job_layout, rank_groups, slurm_jobs
 from hpcinfer.launch.slurm.task import replica_port, slurm_task, task_replica
-from hpcinfer.planning.devices import Devices
-from hpcinfer.planning.inputs import InputFile
-from hpcinfer.planning.layout import make_plan, model_shape
+from hpcinfer.planning.devices import Devices, node_slices
 from hpcinfer.planning.render import format_plan
-from hpcinfer.planning.sharding import make_shards
 from hpcinfer.rank.context import replica_engine_args
-from hpcinfer.rank.headless import LeaderWatch, exit_code, headless_args
-from hpcinfer.rundir.paths import RunDir
 
 LLAMA = ["model=llama", "model.path=org/llama"]  # 32 heads: tp up to 32
 
@@ -90,7 +82,7 @@ def test_node_slices():
     assert node_slices(["0", "1", "2", "3"], 2) == [["0", "1"], ["2", "3"]]
     assert node_slices(["4", "5"], 2) == [["4"], ["5"]]
     assert node_slices(["0"], 2) == [["0"], ["0"]]  # one CPU core: shared
-    with pytest.raises(ReplicaError):
+    with pytest.raises(ValueError, match="cannot split"):
         node_slices([], 2)
 
 
@@ -191,10 +183,7 @@ def test_local_plan_shows_each_node_of_a_rank():
 
 
 def _plan(cfg, devices, rows=30):
-    validate(cfg)
-    active = min(cfg.dp, rows)
-    shards = make_shards([InputFile("/x.parquet", rows)], active, cfg.data.shard_rows)
-    return make_plan(cfg, model_shape(cfg.model), devices, engine_args(cfg, "/m"), shards, rows, 1, active)
+    return plan_for(cfg, devices, rows)
 
 
 # ---- Slurm tasks -------------------------------------------------------------------------------
@@ -207,16 +196,17 @@ def _slurm(procid, ntasks, job="300", **extra):
 def test_slurm_tasks_of_spanning_ranks():
     """2 ranks x 2 nodes: tasks 0,1 are rank 0 (leader on g1), tasks 2,3 rank 1 (leader on g3)."""
     cfg = compose(["cluster=slurm", *LLAMA, "tp=16", "dp=2", "cluster.gpus_per_node=8"])
-    plan = {"ranks": 2, "device_kind": "cuda", "gpus_per_rank": 16, "engine_args": {"model": "/nonexistent"}}
+    plan = bare_plan(2, job_layout(2, 1, nodes_per_rank=2), per_rank=16)
     hosts = ["g1", "g2", "g3", "g4"]
     addresses = {"g1": "10.0.0.1", "g2": "10.0.0.2", "g3": "10.0.0.3", "g4": "10.0.0.4"}
     seen = []
     for procid in range(4):
         task = slurm_task(_slurm(procid, 4))
         index, node_rank = task_replica(task.procid, 2)
-        env = task_env(_slurm(procid, 4), cfg, plan, task, index, hosts, "10.0.0.1", 20008, {0})
-        env.update(replica_task_env(env, task, hosts, 2, node_rank, index, 20008, resolve=addresses.get))
-        args = replica_engine_args(env)
+        p = task_process(_slurm(procid, 4), cfg, plan, task, index, hosts, "10.0.0.1", 20008, {0},
+                         resolve=addresses.get)
+        env, args = p.env, replica_engine_args(p.env)
+        assert (p.module, p.node_rank) == (WORKER if node_rank == 0 else HEADLESS, node_rank)
         seen.append((env["HPCINFER_RANK"], env["CUDA_VISIBLE_DEVICES"], args))
         assert env["VLLM_HOST_IP"] == addresses[hosts[procid]]  # its own node's address
         assert not any(k in env for k in VLLM_DP_VARS)
@@ -245,22 +235,28 @@ def test_slurm_cpu_nodes_span_by_workers_per_node():
 
 def test_slurm_cpu_tasks_of_a_spanning_rank_take_their_own_cores():
     cfg = compose(["cluster=slurm_cpu", "tp=2", "dp=2", "cluster.workers_per_node=1"])
-    plan = {"ranks": 2, "device_kind": "cpu", "gpus_per_rank": 2, "engine_args": {"model": "/nonexistent"}}
+    plan = bare_plan(2, job_layout(2, 1, nodes_per_rank=2), kind="cpu", per_rank=2)
     cores = []
     for procid in range(4):
         env = _slurm(procid, 4)
         env.pop("CUDA_VISIBLE_DEVICES")
-        out = task_env(env, cfg, plan, slurm_task(env), procid // 2, ["g1", "g2", "g3", "g4"], "10.0.0.1", 20008,
-                       {0, 1, 2, 3})
+        out = task_process(env, cfg, plan, slurm_task(env), procid // 2, ["g1", "g2", "g3", "g4"], "10.0.0.1", 20008,
+                           {0, 1, 2, 3}, resolve=lambda h: "10.0.0.9").env
         cores.append((out["VLLM_CPU_OMP_THREADS_BIND"], out["VLLM_ENABLE_V1_MULTIPROCESSING"]))
     assert cores == [("0", "0"), ("1", "0"), ("2", "0"), ("3", "0")]  # one worker per node: in process
 
 
 def test_slurm_replica_variables_only_for_spanning_ranks_and_the_users_host_ip_stays():
-    task = slurm_task(_slurm(1, 4))
-    assert replica_task_env({}, task, ["g1", "g2"], 1, 0, 1, 20008, resolve=lambda h: "10.0.0.9") == {}
-    kept = replica_task_env({"VLLM_HOST_IP": "10.1.1.1"}, task, ["g1", "g2"], 2, 1, 0, 20008, resolve=lambda h: "10.0.0.9")
-    assert "VLLM_HOST_IP" not in kept  # the user's own setting stays
+    single = compose(["cluster=slurm", "dp=2"])
+    env = task_process(_slurm(1, 2), single, bare_plan(2, job_layout(2, 8), per_rank=1), slurm_task(_slurm(1, 2)), 1,
+                       ["g1", "g2"], "10.0.0.1", 20008, {0}, resolve=lambda h: "10.0.0.9").env
+    assert not any(k in env for k in (*REPLICA_VARS, "VLLM_HOST_IP"))
+    spanning = compose(["cluster=slurm", *LLAMA, "tp=16", "dp=2", "cluster.gpus_per_node=8"])
+    user = _slurm(1, 4, VLLM_HOST_IP="10.1.1.1")
+    env = task_process(user, spanning, bare_plan(2, job_layout(2, 1, nodes_per_rank=2), per_rank=16),
+                       slurm_task(user), 0, ["g1", "g2", "g3", "g4"], "10.0.0.1", 20008, {0},
+                       resolve=lambda h: "10.0.0.9").env
+    assert env["HPCINFER_NNODES"] == "2" and env["VLLM_HOST_IP"] == "10.1.1.1"  # the user's own setting stays
 
 
 # ---- local backend: the processes of a rank ---------------------------------------------------
@@ -268,13 +264,13 @@ def _launches(overrides, devices, rank=0, base=None):
     cfg = compose(overrides)
     plan = _plan(cfg, devices)
     base = {"PATH": "/bin", "VLLM_DP_RANK": "3", **replica_env(2, 1, "10.9.9.9", 5)} if base is None else base
-    return local.rank_launches(base, cfg, plan, rank, group=list(range(plan.ranks)), master_port=29400,
-                               replica_port=29500, host="box")
+    return local.rank_processes(base, cfg, plan, rank, group=list(range(plan.ranks)), master_port=29400,
+                                replica_port=29500, host="box")
 
 
 def test_a_spanning_replica_is_a_leader_and_headless_processes_each_on_its_gpus():
     ls = _launches(["tp=4", "dp=2", "cluster.gpus_per_node=2"], Devices(gpus=[str(i) for i in range(8)]), rank=1)
-    assert [(x.module, x.node_rank) for x in ls] == [("hpcinfer.rank.worker", 0), ("hpcinfer.rank.headless", 1)]
+    assert [(x.module, x.node_rank) for x in ls] == [(WORKER, 0), (HEADLESS, 1)]
     assert [x.env["CUDA_VISIBLE_DEVICES"] for x in ls] == ["4,5", "6,7"]
     for x in ls:
         assert replica_engine_args(x.env) == {"nnodes": 2, "node_rank": x.node_rank, "master_addr": "127.0.0.1",
@@ -291,147 +287,5 @@ def test_a_spanning_replica_on_cpu_splits_the_cores_and_workers():
 
 def test_a_single_node_rank_is_one_worker_without_replica_or_dp_variables():
     ls = _launches(["tp=2", "dp=2"], Devices(gpus=["0", "1", "2", "3"]), rank=1)
-    assert [(x.module, x.env["CUDA_VISIBLE_DEVICES"]) for x in ls] == [("hpcinfer.rank.worker", "2,3")]
+    assert [(x.module, x.env["CUDA_VISIBLE_DEVICES"]) for x in ls] == [(WORKER, "2,3")]
     assert not any(k in ls[0].env for k in (*REPLICA_VARS, *VLLM_DP_VARS))
-
-
-# ---- local backend: running a replica as a unit ------------------------------------------------
-LEADER = """import json, os, sys, time
-from hpcinfer.rundir.paths import RunDir
-rd, rank = RunDir(sys.argv[1]), int(os.environ["HPCINFER_RANK"])
-json.dump(dict(os.environ), open(rd.path / f"env-{os.environ['HPCINFER_NODE_RANK']}.json", "w"))
-me = {"rank": rank, "pid": os.getpid(), "host": "h", "started_at": time.time()}
-rd.write_rank(rank, {**me, "state": "running"})
-if os.environ.get("FAKE_LEADER_HANGS"):
-    time.sleep(120)
-time.sleep(0.5)
-rd.write_rank(rank, {**me, "state": "done"})
-"""
-HEADLESS = """import json, os, sys
-from hpcinfer.rank.headless import LeaderWatch, exit_code
-from hpcinfer.rundir.paths import RunDir
-rd = RunDir(sys.argv[1])
-json.dump(dict(os.environ), open(rd.path / f"env-{os.environ['HPCINFER_NODE_RANK']}.json", "w"))
-if os.environ.get("FAKE_HEADLESS_FAILS"):
-    sys.exit(3)
-sys.exit(exit_code(LeaderWatch(rd, int(os.environ["HPCINFER_RANK"])).wait(60, poll_s=0.05)))
-"""
-
-
-@pytest.fixture
-def fake_processes(monkeypatch):
-    """The local backend's real loop, with the leader and the headless process replaced by small
-    scripts that behave like them (the leader records its state; the headless one uses the real
-    LeaderWatch), so the wiring runs without vLLM."""
-    started = []
-
-    def popen(rd, rank, launch):
-        import subprocess
-
-        started.append(launch.module)
-        script = LEADER if launch.module == "hpcinfer.rank.worker" else HEADLESS
-        return subprocess.Popen([sys.executable, "-c", script, str(rd.path)], env=launch.env,
-                                start_new_session=True)
-
-    monkeypatch.setattr(local, "_popen", popen)
-    return started
-
-
-def _run_fake(tmp_path, monkeypatch, **env):
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    cfg = compose(["tp=2", "cluster.gpus_per_node=1", "rank_retries=0"])
-    plan = _plan(cfg, Devices(cpus=[0, 1]))
-    rd = RunDir(tmp_path / "run")
-    rd.create()
-    t0 = time.time()
-    outcomes = local.run_ranks(rd, cfg, plan, [0], poll_s=0.05)
-    return rd, outcomes, time.time() - t0
-
-
-def test_local_backend_starts_leader_and_headless_and_both_end(tmp_path, monkeypatch, fake_processes):
-    rd, outcomes, _ = _run_fake(tmp_path, monkeypatch)
-    assert fake_processes == ["hpcinfer.rank.worker", "hpcinfer.rank.headless"]
-    assert [(o.rank, o.returncode) for o in outcomes] == [(0, 0)]
-    envs = [json.loads((rd.path / f"env-{n}.json").read_text()) for n in (0, 1)]
-    assert [replica_engine_args(e)["node_rank"] for e in envs] == [0, 1]
-    assert envs[0]["HPCINFER_REPLICA_PORT"] == envs[1]["HPCINFER_REPLICA_PORT"]
-    assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in envs] == ["0", "1"]
-
-
-def test_local_backend_fails_the_leader_when_a_headless_process_fails(tmp_path, monkeypatch, fake_processes):
-    rd, outcomes, seconds = _run_fake(tmp_path, monkeypatch, FAKE_LEADER_HANGS="1", FAKE_HEADLESS_FAILS="1")
-    assert [(o.rank, o.returncode) for o in outcomes] == [(0, -9)]
-    assert seconds < 60
-    state = rd.read_optional(rd.rank_file(0))
-    assert state["state"] == "failed" and "killed by signal 9" in state["error"]
-
-
-# ---- headless: when the leader has ended -------------------------------------------------------
-def _state(rd, state, started_at, pid=1):
-    rd.write_rank(0, {"rank": 0, "state": state, "host": "h", "pid": pid, "started_at": started_at})
-
-
-def test_leader_watch_sees_the_end_of_the_attempt_it_serves(tmp_path):
-    rd = RunDir(tmp_path)
-    rd.create()
-    watch = LeaderWatch(rd, 0)
-    assert watch.ended() is None  # no leader yet
-    _state(rd, "running", 10.0)
-    assert watch.ended() is None
-    _state(rd, "done", 10.0)
-    assert watch.ended() == "done" and exit_code("done") == 0
-    for state in ("failed", "stopped"):
-        _state(rd, state, 10.0)
-        assert watch.ended() == state and exit_code(state) == 1
-
-
-def test_leader_watch_ignores_an_earlier_attempts_end(tmp_path):
-    rd = RunDir(tmp_path)
-    rd.create()
-    _state(rd, "failed", 10.0, pid=7)  # the attempt before a restart
-    watch = LeaderWatch(rd, 0)
-    assert watch.ended() is None
-    _state(rd, "starting", 20.0, pid=8)
-    assert watch.ended() is None
-    _state(rd, "failed", 20.0, pid=8)
-    assert watch.ended() == "failed"
-
-
-def test_leader_watch_waits(tmp_path):
-    rd = RunDir(tmp_path)
-    rd.create()
-    watch = LeaderWatch(rd, 0)
-    assert watch.wait(0.1, poll_s=0.02) is None
-    threading.Timer(0.1, lambda: _state(rd, "done", 1.0)).start()
-    assert watch.wait(10, poll_s=0.02) == "done"
-
-
-def test_headless_args_are_the_leaders_plus_the_nodes(tmp_path):
-    from hpcinfer.config import to_yaml
-    from hpcinfer.rundir.files import atomic_write_json
-
-    cfg = compose(["tp=2", "cluster.gpus_per_node=1"])
-    rd = RunDir(tmp_path)
-    rd.create()
-    rd.config.write_text(to_yaml(cfg))
-    atomic_write_json(rd.plan, {"engine_args": {"model": "/models/tiny"}})
-    env = {"HPCINFER_RANK": "0", "HPCINFER_WORLD_SIZE": "1", "HPCINFER_DEVICE_KIND": "cpu",
-           **replica_env(2, 1, "127.0.0.1", 29123)}
-    ctx, args = headless_args(str(tmp_path), env)
-    assert ctx.rank == 0
-    assert args == {**engine_args(cfg, "/models/tiny"), "nnodes": 2, "node_rank": 1, "master_addr": "127.0.0.1",
-                    "master_port": 29123}
-    with pytest.raises(RuntimeError, match="non-leader nodes"):
-        headless_args(str(tmp_path), {**env, "HPCINFER_NODE_RANK": "0"})
-    with pytest.raises(RuntimeError, match="non-leader nodes"):
-        headless_args(str(tmp_path), {k: v for k, v in env.items() if k not in REPLICA_VARS})
-
-
-def test_leader_watch_counts_an_old_end_when_no_new_attempt_comes(tmp_path):
-    rd = RunDir(tmp_path)
-    rd.create()
-    _state(rd, "failed", 10.0)  # the leader failed before this node started, and is not restarted
-    watch = LeaderWatch(rd, 0, stale_s=0.2)
-    assert watch.ended() is None
-    assert watch.wait(10, poll_s=0.02) == "failed"

@@ -4,15 +4,14 @@ import copy
 import re
 
 import pytest
+from conftest import plan_for
 
 from hpcinfer.cli import compose
 from hpcinfer.config import ALL2ALL_BACKENDS, LAYOUT_ENGINE_ARGS, engine_args, validate
 from hpcinfer.errors import ConfigError
 from hpcinfer.planning.devices import Devices
-from hpcinfer.planning.inputs import InputFile
-from hpcinfer.planning.layout import expert_layout, make_plan, memory_per_gpu, model_shape
+from hpcinfer.planning.layout import expert_layout, memory_per_gpu, model_shape
 from hpcinfer.planning.render import format_plan
-from hpcinfer.planning.sharding import make_shards
 from hpcinfer.rundir.records import ExpertLayout
 
 MOE_EP = ["model=tiny_moe", "ep=true", "dp=2"]
@@ -27,11 +26,7 @@ def errors_of(overrides) -> str:
 
 
 def plan_of(overrides, devices=GPUS, rows=100):
-    cfg = compose(overrides)
-    validate(cfg)
-    active = max(1, min(cfg.dp, rows))
-    shards = make_shards([InputFile("/data/x.parquet", rows)], active, cfg.data.shard_rows)
-    return make_plan(cfg, model_shape(cfg.model), devices, engine_args(cfg, "/m"), shards, rows, 1, active)
+    return plan_for(compose(overrides), devices, rows)
 
 
 # ---- engine arguments -------------------------------------------------------------------------
@@ -199,9 +194,7 @@ def test_plan_notes_round_robin_fallback():
 
 
 def test_plan_unknown_expert_count_says_so():
-    cfg = compose(MOE_EP + ["model.num_experts=null"])
-    shards = make_shards([InputFile("/x.parquet", 10)], 2, 1024)
-    plan = make_plan(cfg, model_shape(cfg.model), GPUS, engine_args(cfg, "/m"), shards, 10, 1, 2)
+    plan = plan_for(compose(MOE_EP + ["model.num_experts=null"]), GPUS, rows=10)
     assert "experts per GPU unknown" in format_plan(plan)
     assert any("model.num_experts" in n for n in plan.notes)
 

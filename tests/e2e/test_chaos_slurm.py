@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, busy_rank, submit_results
 from test_chaos_local import args, inputs, reference  # noqa: F401  (module fixtures)
-from test_e2e_slurm import scontrol_job, submit_in_background
+from test_slurm import scontrol_job, submit_in_background
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slurm]
 

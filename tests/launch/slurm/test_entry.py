@@ -2,21 +2,17 @@
 Dense models never get VLLM_DP_*; MoE models with ep=true get a consistent lockstep group."""
 from __future__ import annotations
 
-import pytest
-from conftest import check_group
+from conftest import bare_plan, check_group
 
 from hpcinfer.cli import compose
 from hpcinfer.launch.env import VLLM_DP_VARS
-from hpcinfer.launch.slurm.entry import task_env, task_rank
+from hpcinfer.launch.slurm.entry import task_process, task_rank
 from hpcinfer.launch.slurm.layout import job_layout
 from hpcinfer.launch.slurm.task import slurm_task
-from hpcinfer.rank.worker import record_exit, should_restart
-from hpcinfer.rundir.paths import RunDir
 
 
 def plan(ranks, jobs, kind="cuda", per_rank=2):
-    return {"ranks": ranks, "jobs": jobs.to_json(), "device_kind": kind, "gpus_per_rank": per_rank,
-            "engine_args": {"model": "/nonexistent/model"}}
+    return bare_plan(ranks, jobs, kind, per_rank)
 
 
 def slurm_env(procid, localid, ntasks, nodeid, job="77", **extra):
@@ -27,10 +23,10 @@ def slurm_env(procid, localid, ntasks, nodeid, job="77", **extra):
 
 def build(cfg, p, env, ranks=None):
     task = slurm_task(env)
-    rank = task_rank(task.procid, list(range(p["ranks"])) if ranks is None else ranks)
+    rank = task_rank(task.procid, list(range(p.ranks)) if ranks is None else ranks)
     if rank is None:
         return None, None
-    return rank, task_env(env, cfg, p, task, rank, ["g1", "g2"], "10.0.0.1", 20008, {0, 1, 2, 3})
+    return rank, task_process(env, cfg, p, task, rank, ["g1", "g2"], "10.0.0.1", 20008, {0, 1, 2, 3}).env
 
 
 def test_dense_tasks_get_their_gpus_and_no_vllm_dp_vars():
@@ -82,28 +78,3 @@ def test_moe_without_ep_is_dense_path():
     cfg = compose(["cluster=slurm", "model=tiny_moe", "dp=2"])
     _, out = build(cfg, plan(2, job_layout(2, 8), per_rank=1), slurm_env(0, 0, 2, 0))
     assert not any(k in out for k in VLLM_DP_VARS)
-
-
-@pytest.mark.parametrize("code,state,expect", [(-9, "running", "killed by signal 9"), (3, None, "exited with code 3"),
-                                               (0, "running", None), (1, "failed", None), (-15, "stopped", None)])
-def test_record_exit_marks_silent_deaths_failed(tmp_path, code, state, expect):
-    rd = RunDir(tmp_path)
-    rd.create()
-    if state:
-        rd.write_rank(0, {"rank": 0, "state": state, "rows_done": 3, "error": "own" if state != "running" else None})
-    record_exit(rd, 0, code)
-    after = rd.read_optional(rd.rank_file(0))
-    if expect:
-        assert after["state"] == "failed" and expect in after["error"]
-    else:
-        assert after is None or after["state"] == state
-
-
-@pytest.mark.parametrize("code,state,left,restart", [(1, "failed", 1, True), (1, "failed", 0, False),
-                                                     (-9, "running", 2, True), (1, "stopped", 3, False),
-                                                     (0, "done", 1, False)])
-def test_should_restart_only_failures_within_budget(tmp_path, code, state, left, restart):
-    rd = RunDir(tmp_path)
-    rd.create()
-    rd.write_rank(0, {"rank": 0, "state": state})
-    assert should_restart(rd, 0, code, left) is restart

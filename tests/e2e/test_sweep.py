@@ -1,11 +1,13 @@
 """Layout sweeps: `submit -m` puts each run in the sweep directory; `report` compares them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+from conftest import bare_plan
 
 from hpcinfer.report import best, report, table
 from hpcinfer.rundir.paths import RunDir
@@ -15,7 +17,8 @@ def fake_run(root, name, tp, dp, tps, kind="cuda"):
     rd = RunDir(root / name)
     rd.create()
     (rd.path / "config.yaml").write_text("{}\n")
-    rd.plan.write_text(json.dumps({"tp": tp, "pp": 1, "dp": dp, "device_kind": kind, "rows": 100}))
+    plan = dataclasses.replace(bare_plan(dp, kind=kind, per_rank=tp), rows=100)
+    rd.plan.write_text(json.dumps(plan.to_json()))
     if tps is not None:
         rd.summary.write_text(json.dumps({"output_tokens_per_second": tps, "wall_seconds": 12.5}))
 
