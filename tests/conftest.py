@@ -115,3 +115,19 @@ def bare_plan(ranks, jobs=None, kind="cuda", per_rank=2, model="/nonexistent/mod
                 nodes=jobs.nodes if jobs else 1, rows=ranks, files=1, shards=ranks,
                 memory=Memory(None, None, None, None, None), engine_args={"model": model}, model={}, jobs=jobs,
                 nodes_per_rank=jobs.nodes_per_rank if jobs else 1)
+
+
+def write_parquet(path, table, **kw):
+    """Write `table` to `path` as Parquet; the path as a string."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, str(path), **kw)
+    return str(path)
+
+
+def prompts_table(n, start=0):
+    """`n` rows of (id, prompt) from `start`."""
+    import pyarrow as pa
+
+    return pa.table({"id": pa.array(range(start, start + n), pa.int64()),
+                     "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string())})

@@ -156,10 +156,15 @@ def test_gpu_count_check(cfg):
     assert "needs 8 GPUs" in msg and "offers 4" in msg
 
 
-@pytest.mark.parametrize("gpus", [None, 0, 8, 16])
-def test_gpu_count_check_passes_or_is_skipped(cfg, gpus):
+@pytest.mark.parametrize("gpus,refused", [(None, False), (0, False), (7, True), (8, False), (16, False)])
+def test_gpu_count_is_checked_only_when_known(cfg, gpus, refused):
+    """dp=4 x tp=2 needs 8 GPUs: refused with 7; not checked when unknown (None) or on a CPU-only
+    machine (0, where ranks run on cores); the limit is exactly the count offered."""
     cfg.dp, cfg.tp = 4, 2
-    validate(cfg, gpus_available=gpus)  # None: unknown; 0: CPU-only machine; >= 8: enough
+    if refused:
+        assert "needs 8 GPUs" in validation_error(cfg, gpus_available=gpus)
+    else:
+        validate(cfg, gpus_available=gpus)
 
 
 # ---- validate: sampling ---------------------------------------------------------------------

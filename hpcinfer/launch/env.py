@@ -1,7 +1,8 @@
 """The environment of a rank's processes: the contract between a launcher and the code inside a
-rank (read back by `hpcinfer.rank.context`). Pure: every function here maps values to variables.
+rank. Pure: every function here maps values to variables or back (`pin_to_cores` aside).
 
-A launcher works out, for each process it starts, a `ProcessSpec` (who the rank is, its devices,
+Both sides are here: what a launcher writes and what the rank process reads back
+(`context_from_env`, `replica_engine_args`). A launcher works out, for each process it starts, a `ProcessSpec` (who the rank is, its devices,
 the run's master address and port, and, where they apply, its place in a replica spanning nodes
 and in a lockstep group); `process` turns it into the process to start: its module and its full
 environment. The local launcher and a Slurm task differ only in how they fill the spec.
@@ -21,9 +22,10 @@ environment. The local launcher and a Slurm task differ only in how they fill th
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from hpcinfer.planning.sharding import partition
 
@@ -120,29 +122,90 @@ def replica_env(nnodes: int, node_rank: int, addr: str, port: int) -> Dict[str, 
             "HPCINFER_REPLICA_ADDR": addr, "HPCINFER_REPLICA_PORT": str(port)}
 
 
-def rank_env(base: Mapping[str, str], *, rank: int, world_size: int, local_rank: int, hosts: List[str],
-             master_addr: str, master_port: int, device_kind: str, devices: List[str],
-             workers_per_rank: int, cpu_kvcache_gib: int, offline: bool) -> Dict[str, str]:
-    """The full environment of one rank process. Pure."""
+@dataclass(frozen=True)
+class RankContext:
+    """Who a rank is (what every process of it is told in HPCINFER_* variables)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    hosts: List[str]
+    master_addr: str
+    master_port: int
+    device_kind: str  # "cuda" | "cpu"
+    devices: List[str]  # GPU ids or CPU cores of this rank
+
+    @property
+    def host(self) -> str:
+        return socket.gethostname()
+
+
+def rank_env(base: Mapping[str, str], ctx: RankContext, *, workers_per_rank: int, cpu_kvcache_gib: int,
+             offline: bool) -> Dict[str, str]:
+    """The full environment of one rank process: `base` without inherited lockstep and replica
+    variables, the rank's HPCINFER_* variables, and its devices. Pure."""
     env = {k: v for k, v in base.items() if k not in VLLM_DP_VARS and k not in REPLICA_VARS}
     env.update({
-        "HPCINFER_RANK": str(rank),
-        "HPCINFER_WORLD_SIZE": str(world_size),
-        "HPCINFER_LOCAL_RANK": str(local_rank),
-        "HPCINFER_HOSTS": ",".join(hosts),
-        "HPCINFER_MASTER_ADDR": master_addr,
-        "HPCINFER_MASTER_PORT": str(master_port),
-        "HPCINFER_DEVICE_KIND": device_kind,
-        "HPCINFER_DEVICES": ",".join(devices),
+        "HPCINFER_RANK": str(ctx.rank),
+        "HPCINFER_WORLD_SIZE": str(ctx.world_size),
+        "HPCINFER_LOCAL_RANK": str(ctx.local_rank),
+        "HPCINFER_HOSTS": ",".join(ctx.hosts),
+        "HPCINFER_MASTER_ADDR": ctx.master_addr,
+        "HPCINFER_MASTER_PORT": str(ctx.master_port),
+        "HPCINFER_DEVICE_KIND": ctx.device_kind,
+        "HPCINFER_DEVICES": ",".join(ctx.devices),
     })
     if offline:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if device_kind == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if ctx.device_kind == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ctx.devices)
         return env
-    env.update(cpu_engine_env(base, devices, workers_per_rank, cpu_kvcache_gib))
+    env.update(cpu_engine_env(base, ctx.devices, workers_per_rank, cpu_kvcache_gib))
     return env
+
+
+def context_from_env(env: Mapping[str, str]) -> RankContext:
+    """The rank's identity from its environment (see `rank_env`)."""
+    try:
+        return RankContext(
+            rank=int(env["HPCINFER_RANK"]),
+            world_size=int(env["HPCINFER_WORLD_SIZE"]),
+            local_rank=int(env.get("HPCINFER_LOCAL_RANK", env["HPCINFER_RANK"])),
+            hosts=[h for h in env.get("HPCINFER_HOSTS", "").split(",") if h],
+            master_addr=env.get("HPCINFER_MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("HPCINFER_MASTER_PORT", "0")),
+            device_kind=env.get("HPCINFER_DEVICE_KIND", "cpu"),
+            devices=[d for d in env.get("HPCINFER_DEVICES", "").split(",") if d],
+        )
+    except KeyError as e:
+        raise RuntimeError(f"not started as an hpcinfer rank: {e.args[0]} is not set") from None
+
+
+def replica_engine_args(env: Mapping[str, str]) -> Dict[str, Any]:
+    """vLLM's multi-node engine arguments from a process's environment (see the module doc):
+    {nnodes, node_rank, master_addr, master_port}, or {} for a single-node replica."""
+    present = [k for k in REPLICA_VARS if env.get(k)]
+    if not present or env.get("HPCINFER_NNODES") == "1":
+        return {}
+    missing = [k for k in REPLICA_VARS if k not in present]
+    if missing:
+        raise ReplicaError(f"a replica spanning nodes needs {', '.join(REPLICA_VARS)}; {', '.join(missing)} not set")
+    try:
+        nnodes, node_rank, port = (int(env[k]) for k in ("HPCINFER_NNODES", "HPCINFER_NODE_RANK",
+                                                           "HPCINFER_REPLICA_PORT"))
+    except ValueError:
+        raise ReplicaError("HPCINFER_NNODES, HPCINFER_NODE_RANK and HPCINFER_REPLICA_PORT must be integers, got "
+                           + ", ".join(f"{k}={env[k]!r}" for k in REPLICA_VARS)) from None
+    replica_env(nnodes, node_rank, env["HPCINFER_REPLICA_ADDR"], port)  # validates
+    return {"nnodes": nnodes, "node_rank": node_rank, "master_addr": env["HPCINFER_REPLICA_ADDR"],
+            "master_port": port}
+
+
+def pin_to_cores(cores: List[str]) -> None:
+    """Restrict this process (and the engine's children) to its rank's CPU cores."""
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cores})
 
 
 def cpu_engine_env(base: Mapping[str, str], cores: List[str], workers: int, kvcache_gib: int) -> Dict[str, str]:
@@ -197,16 +260,10 @@ class Lockstep:
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """Everything that distinguishes one process of a rank, as its launcher worked it out."""
+    """Everything that distinguishes one process of a rank, as its launcher worked it out: who the
+    rank is (`ctx`, with this process's own devices) and how its engine runs here."""
 
-    rank: int
-    world_size: int
-    local_rank: int
-    hosts: List[str]
-    master_addr: str
-    master_port: int
-    device_kind: str  # "cuda" | "cpu"
-    devices: List[str]  # this process's GPU ids or CPU cores
+    ctx: RankContext
     workers: int  # engine workers of this process (tp x pp / nodes of the replica)
     cpu_kvcache_gib: int
     offline: bool  # the model is a local directory: no hub lookups
@@ -229,9 +286,7 @@ class Process:
 
 def process(base: Mapping[str, str], spec: ProcessSpec) -> Process:
     """The process of `spec`, its environment built from `base` (the launcher's own). Pure."""
-    env = rank_env(base, rank=spec.rank, world_size=spec.world_size, local_rank=spec.local_rank, hosts=spec.hosts,
-                   master_addr=spec.master_addr, master_port=spec.master_port, device_kind=spec.device_kind,
-                   devices=spec.devices, workers_per_rank=spec.workers, cpu_kvcache_gib=spec.cpu_kvcache_gib,
+    env = rank_env(base, spec.ctx, workers_per_rank=spec.workers, cpu_kvcache_gib=spec.cpu_kvcache_gib,
                    offline=spec.offline)
     r = spec.replica
     if r is not None and r.nnodes > 1:
@@ -241,7 +296,7 @@ def process(base: Mapping[str, str], spec: ProcessSpec) -> Process:
     g = spec.lockstep
     if g is not None:
         env.update(lockstep_env(g.dp_rank, g.local_rank, g.size, g.master_ip, g.master_port))
-        if spec.device_kind == "cuda":  # on CPU a lockstep group is one rank: its own binding stays
+        if spec.ctx.device_kind == "cuda":  # on CPU a lockstep group is one rank: its own binding stays
             if g.visible is None:
                 env.pop("CUDA_VISIBLE_DEVICES", None)
             else:

@@ -27,7 +27,7 @@ from hpcinfer.config import RunConfig
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, RunIncomplete, exit_on_signal
 from hpcinfer.launch import supervisor
 from hpcinfer.launch.base import Launcher, Placement, unfinished_ranks
-from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, Replica, free_port, process
+from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, RankContext, Replica, free_port, process
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
 from hpcinfer.launch.supervisor import RankSupervisor
 from hpcinfer.planning.devices import Devices, detect, node_slices, split
@@ -97,8 +97,8 @@ def rank_processes(base: Mapping[str, str], cfg: RunConfig, plan: Plan, rank: in
         lockstep = Lockstep(dp_rank, dp_rank, len(group), LOOPBACK, master_port,
                             visible=[d for r in group for d in plan.rank_plans[r].devices])
     return [process(base, ProcessSpec(
-        rank=rank, world_size=plan.ranks, local_rank=rank, hosts=[host], master_addr=LOOPBACK, master_port=master_port,
-        device_kind=plan.device_kind, devices=share, workers=plan.gpus_per_rank // k,
+        RankContext(rank, plan.ranks, rank, [host], LOOPBACK, master_port, plan.device_kind, share),
+        workers=plan.gpus_per_rank // k,
         cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib, offline=os.path.isdir(plan.engine_args["model"]),
         replica=Replica(k, node_rank, LOOPBACK, replica_port, LOOPBACK) if k > 1 else None, lockstep=lockstep))
         for node_rank, share in enumerate(node_slices(devices, k) if k > 1 else [devices])]

@@ -9,9 +9,9 @@ for a replica spanning nodes, `python -m hpcinfer.rank.headless <run_dir>` on it
     requests.py  the request seam: rows -> engine requests, engine outputs -> RowResult
     engine.py    the Engine protocol, VllmEngine and create_engine (the one factory)
     headless.py  a non-leader node of a replica spanning nodes, and LeaderWatch
-    context.py   who the rank is, from its environment (RankContext, the replica's variables)
 
-May import: rundir/, hpcinfer.config, hpcinfer.errors, and launch/env.py's variable names and
-their validation only through context.py. vLLM is imported only where an engine or a headless
+May import: rundir/, hpcinfer.config, hpcinfer.errors, and launch/env.py: the environment
+contract, both sides (who the rank is: `context_from_env`; a spanning replica's engine arguments:
+`replica_engine_args`). vLLM is imported only where an engine or a headless
 node is built.
 """

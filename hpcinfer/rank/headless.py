@@ -25,7 +25,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from hpcinfer.config import engine_args, load_run_config
-from hpcinfer.rank.context import RankContext, context_from_env, pin_to_cores, replica_engine_args
+from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import DONE, TERMINAL, RankRecord
 

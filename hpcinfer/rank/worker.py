@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from hpcinfer.config import RunConfig, engine_args, load_run_config
 from hpcinfer.errors import exit_on_signal
-from hpcinfer.rank.context import RankContext, context_from_env, pin_to_cores, replica_engine_args
+from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
 from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.requests import build_requests
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work

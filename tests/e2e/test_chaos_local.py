@@ -17,7 +17,7 @@ from conftest import REPO, busy_rank, submit_results
 
 pytestmark = pytest.mark.vllm
 
-ROWS, CHUNK = 800, 8
+ROWS, CHUNK = 480, 8
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def inputs(tmp_path_factory):
 
 def args(inputs, run_dir, *extra):
     return [f"data.input={inputs}", "data.id_column=id", "sampling=greedy", "sampling.max_tokens=48",
-            "sampling.ignore_eos=true", "data.shard_rows=400", f"checkpoint.rows={CHUNK}", "checkpoint.seconds=3600",
+            "sampling.ignore_eos=true", "data.shard_rows=240", f"checkpoint.rows={CHUNK}", "checkpoint.seconds=3600",
             f"run_dir={run_dir}", *extra]
 
 
@@ -97,7 +97,7 @@ def test_random_kills_restart_in_place_and_results_are_identical(inputs, tmp_pat
     proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=2"))
     victims = rng.sample([0, 1], rng.choice([1, 2]))
     for rank in victims:
-        kill_when_busy(run_dir, rank, rng.randrange(CHUNK, 200), proc)
+        kill_when_busy(run_dir, rank, rng.randrange(CHUNK, 120), proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, f"seed {seed}: {err}"
     assert "restarting it" in err

@@ -36,15 +36,15 @@ def test_preemption_signal_requeues_and_resumes(inputs, tmp_path, slurm_env, ref
 
 @pytest.fixture(scope="module")
 def long_inputs(tmp_path_factory):
-    """2400 rows: 1200 per rank at dp=2."""
+    """960 rows: 480 per rank at dp=2."""
     d = tmp_path_factory.mktemp("long-inputs")
-    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(2400)]
-    pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=200)
+    rows = [{"id": i, "prompt": f"Chapter {i}: the {i % 23}th bridge over the river"} for i in range(960)]
+    pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=120)
     return d / "prompts.parquet"
 
 
 def long_args(path, run_dir, *extra):
-    return args(path, run_dir, "data.shard_rows=1200", "sampling.max_tokens=128", *extra)
+    return args(path, run_dir, "data.shard_rows=480", "sampling.max_tokens=64", *extra)
 
 
 def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, slurm_env, hpcinfer):
@@ -53,7 +53,7 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     run_dir = tmp_path / "run"
     # small batches: the ranks must outlast Slurm's ~16 s to declare the node dead (results do
     # not depend on the batch in float32, so the reference ran with vLLM's default batch)
-    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2", "engine.max_num_seqs=16"),
+    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2", "engine.max_num_seqs=8"),
                                 run_dir)
     victim = busy_rank(run_dir, 1, 8, proc)["host"]
     script = str(REPO / "slurm" / "cluster.sh")

@@ -232,7 +232,7 @@ def test_sigterm_stops_every_rank_and_a_rerun_finishes(cli_env, tmp_path, hpcinf
     import time
 
     run_dir = tmp_path / "term"
-    args = ["dp=2", "data.demo_rows=400", "data.shard_rows=25", "sampling.max_tokens=256",
+    args = ["dp=2", "data.demo_rows=200", "data.shard_rows=25", "sampling.max_tokens=128",
             "sampling.ignore_eos=true", f"run_dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "hpcinfer.submit", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env)
@@ -254,5 +254,5 @@ def test_sigterm_stops_every_rank_and_a_rerun_finishes(cli_env, tmp_path, hpcinf
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "continuing" in rerun.stderr
     results = pq.read_table(run_dir / "results.parquet")
-    assert results.column("id").to_pylist() == list(range(400))
-    assert set(results.column("output_tokens").to_pylist()) == {256}
+    assert results.column("id").to_pylist() == list(range(200))
+    assert set(results.column("output_tokens").to_pylist()) == {128}

@@ -3,19 +3,18 @@ import socket
 
 import pytest
 
-from hpcinfer.launch.env import VLLM_DP_VARS, free_port, rank_env
-from hpcinfer.rank.context import RankContext, context_from_env
+from hpcinfer.launch.env import VLLM_DP_VARS, RankContext, context_from_env, free_port, rank_env
 
 BASE = {"PATH": "/usr/bin", "HOME": "/home/u", "CUDA_VISIBLE_DEVICES": "0,1,2,3",
         **{k: "7" for k in VLLM_DP_VARS}}
 
 
-def make_env(base=None, **kw):
-    args = dict(rank=1, world_size=2, local_rank=1, hosts=["n1", "n2"], master_addr="10.0.0.1",
-                master_port=29555, device_kind="cuda", devices=["2", "3"], workers_per_rank=2,
-                cpu_kvcache_gib=3, offline=False)
-    args.update(kw)
-    return rank_env(BASE if base is None else base, **args)
+def make_env(base=None, workers_per_rank=2, cpu_kvcache_gib=3, offline=False, **kw):
+    ctx = dict(rank=1, world_size=2, local_rank=1, hosts=["n1", "n2"], master_addr="10.0.0.1",
+               master_port=29555, device_kind="cuda", devices=["2", "3"])
+    ctx.update(kw)
+    return rank_env(BASE if base is None else base, RankContext(**ctx), workers_per_rank=workers_per_rank,
+                    cpu_kvcache_gib=cpu_kvcache_gib, offline=offline)
 
 
 def test_removes_vllm_dp_vars_and_keeps_the_rest():

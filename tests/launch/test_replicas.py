@@ -1,6 +1,6 @@
-"""Replicas spanning nodes (tp x pp > gpus_per_node): the replica environment and engine
-arguments (replica.py), the config rules, the Slurm job layout and task mapping, the plan, the
-local backend's processes (leader + headless) and how a headless process knows its leader ended.
+"""Replicas spanning nodes (tp x pp > gpus_per_node): the replica variables and engine arguments
+(launch/env.py), the config rules, the Slurm job layout and task mapping
+(launch/slurm/), the plan, and the local launcher's processes (leader + headless).
 """
 from __future__ import annotations
 
@@ -11,13 +11,20 @@ from hpcinfer.cli import compose
 from hpcinfer.config import nodes_per_rank, validate
 from hpcinfer.errors import ConfigError
 from hpcinfer.launch import local
-from hpcinfer.launch.env import HEADLESS, REPLICA_VARS, VLLM_DP_VARS, WORKER, ReplicaError, replica_env
+from hpcinfer.launch.env import (
+    HEADLESS,
+    REPLICA_VARS,
+    VLLM_DP_VARS,
+    WORKER,
+    ReplicaError,
+    replica_engine_args,
+    replica_env,
+)
 from hpcinfer.launch.slurm.entry import task_process
 from hpcinfer.launch.slurm.layout import job_layout, rank_groups, slurm_jobs
 from hpcinfer.launch.slurm.task import replica_port, slurm_task, task_replica
 from hpcinfer.planning.devices import Devices, node_slices
 from hpcinfer.planning.render import format_plan
-from hpcinfer.rank.context import replica_engine_args
 
 LLAMA = ["model=llama", "model.path=org/llama"]  # 32 heads: tp up to 32
 
@@ -94,11 +101,11 @@ def test_task_replica_and_ports():
 
 
 def test_ranks_strip_inherited_replica_variables():
-    from hpcinfer.launch.env import rank_env
+    from hpcinfer.launch.env import RankContext, rank_env
 
     base = {"PATH": "/bin", **replica_env(2, 1, "10.0.0.1", 9)}
-    env = rank_env(base, rank=0, world_size=1, local_rank=0, hosts=["h"], master_addr="127.0.0.1", master_port=1,
-                   device_kind="cuda", devices=["0"], workers_per_rank=1, cpu_kvcache_gib=1, offline=False)
+    env = rank_env(base, RankContext(0, 1, 0, ["h"], "127.0.0.1", 1, "cuda", ["0"]), workers_per_rank=1,
+                   cpu_kvcache_gib=1, offline=False)
     assert not any(k in env for k in REPLICA_VARS)
 
 

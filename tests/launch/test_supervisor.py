@@ -31,13 +31,13 @@ open(f"{run}/starts-leader", "a").write("x")
 me = {"rank": rank, "token": f"h:{os.getpid()}:{time.time()}", "host": "h", "pid": os.getpid(), "started_at": time.time()}
 record = lambda state: atomic_write_json(f"{run}/ranks/{rank}.json", {**me, "state": state})
 record("running")
+time.sleep(0.5)  # a real leader runs a while: its headless node sees this attempt start
 if os.environ.get("FAKE_LEADER_FAILS_ONCE") and not os.path.exists(f"{run}/failed-once"):
     open(f"{run}/failed-once", "w").close()
     record("failed")
     sys.exit(1)
 if os.environ.get("FAKE_LEADER_HANGS"):
     time.sleep(120)
-time.sleep(0.5)
 record("done")
 """
 FAKE_HEADLESS = """import os, sys

@@ -1,25 +1,15 @@
-"""Input data: partitioning, sharding, discovery, schema checks, the manifest, reading shards.
+"""Input discovery and checks (planning/inputs.py): files, directories and globs; readable Parquet,
+columns, schemas, ids.
 """
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import prompts_table, write_parquet
 
 from hpcinfer.errors import DataError
 from hpcinfer.planning.inputs import Inputs, discover, scan
 from hpcinfer.planning.sharding import make_shards
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-def write_parquet(path, table, **kw):
-    pq.write_table(table, str(path), **kw)
-    return str(path)
-
-
-def prompts_table(n, start=0):
-    return pa.table({"id": pa.array(range(start, start + n), pa.int64()),
-                     "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string())})
 
 
 # ---- discover -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Input data: partitioning, sharding, discovery, schema checks, the manifest, reading shards.
+"""Cutting the rows into shards (planning/sharding.py): partition, active ranks, make_shards.
 """
 from __future__ import annotations
 

@@ -1,26 +1,16 @@
-"""Input data: partitioning, sharding, discovery, schema checks, the manifest, reading shards.
+"""The manifest and reading a shard's rows (rundir/manifest.py), nested columns and Unicode included.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import prompts_table, write_parquet
 
 from hpcinfer.errors import DataError
 from hpcinfer.planning.inputs import scan
 from hpcinfer.planning.sharding import make_shards
 from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard, write_manifest
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-def write_parquet(path, table, **kw):
-    pq.write_table(table, str(path), **kw)
-    return str(path)
-
-
-def prompts_table(n, start=0):
-    return pa.table({"id": pa.array(range(start, start + n), pa.int64()),
-                     "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string())})
 
 
 def nested_table(n=13, start=0):

@@ -19,7 +19,7 @@ from typing import Callable, Collection, List, Mapping, Optional, Tuple
 
 from hpcinfer.config import RunConfig, load_run_config
 from hpcinfer.launch import supervisor
-from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, Replica, process
+from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, RankContext, Replica, process
 from hpcinfer.launch.slurm.nodelist import hostnames, resolve_address
 from hpcinfer.launch.slurm.task import (
     SlurmTask,
@@ -63,8 +63,8 @@ def task_process(env: Mapping[str, str], cfg: RunConfig, plan: Plan, task: Slurm
                             master_port(task.array_job_id or task.job_id),
                             visible=visible.split(",") if visible and visible.strip() else None)
     return process(env, ProcessSpec(
-        rank=rank, world_size=plan.ranks, local_rank=task.localid, hosts=list(hosts), master_addr=master_addr,
-        master_port=port, device_kind=plan.device_kind, devices=devices, workers=per_node,
+        RankContext(rank, plan.ranks, task.localid, list(hosts), master_addr, port, plan.device_kind, devices),
+        workers=per_node,
         cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib, offline=os.path.isdir(plan.engine_args["model"]),
         replica=replica, lockstep=lockstep))
 
