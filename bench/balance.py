@@ -21,6 +21,7 @@ Printed per side: each rank's finish time, the makespan (first generation start 
 the tail = (last rank's finish - median rank's finish) / makespan (target <= 5% for hpcinfer),
 output tokens/s; then makespan ratios against raw-static.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,18 +70,30 @@ def write_workload(path: Path, rows: int, long_share: float, long_tokens: int, s
 
     n_long = int(rows * long_share)
     topics = ["rivers", "compilers", "glaciers", "tea", "lighthouses", "trains", "bees", "paper"]
-    pq.write_table(pa.table({
-        "id": list(range(rows)),
-        "prompt": [f"Tell me about {topics[i % len(topics)]}, note {i}." for i in range(rows)],
-        "max_tokens": pa.array([long_tokens if i < n_long else short_tokens for i in range(rows)], pa.int32()),
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": list(range(rows)),
+                "prompt": [f"Tell me about {topics[i % len(topics)]}, note {i}." for i in range(rows)],
+                "max_tokens": pa.array([long_tokens if i < n_long else short_tokens for i in range(rows)], pa.int32()),
+            }
+        ),
+        path,
+    )
     return n_long * long_tokens + (rows - n_long) * short_tokens
 
 
 def common_overrides(a, data: Path) -> list[str]:
-    return [f"model={a.model}", f"data.input={data}", "data.max_tokens_column=max_tokens", "sampling=greedy",
-            f"sampling.max_tokens={max(a.long_tokens, a.short_tokens)}", "sampling.ignore_eos=true", f"dp={a.dp}",
-            *a.set]
+    return [
+        f"model={a.model}",
+        f"data.input={data}",
+        "data.max_tokens_column=max_tokens",
+        "sampling=greedy",
+        f"sampling.max_tokens={max(a.long_tokens, a.short_tokens)}",
+        "sampling.ignore_eos=true",
+        f"dp={a.dp}",
+        *a.set,
+    ]
 
 
 def rank_envs(cfg, dp: int) -> list[dict]:
@@ -90,7 +103,7 @@ def rank_envs(cfg, dp: int) -> list[dict]:
 
     devices = detect()
     out = []
-    for r, devs in enumerate(split(devices, dp, cfg.gpus_per_rank)):
+    for devs in split(devices, dp, cfg.gpus_per_rank):
         env = dict(os.environ)
         if devices.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devs)
@@ -103,9 +116,23 @@ def rank_envs(cfg, dp: int) -> list[dict]:
 def run_raw_static(engine_args: dict, envs: list[dict], data: Path, tmp: Path) -> dict:
     barrier = tmp / "barrier"
     barrier.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", RAW_RANK, json.dumps(dict(
-        rank=r, world=len(envs), barrier=str(barrier), data=str(data), engine_args=engine_args))],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r, env in enumerate(envs)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RAW_RANK,
+                json.dumps(
+                    dict(rank=r, world=len(envs), barrier=str(barrier), data=str(data), engine_args=engine_args)
+                ),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, env in enumerate(envs)
+    ]
     ranks = []
     for p in procs:
         out, err = p.communicate()
@@ -113,13 +140,20 @@ def run_raw_static(engine_args: dict, envs: list[dict], data: Path, tmp: Path) -
         if p.returncode != 0 or not lines:
             sys.exit(f"a raw rank failed:\n{err[-3000:]}")
         ranks.append(json.loads(lines[-1][7:]))
-    return {"starts": [r["start"] for r in ranks], "ends": [r["end"] for r in ranks],
-            "tokens": sum(r["tokens"] for r in ranks)}
+    return {
+        "starts": [r["start"] for r in ranks],
+        "ends": [r["end"] for r in ranks],
+        "tokens": sum(r["tokens"] for r in ranks),
+    }
 
 
 def run_hpcinfer(overrides: list[str], run_dir: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "hpcinfer.submit", *overrides, f"run_dir={run_dir}"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.submit", *overrides, f"run_dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"hpcinfer failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -127,17 +161,24 @@ def run_hpcinfer(overrides: list[str], run_dir: Path) -> dict:
     starts = [r["generation_started_at"] for r in ranks]
     # a rank's finish: its last shard's; a rank that got no shard finished when it started
     ends = [r.get("generation_ended_at") or r["generation_started_at"] for r in ranks]
-    return {"starts": starts, "ends": ends, "tokens": summary["output_tokens"],
-            "rows": [r["rows"] for r in summary["ranks"]]}
+    return {
+        "starts": starts,
+        "ends": ends,
+        "tokens": summary["output_tokens"],
+        "rows": [r["rows"] for r in summary["ranks"]],
+    }
 
 
 def measures(res: dict) -> dict:
     t0 = min(res["starts"])
     finishes = sorted(e - t0 for e in res["ends"])
     makespan = finishes[-1]
-    return {"finishes": finishes, "makespan": makespan,
-            "tail": (finishes[-1] - statistics.median(finishes)) / makespan if makespan > 0 else 0.0,
-            "tok_s": res["tokens"] / makespan if makespan > 0 else 0.0}
+    return {
+        "finishes": finishes,
+        "makespan": makespan,
+        "tail": (finishes[-1] - statistics.median(finishes)) / makespan if makespan > 0 else 0.0,
+        "tok_s": res["tokens"] / makespan if makespan > 0 else 0.0,
+    }
 
 
 def main() -> None:
@@ -164,8 +205,11 @@ def main() -> None:
         cfg = compose(common_overrides(a, data))
         args = engine_args(cfg, resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=True))
         print(f"engine_args {json.dumps(args)}")
-        print(f"{a.rows} prompts: the first {a.long_share:.0%} want {a.long_tokens} output tokens, the rest "
-              f"{a.short_tokens}; {tokens:,} output tokens in all; dp={a.dp}\n", flush=True)
+        print(
+            f"{a.rows} prompts: the first {a.long_share:.0%} want {a.long_tokens} output tokens, the rest "
+            f"{a.short_tokens}; {tokens:,} output tokens in all; dp={a.dp}\n",
+            flush=True,
+        )
         results = {}
         for side in sides:
             if side == "raw-static":
@@ -179,18 +223,25 @@ def main() -> None:
                 sys.exit(f"{side} generated {res['tokens']} tokens, expected {tokens}")
             results[side] = measures(res)
             m = results[side]
-            print(f"{side}: finishes {[round(f, 1) for f in m['finishes']]} s, makespan {m['makespan']:.1f} s, "
-                  f"tail {m['tail']:.1%}" + (f", rows per rank {res['rows']}" if "rows" in res else ""), flush=True)
+            print(
+                f"{side}: finishes {[round(f, 1) for f in m['finishes']]} s, makespan {m['makespan']:.1f} s, "
+                f"tail {m['tail']:.1%}" + (f", rows per rank {res['rows']}" if "rows" in res else ""),
+                flush=True,
+            )
         print("\n| side | rank finish times (s) | makespan (s) | tail (last - median) / makespan | output tok/s |")
         print("| --- | --- | ---: | ---: | ---: |")
         for side, m in results.items():
-            print(f"| {side} | {' / '.join(f'{f:.1f}' for f in m['finishes'])} | {m['makespan']:.1f} | "
-                  f"{m['tail']:.1%} | {m['tok_s']:,.0f} |")
+            print(
+                f"| {side} | {' / '.join(f'{f:.1f}' for f in m['finishes'])} | {m['makespan']:.1f} | "
+                f"{m['tail']:.1%} | {m['tok_s']:,.0f} |"
+            )
         if "raw-static" in results:
             for side in results:
                 if side != "raw-static":
-                    print(f"\nmakespan ratio raw-static / {side} = "
-                          f"{results['raw-static']['makespan'] / results[side]['makespan']:.2f}x")
+                    print(
+                        f"\nmakespan ratio raw-static / {side} = "
+                        f"{results['raw-static']['makespan'] / results[side]['makespan']:.2f}x"
+                    )
         if "hpcinfer" in results:
             tail = results["hpcinfer"]["tail"]
             print(f"hpcinfer tail {tail:.1%} of makespan (target <= 5%: {'met' if tail <= 0.05 else 'NOT met'})")

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks in bench/: the work directory, a measured child process,
 the machine/versions header and the result table. Not a benchmark itself."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 1024 ** 3
-MIB = 1024 ** 2
+GIB = 1024**3
+MIB = 1024**2
 
 
 def parse_args(doc: str, argv: Optional[List[str]], **int_options: int) -> Tuple[argparse.Namespace, List[str]]:
@@ -75,8 +76,14 @@ def run_measured(argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> M
     measured by LAUNCHER with os.wait4 on exactly that process."""
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "rusage.json")
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, report, *argv], capture_output=True, text=True,
-                              check=False, cwd=REPO, env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, report, *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
         if not os.path.exists(report):
             sys.exit(f"the launcher failed:\n{proc.stderr[-3000:]}")
         with open(report) as f:
@@ -99,10 +106,14 @@ def machine_lines() -> List[Tuple[str, str]]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return [("machine", f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {ram:.1f} GiB RAM, {cpu}"),
-            ("versions", f"python {platform.python_version()}, pyarrow {pyarrow.__version__}, "
-                         f"hpcinfer {hpcinfer.__version__}"),
-            ("date", time.strftime("%Y-%m-%d %H:%M"))]
+    return [
+        ("machine", f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {ram:.1f} GiB RAM, {cpu}"),
+        (
+            "versions",
+            f"python {platform.python_version()}, pyarrow {pyarrow.__version__}, hpcinfer {hpcinfer.__version__}",
+        ),
+        ("date", time.strftime("%Y-%m-%d %H:%M")),
+    ]
 
 
 def print_table(title: str, rows: Sequence[Tuple[str, str]]) -> None:
@@ -128,8 +139,7 @@ def free_bytes(path: str | os.PathLike) -> int:
 def words(rng, n: int, length: int) -> List[str]:
     """`n` deterministic pseudo-text strings of about `length` characters (random words from a
     fixed vocabulary, so they compress like text, not like repeated bytes)."""
-    vocab = ["".join(chr(97 + c) for c in rng.integers(0, 26, int(k)))
-             for k in rng.integers(2, 10, 4096)]
+    vocab = ["".join(chr(97 + c) for c in rng.integers(0, 26, int(k))) for k in rng.integers(2, 10, 4096)]
     per_row = max(1, length // 6)  # ~5 letters and a space per word
     idx = rng.integers(0, len(vocab), (n, per_row))
     return [" ".join(vocab[j] for j in row)[:length] for row in idx]

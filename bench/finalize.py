@@ -24,6 +24,7 @@ distinct shard size and written for every shard of that size with its id and ROW
 global position, which finalize verifies) replaced. Deterministic (seeded by the shard size).
 The shard files are freshly written, so they are read from the page cache (a warm-cache number).
 """
+
 from __future__ import annotations
 
 import json
@@ -82,25 +83,31 @@ def fit_rows(rows: int, tmp_free: int) -> int:
     if need <= tmp_free:
         return rows
     fit = max(0, int((tmp_free - GIB) / (BYTES_PER_ROW * 2 * 1.1)))
-    print(f"note: {rows:,} rows need ~{need / GIB:.1f} GiB, only {tmp_free / GIB:.1f} GiB free: "
-          f"scaled down to {fit:,} rows")
+    print(
+        f"note: {rows:,} rows need ~{need / GIB:.1f} GiB, only {tmp_free / GIB:.1f} GiB free: "
+        f"scaled down to {fit:,} rows"
+    )
     return fit
 
 
 def template(n: int):
     """One shard's output table of `n` rows starting at global row 0, and its done-marker totals."""
     rng = np.random.default_rng(n)
-    inputs = pa.table({"id": pa.array(np.arange(n), pa.int64()),
-                       "prompt": pa.array(words(rng, n, 60), pa.string())})
+    inputs = pa.table({"id": pa.array(np.arange(n), pa.int64()), "prompt": pa.array(words(rng, n, 60), pa.string())})
     texts = words(rng, n, 200)
     out_tokens = rng.integers(20, 60, n)
-    results = [RowResult(None, None, 0, 0, "boom: made-up failure") if i % 50 == 49
-               else RowResult(texts[i], "length" if i % 3 else "stop", 15 + i % 7, int(out_tokens[i]), None)
-               for i in range(n)]
+    results = [
+        RowResult(None, None, 0, 0, "boom: made-up failure")
+        if i % 50 == 49
+        else RowResult(texts[i], "length" if i % 3 else "stop", 15 + i % 7, int(out_tokens[i]), None)
+        for i in range(n)
+    ]
     table = output.shard_table(inputs, results, 0)
-    totals = dict(rows_failed=sum(r.error is not None for r in results),
-                  prompt_tokens=sum(r.prompt_tokens for r in results),
-                  output_tokens=sum(r.output_tokens for r in results))
+    totals = dict(
+        rows_failed=sum(r.error is not None for r in results),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        output_tokens=sum(r.output_tokens for r in results),
+    )
     return table, totals
 
 
@@ -115,21 +122,30 @@ def at_position(table: pa.Table, global_start: int) -> pa.Table:
 def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int):
     """A finished run directory (see the module docstring); returns (RunDir, shards)."""
     per_file = partition(rows, n_files)
-    files = [InputFile(str(root / "inputs" / f"part-{i:05d}.parquet"), hi - lo)
-             for i, (lo, hi) in enumerate(per_file)]
+    files = [InputFile(str(root / "inputs" / f"part-{i:05d}.parquet"), hi - lo) for i, (lo, hi) in enumerate(per_file)]
     shard_rows = max(1, math.ceil(rows / shards_wanted))
     shards = make_shards(files, ranks, shard_rows)
     schema = pa.schema([("id", pa.int64()), ("prompt", pa.string())])
 
     rd = RunDir(root / "run")
     rd.create()
-    cfg = compose([f"dp={ranks}", f"data.input={root / 'inputs'}", "data.id_column=id",
-                   f"data.shard_rows={shard_rows}"])
+    cfg = compose(
+        [f"dp={ranks}", f"data.input={root / 'inputs'}", "data.id_column=id", f"data.shard_rows={shard_rows}"]
+    )
     atomic_write(rd.config, config.to_yaml(cfg))
     now = time.time()
-    atomic_write_json(rd.plan, dict(tp=1, pp=1, dp=ranks, ep=False, ranks=ranks,
-                                    engine_args=config.engine_args(cfg, str(root / "model")),
-                                    submitted_at=now - 3600))
+    atomic_write_json(
+        rd.plan,
+        dict(
+            tp=1,
+            pp=1,
+            dp=ranks,
+            ep=False,
+            ranks=ranks,
+            engine_args=config.engine_args(cfg, str(root / "model")),
+            submitted_at=now - 3600,
+        ),
+    )
     write_manifest(str(rd.manifest), shards, schema)
 
     templates: Dict[int, tuple] = {}
@@ -140,16 +156,40 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
     def write(s: Shard) -> None:
         table, totals = templates[s.rows]
         pq.write_table(at_position(table, s.global_start), rd.shard_output(s.shard))
-        rd.mark_done(s.shard, dict(shard=s.shard, rank=s.rank, host=socket.gethostname(), rows=s.rows,
-                                   generation_seconds=1.0, rows_resumed=0, finished_at=now, **totals))
+        rd.mark_done(
+            s.shard,
+            dict(
+                shard=s.shard,
+                rank=s.rank,
+                host=socket.gethostname(),
+                rows=s.rows,
+                generation_seconds=1.0,
+                rows_resumed=0,
+                finished_at=now,
+                **totals,
+            ),
+        )
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # pyarrow releases the GIL while writing
         list(pool.map(write, shards))
     for r in range(ranks):
-        rd.write_rank(r, dict(rank=r, host=socket.gethostname(), state="done", device_kind="cpu", devices=[],
-                              attempts=1, rows_generated=rows // ranks, started_at=now - 3500, engine_seconds=10.0,
-                              generation_started_at=now - 3400, generation_ended_at=now - 100,
-                              finished_at=now - 90))
+        rd.write_rank(
+            r,
+            dict(
+                rank=r,
+                host=socket.gethostname(),
+                state="done",
+                device_kind="cpu",
+                devices=[],
+                attempts=1,
+                rows_generated=rows // ranks,
+                started_at=now - 3500,
+                engine_seconds=10.0,
+                generation_started_at=now - 3400,
+                generation_ended_at=now - 100,
+                finished_at=now - 90,
+            ),
+        )
     return rd, shards, len(templates)
 
 
@@ -164,8 +204,10 @@ def main(argv: List[str] | None = None) -> int:
         rd, shards, n_templates = build_run_dir(root, rows, args.shards, args.files, args.ranks)
         setup_s = time.perf_counter() - t0
         shard_bytes = sum(rd.shard_output(s.shard).stat().st_size for s in shards)
-        print(f"setup: {len(shards):,} shards ({n_templates} distinct sizes), {rows:,} rows, "
-              f"{shard_bytes / MIB:,.0f} MiB of shard files, in {setup_s:.1f} s")
+        print(
+            f"setup: {len(shards):,} shards ({n_templates} distinct sizes), {rows:,} rows, "
+            f"{shard_bytes / MIB:,.0f} MiB of shard files, in {setup_s:.1f} s"
+        )
 
         py = sys.executable
         base = run_measured([py, "-c", "import hpcinfer.merge"])
@@ -177,18 +219,25 @@ def main(argv: List[str] | None = None) -> int:
         if res["rows"] != rows or meta.num_rows != rows:
             sys.exit(f"finalize merged {res['rows']} rows, results.parquet has {meta.num_rows}; expected {rows}")
 
-        print_table("finalize benchmark", machine_lines() + [
-            ("command", f"python bench/finalize.py {' '.join(argv)}".rstrip()),
-            ("rows", f"{rows:,} ({res['rows_failed']:,} failed rows)"),
-            ("shards", f"{len(shards):,} ({args.ranks} ranks, {args.files} input files)"),
-            ("shard files", f"{shard_bytes / MIB:,.0f} MiB"),
-            ("results.parquet", f"{rd.results.stat().st_size / MIB:,.0f} MiB, {meta.num_row_groups:,} row groups"),
-            ("finalize seconds", f"{res['finalize_s']:.2f} (child wall {fin.seconds:.2f}, imports {res['import_s']:.2f})"),
-            ("rows/s", f"{rows / res['finalize_s']:,.0f}"),
-            ("peak RSS finalize", f"{fin.max_rss_bytes / MIB:,.0f} MiB"),
-            ("peak RSS `import hpcinfer.merge`", f"{base.max_rss_bytes / MIB:,.0f} MiB"),
-            ("verdict", verdict(fin.max_rss_bytes / MIB, TARGET_RSS / MIB, "MiB")),
-        ])
+        print_table(
+            "finalize benchmark",
+            machine_lines()
+            + [
+                ("command", f"python bench/finalize.py {' '.join(argv)}".rstrip()),
+                ("rows", f"{rows:,} ({res['rows_failed']:,} failed rows)"),
+                ("shards", f"{len(shards):,} ({args.ranks} ranks, {args.files} input files)"),
+                ("shard files", f"{shard_bytes / MIB:,.0f} MiB"),
+                ("results.parquet", f"{rd.results.stat().st_size / MIB:,.0f} MiB, {meta.num_row_groups:,} row groups"),
+                (
+                    "finalize seconds",
+                    f"{res['finalize_s']:.2f} (child wall {fin.seconds:.2f}, imports {res['import_s']:.2f})",
+                ),
+                ("rows/s", f"{rows / res['finalize_s']:,.0f}"),
+                ("peak RSS finalize", f"{fin.max_rss_bytes / MIB:,.0f} MiB"),
+                ("peak RSS `import hpcinfer.merge`", f"{base.max_rss_bytes / MIB:,.0f} MiB"),
+                ("verdict", verdict(fin.max_rss_bytes / MIB, TARGET_RSS / MIB, "MiB")),
+            ],
+        )
     return 0
 
 

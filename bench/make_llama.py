@@ -4,6 +4,7 @@ hub is needed):
 
     python bench/make_llama.py /tmp/llama-1b     # then: model=llama model.path=/tmp/llama-1b ...
 """
+
 import os
 import sys
 
@@ -15,9 +16,18 @@ from hpcinfer.planning.models import resolve_model_path
 
 def main(out: str) -> None:
     tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-llama", None, _cache(), build=True))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)

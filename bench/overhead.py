@@ -18,6 +18,7 @@ time (process start to exit, model load included). Ratios are hpcinfer / raw for
 (target >= 0.98) and raw / hpcinfer for wall time. Runs alternate raw, hpcinfer, raw, ... so
 drifts of a noisy machine hit both sides alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,15 @@ EXTRA: list[str] = []  # --set overrides, for both sides
 
 
 def overrides(model: str, data: Path, max_tokens: int, run_dir: Path | None = None) -> list[str]:
-    out = [f"model={model}", f"data.input={data}", "sampling=greedy", f"sampling.max_tokens={max_tokens}",
-           "sampling.ignore_eos=true", "dp=1", *EXTRA]
+    out = [
+        f"model={model}",
+        f"data.input={data}",
+        "sampling=greedy",
+        f"sampling.max_tokens={max_tokens}",
+        "sampling.ignore_eos=true",
+        "dp=1",
+        *EXTRA,
+    ]
     return out + ([f"run_dir={run_dir}"] if run_dir else [])
 
 
@@ -68,8 +76,10 @@ def write_prompts(path: Path, rows: int) -> None:
     import pyarrow.parquet as pq
 
     topics = ["rivers", "compilers", "glaciers", "tea", "lighthouses", "trains", "bees", "paper"]
-    prompts = [f"Write a short note about {topics[i % len(topics)]} number {i}, in the style of report {i % 13}."
-               for i in range(rows)]
+    prompts = [
+        f"Write a short note about {topics[i % len(topics)]} number {i}, in the style of report {i % 13}."
+        for i in range(rows)
+    ]
     pq.write_table(pa.table({"id": list(range(rows)), "prompt": prompts}), path)
 
 
@@ -89,19 +99,32 @@ def raw_env(engine_args: dict) -> dict:
 
 def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens}),
-                        str(data)], env=raw_env(engine_args), capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens}), str(data)],
+        env=raw_env(engine_args),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     res = json.loads(r.stdout.strip().splitlines()[-1])
     return {"tok_s": res["tokens"] / res["generate_s"], "wall_s": time.time() - t0, "tokens": res["tokens"]}
 
 
 def run_hpcinfer(model: str, data: Path, max_tokens: int, run_dir: Path) -> dict:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir)],
-                   cwd=REPO, capture_output=True, text=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"tok_s": summary["output_tokens_per_second"], "wall_s": time.time() - t0,
-            "tokens": summary["output_tokens"]}
+    return {
+        "tok_s": summary["output_tokens_per_second"],
+        "wall_s": time.time() - t0,
+        "tokens": summary["output_tokens"],
+    }
 
 
 def main() -> None:
@@ -129,16 +152,20 @@ def main() -> None:
             results["raw"].append(run_raw(args, data, a.max_tokens))
             results["hpcinfer"].append(run_hpcinfer(a.model, data, a.max_tokens, Path(tmp) / f"run{i}"))
             assert results["raw"][-1]["tokens"] == results["hpcinfer"][-1]["tokens"], "token counts differ"
-            print(f"repeat {i}: raw {results['raw'][-1]['tok_s']:,.0f} tok/s {results['raw'][-1]['wall_s']:.1f}s wall | "
-                  f"hpcinfer {results['hpcinfer'][-1]['tok_s']:,.0f} tok/s {results['hpcinfer'][-1]['wall_s']:.1f}s wall",
-                  flush=True)
+            print(
+                f"repeat {i}: raw {results['raw'][-1]['tok_s']:,.0f} tok/s {results['raw'][-1]['wall_s']:.1f}s wall | "
+                f"hpcinfer {results['hpcinfer'][-1]['tok_s']:,.0f} tok/s {results['hpcinfer'][-1]['wall_s']:.1f}s wall",
+                flush=True,
+            )
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "wall_s")} for k, v in results.items()}
         tok_ratio = med["hpcinfer"]["tok_s"] / med["raw"]["tok_s"]
         wall_ratio = med["raw"]["wall_s"] / med["hpcinfer"]["wall_s"]
         print("\n| side | output tok/s (median) | wall s (median) |\n| --- | ---: | ---: |")
         for k in ("raw", "hpcinfer"):
             print(f"| {k} | {med[k]['tok_s']:,.0f} | {med[k]['wall_s']:.1f} |")
-        print(f"\ntokens/s ratio hpcinfer/raw = {tok_ratio:.3f} (target >= 0.98: {'met' if tok_ratio >= 0.98 else 'NOT met'})")
+        print(
+            f"\ntokens/s ratio hpcinfer/raw = {tok_ratio:.3f} (target >= 0.98: {'met' if tok_ratio >= 0.98 else 'NOT met'})"
+        )
         print(f"wall ratio raw/hpcinfer     = {wall_ratio:.3f} (end to end, model load included)")
 
 

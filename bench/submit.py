@@ -23,6 +23,7 @@ written input files are then warm in the page cache, as on a login node that jus
 its time is shown too. Inputs: `--files` Parquet files of near-equal size, columns id (int64,
 unique, 0..rows-1) and prompt (~60 chars), deterministic (seed 0); writing them is not timed.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,9 +48,15 @@ def write_inputs(root: Path, rows: int, n_files: int) -> Path:
     d.mkdir()
     rng = np.random.default_rng(0)
     for i, (lo, hi) in enumerate(partition(rows, n_files)):
-        pq.write_table(pa.table({"id": pa.array(np.arange(lo, hi), pa.int64()),
-                                 "prompt": pa.array(words(rng, hi - lo, 60), pa.string())}),
-                       d / f"part-{i:05d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "id": pa.array(np.arange(lo, hi), pa.int64()),
+                    "prompt": pa.array(words(rng, hi - lo, 60), pa.string()),
+                }
+            ),
+            d / f"part-{i:05d}.parquet",
+        )
     return d
 
 
@@ -73,8 +80,11 @@ def in_process(overrides: List[str]) -> List[Tuple[str, float]]:
 
     steps: List[Tuple[str, float]] = []
     cfg = timed(steps, "compose config (hydra)", lambda: compose(overrides))
-    devs = timed(steps, "detect devices + validate + doctor check", lambda: (
-        devices.detect(gpus=cfg.cluster.gpus), config.validate(cfg), doctor.conflict_message())[0])
+    devs = timed(
+        steps,
+        "detect devices + validate + doctor check",
+        lambda: (devices.detect(gpus=cfg.cluster.gpus), config.validate(cfg), doctor.conflict_message())[0],
+    )
     paths = timed(steps, "discover input files", lambda: discover(cfg.data.input))
     inputs = timed(steps, "scan footers + schema checks", lambda: scan(paths, cfg.data.prompt_column))
     timed(steps, "duplicate-id check", lambda: check_unique_ids(inputs, cfg.data.id_column))
@@ -84,13 +94,26 @@ def in_process(overrides: List[str]) -> List[Tuple[str, float]]:
     def layout():
         path = models.resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=False)
         shape = model_shape(cfg.model, path if os.path.isdir(path) else None)
-        plan = make_plan(cfg, shape, devs, config.engine_args(cfg, path), shards, inputs.rows,
-                         len(inputs.files), ranks, place=launcher_for(cfg).place)
+        plan = make_plan(
+            cfg,
+            shape,
+            devs,
+            config.engine_args(cfg, path),
+            shards,
+            inputs.rows,
+            len(inputs.files),
+            ranks,
+            place=launcher_for(cfg).place,
+        )
         return format_plan(plan)
 
     timed(steps, f"layout + format ({len(shards):,} shards, {ranks} ranks)", layout)
     steps.append(("sum of the steps", sum(s for _, s in steps)))
-    timed(steps, "prepare(cfg, launcher_for(cfg), build=False) in one call", lambda: prepare.prepare(cfg, launcher_for(cfg), build=False))
+    timed(
+        steps,
+        "prepare(cfg, launcher_for(cfg), build=False) in one call",
+        lambda: prepare.prepare(cfg, launcher_for(cfg), build=False),
+    )
     return steps
 
 
@@ -122,21 +145,28 @@ def main(argv: List[str] | None = None) -> int:
         steps = in_process(overrides)
         seconds = [r.seconds for r in runs]
         median = statistics.median(seconds)
-        print_table("submit (plan + sharding) benchmark", machine_lines() + [
-            ("command", f"python bench/submit.py {' '.join(argv)}".rstrip()),
-            ("timed", f"python -m hpcinfer.plan data.input='<tmp>/inputs/*.parquet' data.id_column=id "
-                      f"dp={args.dp} cluster=local"),
-            ("input", f"{args.rows:,} rows in {args.files} files"),
-            ("plan says", work.split(";")[0].replace("work", "", 1).strip()),
-            ("CLI seconds, first (untimed) run", f"{first.seconds:.2f}"),
-            (f"CLI seconds, {args.repeat} timed runs", ", ".join(f"{s:.2f}" for s in seconds)),
-            ("CLI seconds, median", f"{median:.2f}"),
-            ("CLI peak RSS", f"{max(r.max_rss_bytes for r in runs) / 2 ** 20:,.0f} MiB"),
-            ("python start + `import hpcinfer.plan`", f"{imports.seconds:.2f}"),
-            *[(f"in-process: {name}", f"{s:.3f}") for name, s in steps],
-            ("model build", "none: plan never builds the model; the cache dir stayed empty"),
-            ("verdict", verdict(median, TARGET_S, "s")),
-        ])
+        print_table(
+            "submit (plan + sharding) benchmark",
+            machine_lines()
+            + [
+                ("command", f"python bench/submit.py {' '.join(argv)}".rstrip()),
+                (
+                    "timed",
+                    f"python -m hpcinfer.plan data.input='<tmp>/inputs/*.parquet' data.id_column=id "
+                    f"dp={args.dp} cluster=local",
+                ),
+                ("input", f"{args.rows:,} rows in {args.files} files"),
+                ("plan says", work.split(";")[0].replace("work", "", 1).strip()),
+                ("CLI seconds, first (untimed) run", f"{first.seconds:.2f}"),
+                (f"CLI seconds, {args.repeat} timed runs", ", ".join(f"{s:.2f}" for s in seconds)),
+                ("CLI seconds, median", f"{median:.2f}"),
+                ("CLI peak RSS", f"{max(r.max_rss_bytes for r in runs) / 2**20:,.0f} MiB"),
+                ("python start + `import hpcinfer.plan`", f"{imports.seconds:.2f}"),
+                *[(f"in-process: {name}", f"{s:.3f}") for name, s in steps],
+                ("model build", "none: plan never builds the model; the cache dir stayed empty"),
+                ("verdict", verdict(median, TARGET_S, "s")),
+            ],
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ Composing the Hydra config outside `@hydra.main` lets every command (and the tes
 override into one line and exit code 2, and lets `submit -m` check every job of a sweep before
 anything is launched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,9 @@ from hpcinfer.config import CLUSTERS, RunConfig, register_configs, to_run_config
 from hpcinfer.errors import ConfigError, exit_on_user_error, one_line
 from hpcinfer.secrets import redact
 
-CONF_DIR = os.environ.get("HPCINFER_CONF") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONF_DIR = os.environ.get("HPCINFER_CONF") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf"
+)
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
@@ -46,7 +49,9 @@ def compose_sweep(overrides: List[str]) -> List[RunConfig]:
     register_configs()
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = BasicSweeper.split_arguments(parsed, None)[0] if any(o.is_sweep_override() for o in parsed) else [overrides]
+        jobs = (
+            BasicSweeper.split_arguments(parsed, None)[0] if any(o.is_sweep_override() for o in parsed) else [overrides]
+        )
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             try:
@@ -54,7 +59,9 @@ def compose_sweep(overrides: List[str]) -> List[RunConfig]:
             except ConfigError:
                 raise
             except Exception as e:  # composition errors: keep the message, drop the trace, suggest a key
-                raise ConfigError(_unknown_key_message(e, lambda: hydra_compose("config")) or _hydra_message(e)) from None
+                raise ConfigError(
+                    _unknown_key_message(e, lambda: hydra_compose("config")) or _hydra_message(e)
+                ) from None
     except ConfigError:
         raise
     except Exception as e:  # override syntax errors
@@ -140,8 +147,11 @@ def hydra_main(task: Callable[[RunConfig], int], argv: List[str] | None = None) 
     sys.argv = [sys.argv[0], *argv]
     _main()
     if sweep_dirs:
-        print(f"hpcinfer: sweep {sweep_dirs[0]}: {len(codes)} run(s); compare them with "
-              f"python -m hpcinfer.report {sweep_dirs[0]}", file=sys.stderr)
+        print(
+            f"hpcinfer: sweep {sweep_dirs[0]}: {len(codes)} run(s); compare them with "
+            f"python -m hpcinfer.report {sweep_dirs[0]}",
+            file=sys.stderr,
+        )
     raise SystemExit(max(codes, default=0))
 
 
@@ -168,9 +178,12 @@ COMMANDS = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
-    return ("usage: hpcinfer <command> [args]   (or: python -m hpcinfer.<command> [args])\n\n"
-            "Offline LLM batch inference with vLLM, on this machine or a Slurm cluster.\n\ncommands:\n"
-            + "\n".join(lines) + "\n\n`hpcinfer submit --help` shows the config groups and keys.")
+    return (
+        "usage: hpcinfer <command> [args]   (or: python -m hpcinfer.<command> [args])\n\n"
+        "Offline LLM batch inference with vLLM, on this machine or a Slurm cluster.\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`hpcinfer submit --help` shows the config groups and keys."
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -184,8 +197,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
-        print(f"hpcinfer: error: unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-              + f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        print(
+            f"hpcinfer: error: unknown command {command!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (commands: {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     sys.argv = [f"hpcinfer {command}", *rest]
     code = importlib.import_module(f"hpcinfer.{command}").main()

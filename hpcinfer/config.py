@@ -7,6 +7,7 @@ rank, total GPUs) are properties, never stored.
 The YAML files under `conf/` only choose values; the types and defaults live here, registered in
 Hydra's ConfigStore so that `python -m hpcinfer.submit tp=2 dp=8 ep=true` is type-checked.
 """
+
 import math
 import os
 import re
@@ -40,9 +41,19 @@ LAYOUT_ENGINE_ARGS = {
 # Expert-parallel values vLLM accepts (vllm/config/parallel.py of 0.32; 0.26 has all but "moonep").
 # "passthrough" is bound by vLLM itself, not selectable.
 EXPERT_PLACEMENTS = ("linear", "round_robin")
-ALL2ALL_BACKENDS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency", "deepep_v2",
-                    "mori_high_throughput", "mori_low_latency", "moonep", "nixl_ep", "flashinfer_all2allv",
-                    "flashinfer_nvlink_two_sided", "flashinfer_nvlink_one_sided")
+ALL2ALL_BACKENDS = (
+    "allgather_reducescatter",
+    "deepep_high_throughput",
+    "deepep_low_latency",
+    "deepep_v2",
+    "mori_high_throughput",
+    "mori_low_latency",
+    "moonep",
+    "nixl_ep",
+    "flashinfer_all2allv",
+    "flashinfer_nvlink_two_sided",
+    "flashinfer_nvlink_one_sided",
+)
 REMOVED_ALL2ALL_BACKENDS = ("naive", "pplx")  # vLLM warns and uses allgather_reducescatter instead
 MAX_REDUNDANT_EXPERTS = 1023  # vLLM's MAX_EXPERT_REDUNDANCY (distributed/eplb/eplb_state.py)
 
@@ -100,7 +111,9 @@ class DataConfig:
     prompt_column: str = "prompt"  # string column holding the prompt text
     id_column: Optional[str] = None  # optional column whose values must be unique
     shard_rows: int = 1024  # at most this many rows per shard (the unit of durable output)
-    max_tokens_column: Optional[str] = None  # optional integer column: this row's output cap (null: sampling.max_tokens)
+    max_tokens_column: Optional[str] = (
+        None  # optional integer column: this row's output cap (null: sampling.max_tokens)
+    )
     demo_rows: int = 300  # rows of the built-in demo set (data.input=null)
 
 
@@ -266,8 +279,10 @@ class RunConfig:
 
     @property
     def cache_path(self) -> str:
-        return self.cache_dir or os.environ.get("HPCINFER_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "hpcinfer"
+        return (
+            self.cache_dir
+            or os.environ.get("HPCINFER_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "hpcinfer")
         )
 
 
@@ -317,8 +332,11 @@ def to_yaml(cfg: RunConfig, env: Optional[Mapping[str, str]] = None) -> str:
     env = os.environ if env is None else env
     saved, lost = secrets.env_references(OmegaConf.to_container(OmegaConf.structured(cfg)), env)
     for key in lost:
-        print(f"hpcinfer: warning: {key} looks like a secret and no environment variable holds it: "
-              f"saved as {secrets.MASK!r}, so it cannot be reproduced from config.yaml", file=sys.stderr)
+        print(
+            f"hpcinfer: warning: {key} looks like a secret and no environment variable holds it: "
+            f"saved as {secrets.MASK!r}, so it cannot be reproduced from config.yaml",
+            file=sys.stderr,
+        )
     return secrets.redact(OmegaConf.to_yaml(OmegaConf.create(saved)), env)
 
 
@@ -345,8 +363,11 @@ def expert_engine_args(e: ExpertConfig) -> Dict[str, Any]:
         args["all2all_backend"] = e.all2all_backend
     if e.eplb:
         args["enable_eplb"] = True
-        eplb = {"window_size": e.eplb_window_size, "step_interval": e.eplb_step_interval,
-                "num_redundant_experts": e.redundant_experts or None}
+        eplb = {
+            "window_size": e.eplb_window_size,
+            "step_interval": e.eplb_step_interval,
+            "num_redundant_experts": e.redundant_experts or None,
+        }
         if any(v is not None for v in eplb.values()):
             args["eplb_config"] = {k: v for k, v in eplb.items() if v is not None}
     return args
@@ -363,14 +384,18 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
     errors += _data_errors(cfg.data) + _engine_errors(cfg) + _secret_errors(cfg, os.environ if env is None else env)
     errors += _expert_errors(cfg)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
-        errors.append(f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
-                      f"seconds={cfg.checkpoint.seconds!r}")
+        errors.append(
+            f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
+            f"seconds={cfg.checkpoint.seconds!r}"
+        )
     sch = cfg.schedule
     if sch.mode not in ("dynamic", "static"):
         errors.append(f"schedule.mode must be 'dynamic' or 'static', got {sch.mode!r}")
     if sch.shards_per_rank < 1 or sch.lease_s <= 0:
-        errors.append(f"schedule.shards_per_rank must be >= 1 and schedule.lease_s > 0, got "
-                      f"shards_per_rank={sch.shards_per_rank!r} lease_s={sch.lease_s!r}")
+        errors.append(
+            f"schedule.shards_per_rank must be >= 1 and schedule.lease_s > 0, got "
+            f"shards_per_rank={sch.shards_per_rank!r} lease_s={sch.lease_s!r}"
+        )
     if cfg.rank_retries < 0:
         errors.append(f"rank_retries must be >= 0, got {cfg.rank_retries!r}")
     errors += cfg.cluster.errors(cfg)
@@ -379,23 +404,29 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
 
 
 def _layout_errors(cfg: RunConfig, gpus_available: Optional[int]) -> List[str]:
-    errs = [f"{k} must be an integer >= 1, got {k}={getattr(cfg, k)!r}"
-            for k in ("tp", "pp", "dp") if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1]
+    errs = [
+        f"{k} must be an integer >= 1, got {k}={getattr(cfg, k)!r}"
+        for k in ("tp", "pp", "dp")
+        if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1
+    ]
     if errs:
         return errs
     heads = cfg.model.num_attention_heads
     if heads and heads % cfg.tp:
-        errs.append(f"tp={cfg.tp} must divide the model's attention heads "
-                    f"(model {cfg.model.name!r} has {heads})")
+        errs.append(f"tp={cfg.tp} must divide the model's attention heads (model {cfg.model.name!r} has {heads})")
     layers = cfg.model.num_layers
     if layers and cfg.pp > layers:
         errs.append(f"pp={cfg.pp} exceeds the model's {layers} layers")
     if cfg.ep and not cfg.model.moe:
-        errs.append(f"ep=true needs a mixture-of-experts model; model {cfg.model.name!r} is dense "
-                    f"(set model.moe=true if it is MoE)")
+        errs.append(
+            f"ep=true needs a mixture-of-experts model; model {cfg.model.name!r} is dense "
+            f"(set model.moe=true if it is MoE)"
+        )
     if gpus_available and cfg.world_gpus > gpus_available:
-        errs.append(f"dp={cfg.dp} x tp={cfg.tp} x pp={cfg.pp} needs {cfg.world_gpus} GPUs, "
-                    f"but the cluster offers {gpus_available}")
+        errs.append(
+            f"dp={cfg.dp} x tp={cfg.tp} x pp={cfg.pp} needs {cfg.world_gpus} GPUs, "
+            f"but the cluster offers {gpus_available}"
+        )
     return errs
 
 
@@ -405,8 +436,10 @@ def _expert_errors(cfg: RunConfig) -> List[str]:
     if e.placement is not None and e.placement not in EXPERT_PLACEMENTS:
         errs.append(f"expert.placement={e.placement!r} is not one of {list(EXPERT_PLACEMENTS)}")
     if e.all2all_backend in REMOVED_ALL2ALL_BACKENDS:
-        errs.append(f"expert.all2all_backend={e.all2all_backend!r} was removed from vLLM (it would run "
-                    f"'allgather_reducescatter'); use one of {list(ALL2ALL_BACKENDS)}")
+        errs.append(
+            f"expert.all2all_backend={e.all2all_backend!r} was removed from vLLM (it would run "
+            f"'allgather_reducescatter'); use one of {list(ALL2ALL_BACKENDS)}"
+        )
     elif e.all2all_backend is not None and e.all2all_backend not in ALL2ALL_BACKENDS:
         errs.append(f"expert.all2all_backend={e.all2all_backend!r} is not one of {list(ALL2ALL_BACKENDS)}")
     if not 0 <= e.redundant_experts <= MAX_REDUNDANT_EXPERTS:
@@ -417,16 +450,26 @@ def _expert_errors(cfg: RunConfig) -> List[str]:
     if e.eplb and not cfg.ep:
         errs.append("expert.eplb=true needs ep=true (EPLB balances experts across the expert-parallel GPUs)")
     elif e.eplb and cfg.dp * cfg.tp < 2:
-        errs.append(f"expert.eplb=true needs more than one expert-parallel GPU (dp x tp > 1), got dp={cfg.dp} tp={cfg.tp}")
+        errs.append(
+            f"expert.eplb=true needs more than one expert-parallel GPU (dp x tp > 1), got dp={cfg.dp} tp={cfg.tp}"
+        )
     if e.redundant_experts > 0 and not e.eplb:
-        errs.append(f"expert.redundant_experts={e.redundant_experts} needs expert.eplb=true "
-                    "(vLLM keeps redundant experts only with EPLB)")
+        errs.append(
+            f"expert.redundant_experts={e.redundant_experts} needs expert.eplb=true "
+            "(vLLM keeps redundant experts only with EPLB)"
+        )
     if not e.eplb:
-        errs += [f"expert.{k}={getattr(e, k)!r} applies only with expert.eplb=true"
-                 for k in ("eplb_window_size", "eplb_step_interval") if getattr(e, k) is not None]
+        errs += [
+            f"expert.{k}={getattr(e, k)!r} applies only with expert.eplb=true"
+            for k in ("eplb_window_size", "eplb_step_interval")
+            if getattr(e, k) is not None
+        ]
     if not cfg.ep:
-        errs += [f"expert.{k}={getattr(e, k)!r} applies only with ep=true"
-                 for k in ("placement", "all2all_backend") if getattr(e, k) is not None]
+        errs += [
+            f"expert.{k}={getattr(e, k)!r} applies only with ep=true"
+            for k in ("placement", "all2all_backend")
+            if getattr(e, k) is not None
+        ]
     return errs
 
 
@@ -439,8 +482,10 @@ def nodes_per_rank(gpus_per_rank: int, node_size: Optional[int], what: str = "cl
     if not node_size or gpus_per_rank <= node_size:
         return 1
     if gpus_per_rank % node_size:
-        raise ValueError(f"{gpus_per_rank} GPUs per rank is neither at most {what}={node_size} "
-                         f"nor a multiple of it (a replica larger than a node spans whole nodes)")
+        raise ValueError(
+            f"{gpus_per_rank} GPUs per rank is neither at most {what}={node_size} "
+            f"nor a multiple of it (a replica larger than a node spans whole nodes)"
+        )
     return gpus_per_rank // node_size
 
 
@@ -456,8 +501,10 @@ def _spanning_errors(cfg: RunConfig) -> List[str]:
     errs = []
     spans = f"tp={cfg.tp} x pp={cfg.pp} = {cfg.gpus_per_rank} per rank over {nodes} nodes of {key}={size}"
     if cfg.lockstep:
-        errs.append(f"ep=true runs the ranks as one vLLM data-parallel group, which hpcinfer does not combine "
-                    f"with replicas spanning nodes ({spans}); keep tp x pp within a node")
+        errs.append(
+            f"ep=true runs the ranks as one vLLM data-parallel group, which hpcinfer does not combine "
+            f"with replicas spanning nodes ({spans}); keep tp x pp within a node"
+        )
     ranks_per_node = getattr(cfg.cluster, "ranks_per_node", None)
     if ranks_per_node is not None and ranks_per_node != 1:  # 1 (slurm_cpu's): holds for a rank spanning nodes
         errs.append(f"cluster.ranks_per_node={ranks_per_node} cannot be set when a rank spans nodes ({spans})")
@@ -528,8 +575,10 @@ def _engine_errors(cfg: RunConfig) -> List[str]:
     if gmu is not None and (not isinstance(gmu, (int, float)) or isinstance(gmu, bool) or not 0 < gmu <= 1):
         errs.append(f"engine.gpu_memory_utilization must be in (0, 1], got {gmu!r}")
     if mml is not None and isinstance(mml, int) and cfg.sampling.max_tokens >= mml:
-        errs.append(f"sampling.max_tokens={cfg.sampling.max_tokens} leaves no room for a prompt "
-                    f"within engine.max_model_len={mml}")
+        errs.append(
+            f"sampling.max_tokens={cfg.sampling.max_tokens} leaves no room for a prompt "
+            f"within engine.max_model_len={mml}"
+        )
     return errs
 
 
@@ -537,13 +586,29 @@ def _secret_errors(cfg: RunConfig, env: Mapping[str, str]) -> List[str]:
     """A secret-named value (engine.hf_token, ...) must come from the environment: config.yaml
     then refers to the variable instead of holding the secret, and the ranks read it back."""
     lost = secrets.env_references(OmegaConf.to_container(OmegaConf.structured(cfg)), env)[1]
-    return [f"{key} looks like a secret, and hpcinfer writes no secrets into the run directory; put it in "
-            f"an environment variable and pass {key}='${{oc.env:NAME}}' (the value is not shown here)" for key in lost]
+    return [
+        f"{key} looks like a secret, and hpcinfer writes no secrets into the run directory; put it in "
+        f"an environment variable and pass {key}='${{oc.env:NAME}}' (the value is not shown here)"
+        for key in lost
+    ]
 
 
 # sbatch options hpcinfer sets itself from the layout; cluster.sbatch may not override them.
-OWN_SBATCH_OPTIONS = ("nodes", "ntasks-per-node", "ntasks", "array", "dependency", "output", "error",
-                      "signal", "open-mode", "job-name", "time", "gpus-per-node", "cpus-per-task")
+OWN_SBATCH_OPTIONS = (
+    "nodes",
+    "ntasks-per-node",
+    "ntasks",
+    "array",
+    "dependency",
+    "output",
+    "error",
+    "signal",
+    "open-mode",
+    "job-name",
+    "time",
+    "gpus-per-node",
+    "cpus-per-task",
+)
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-]*$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_.,:@%+/~\-]+$")
 
@@ -555,20 +620,31 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
             slurm_time_minutes(getattr(c, key))
         except ValueError as e:
             errs.append(f"cluster.{key}: {e}")
-    positive = {"array": c.array, "max_array_size": c.max_array_size, "finalize_cpus": c.finalize_cpus,
-                "nodes": c.nodes, "ranks_per_node": c.ranks_per_node, "cpus_per_task": c.cpus_per_task,
-                "max_nodes_per_job": c.max_nodes_per_job, "array_parallelism": c.array_parallelism}
+    positive = {
+        "array": c.array,
+        "max_array_size": c.max_array_size,
+        "finalize_cpus": c.finalize_cpus,
+        "nodes": c.nodes,
+        "ranks_per_node": c.ranks_per_node,
+        "cpus_per_task": c.cpus_per_task,
+        "max_nodes_per_job": c.max_nodes_per_job,
+        "array_parallelism": c.array_parallelism,
+    }
     errs += [f"cluster.{k} must be >= 1, got {v!r}" for k, v in positive.items() if v is not None and v < 1]
     if c.gpus_per_node < 0:
         errs.append(f"cluster.gpus_per_node must be >= 0 (0 = CPU nodes), got {c.gpus_per_node!r}")
     elif c.workers_per_node is not None and (c.gpus_per_node or c.workers_per_node < 1):
-        errs.append(f"cluster.workers_per_node={c.workers_per_node!r} is for CPU nodes (cluster.gpus_per_node=0) "
-                    "and must be >= 1")
+        errs.append(
+            f"cluster.workers_per_node={c.workers_per_node!r} is for CPU nodes (cluster.gpus_per_node=0) "
+            "and must be >= 1"
+        )
     elif cfg.gpus_per_rank > (c.node_size()[0] or cfg.gpus_per_rank):
         errs += _spanning_errors(cfg)
     elif c.gpus_per_node and c.ranks_per_node and c.ranks_per_node * cfg.gpus_per_rank > c.gpus_per_node:
-        errs.append(f"cluster.ranks_per_node={c.ranks_per_node} x {cfg.gpus_per_rank} GPUs per rank exceeds "
-                    f"cluster.gpus_per_node={c.gpus_per_node}")
+        errs.append(
+            f"cluster.ranks_per_node={c.ranks_per_node} x {cfg.gpus_per_rank} GPUs per rank exceeds "
+            f"cluster.gpus_per_node={c.gpus_per_node}"
+        )
     if cfg.ep and c.array > 1:
         errs.append(f"ep=true ranks run in lockstep as one group; cluster.array={c.array} must be 1")
     for key in ("partition", "account", "qos", "mem", "constraint", "finalize_mem", "job_name"):
@@ -584,8 +660,11 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
             errs.append(f"cluster.sbatch.{key} is set by hpcinfer from the layout; use the cluster/layout keys")
         elif "\n" in str(value) or "\r" in str(value):
             errs.append(f"cluster.sbatch.{key}={value!r} contains a line break")
-    errs += [f"cluster.setup line {line!r} contains a line break (give one list item per line)"
-             for line in c.setup if "\n" in line or "\r" in line]
+    errs += [
+        f"cluster.setup line {line!r} contains a line break (give one list item per line)"
+        for line in c.setup
+        if "\n" in line or "\r" in line
+    ]
     return errs
 
 

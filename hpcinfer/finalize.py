@@ -7,6 +7,7 @@ It publishes results.parquet and summary.json only for a complete run: every sha
 with exactly its rows in input order (rundir/merge.py streams and checks them). Otherwise it
 lists the missing shards and publishes nothing (exit 1).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,11 @@ def finalize_job(run_dir: str) -> FinalizeOutcome:
     rd = RunDir(run_dir)
     try:
         summary = finalize(run_dir)
-        outcome = FinalizeOutcome(os.environ.get("SLURM_JOB_ID"), EXIT_OK,
-                                  f"{summary['rows']} rows ({summary['rows_failed']} with errors) -> {summary['results']}")
+        outcome = FinalizeOutcome(
+            os.environ.get("SLURM_JOB_ID"),
+            EXIT_OK,
+            f"{summary['rows']} rows ({summary['rows_failed']} with errors) -> {summary['results']}",
+        )
     except RunIncomplete as e:
         outcome = FinalizeOutcome(os.environ.get("SLURM_JOB_ID"), EXIT_FAILED, f"incomplete, nothing published: {e}")
     outcome.finished_at = time.time()

@@ -1,5 +1,6 @@
 """`python -m hpcinfer.plan [overrides]`: print the layout a submit would use, and exit 2 with a
 one-line reason when it cannot work. Writes nothing."""
+
 from __future__ import annotations
 
 import sys

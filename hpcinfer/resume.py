@@ -6,6 +6,7 @@ how it runs (`cluster.*`, `wait=true`, `checkpoint.*`, `rank_retries`), never wh
 a change to the model, sampling, data, engine arguments or layout is refused, as `submit` refuses
 it. Same exit codes as submit.
 """
+
 from __future__ import annotations
 
 import sys

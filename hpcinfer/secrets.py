@@ -14,6 +14,7 @@ and `TOKENIZERS_PARALLELISM` are not (a plain substring test would hit those).
   to `***` where that variable is not set (e.g. `status` from another shell); a secret-named
   value that no environment variable holds becomes `***` and is reported as lost.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,19 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 MASK = "***"
 MIN_SECRET_LEN = 8  # shorter environment values are not replaced in text (too many false hits)
 
-_SECRET_WORDS = ("TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "CREDENTIAL", "CREDENTIALS",
-                 "APIKEY", "ACCESSKEY", "PRIVATEKEY")  # a word equal to or ending in one: HFTOKEN too
+_SECRET_WORDS = (
+    "TOKEN",
+    "SECRET",
+    "SECRETS",
+    "PASSWORD",
+    "PASSWORDS",
+    "PASSWD",
+    "CREDENTIAL",
+    "CREDENTIALS",
+    "APIKEY",
+    "ACCESSKEY",
+    "PRIVATEKEY",
+)  # a word equal to or ending in one: HFTOKEN too
 _KEY_PREFIXES = ("API", "ACCESS", "PRIVATE")  # ... followed by the word KEY: API_KEY, AccessKey
 
 
@@ -35,8 +47,9 @@ def words(name: str) -> List[str]:
 
 def looks_secret(name: str) -> bool:
     ws = words(name)
-    return (any(w.endswith(s) for w in ws for s in _SECRET_WORDS)
-            or any(a in _KEY_PREFIXES and b in ("KEY", "KEYS") for a, b in zip(ws, ws[1:])))
+    return any(w.endswith(s) for w in ws for s in _SECRET_WORDS) or any(
+        a in _KEY_PREFIXES and b in ("KEY", "KEYS") for a, b in zip(ws, ws[1:])
+    )
 
 
 def secret_env_values(env: Mapping[str, str]) -> Dict[str, str]:

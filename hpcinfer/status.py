@@ -7,6 +7,7 @@ from the run directory (and squeue/sacct for job states), so it works from any l
 
 Exit codes: 0 finished or still in progress, 1 failed or incomplete, 2 not a run directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ def rank_state(record: Optional[RankRecord], job_state: Optional[str]) -> str:
     failed once its job ended; a rank whose record says running while its job has ended was lost
     (killed, node failure) and counts as failed."""
     own = record.state if record is not None else None
-    job_over = job_state is not None and job_state not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING",
-                                                          "REQUEUED", "SUSPENDED", "UNKNOWN")
+    job_over = job_state is not None and job_state not in (
+        "PENDING",
+        "RUNNING",
+        "COMPLETING",
+        "CONFIGURING",
+        "REQUEUED",
+        "SUSPENDED",
+        "UNKNOWN",
+    )
     if own in records.TERMINAL:
         return own
     if own in (records.STARTING, records.RUNNING):
@@ -48,8 +56,9 @@ def run_state(ranks: List[str], finalize_exit: Optional[int], published: bool) -
     """The run's state in one word, from its ranks' states (`rank_state`). Pure."""
     if published:
         return FINISHED
-    if finalize_exit not in (None, 0) or (ranks and all(r in records.TERMINAL for r in ranks)
-                                          and any(r != records.DONE for r in ranks)):
+    if finalize_exit not in (None, 0) or (
+        ranks and all(r in records.TERMINAL for r in ranks) and any(r != records.DONE for r in ranks)
+    ):
         return FAILED
     if any(r in (records.STARTING, records.RUNNING, records.DONE) for r in ranks):
         return RUNNING
@@ -70,9 +79,20 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
         own = files.get(r) or RankRecord(r)
         started, ended = own.generation_started_at, own.generation_ended_at or now
         tps = own.output_tokens / max(ended - started, 1e-9) if started else 0.0
-        ranks.append({"rank": r, "state": state, "host": own.host, "rows_done": own.rows_done,
-                      "rows": rp.rows, "output_tokens": own.output_tokens, "tokens_per_second": tps,
-                      "job": job_id, "error": own.error, "log": str(rd.rank_log(r))})
+        ranks.append(
+            {
+                "rank": r,
+                "state": state,
+                "host": own.host,
+                "rows_done": own.rows_done,
+                "rows": rp.rows,
+                "output_tokens": own.output_tokens,
+                "tokens_per_second": tps,
+                "job": job_id,
+                "error": own.error,
+                "log": str(rd.rank_log(r)),
+            }
+        )
     outcome = rd.read_finalize_outcome()
     published = rd.summary.exists() and rd.results.exists()
     rows_done = sum(r["rows_done"] for r in ranks)
@@ -81,13 +101,20 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
     rate = rows_done / elapsed if elapsed > 0 else 0.0
     active = [r for r in ranks if r["state"] == records.RUNNING]
     return {
-        "run_dir": str(rd.path), "state": run_state([r["state"] for r in ranks],
-                                                    outcome.exit_code if outcome else None, published),
-        "rows": plan.rows, "rows_done": rows_done, "ranks": ranks,
-        "tokens_per_second": (sum(r["tokens_per_second"] for r in active) if active else
-                              (rd.read_optional(rd.summary) or {}).get("output_tokens_per_second") or 0.0),
+        "run_dir": str(rd.path),
+        "state": run_state([r["state"] for r in ranks], outcome.exit_code if outcome else None, published),
+        "rows": plan.rows,
+        "rows_done": rows_done,
+        "ranks": ranks,
+        "tokens_per_second": (
+            sum(r["tokens_per_second"] for r in active)
+            if active
+            else (rd.read_optional(rd.summary) or {}).get("output_tokens_per_second") or 0.0
+        ),
         "eta_seconds": (plan.rows - rows_done) / rate if rate > 0 and not published else None,
-        "jobs": jobs["summary"], "finalize": outcome.to_json() if outcome else None, "model": plan.model["name"],
+        "jobs": jobs["summary"],
+        "finalize": outcome.to_json() if outcome else None,
+        "model": plan.model["name"],
         "layout": f"dp={plan.dp} tp={plan.tp} pp={plan.pp}",
     }
 
@@ -104,10 +131,12 @@ def render(info: Dict[str, Any]) -> str:
     """The report `status` prints. Pure."""
     pct = 100.0 * info["rows_done"] / info["rows"] if info["rows"] else 100.0
     eta = f", ETA {_duration(info['eta_seconds'])}" if info["eta_seconds"] is not None else ""
-    lines = [f"run       {info['run_dir']}",
-             f"state     {info['state']} ({info['model']}, {info['layout']})",
-             f"rows      {info['rows_done']}/{info['rows']} done ({pct:.0f}%), "
-             f"{info['tokens_per_second']:,.0f} output tok/s{eta}"]
+    lines = [
+        f"run       {info['run_dir']}",
+        f"state     {info['state']} ({info['model']}, {info['layout']})",
+        f"rows      {info['rows_done']}/{info['rows']} done ({pct:.0f}%), "
+        f"{info['tokens_per_second']:,.0f} output tok/s{eta}",
+    ]
     jobs = info["jobs"]
     if jobs:
         workers = ", ".join(f"{j} {s}" for j, s in jobs["workers"].items())
@@ -117,8 +146,10 @@ def render(info: Dict[str, Any]) -> str:
     lines.append(f"{'rank':<6}{'state':<10}{'host':<14}{'rows':>13}{'tok/s':>10}  job")
     for r in info["ranks"]:
         done = f"{r['rows_done']}/{r['rows']}"
-        lines.append(f"{r['rank']:<6}{r['state']:<10}{(r['host'] or '-'):<14}{done:>13}"
-                     f"{r['tokens_per_second']:>10,.0f}  {r['job'] or '-'}")
+        lines.append(
+            f"{r['rank']:<6}{r['state']:<10}{(r['host'] or '-'):<14}{done:>13}"
+            f"{r['tokens_per_second']:>10,.0f}  {r['job'] or '-'}"
+        )
     if info["finalize"]:
         lines.append(f"finalize  exit {info['finalize']['exit_code']}: {info['finalize']['message']}")
     for r in info["ranks"]:

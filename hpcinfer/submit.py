@@ -11,6 +11,7 @@ the same config continues an unfinished run (done shards are kept); it is a no-o
 run and for one whose jobs are still queued or whose submission is live (cron-safe).
 Exit codes: 0 done (or nothing to do), 1 the run failed or is incomplete, 2 bad config or data.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,13 @@ def log(msg: str) -> None:
 
 def config_differences(old: RunConfig, new: RunConfig) -> List[str]:
     """Result-affecting keys whose values differ, as 'key: old -> new'. Pure."""
-    a, b = _flat(OmegaConf.to_container(OmegaConf.structured(old))), _flat(OmegaConf.to_container(OmegaConf.structured(new)))
-    keys = sorted(k for k in set(a) | set(b) if (k.split(".")[0] in RESULT_KEYS or k in SHARDING_KEYS)
-                  and a.get(k) != b.get(k))
+    a, b = (
+        _flat(OmegaConf.to_container(OmegaConf.structured(old))),
+        _flat(OmegaConf.to_container(OmegaConf.structured(new))),
+    )
+    keys = sorted(
+        k for k in set(a) | set(b) if (k.split(".")[0] in RESULT_KEYS or k in SHARDING_KEYS) and a.get(k) != b.get(k)
+    )
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
@@ -70,8 +75,10 @@ def submit(cfg: RunConfig) -> int:
     if resuming:
         diff = config_differences(load_run_config(rd.config), cfg)
         if diff:
-            raise UserError(f"run_dir {str(rd.path)!r} holds a run with a different config "
-                            f"({'; '.join(diff[:5])}); choose a new run_dir")
+            raise UserError(
+                f"run_dir {str(rd.path)!r} holds a run with a different config "
+                f"({'; '.join(diff[:5])}); choose a new run_dir"
+            )
     elif rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run_dir {str(rd.path)!r} exists and is not an hpcinfer run directory")
     rd.create()
@@ -83,13 +90,14 @@ def submit(cfg: RunConfig) -> int:
                 return EXIT_OK
             if not resuming:
                 atomic_write(rd.config, to_yaml(cfg))
-                atomic_write(rd.plan, redact(json.dumps(plan.to_json(), indent=1, sort_keys=True, default=str),
-                                             os.environ) + "\n")
+                atomic_write(
+                    rd.plan,
+                    redact(json.dumps(plan.to_json(), indent=1, sort_keys=True, default=str), os.environ) + "\n",
+                )
                 write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
             else:
                 if read_manifest(str(rd.manifest))[0] != prep.shards:
-                    raise UserError(f"the input files changed since {str(rd.path)!r} was planned; "
-                                    f"choose a new run_dir")
+                    raise UserError(f"the input files changed since {str(rd.path)!r} was planned; choose a new run_dir")
                 log(f"continuing {rd.path}: {len(rd.done_shards())} of {plan.shards} shard(s) already done")
             for note in plan.notes:
                 log(note)

@@ -1,5 +1,6 @@
 """Shared fixtures. End-to-end tests run the real CLI (`python -m hpcinfer.submit`) on real vLLM
 (the CPU build) with the built-in tiny model, in subprocesses, as a user would."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,14 @@ def hpcinfer(cli_env):
     """Run `python -m hpcinfer.<module> args...` as a user would; returns CompletedProcess."""
 
     def run(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", f"hpcinfer.{module}", *args], cwd=REPO, env=cli_env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", f"hpcinfer.{module}", *args],
+            cwd=REPO,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 
@@ -103,18 +110,41 @@ def plan_for(cfg, devices, rows=100, files=1, model_path=None):
     inputs = [InputFile(f"/data/{i}.parquet", rows // files + (1 if i < rows % files else 0)) for i in range(files)]
     active = max(1, min(cfg.dp, rows))
     shards = make_shards(inputs, active, cfg.data.shard_rows)
-    return make_plan(cfg, model_shape(cfg.model), devices, engine_args(cfg, model_path or cfg.model.path or "/m"),
-                     shards, rows, files, active, place=launcher_for(cfg).place)
+    return make_plan(
+        cfg,
+        model_shape(cfg.model),
+        devices,
+        engine_args(cfg, model_path or cfg.model.path or "/m"),
+        shards,
+        rows,
+        files,
+        active,
+        place=launcher_for(cfg).place,
+    )
 
 
 def bare_plan(ranks, jobs=None, kind="cuda", per_rank=2, model="/nonexistent/model"):
     """A Plan with just what a rank's environment depends on (a Slurm task's tests)."""
     from hpcinfer.rundir.records import Memory, Plan
 
-    return Plan(tp=per_rank, pp=1, dp=ranks, ep=False, ranks=ranks, device_kind=kind, gpus_per_rank=per_rank,
-                nodes=jobs.nodes if jobs else 1, rows=ranks, files=1, shards=ranks,
-                memory=Memory(None, None, None, None, None), engine_args={"model": model}, model={}, jobs=jobs,
-                nodes_per_rank=jobs.nodes_per_rank if jobs else 1)
+    return Plan(
+        tp=per_rank,
+        pp=1,
+        dp=ranks,
+        ep=False,
+        ranks=ranks,
+        device_kind=kind,
+        gpus_per_rank=per_rank,
+        nodes=jobs.nodes if jobs else 1,
+        rows=ranks,
+        files=1,
+        shards=ranks,
+        memory=Memory(None, None, None, None, None),
+        engine_args={"model": model},
+        model={},
+        jobs=jobs,
+        nodes_per_rank=jobs.nodes_per_rank if jobs else 1,
+    )
 
 
 def write_parquet(path, table, **kw):
@@ -129,5 +159,9 @@ def prompts_table(n, start=0):
     """`n` rows of (id, prompt) from `start`."""
     import pyarrow as pa
 
-    return pa.table({"id": pa.array(range(start, start + n), pa.int64()),
-                     "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string())})
+    return pa.table(
+        {
+            "id": pa.array(range(start, start + n), pa.int64()),
+            "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string()),
+        }
+    )

@@ -1,4 +1,5 @@
 """Config composition (Hydra overrides -> typed RunConfig), validation rules and engine_args."""
+
 import copy
 
 import pytest
@@ -69,13 +70,16 @@ def test_group_and_nested_overrides():
     assert c.data.shard_rows == 5
 
 
-@pytest.mark.parametrize("override, must_name", [
-    ("foo=1", "foo"),
-    ("tp=abc", "abc"),
-    ("model=nope", "nope"),
-    ("engine.not_a_vllm_arg=1", "not_a_vllm_arg"),  # needs '+' to add a key
-    ("sampling.temperature=hot", "hot"),
-])
+@pytest.mark.parametrize(
+    "override, must_name",
+    [
+        ("foo=1", "foo"),
+        ("tp=abc", "abc"),
+        ("model=nope", "nope"),
+        ("engine.not_a_vllm_arg=1", "not_a_vllm_arg"),  # needs '+' to add a key
+        ("sampling.temperature=hot", "hot"),
+    ],
+)
 def test_bad_overrides_raise_one_line_config_error(override, must_name):
     with pytest.raises(ConfigError) as e:
         compose([override])
@@ -168,18 +172,21 @@ def test_gpu_count_is_checked_only_when_known(cfg, gpus, refused):
 
 
 # ---- validate: sampling ---------------------------------------------------------------------
-@pytest.mark.parametrize("field, value, quoted", [
-    ("temperature", -1.0, "-1.0"),
-    ("top_p", 0.0, "0.0"),
-    ("top_p", 1.5, "1.5"),
-    ("max_tokens", 0, "got 0"),
-    ("min_p", 2.0, "2.0"),
-    ("top_k", -2, "-2"),
-    ("repetition_penalty", 0.0, "0.0"),
-    ("presence_penalty", 2.5, "2.5"),
-    ("frequency_penalty", -3.0, "-3.0"),
-    ("seed", -1, "-1"),
-])
+@pytest.mark.parametrize(
+    "field, value, quoted",
+    [
+        ("temperature", -1.0, "-1.0"),
+        ("top_p", 0.0, "0.0"),
+        ("top_p", 1.5, "1.5"),
+        ("max_tokens", 0, "got 0"),
+        ("min_p", 2.0, "2.0"),
+        ("top_k", -2, "-2"),
+        ("repetition_penalty", 0.0, "0.0"),
+        ("presence_penalty", 2.5, "2.5"),
+        ("frequency_penalty", -3.0, "-3.0"),
+        ("seed", -1, "-1"),
+    ],
+)
 def test_sampling_ranges(cfg, field, value, quoted):
     setattr(cfg.sampling, field, value)
     msg = validation_error(cfg)
@@ -193,8 +200,10 @@ def test_sampling_ranges_via_overrides():
     assert "sampling.temperature" in msg and "-1" in msg
 
 
-@pytest.mark.parametrize("field, value", [("top_p", 1.0), ("min_p", 1.0), ("min_p", 0.0), ("top_k", -1),
-                                          ("seed", None), ("temperature", 0.0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("top_p", 1.0), ("min_p", 1.0), ("min_p", 0.0), ("top_k", -1), ("seed", None), ("temperature", 0.0)],
+)
 def test_sampling_boundaries_are_valid(cfg, field, value):
     setattr(cfg.sampling, field, value)
     validate(cfg)
@@ -208,13 +217,16 @@ def test_several_errors_are_reported_together(cfg):
 
 
 # ---- validate: engine -------------------------------------------------------------------------
-@pytest.mark.parametrize("key, value, layout_name", [
-    ("tensor_parallel_size", 2, "tp"),
-    ("pipeline_parallel_size", 2, "pp"),
-    ("data_parallel_size", 2, "dp"),
-    ("enable_expert_parallel", True, "ep"),
-    ("model", "/models/x", "model.path"),
-])
+@pytest.mark.parametrize(
+    "key, value, layout_name",
+    [
+        ("tensor_parallel_size", 2, "tp"),
+        ("pipeline_parallel_size", 2, "pp"),
+        ("data_parallel_size", 2, "dp"),
+        ("enable_expert_parallel", True, "ep"),
+        ("model", "/models/x", "model.path"),
+    ],
+)
 def test_layout_keys_under_engine_are_errors(cfg, key, value, layout_name):
     cfg.engine[key] = value
     msg = validation_error(cfg)

@@ -1,4 +1,5 @@
 """The install trap: CUDA builds of torchvision/torchaudio/torchcodec next to a CPU torch."""
+
 from hpcinfer import doctor
 
 

@@ -4,6 +4,7 @@
 manifest.parquet, shards/<id>.parquet (built with output.shard_table from made-up RowResults)
 and done/<id>.json markers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,6 @@ from hpcinfer.rundir.records import DoneRecord
 PYTHON = sys.executable
 
 
-
-
 FILE_SIZES = (7, 0, 11, 5)  # an empty file in the middle
 
 
@@ -46,11 +45,13 @@ SHARD_ROWS = 4
 
 def input_table(n, start):
     rows = range(start, start + n)
-    return pa.table({
-        "id": pa.array(rows, pa.int64()),
-        "prompt": pa.array([None if i == 3 else f"prompt {i} — ü" for i in rows], pa.string()),
-        "tags": pa.array([[f"t{i}"] * (i % 3) for i in rows], pa.list_(pa.string())),
-    })
+    return pa.table(
+        {
+            "id": pa.array(rows, pa.int64()),
+            "prompt": pa.array([None if i == 3 else f"prompt {i} — ü" for i in rows], pa.string()),
+            "tags": pa.array([[f"t{i}"] * (i % 3) for i in rows], pa.list_(pa.string())),
+        }
+    )
 
 
 def fake_result(row, prompt):
@@ -78,8 +79,9 @@ def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_row
     rd.create()
     cfg = compose([])
     atomic_write(rd.config, config.to_yaml(cfg))
-    plan = dataclasses.replace(bare_plan(ranks, per_rank=1), engine_args=config.engine_args(cfg, "/fake/tiny"),
-                               submitted_at=time.time() - 5)
+    plan = dataclasses.replace(
+        bare_plan(ranks, per_rank=1), engine_args=config.engine_args(cfg, "/fake/tiny"), submitted_at=time.time() - 5
+    )
     atomic_write_json(rd.plan, plan.to_json())
     shards = make_shards(inputs.files, ranks, shard_rows)
     write_manifest(str(rd.manifest), shards, inputs.schema)
@@ -92,11 +94,18 @@ def fake_run_dir(tmp_path, order="forward", skip_done=(), ranks=RANKS, shard_row
         pq.write_table(output.shard_table(rows, results, s.global_start), rd.shard_output(s.shard))
         if s.shard in skip_done:
             continue
-        rd.mark_done(DoneRecord(shard=s.shard, rank=s.rank, host="fakehost", rows=s.rows,
-                                rows_failed=sum(r.error is not None for r in results),
-                                prompt_tokens=sum(r.prompt_tokens for r in results),
-                                output_tokens=sum(r.output_tokens for r in results),
-                                generation_seconds=0.5))
+        rd.mark_done(
+            DoneRecord(
+                shard=s.shard,
+                rank=s.rank,
+                host="fakehost",
+                rows=s.rows,
+                rows_failed=sum(r.error is not None for r in results),
+                prompt_tokens=sum(r.prompt_tokens for r in results),
+                output_tokens=sum(r.output_tokens for r in results),
+                generation_seconds=0.5,
+            )
+        )
     return rd, shards, original
 
 
@@ -216,16 +225,27 @@ def test_finalize_cli_exit_codes(tmp_path):
     rd, shards, _ = fake_run_dir(tmp_path, skip_done={0})
 
     def run(*args):
-        return subprocess.run([PYTHON, "-m", "hpcinfer.finalize", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            [PYTHON, "-m", "hpcinfer.finalize", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
 
     p = run(str(rd.path))
     assert p.returncode == 1
     assert "incomplete" in p.stderr and "0 (rank 0" in p.stderr
     assert not rd.results.exists()
 
-    rd.mark_done(DoneRecord(shard=0, rank=0, host="fakehost", rows=shards[0].rows, rows_failed=0, prompt_tokens=0,
-                            output_tokens=0, generation_seconds=0.0))
+    rd.mark_done(
+        DoneRecord(
+            shard=0,
+            rank=0,
+            host="fakehost",
+            rows=shards[0].rows,
+            rows_failed=0,
+            prompt_tokens=0,
+            output_tokens=0,
+            generation_seconds=0.0,
+        )
+    )
     p = run(str(rd.path))
     assert p.returncode == 0, p.stderr
     assert f"{sum(FILE_SIZES)} rows" in p.stdout

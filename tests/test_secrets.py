@@ -5,6 +5,7 @@ secret-named environment variable such as HF_TOKEN) never lands in config.yaml: 
 environment variable holds is saved as `${oc.env:NAME,***}` and resolved again wherever the run
 reads its config; any other secret-named value is refused before anything is written.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,24 +25,63 @@ TOKEN = "hf_Zx81kQ0pLm3vN7rT"
 
 
 # ---- names -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY",
-                                  "AWS_ACCESS_KEY_ID", "GITHUB_TOKEN", "hf_token", "DB_PASSWORD", "ftp_passwd",
-                                  "GOOGLE_APPLICATION_CREDENTIALS", "ssh_private_key", "apiKey", "HFTOKEN",
-                                  "client-secret", "OPENAI_APIKEY", "Credential"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "WANDB_API_KEY",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "GITHUB_TOKEN",
+        "hf_token",
+        "DB_PASSWORD",
+        "ftp_passwd",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "ssh_private_key",
+        "apiKey",
+        "HFTOKEN",
+        "client-secret",
+        "OPENAI_APIKEY",
+        "Credential",
+    ],
+)
 def test_secret_names(name):
     assert looks_secret(name)
 
 
-@pytest.mark.parametrize("name", ["max_tokens", "tokenizer", "tokenizer_mode", "TOKENIZERS_PARALLELISM",
-                                  "max_num_batched_tokens", "PATH", "HOME", "SSH_AUTH_SOCK", "KEY", "keyboard",
-                                  "monkey", "sbatch", "prompt_column"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "max_tokens",
+        "tokenizer",
+        "tokenizer_mode",
+        "TOKENIZERS_PARALLELISM",
+        "max_num_batched_tokens",
+        "PATH",
+        "HOME",
+        "SSH_AUTH_SOCK",
+        "KEY",
+        "keyboard",
+        "monkey",
+        "sbatch",
+        "prompt_column",
+    ],
+)
 def test_ordinary_names(name):
     assert not looks_secret(name)
 
 
 # ---- redact ------------------------------------------------------------------------------------
-ENV = {"HF_TOKEN": TOKEN, "WANDB_API_KEY": "0123456789abcdef", "AWS_SECRET_ACCESS_KEY": "a+b/c.d*e(f)g[h]",
-       "SHORT_TOKEN": "abc1234", "HOME": "/home/someone", "EMPTY_PASSWORD": "", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    "HF_TOKEN": TOKEN,
+    "WANDB_API_KEY": "0123456789abcdef",
+    "AWS_SECRET_ACCESS_KEY": "a+b/c.d*e(f)g[h]",
+    "SHORT_TOKEN": "abc1234",
+    "HOME": "/home/someone",
+    "EMPTY_PASSWORD": "",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def test_redact_replaces_every_secret_value():
@@ -69,10 +109,12 @@ def test_redact_is_pure_and_handles_nothing_to_hide():
 
 # ---- secret config keys ------------------------------------------------------------------------
 def test_secret_config_keys_by_name_and_string_value():
-    cfg = {"engine": {"hf_token": TOKEN, "max_model_len": 64, "tokenizer": "/models/tok", "hf_token2": None},
-           "sampling": {"max_tokens": 16, "stop": ["a"]},
-           "extra": {"bos_token_id": 1, "use_token": True, "api_keys": ["k1", "k2"], "db": {"password": "pw"}},
-           "credentials": {"user": "me"}}
+    cfg = {
+        "engine": {"hf_token": TOKEN, "max_model_len": 64, "tokenizer": "/models/tok", "hf_token2": None},
+        "sampling": {"max_tokens": 16, "stop": ["a"]},
+        "extra": {"bos_token_id": 1, "use_token": True, "api_keys": ["k1", "k2"], "db": {"password": "pw"}},
+        "credentials": {"user": "me"},
+    }
     assert secret_config_keys(cfg) == ["credentials.user", "engine.hf_token", "extra.api_keys", "extra.db.password"]
 
 

@@ -1,4 +1,5 @@
 """submit.config_differences: when may a run directory be continued with a new config?"""
+
 import copy
 
 import pytest
@@ -31,17 +32,20 @@ def test_temperature_difference_is_named(base):
     assert diff == ["sampling.temperature: 0.7 -> 0.2"]
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda c: setattr(c, "dp", 2), "dp"),
-    (lambda c: setattr(c, "ep", True), "ep"),
-    (lambda c: c.engine.update(max_model_len=128), "engine.max_model_len"),
-    (lambda c: c.engine.update(kv_cache_dtype="fp8"), "engine.kv_cache_dtype"),
-    (lambda c: setattr(c.data, "input", "/data/x.parquet"), "data.input"),
-    (lambda c: setattr(c.data, "shard_rows", 10), "data.shard_rows"),
-    (lambda c: setattr(c.model, "path", "/models/y"), "model.path"),
-    (lambda c: c.model.engine.update(dtype="float16"), "model.engine.dtype"),
-    (lambda c: c.sampling.stop.append("###"), "sampling.stop"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: setattr(c, "dp", 2), "dp"),
+        (lambda c: setattr(c, "ep", True), "ep"),
+        (lambda c: c.engine.update(max_model_len=128), "engine.max_model_len"),
+        (lambda c: c.engine.update(kv_cache_dtype="fp8"), "engine.kv_cache_dtype"),
+        (lambda c: setattr(c.data, "input", "/data/x.parquet"), "data.input"),
+        (lambda c: setattr(c.data, "shard_rows", 10), "data.shard_rows"),
+        (lambda c: setattr(c.model, "path", "/models/y"), "model.path"),
+        (lambda c: c.model.engine.update(dtype="float16"), "model.engine.dtype"),
+        (lambda c: c.sampling.stop.append("###"), "sampling.stop"),
+    ],
+)
 def test_result_affecting_differences_are_named(base, mutate, key):
     new = copy.deepcopy(base)
     mutate(new)
@@ -56,7 +60,15 @@ def test_model_switch_lists_model_keys(base):
     assert all(k.startswith("model.") for k in keys)
 
 
-@pytest.mark.parametrize("overrides", [["run_dir=/tmp/other"], ["cluster.gpus=2"], ["cluster.cpu_kvcache_gib=8"],
-                                       ["cache_dir=/tmp/cache"], ["run_dir=/a", "cluster.gpu_memory_gib=40"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["run_dir=/tmp/other"],
+        ["cluster.gpus=2"],
+        ["cluster.cpu_kvcache_gib=8"],
+        ["cache_dir=/tmp/cache"],
+        ["run_dir=/a", "cluster.gpu_memory_gib=40"],
+    ],
+)
 def test_run_dir_cluster_and_cache_are_ignored(base, overrides):
     assert config_differences(base, compose(overrides)) == []

@@ -14,6 +14,7 @@ a Slurm task (which rank it is, its environment, supervising its process).
 secrets, rundir/, planning/ (its pure helpers and Devices), and rank/ only for what a supervisor
 needs of a rank (its exit, its leader's end).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from hpcinfer.launch.base import Launcher
 
 
-def launcher_for(cfg: "RunConfig") -> "Launcher":
+def launcher_for(cfg: RunConfig) -> Launcher:
     """The launcher of `cfg.cluster`: the only place that branches on the cluster kind."""
     from hpcinfer.config import SlurmClusterConfig
 

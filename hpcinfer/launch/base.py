@@ -9,6 +9,7 @@ place that looks at the cluster kind. Everything that differs between clusters i
   with a finalize job (Slurm) and returns; `follow` then waits for a queued run when asked to;
 - `jobs`, for `status`: the cluster's jobs of a run (none locally).
 """
+
 from __future__ import annotations
 
 import abc
@@ -53,7 +54,7 @@ class Launcher(abc.ABC):
     def place(self, ranks: int, devices: Devices) -> Placement:
         """Each of `ranks` ranks' devices (and Slurm job and node). ConfigError when they do not fit."""
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027  (optional: most launchers have nothing to check)
         """Before anything is written: UserError when the cluster cannot run this (unreachable, ...)."""
 
     # ---- running ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ environment. The local launcher and a Slurm task differ only in how they fill th
       (`lockstep_env`); vLLM rejects dense models on that path, so every other rank has them
       removed, as it has inherited replica variables removed: a launcher adds what applies.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -71,8 +72,13 @@ def lockstep_env(rank: int, local_rank: int, size: int, master_ip: str, master_p
         problems.append(bad_ip)
     if problems:
         raise LockstepError("bad lockstep data-parallel settings: " + "; ".join(problems))
-    return {"VLLM_DP_RANK": str(rank), "VLLM_DP_RANK_LOCAL": str(local_rank), "VLLM_DP_SIZE": str(size),
-            "VLLM_DP_MASTER_IP": str(ipaddress.ip_address(master_ip)), "VLLM_DP_MASTER_PORT": str(master_port)}
+    return {
+        "VLLM_DP_RANK": str(rank),
+        "VLLM_DP_RANK_LOCAL": str(local_rank),
+        "VLLM_DP_SIZE": str(size),
+        "VLLM_DP_MASTER_IP": str(ipaddress.ip_address(master_ip)),
+        "VLLM_DP_MASTER_PORT": str(master_port),
+    }
 
 
 def lockstep_devices(visible: Optional[Sequence[str]], local_rank: int, gpus_per_rank: int) -> Optional[str]:
@@ -85,10 +91,12 @@ def lockstep_devices(visible: Optional[Sequence[str]], local_rank: int, gpus_per
         return None
     need = (local_rank + 1) * gpus_per_rank
     if len(visible) < need:
-        raise LockstepError(f"lockstep rank with VLLM_DP_RANK_LOCAL={local_rank} and {gpus_per_rank} GPU(s) per rank "
-                            f"needs its node's first {need} GPUs visible (vLLM picks GPU {local_rank} x "
-                            f"{gpus_per_rank} + i itself), but only {list(visible)} are; give the ranks of a "
-                            "node all its GPUs (no per-task GPU binding)")
+        raise LockstepError(
+            f"lockstep rank with VLLM_DP_RANK_LOCAL={local_rank} and {gpus_per_rank} GPU(s) per rank "
+            f"needs its node's first {need} GPUs visible (vLLM picks GPU {local_rank} x "
+            f"{gpus_per_rank} + i itself), but only {list(visible)} are; give the ranks of a "
+            "node all its GPUs (no per-task GPU binding)"
+        )
     return ",".join(visible)
 
 
@@ -102,8 +110,11 @@ class ReplicaError(ValueError):
 def replica_env(nnodes: int, node_rank: int, addr: str, port: int) -> Dict[str, str]:
     """The variables of one process of a replica; {} for a single-node replica (nnodes=1).
     ReplicaError quotes every bad value."""
-    problems = [f"{k}={v!r} is not an integer" for k, v in
-                (("nnodes", nnodes), ("node_rank", node_rank), ("port", port)) if not is_int(v)]
+    problems = [
+        f"{k}={v!r} is not an integer"
+        for k, v in (("nnodes", nnodes), ("node_rank", node_rank), ("port", port))
+        if not is_int(v)
+    ]
     if not problems:
         if nnodes < 1:
             problems.append(f"nnodes={nnodes} is not >= 1")
@@ -118,8 +129,12 @@ def replica_env(nnodes: int, node_rank: int, addr: str, port: int) -> Dict[str, 
         raise ReplicaError("bad settings of a replica spanning nodes: " + "; ".join(problems))
     if nnodes == 1:
         return {}
-    return {"HPCINFER_NNODES": str(nnodes), "HPCINFER_NODE_RANK": str(node_rank),
-            "HPCINFER_REPLICA_ADDR": addr, "HPCINFER_REPLICA_PORT": str(port)}
+    return {
+        "HPCINFER_NNODES": str(nnodes),
+        "HPCINFER_NODE_RANK": str(node_rank),
+        "HPCINFER_REPLICA_ADDR": addr,
+        "HPCINFER_REPLICA_PORT": str(port),
+    }
 
 
 @dataclass(frozen=True)
@@ -140,21 +155,24 @@ class RankContext:
         return socket.gethostname()
 
 
-def rank_env(base: Mapping[str, str], ctx: RankContext, *, workers_per_rank: int, cpu_kvcache_gib: int,
-             offline: bool) -> Dict[str, str]:
+def rank_env(
+    base: Mapping[str, str], ctx: RankContext, *, workers_per_rank: int, cpu_kvcache_gib: int, offline: bool
+) -> Dict[str, str]:
     """The full environment of one rank process: `base` without inherited lockstep and replica
     variables, the rank's HPCINFER_* variables, and its devices. Pure."""
     env = {k: v for k, v in base.items() if k not in VLLM_DP_VARS and k not in REPLICA_VARS}
-    env.update({
-        "HPCINFER_RANK": str(ctx.rank),
-        "HPCINFER_WORLD_SIZE": str(ctx.world_size),
-        "HPCINFER_LOCAL_RANK": str(ctx.local_rank),
-        "HPCINFER_HOSTS": ",".join(ctx.hosts),
-        "HPCINFER_MASTER_ADDR": ctx.master_addr,
-        "HPCINFER_MASTER_PORT": str(ctx.master_port),
-        "HPCINFER_DEVICE_KIND": ctx.device_kind,
-        "HPCINFER_DEVICES": ",".join(ctx.devices),
-    })
+    env.update(
+        {
+            "HPCINFER_RANK": str(ctx.rank),
+            "HPCINFER_WORLD_SIZE": str(ctx.world_size),
+            "HPCINFER_LOCAL_RANK": str(ctx.local_rank),
+            "HPCINFER_HOSTS": ",".join(ctx.hosts),
+            "HPCINFER_MASTER_ADDR": ctx.master_addr,
+            "HPCINFER_MASTER_PORT": str(ctx.master_port),
+            "HPCINFER_DEVICE_KIND": ctx.device_kind,
+            "HPCINFER_DEVICES": ",".join(ctx.devices),
+        }
+    )
     if offline:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -192,14 +210,16 @@ def replica_engine_args(env: Mapping[str, str]) -> Dict[str, Any]:
     if missing:
         raise ReplicaError(f"a replica spanning nodes needs {', '.join(REPLICA_VARS)}; {', '.join(missing)} not set")
     try:
-        nnodes, node_rank, port = (int(env[k]) for k in ("HPCINFER_NNODES", "HPCINFER_NODE_RANK",
-                                                           "HPCINFER_REPLICA_PORT"))
+        nnodes, node_rank, port = (
+            int(env[k]) for k in ("HPCINFER_NNODES", "HPCINFER_NODE_RANK", "HPCINFER_REPLICA_PORT")
+        )
     except ValueError:
-        raise ReplicaError("HPCINFER_NNODES, HPCINFER_NODE_RANK and HPCINFER_REPLICA_PORT must be integers, got "
-                           + ", ".join(f"{k}={env[k]!r}" for k in REPLICA_VARS)) from None
+        raise ReplicaError(
+            "HPCINFER_NNODES, HPCINFER_NODE_RANK and HPCINFER_REPLICA_PORT must be integers, got "
+            + ", ".join(f"{k}={env[k]!r}" for k in REPLICA_VARS)
+        ) from None
     replica_env(nnodes, node_rank, env["HPCINFER_REPLICA_ADDR"], port)  # validates
-    return {"nnodes": nnodes, "node_rank": node_rank, "master_addr": env["HPCINFER_REPLICA_ADDR"],
-            "master_port": port}
+    return {"nnodes": nnodes, "node_rank": node_rank, "master_addr": env["HPCINFER_REPLICA_ADDR"], "master_port": port}
 
 
 def pin_to_cores(cores: List[str]) -> None:
@@ -211,7 +231,10 @@ def pin_to_cores(cores: List[str]) -> None:
 def cpu_engine_env(base: Mapping[str, str], cores: List[str], workers: int, kvcache_gib: int) -> Dict[str, str]:
     """vLLM-on-CPU settings for a rank that owns `cores` and runs `workers` (tp x pp) workers.
     Values the user already set win."""
-    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": base.get("OMP_NUM_THREADS", str(max(1, len(cores) // workers)))}
+    env = {
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": base.get("OMP_NUM_THREADS", str(max(1, len(cores) // workers))),
+    }
     if workers == 1:
         # One worker: run the engine in the rank's own process (starts in ~2 s instead of ~15 s).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = base.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -286,8 +309,9 @@ class Process:
 
 def process(base: Mapping[str, str], spec: ProcessSpec) -> Process:
     """The process of `spec`, its environment built from `base` (the launcher's own). Pure."""
-    env = rank_env(base, spec.ctx, workers_per_rank=spec.workers, cpu_kvcache_gib=spec.cpu_kvcache_gib,
-                   offline=spec.offline)
+    env = rank_env(
+        base, spec.ctx, workers_per_rank=spec.workers, cpu_kvcache_gib=spec.cpu_kvcache_gib, offline=spec.offline
+    )
     r = spec.replica
     if r is not None and r.nnodes > 1:
         env.update(replica_env(r.nnodes, r.node_rank, r.addr, r.port))

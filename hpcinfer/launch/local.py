@@ -12,6 +12,7 @@ Two kinds of ranks get more (`rank_processes`, pure):
   (logs/rank-<r>-node-<n>.log), joined through 127.0.0.1 and a free port; supervisor.py keeps
   them alive and restarted as a unit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,9 +75,12 @@ class LocalLauncher(Launcher):
             log(f"fix the cause and re-run with run_dir={rd.path} to continue")
             return EXIT_FAILED
         tps = summary["output_tokens_per_second"]
-        log(f"done: {summary['rows']} rows ({summary['rows_failed']} with errors), {summary['output_tokens']} output "
+        log(
+            f"done: {summary['rows']} rows ({summary['rows_failed']} with errors), {summary['output_tokens']} output "
             f"tokens in {summary['generation_seconds']:.1f}s of generation"
-            + (f" ({tps:,.0f} tok/s)" if tps else "") + f", {summary['wall_seconds']:.1f}s wall")
+            + (f" ({tps:,.0f} tok/s)" if tps else "")
+            + f", {summary['wall_seconds']:.1f}s wall"
+        )
         return EXIT_OK
 
 
@@ -84,8 +88,17 @@ def log(msg: str) -> None:
     print(f"hpcinfer: {msg}", file=sys.stderr, flush=True)
 
 
-def rank_processes(base: Mapping[str, str], cfg: RunConfig, plan: Plan, rank: int, *, group: Sequence[int],
-                   master_port: int, replica_port: Optional[int] = None, host: str = "localhost") -> List[Process]:
+def rank_processes(
+    base: Mapping[str, str],
+    cfg: RunConfig,
+    plan: Plan,
+    rank: int,
+    *,
+    group: Sequence[int],
+    master_port: int,
+    replica_port: Optional[int] = None,
+    host: str = "localhost",
+) -> List[Process]:
     """The processes that run `rank` here, the leader first (pure). `group`: the ranks started
     together (a lockstep group's members); `master_port`: the run's master (and lockstep) port;
     `replica_port`: the rendezvous port of this rank when it spans nodes."""
@@ -94,14 +107,28 @@ def rank_processes(base: Mapping[str, str], cfg: RunConfig, plan: Plan, rank: in
     lockstep = None
     if cfg.lockstep:  # never spanning nodes (config.validate)
         dp_rank = list(group).index(rank)
-        lockstep = Lockstep(dp_rank, dp_rank, len(group), LOOPBACK, master_port,
-                            visible=[d for r in group for d in plan.rank_plans[r].devices])
-    return [process(base, ProcessSpec(
-        RankContext(rank, plan.ranks, rank, [host], LOOPBACK, master_port, plan.device_kind, share),
-        workers=plan.gpus_per_rank // k,
-        cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib, offline=os.path.isdir(plan.engine_args["model"]),
-        replica=Replica(k, node_rank, LOOPBACK, replica_port, LOOPBACK) if k > 1 else None, lockstep=lockstep))
-        for node_rank, share in enumerate(node_slices(devices, k) if k > 1 else [devices])]
+        lockstep = Lockstep(
+            dp_rank,
+            dp_rank,
+            len(group),
+            LOOPBACK,
+            master_port,
+            visible=[d for r in group for d in plan.rank_plans[r].devices],
+        )
+    return [
+        process(
+            base,
+            ProcessSpec(
+                RankContext(rank, plan.ranks, rank, [host], LOOPBACK, master_port, plan.device_kind, share),
+                workers=plan.gpus_per_rank // k,
+                cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib,
+                offline=os.path.isdir(plan.engine_args["model"]),
+                replica=Replica(k, node_rank, LOOPBACK, replica_port, LOOPBACK) if k > 1 else None,
+                lockstep=lockstep,
+            ),
+        )
+        for node_rank, share in enumerate(node_slices(devices, k) if k > 1 else [devices])
+    ]
 
 
 def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: float = 0.5) -> List[RankOutcome]:
@@ -110,12 +137,22 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: 
     port, host = free_port(), socket.gethostname()
 
     def processes(rank: int) -> List[Process]:
-        return rank_processes(os.environ, cfg, plan, rank, group=ranks, master_port=port, host=host,
-                              replica_port=free_port() if plan.nodes_per_rank > 1 else None)
+        return rank_processes(
+            os.environ,
+            cfg,
+            plan,
+            rank,
+            group=ranks,
+            master_port=port,
+            host=host,
+            replica_port=free_port() if plan.nodes_per_rank > 1 else None,
+        )
 
     start = functools.partial(supervisor.spawn, new_session=True)
-    supervisors = {r: RankSupervisor(rd, r, functools.partial(processes, r), cfg.rank_retries, start, say=log).start()
-                   for r in ranks}
+    supervisors = {
+        r: RankSupervisor(rd, r, functools.partial(processes, r), cfg.rank_retries, start, say=log).start()
+        for r in ranks
+    }
     ended: Dict[int, int] = {}
     display = ProgressDisplay(plan.rows)
     previous = {sig: signal.signal(sig, exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}

@@ -2,6 +2,7 @@
 of total, output tokens/s, ETA, how many ranks are in each state. A bar on a terminal, a line
 every few seconds in logs.
 """
+
 from __future__ import annotations
 
 import sys
@@ -66,8 +67,12 @@ class ProgressDisplay:
             self._last_log = now
             rate = snap.rows_done / max(now - self._t0, 1e-9)
             eta = f"{(snap.rows_total - snap.rows_done) / rate:,.0f}s" if rate > 0 else "?"
-            print(f"hpcinfer: {snap.rows_done}/{snap.rows_total} rows, {snap.tokens_per_second:,.0f} output tok/s, "
-                  f"ETA {eta}, ranks {states or 'starting'}", file=self.stream, flush=True)
+            print(
+                f"hpcinfer: {snap.rows_done}/{snap.rows_total} rows, {snap.tokens_per_second:,.0f} output tok/s, "
+                f"ETA {eta}, ranks {states or 'starting'}",
+                file=self.stream,
+                flush=True,
+            )
 
 
 def _count(states: Dict[int, str]) -> Dict[str, int]:

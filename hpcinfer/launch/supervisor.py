@@ -14,6 +14,7 @@ rank's processes here; a Slurm task runs the one process its node holds of its r
   rank). A supervisor that holds only headless processes (a Slurm task on a replica's other node)
   starts them again each time the leader is restarted after a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,13 @@ def spawn(rd: RunDir, rank: int, p: Process, new_session: bool) -> subprocess.Po
     `new_session`: its own process group (the local launcher stops groups); a Slurm task's
     processes stay in the step's, so that Slurm's signals reach them."""
     with open(rd.node_log(rank, p.node_rank), "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", p.module, str(rd.path)], env=p.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=new_session)
+        return subprocess.Popen(
+            [sys.executable, "-m", p.module, str(rd.path)],
+            env=p.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
 
 
 class RankSupervisor:
@@ -47,15 +53,22 @@ class RankSupervisor:
     them anew for each start (ports may change); `poll()` advances the rules and returns the
     rank's exit code once it has ended for good."""
 
-    def __init__(self, rd: RunDir, rank: int, processes: Callable[[], List[Process]], retries: int,
-                 start: Callable[[RunDir, int, Process], subprocess.Popen], say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        rd: RunDir,
+        rank: int,
+        processes: Callable[[], List[Process]],
+        retries: int,
+        start: Callable[[RunDir, int, Process], subprocess.Popen],
+        say: Callable[[str], None] = print,
+    ):
         self.rd, self.rank, self.processes, self.retries, self.retries_left = rd, rank, processes, retries, retries
         self._start, self.say = start, say
         self.leader: Optional[subprocess.Popen] = None
         self.headless: List[subprocess.Popen] = []
         self.watch: Optional[LeaderWatch] = None
 
-    def start(self) -> "RankSupervisor":
+    def start(self) -> RankSupervisor:
         todo = self.processes()
         leader_here = any(p.node_rank == 0 for p in todo)
         self.watch = None if leader_here else LeaderWatch(self.rd, self.rank)  # before the headless one starts
@@ -82,8 +95,10 @@ class RankSupervisor:
         reap(self.headless)
         if should_restart(self.rd, self.rank, code, self.retries_left):
             self.retries_left -= 1
-            self.say(f"rank {self.rank} failed (exit {code}); restarting it "
-                     f"({self.retries - self.retries_left} of {self.retries})")
+            self.say(
+                f"rank {self.rank} failed (exit {code}); restarting it "
+                f"({self.retries - self.retries_left} of {self.retries})"
+            )
             self.start()
             return None
         return code

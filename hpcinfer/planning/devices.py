@@ -3,6 +3,7 @@
 Detection (nvidia-smi, CUDA_VISIBLE_DEVICES, CPU affinity) is at the edge; `split` and
 `node_slices` are pure.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,13 @@ def _nvidia_smi() -> tuple[list[str], Optional[float], Optional[str]]:
     if not shutil.which("nvidia-smi"):
         return [], None, None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return [], None, None
     rows = [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
@@ -65,7 +71,7 @@ def split(devices: Devices, ranks: int, per_rank: int) -> List[List[str]]:
     if devices.gpus:
         if ranks * per_rank > len(devices.gpus):
             raise ValueError(f"{ranks} ranks x {per_rank} GPUs > {len(devices.gpus)} GPUs")
-        return [devices.gpus[r * per_rank:(r + 1) * per_rank] for r in range(ranks)]
+        return [devices.gpus[r * per_rank : (r + 1) * per_rank] for r in range(ranks)]
     cpus = [str(c) for c in devices.cpus]
     if ranks >= len(cpus):
         return [[cpus[r % len(cpus)]] for r in range(ranks)]
@@ -80,4 +86,4 @@ def node_slices(devices: Sequence[str], nnodes: int) -> List[List[str]]:
     if len(devices) < nnodes:
         return [[devices[i % len(devices)]] for i in range(nnodes)]
     per = len(devices) // nnodes
-    return [list(devices[i * per:(i + 1) * per]) for i in range(nnodes)]
+    return [list(devices[i * per : (i + 1) * per]) for i in range(nnodes)]

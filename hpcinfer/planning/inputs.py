@@ -4,6 +4,7 @@ of all files one schema, ids unique and non-null, per-row output caps integers >
 footers and the few columns it checks, never whole files. The global row order is the order of
 the input files (sorted paths) and, within a file, its row order.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -50,8 +51,10 @@ def check_max_tokens(inputs: Inputs, column: str) -> None:
         bad = pc.less(values, 1)
         if pc.any(bad).as_py():
             row = _rows_where(bad)[0]
-            raise DataError(f"data.max_tokens_column={column!r} must be >= 1, but row {row} of {f.path!r} "
-                            f"has {values[row].as_py()!r}")
+            raise DataError(
+                f"data.max_tokens_column={column!r} must be >= 1, but row {row} of {f.path!r} "
+                f"has {values[row].as_py()!r}"
+            )
 
 
 # ---- discovery and checks ---------------------------------------------------------------
@@ -73,8 +76,9 @@ def discover(spec: str) -> List[str]:
     return [spec]
 
 
-def scan(paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None,
-         max_tokens_column: Optional[str] = None) -> Inputs:
+def scan(
+    paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None, max_tokens_column: Optional[str] = None
+) -> Inputs:
     """Open every file's footer, check the columns, unify the schemas. Reads no row data except
     the id column when one is given (to check it is unique)."""
     files, schemas = [], []
@@ -124,14 +128,19 @@ def _check_readable(path: str) -> None:
     raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give Parquet files")
 
 
-def _check_columns(path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str],
-                   max_tokens_column: Optional[str] = None) -> None:
+def _check_columns(
+    path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str], max_tokens_column: Optional[str] = None
+) -> None:
     names = schema.names
     if prompt_column not in names:
         raise DataError(f"data.prompt_column={prompt_column!r} is not a column of {path!r} (columns: {names})")
     ptype = schema.field(prompt_column).type
-    if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype) or pa.types.is_null(ptype)
-            or getattr(pa.types, "is_string_view", lambda t: False)(ptype)):
+    if not (
+        pa.types.is_string(ptype)
+        or pa.types.is_large_string(ptype)
+        or pa.types.is_null(ptype)
+        or getattr(pa.types, "is_string_view", lambda t: False)(ptype)
+    ):
         raise DataError(f"data.prompt_column={prompt_column!r} in {path!r} has type {ptype}; expected string")
     if id_column is not None and id_column not in names:
         raise DataError(f"data.id_column={id_column!r} is not a column of {path!r} (columns: {names})")
@@ -146,8 +155,9 @@ def _unify(schemas: List[Tuple[str, pa.Schema]]) -> pa.Schema:
     first_path, first = schemas[0]
     for path, schema in schemas[1:]:
         if schema.names != first.names:
-            raise DataError(f"input files disagree on columns: {first_path!r} has {first.names}, "
-                            f"{path!r} has {schema.names}")
+            raise DataError(
+                f"input files disagree on columns: {first_path!r} has {first.names}, {path!r} has {schema.names}"
+            )
     try:
         return pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -161,15 +171,18 @@ def check_unique_ids(inputs: Inputs, id_column: str) -> None:
     ids = pa.chunked_array([c for _, c in columns], type=typ)
     if ids.null_count:
         path, rows = next((p, _rows_where(pc.is_null(c))) for p, c in columns if c.null_count)
-        raise DataError(f"data.id_column={id_column!r} has {ids.null_count} null value(s), e.g. row "
-                        f"{rows[0]} of {path!r}")
+        raise DataError(
+            f"data.id_column={id_column!r} has {ids.null_count} null value(s), e.g. row {rows[0]} of {path!r}"
+        )
     if not _all_distinct(ids):
         counts = pc.value_counts(ids)
         dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
         where = [f"row {r} of {p!r}" for p, c in columns for r in _rows_where(pc.equal(c, dup[0]))]
-        raise DataError(f"data.id_column={id_column!r} is not unique: {len(dup)} value(s) repeat, "
-                        f"e.g. {dup[:3].to_pylist()!r}; {dup[0].as_py()!r} is at {' and '.join(where[:3])}"
-                        + (f" and {len(where) - 3} more row(s)" if len(where) > 3 else ""))
+        raise DataError(
+            f"data.id_column={id_column!r} is not unique: {len(dup)} value(s) repeat, "
+            f"e.g. {dup[:3].to_pylist()!r}; {dup[0].as_py()!r} is at {' and '.join(where[:3])}"
+            + (f" and {len(where) - 3} more row(s)" if len(where) > 3 else "")
+        )
 
 
 def _all_distinct(ids: pa.ChunkedArray) -> bool:

@@ -5,6 +5,7 @@ parallel within a node (tp must divide the attention heads), then pipeline paral
 throughput -> more data-parallel ranks; MoE -> expert parallel. Total GPUs = dp x tp x pp. Where
 ranks go (devices, Slurm jobs and nodes) is the launcher's `place`, handed in.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,11 +67,20 @@ def model_shape(m: ModelConfig, model_dir: Optional[str] = None) -> ModelShape:
     params = m.num_params_b
     inter = pick(m.intermediate_size, "intermediate_size")
     if params is None:
-        params = _estimate_params_b(hidden, inter, layers, heads, kv,
-                                    head_dim, pick(m.vocab_size, "vocab_size"), experts,
-                                    bool(hf.get("tie_word_embeddings", False)))
-    expert_params = layers * 3 * hidden * inter * experts / 1e9 if experts and None not in (layers, hidden, inter) \
-        else None
+        params = _estimate_params_b(
+            hidden,
+            inter,
+            layers,
+            heads,
+            kv,
+            head_dim,
+            pick(m.vocab_size, "vocab_size"),
+            experts,
+            bool(hf.get("tie_word_embeddings", False)),
+        )
+    expert_params = (
+        layers * 3 * hidden * inter * experts / 1e9 if experts and None not in (layers, hidden, inter) else None
+    )
     if expert_params is not None and (params is None or expert_params > params):
         expert_params = None  # a given size that the shape does not explain: do not split it
     return ModelShape(params, layers, heads, kv, head_dim, m.moe or bool(experts), experts, expert_params)
@@ -85,8 +95,9 @@ def _estimate_params_b(hidden, inter, layers, heads, kv, head_dim, vocab, expert
     return (layers * (attn + mlp) + embed) / 1e9
 
 
-def memory_per_gpu(shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int,
-                   gpu_memory_gib: Optional[float], ep_size: int = 1) -> Memory:
+def memory_per_gpu(
+    shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int, gpu_memory_gib: Optional[float], ep_size: int = 1
+) -> Memory:
     """Weights per GPU = params x bytes / (tp x pp); with expert parallelism (ep_size = dp x tp
     GPUs) the experts' share is split over ep_size x pp instead. KV cache = what is left."""
     dtype_bytes = DTYPE_BYTES.get(str(engine.get("dtype", "auto")), 2)
@@ -110,19 +121,29 @@ def memory_per_gpu(shape: ModelShape, engine: Dict[str, Any], tp: int, pp: int,
     return Memory(weights, kv, tokens, budget, gpu_memory_gib, fits)
 
 
-def smallest_fitting_tp(shape: ModelShape, engine: Dict[str, Any], gpu_memory_gib: float, max_tp: int = 8) -> Optional[int]:
+def smallest_fitting_tp(
+    shape: ModelShape, engine: Dict[str, Any], gpu_memory_gib: float, max_tp: int = 8
+) -> Optional[int]:
     """The smallest power-of-two tp that divides the heads and leaves room for KV cache."""
     tp = 1
     while tp <= max_tp:
-        if (not shape.num_attention_heads or shape.num_attention_heads % tp == 0) and \
-                memory_per_gpu(shape, engine, tp, 1, gpu_memory_gib).fits:
+        if (not shape.num_attention_heads or shape.num_attention_heads % tp == 0) and memory_per_gpu(
+            shape, engine, tp, 1, gpu_memory_gib
+        ).fits:
             return tp
         tp *= 2
     return None
 
 
-def expert_layout(num_experts: Optional[int], dp: int, tp: int, redundant: int = 0, eplb: bool = False,
-                  placement: Optional[str] = None, all2all_backend: Optional[str] = None) -> ExpertLayout:
+def expert_layout(
+    num_experts: Optional[int],
+    dp: int,
+    tp: int,
+    redundant: int = 0,
+    eplb: bool = False,
+    placement: Optional[str] = None,
+    all2all_backend: Optional[str] = None,
+) -> ExpertLayout:
     """EP size and experts per GPU for `dp` lockstep ranks of `tp` GPUs each (null placement and
     backend: vLLM's defaults)."""
     ep = dp * tp
@@ -131,46 +152,93 @@ def expert_layout(num_experts: Optional[int], dp: int, tp: int, redundant: int =
     else:
         lo, rem = divmod(num_experts + redundant, ep)
         hi = lo + (1 if rem else 0)
-    return ExpertLayout(ep, num_experts, redundant, lo, hi, eplb, placement or "linear",
-                        all2all_backend or "allgather_reducescatter")
+    return ExpertLayout(
+        ep, num_experts, redundant, lo, hi, eplb, placement or "linear", all2all_backend or "allgather_reducescatter"
+    )
 
 
-def make_plan(cfg: RunConfig, shape: ModelShape, devices: Devices, engine_args: Dict[str, Any],
-              shards: List[Shard], n_rows: int, n_files: int, active: int,
-              place: Callable[[int, Devices], "Placement"]) -> Plan:
+def make_plan(
+    cfg: RunConfig,
+    shape: ModelShape,
+    devices: Devices,
+    engine_args: Dict[str, Any],
+    shards: List[Shard],
+    n_rows: int,
+    n_files: int,
+    active: int,
+    place: Callable[[int, Devices], Placement],
+) -> Plan:
     """The layout of this run; `place` is the launcher's (`Launcher.place`: each rank's devices
     and, on Slurm, its job and node). Raises ConfigError when it cannot work."""
     notes: List[str] = []
     gpu_mem = getattr(cfg.cluster, "gpu_memory_gib", None) or devices.gpu_memory_gib
-    memory = memory_per_gpu(shape, engine_args, cfg.tp, cfg.pp, gpu_mem if devices.gpus else None,
-                            ep_size=active * cfg.tp if cfg.lockstep else 1)
+    memory = memory_per_gpu(
+        shape,
+        engine_args,
+        cfg.tp,
+        cfg.pp,
+        gpu_mem if devices.gpus else None,
+        ep_size=active * cfg.tp if cfg.lockstep else 1,
+    )
     if devices.gpus and not memory.fits:
         tp = smallest_fitting_tp(shape, engine_args, gpu_mem)
         hint = f"try tp={tp}" if tp else "use pp>1 across GPUs, or a smaller/quantized model"
         raise ConfigError(
             f"model {cfg.model.name!r} does not fit: {memory.weights_gib:.1f} GiB of weights per GPU at "
             f"tp={cfg.tp} pp={cfg.pp}, but a GPU offers {memory.budget_gib:.1f} GiB "
-            f"({gpu_mem:.0f} GiB x gpu_memory_utilization); {hint}")
-    if devices.gpus and (cfg.tp > 1 or cfg.pp > 1) and memory_per_gpu(shape, engine_args, 1, 1, gpu_mem).fits \
-            and shape.num_params_b is not None:
-        notes.append(f"the model fits one GPU: tp=1 pp=1 with dp={cfg.dp * cfg.tp * cfg.pp} "
-                     f"usually gives more throughput on the same GPUs")
+            f"({gpu_mem:.0f} GiB x gpu_memory_utilization); {hint}"
+        )
+    if (
+        devices.gpus
+        and (cfg.tp > 1 or cfg.pp > 1)
+        and memory_per_gpu(shape, engine_args, 1, 1, gpu_mem).fits
+        and shape.num_params_b is not None
+    ):
+        notes.append(
+            f"the model fits one GPU: tp=1 pp=1 with dp={cfg.dp * cfg.tp * cfg.pp} "
+            f"usually gives more throughput on the same GPUs"
+        )
     if active < cfg.dp:
-        notes.append(f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), "
-                     f"a rank needs at least one row")
+        notes.append(
+            f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), a rank needs at least one row"
+        )
     experts = _experts(cfg, shape, active, bool(devices.gpus), notes) if cfg.lockstep else None
     where = place(active, devices)
     notes += where.notes
-    rank_plans = [RankPlan(r, where.devices[r], [s.shard for s in shards if s.rank == r],
-                           sum(s.rows for s in shards if s.rank == r), job=where.job[r], node=where.node[r])
-                  for r in range(active)]
-    return Plan(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, ep=cfg.ep, ranks=active, device_kind=devices.kind,
-                gpus_per_rank=cfg.gpus_per_rank, nodes=where.nodes, rows=n_rows, files=n_files,
-                shards=len(shards), memory=memory, engine_args=engine_args,
-                model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
-                rank_plans=rank_plans, notes=notes, jobs=where.jobs, schedule="dynamic" if cfg.dynamic else "static",
-                tokens=sum(s.tokens for s in shards), experts=experts,
-                nodes_per_rank=cfg.nodes_per_rank)
+    rank_plans = [
+        RankPlan(
+            r,
+            where.devices[r],
+            [s.shard for s in shards if s.rank == r],
+            sum(s.rows for s in shards if s.rank == r),
+            job=where.job[r],
+            node=where.node[r],
+        )
+        for r in range(active)
+    ]
+    return Plan(
+        tp=cfg.tp,
+        pp=cfg.pp,
+        dp=cfg.dp,
+        ep=cfg.ep,
+        ranks=active,
+        device_kind=devices.kind,
+        gpus_per_rank=cfg.gpus_per_rank,
+        nodes=where.nodes,
+        rows=n_rows,
+        files=n_files,
+        shards=len(shards),
+        memory=memory,
+        engine_args=engine_args,
+        model={"name": cfg.model.name, "path": engine_args["model"], **asdict(shape)},
+        rank_plans=rank_plans,
+        notes=notes,
+        jobs=where.jobs,
+        schedule="dynamic" if cfg.dynamic else "static",
+        tokens=sum(s.tokens for s in shards),
+        experts=experts,
+        nodes_per_rank=cfg.nodes_per_rank,
+    )
 
 
 def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: List[str]) -> ExpertLayout:
@@ -178,21 +246,29 @@ def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: L
     e = cfg.expert
     lay = expert_layout(shape.num_experts, ranks, cfg.tp, e.redundant_experts, e.eplb, e.placement, e.all2all_backend)
     if e.eplb and not gpus:
-        raise ConfigError("expert.eplb=true needs GPUs: vLLM runs EPLB on CUDA/ROCm devices only, and this run has none")
+        raise ConfigError(
+            "expert.eplb=true needs GPUs: vLLM runs EPLB on CUDA/ROCm devices only, and this run has none"
+        )
     if lay.ep_size > 1 and not gpus:  # shared/notes/vllm-cpu.md: both fail at the first forward pass
-        raise ConfigError(f"ep=true with dp={ranks} x tp={cfg.tp} (EP size {lay.ep_size}) needs GPUs, and this run has "
-                          "none: vLLM's CPU build runs neither lockstep data parallel (its CPU communicator has no "
-                          "all_gatherv) nor expert parallelism (its fused-MoE kernel ignores the expert map); "
-                          f"without ep=true the {ranks} rank(s) run as independent engines")
+        raise ConfigError(
+            f"ep=true with dp={ranks} x tp={cfg.tp} (EP size {lay.ep_size}) needs GPUs, and this run has "
+            "none: vLLM's CPU build runs neither lockstep data parallel (its CPU communicator has no "
+            "all_gatherv) nor expert parallelism (its fused-MoE kernel ignores the expert map); "
+            f"without ep=true the {ranks} rank(s) run as independent engines"
+        )
     if e.eplb and lay.num_experts is not None and lay.per_gpu_min != lay.per_gpu_max:
-        raise ConfigError(f"expert.eplb=true needs the {lay.num_experts} experts + {lay.redundant} redundant to "
-                          f"divide evenly over the EP size {lay.ep_size} (dp={ranks} x tp={cfg.tp}): vLLM's EPLB "
-                          "supports only an even distribution; change expert.redundant_experts, dp or tp")
+        raise ConfigError(
+            f"expert.eplb=true needs the {lay.num_experts} experts + {lay.redundant} redundant to "
+            f"divide evenly over the EP size {lay.ep_size} (dp={ranks} x tp={cfg.tp}): vLLM's EPLB "
+            "supports only an even distribution; change expert.redundant_experts, dp or tp"
+        )
     if lay.num_experts is None:
         notes.append("experts per GPU unknown: set model.num_experts (or give a model directory with config.json)")
     if e.placement == "round_robin":
-        notes.append("expert.placement=round_robin: vLLM uses it only for models with expert groups and without "
-                     "EPLB/redundant experts (and an all2all backend that supports it); otherwise it places linearly")
+        notes.append(
+            "expert.placement=round_robin: vLLM uses it only for models with expert groups and without "
+            "EPLB/redundant experts (and an all2all backend that supports it); otherwise it places linearly"
+        )
     return lay
 
 

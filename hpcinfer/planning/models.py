@@ -6,6 +6,7 @@ word list. Everything is seeded, so a build is the same on every machine with th
 versions. Builds land in the cache directory once (temp directory + rename, under a file lock);
 later runs reuse them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,15 +48,40 @@ one two three four five six seven eight nine ten hundred thousand
 """.split()
 
 
-TOPICS = ["rivers", "prime numbers", "bread baking", "volcanoes", "the printing press", "honeybees",
-          "sorting algorithms", "lighthouses", "glaciers", "chess openings", "the moon", "paper",
-          "tea", "trains", "coral reefs", "the telescope", "maps", "clocks", "whales", "compilers"]
+TOPICS = [
+    "rivers",
+    "prime numbers",
+    "bread baking",
+    "volcanoes",
+    "the printing press",
+    "honeybees",
+    "sorting algorithms",
+    "lighthouses",
+    "glaciers",
+    "chess openings",
+    "the moon",
+    "paper",
+    "tea",
+    "trains",
+    "coral reefs",
+    "the telescope",
+    "maps",
+    "clocks",
+    "whales",
+    "compilers",
+]
 
 
-TEMPLATES = ["Write a short story about {t}.", "Explain {t} to a ten year old.",
-             "List three facts about {t}.", "Summarize the history of {t} in two sentences.",
-             "Write a poem about {t}.", "What is the most surprising thing about {t}?",
-             "Compare {t} and {u} in one paragraph.", "Give a step by step guide to learning about {t}."]
+TEMPLATES = [
+    "Write a short story about {t}.",
+    "Explain {t} to a ten year old.",
+    "List three facts about {t}.",
+    "Summarize the history of {t} in two sentences.",
+    "Write a poem about {t}.",
+    "What is the most surprising thing about {t}?",
+    "Compare {t} and {u} in one paragraph.",
+    "Give a step by step guide to learning about {t}.",
+]
 
 
 def cache_root(cache_dir: str) -> Path:
@@ -111,15 +137,28 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=2, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        min_frequency=2,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=512, padding_side="left",
-                                   clean_up_tokenization_spaces=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=512,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def build_model(name: str, out: Path) -> None:
@@ -132,11 +171,22 @@ def build_model(name: str, out: Path) -> None:
     hf_logging.disable_progress_bar()
 
     tok = build_tokenizer()
-    shape = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                 rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                 initializer_range=0.1)  # wider than 0.02: fewer near-ties in greedy argmax
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.1,
+    )  # wider than 0.02: fewer near-ties in greedy argmax
     if name == "tiny-llama":
         cfg, cls = LlamaConfig(**shape), LlamaForCausalLM
     elif name == "tiny-mixtral":
@@ -170,11 +220,13 @@ def ensure_demo_data(n_rows: int, cache_dir: str) -> str:
     path = root / f"demo-{n_rows}-{BUILD_VERSION}.parquet"
     if not path.exists():
         prompts = demo_prompts(n_rows)
-        table = pa.table({
-            "id": pa.array(range(n_rows), pa.int64()),
-            "prompt": prompts,
-            "topic": [next(t for t in TOPICS if t in p) for p in prompts],
-        })
+        table = pa.table(
+            {
+                "id": pa.array(range(n_rows), pa.int64()),
+                "prompt": prompts,
+                "topic": [next(t for t in TOPICS if t in p) for p in prompts],
+            }
+        )
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
     return str(path)

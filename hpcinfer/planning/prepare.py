@@ -1,6 +1,7 @@
 """From a config to a plan, on the submitting machine: the launcher's devices, validation, the
 model's path, the inputs scanned, the shards cut, the ranks laid out. Shared by `submit` and `plan`.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ class Prepared:
     devices: Devices
 
 
-def prepare(cfg: RunConfig, launcher: "Launcher", build: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, launcher: Launcher, build: bool = True) -> Prepared:
     """Everything a launch needs, for the cluster of `launcher`. With build=False (plan only)
     nothing is written: built-in models are not built and the demo data is counted, not generated."""
     devices = launcher.devices()
@@ -45,8 +46,17 @@ def prepare(cfg: RunConfig, launcher: "Launcher", build: bool = True) -> Prepare
     ranks = active_ranks(inputs.rows, cfg.dp)
     shards = cut_shards(cfg, inputs, ranks)
     shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)
-    plan = make_plan(cfg, shape, devices, engine_args(cfg, model_path), shards, inputs.rows,
-                     len(inputs.files), ranks, place=launcher.place)
+    plan = make_plan(
+        cfg,
+        shape,
+        devices,
+        engine_args(cfg, model_path),
+        shards,
+        inputs.rows,
+        len(inputs.files),
+        ranks,
+        place=launcher.place,
+    )
     return Prepared(plan, inputs, shards, devices)
 
 
@@ -63,15 +73,19 @@ def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int) -> List[Shard]:
     if cfg.dynamic:
         return cut_by_tokens(inputs.files, tokens, ranks, cfg.schedule.shards_per_rank, d.shard_rows)
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
-    return [replace(s, tokens=int(flat[s.global_start:s.global_start + s.rows].sum()))
-            for s in make_shards(inputs.files, ranks, d.shard_rows)]
+    return [
+        replace(s, tokens=int(flat[s.global_start : s.global_start + s.rows].sum()))
+        for s in make_shards(inputs.files, ranks, d.shard_rows)
+    ]
 
 
 def _demo_inputs(cfg: RunConfig) -> Inputs:
     import pyarrow as pa
 
-    return Inputs([InputFile("<demo prompts, generated on first run>", cfg.data.demo_rows)],
-                  pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("topic", pa.string())]))
+    return Inputs(
+        [InputFile("<demo prompts, generated on first run>", cfg.data.demo_rows)],
+        pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("topic", pa.string())]),
+    )
 
 
 def default_run_dir(root: str = "outputs") -> str:

@@ -1,6 +1,7 @@
 """The plan as `hpcinfer plan` prints it: model, layout, devices, experts, Slurm jobs, work per
 rank, replicas spanning nodes, memory per GPU, notes. Pure.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -28,13 +29,17 @@ def format_plan(plan: Plan) -> str:
     j = plan.jobs
     if j is not None:
         array = f"a job array of {j.groups}" if j.groups > 1 else "1 job"
-        lines.append(f"slurm      {array} x {j.nodes_per_job} node(s) x {j.tasks_per_node} task(s) per node "
-                     f"({j.ranks_per_group} rank(s) per job), then a finalize job")
+        lines.append(
+            f"slurm      {array} x {j.nodes_per_job} node(s) x {j.tasks_per_node} task(s) per node "
+            f"({j.ranks_per_group} rank(s) per job), then a finalize job"
+        )
     per_rank = ", ".join(str(rp.rows) for rp in plan.rank_plans)
     dynamic = plan.schedule == "dynamic"
-    lines.append(f"work       {plan.rows} rows in {plan.files} file(s) (~{plan.tokens:,} tokens) -> {plan.shards} "
-                 f"shard(s); {plan.ranks} rank(s) with rows {per_rank}"
-                 + (" expected: ranks claim shards as they have room, longest requests first" if dynamic else ""))
+    lines.append(
+        f"work       {plan.rows} rows in {plan.files} file(s) (~{plan.tokens:,} tokens) -> {plan.shards} "
+        f"shard(s); {plan.ranks} rank(s) with rows {per_rank}"
+        + (" expected: ranks claim shards as they have room, longest requests first" if dynamic else "")
+    )
     for rp in plan.rank_plans:
         span = f"shards {rp.shards[0]}-{rp.shards[-1]}" if rp.shards else "no shards"
         if dynamic:
@@ -42,16 +47,23 @@ def format_plan(plan: Plan) -> str:
         dev = ("gpu " if plan.device_kind == "cuda" else "cpu ") + (",".join(rp.devices) or "(its task's)")
         if rp.job is not None:
             dev = f"job {rp.job} node {rp.node} {dev}"
-        lines.append(f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows{' expected' if dynamic else ''})")
+        lines.append(
+            f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows{' expected' if dynamic else ''})"
+        )
     lines += _replica_lines(plan)
     if mem.weights_gib is not None:
         kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"
         if mem.kv_tokens:
             kv += f" (~{mem.kv_tokens:,} tokens)"
-        cap = (f" of {mem.budget_gib:.1f} GiB usable ({mem.gpu_memory_gib:.0f} GiB GPU)"
-               if mem.budget_gib is not None else "")
-        lines.append(f"memory     per {'GPU' if plan.device_kind == 'cuda' else 'rank'}: "
-                     f"weights {mem.weights_gib:.2f} GiB + {kv}{cap}")
+        cap = (
+            f" of {mem.budget_gib:.1f} GiB usable ({mem.gpu_memory_gib:.0f} GiB GPU)"
+            if mem.budget_gib is not None
+            else ""
+        )
+        lines.append(
+            f"memory     per {'GPU' if plan.device_kind == 'cuda' else 'rank'}: "
+            f"weights {mem.weights_gib:.2f} GiB + {kv}{cap}"
+        )
     lines += [f"note       {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -69,8 +81,10 @@ def _expert_lines(plan: Plan) -> List[str]:
         extra = f" + {x.redundant} redundant" if x.redundant else ""
         held = f"{x.num_experts} experts{extra} per MoE layer -> {count} per {unit}"
     eplb = "EPLB on" if x.eplb else "EPLB off"
-    return [f"experts    EP size {x.ep_size} (dp={plan.ranks} x tp={plan.tp}): {held}; placement {x.placement}, "
-            f"all2all {x.all2all_backend}, {eplb}"]
+    return [
+        f"experts    EP size {x.ep_size} (dp={plan.ranks} x tp={plan.tp}): {held}; placement {x.placement}, "
+        f"all2all {x.all2all_backend}, {eplb}"
+    ]
 
 
 def _replica_lines(plan: Plan) -> List[str]:
@@ -78,9 +92,11 @@ def _replica_lines(plan: Plan) -> List[str]:
     k = plan.nodes_per_rank
     if k < 2:
         return []
-    lines = [f"replicas   each rank spans {k} nodes of {plan.gpus_per_rank // k} "
-             f"{'GPU(s)' if plan.device_kind == 'cuda' else 'worker(s)'}: the leader (node 0 of the rank) runs the "
-             f"engine and writes the outputs, the others run vLLM's workers headless"]
+    lines = [
+        f"replicas   each rank spans {k} nodes of {plan.gpus_per_rank // k} "
+        f"{'GPU(s)' if plan.device_kind == 'cuda' else 'worker(s)'}: the leader (node 0 of the rank) runs the "
+        f"engine and writes the outputs, the others run vLLM's workers headless"
+    ]
     for rp in plan.rank_plans:
         if rp.job is not None:  # Slurm: the same local GPUs on each of the rank's nodes
             nodes = [f"{rp.node + i} ({'leader' if i == 0 else 'headless'})" for i in range(k)]
@@ -89,7 +105,12 @@ def _replica_lines(plan: Plan) -> List[str]:
             lines.append(f"  rank {rp.rank:<4} job {rp.job} nodes {', '.join(nodes)}, {unit} {gpus} on each")
         else:  # local: one process per node, each on its share of the rank's devices
             parts = [",".join(part) for part in node_slices(rp.devices, k)]
-            lines.append(f"  rank {rp.rank:<4} " + "; ".join(
-                f"node {i} {'leader' if i == 0 else 'headless'} {'gpu' if plan.device_kind == 'cuda' else 'cpu'} "
-                f"{part}" for i, part in enumerate(parts)))
+            lines.append(
+                f"  rank {rp.rank:<4} "
+                + "; ".join(
+                    f"node {i} {'leader' if i == 0 else 'headless'} {'gpu' if plan.device_kind == 'cuda' else 'cpu'} "
+                    f"{part}"
+                    for i, part in enumerate(parts)
+                )
+            )
     return lines

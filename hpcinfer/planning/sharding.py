@@ -7,6 +7,7 @@
   (rank/schedule.py). Each shard's `rank` is then only where greedy longest-first balancing
   expects it (`expected_ranks`), for the plan.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -59,15 +60,18 @@ def make_shards(files: Sequence[InputFile], ranks: int, max_rows: int) -> List[S
     return shards
 
 
-def cut_by_tokens(files: Sequence[InputFile], tokens: Sequence[Sequence[int]], ranks: int, shards_per_rank: int,
-                  max_rows: int) -> List[Shard]:
+def cut_by_tokens(
+    files: Sequence[InputFile], tokens: Sequence[Sequence[int]], ranks: int, shards_per_rank: int, max_rows: int
+) -> List[Shard]:
     """Cut the global row order into shards of about total_tokens / (ranks x shards_per_rank)
     estimated tokens (`tokens[i][j]`: row j of file i), never across a file boundary and never
     over `max_rows` rows. Shards are numbered in global order; `rank` is `expected_ranks`'."""
     import numpy as np
 
     if max_rows < 1 or shards_per_rank < 1 or ranks < 1:
-        raise ValueError(f"max_rows, shards_per_rank and ranks must be >= 1, got {max_rows}, {shards_per_rank}, {ranks}")
+        raise ValueError(
+            f"max_rows, shards_per_rank and ranks must be >= 1, got {max_rows}, {shards_per_rank}, {ranks}"
+        )
     per_file = [np.asarray(t, dtype=np.int64) for t in tokens]
     total = int(sum(int(t.sum()) for t in per_file))
     target = max(1, -(-total // (ranks * shards_per_rank)))
@@ -106,11 +110,14 @@ def expected_ranks(sizes: Sequence[int], ranks: int) -> List[int]:
 BYTES_PER_TOKEN = 4  # a rough rule for BPE tokenizers on text
 
 
-PROMPT_TOKEN_COST = 0.25  # a prompt token (prefilled in parallel) costs about this many output tokens (decoded one per step)
+PROMPT_TOKEN_COST = (
+    0.25  # a prompt token (prefilled in parallel) costs about this many output tokens (decoded one per step)
+)
 
 
-def row_tokens(files: Sequence[InputFile], prompt_column: str, max_tokens_column: Optional[str],
-               max_tokens: int) -> List["np.ndarray"]:  # noqa: F821
+def row_tokens(
+    files: Sequence[InputFile], prompt_column: str, max_tokens_column: Optional[str], max_tokens: int
+) -> List[np.ndarray]:  # noqa: F821
     """Estimated work of every row, per file, in output-token equivalents: its prompt's tokens
     (UTF-8 bytes / BYTES_PER_TOKEN) weighted by PROMPT_TOKEN_COST, plus its output cap (its
     `max_tokens_column` value, else `max_tokens`). Only relative sizes matter: they cut shards
@@ -125,8 +132,11 @@ def row_tokens(files: Sequence[InputFile], prompt_column: str, max_tokens_column
             columns = [prompt_column] + ([max_tokens_column] if max_tokens_column else [])
             for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=columns):
                 nbytes = pc.fill_null(pc.binary_length(batch.column(0).cast(pa.large_string())), 0)
-                cap = (pc.fill_null(batch.column(1), max_tokens).to_numpy(zero_copy_only=False)
-                       if max_tokens_column else max_tokens)
+                cap = (
+                    pc.fill_null(batch.column(1), max_tokens).to_numpy(zero_copy_only=False)
+                    if max_tokens_column
+                    else max_tokens
+                )
                 prompt = nbytes.to_numpy(zero_copy_only=False) // BYTES_PER_TOKEN + 1
                 parts.append((prompt * PROMPT_TOKEN_COST).astype(np.int64) + 1 + cap)
         out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64))

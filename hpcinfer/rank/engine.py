@@ -8,6 +8,7 @@ directory. `create_engine` is the one factory the worker calls (tests replace it
 engine). Everything vLLM-specific lives here and in requests.py; vLLM is imported only when a
 VllmEngine is built.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -15,6 +15,7 @@ its own workers die first, it waits (at most LEADER_GRACE_S) for the leader to e
 launcher that sees it exit can tell from the leader's state whether the replica will be started
 again.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,10 @@ def headless_args(run_dir: str, env) -> Tuple[RankContext, Dict[str, Any]]:
     ctx = context_from_env(env)
     extra = replica_engine_args(env)
     if not extra or extra["node_rank"] == 0:
-        raise RuntimeError("hpcinfer.rank.headless runs the non-leader nodes of a replica spanning nodes: "
-                           f"HPCINFER_NNODES > 1 and HPCINFER_NODE_RANK > 0 must be set, got {extra or 'none'}")
+        raise RuntimeError(
+            "hpcinfer.rank.headless runs the non-leader nodes of a replica spanning nodes: "
+            f"HPCINFER_NNODES > 1 and HPCINFER_NODE_RANK > 0 must be set, got {extra or 'none'}"
+        )
     cfg = load_run_config(rd.config)
     return ctx, {**engine_args(cfg, rd.read_plan().engine_args["model"]), **extra}
 
@@ -103,8 +106,11 @@ def serve(args: Dict[str, Any]) -> None:
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
     _executor[0] = MultiprocExecutor(engine_config(args), monitor_workers=False)
-    print(f"headless node {args['node_rank']} of {args['nnodes']}: workers up, joined to "
-          f"{args['master_addr']}:{args['master_port']}", flush=True)
+    print(
+        f"headless node {args['node_rank']} of {args['nnodes']}: workers up, joined to "
+        f"{args['master_addr']}:{args['master_port']}",
+        flush=True,
+    )
     _executor[0].start_worker_monitor(inline=True)
 
 
@@ -133,12 +139,17 @@ def run(run_dir: str) -> int:
         _exit(exit_code(outcome), f"leader of rank {rank} ended ({outcome}): headless node {args['node_rank']} exits")
 
     threading.Thread(target=watch_leader, daemon=True, name="LeaderWatch").start()
-    print(f"rank {rank}: headless node {args['node_rank']} of {args['nnodes']} ({ctx.device_kind} {ctx.devices})",
-          flush=True)
+    print(
+        f"rank {rank}: headless node {args['node_rank']} of {args['nnodes']} ({ctx.device_kind} {ctx.devices})",
+        flush=True,
+    )
     serve(args)
     outcome = watch.wait(LEADER_GRACE_S)
-    _exit(exit_code(outcome), f"rank {rank}: the workers of headless node {args['node_rank']} ended; "
-                              f"leader {outcome or 'still running after ' + str(int(LEADER_GRACE_S)) + ' s'}")
+    _exit(
+        exit_code(outcome),
+        f"rank {rank}: the workers of headless node {args['node_rank']} ended; "
+        f"leader {outcome or 'still running after ' + str(int(LEADER_GRACE_S)) + ' s'}",
+    )
     return 1  # not reached
 
 

@@ -15,6 +15,7 @@ structured output, logprobs, LoRA) belong here: a new request field on `Request`
 `build_requests`, a new output column on `RowResult` (and `GENERATED`) and in `row_result`. The
 engine (engine.py) only adds requests and steps. Pure, apart from calling the tokenizer it is given.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -60,8 +61,9 @@ def row_seed(s: SamplingConfig, row: int) -> Optional[int]:
     return None if s.seed is None or s.temperature == 0 else s.seed + row
 
 
-def build_requests(table: pa.Table, positions: Sequence[int], rows: Sequence[int], cfg: RunConfig, tokenizer: Any,
-                   max_model_len: int) -> List[Union[Request, RowResult]]:
+def build_requests(
+    table: pa.Table, positions: Sequence[int], rows: Sequence[int], cfg: RunConfig, tokenizer: Any, max_model_len: int
+) -> List[Union[Request, RowResult]]:
     """The requests of rows `positions` of a shard's input `table` (global row numbers `rows`):
     for each, in order, its Request, or its RowResult when it cannot be generated (`row_error`).
 
@@ -71,8 +73,11 @@ def build_requests(table: pa.Table, positions: Sequence[int], rows: Sequence[int
     `cfg.sampling.max_tokens`; the seed is `row_seed`."""
     take = pa.array(positions, pa.int64())
     prompts = table.column(cfg.data.prompt_column).take(take).to_pylist()
-    caps = (table.column(cfg.data.max_tokens_column).take(take).to_pylist()
-            if cfg.data.max_tokens_column else [None] * len(prompts))
+    caps = (
+        table.column(cfg.data.max_tokens_column).take(take).to_pylist()
+        if cfg.data.max_tokens_column
+        else [None] * len(prompts)
+    )
     texts = [p for p in prompts if p is not None]
     ids = iter(tokenizer(texts)["input_ids"] if texts else [])
     token_ids = [None if p is None else next(ids) for p in prompts]
@@ -83,8 +88,13 @@ def build_requests(table: pa.Table, positions: Sequence[int], rows: Sequence[int
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
-        out.append(Request(row, toks, {**base, "max_tokens": base["max_tokens"] if cap is None else cap,
-                                             "seed": row_seed(cfg.sampling, row)}))
+        out.append(
+            Request(
+                row,
+                toks,
+                {**base, "max_tokens": base["max_tokens"] if cap is None else cap, "seed": row_seed(cfg.sampling, row)},
+            )
+        )
     return out
 
 

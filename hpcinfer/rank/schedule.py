@@ -14,6 +14,7 @@ static split on a skewed workload (docs/benchmarks.md): 1.67x on 2 H200s, tail 0
 cores tail under 1%, where the *factoring* rule (half a share of the tokens left, else the
 smallest shard) left 6-8%.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -32,13 +33,20 @@ def share_allows(held: int, candidate: int, pool: int, world: int) -> bool:
     return held * max(1, world) <= pool - candidate
 
 
-def by_mix(candidates: Sequence[int], unfinished: Collection[int], tokens: Dict[int, int], rows: Dict[int, int],
-           held: Collection[int], world: int) -> Optional[int]:
+def by_mix(
+    candidates: Sequence[int],
+    unfinished: Collection[int],
+    tokens: Dict[int, int],
+    rows: Dict[int, int],
+    held: Collection[int],
+    world: int,
+) -> Optional[int]:
     """The first candidate (densest first) for which `share_allows`, counting only the shards
     at least as dense as it (in tokens per row): long requests spread over the ranks first, short
     ones beside them. `held`: the unfinished shards this rank holds. Sorted prefix sums make each
     candidate's pool a binary search, so a rank with thousands of shards to look through stays
     off its engine's hot path."""
+
     def density(s: int) -> float:
         return tokens[s] / max(1, rows[s])
 

@@ -4,6 +4,7 @@ rank's own shards of the manifest in order; `ClaimedWork` (schedule.mode=dynamic
 from the run directory at run time (rundir/claims.py), as the balancing policy (schedule.py)
 allows, and keeps the attempt's heartbeat going while it lives.
 """
+
 from __future__ import annotations
 
 import time
@@ -102,8 +103,10 @@ class ClaimedWork:
         if time.monotonic() < self._next_look:
             return None
         shard = self.claims.next(  # a rank that is gone leaves its share to the others
-            lambda candidates, unfinished, gone: schedule.by_mix(candidates, unfinished, self.tokens, self.rows,
-                                                                 self.held, max(1, self.world - gone)))
+            lambda candidates, unfinished, gone: schedule.by_mix(
+                candidates, unfinished, self.tokens, self.rows, self.held, max(1, self.world - gone)
+            )
+        )
         if shard is None:
             self._next_look = time.monotonic() + (self.retry_s if self.held else self.poll_s)
             return None

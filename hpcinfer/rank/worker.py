@@ -11,6 +11,7 @@ written twice. Its state and counters go to `ranks/<rank>.json` (`RankState`, a 
 
 `should_restart` and `record_exit` are for launchers: what to do once a rank's process has ended.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,10 +65,18 @@ class RankState:
         atomic_write(rd.rank_owner(ctx.rank), token)
         before = rd.read_rank(ctx.rank)
         self.record = RankRecord(
-            rank=ctx.rank, token=token, host=host, pid=os.getpid(), device_kind=ctx.device_kind,
-            devices=ctx.devices, rows_total=rows_total, shards_total=shards_total,
-            attempts=(before.attempts if before else 0) + 1, rows_generated=before.rows_generated if before else 0,
-            started_at=time.time())
+            rank=ctx.rank,
+            token=token,
+            host=host,
+            pid=os.getpid(),
+            device_kind=ctx.device_kind,
+            devices=ctx.devices,
+            rows_total=rows_total,
+            shards_total=shards_total,
+            attempts=(before.attempts if before else 0) + 1,
+            rows_generated=before.rows_generated if before else 0,
+            started_at=time.time(),
+        )
 
     @property
     def token(self) -> str:
@@ -123,11 +132,17 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
             if done.rank == ctx.rank:
                 state.add_shard(done)
                 finished_rows += s.rows
-    work: Work = (ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s)
-                  if cfg.dynamic else StaticWork(rd, expected))
+    work: Work = (
+        ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s)
+        if cfg.dynamic
+        else StaticWork(rd, expected)
+    )
     state.write(rows_done=finished_rows)
-    print(f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
-          f"{work.describe()} (attempt {state.record.attempts})", flush=True)
+    print(
+        f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
+        f"{work.describe()} (attempt {state.record.attempts})",
+        flush=True,
+    )
     try:
         if not work.exhausted() or cfg.lockstep:  # a lockstep rank steps with its group even when idle
             from hpcinfer.rank.engine import create_engine  # looked up now: tests replace the factory
@@ -142,8 +157,10 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
                     engine.step()
             engine.shutdown()
         state.write(state=DONE, finished_at=time.time())
-        print(f"rank {ctx.rank} done: {state.record.rows_done} rows, {state.record.output_tokens} output tokens",
-              flush=True)
+        print(
+            f"rank {ctx.rank} done: {state.record.rows_done} rows, {state.record.output_tokens} output tokens",
+            flush=True,
+        )
         return 0
     except Superseded as e:  # leave everything to the newer attempt
         print(f"{e}; this attempt stops without writing", flush=True)
@@ -153,8 +170,9 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
         if not stopped:
             traceback.print_exc()
         with contextlib.suppress(Superseded):
-            state.write(state=STOPPED if stopped else FAILED, finished_at=time.time(),
-                        error=f"{type(e).__name__}: {e}"[:2000])
+            state.write(
+                state=STOPPED if stopped else FAILED, finished_at=time.time(), error=f"{type(e).__name__}: {e}"[:2000]
+            )
         return 1
     finally:
         work.close()
@@ -182,10 +200,26 @@ class ShardLoop:
     and `base_tokens` (their output tokens); the record's rows_done and output_tokens are these
     plus what the open shards have so far (`progress`)."""
 
-    def __init__(self, rd: RunDir, cfg: RunConfig, work: Work, schema: pa.Schema, engine: Engine, state: RankState,
-                 rows_before: int, rank: int):
+    def __init__(
+        self,
+        rd: RunDir,
+        cfg: RunConfig,
+        work: Work,
+        schema: pa.Schema,
+        engine: Engine,
+        state: RankState,
+        rows_before: int,
+        rank: int,
+    ):
         self.rd, self.cfg, self.work, self.schema, self.engine, self.state, self.rank = (
-            rd, cfg, work, schema, engine, state, rank)
+            rd,
+            cfg,
+            work,
+            schema,
+            engine,
+            state,
+            rank,
+        )
         self.open: Dict[int, OpenShard] = {}
         self.room = work.room_batches * engine.max_num_seqs
         self.base_tokens, self.finished_rows = state.record.output_tokens, rows_before
@@ -224,15 +258,20 @@ class ShardLoop:
             self.state.check_owner()
             self.work.check(shard.shard)
 
-        ck = ShardCheckpoint(self.rd, shard, table, self.cfg.checkpoint.rows, self.cfg.checkpoint.seconds,
-                             before_write)
+        ck = ShardCheckpoint(self.rd, shard, table, self.cfg.checkpoint.rows, self.cfg.checkpoint.seconds, before_write)
         todo = ck.todo()
         o = self.open[shard.shard] = OpenShard(shard, ck, todo, len(todo), time.time())
         if not todo:  # every row already durable in parts: assemble it
             self.close(o)
             return
-        requests = build_requests(table, todo, [shard.global_start + p for p in todo], self.cfg,
-                                  self.engine.tokenizer, self.engine.max_model_len)
+        requests = build_requests(
+            table,
+            todo,
+            [shard.global_start + p for p in todo],
+            self.cfg,
+            self.engine.tokenizer,
+            self.engine.max_model_len,
+        )
         failed = []
         for i, request in enumerate(requests):
             if isinstance(request, RowResult):
@@ -285,23 +324,31 @@ class ShardLoop:
     def progress(self, force: bool = False) -> None:
         """Write the record's progress: rows done (durable or buffered), buffered rows, output tokens."""
         opened = self.open.values()
-        self.state.write(force=force,
-                         rows_done=self.finished_rows + sum(len(o.ck.durable) + len(o.ck.buffer) for o in opened),
-                         buffered=sum(len(o.ck.buffer) for o in opened),
-                         output_tokens=self.base_tokens + sum(o.tokens for o in opened))
+        self.state.write(
+            force=force,
+            rows_done=self.finished_rows + sum(len(o.ck.durable) + len(o.ck.buffer) for o in opened),
+            buffered=sum(len(o.ck.buffer) for o in opened),
+            output_tokens=self.base_tokens + sum(o.tokens for o in opened),
+        )
 
 
-def finish_shard(rd: RunDir, shard: Shard, ck: ShardCheckpoint, rank: int, seconds: float,
-                 resumed: int) -> DoneRecord:
+def finish_shard(rd: RunDir, shard: Shard, ck: ShardCheckpoint, rank: int, seconds: float, resumed: int) -> DoneRecord:
     """Assemble a shard from its parts, write its output, then its done marker, then drop the parts."""
     out = ck.complete()
     with atomic_path(rd.shard_output(shard.shard)) as tmp:
         pq.write_table(out, tmp)
-    done = DoneRecord(shard=shard.shard, rank=rank, host=socket.gethostname(), rows=shard.rows,
-                      rows_failed=out.num_rows - out.column("error").null_count,
-                      prompt_tokens=int(pc.sum(out.column("prompt_tokens")).as_py() or 0),
-                      output_tokens=int(pc.sum(out.column("output_tokens")).as_py() or 0),
-                      generation_seconds=seconds, rows_resumed=resumed, finished_at=time.time())
+    done = DoneRecord(
+        shard=shard.shard,
+        rank=rank,
+        host=socket.gethostname(),
+        rows=shard.rows,
+        rows_failed=out.num_rows - out.column("error").null_count,
+        prompt_tokens=int(pc.sum(out.column("prompt_tokens")).as_py() or 0),
+        output_tokens=int(pc.sum(out.column("output_tokens")).as_py() or 0),
+        generation_seconds=seconds,
+        rows_resumed=resumed,
+        finished_at=time.time(),
+    )
     rd.mark_done(done)
     remove_parts(rd, shard.shard)
     return done
@@ -324,8 +371,15 @@ def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
         return
     how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
     now = time.time()
-    rd.write_rank(dataclasses.replace(record, state=FAILED, finished_at=now, updated_at=now,
-                                      error=f"the rank process {how} without recording an error (see its log)"))
+    rd.write_rank(
+        dataclasses.replace(
+            record,
+            state=FAILED,
+            finished_at=now,
+            updated_at=now,
+            error=f"the rank process {how} without recording an error (see its log)",
+        )
+    )
 
 
 def main() -> None:

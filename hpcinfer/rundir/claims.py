@@ -19,6 +19,7 @@ over stops writing that shard (`ClaimLost`); rows two attempts both produced are
 the shard's assembly. `claimable` is the pure protocol, rank/schedule.py the balancing policy,
 `Claims` does the I/O, `Heartbeat` the beat.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,14 @@ class Claim:
     token: str  # the attempt that made it (its RankRecord.token)
 
 
-def claimable(order: Sequence[int], done: Set[int], holders: Dict[int, Claim], dead: Callable[[Claim], bool],
-              rank: int, token: str) -> List[Tuple[int, int, bool]]:
+def claimable(
+    order: Sequence[int],
+    done: Set[int],
+    holders: Dict[int, Claim],
+    dead: Callable[[Claim], bool],
+    rank: int,
+    token: str,
+) -> List[Tuple[int, int, bool]]:
     """What attempt `token` of `rank` may claim now, in priority order: (shard, generation to
     create, whether an earlier attempt of this rank held it). Pure.
 
@@ -76,8 +83,15 @@ def parse_claim_name(name: str) -> Optional[Tuple[int, int]]:
 class Claims:
     """One attempt's view of the claims: claim, check, take over."""
 
-    def __init__(self, rd: RunDir, rank: int, token: str, order: Sequence[int], lease_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        rd: RunDir,
+        rank: int,
+        token: str,
+        order: Sequence[int],
+        lease_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.rd, self.rank, self.token, self.order = rd, rank, token, list(order)
         self.lease_s, self.clock = lease_s, clock
         self.dir = rd.claims_dir
@@ -142,8 +156,9 @@ class Claims:
             if found[0][2] or choose is None:
                 shard, gen, _ = found[0]
             else:
-                shard = choose([s for s, _, _ in found], [s for s in self.order if s not in done],
-                               len(self.gone_ranks(dead)))
+                shard = choose(
+                    [s for s, _, _ in found], [s for s in self.order if s not in done], len(self.gone_ranks(dead))
+                )
                 if shard is None:
                     return None
                 gen = next(g for s, g, _ in found if s == shard)

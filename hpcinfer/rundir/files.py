@@ -3,6 +3,7 @@
 file in the same directory, fsync, rename, fsync of the directory; `durable=False` skips the
 fsyncs for progress records); `read_json`; `tail` of a log.
 """
+
 from __future__ import annotations
 
 import contextlib

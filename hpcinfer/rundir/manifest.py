@@ -5,6 +5,7 @@ A `Shard` is a contiguous range of one input file's rows, with its place in the 
 input into shards; submit writes them here (`write_manifest`, with the input schema in the file's
 metadata); the ranks read them back (`read_manifest`) and read a shard's rows (`read_shard`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,10 +56,17 @@ def read_manifest(path: str) -> Tuple[List[Shard], pa.Schema]:
     return [Shard(**row) for row in table.to_pylist()], schema
 
 
-_MANIFEST_SCHEMA = pa.schema([
-    ("shard", pa.int64()), ("rank", pa.int64()), ("path", pa.string()),
-    ("file_start", pa.int64()), ("file_end", pa.int64()), ("global_start", pa.int64()), ("tokens", pa.int64()),
-])
+_MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("rank", pa.int64()),
+        ("path", pa.string()),
+        ("file_start", pa.int64()),
+        ("file_end", pa.int64()),
+        ("global_start", pa.int64()),
+        ("tokens", pa.int64()),
+    ]
+)
 
 
 # ---- reading a shard -------------------------------------------------------------------
@@ -74,8 +82,9 @@ def read_shard(shard: Shard, schema: pa.Schema) -> pa.Table:
             first = offset if first is None else first
         offset += n
     if offset < shard.file_end:
-        raise DataError(f"{shard.path!r} has {offset} rows now, fewer than the {shard.file_end} "
-                        f"it had when the run was planned")
+        raise DataError(
+            f"{shard.path!r} has {offset} rows now, fewer than the {shard.file_end} it had when the run was planned"
+        )
     table = pf.read_row_groups(groups).slice(shard.file_start - (first or 0), shard.rows)
     table = table.replace_schema_metadata(None)
     return table if table.schema.equals(schema) else table.select(schema.names).cast(schema)

@@ -5,6 +5,7 @@ Nothing is published unless the result is complete: a missing shard, a shard who
 row positions disagree with the manifest, raises RunIncomplete and leaves no results.parquet.
 Memory stays bounded by one record batch (shards are streamed, never loaded whole).
 """
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,9 @@ def missing_shards(rd: RunDir, shards: List[Shard]) -> List[Shard]:
 
 
 def describe_missing(missing: List[Shard], total: int) -> str:
-    listed = ", ".join(f"{s.shard} (rank {s.rank}, rows {s.global_start}-{s.global_start + s.rows - 1})"
-                       for s in missing[:20])
+    listed = ", ".join(
+        f"{s.shard} (rank {s.rank}, rows {s.global_start}-{s.global_start + s.rows - 1})" for s in missing[:20]
+    )
     more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
     return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
 
@@ -55,18 +57,23 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
         with pq.ParquetWriter(tmp, schema) as writer:
             for s in shards:
                 if s.global_start != totals["rows"]:
-                    raise RunIncomplete(f"manifest gap or overlap at shard {s.shard}: it starts at row "
-                                        f"{s.global_start}, expected {totals['rows']}")
+                    raise RunIncomplete(
+                        f"manifest gap or overlap at shard {s.shard}: it starts at row "
+                        f"{s.global_start}, expected {totals['rows']}"
+                    )
                 pf = pq.ParquetFile(rd.shard_output(s.shard))
                 if pf.metadata.num_rows != s.rows:
-                    raise RunIncomplete(f"shard {s.shard} output has {pf.metadata.num_rows} rows, "
-                                        f"the manifest says {s.rows}")
+                    raise RunIncomplete(
+                        f"shard {s.shard} output has {pf.metadata.num_rows} rows, the manifest says {s.rows}"
+                    )
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS):
                     pos = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
                     want = np.arange(totals["rows"], totals["rows"] + len(pos))
                     if not np.array_equal(pos, want):
-                        raise RunIncomplete(f"shard {s.shard} holds rows out of order, duplicated or "
-                                            f"foreign (expected {want[0]}..{want[-1]})")
+                        raise RunIncomplete(
+                            f"shard {s.shard} holds rows out of order, duplicated or "
+                            f"foreign (expected {want[0]}..{want[-1]})"
+                        )
                     pending.append(batch.drop_columns([ROW_COLUMN]).cast(schema))
                     write(writer)
                     totals["rows"] += len(pos)
@@ -107,23 +114,41 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
     for r in sorted(set(per_rank) | set(ranks)):  # a rank that started counts, even with no rows
         info = ranks.get(r)
         started = info.started_at if info and info.started_at is not None else now
-        rank_list.append(dict(
-            rank=r, host=info.host if info and info.host is not None else per_rank[r]["host"],
-            device_kind=info.device_kind if info else None, devices=info.devices if info else None,
-            rows=int(per_rank[r]["rows"]), rows_failed=int(per_rank[r]["rows_failed"]),
-            prompt_tokens=int(per_rank[r]["prompt_tokens"]), output_tokens=int(per_rank[r]["output_tokens"]),
-            seconds=round(((info.finished_at if info else None) or now) - started, 3),
-            engine_seconds=round(info.engine_seconds if info else 0.0, 3),
-            generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
-            attempts=info.attempts if info else 1, rows_generated=info.rows_generated if info else 0))
+        rank_list.append(
+            dict(
+                rank=r,
+                host=info.host if info and info.host is not None else per_rank[r]["host"],
+                device_kind=info.device_kind if info else None,
+                devices=info.devices if info else None,
+                rows=int(per_rank[r]["rows"]),
+                rows_failed=int(per_rank[r]["rows_failed"]),
+                prompt_tokens=int(per_rank[r]["prompt_tokens"]),
+                output_tokens=int(per_rank[r]["output_tokens"]),
+                seconds=round(((info.finished_at if info else None) or now) - started, 3),
+                engine_seconds=round(info.engine_seconds if info else 0.0, 3),
+                generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
+                attempts=info.attempts if info else 1,
+                rows_generated=info.rows_generated if info else 0,
+            )
+        )
     submitted = plan.submitted_at if plan.submitted_at is not None else now
     return dict(
-        run_dir=str(rd.path), results=str(rd.results), hpcinfer_version=__version__,
-        rows=totals["rows"], rows_failed=totals["rows_failed"],
+        run_dir=str(rd.path),
+        results=str(rd.results),
+        hpcinfer_version=__version__,
+        rows=totals["rows"],
+        rows_failed=totals["rows_failed"],
         rows_recomputed=max(0, sum(r.rows_generated for r in ranks.values()) - totals["rows"]),
-        prompt_tokens=totals["prompt_tokens"], output_tokens=totals["output_tokens"],
-        wall_seconds=round(now - submitted, 3), generation_seconds=round(gen_seconds, 3),
+        prompt_tokens=totals["prompt_tokens"],
+        output_tokens=totals["output_tokens"],
+        wall_seconds=round(now - submitted, 3),
+        generation_seconds=round(gen_seconds, 3),
         output_tokens_per_second=round(totals["output_tokens"] / gen_seconds, 2) if gen_seconds > 0 else None,
         layout=dict(tp=plan.tp, pp=plan.pp, dp=plan.dp, ep=plan.ep, ranks=plan.ranks),
-        model=cfg.model.name, sampling=asdict(cfg.sampling), engine_args=plan.engine_args,
-        shards=len(shards), ranks=rank_list, finished_at=now)
+        model=cfg.model.name,
+        sampling=asdict(cfg.sampling),
+        engine_args=plan.engine_args,
+        shards=len(shards),
+        ranks=rank_list,
+        finished_at=now,
+    )

@@ -7,6 +7,7 @@ column may take). A new output column is a field of RowResult and a field of GEN
 Shard files carry one more column, ROW_COLUMN (the row's global position), which finalize uses
 to prove every row is present exactly once and in order, and then drops.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,13 +30,15 @@ class RowResult:
     error: Optional[str]
 
 
-GENERATED = pa.schema([
-    ("generated_text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int64()),
-    ("output_tokens", pa.int64()),
-    ("error", pa.string()),
-])
+GENERATED = pa.schema(
+    [
+        ("generated_text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
 
 OUTPUT_COLUMNS: Tuple[str, ...] = tuple(GENERATED.names)  # the columns hpcinfer adds to every row
 
@@ -50,8 +53,9 @@ def shard_schema(input_schema: pa.Schema) -> pa.Schema:
     return result_schema(input_schema).append(pa.field(ROW_COLUMN, pa.int64()))
 
 
-def output_table(inputs: pa.Table, positions: Sequence[int], results: Sequence[RowResult],
-                 global_start: int) -> pa.Table:
+def output_table(
+    inputs: pa.Table, positions: Sequence[int], results: Sequence[RowResult], global_start: int
+) -> pa.Table:
     """Output rows for `inputs` rows `positions` (in that order) with their results and global
     positions (global_start + position)."""
     if len(results) != len(positions):
@@ -81,6 +85,8 @@ def assemble(parts: Sequence[pa.Table], global_start: int, rows: int) -> pa.Tabl
     for i, p in enumerate(table.column(ROW_COLUMN).to_pylist()):
         first.setdefault(p, i)
     if sorted(first) != list(range(global_start, global_start + rows)):
-        raise ValueError(f"parts hold {len(first)} distinct rows of {rows}, or foreign ones "
-                         f"(expected {global_start}..{global_start + rows - 1})")
+        raise ValueError(
+            f"parts hold {len(first)} distinct rows of {rows}, or foreign ones "
+            f"(expected {global_start}..{global_start + rows - 1})"
+        )
     return table.take(pa.array([first[p] for p in sorted(first)], type=pa.int64()))

@@ -7,6 +7,7 @@ its buffer (< one part). A restarted rank reads the parts back and generates onl
 lack, so no row is written twice. When every row is durable, the parts are assembled in order
 into `shards/<id>.parquet`, the done marker is written, and the parts are removed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,15 @@ class ShardCheckpoint:
     yet written, and the shard's output assembled from the parts. `before_write` runs before
     each part is written (the worker checks there that this attempt may still write the shard)."""
 
-    def __init__(self, rd: RunDir, shard: Shard, inputs: pa.Table, every_rows: int, every_seconds: float,
-                 before_write: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        rd: RunDir,
+        shard: Shard,
+        inputs: pa.Table,
+        every_rows: int,
+        every_seconds: float,
+        before_write: Callable[[], None] = lambda: None,
+    ):
         self.rd, self.shard, self.inputs, self.before_write = rd, shard, inputs, before_write
         self.every_rows, self.every_seconds = max(1, every_rows), every_seconds
         self.dir = rd.shard_parts(shard.shard)

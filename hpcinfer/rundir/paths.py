@@ -27,6 +27,7 @@ names every path and reads and writes the JSON records as the typed records of r
 Every write is atomic: a temp file in the same directory, fsync, rename (progress records skip
 the fsync).
 """
+
 from __future__ import annotations
 
 import contextlib

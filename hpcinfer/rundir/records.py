@@ -12,6 +12,7 @@ A rank's *attempt* (one start of its process) is identified by its token (`RankR
 also in `ranks/<r>.owner`, the heartbeat and its claims). Its states: starting -> running ->
 done | failed | stopped; `TERMINAL` are the last three.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -124,7 +125,7 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> "Plan":
+    def from_json(cls, d: Dict[str, Any]) -> Plan:
         plan = from_dict(cls, d)
         plan.memory = from_dict(Memory, d["memory"])
         plan.rank_plans = [from_dict(RankPlan, rp) for rp in d.get("rank_plans", [])]

@@ -6,6 +6,7 @@ each bad submission that finished run is byte-identical, the new run directory i
 of the finished one) does not exist, and no `outputs/` appeared in the working directory.
 Per-row problems (null or over-long prompts) are not bad input: the e2e tests cover them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,10 @@ TIMEOUT = 60
 
 # ---- the scratch working directory -------------------------------------------------------------
 def _table(n: int, start: int = 0, **extra) -> pa.Table:
-    cols = {"id": pa.array(range(start, start + n), pa.int64()),
-            "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string())}
+    cols = {
+        "id": pa.array(range(start, start + n), pa.int64()),
+        "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string()),
+    }
     cols.update(extra)
     return pa.table(cols)
 
@@ -37,13 +40,15 @@ def _write_inputs(d: Path) -> None:
     (d / "in" / "truncated.parquet").write_bytes(good[: len(good) // 2])
     pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), d / "in" / "no_prompt.parquet")
     pq.write_table(pa.table({"id": [1, 2], "prompt": pa.array([7, 8], pa.int64())}), d / "in" / "int_prompt.parquet")
-    pq.write_table(pa.table({"id": pa.array([1, None, 3], pa.int64()), "prompt": ["a", "b", "c"]}),
-                   d / "in" / "null_ids.parquet")
+    pq.write_table(
+        pa.table({"id": pa.array([1, None, 3], pa.int64()), "prompt": ["a", "b", "c"]}), d / "in" / "null_ids.parquet"
+    )
     (d / "dups").mkdir()
     pq.write_table(_table(3), d / "dups" / "a.parquet")
     pq.write_table(_table(3, start=2), d / "dups" / "b.parquet")  # id 2 is in both files
-    pq.write_table(pa.table({"id": pa.array([5, 6, 5], pa.int64()), "prompt": ["a", "b", "c"]}),
-                   d / "in" / "dup_within.parquet")
+    pq.write_table(
+        pa.table({"id": pa.array([5, 6, 5], pa.int64()), "prompt": ["a", "b", "c"]}), d / "in" / "dup_within.parquet"
+    )
     (d / "empty").mkdir()
     for name in ("a", "b"):
         pq.write_table(_table(0), d / "empty" / f"{name}.parquet")
@@ -98,8 +103,14 @@ class Scratch:
         self.new = self.runs / "new"
 
     def run(self, module: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", f"hpcinfer.{module}", *args], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=TIMEOUT)
+        return subprocess.run(
+            [sys.executable, "-m", f"hpcinfer.{module}", *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
 
     def sub(self, arg: str) -> str:
         return arg.replace("{d}", str(self.root))
@@ -147,11 +158,18 @@ CASES = [
     ("fifo-path", [f"{D}/pipe.parquet"], ["pipe.parquet", "not a regular file"]),
     # data: columns and ids
     ("missing-prompt-column", [f"{D}/in/no_prompt.parquet"], ["'prompt'", "no_prompt.parquet", "['id', 'text']"]),
-    ("missing-id-column", [f"{D}/in/good.parquet", "data.id_column=key"], ["'key'", "good.parquet", "['id', 'prompt']"]),
+    (
+        "missing-id-column",
+        [f"{D}/in/good.parquet", "data.id_column=key"],
+        ["'key'", "good.parquet", "['id', 'prompt']"],
+    ),
     ("int-prompt", [f"{D}/in/int_prompt.parquet"], ["'prompt'", "int_prompt.parquet", "int64"]),
     ("dup-ids-across-files", [f"{D}/dups", "data.id_column=id"], ["'id'", "not unique", "2", "a.parquet", "b.parquet"]),
-    ("dup-ids-within-file", [f"{D}/in/dup_within.parquet", "data.id_column=id"],
-     ["'id'", "not unique", "5", "dup_within.parquet"]),
+    (
+        "dup-ids-within-file",
+        [f"{D}/in/dup_within.parquet", "data.id_column=id"],
+        ["'id'", "not unique", "5", "dup_within.parquet"],
+    ),
     ("null-ids", [f"{D}/in/null_ids.parquet", "data.id_column=id"], ["'id'", "null", "null_ids.parquet"]),
     ("zero-rows", [f"{D}/empty"], ["no rows", "empty"]),
     ("id-equals-prompt", [f"{D}/in/good.parquet", "data.id_column=prompt"], ["data.id_column='prompt'"]),
@@ -162,8 +180,11 @@ CASES = [
     ("unknown-engine-key", ["engine.max_model_length=64"], ["max_model_length", "did you mean engine.max_model_len"]),
     ("unknown-group", ["model=nosuchmodel"], ["nosuchmodel"]),
     ("key-under-a-value", ["ep.eplb=true"], ["'ep.eplb'", "'ep' is a value", "did you mean expert.eplb"]),
-    ("new-key-in-a-free-section", ["cluster=slurm", "cluster.sbatch.foo=1"],
-     ["'cluster.sbatch.foo'", "+cluster.sbatch.foo="]),
+    (
+        "new-key-in-a-free-section",
+        ["cluster=slurm", "cluster.sbatch.foo=1"],
+        ["'cluster.sbatch.foo'", "+cluster.sbatch.foo="],
+    ),
     # layout
     ("dp-zero", ["dp=0"], ["dp=0"]),
     ("tp-negative", ["tp=-1"], ["tp=-1"]),
@@ -180,8 +201,11 @@ CASES = [
     ("top-p-above-one", ["sampling.top_p=1.5"], ["sampling.top_p", "1.5"]),
     ("max-tokens-zero", ["sampling.max_tokens=0"], ["sampling.max_tokens", "0"]),
     ("max-tokens-fills-context", ["sampling.max_tokens=512"], ["sampling.max_tokens=512", "max_model_len=512"]),
-    ("max-tokens-beyond-context", ["engine.max_model_len=64", "sampling.max_tokens=100"],
-     ["sampling.max_tokens=100", "max_model_len=64"]),
+    (
+        "max-tokens-beyond-context",
+        ["engine.max_model_len=64", "sampling.max_tokens=100"],
+        ["sampling.max_tokens=100", "max_model_len=64"],
+    ),
 ]
 
 
@@ -200,8 +224,15 @@ def test_plan_refuses_bad_input(scratch, args, must_name):
     assert_nothing_written(scratch, before)
 
 
-REPRESENTATIVE = ["csv-renamed", "dup-ids-across-files", "zero-rows", "unknown-sampling-key", "tp-not-dividing-heads",
-                  "model-path-missing", "max-tokens-zero"]
+REPRESENTATIVE = [
+    "csv-renamed",
+    "dup-ids-across-files",
+    "zero-rows",
+    "unknown-sampling-key",
+    "tp-not-dividing-heads",
+    "model-path-missing",
+    "max-tokens-zero",
+]
 
 
 @pytest.mark.parametrize("where", ["finished", "default"])
@@ -220,12 +251,18 @@ def test_unreadable_file(scratch, tmp_path):
     p = tmp_path / "secret.parquet"
     pq.write_table(_table(2), p)
     p.chmod(0)
-    assert_usage_error(scratch.run("submit", f"data.input={p}", f"run_dir={scratch.new}"),
-                       ["secret.parquet", "not readable"])
+    assert_usage_error(
+        scratch.run("submit", f"data.input={p}", f"run_dir={scratch.new}"), ["secret.parquet", "not readable"]
+    )
 
 
-@pytest.mark.parametrize("error, must_name", [(PermissionError(13, "Permission denied"), "not readable"),
-                                              (OSError(5, "Input/output error"), "Input/output error")])
+@pytest.mark.parametrize(
+    "error, must_name",
+    [
+        (PermissionError(13, "Permission denied"), "not readable"),
+        (OSError(5, "Input/output error"), "Input/output error"),
+    ],
+)
 def test_open_errors_name_the_file(scratch, monkeypatch, error, must_name):
     """What a file the user may not read, or a failing disk, gives (also as root)."""
     from hpcinfer.errors import DataError
@@ -250,8 +287,16 @@ def test_the_scratch_inputs_are_otherwise_good(scratch):
 
 
 # ---- Slurm: values that reach sbatch -------------------------------------------------------------
-INJECTIONS = ["gpu;touch /tmp/hpcinfer-pwned", "gpu$(touch /tmp/hpcinfer-pwned)", "gpu`touch /tmp/hpcinfer-pwned`",
-              "gpu\ntouch /tmp/hpcinfer-pwned", "gpu\n#SBATCH --uid=0", "a b", "gpu'x", ""]
+INJECTIONS = [
+    "gpu;touch /tmp/hpcinfer-pwned",
+    "gpu$(touch /tmp/hpcinfer-pwned)",
+    "gpu`touch /tmp/hpcinfer-pwned`",
+    "gpu\ntouch /tmp/hpcinfer-pwned",
+    "gpu\n#SBATCH --uid=0",
+    "a b",
+    "gpu'x",
+    "",
+]
 
 
 SLURM_KEYS = ["partition", "account", "qos", "mem", "constraint", "job_name", "finalize_mem", "python"]
@@ -285,7 +330,9 @@ def test_sbatch_option_values_with_line_breaks_are_refused(scratch, value):
     assert_usage_error(proc, ["cluster.sbatch.mail-user", "line break"])
 
 
-@pytest.mark.parametrize("key", ["mail user", "mail-user;x", "-x", "Mail", "mail_type", "nodes", "output", "dependency"])
+@pytest.mark.parametrize(
+    "key", ["mail user", "mail-user;x", "-x", "Mail", "mail_type", "nodes", "output", "dependency"]
+)
 def test_sbatch_option_names_are_checked(key):
     from hpcinfer.cli import compose
     from hpcinfer.config import validate
@@ -307,8 +354,14 @@ def test_setup_item_with_a_line_break_is_refused(scratch):
     assert_usage_error(proc, ["cluster.setup", "line break"])
 
 
-SHELL_VALUES = ["a;touch /tmp/hpcinfer-pwned", "$(touch /tmp/hpcinfer-pwned)", "`touch /tmp/hpcinfer-pwned`",
-                "x' ; touch /tmp/hpcinfer-pwned ; '", 'a"b', "#SBATCH --uid=0"]
+SHELL_VALUES = [
+    "a;touch /tmp/hpcinfer-pwned",
+    "$(touch /tmp/hpcinfer-pwned)",
+    "`touch /tmp/hpcinfer-pwned`",
+    "x' ; touch /tmp/hpcinfer-pwned ; '",
+    'a"b',
+    "#SBATCH --uid=0",
+]
 
 
 @pytest.mark.parametrize("value", SHELL_VALUES)
@@ -322,8 +375,14 @@ def test_allowed_sbatch_values_are_rendered_quoted(value, tmp_path):
     from hpcinfer.launch.slurm.launcher import executor, finalize_parameters, worker_parameters
     from hpcinfer.launch.slurm.layout import job_layout
 
-    cfg = compose(["cluster=slurm", "dp=2", f"+cluster.sbatch.mail-user={_quoted(value)}",
-                   f"+cluster.sbatch.comment={_quoted(value)}"])
+    cfg = compose(
+        [
+            "cluster=slurm",
+            "dp=2",
+            f"+cluster.sbatch.mail-user={_quoted(value)}",
+            f"+cluster.sbatch.comment={_quoted(value)}",
+        ]
+    )
     validate(cfg)
     assert cfg.cluster.sbatch["mail-user"] == value
     for params in (worker_parameters(cfg, job_layout(2, 8)), finalize_parameters(cfg, ["1"])):

@@ -1,5 +1,6 @@
 """Exactly once, whatever fails (local backend, real vLLM): kill -9 of busy ranks mid-shard, then
 resume; a killed rank restarted in place; results identical to an undisturbed run."""
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,18 @@ def inputs(tmp_path_factory):
 
 
 def args(inputs, run_dir, *extra):
-    return [f"data.input={inputs}", "data.id_column=id", "sampling=greedy", "sampling.max_tokens=48",
-            "sampling.ignore_eos=true", "data.shard_rows=240", f"checkpoint.rows={CHUNK}", "checkpoint.seconds=3600",
-            f"run_dir={run_dir}", *extra]
+    return [
+        f"data.input={inputs}",
+        "data.id_column=id",
+        "sampling=greedy",
+        "sampling.max_tokens=48",
+        "sampling.ignore_eos=true",
+        "data.shard_rows=240",
+        f"checkpoint.rows={CHUNK}",
+        "checkpoint.seconds=3600",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,14 @@ def reference(inputs, tmp_path_factory, hpcinfer):
 
 
 def start(cli_env, *argv):
-    return subprocess.Popen([sys.executable, "-m", "hpcinfer.submit", *argv], cwd=REPO, env=cli_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpcinfer.submit", *argv],
+        cwd=REPO,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_when_busy(run_dir, rank, min_rows, proc):

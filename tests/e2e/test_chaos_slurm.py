@@ -1,5 +1,6 @@
 """Exactly once on a real Slurm cluster: a preemption signal (USR2) requeues the job and it resumes
 from the durable parts; a node whose slurmd dies is requeued elsewhere and the run completes."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,7 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     run_dir = tmp_path / "run"
     # small batches: the ranks must outlast Slurm's ~16 s to declare the node dead (results do
     # not depend on the batch in float32, so the reference ran with vLLM's default batch)
-    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2", "engine.max_num_seqs=8"),
-                                run_dir)
+    proc = submit_in_background(slurm_env, long_args(long_inputs, run_dir, "dp=2", "engine.max_num_seqs=8"), run_dir)
     victim = busy_rank(run_dir, 1, 8, proc)["host"]
     script = str(REPO / "slurm" / "cluster.sh")
     subprocess.run(["bash", script, "kill-node", victim], env=slurm_env, check=True, capture_output=True)

@@ -1,5 +1,6 @@
 """End to end on real vLLM (CPU build), real Parquet, the local backend: the whole pipeline a
 Slurm cluster will run, launched through the real CLI."""
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,26 @@ MAX_TOKENS = 12
 
 
 def _table(rows):
-    schema = pa.schema([
-        ("id", pa.int64()), ("prompt", pa.string()), ("tags", pa.list_(pa.string())),
-        ("meta", pa.struct([("lang", pa.string()), ("score", pa.float64())])), ("note", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("prompt", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("meta", pa.struct([("lang", pa.string()), ("score", pa.float64())])),
+            ("note", pa.string()),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _row(i, prompt, lang="en"):
-    return {"id": 1000 - i, "prompt": prompt, "tags": [f"t{i}", "x"] if i % 3 else [],
-            "meta": {"lang": lang, "score": i / 7}, "note": f"row {i} ✓"}
+    return {
+        "id": 1000 - i,
+        "prompt": prompt,
+        "tags": [f"t{i}", "x"] if i % 3 else [],
+        "meta": {"lang": lang, "score": i / 7},
+        "note": f"row {i} ✓",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +65,16 @@ def input_dir(tmp_path_factory):
 
 def multi_args(input_dir, run_dir, *extra):
     """The issue's command: dp=2 over a glob of files, an id column, greedy sampling."""
-    return ["dp=2", f"data.input={input_dir}/*.parquet", "data.id_column=id", "sampling=greedy",
-            f"sampling.max_tokens={MAX_TOKENS}", "data.shard_rows=4", f"run_dir={run_dir}", *extra]
+    return [
+        "dp=2",
+        f"data.input={input_dir}/*.parquet",
+        "data.id_column=id",
+        "sampling=greedy",
+        f"sampling.max_tokens={MAX_TOKENS}",
+        "data.shard_rows=4",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +95,13 @@ def test_every_row_once_in_input_order_with_pass_through_columns(multi_file_run,
     results = pq.read_table(run_dir / "results.parquet")
     inputs = _inputs(input_dir)
     assert results.num_rows == inputs.num_rows == 21
-    assert results.column_names == INPUT_COLUMNS + ["generated_text", "finish_reason", "prompt_tokens",
-                                                    "output_tokens", "error"]
+    assert results.column_names == INPUT_COLUMNS + [
+        "generated_text",
+        "finish_reason",
+        "prompt_tokens",
+        "output_tokens",
+        "error",
+    ]
     assert results.select(INPUT_COLUMNS).equals(inputs)  # nested and unicode columns unchanged, same order
 
 
@@ -128,9 +152,13 @@ llm = LLM(**json.loads(sys.argv[1]))
 outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens={MAX_TOKENS}), use_tqdm=False)
 print(json.dumps([o.outputs[0].text for o in outs]))
 """
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(s["engine_args"]),
-                           json.dumps([r["prompt"] for r in rows])], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(s["engine_args"]), json.dumps([r["prompt"] for r in rows])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["generated_text"] for r in rows] == raw
@@ -152,7 +180,9 @@ def test_resume_recomputes_only_missing_shards(multi_file_run, input_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{shards - 1} of {shards} shard(s) already done" in proc.stderr
     assert pq.read_table(copy / "results.parquet").equals(before)
-    assert {p.name: p.stat().st_mtime_ns for p in (copy / "done").glob("*.json") if p.name in marker_times} == marker_times
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (copy / "done").glob("*.json") if p.name in marker_times
+    } == marker_times
     again = hpcinfer("submit", *multi_args(input_dir, copy))
     assert again.returncode == 0 and "already finished" in again.stderr
 
@@ -195,8 +225,9 @@ def test_failed_rank_leaves_nothing_published(hpcinfer, tmp_path):
 def test_tiny_moe_runs_on_real_vllm(hpcinfer, tmp_path):
     """The built-in MoE (Mixtral-style, 4 experts, top-2) builds offline and generates."""
     run_dir = tmp_path / "moe"
-    proc = hpcinfer("submit", "model=tiny_moe", "sampling=greedy", "sampling.max_tokens=8", "data.demo_rows=6",
-                    f"run_dir={run_dir}")
+    proc = hpcinfer(
+        "submit", "model=tiny_moe", "sampling=greedy", "sampling.max_tokens=8", "data.demo_rows=6", f"run_dir={run_dir}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["rows"] == 6 and s["rows_failed"] == 0 and 0 < s["output_tokens"] <= 6 * 8
@@ -232,14 +263,28 @@ def test_sigterm_stops_every_rank_and_a_rerun_finishes(cli_env, tmp_path, hpcinf
     import time
 
     run_dir = tmp_path / "term"
-    args = ["dp=2", "data.demo_rows=200", "data.shard_rows=25", "sampling.max_tokens=128",
-            "sampling.ignore_eos=true", f"run_dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "hpcinfer.submit", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env)
+    args = [
+        "dp=2",
+        "data.demo_rows=200",
+        "data.shard_rows=25",
+        "sampling.max_tokens=128",
+        "sampling.ignore_eos=true",
+        f"run_dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpcinfer.submit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until both ranks generate
-        states = [json.loads(p.read_text()).get("state") for p in (run_dir / "ranks").glob("*.json")] \
-            if (run_dir / "ranks").exists() else []
+        states = (
+            [json.loads(p.read_text()).get("state") for p in (run_dir / "ranks").glob("*.json")]
+            if (run_dir / "ranks").exists()
+            else []
+        )
         if states.count("running") == 2:
             break
         time.sleep(0.2)

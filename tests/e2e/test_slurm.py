@@ -1,5 +1,6 @@
 """End to end on a real Slurm cluster (slurm/cluster.sh: slurmctld + 4 slurmd on this machine),
 real vLLM (CPU build) and real Parquet, through the real CLI, as a user on a login node would."""
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,24 @@ def inputs(tmp_path_factory):
     """Two files of 12 rows: with dp=2 each rank reads exactly one of them."""
     d = tmp_path_factory.mktemp("slurm-inputs")
     for f in range(2):
-        rows = [{"id": f * 100 + i, "prompt": f"Tell me about the {i}th mountain of valley {f}.", "lang": "en"}
-                for i in range(ROWS_PER_FILE)]
+        rows = [
+            {"id": f * 100 + i, "prompt": f"Tell me about the {i}th mountain of valley {f}.", "lang": "en"}
+            for i in range(ROWS_PER_FILE)
+        ]
         pq.write_table(pa.Table.from_pylist(rows), d / f"part-{f}.parquet")
     return d
 
 
 def common(inputs, run_dir, *extra):
-    return [f"data.input={inputs}/*.parquet", "data.id_column=id", "sampling=greedy", "sampling.max_tokens=8",
-            "data.shard_rows=4", f"run_dir={run_dir}", *extra]
+    return [
+        f"data.input={inputs}/*.parquet",
+        "data.id_column=id",
+        "sampling=greedy",
+        "sampling.max_tokens=8",
+        "data.shard_rows=4",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,14 @@ def local_results(inputs, tmp_path_factory, hpcinfer):
 
 
 def slurm_run(slurm_env, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", *args], cwd=REPO,
-                          env=slurm_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", *args],
+        cwd=REPO,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def scontrol_job(job_id: str, env) -> str:
@@ -72,8 +88,9 @@ def test_dp4_on_four_nodes_equals_local(inputs, tmp_path, slurm_env, local_resul
     script = (run_dir / "slurm" / f"{record['finalize']}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterany:{record['workers'][0]}" in script
     # status reads it all back; submitting the finished run again is a no-op
-    st = subprocess.run([sys.executable, "-m", "hpcinfer.status", str(run_dir)], env=slurm_env,
-                        capture_output=True, text=True, cwd=REPO)
+    st = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.status", str(run_dir)], env=slurm_env, capture_output=True, text=True, cwd=REPO
+    )
     assert st.returncode == 0 and "state     finished" in st.stdout and "24/24 done" in st.stdout, st.stdout
     again = slurm_run(slurm_env, *common(inputs, run_dir, "dp=4"))
     assert again.returncode == 0 and "already finished" in again.stderr
@@ -82,8 +99,14 @@ def test_dp4_on_four_nodes_equals_local(inputs, tmp_path, slurm_env, local_resul
 
 def submit_in_background(slurm_env, args, run_dir):
     """Start `submit ... wait=true`; return the process once its jobs are queued."""
-    proc = subprocess.Popen([sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", *args, "wait=true"],
-                            cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", *args, "wait=true"],
+        cwd=REPO,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run_dir / "jobs.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -129,8 +152,9 @@ def test_failed_rank_reports_missing_shards_and_does_not_hang(inputs, tmp_path, 
     assert not (run_dir / "results.parquet").exists()
     outcome = json.loads((run_dir / "finalize.json").read_text())
     assert outcome["exit_code"] == 1 and "missing" in outcome["message"]
-    st = subprocess.run([sys.executable, "-m", "hpcinfer.status", str(run_dir)], env=slurm_env,
-                        capture_output=True, text=True, cwd=REPO)
+    st = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.status", str(run_dir)], env=slurm_env, capture_output=True, text=True, cwd=REPO
+    )
     assert st.returncode == 1, st.stdout
     assert "state     failed" in st.stdout
     assert "--- rank 1 failed" in st.stdout and "12/12" in st.stdout  # rank 0 finished its rows
@@ -143,8 +167,9 @@ def test_groups_beyond_max_array_size_go_in_several_submissions(inputs, tmp_path
     """3 groups with MaxArraySize 2: an array of 2 (groups 0-1) and a plain job (group 2, offset);
     finalize depends on both."""
     run_dir = tmp_path / "run"
-    r = slurm_run(slurm_env, *common(inputs, run_dir, "dp=3", "cluster.array=3", "cluster.max_array_size=2",
-                                     "wait=true"))
+    r = slurm_run(
+        slurm_env, *common(inputs, run_dir, "dp=3", "cluster.array=3", "cluster.max_array_size=2", "wait=true")
+    )
     assert r.returncode == 0, r.stderr
     record = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]
     assert record["rank_groups"] == [[0], [1], [2]] and len(record["workers"]) == 2
@@ -158,21 +183,28 @@ def test_groups_beyond_max_array_size_go_in_several_submissions(inputs, tmp_path
     assert pq.read_table(run_dir / "results.parquet").equals(local_results)
 
 
-@pytest.mark.parametrize("extra,env_change,message", [
-    (["cluster.partition=nosuch"], {}, "cluster.partition='nosuch' does not exist"),
-    ([], {"PATH": "/nonexistent"}, "needs Slurm's sbatch on PATH"),
-    ([], {"SLURM_CONF": "dead"}, "the Slurm controller does not answer"),
-])
-def test_slurm_problems_are_refused_before_anything_is_written(inputs, tmp_path, slurm_env, extra, env_change,
-                                                               message):
+@pytest.mark.parametrize(
+    "extra,env_change,message",
+    [
+        (["cluster.partition=nosuch"], {}, "cluster.partition='nosuch' does not exist"),
+        ([], {"PATH": "/nonexistent"}, "needs Slurm's sbatch on PATH"),
+        ([], {"SLURM_CONF": "dead"}, "the Slurm controller does not answer"),
+    ],
+)
+def test_slurm_problems_are_refused_before_anything_is_written(inputs, tmp_path, slurm_env, extra, env_change, message):
     run_dir = tmp_path / "run"
     if env_change.get("SLURM_CONF") == "dead":  # a config whose controller port nobody listens on
         conf = tmp_path / "slurm.conf"
         conf.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=9", open(slurm_env["SLURM_CONF"]).read()))
         env_change = {"SLURM_CONF": str(conf)}
-    r = subprocess.run([sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", "dp=2",
-                        *common(inputs, run_dir), *extra], cwd=REPO, env={**slurm_env, **env_change},
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", "dp=2", *common(inputs, run_dir), *extra],
+        cwd=REPO,
+        env={**slurm_env, **env_change},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not run_dir.exists()

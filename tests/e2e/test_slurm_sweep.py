@@ -6,6 +6,7 @@ The jobs are submitted held (`+cluster.sbatch.hold=true`, i.e. `sbatch --hold`),
 cannot start, let alone finish, while submit runs: a submit that waited for its jobs would time
 out instead of returning. The test releases them itself; it touches no other job and no
 partition, and cancels whatever of its jobs is left, whatever happens."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,10 @@ def test_sweep_queues_without_waiting_then_report_names_the_best_layout(tmp_path
     data = tmp_path / "data"
     data.mkdir()
     for f in range(FILES):
-        rows = [{"id": f * 100 + i, "prompt": f"Write a line about river {i} of country {f}.", "n": [i, f]}
-                for i in range(ROWS_PER_FILE)]
+        rows = [
+            {"id": f * 100 + i, "prompt": f"Write a line about river {i} of country {f}.", "n": [i, f]}
+            for i in range(ROWS_PER_FILE)
+        ]
         pq.write_table(pa.Table.from_pylist(rows), data / f"part-{f}.parquet")
     expected = pa.concat_tables(pq.read_table(data / f"part-{f}.parquet") for f in range(FILES))
     job_name = f"sweeptest{os.getpid()}"  # this test's jobs, and only they, carry this name
@@ -54,14 +57,33 @@ def test_sweep_queues_without_waiting_then_report_names_the_best_layout(tmp_path
     try:
         t0 = time.time()
         try:
-            r = subprocess.run([sys.executable, "-m", "hpcinfer.submit", "-m", "cluster=slurm_cpu", "dp=1,2",
-                                f"data.input={data}/*.parquet", "data.id_column=id", "data.shard_rows=4",
-                                "sampling=greedy", "sampling.max_tokens=8", f"cluster.job_name={job_name}",
-                                "+cluster.sbatch.hold=true"],
-                               cwd=work, env=slurm_env, capture_output=True, text=True, timeout=180)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hpcinfer.submit",
+                    "-m",
+                    "cluster=slurm_cpu",
+                    "dp=1,2",
+                    f"data.input={data}/*.parquet",
+                    "data.id_column=id",
+                    "data.shard_rows=4",
+                    "sampling=greedy",
+                    "sampling.max_tokens=8",
+                    f"cluster.job_name={job_name}",
+                    "+cluster.sbatch.hold=true",
+                ],
+                cwd=work,
+                env=slurm_env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
         except subprocess.TimeoutExpired as e:
-            pytest.fail(f"submit -m did not return in {e.timeout} s while its jobs were held: it waits for Slurm "
-                        f"instead of queueing and returning\n{e.stderr}")
+            pytest.fail(
+                f"submit -m did not return in {e.timeout} s while its jobs were held: it waits for Slurm "
+                f"instead of queueing and returning\n{e.stderr}"
+            )
         submit_s = time.time() - t0
         assert r.returncode == 0, r.stderr
         sweeps = list((work / "outputs" / "multirun").glob("*/*"))
@@ -83,8 +105,13 @@ def test_sweep_queues_without_waiting_then_report_names_the_best_layout(tmp_path
             assert json.loads((run / "plan.json").read_text())["dp"] == dp
             assert not (run / "summary.json").exists() and not (run / "results.parquet").exists()
             assert not list((run / "ranks").glob("*.json"))  # no rank has started
-        early = subprocess.run([sys.executable, "-m", "hpcinfer.report", str(sweep)], env=slurm_env,
-                               capture_output=True, text=True, timeout=120)
+        early = subprocess.run(
+            [sys.executable, "-m", "hpcinfer.report", str(sweep)],
+            env=slurm_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert early.returncode == 1 and "no finished run yet" in early.stdout, early.stdout + early.stderr
         assert early.stdout.count("| unfinished |") == 2 and not (sweep / "report.png").exists()
 
@@ -108,12 +135,18 @@ def test_sweep_queues_without_waiting_then_report_names_the_best_layout(tmp_path
         hosts = [{rank["host"] for rank in json.loads((run / "summary.json").read_text())["ranks"]} for run in runs]
         assert all(h and h <= {"n1", "n2", "n3", "n4"} for h in hosts), hosts  # ran on Slurm's nodes
 
-        rep = subprocess.run([sys.executable, "-m", "hpcinfer.report", str(sweep)], env=slurm_env,
-                             capture_output=True, text=True, timeout=120)
+        rep = subprocess.run(
+            [sys.executable, "-m", "hpcinfer.report", str(sweep)],
+            env=slurm_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert rep.returncode == 0, rep.stdout + rep.stderr
         best = [line for line in rep.stdout.splitlines() if line.startswith("best layout:")]
-        assert len(best) == 1 and best[0].startswith(("best layout: tp=1 pp=1 dp=1 ", "best layout: tp=1 pp=1 dp=2 ")), \
-            rep.stdout
+        assert len(best) == 1 and best[0].startswith(
+            ("best layout: tp=1 pp=1 dp=1 ", "best layout: tp=1 pp=1 dp=2 ")
+        ), rep.stdout
         assert "output tok/s per CPU worker" in best[0], best[0]
         assert (sweep / "report.png").read_bytes()[:8] == PNG_MAGIC
         md = (sweep / "report.md").read_text()

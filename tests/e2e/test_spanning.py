@@ -2,6 +2,7 @@
 rank 0 as two processes on this machine, the leader (`hpcinfer.worker`, nnodes=2 node_rank=0) and
 a headless one (`hpcinfer.headless`, node_rank=1), joined through vLLM's multiprocessing backend
 over gloo, exactly as two Slurm nodes would be. The headless process must end on its own."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,16 @@ ROWS, MAX_TOKENS = 24, 8
 @pytest.fixture(scope="module")
 def spanning_run(hpcinfer, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "spanning"
-    proc = hpcinfer("submit", "tp=2", "cluster.gpus_per_node=1", "sampling=greedy", f"sampling.max_tokens={MAX_TOKENS}",
-                    f"data.demo_rows={ROWS}", f"run_dir={run_dir}", timeout=600)
+    proc = hpcinfer(
+        "submit",
+        "tp=2",
+        "cluster.gpus_per_node=1",
+        "sampling=greedy",
+        f"sampling.max_tokens={MAX_TOKENS}",
+        f"data.demo_rows={ROWS}",
+        f"run_dir={run_dir}",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -46,6 +55,7 @@ def test_leader_and_headless_formed_one_engine_and_the_headless_left_by_itself(s
 def test_every_node_runs_the_leaders_scheduler_limits(spanning_run):
     """vLLM's defaults depend on how the engine is made (its `LLM` class or not); a node whose
     profile run used another batch size than the leader's hangs in the first collective (2x H200)."""
+
     def limits(log):
         return re.findall(r"max_num_batched_tokens=(\d+)", (spanning_run / "logs" / log).read_text())
 
@@ -69,9 +79,13 @@ if __name__ == "__main__":
     os._exit(0)
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(s["engine_args"]),
-                           json.dumps([r["prompt"] for r in rows])], capture_output=True, text=True, timeout=600,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(s["engine_args"]), json.dumps([r["prompt"] for r in rows])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    assert [r["generated_text"] for r in rows] == json.loads(raw[len("RESULT "):])
+    assert [r["generated_text"] for r in rows] == json.loads(raw[len("RESULT ") :])

@@ -1,4 +1,5 @@
 """Layout sweeps: `submit -m` puts each run in the sweep directory; `report` compares them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,9 @@ def fake_run(root, name, tp, dp, tps, kind="cuda"):
 
 
 def test_report_names_the_best_layout_per_gpu(tmp_path):
-    fake_run(tmp_path, "0", 1, 2, 1000.0)   # 500 per GPU
-    fake_run(tmp_path, "1", 2, 1, 1200.0)   # 600 per GPU
-    fake_run(tmp_path, "2", 1, 4, None)     # still running
+    fake_run(tmp_path, "0", 1, 2, 1000.0)  # 500 per GPU
+    fake_run(tmp_path, "1", 2, 1, 1200.0)  # 600 per GPU
+    fake_run(tmp_path, "2", 1, 4, None)  # still running
     fake_run(tmp_path, "10", 1, 1, 550.0)
     out = report(str(tmp_path))
     assert [r["run"] for r in out["rows"]] == ["0", "1", "2", "10"]
@@ -45,17 +46,28 @@ def test_no_finished_run_has_no_best(tmp_path):
 
 @pytest.mark.vllm
 def test_multirun_sweep_then_report(tmp_path, cli_env):
-    r = subprocess.run([sys.executable, "-m", "hpcinfer.submit", "-m", "dp=1,2", "data.demo_rows=40",
-                        "sampling.max_tokens=8"], cwd=tmp_path, env=cli_env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.submit", "-m", "dp=1,2", "data.demo_rows=40", "sampling.max_tokens=8"],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
     assert sorted(p.name for p in sweep.iterdir() if (p / "summary.json").exists()) == ["0", "1"]
     assert f"python -m hpcinfer.report {sweep.relative_to(tmp_path)}" in r.stderr
-    rep = subprocess.run([sys.executable, "-m", "hpcinfer.report", str(sweep)], env=cli_env, capture_output=True,
-                         text=True, timeout=120)
+    rep = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.report", str(sweep)], env=cli_env, capture_output=True, text=True, timeout=120
+    )
     assert rep.returncode == 0, rep.stderr
     assert "best layout: tp=1 pp=1 dp=" in rep.stdout and (sweep / "report.png").exists()
-    bad = subprocess.run([sys.executable, "-m", "hpcinfer.report", str(tmp_path / "nothing")], env=cli_env,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hpcinfer.report", str(tmp_path / "nothing")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "holds no hpcinfer runs" in bad.stderr

@@ -1,20 +1,33 @@
 """The environment contract between a launcher and a rank process."""
+
 import socket
 
 import pytest
 
 from hpcinfer.launch.env import VLLM_DP_VARS, RankContext, context_from_env, free_port, rank_env
 
-BASE = {"PATH": "/usr/bin", "HOME": "/home/u", "CUDA_VISIBLE_DEVICES": "0,1,2,3",
-        **{k: "7" for k in VLLM_DP_VARS}}
+BASE = {"PATH": "/usr/bin", "HOME": "/home/u", "CUDA_VISIBLE_DEVICES": "0,1,2,3", **{k: "7" for k in VLLM_DP_VARS}}
 
 
 def make_env(base=None, workers_per_rank=2, cpu_kvcache_gib=3, offline=False, **kw):
-    ctx = dict(rank=1, world_size=2, local_rank=1, hosts=["n1", "n2"], master_addr="10.0.0.1",
-               master_port=29555, device_kind="cuda", devices=["2", "3"])
+    ctx = dict(
+        rank=1,
+        world_size=2,
+        local_rank=1,
+        hosts=["n1", "n2"],
+        master_addr="10.0.0.1",
+        master_port=29555,
+        device_kind="cuda",
+        devices=["2", "3"],
+    )
     ctx.update(kw)
-    return rank_env(BASE if base is None else base, RankContext(**ctx), workers_per_rank=workers_per_rank,
-                    cpu_kvcache_gib=cpu_kvcache_gib, offline=offline)
+    return rank_env(
+        BASE if base is None else base,
+        RankContext(**ctx),
+        workers_per_rank=workers_per_rank,
+        cpu_kvcache_gib=cpu_kvcache_gib,
+        offline=offline,
+    )
 
 
 def test_removes_vllm_dp_vars_and_keeps_the_rest():
@@ -100,8 +113,16 @@ def test_offline_flags(kind):
 def test_context_round_trip(kind, devices):
     env = make_env(device_kind=kind, devices=devices, workers_per_rank=1)
     ctx = context_from_env(env)
-    assert ctx == RankContext(rank=1, world_size=2, local_rank=1, hosts=["n1", "n2"], master_addr="10.0.0.1",
-                              master_port=29555, device_kind=kind, devices=devices)
+    assert ctx == RankContext(
+        rank=1,
+        world_size=2,
+        local_rank=1,
+        hosts=["n1", "n2"],
+        master_addr="10.0.0.1",
+        master_port=29555,
+        device_kind=kind,
+        devices=devices,
+    )
     assert ctx.host == socket.gethostname()
 
 

@@ -1,4 +1,5 @@
 """The VLLM_DP_* environment of vLLM's lockstep data-parallel path (MoE with expert parallelism)."""
+
 import pytest
 from conftest import bare_plan, check_group, plan_for
 
@@ -8,8 +9,12 @@ from hpcinfer.launch.slurm.task import master_port
 
 def test_lockstep_env():
     assert lockstep_env(3, 1, 4, "10.0.0.1", 23936) == {
-        "VLLM_DP_RANK": "3", "VLLM_DP_RANK_LOCAL": "1", "VLLM_DP_SIZE": "4",
-        "VLLM_DP_MASTER_IP": "10.0.0.1", "VLLM_DP_MASTER_PORT": "23936"}
+        "VLLM_DP_RANK": "3",
+        "VLLM_DP_RANK_LOCAL": "1",
+        "VLLM_DP_SIZE": "4",
+        "VLLM_DP_MASTER_IP": "10.0.0.1",
+        "VLLM_DP_MASTER_PORT": "23936",
+    }
 
 
 def test_lockstep_env_edges():
@@ -18,24 +23,27 @@ def test_lockstep_env_edges():
     assert lockstep_env(0, 0, 2, "fd00:0:0::1", 29500)["VLLM_DP_MASTER_IP"] == "fd00::1"  # IPv6, normalized
 
 
-@pytest.mark.parametrize("args,quoted", [
-    ((True, 0, 2, "10.0.0.1", 29500), "rank=True is not an integer"),
-    ((0, 0, 2.0, "10.0.0.1", 29500), "size=2.0 is not an integer"),
-    ((0, "0", 2, "10.0.0.1", 29500), "local_rank='0' is not an integer"),
-    ((0, 0, 2, "10.0.0.1", "29500"), "master_port='29500' is not an integer"),
-    ((0, 0, 0, "10.0.0.1", 29500), "size=0 is not >= 1"),
-    ((2, 0, 2, "10.0.0.1", 29500), "rank=2 is not in [0, size=2)"),
-    ((-1, 0, 2, "10.0.0.1", 29500), "rank=-1 is not in [0, size=2)"),
-    ((1, 2, 4, "10.0.0.1", 29500), "local_rank=2 is not in [0, rank=1]"),
-    ((1, -1, 4, "10.0.0.1", 29500), "local_rank=-1 is not in [0, rank=1]"),
-    ((0, 0, 2, "10.0.0.1", 0), "master_port=0 is not in [1, 65535]"),
-    ((0, 0, 2, "10.0.0.1", 65536), "master_port=65536 is not in [1, 65535]"),
-    ((0, 0, 2, "gpu01", 29500), "master_ip='gpu01' is not an IP address (a host name? resolve it first)"),
-    ((0, 0, 2, "10.0.0.1 ", 29500), "master_ip='10.0.0.1 ' is not an IP address"),
-    ((0, 0, 2, "", 29500), "master_ip='' is not an IP address"),
-    ((0, 0, 2, None, 29500), "master_ip=None is not a string"),
-    ((0, 0, 2, "0.0.0.0", 29500), "master_ip='0.0.0.0' is the unspecified address"),
-])
+@pytest.mark.parametrize(
+    "args,quoted",
+    [
+        ((True, 0, 2, "10.0.0.1", 29500), "rank=True is not an integer"),
+        ((0, 0, 2.0, "10.0.0.1", 29500), "size=2.0 is not an integer"),
+        ((0, "0", 2, "10.0.0.1", 29500), "local_rank='0' is not an integer"),
+        ((0, 0, 2, "10.0.0.1", "29500"), "master_port='29500' is not an integer"),
+        ((0, 0, 0, "10.0.0.1", 29500), "size=0 is not >= 1"),
+        ((2, 0, 2, "10.0.0.1", 29500), "rank=2 is not in [0, size=2)"),
+        ((-1, 0, 2, "10.0.0.1", 29500), "rank=-1 is not in [0, size=2)"),
+        ((1, 2, 4, "10.0.0.1", 29500), "local_rank=2 is not in [0, rank=1]"),
+        ((1, -1, 4, "10.0.0.1", 29500), "local_rank=-1 is not in [0, rank=1]"),
+        ((0, 0, 2, "10.0.0.1", 0), "master_port=0 is not in [1, 65535]"),
+        ((0, 0, 2, "10.0.0.1", 65536), "master_port=65536 is not in [1, 65535]"),
+        ((0, 0, 2, "gpu01", 29500), "master_ip='gpu01' is not an IP address (a host name? resolve it first)"),
+        ((0, 0, 2, "10.0.0.1 ", 29500), "master_ip='10.0.0.1 ' is not an IP address"),
+        ((0, 0, 2, "", 29500), "master_ip='' is not an IP address"),
+        ((0, 0, 2, None, 29500), "master_ip=None is not a string"),
+        ((0, 0, 2, "0.0.0.0", 29500), "master_ip='0.0.0.0' is the unspecified address"),
+    ],
+)
 def test_lockstep_env_rejects(args, quoted):
     with pytest.raises(LockstepError) as e:
         lockstep_env(*args)
@@ -51,6 +59,7 @@ def test_lockstep_env_reports_every_problem_at_once():
 
 # ---- lockstep_devices, a group smaller than the job's tasks ----
 
+
 def test_lockstep_devices_keep_the_node_gpus_visible():
     assert lockstep_devices(["0", "1", "2", "3"], 1, 2) == "0,1,2,3"  # vLLM picks 2,3 for local rank 1
     assert lockstep_devices(["4", "5"], 0, 2) == "4,5"
@@ -61,14 +70,16 @@ def test_lockstep_devices_keep_the_node_gpus_visible():
 
 # ---- the local backend's ranks ----
 
+
 def _local(overrides, devices, base):
     from hpcinfer.cli import compose
     from hpcinfer.launch.local import rank_processes
 
     cfg = compose(overrides)
     plan = plan_for(cfg, devices, rows=40)
-    return [rank_processes(base, cfg, plan, r, group=list(range(cfg.dp)), master_port=29611)[0].env
-            for r in range(cfg.dp)]
+    return [
+        rank_processes(base, cfg, plan, r, group=list(range(cfg.dp)), master_port=29611)[0].env for r in range(cfg.dp)
+    ]
 
 
 PARENT = {"PATH": "/bin", "VLLM_DP_RANK": "9", "VLLM_DP_SIZE": "12", "VLLM_DP_MASTER_IP": "10.1.1.1"}
@@ -79,14 +90,14 @@ def test_local_moe_ep_ranks_form_one_group_seeing_all_gpus():
 
     envs = _local(["model=tiny_moe", "ep=true", "dp=2", "tp=2"], Devices(gpus=["0", "1", "2", "3"]), PARENT)
     check_group(envs)
-    assert [(e["VLLM_DP_RANK"], e["VLLM_DP_RANK_LOCAL"], e["VLLM_DP_SIZE"]) for e in envs] == [("0", "0", "2"),
-                                                                                              ("1", "1", "2")]
+    assert [(e["VLLM_DP_RANK"], e["VLLM_DP_RANK_LOCAL"], e["VLLM_DP_SIZE"]) for e in envs] == [
+        ("0", "0", "2"),
+        ("1", "1", "2"),
+    ]
     assert {e["VLLM_DP_MASTER_IP"] for e in envs} == {"127.0.0.1"}
     assert {e["VLLM_DP_MASTER_PORT"] for e in envs} == {"29611"}
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1,2,3", "0,1,2,3"]  # vLLM: rank 1 -> GPUs 2,3
     assert [e["HPCINFER_DEVICES"] for e in envs] == ["0,1", "2,3"]  # each rank's own, for the summary
-
-
 
 
 @pytest.mark.parametrize("overrides", [["dp=2"], ["model=tiny_moe", "dp=2"]])
@@ -109,13 +120,29 @@ def _slurm_task_env(overrides, procid, localid, visible, group_size=None, **extr
     from hpcinfer.launch.slurm.task import slurm_task
 
     cfg = compose(["cluster=slurm", *overrides])
-    env = {**SLURM, "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid), "SLURM_NODEID": str(procid // 2),
-           **PARENT, **extra}
+    env = {
+        **SLURM,
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(localid),
+        "SLURM_NODEID": str(procid // 2),
+        **PARENT,
+        **extra,
+    }
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     plan = bare_plan(4, per_rank=2)
-    return task_process(env, cfg, plan, slurm_task(env), procid, ["gpu07", "gpu08"], "10.0.0.7", master_port(4242),
-                        {0}, group_size=group_size).env
+    return task_process(
+        env,
+        cfg,
+        plan,
+        slurm_task(env),
+        procid,
+        ["gpu07", "gpu08"],
+        "10.0.0.7",
+        master_port(4242),
+        {0},
+        group_size=group_size,
+    ).env
 
 
 MOE = ["model=tiny_moe", "ep=true", "dp=4", "tp=2"]
@@ -126,8 +153,12 @@ def test_slurm_moe_ep_tasks_form_one_group_and_see_their_node():
     check_group(envs)
     for p, env in enumerate(envs):
         assert {k: env[k] for k in VLLM_DP_VARS} == {
-            "VLLM_DP_RANK": str(p), "VLLM_DP_RANK_LOCAL": str(p % 2), "VLLM_DP_SIZE": "4",
-            "VLLM_DP_MASTER_IP": "10.0.0.7", "VLLM_DP_MASTER_PORT": str(master_port(4242))}
+            "VLLM_DP_RANK": str(p),
+            "VLLM_DP_RANK_LOCAL": str(p % 2),
+            "VLLM_DP_SIZE": "4",
+            "VLLM_DP_MASTER_IP": "10.0.0.7",
+            "VLLM_DP_MASTER_PORT": str(master_port(4242)),
+        }
         assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and env["HPCINFER_DEVICES"] == ["0,1", "2,3"][p % 2]
     unset = _slurm_task_env(MOE, 1, 1, None)
     assert "CUDA_VISIBLE_DEVICES" not in unset  # Slurm set nothing: every GPU stays visible

@@ -2,6 +2,7 @@
 (launch/env.py), the config rules, the Slurm job layout and task mapping
 (launch/slurm/), the plan, and the local launcher's processes (leader + headless).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,25 +31,37 @@ LLAMA = ["model=llama", "model.path=org/llama"]  # 32 heads: tp up to 32
 
 
 # ---- replica.py --------------------------------------------------------------------------------
-@pytest.mark.parametrize("per_rank,per_node,nodes", [(1, 8, 1), (8, 8, 1), (16, 8, 2), (32, 8, 4), (2, 1, 2),
-                                                     (4, None, 1), (4, 0, 1), (6, 2, 3)])
+@pytest.mark.parametrize(
+    "per_rank,per_node,nodes",
+    [(1, 8, 1), (8, 8, 1), (16, 8, 2), (32, 8, 4), (2, 1, 2), (4, None, 1), (4, 0, 1), (6, 2, 3)],
+)
 def test_nodes_per_rank(per_rank, per_node, nodes):
     assert nodes_per_rank(per_rank, per_node) == nodes
 
 
 @pytest.mark.parametrize("per_rank,per_node", [(12, 8), (3, 2), (9, 4)])
 def test_nodes_per_replica_needs_whole_nodes(per_rank, per_node):
-    with pytest.raises(ValueError, match=f"{per_rank} GPUs per rank is neither at most "
-                                         f"cluster.gpus_per_node={per_node} nor a multiple of it"):
+    with pytest.raises(
+        ValueError,
+        match=f"{per_rank} GPUs per rank is neither at most cluster.gpus_per_node={per_node} nor a multiple of it",
+    ):
         nodes_per_rank(per_rank, per_node)
 
 
 def test_replica_env_and_engine_args_round_trip():
     env = replica_env(2, 1, "10.0.0.7", 20008)
-    assert env == {"HPCINFER_NNODES": "2", "HPCINFER_NODE_RANK": "1", "HPCINFER_REPLICA_ADDR": "10.0.0.7",
-                   "HPCINFER_REPLICA_PORT": "20008"}
-    assert replica_engine_args({"PATH": "/bin", **env}) == {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.7",
-                                                            "master_port": 20008}
+    assert env == {
+        "HPCINFER_NNODES": "2",
+        "HPCINFER_NODE_RANK": "1",
+        "HPCINFER_REPLICA_ADDR": "10.0.0.7",
+        "HPCINFER_REPLICA_PORT": "20008",
+    }
+    assert replica_engine_args({"PATH": "/bin", **env}) == {
+        "nnodes": 2,
+        "node_rank": 1,
+        "master_addr": "10.0.0.7",
+        "master_port": 20008,
+    }
 
 
 def test_single_node_replica_has_no_variables_and_no_extra_engine_args():
@@ -57,28 +70,48 @@ def test_single_node_replica_has_no_variables_and_no_extra_engine_args():
     assert replica_engine_args({"HPCINFER_NNODES": "1", "HPCINFER_NODE_RANK": "0"}) == {}
 
 
-@pytest.mark.parametrize("args,quoted", [
-    ((0, 0, "10.0.0.1", 1), "nnodes=0 is not >= 1"),
-    ((2, 2, "10.0.0.1", 1), "node_rank=2 is not in [0, nnodes=2)"),
-    ((2, -1, "10.0.0.1", 1), "node_rank=-1 is not in [0, nnodes=2)"),
-    ((2, 0, "10.0.0.1", 0), "port=0 is not in [1, 65535]"),
-    ((2, 0, "10.0.0.1", None), "port=None is not an integer"),
-    ((2, 0, "node7", 29500), "addr='node7' is not an IP address"),
-    ((True, 0, "10.0.0.1", 29500), "nnodes=True is not an integer"),
-])
+@pytest.mark.parametrize(
+    "args,quoted",
+    [
+        ((0, 0, "10.0.0.1", 1), "nnodes=0 is not >= 1"),
+        ((2, 2, "10.0.0.1", 1), "node_rank=2 is not in [0, nnodes=2)"),
+        ((2, -1, "10.0.0.1", 1), "node_rank=-1 is not in [0, nnodes=2)"),
+        ((2, 0, "10.0.0.1", 0), "port=0 is not in [1, 65535]"),
+        ((2, 0, "10.0.0.1", None), "port=None is not an integer"),
+        ((2, 0, "node7", 29500), "addr='node7' is not an IP address"),
+        ((True, 0, "10.0.0.1", 29500), "nnodes=True is not an integer"),
+    ],
+)
 def test_replica_env_rejects(args, quoted):
     with pytest.raises(ReplicaError) as e:
         replica_env(*args)
     assert quoted in str(e.value)
 
 
-@pytest.mark.parametrize("env,quoted", [
-    ({"HPCINFER_NNODES": "2", "HPCINFER_NODE_RANK": "0"}, "HPCINFER_REPLICA_ADDR, HPCINFER_REPLICA_PORT not set"),
-    ({"HPCINFER_NNODES": "two", "HPCINFER_NODE_RANK": "0", "HPCINFER_REPLICA_ADDR": "10.0.0.1",
-      "HPCINFER_REPLICA_PORT": "1"}, "HPCINFER_NNODES='two'"),
-    ({"HPCINFER_NNODES": "2", "HPCINFER_NODE_RANK": "5", "HPCINFER_REPLICA_ADDR": "10.0.0.1",
-      "HPCINFER_REPLICA_PORT": "1"}, "node_rank=5 is not in [0, nnodes=2)"),
-])
+@pytest.mark.parametrize(
+    "env,quoted",
+    [
+        ({"HPCINFER_NNODES": "2", "HPCINFER_NODE_RANK": "0"}, "HPCINFER_REPLICA_ADDR, HPCINFER_REPLICA_PORT not set"),
+        (
+            {
+                "HPCINFER_NNODES": "two",
+                "HPCINFER_NODE_RANK": "0",
+                "HPCINFER_REPLICA_ADDR": "10.0.0.1",
+                "HPCINFER_REPLICA_PORT": "1",
+            },
+            "HPCINFER_NNODES='two'",
+        ),
+        (
+            {
+                "HPCINFER_NNODES": "2",
+                "HPCINFER_NODE_RANK": "5",
+                "HPCINFER_REPLICA_ADDR": "10.0.0.1",
+                "HPCINFER_REPLICA_PORT": "1",
+            },
+            "node_rank=5 is not in [0, nnodes=2)",
+        ),
+    ],
+)
 def test_replica_engine_args_rejects(env, quoted):
     with pytest.raises(ReplicaError, match=None) as e:
         replica_engine_args(env)
@@ -104,8 +137,13 @@ def test_ranks_strip_inherited_replica_variables():
     from hpcinfer.launch.env import RankContext, rank_env
 
     base = {"PATH": "/bin", **replica_env(2, 1, "10.0.0.1", 9)}
-    env = rank_env(base, RankContext(0, 1, 0, ["h"], "127.0.0.1", 1, "cuda", ["0"]), workers_per_rank=1,
-                   cpu_kvcache_gib=1, offline=False)
+    env = rank_env(
+        base,
+        RankContext(0, 1, 0, ["h"], "127.0.0.1", 1, "cuda", ["0"]),
+        workers_per_rank=1,
+        cpu_kvcache_gib=1,
+        offline=False,
+    )
     assert not any(k in env for k in REPLICA_VARS)
 
 
@@ -116,18 +154,26 @@ def test_slurm_replicas_spanning_whole_nodes_are_valid():
 
 
 def test_slurm_replica_of_a_partial_node_is_refused():
-    with pytest.raises(ConfigError, match="tp=4 x pp=3: 12 GPUs per rank is neither at most "
-                                          "cluster.gpus_per_node=8 nor a multiple of it"):
+    with pytest.raises(
+        ConfigError,
+        match="tp=4 x pp=3: 12 GPUs per rank is neither at most cluster.gpus_per_node=8 nor a multiple of it",
+    ):
         validate(compose(["cluster=slurm", *LLAMA, "tp=4", "pp=3", "cluster.gpus_per_node=8"]))
 
 
 def test_spanning_with_ranks_per_node_or_lockstep_is_refused():
-    with pytest.raises(ConfigError, match="cluster.ranks_per_node=2 cannot be set when a rank spans nodes "
-                                          "\\(tp=16 x pp=1 = 16 per rank over 2 nodes of cluster.gpus_per_node=8\\)"):
+    with pytest.raises(
+        ConfigError,
+        match="cluster.ranks_per_node=2 cannot be set when a rank spans nodes "
+        "\\(tp=16 x pp=1 = 16 per rank over 2 nodes of cluster.gpus_per_node=8\\)",
+    ):
         validate(compose(["cluster=slurm", *LLAMA, "tp=16", "cluster.gpus_per_node=8", "cluster.ranks_per_node=2"]))
     validate(compose(["cluster=slurm", *LLAMA, "tp=16", "cluster.gpus_per_node=8", "cluster.ranks_per_node=1"]))
-    with pytest.raises(ConfigError, match="ep=true runs the ranks as one vLLM data-parallel group, which hpcinfer "
-                                          "does not combine with replicas spanning nodes"):
+    with pytest.raises(
+        ConfigError,
+        match="ep=true runs the ranks as one vLLM data-parallel group, which hpcinfer "
+        "does not combine with replicas spanning nodes",
+    ):
         validate(compose(["model=tiny_moe", "ep=true", "tp=2", "cluster.gpus_per_node=1"]))
 
 
@@ -154,10 +200,12 @@ def test_job_layout_of_spanning_ranks_with_limits():
     assert rank_groups(list(range(5)), j) == [[0, 1], [2, 3], [4]]
     assert job_layout(4, 1, array=2, nodes_per_rank=4).nodes_per_job == 8
     assert job_layout(2, 1, nodes=4, nodes_per_rank=2).nodes_per_job == 4
-    for kwargs, msg in [(dict(max_nodes_per_job=1), "a rank spans 2 nodes but cluster.max_nodes_per_job=1"),
-                        (dict(nodes=3), "cluster.nodes=3 is not a multiple of the 2 nodes each rank spans"),
-                        (dict(nodes=2), "cluster.nodes=2 node\\(s\\) x 1 rank per 2 nodes cannot hold the 2 rank"),
-                        (dict(nodes=6), "cluster.nodes=6 is more nodes than the 2 rank\\(s\\) of a job need")]:
+    for kwargs, msg in [
+        (dict(max_nodes_per_job=1), "a rank spans 2 nodes but cluster.max_nodes_per_job=1"),
+        (dict(nodes=3), "cluster.nodes=3 is not a multiple of the 2 nodes each rank spans"),
+        (dict(nodes=2), "cluster.nodes=2 node\\(s\\) x 1 rank per 2 nodes cannot hold the 2 rank"),
+        (dict(nodes=6), "cluster.nodes=6 is more nodes than the 2 rank\\(s\\) of a job need"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             job_layout(2, 1, nodes_per_rank=2, **kwargs)
 
@@ -167,15 +215,26 @@ def test_slurm_jobs_and_places_of_spanning_ranks():
     plan = _plan(cfg, Devices(gpus=[str(i) for i in range(8)]))
     assert plan.jobs.nodes_per_rank == 2 and plan.nodes == 6 and plan.nodes_per_rank == 2
     assert [(rp.job, rp.node, rp.devices) for rp in plan.rank_plans] == [
-        (0, 0, [str(i) for i in range(8)]), (0, 2, [str(i) for i in range(8)]), (0, 4, [str(i) for i in range(8)])]
+        (0, 0, [str(i) for i in range(8)]),
+        (0, 2, [str(i) for i in range(8)]),
+        (0, 4, [str(i) for i in range(8)]),
+    ]
     text = format_plan(plan)
     assert "replicas   each rank spans 2 nodes of 8 GPU(s)" in text
     assert "  rank 1    job 0 nodes 2 (leader), 3 (headless), gpu 0,1,2,3,4,5,6,7 on each" in text
 
 
 def test_lockstep_must_be_one_job():
-    cfg = compose(["cluster=slurm", "model=tiny_moe", "ep=true", "dp=16", "cluster.gpus_per_node=4",
-                   "cluster.max_nodes_per_job=2"])
+    cfg = compose(
+        [
+            "cluster=slurm",
+            "model=tiny_moe",
+            "ep=true",
+            "dp=16",
+            "cluster.gpus_per_node=4",
+            "cluster.max_nodes_per_job=2",
+        ]
+    )
     with pytest.raises(ConfigError, match="ep=true ranks run in lockstep as one vLLM group, so they must be one job"):
         slurm_jobs(cfg, 16)
 
@@ -195,9 +254,17 @@ def _plan(cfg, devices, rows=30):
 
 # ---- Slurm tasks -------------------------------------------------------------------------------
 def _slurm(procid, ntasks, job="300", **extra):
-    return {"SLURM_JOB_ID": job, "SLURM_PROCID": str(procid), "SLURM_LOCALID": "0", "SLURM_NTASKS": str(ntasks),
-            "SLURM_NODEID": str(procid), "SLURM_JOB_NODELIST": "g[1-4]", "PATH": "/bin",
-            "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", **extra}
+    return {
+        "SLURM_JOB_ID": job,
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_NODEID": str(procid),
+        "SLURM_JOB_NODELIST": "g[1-4]",
+        "PATH": "/bin",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+        **extra,
+    }
 
 
 def test_slurm_tasks_of_spanning_ranks():
@@ -210,8 +277,9 @@ def test_slurm_tasks_of_spanning_ranks():
     for procid in range(4):
         task = slurm_task(_slurm(procid, 4))
         index, node_rank = task_replica(task.procid, 2)
-        p = task_process(_slurm(procid, 4), cfg, plan, task, index, hosts, "10.0.0.1", 20008, {0},
-                         resolve=addresses.get)
+        p = task_process(
+            _slurm(procid, 4), cfg, plan, task, index, hosts, "10.0.0.1", 20008, {0}, resolve=addresses.get
+        )
         env, args = p.env, replica_engine_args(p.env)
         assert (p.module, p.node_rank) == (WORKER if node_rank == 0 else HEADLESS, node_rank)
         seen.append((env["HPCINFER_RANK"], env["CUDA_VISIBLE_DEVICES"], args))
@@ -223,7 +291,8 @@ def test_slurm_tasks_of_spanning_ranks():
         {"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.1", "master_port": 20008},
         {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 20008},
         {"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.3", "master_port": 20009},
-        {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.3", "master_port": 20009}]
+        {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.3", "master_port": 20009},
+    ]
 
 
 def test_slurm_cpu_nodes_span_by_workers_per_node():
@@ -231,10 +300,14 @@ def test_slurm_cpu_nodes_span_by_workers_per_node():
     plan = _plan(cfg, Devices(cpus=[0]))
     assert (plan.jobs.nodes_per_rank, plan.jobs.nodes_per_job, plan.jobs.tasks_per_node) == (2, 4, 1)
     assert "  rank 1    job 0 nodes 2 (leader), 3 (headless), cpu its task's on each" in format_plan(plan)
-    for overrides, msg in [(["cluster=slurm", "cluster.workers_per_node=1"], "is for CPU nodes"),
-                           (["cluster=slurm_cpu", "cluster.workers_per_node=0"], "must be >= 1"),
-                           (["cluster=slurm_cpu", "tp=4", "cluster.workers_per_node=3"],
-                            "neither at most cluster.workers_per_node=3 nor a multiple of it")]:
+    for overrides, msg in [
+        (["cluster=slurm", "cluster.workers_per_node=1"], "is for CPU nodes"),
+        (["cluster=slurm_cpu", "cluster.workers_per_node=0"], "must be >= 1"),
+        (
+            ["cluster=slurm_cpu", "tp=4", "cluster.workers_per_node=3"],
+            "neither at most cluster.workers_per_node=3 nor a multiple of it",
+        ),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             validate(compose(overrides))
     validate(compose(["cluster=slurm_cpu", "tp=2"]))  # no workers_per_node: one node runs them all
@@ -247,22 +320,51 @@ def test_slurm_cpu_tasks_of_a_spanning_rank_take_their_own_cores():
     for procid in range(4):
         env = _slurm(procid, 4)
         env.pop("CUDA_VISIBLE_DEVICES")
-        out = task_process(env, cfg, plan, slurm_task(env), procid // 2, ["g1", "g2", "g3", "g4"], "10.0.0.1", 20008,
-                           {0, 1, 2, 3}, resolve=lambda h: "10.0.0.9").env
+        out = task_process(
+            env,
+            cfg,
+            plan,
+            slurm_task(env),
+            procid // 2,
+            ["g1", "g2", "g3", "g4"],
+            "10.0.0.1",
+            20008,
+            {0, 1, 2, 3},
+            resolve=lambda h: "10.0.0.9",
+        ).env
         cores.append((out["VLLM_CPU_OMP_THREADS_BIND"], out["VLLM_ENABLE_V1_MULTIPROCESSING"]))
     assert cores == [("0", "0"), ("1", "0"), ("2", "0"), ("3", "0")]  # one worker per node: in process
 
 
 def test_slurm_replica_variables_only_for_spanning_ranks_and_the_users_host_ip_stays():
     single = compose(["cluster=slurm", "dp=2"])
-    env = task_process(_slurm(1, 2), single, bare_plan(2, job_layout(2, 8), per_rank=1), slurm_task(_slurm(1, 2)), 1,
-                       ["g1", "g2"], "10.0.0.1", 20008, {0}, resolve=lambda h: "10.0.0.9").env
+    env = task_process(
+        _slurm(1, 2),
+        single,
+        bare_plan(2, job_layout(2, 8), per_rank=1),
+        slurm_task(_slurm(1, 2)),
+        1,
+        ["g1", "g2"],
+        "10.0.0.1",
+        20008,
+        {0},
+        resolve=lambda h: "10.0.0.9",
+    ).env
     assert not any(k in env for k in (*REPLICA_VARS, "VLLM_HOST_IP"))
     spanning = compose(["cluster=slurm", *LLAMA, "tp=16", "dp=2", "cluster.gpus_per_node=8"])
     user = _slurm(1, 4, VLLM_HOST_IP="10.1.1.1")
-    env = task_process(user, spanning, bare_plan(2, job_layout(2, 1, nodes_per_rank=2), per_rank=16),
-                       slurm_task(user), 0, ["g1", "g2", "g3", "g4"], "10.0.0.1", 20008, {0},
-                       resolve=lambda h: "10.0.0.9").env
+    env = task_process(
+        user,
+        spanning,
+        bare_plan(2, job_layout(2, 1, nodes_per_rank=2), per_rank=16),
+        slurm_task(user),
+        0,
+        ["g1", "g2", "g3", "g4"],
+        "10.0.0.1",
+        20008,
+        {0},
+        resolve=lambda h: "10.0.0.9",
+    ).env
     assert env["HPCINFER_NNODES"] == "2" and env["VLLM_HOST_IP"] == "10.1.1.1"  # the user's own setting stays
 
 
@@ -271,8 +373,9 @@ def _launches(overrides, devices, rank=0, base=None):
     cfg = compose(overrides)
     plan = _plan(cfg, devices)
     base = {"PATH": "/bin", "VLLM_DP_RANK": "3", **replica_env(2, 1, "10.9.9.9", 5)} if base is None else base
-    return local.rank_processes(base, cfg, plan, rank, group=list(range(plan.ranks)), master_port=29400,
-                                replica_port=29500, host="box")
+    return local.rank_processes(
+        base, cfg, plan, rank, group=list(range(plan.ranks)), master_port=29400, replica_port=29500, host="box"
+    )
 
 
 def test_a_spanning_replica_is_a_leader_and_headless_processes_each_on_its_gpus():
@@ -280,8 +383,12 @@ def test_a_spanning_replica_is_a_leader_and_headless_processes_each_on_its_gpus(
     assert [(x.module, x.node_rank) for x in ls] == [(WORKER, 0), (HEADLESS, 1)]
     assert [x.env["CUDA_VISIBLE_DEVICES"] for x in ls] == ["4,5", "6,7"]
     for x in ls:
-        assert replica_engine_args(x.env) == {"nnodes": 2, "node_rank": x.node_rank, "master_addr": "127.0.0.1",
-                                              "master_port": 29500}
+        assert replica_engine_args(x.env) == {
+            "nnodes": 2,
+            "node_rank": x.node_rank,
+            "master_addr": "127.0.0.1",
+            "master_port": 29500,
+        }
         assert x.env["HPCINFER_RANK"] == "1" and not any(k in x.env for k in VLLM_DP_VARS)
         assert x.env["VLLM_HOST_IP"] == "127.0.0.1"
 

@@ -4,6 +4,7 @@ Slurm task's entry (`entry.run_task`). The rank processes are small fake scripts
 no vLLM) that behave like the worker and `hpcinfer.rank.headless` as far as the supervisor can
 see: the leader records its attempt's state in ranks/<r>.json, the headless one waits for the real
 LeaderWatch."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,7 @@ def fake_ranks(monkeypatch):
 
     def spawn(rd, rank, p, new_session):
         script = FAKE_LEADER if p.module == WORKER else FAKE_HEADLESS
-        return subprocess.Popen([sys.executable, "-c", script, str(rd.path)], env=p.env,
-                                start_new_session=new_session)
+        return subprocess.Popen([sys.executable, "-c", script, str(rd.path)], env=p.env, start_new_session=new_session)
 
     monkeypatch.setattr(supervisor, "spawn", spawn)
 
@@ -94,8 +94,9 @@ def test_local_leader_and_headless_both_end(tmp_path, monkeypatch, fake_ranks):
 
 
 def test_local_failed_headless_fails_its_leader(tmp_path, monkeypatch, fake_ranks):
-    rd, outcomes, seconds = run_local(tmp_path, monkeypatch, ["rank_retries=0"], FAKE_LEADER_HANGS="1",
-                                      FAKE_HEADLESS_FAILS="1")
+    rd, outcomes, seconds = run_local(
+        tmp_path, monkeypatch, ["rank_retries=0"], FAKE_LEADER_HANGS="1", FAKE_HEADLESS_FAILS="1"
+    )
     assert outcomes == [(0, -9)] and seconds < 60
     record = rank_record(rd)
     assert record["state"] == "failed" and "killed by signal 9" in record["error"]
@@ -123,8 +124,14 @@ def slurm_task_run(tmp_path, monkeypatch, procid, overrides, **env):
     rd.create()
     rd.config.write_text(to_yaml(cfg))
     atomic_write_json(rd.plan, plan_for(cfg, Devices(cpus=[0]), rows=4).to_json())
-    slurm = {"SLURM_JOB_ID": "4711", "SLURM_PROCID": str(procid), "SLURM_LOCALID": "0", "SLURM_NTASKS": "2",
-             "SLURM_NODEID": str(procid), "SLURM_JOB_NODELIST": "n[1-2]"}
+    slurm = {
+        "SLURM_JOB_ID": "4711",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NODEID": str(procid),
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
     for k, v in {**slurm, **env}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(entry, "master", lambda task: (["localhost", "localhost"], "127.0.0.1", free_port()))
@@ -147,11 +154,17 @@ def test_slurm_headless_task_joins_its_leaders_restart_and_ends_with_it(tmp_path
     rd, _ = slurm_task_run(tmp_path, monkeypatch, 1, ["rank_retries=1"])
 
     def leader_elsewhere():  # the leader, on the other node: fails once, then its restart finishes
-        for token, state, at in (("a", "running", 0.3), ("a", "failed", 0.6), ("b", "running", 3.0),
-                                 ("b", "done", 3.5)):
+        for token, state, at in (
+            ("a", "running", 0.3),
+            ("a", "failed", 0.6),
+            ("b", "running", 3.0),
+            ("b", "done", 3.5),
+        ):
             time.sleep(max(0.0, at - (time.time() - t0)))
-            atomic_write_json(rd.rank_file(0), {"rank": 0, "token": token, "host": "h", "pid": ord(token),
-                                                 "started_at": ord(token), "state": state})
+            atomic_write_json(
+                rd.rank_file(0),
+                {"rank": 0, "token": token, "host": "h", "pid": ord(token), "started_at": ord(token), "state": state},
+            )
 
     t0 = time.time()
     threading.Thread(target=leader_elsewhere, daemon=True).start()
@@ -161,9 +174,14 @@ def test_slurm_headless_task_joins_its_leaders_restart_and_ends_with_it(tmp_path
 
 def test_slurm_headless_task_fails_when_its_leader_does(tmp_path, monkeypatch, fake_ranks):
     rd, _ = slurm_task_run(tmp_path, monkeypatch, 1, ["rank_retries=0"])
-    atomic_write_json(rd.rank_file(0), {"rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0,
-                                        "state": "running"})
-    threading.Timer(0.5, lambda: atomic_write_json(rd.rank_file(0), {
-        "rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0, "state": "failed"})).start()
+    atomic_write_json(
+        rd.rank_file(0), {"rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0, "state": "running"}
+    )
+    threading.Timer(
+        0.5,
+        lambda: atomic_write_json(
+            rd.rank_file(0), {"rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0, "state": "failed"}
+        ),
+    ).start()
     with pytest.raises(RuntimeError, match="headless node 1 failed"):
         entry.run_task(str(rd.path), [0])

@@ -1,5 +1,6 @@
 """Expert parallelism (ep=true, MoE): the `expert.*` options as vLLM's engine arguments, their
 validation (as vLLM validates them), and the plan's EP numbers (EP size, experts per GPU, memory)."""
+
 import copy
 import re
 
@@ -37,9 +38,17 @@ def test_defaults_add_nothing_but_expert_parallel():
 
 
 def test_options_map_to_vllm_engine_argument_names():
-    cfg = compose(MOE_EP + ["expert.placement=round_robin", "expert.all2all_backend=deepep_low_latency",
-                            "expert.eplb=true", "expert.eplb_window_size=500", "expert.eplb_step_interval=2000",
-                            "expert.redundant_experts=2"])
+    cfg = compose(
+        MOE_EP
+        + [
+            "expert.placement=round_robin",
+            "expert.all2all_backend=deepep_low_latency",
+            "expert.eplb=true",
+            "expert.eplb_window_size=500",
+            "expert.eplb_step_interval=2000",
+            "expert.redundant_experts=2",
+        ]
+    )
     validate(cfg)
     args = engine_args(cfg, "/m")
     assert args["expert_placement_strategy"] == "round_robin"
@@ -60,8 +69,16 @@ def test_vllm_accepts_these_names():
 
     vllm_args = pytest.importorskip("vllm.engine.arg_utils")
     fields = {f.name for f in dataclasses.fields(vllm_args.EngineArgs)}
-    assert {"enable_eplb", "eplb_config", "expert_placement_strategy", "all2all_backend", "nnodes", "node_rank",
-            "master_addr", "master_port"} <= fields
+    assert {
+        "enable_eplb",
+        "eplb_config",
+        "expert_placement_strategy",
+        "all2all_backend",
+        "nnodes",
+        "node_rank",
+        "master_addr",
+        "master_port",
+    } <= fields
     from typing import get_args
 
     from vllm.config.parallel import All2AllBackend, EPLBConfig, ExpertPlacementStrategy
@@ -71,8 +88,19 @@ def test_vllm_accepts_these_names():
     EPLBConfig(window_size=500, step_interval=2000, num_redundant_experts=2)
 
 
-@pytest.mark.parametrize("key", ["enable_eplb", "eplb_config", "expert_placement_strategy", "all2all_backend",
-                                 "nnodes", "node_rank", "master_addr", "master_port"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "enable_eplb",
+        "eplb_config",
+        "expert_placement_strategy",
+        "all2all_backend",
+        "nnodes",
+        "node_rank",
+        "master_addr",
+        "master_port",
+    ],
+)
 def test_these_engine_keys_are_set_by_hpcinfer(key):
     msg = errors_of(MOE_EP + [f"+engine.{key}=1"])
     assert f"engine.{key}=1: set {LAYOUT_ENGINE_ARGS[key]} instead" in msg
@@ -99,15 +127,18 @@ def test_eplb_needs_more_than_one_expert_parallel_gpu():
     validate(compose(["model=tiny_moe", "ep=true", "tp=2", "expert.eplb=true"]))  # tp alone is enough
 
 
-@pytest.mark.parametrize("override,quoted", [
-    ("expert.placement=diagonal", "expert.placement='diagonal' is not one of ['linear', 'round_robin']"),
-    ("expert.all2all_backend=fastest", "expert.all2all_backend='fastest' is not one of"),
-    ("expert.all2all_backend=pplx", "expert.all2all_backend='pplx' was removed from vLLM"),
-    ("expert.redundant_experts=-1", "expert.redundant_experts must be in [0, 1023], got -1"),
-    ("expert.redundant_experts=1024", "expert.redundant_experts must be in [0, 1023], got 1024"),
-    ("expert.eplb_window_size=0", "expert.eplb_window_size must be >= 1 or null, got 0"),
-    ("expert.eplb_step_interval=-5", "expert.eplb_step_interval must be >= 1 or null, got -5"),
-])
+@pytest.mark.parametrize(
+    "override,quoted",
+    [
+        ("expert.placement=diagonal", "expert.placement='diagonal' is not one of ['linear', 'round_robin']"),
+        ("expert.all2all_backend=fastest", "expert.all2all_backend='fastest' is not one of"),
+        ("expert.all2all_backend=pplx", "expert.all2all_backend='pplx' was removed from vLLM"),
+        ("expert.redundant_experts=-1", "expert.redundant_experts must be in [0, 1023], got -1"),
+        ("expert.redundant_experts=1024", "expert.redundant_experts must be in [0, 1023], got 1024"),
+        ("expert.eplb_window_size=0", "expert.eplb_window_size must be >= 1 or null, got 0"),
+        ("expert.eplb_step_interval=-5", "expert.eplb_step_interval must be >= 1 or null, got -5"),
+    ],
+)
 def test_values_as_vllm_allows_them(override, quoted):
     assert quoted in errors_of(MOE_EP + ["expert.eplb=true", override])
 
@@ -127,9 +158,17 @@ def test_every_allowed_value_is_valid():
 
 
 # ---- plan: EP size and experts per GPU --------------------------------------------------------
-@pytest.mark.parametrize("experts,dp,tp,redundant,size,lo,hi", [
-    (4, 2, 1, 0, 2, 2, 2), (8, 2, 2, 0, 4, 2, 2), (8, 4, 1, 4, 4, 3, 3), (4, 3, 1, 0, 3, 1, 2),
-    (256, 8, 4, 32, 32, 9, 9), (4, 8, 1, 0, 8, 0, 1)])
+@pytest.mark.parametrize(
+    "experts,dp,tp,redundant,size,lo,hi",
+    [
+        (4, 2, 1, 0, 2, 2, 2),
+        (8, 2, 2, 0, 4, 2, 2),
+        (8, 4, 1, 4, 4, 3, 3),
+        (4, 3, 1, 0, 3, 1, 2),
+        (256, 8, 4, 32, 32, 9, 9),
+        (4, 8, 1, 0, 8, 0, 1),
+    ],
+)
 def test_expert_layout(experts, dp, tp, redundant, size, lo, hi):
     x = expert_layout(experts, dp, tp, redundant)
     assert (x.ep_size, x.per_gpu_min, x.per_gpu_max) == (size, lo, hi)
@@ -145,8 +184,10 @@ def test_plan_shows_ep_size_and_experts_per_gpu():
     plan = plan_of(MOE_EP)  # tiny_moe: 4 experts, top-2
     assert plan.experts == ExpertLayout(2, 4, 0, 2, 2)
     text = format_plan(plan)
-    assert ("experts    EP size 2 (dp=2 x tp=1): 4 experts per MoE layer -> 2 per GPU; placement linear, "
-            "all2all allgather_reducescatter, EPLB off") in text
+    assert (
+        "experts    EP size 2 (dp=2 x tp=1): 4 experts per MoE layer -> 2 per GPU; placement linear, "
+        "all2all allgather_reducescatter, EPLB off"
+    ) in text
 
 
 def test_plan_with_tp_and_redundant_experts():
@@ -174,10 +215,13 @@ def test_plan_refuses_eplb_that_vllm_refuses():
         plan_of(MOE_EP + ["expert.eplb=true"], devices=CPUS)
 
 
-@pytest.mark.parametrize("overrides, quoted", [
-    (MOE_EP, "ep=true with dp=2 x tp=1 (EP size 2) needs GPUs"),
-    (["model=tiny_moe", "ep=true", "tp=2"], "ep=true with dp=1 x tp=2 (EP size 2) needs GPUs"),
-])
+@pytest.mark.parametrize(
+    "overrides, quoted",
+    [
+        (MOE_EP, "ep=true with dp=2 x tp=1 (EP size 2) needs GPUs"),
+        (["model=tiny_moe", "ep=true", "tp=2"], "ep=true with dp=1 x tp=2 (EP size 2) needs GPUs"),
+    ],
+)
 def test_plan_refuses_ep_on_cpu_which_vllms_cpu_build_cannot_run(overrides, quoted):
     with pytest.raises(ConfigError, match=re.escape(quoted)):
         plan_of(overrides, devices=CPUS)

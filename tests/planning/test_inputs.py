@@ -1,6 +1,7 @@
 """Input discovery and checks (planning/inputs.py): files, directories and globs; readable Parquet,
 columns, schemas, ids.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -108,8 +109,9 @@ def test_scan_duplicate_ids_across_files(tmp_path):
 
 
 def test_scan_null_ids(tmp_path):
-    p = write_parquet(tmp_path / "a.parquet", pa.table({"id": pa.array([1, None, 3, None]),
-                                                       "prompt": ["a", "b", "c", "d"]}))
+    p = write_parquet(
+        tmp_path / "a.parquet", pa.table({"id": pa.array([1, None, 3, None]), "prompt": ["a", "b", "c", "d"]})
+    )
     with pytest.raises(DataError, match="2 null value"):
         scan([p], "prompt", "id")
 

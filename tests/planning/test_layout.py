@@ -1,4 +1,5 @@
 """Planner arithmetic (model shape, memory per GPU, the plan) and how ranks split devices."""
+
 import copy
 import json
 

@@ -1,5 +1,5 @@
-"""Cutting the rows into shards (planning/sharding.py): partition, active ranks, make_shards.
-"""
+"""Cutting the rows into shards (planning/sharding.py): partition, active ranks, make_shards."""
+
 from __future__ import annotations
 
 import random
@@ -102,8 +102,11 @@ def test_make_shards_cut_at_file_boundaries_and_max_rows():
     files = files_of([5, 4])
     shards = make_shards(files, ranks=1, max_rows=3)
     assert [(s.path[-12:], s.file_start, s.file_end, s.global_start) for s in shards] == [
-        ("-000.parquet", 0, 3, 0), ("-000.parquet", 3, 5, 3),
-        ("-001.parquet", 0, 3, 5), ("-001.parquet", 3, 4, 8)]
+        ("-000.parquet", 0, 3, 0),
+        ("-000.parquet", 3, 5, 3),
+        ("-001.parquet", 0, 3, 5),
+        ("-001.parquet", 3, 4, 8),
+    ]
 
 
 def test_make_shards_rank_range_spans_files():
@@ -111,11 +114,16 @@ def test_make_shards_rank_range_spans_files():
     shards = make_shards(files, ranks=2, max_rows=100)
     # 6 rows over 2 ranks: rank 0 = rows 0-2 (file 0), rank 1 = rows 3-5 (file 1)
     assert [(s.rank, s.path[-12:], s.file_start, s.file_end) for s in shards] == [
-        (0, "-000.parquet", 0, 3), (1, "-001.parquet", 0, 3)]
+        (0, "-000.parquet", 0, 3),
+        (1, "-001.parquet", 0, 3),
+    ]
     shards = make_shards(files_of([5, 1]), ranks=2, max_rows=100)
     # rank 0 = rows 0-2, rank 1 = rows 3-5: rank 1 spans the end of file 0 and file 1
     assert [(s.rank, s.path[-12:], s.file_start, s.file_end) for s in shards] == [
-        (0, "-000.parquet", 0, 3), (1, "-000.parquet", 3, 5), (1, "-001.parquet", 0, 1)]
+        (0, "-000.parquet", 0, 3),
+        (1, "-000.parquet", 3, 5),
+        (1, "-001.parquet", 0, 1),
+    ]
 
 
 def test_make_shards_no_rows():

@@ -1,6 +1,7 @@
 """A headless node of a replica spanning nodes (rank/headless.py): its engine arguments, and how
 it knows that the leader attempt it serves has ended (LeaderWatch: the attempt is the leader's
 RankRecord.token)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,12 +80,21 @@ def test_headless_args_are_the_leaders_plus_the_nodes(rd):
     cfg = compose(["tp=2", "cluster.gpus_per_node=1"])
     rd.config.write_text(to_yaml(cfg))
     atomic_write_json(rd.plan, dataclasses.replace(bare_plan(1), engine_args={"model": "/models/tiny"}).to_json())
-    env = {"HPCINFER_RANK": "0", "HPCINFER_WORLD_SIZE": "1", "HPCINFER_DEVICE_KIND": "cpu",
-           **replica_env(2, 1, "127.0.0.1", 29123)}
+    env = {
+        "HPCINFER_RANK": "0",
+        "HPCINFER_WORLD_SIZE": "1",
+        "HPCINFER_DEVICE_KIND": "cpu",
+        **replica_env(2, 1, "127.0.0.1", 29123),
+    }
     ctx, args = headless_args(str(rd.path), env)
     assert ctx.rank == 0
-    assert args == {**engine_args(cfg, "/models/tiny"), "nnodes": 2, "node_rank": 1, "master_addr": "127.0.0.1",
-                    "master_port": 29123}
+    assert args == {
+        **engine_args(cfg, "/models/tiny"),
+        "nnodes": 2,
+        "node_rank": 1,
+        "master_addr": "127.0.0.1",
+        "master_port": 29123,
+    }
     with pytest.raises(RuntimeError, match="non-leader nodes"):
         headless_args(str(rd.path), {**env, "HPCINFER_NODE_RANK": "0"})
     with pytest.raises(RuntimeError, match="non-leader nodes"):

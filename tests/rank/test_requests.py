@@ -1,4 +1,5 @@
 """The request seam (rank/requests.py) and the output columns it fills (rundir/output.py), without vLLM."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,10 +30,15 @@ class WordTokenizer:
 
 
 def test_build_requests_makes_a_request_per_row_or_its_error():
-    cfg = compose(["sampling.max_tokens=16", "sampling.temperature=0.7", "sampling.seed=100",
-                   "data.max_tokens_column=cap"])
-    table = pa.table({"prompt": ["a b", None, "   ", "one two three four five", "x"],
-                      "cap": pa.array([None, 3, 4, 5, 6], pa.int32())})
+    cfg = compose(
+        ["sampling.max_tokens=16", "sampling.temperature=0.7", "sampling.seed=100", "data.max_tokens_column=cap"]
+    )
+    table = pa.table(
+        {
+            "prompt": ["a b", None, "   ", "one two three four five", "x"],
+            "cap": pa.array([None, 3, 4, 5, 6], pa.int32()),
+        }
+    )
     tok = WordTokenizer()
     out = build_requests(table, [4, 0, 1, 2, 3], [14, 10, 11, 12, 13], cfg, tok, max_model_len=5)
     assert tok.calls == [["x", "a b", "   ", "one two three four five"]]  # one call, nulls left out
@@ -53,6 +59,9 @@ def test_build_requests_greedy_rows_have_no_seed_and_the_configured_sampling():
 
 
 def test_row_result_from_a_request_output():
-    out = SimpleNamespace(prompt_token_ids=[1, 2, 3], finished=True,
-                          outputs=[SimpleNamespace(text="hello", finish_reason="stop", token_ids=[5, 6])])
+    out = SimpleNamespace(
+        prompt_token_ids=[1, 2, 3],
+        finished=True,
+        outputs=[SimpleNamespace(text="hello", finish_reason="stop", token_ids=[5, 6])],
+    )
     assert row_result(out) == RowResult("hello", "stop", 3, 2, None)

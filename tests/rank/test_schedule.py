@@ -1,6 +1,7 @@
 """The dynamic schedule's policy (rank/schedule.py): claim order, share_allows, by_mix against its
 definition and in a simulation of GPU ranks claiming.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_by_mix_is_its_definition(seed=3):
     def definition(candidates, unfinished, tokens, rows, held, world):
         def density(s):
             return tokens[s] / max(1, rows[s])
+
         for c in candidates:
             pool = sum(tokens[s] for s in unfinished if density(s) >= density(c))
             mine = sum(tokens[s] for s in held if density(s) >= density(c))
@@ -90,7 +92,7 @@ def test_by_mix_gives_every_gpu_its_share_of_the_long_requests_at_once():
     caps = [1024] * 410 + [32] * 3686
     files = [InputFile("/data/skewed.parquet", len(caps))]
     shards = cut_by_tokens(files, [caps], 2, 8, 4096)
-    long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start:s.global_start + s.rows]) for s in shards}
+    long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start : s.global_start + s.rows]) for s in shards}
 
     def greedy(free, order, tokens, rows, held, world):
         return free[0]
@@ -106,6 +108,6 @@ def test_by_mix_gives_every_gpu_its_share_of_the_long_requests_at_once():
     assert lo + hi == 410 and hi - lo <= max(long_rows.values())  # even, to one shard
     for world in (3, 4):
         shards = cut_by_tokens(files, [caps], world, 8, 4096)
-        long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start:s.global_start + s.rows]) for s in shards}
+        long_rows = {s.shard: sum(c == 1024 for c in caps[s.global_start : s.global_start + s.rows]) for s in shards}
         per = long_per_rank(simulate_claims(shards, world, 1024, mix))
         assert sum(per) == 410 and per[-1] - per[0] <= max(long_rows.values()), per

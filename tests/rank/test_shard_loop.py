@@ -2,6 +2,7 @@
 fake implementation of the rank/engine.py Engine protocol that needs no vLLM: these test
 orchestration only; tests/e2e/test_local.py and tests/e2e/test_chaos_local.py run real vLLM.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,7 +71,7 @@ class FakeEngine:
 
     def step(self):
         time.sleep(0.005)
-        out, self.queue = self.queue[:self.rows_per_step], self.queue[self.rows_per_step:]
+        out, self.queue = self.queue[: self.rows_per_step], self.queue[self.rows_per_step :]
         self.generated += len(out)
         if self.crash_after is not None and self.generated > self.crash_after:
             raise RuntimeError("fake engine crashed")
@@ -102,8 +103,9 @@ def planned_run(tmp_path, prompts, overrides):
     cfg = compose(["dp=2", *overrides, f"data.input={path}"])
     inputs = scan([str(path)], "prompt")
     atomic_write(rd.config, config.to_yaml(cfg))
-    plan = dataclasses.replace(bare_plan(2, per_rank=1), ep=cfg.ep, engine_args=config.engine_args(cfg, "/fake"),
-                               submitted_at=time.time())
+    plan = dataclasses.replace(
+        bare_plan(2, per_rank=1), ep=cfg.ep, engine_args=config.engine_args(cfg, "/fake"), submitted_at=time.time()
+    )
     atomic_write_json(rd.plan, plan.to_json())
     if cfg.dynamic:
         tokens = row_tokens(inputs.files, "prompt", None, cfg.sampling.max_tokens)
@@ -117,8 +119,11 @@ def planned_run(tmp_path, prompts, overrides):
 @pytest.fixture
 def claimed_run(tmp_path):
     """A planned, not started run directory with the dynamic schedule: 2 ranks."""
-    return planned_run(tmp_path, [("x" * (200 if i % 9 == 0 else 8)) + str(i) for i in range(ROWS)],
-                       ["schedule.lease_s=0.4", "checkpoint.rows=2"])
+    return planned_run(
+        tmp_path,
+        [("x" * (200 if i % 9 == 0 else 8)) + str(i) for i in range(ROWS)],
+        ["schedule.lease_s=0.4", "checkpoint.rows=2"],
+    )
 
 
 def run_rank(rd, rank, monkeypatch, **engine_kw):
@@ -135,8 +140,10 @@ def finalized_texts(rd):
 def test_two_ranks_share_the_shards_and_every_row_is_generated_once(claimed_run, monkeypatch):
     rd, shards = claimed_run
     barrier, codes = threading.Barrier(2), {}
-    threads = [threading.Thread(target=lambda r=r: codes.update({r: run_rank(rd, r, monkeypatch, barrier=barrier)}))
-               for r in (0, 1)]
+    threads = [
+        threading.Thread(target=lambda r=r: codes.update({r: run_rank(rd, r, monkeypatch, barrier=barrier)}))
+        for r in (0, 1)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -190,8 +197,14 @@ def test_rows_that_cannot_be_generated_get_their_error_and_the_rest_is_generated
     res = pq.read_table(rd.results)
     assert res.column("generated_text").to_pylist() == ["gen 0", None, None, None, "gen 4", None, None]
     assert res.column("error").to_pylist() == [
-        None, "prompt is null", "prompt is empty (0 tokens)",
-        "prompt has 50 tokens; max_model_len=10 leaves no room for output", None, "prompt is null", "prompt is null"]
+        None,
+        "prompt is null",
+        "prompt is empty (0 tokens)",
+        "prompt has 50 tokens; max_model_len=10 leaves no room for output",
+        None,
+        "prompt is null",
+        "prompt is null",
+    ]
     assert sum(rd.read_done(s.shard).rows_failed for s in shards) == 5
 
 

@@ -1,6 +1,7 @@
 """A rank's work and its end, without vLLM: the Work protocol and its two schedules (rank/work.py),
 and what a launcher records once a rank process has ended (worker.record_exit, should_restart).
 The shard loop itself runs with a fake engine in tests/test_claims.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,8 +40,16 @@ def test_static_work_skips_done_shards(rd):
 
 
 # ---- a rank process's end -----------------------------------------------------------------------
-@pytest.mark.parametrize("code,state,expect", [(-9, RUNNING, "killed by signal 9"), (3, None, "exited with code 3"),
-                                               (0, RUNNING, None), (1, FAILED, None), (-15, STOPPED, None)])
+@pytest.mark.parametrize(
+    "code,state,expect",
+    [
+        (-9, RUNNING, "killed by signal 9"),
+        (3, None, "exited with code 3"),
+        (0, RUNNING, None),
+        (1, FAILED, None),
+        (-15, STOPPED, None),
+    ],
+)
 def test_record_exit_marks_silent_deaths_failed(rd, code, state, expect):
     if state:
         rd.write_rank(RankRecord(0, token="t", state=state, rows_done=3, error="own" if state != RUNNING else None))
@@ -53,9 +62,10 @@ def test_record_exit_marks_silent_deaths_failed(rd, code, state, expect):
         assert after is None or after.state == state
 
 
-@pytest.mark.parametrize("code,state,left,restart", [(1, FAILED, 1, True), (1, FAILED, 0, False),
-                                                     (-9, RUNNING, 2, True), (1, STOPPED, 3, False),
-                                                     (0, DONE, 1, False)])
+@pytest.mark.parametrize(
+    "code,state,left,restart",
+    [(1, FAILED, 1, True), (1, FAILED, 0, False), (-9, RUNNING, 2, True), (1, STOPPED, 3, False), (0, DONE, 1, False)],
+)
 def test_should_restart_only_failures_within_budget(rd, code, state, left, restart):
     rd.write_rank(RankRecord(0, state=state))
     assert should_restart(rd, 0, code, left) is restart

@@ -1,6 +1,7 @@
 """The claim protocol in the run directory (rundir/claims.py): what is claimable, exclusive claims
 under concurrency, when a claim is dead (superseded, ended, silent for a lease), takeovers, heartbeats.
 """
+
 from __future__ import annotations
 
 import json

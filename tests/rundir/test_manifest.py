@@ -1,5 +1,5 @@
-"""The manifest and reading a shard's rows (rundir/manifest.py), nested columns and Unicode included.
-"""
+"""The manifest and reading a shard's rows (rundir/manifest.py), nested columns and Unicode included."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -15,13 +15,17 @@ from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard, write_man
 
 def nested_table(n=13, start=0):
     rows = range(start, start + n)
-    return pa.table({
-        "id": pa.array(rows, pa.int64()),
-        "prompt": pa.array([f"Grüße {i} — 日本語 🚀" if i % 3 else None for i in rows], pa.string()),
-        "tags": pa.array([[f"t{j}" for j in range(i % 4)] for i in rows], pa.list_(pa.string())),
-        "meta": pa.array([{"a": i, "b": [float(i)] * (i % 2), "s": "ü" * (i % 3)} for i in rows],
-                         pa.struct([("a", pa.int64()), ("b", pa.list_(pa.float64())), ("s", pa.string())])),
-    })
+    return pa.table(
+        {
+            "id": pa.array(rows, pa.int64()),
+            "prompt": pa.array([f"Grüße {i} — 日本語 🚀" if i % 3 else None for i in rows], pa.string()),
+            "tags": pa.array([[f"t{j}" for j in range(i % 4)] for i in rows], pa.list_(pa.string())),
+            "meta": pa.array(
+                [{"a": i, "b": [float(i)] * (i % 2), "s": "ü" * (i % 3)} for i in rows],
+                pa.struct([("a", pa.int64()), ("b", pa.list_(pa.float64())), ("s", pa.string())]),
+            ),
+        }
+    )
 
 
 def test_nested_columns_and_unicode_survive(tmp_path):
@@ -61,8 +65,9 @@ def fifty_rows(tmp_path):
     return path, table
 
 
-@pytest.mark.parametrize("start, end", [(0, 50), (0, 1), (49, 50), (10, 23), (7, 14), (6, 8), (13, 14),
-                                        (14, 15), (0, 7), (21, 49)])
+@pytest.mark.parametrize(
+    "start, end", [(0, 50), (0, 1), (49, 50), (10, 23), (7, 14), (6, 8), (13, 14), (14, 15), (0, 7), (21, 49)]
+)
 def test_read_shard_exact_rows(fifty_rows, start, end):
     path, table = fifty_rows
     schema = scan([path], "prompt").schema

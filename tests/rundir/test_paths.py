@@ -1,6 +1,7 @@
 """The run directory's files (rundir/paths.py, files.py): atomic writes, done markers, the lock,
 private permissions, fixed names.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,6 @@ from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import DoneRecord, RankRecord
 
 PYTHON = sys.executable
-
-
 
 
 # ---- rundir -------------------------------------------------------------------------------------
@@ -47,8 +46,9 @@ def test_atomic_path_failure_keeps_old_content(tmp_path):
 def test_mark_done_refuses_without_output(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()
-    done = DoneRecord(shard=3, rank=1, host="h", rows=5, rows_failed=1, prompt_tokens=7, output_tokens=9,
-                      generation_seconds=0.5)
+    done = DoneRecord(
+        shard=3, rank=1, host="h", rows=5, rows_failed=1, prompt_tokens=7, output_tokens=9, generation_seconds=0.5
+    )
     with pytest.raises(RuntimeError, match="no output"):
         rd.mark_done(done)
     assert not rd.is_done(3)
@@ -88,8 +88,10 @@ def test_locked_refuses_second_holder(tmp_path):
 def test_locked_refused_for_another_process(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()
-    code = ("import sys; from hpcinfer.rundir.paths import RunDir; from hpcinfer.errors import UserError\n"
-            "try:\n    RunDir(sys.argv[1]).locked().__enter__()\nexcept UserError:\n    sys.exit(3)\n")
+    code = (
+        "import sys; from hpcinfer.rundir.paths import RunDir; from hpcinfer.errors import UserError\n"
+        "try:\n    RunDir(sys.argv[1]).locked().__enter__()\nexcept UserError:\n    sys.exit(3)\n"
+    )
     with rd.locked():
         p = subprocess.run([PYTHON, "-c", code, str(rd.path)], cwd=REPO, timeout=60)
         assert p.returncode == 3
@@ -127,6 +129,8 @@ def test_rank_files_and_names(tmp_path):
     rd.write_rank(RankRecord(0, host="h0", token="t", state="running", devices=["0", "1"]))
     (rd.ranks_dir / "junk.json").write_text("{}")
     (rd.ranks_dir / "7.json").write_text("{}")  # not a record: no rank
-    assert rd.read_ranks() == {0: RankRecord(0, host="h0", token="t", state="running", devices=["0", "1"]),
-                               1: RankRecord(1, host="h1")}
+    assert rd.read_ranks() == {
+        0: RankRecord(0, host="h0", token="t", state="running", devices=["0", "1"]),
+        1: RankRecord(1, host="h1"),
+    }
     assert rd.read_rank(1) == RankRecord(1, host="h1")

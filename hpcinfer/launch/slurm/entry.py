@@ -10,6 +10,7 @@ k tasks, one per node: task SLURM_PROCID runs node SLURM_PROCID % k of rank
 ranks[SLURM_PROCID // k]; node 0 (the leader, on the replica's first host) runs the worker, the
 others `hpcinfer.rank.headless`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,9 +38,19 @@ from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import STOPPED, Plan
 
 
-def task_process(env: Mapping[str, str], cfg: RunConfig, plan: Plan, task: SlurmTask, rank: int, hosts: List[str],
-                 master_addr: str, port: int, affinity: Collection[int], group_size: Optional[int] = None,
-                 resolve: Callable[[str], str] = resolve_address) -> Process:
+def task_process(
+    env: Mapping[str, str],
+    cfg: RunConfig,
+    plan: Plan,
+    task: SlurmTask,
+    rank: int,
+    hosts: List[str],
+    master_addr: str,
+    port: int,
+    affinity: Collection[int],
+    group_size: Optional[int] = None,
+    resolve: Callable[[str], str] = resolve_address,
+) -> Process:
     """This task's process of `rank` (pure given `resolve`). `group_size`: the ranks of this job (a
     lockstep group's size; default the plan's ranks). A rank spanning nodes: the leader is the
     replica's first node (this task's node - its node rank, one task per node), the rendezvous
@@ -55,18 +66,34 @@ def task_process(env: Mapping[str, str], cfg: RunConfig, plan: Plan, task: Slurm
         devices = task_cpus(sorted(affinity), cfg.cluster.cpus_per_task, slot=rank * nodes + task.procid % nodes)
     replica = lockstep = None
     if nodes > 1:
-        replica = Replica(nodes, node_rank, resolve(hosts[task.nodeid - node_rank]), replica_port(port, index),
-                          None if env.get("VLLM_HOST_IP") else resolve(hosts[task.nodeid]))
+        replica = Replica(
+            nodes,
+            node_rank,
+            resolve(hosts[task.nodeid - node_rank]),
+            replica_port(port, index),
+            None if env.get("VLLM_HOST_IP") else resolve(hosts[task.nodeid]),
+        )
     if cfg.lockstep:  # vLLM's lockstep data-parallel group: the job's tasks (one job: validated at submit)
         visible = env.get("CUDA_VISIBLE_DEVICES")
-        lockstep = Lockstep(task.procid, task.localid, plan.ranks if group_size is None else group_size, master_addr,
-                            master_port(task.array_job_id or task.job_id),
-                            visible=visible.split(",") if visible and visible.strip() else None)
-    return process(env, ProcessSpec(
-        RankContext(rank, plan.ranks, task.localid, list(hosts), master_addr, port, plan.device_kind, devices),
-        workers=per_node,
-        cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib, offline=os.path.isdir(plan.engine_args["model"]),
-        replica=replica, lockstep=lockstep))
+        lockstep = Lockstep(
+            task.procid,
+            task.localid,
+            plan.ranks if group_size is None else group_size,
+            master_addr,
+            master_port(task.array_job_id or task.job_id),
+            visible=visible.split(",") if visible and visible.strip() else None,
+        )
+    return process(
+        env,
+        ProcessSpec(
+            RankContext(rank, plan.ranks, task.localid, list(hosts), master_addr, port, plan.device_kind, devices),
+            workers=per_node,
+            cpu_kvcache_gib=cfg.cluster.cpu_kvcache_gib,
+            offline=os.path.isdir(plan.engine_args["model"]),
+            replica=replica,
+            lockstep=lockstep,
+        ),
+    )
 
 
 def master(task: SlurmTask) -> Tuple[list, str, int]:
@@ -97,10 +124,14 @@ def run_task(run_dir: str, ranks: List[int]) -> Optional[int]:
         check_master_port(proc.env["HPCINFER_REPLICA_ADDR"], int(proc.env["HPCINFER_REPLICA_PORT"]))
     log = rd.node_log(rank, proc.node_rank)
     what = f"rank {rank}" + (f": headless node {proc.node_rank}" if proc.node_rank else "")
-    print(f"{what}: job {task.job_id} task {task.procid} on {hosts[task.nodeid]} (restart {task.restart_count}), "
-          f"log {log}", flush=True)
-    sup = _supervisor[0] = RankSupervisor(rd, rank, lambda: [proc], cfg.rank_retries,
-                                          functools.partial(supervisor.spawn, new_session=False)).start()
+    print(
+        f"{what}: job {task.job_id} task {task.procid} on {hosts[task.nodeid]} (restart {task.restart_count}), "
+        f"log {log}",
+        flush=True,
+    )
+    sup = _supervisor[0] = RankSupervisor(
+        rd, rank, lambda: [proc], cfg.rank_retries, functools.partial(supervisor.spawn, new_session=False)
+    ).start()
     code = sup.wait(poll_s=1.0)
     if proc.node_rank:
         if code:

@@ -11,6 +11,7 @@
 
 The sbatch parameters are pure functions of the config and plan, checked against golden files.
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,8 +38,11 @@ class SlurmLauncher(Launcher):
     def devices(self) -> Devices:
         """One compute node as configured (the submitting machine is not one)."""
         c = self.cfg.cluster
-        return Devices(gpus=[str(i) for i in range(c.gpus_per_node)], cpus=list(range(c.cpus_per_task or 1)),
-                       gpu_memory_gib=c.gpu_memory_gib)
+        return Devices(
+            gpus=[str(i) for i in range(c.gpus_per_node)],
+            cpus=list(range(c.cpus_per_task or 1)),
+            gpu_memory_gib=c.gpu_memory_gib,
+        )
 
     def gpus_offered(self, devices: Devices) -> Optional[int]:
         return None  # the cluster's size is not known here: Slurm refuses what it cannot run
@@ -48,10 +52,18 @@ class SlurmLauncher(Launcher):
         where = [slurm_rank_place(jobs, r, self.cfg.gpus_per_rank, bool(devices.gpus)) for r in range(ranks)]
         notes = []
         if jobs.idle_tasks(ranks):
-            notes.append(f"{jobs.idle_tasks(ranks)} Slurm task(s) get no rank: {ranks} rank(s) do not fill "
-                         f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)")
-        return Placement([w[0] for w in where], [w[1] for w in where], [w[2] for w in where], nodes=jobs.nodes,
-                         jobs=jobs, notes=notes)
+            notes.append(
+                f"{jobs.idle_tasks(ranks)} Slurm task(s) get no rank: {ranks} rank(s) do not fill "
+                f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)"
+            )
+        return Placement(
+            [w[0] for w in where],
+            [w[1] for w in where],
+            [w[2] for w in where],
+            nodes=jobs.nodes,
+            jobs=jobs,
+            notes=notes,
+        )
 
     def check(self) -> None:
         check_cluster(self.cfg)
@@ -67,8 +79,10 @@ class SlurmLauncher(Launcher):
         ranks = unfinished_ranks(rd, plan)
         jobs = plan.jobs if len(ranks) == plan.ranks else slurm_jobs(self.cfg, len(ranks), nodes=None)
         record = submit_jobs(rd, self.cfg, ranks, jobs)
-        log(f"queued worker job(s) {' '.join(record.workers)} for {len(ranks)} rank(s) ({jobs.groups} job(s) x "
-            f"{jobs.nodes_per_job} node(s)) and finalize job {record.finalize} (afterany)")
+        log(
+            f"queued worker job(s) {' '.join(record.workers)} for {len(ranks)} rank(s) ({jobs.groups} job(s) x "
+            f"{jobs.nodes_per_job} node(s)) and finalize job {record.finalize} (afterany)"
+        )
         log(f"follow it with: python -m hpcinfer.status {rd.path}")
         return None
 
@@ -84,10 +98,15 @@ class SlurmLauncher(Launcher):
         of_rank = rank_jobs(record, self.cfg.cluster.max_array_size)
         raw = job_states([*record.workers, record.finalize])  # array elements come with their arrays
         states = summarized(set(of_rank.values()) | set(record.workers) | {record.finalize}, raw)
-        return {"of_rank": of_rank, "states": states,
-                "summary": {"workers": {w: states[w] for w in record.workers},
-                            "finalize": {record.finalize: states[record.finalize]},
-                            "reasons": {j: r for j, (s, r) in raw.items() if s == "PENDING" and r and r != "None"}}}
+        return {
+            "of_rank": of_rank,
+            "states": states,
+            "summary": {
+                "workers": {w: states[w] for w in record.workers},
+                "finalize": {record.finalize: states[record.finalize]},
+                "reasons": {j: r for j, (s, r) in raw.items() if s == "PENDING" and r and r != "None"},
+            },
+        }
 
 
 def check_cluster(cfg: RunConfig) -> None:
@@ -97,8 +116,10 @@ def check_cluster(cfg: RunConfig) -> None:
     import subprocess
 
     if not shutil.which("sbatch"):
-        raise UserError("cluster=slurm needs Slurm's sbatch on PATH (run submit on a login node; for a "
-                        f"test cluster on this machine: {START_TEST_CLUSTER})")
+        raise UserError(
+            "cluster=slurm needs Slurm's sbatch on PATH (run submit on a login node; for a "
+            f"test cluster on this machine: {START_TEST_CLUSTER})"
+        )
 
     def scontrol(*args: str) -> subprocess.CompletedProcess:
         try:
@@ -109,8 +130,10 @@ def check_cluster(cfg: RunConfig) -> None:
     ping = scontrol("ping")
     if ping.returncode != 0 or "UP" not in ping.stdout:
         why = (ping.stderr or ping.stdout).strip().splitlines()
-        raise UserError(f"the Slurm controller does not answer (scontrol ping: {why[-1] if why else 'no output'}); "
-                        f"is SLURM_CONF set? For a test cluster on this machine: {START_TEST_CLUSTER}")
+        raise UserError(
+            f"the Slurm controller does not answer (scontrol ping: {why[-1] if why else 'no output'}); "
+            f"is SLURM_CONF set? For a test cluster on this machine: {START_TEST_CLUSTER}"
+        )
     part = cfg.cluster.partition
     if part and scontrol("show", "partition", part).returncode != 0:
         raise UserError(f"cluster.partition={part!r} does not exist on this Slurm cluster (sinfo lists them)")
@@ -131,8 +154,15 @@ def _common(cfg: RunConfig) -> Dict[str, Any]:
 def worker_parameters(cfg: RunConfig, jobs: JobLayout) -> Dict[str, Any]:
     """submitit SlurmExecutor parameters of the worker jobs. Pure."""
     c = cfg.cluster
-    p = {**_common(cfg), "job_name": c.job_name, "time": slurm_time_minutes(c.time), "nodes": jobs.nodes_per_job,
-         "ntasks_per_node": jobs.tasks_per_node, "signal_delay_s": c.signal_delay_s, "stderr_to_stdout": True}
+    p = {
+        **_common(cfg),
+        "job_name": c.job_name,
+        "time": slurm_time_minutes(c.time),
+        "nodes": jobs.nodes_per_job,
+        "ntasks_per_node": jobs.tasks_per_node,
+        "signal_delay_s": c.signal_delay_s,
+        "stderr_to_stdout": True,
+    }
     if c.gpus_per_node:
         p["gpus_per_node"] = min(c.gpus_per_node, jobs.tasks_per_node * cfg.gpus_per_rank)
     for key in ("cpus_per_task", "mem", "constraint", "array_parallelism"):
@@ -148,10 +178,16 @@ def worker_parameters(cfg: RunConfig, jobs: JobLayout) -> Dict[str, Any]:
 def finalize_parameters(cfg: RunConfig, worker_ids: List[str]) -> Dict[str, Any]:
     """submitit parameters of the finalize job: one task after every worker job ends. Pure."""
     c = cfg.cluster
-    p = {**_common(cfg), "job_name": f"{c.job_name}-finalize", "time": slurm_time_minutes(c.finalize_time),
-         "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": c.finalize_cpus, "stderr_to_stdout": True,
-         "additional_parameters": {**c.sbatch, "dependency": dependency(worker_ids),
-                                   "kill-on-invalid-dep": "yes"}}
+    p = {
+        **_common(cfg),
+        "job_name": f"{c.job_name}-finalize",
+        "time": slurm_time_minutes(c.finalize_time),
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "cpus_per_task": c.finalize_cpus,
+        "stderr_to_stdout": True,
+        "additional_parameters": {**c.sbatch, "dependency": dependency(worker_ids), "kill-on-invalid-dep": "yes"},
+    }
     if c.finalize_mem:
         p["mem"] = c.finalize_mem
     return p
@@ -185,7 +221,7 @@ def submit_jobs(rd: RunDir, cfg: RunConfig, ranks: List[int], jobs: JobLayout) -
             workers.append(ex.submit(RankTask(), str(rd.path), groups[0]).job_id)
         else:
             for first, count in array_chunks(len(groups), cfg.cluster.max_array_size):
-                elements = ex.map_array(RankTask(), [str(rd.path)] * count, groups[first:first + count])
+                elements = ex.map_array(RankTask(), [str(rd.path)] * count, groups[first : first + count])
                 workers.append(elements[0].job_id.split("_")[0])
         fin = executor(folder, cfg, finalize_parameters(cfg, workers)).submit(finalize_job, str(rd.path)).job_id
     except Exception as e:  # sbatch refused (bad partition, account, limits): take back what was queued
@@ -234,16 +270,20 @@ def wait(rd: RunDir, record: Submission, rows: int, poll_s: float) -> int:
             state = summarized([fin])[fin]
             unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
             if unknown_since and time.time() - unknown_since > max(120.0, 10 * poll_s):
-                log(f"finalize job {fin} is not known to Slurm (squeue, sacct) any more and recorded no "
-                    f"outcome; python -m hpcinfer.status {rd.path}")
+                log(
+                    f"finalize job {fin} is not known to Slurm (squeue, sacct) any more and recorded no "
+                    f"outcome; python -m hpcinfer.status {rd.path}"
+                )
                 return EXIT_FAILED
             if not is_live(state) and state != "UNKNOWN":
                 time.sleep(1.0)  # the outcome file may land just after the job ends
                 late = rd.read_finalize_outcome()
                 if not (late and str(late.job_id) == str(fin)):
                     display.update(snapshot(rd, rows), final=True)
-                    log(f"finalize job {fin} ended {state} without recording an outcome; "
-                        f"see {rd.slurm_dir}/{fin}_0_log.out")
+                    log(
+                        f"finalize job {fin} ended {state} without recording an outcome; "
+                        f"see {rd.slurm_dir}/{fin}_0_log.out"
+                    )
                     return EXIT_FAILED
                 continue
             display.update(snapshot(rd, rows))

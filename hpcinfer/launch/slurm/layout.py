@@ -9,6 +9,7 @@ A rank larger than a node (tp x pp > gpus_per_node) is a replica spanning `nodes
 nodes, one task per node: rank = group x ranks_per_group + SLURM_PROCID // nodes_per_rank, and
 SLURM_PROCID % nodes_per_rank is the task's node within its replica (0: the leader).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,15 @@ def node_capacity(gpus_per_node: int, gpus_per_rank: int, ranks_per_node: Option
     return max(1, gpus_per_node // gpus_per_rank)
 
 
-def job_layout(ranks: int, capacity: int, *, nodes: Optional[int] = None, array: int = 1,
-               max_nodes_per_job: Optional[int] = None, nodes_per_rank: int = 1) -> JobLayout:
+def job_layout(
+    ranks: int,
+    capacity: int,
+    *,
+    nodes: Optional[int] = None,
+    array: int = 1,
+    max_nodes_per_job: Optional[int] = None,
+    nodes_per_rank: int = 1,
+) -> JobLayout:
     """Split `ranks` into groups of near-equal size, each one job over as few nodes as hold it.
 
     `nodes` fixes the nodes per job; `array` asks for that many groups; `max_nodes_per_job`
@@ -58,21 +66,28 @@ def job_layout(ranks: int, capacity: int, *, nodes: Optional[int] = None, array:
             raise ValueError(f"cluster.nodes={nodes} is not a multiple of the {k} nodes each rank spans")
         if job_nodes // k * capacity < per_group:
             held = f"{capacity} rank(s) per node" if k == 1 else f"1 rank per {k} nodes"
-            raise ValueError(f"cluster.nodes={nodes} node(s) x {held} cannot hold the "
-                             f"{per_group} rank(s) of a job; raise cluster.nodes or cluster.array")
+            raise ValueError(
+                f"cluster.nodes={nodes} node(s) x {held} cannot hold the "
+                f"{per_group} rank(s) of a job; raise cluster.nodes or cluster.array"
+            )
         if job_nodes > per_group * k:
             raise ValueError(f"cluster.nodes={nodes} is more nodes than the {per_group} rank(s) of a job need")
     if max_nodes_per_job is not None and job_nodes > max_nodes_per_job:
         raise ValueError(f"a job needs {job_nodes} node(s) but cluster.max_nodes_per_job={max_nodes_per_job}")
-    return JobLayout(groups=groups, ranks_per_group=per_group, nodes_per_job=job_nodes,
-                     tasks_per_node=math.ceil(per_group / (job_nodes // k)) if k == 1 else 1,
-                     ranks_per_node=capacity, nodes_per_rank=k)
+    return JobLayout(
+        groups=groups,
+        ranks_per_group=per_group,
+        nodes_per_job=job_nodes,
+        tasks_per_node=math.ceil(per_group / (job_nodes // k)) if k == 1 else 1,
+        ranks_per_node=capacity,
+        nodes_per_rank=k,
+    )
 
 
 def rank_groups(ranks: List[int], jobs: JobLayout) -> List[List[int]]:
     """The ranks each job runs: consecutive runs of `ranks_per_group` (task i runs the i-th)."""
     per = jobs.ranks_per_group
-    return [ranks[i:i + per] for i in range(0, len(ranks), per)]
+    return [ranks[i : i + per] for i in range(0, len(ranks), per)]
 
 
 def array_chunks(groups: int, max_array_size: int) -> List[Tuple[int, int]]:
@@ -87,16 +102,22 @@ def slurm_jobs(cfg: RunConfig, ranks: int, nodes: Optional[int] = -1) -> JobLayo
     """The job layout of `ranks` ranks (nodes per job: cluster.nodes unless given; None = derived)."""
     c = cfg.cluster
     try:
-        jobs = job_layout(ranks, node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
-                          nodes=c.nodes if nodes == -1 else nodes, array=min(c.array, ranks),
-                          max_nodes_per_job=c.max_nodes_per_job,
-                          nodes_per_rank=cfg.nodes_per_rank)
+        jobs = job_layout(
+            ranks,
+            node_capacity(c.gpus_per_node, cfg.gpus_per_rank, c.ranks_per_node),
+            nodes=c.nodes if nodes == -1 else nodes,
+            array=min(c.array, ranks),
+            max_nodes_per_job=c.max_nodes_per_job,
+            nodes_per_rank=cfg.nodes_per_rank,
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.lockstep and jobs.groups > 1:
-        raise ConfigError(f"ep=true ranks run in lockstep as one vLLM group, so they must be one job, but "
-                          f"{ranks} rank(s) need {jobs.groups} jobs of at most cluster.max_nodes_per_job="
-                          f"{c.max_nodes_per_job} node(s)")
+        raise ConfigError(
+            f"ep=true ranks run in lockstep as one vLLM group, so they must be one job, but "
+            f"{ranks} rank(s) need {jobs.groups} jobs of at most cluster.max_nodes_per_job="
+            f"{c.max_nodes_per_job} node(s)"
+        )
     return jobs
 
 

@@ -4,6 +4,7 @@
 `hostnames` and `resolve_address` are the edge functions that prefer Slurm's own answer
 (`scontrol`) when it is available and fall back to the parser / DNS.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -137,6 +138,7 @@ def resolve_address(host: str) -> str:
             return socket.gethostbyname(m.group(1))  # an IP literal comes back unchanged
         except OSError:
             pass
-    raise ValueError(f"cannot resolve host {host!r}: DNS says {dns_error}; "
-                     + (f"its Slurm NodeAddr {m.group(1)!r} does not resolve either" if m
-                        else "scontrol gives no NodeAddr for it"))
+    raise ValueError(
+        f"cannot resolve host {host!r}: DNS says {dns_error}; "
+        + (f"its Slurm NodeAddr {m.group(1)!r} does not resolve either" if m else "scontrol gives no NodeAddr for it")
+    )

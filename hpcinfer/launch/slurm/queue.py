@@ -1,6 +1,7 @@
 """What Slurm says about a run's jobs: `squeue` (jobs still in slurmctld's memory), else `sacct`
 (accounting, when the cluster has it). Parsing is pure; the commands are at the edge.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -8,8 +9,19 @@ import subprocess
 from typing import Dict, Iterable, List, Optional, Tuple
 
 # States after which a job (or array element) will not run again by itself.
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
+    "SPECIAL_EXIT",
+}
 
 
 JobStates = Dict[str, Tuple[str, str]]  # job id ("12", "13_4") -> (state, reason)
@@ -31,8 +43,10 @@ def parse_sacct(text: str) -> JobStates:
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 2 and parts[0]:
-            out[parts[0]] = (parts[1].split()[0].upper() if parts[1].strip() else "UNKNOWN",
-                             parts[2] if len(parts) > 2 else "")
+            out[parts[0]] = (
+                parts[1].split()[0].upper() if parts[1].strip() else "UNKNOWN",
+                parts[2] if len(parts) > 2 else "",
+            )
     return out
 
 
@@ -78,8 +92,9 @@ def job_states(job_ids: Iterable[str]) -> JobStates:
         out.update(parse_squeue(text or ""))
     missing = [j for j in ids if not states_of(j, out)]
     if missing and shutil.which("sacct"):
-        out.update(parse_sacct(_run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing),
-                                     "-o", "JobID,State,Reason"]) or ""))
+        out.update(
+            parse_sacct(_run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State,Reason"]) or "")
+        )
     return out
 
 

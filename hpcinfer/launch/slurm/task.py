@@ -6,6 +6,7 @@ its rank (and its node in a replica spanning nodes), `master_port` / `replica_po
 deterministic rendezvous ports per job, `task_gpus` / `task_cpus` pick the task's share of the
 node. `port_is_free` / `check_master_port` are the only side effects (a bind).
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,8 +22,7 @@ class SlurmEnvError(RuntimeError):
     """The Slurm environment of a task is missing something or does not add up."""
 
 
-REQUIRED_VARS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID",
-                 "SLURM_JOB_NODELIST")
+REQUIRED_VARS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NODEID", "SLURM_JOB_NODELIST")
 
 
 _INT = re.compile(r"-?[0-9]+")
@@ -51,17 +51,27 @@ def slurm_task(env: Mapping[str, str]) -> SlurmTask:
     missing = [k for k in REQUIRED_VARS if not env.get(k)]
     if missing:
         raise SlurmEnvError(f"not a Slurm task: {', '.join(missing)} not set")
-    names = {"procid": "SLURM_PROCID", "localid": "SLURM_LOCALID", "ntasks": "SLURM_NTASKS",
-             "nodeid": "SLURM_NODEID", "array_task_id": "SLURM_ARRAY_TASK_ID",
-             "restart_count": "SLURM_RESTART_COUNT"}
+    names = {
+        "procid": "SLURM_PROCID",
+        "localid": "SLURM_LOCALID",
+        "ntasks": "SLURM_NTASKS",
+        "nodeid": "SLURM_NODEID",
+        "array_task_id": "SLURM_ARRAY_TASK_ID",
+        "restart_count": "SLURM_RESTART_COUNT",
+    }
     present = {field: env[var] for field, var in names.items() if env.get(var)}
     bad = [f"{names[f]}={v!r}" for f, v in present.items() if not _INT.fullmatch(v)]
     if bad:
         raise SlurmEnvError(f"Slurm variables that should be integers are not: {', '.join(bad)}")
     ints: Dict[str, int] = {f: int(v) for f, v in present.items()}
-    task = SlurmTask(job_id=env["SLURM_JOB_ID"], array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
-                     nodelist=env["SLURM_JOB_NODELIST"], array_task_id=ints.pop("array_task_id", None),
-                     restart_count=ints.pop("restart_count", 0), **ints)
+    task = SlurmTask(
+        job_id=env["SLURM_JOB_ID"],
+        array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
+        nodelist=env["SLURM_JOB_NODELIST"],
+        array_task_id=ints.pop("array_task_id", None),
+        restart_count=ints.pop("restart_count", 0),
+        **ints,
+    )
     if not 0 <= task.procid < task.ntasks:
         raise SlurmEnvError(f"SLURM_PROCID={task.procid} is not in [0, SLURM_NTASKS={task.ntasks})")
     negative = [f"{names[f]}={getattr(task, f)}" for f in ("localid", "nodeid") if getattr(task, f) < 0]
@@ -88,9 +98,11 @@ def master_port(job_id: Union[str, int], base: int = 20000, span: int = 10000, s
     if not re.fullmatch(r"[0-9]+", text):
         raise SlurmEnvError(f"job id {job_id!r} is not an integer (nor an array id like '123_4')")
     if base < 1 or stride < 1 or span < stride or base + span > EPHEMERAL_PORTS_START:
-        raise SlurmEnvError(f"bad port window base={base}, span={span}, stride={stride}: need 1 <= base, "
-                            f"1 <= stride <= span and base + span <= {EPHEMERAL_PORTS_START} "
-                            "(higher ports are handed to outgoing connections)")
+        raise SlurmEnvError(
+            f"bad port window base={base}, span={span}, stride={stride}: need 1 <= base, "
+            f"1 <= stride <= span and base + span <= {EPHEMERAL_PORTS_START} "
+            "(higher ports are handed to outgoing connections)"
+        )
     return base + (int(text) % (span // stride)) * stride
 
 
@@ -119,7 +131,8 @@ def check_master_port(addr: str, port: int) -> None:
     if not free:
         raise SlurmEnvError(
             f"master port {addr}:{port} is already in use: another job on this machine may hold it "
-            "(nodes of one machine share a network stack), or a previous run has not let go of it yet")
+            "(nodes of one machine share a network stack), or a previous run has not let go of it yet"
+        )
 
 
 _NO_GPUS = ("NoDevFiles", "-1")
@@ -146,9 +159,11 @@ def task_gpus(visible: Optional[str], local_rank: int, gpus_per_rank: int) -> Li
     if len(ids) == g:
         return ids
     if len(ids) >= (local_rank + 1) * g:
-        return ids[local_rank * g:(local_rank + 1) * g]
-    raise SlurmEnvError(f"too few GPUs for this task ({where}): {len(ids)} visible, need {g} "
-                        f"of its own or {(local_rank + 1) * g} to take slice {local_rank}")
+        return ids[local_rank * g : (local_rank + 1) * g]
+    raise SlurmEnvError(
+        f"too few GPUs for this task ({where}): {len(ids)} visible, need {g} "
+        f"of its own or {(local_rank + 1) * g} to take slice {local_rank}"
+    )
 
 
 def task_cpus(affinity: Sequence[int], cpus_per_task: Optional[int], slot: int) -> List[str]:
@@ -160,8 +175,9 @@ def task_cpus(affinity: Sequence[int], cpus_per_task: Optional[int], slot: int) 
     """
     cores = sorted(set(affinity))
     if not cores or slot < 0 or (cpus_per_task is not None and cpus_per_task < 1):
-        raise SlurmEnvError(f"cannot pick cores from affinity={list(affinity)} with "
-                            f"cpus_per_task={cpus_per_task}, slot={slot}")
+        raise SlurmEnvError(
+            f"cannot pick cores from affinity={list(affinity)} with cpus_per_task={cpus_per_task}, slot={slot}"
+        )
     if cpus_per_task is None or len(cores) <= cpus_per_task:
         return [str(c) for c in cores]
     start = (slot * cpus_per_task) % len(cores)

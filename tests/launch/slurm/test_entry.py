@@ -1,5 +1,6 @@
 """What a Slurm task makes of its environment: its rank, devices and the worker's environment.
 Dense models never get VLLM_DP_*; MoE models with ep=true get a consistent lockstep group."""
+
 from __future__ import annotations
 
 from conftest import bare_plan, check_group
@@ -16,9 +17,17 @@ def plan(ranks, jobs, kind="cuda", per_rank=2):
 
 
 def slurm_env(procid, localid, ntasks, nodeid, job="77", **extra):
-    return {"SLURM_JOB_ID": job, "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
-            "SLURM_NTASKS": str(ntasks), "SLURM_NODEID": str(nodeid), "SLURM_JOB_NODELIST": "g[1-2]",
-            "PATH": "/usr/bin", "VLLM_DP_RANK": "5", **extra}
+    return {
+        "SLURM_JOB_ID": job,
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(localid),
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_NODEID": str(nodeid),
+        "SLURM_JOB_NODELIST": "g[1-2]",
+        "PATH": "/usr/bin",
+        "VLLM_DP_RANK": "5",
+        **extra,
+    }
 
 
 def build(cfg, p, env, ranks=None):

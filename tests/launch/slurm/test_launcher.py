@@ -1,5 +1,6 @@
 """The Slurm backend's pure parts: job layout, time limits, sbatch parameters (against golden
 sbatch files, rendered by submitit itself), job-state parsing, and status' state logic."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 # ---- layout ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("gpn,per_rank,given,expected", [
-    (8, 1, None, 8), (8, 2, None, 4), (8, 3, None, 2), (4, 8, None, 1), (0, 1, None, 1), (8, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "gpn,per_rank,given,expected",
+    [(8, 1, None, 8), (8, 2, None, 4), (8, 3, None, 2), (4, 8, None, 1), (0, 1, None, 1), (8, 1, 2, 2)],
+)
 def test_node_capacity(gpn, per_rank, given, expected):
     assert node_capacity(gpn, per_rank, given) == expected
 
@@ -64,18 +67,35 @@ def test_given_nodes_must_hold_the_ranks():
         job_layout(2, 4, nodes=3)
 
 
-@pytest.mark.parametrize("groups,size,expected", [
-    (1, 1001, [(0, 1)]), (1001, 1001, [(0, 1001)]), (2500, 1001, [(0, 1001), (1001, 1001), (2002, 498)]),
-    (5, 2, [(0, 2), (2, 2), (4, 1)])])
+@pytest.mark.parametrize(
+    "groups,size,expected",
+    [
+        (1, 1001, [(0, 1)]),
+        (1001, 1001, [(0, 1001)]),
+        (2500, 1001, [(0, 1001), (1001, 1001), (2002, 498)]),
+        (5, 2, [(0, 2), (2, 2), (4, 1)]),
+    ],
+)
 def test_array_chunks_respect_max_array_size(groups, size, expected):
     chunks = array_chunks(groups, size)
     assert chunks == expected
     assert sum(c for _, c in chunks) == groups and all(c <= size for _, c in chunks)
 
 
-@pytest.mark.parametrize("value,minutes", [
-    (30, 30), ("30", 30), ("90:30", 91), ("04:00:00", 240), ("1:00:01", 61), ("2-0", 2880), ("1-02:30", 1590),
-    ("1-00:00:30", 1441), ("0:0:59", 1)])
+@pytest.mark.parametrize(
+    "value,minutes",
+    [
+        (30, 30),
+        ("30", 30),
+        ("90:30", 91),
+        ("04:00:00", 240),
+        ("1:00:01", 61),
+        ("2-0", 2880),
+        ("1-02:30", 1590),
+        ("1-00:00:30", 1441),
+        ("0:0:59", 1),
+    ],
+)
 def test_slurm_time_minutes(value, minutes):
     assert slurm_time_minutes(value) == minutes
 
@@ -88,15 +108,28 @@ def test_slurm_time_minutes_rejects(value):
 
 # ---- config ----------------------------------------------------------------------------------
 def test_slurm_config_validation_names_the_values():
-    cfg = compose(["cluster=slurm", "tp=3", "cluster.gpus_per_node=2", "cluster.time=soon", "cluster.array=0",
-                   "+cluster.sbatch.ntasks=3", "cluster.partition='gpu;rm -rf'"])
+    cfg = compose(
+        [
+            "cluster=slurm",
+            "tp=3",
+            "cluster.gpus_per_node=2",
+            "cluster.time=soon",
+            "cluster.array=0",
+            "+cluster.sbatch.ntasks=3",
+            "cluster.partition='gpu;rm -rf'",
+        ]
+    )
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     msg = str(e.value)
-    for part in ("tp=3 x pp=1: 3 GPUs per rank is neither at most cluster.gpus_per_node=2 nor a multiple of it",
-                 "cluster.time",
-                 "'soon'", "cluster.array must be >= 1, got 0", "cluster.sbatch.ntasks is set by hpcinfer",
-                 "cluster.partition='gpu;rm -rf'"):
+    for part in (
+        "tp=3 x pp=1: 3 GPUs per rank is neither at most cluster.gpus_per_node=2 nor a multiple of it",
+        "cluster.time",
+        "'soon'",
+        "cluster.array must be >= 1, got 0",
+        "cluster.sbatch.ntasks is set by hpcinfer",
+        "cluster.partition='gpu;rm -rf'",
+    ):
         assert part in msg
 
 
@@ -125,11 +158,22 @@ def _check_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"sbatch text differs from {path} (HPCINFER_UPDATE_GOLDEN=1 to accept)"
 
 
-GPU_ARGS = ["cluster=slurm", "dp=16", "tp=2", "cluster.partition=gpu", "cluster.account=proj42", "cluster.qos=high",
-            "cluster.time=12:00:00", "cluster.mem=400G", "cluster.cpus_per_task=16", "cluster.constraint=h100",
-            "cluster.exclusive=true", "+cluster.sbatch.mail-type=END",
-            "cluster.setup=['module load cuda/12.4', 'source /opt/venv/bin/activate']",
-            "cluster.python=/opt/venv/bin/python"]
+GPU_ARGS = [
+    "cluster=slurm",
+    "dp=16",
+    "tp=2",
+    "cluster.partition=gpu",
+    "cluster.account=proj42",
+    "cluster.qos=high",
+    "cluster.time=12:00:00",
+    "cluster.mem=400G",
+    "cluster.cpus_per_task=16",
+    "cluster.constraint=h100",
+    "cluster.exclusive=true",
+    "+cluster.sbatch.mail-type=END",
+    "cluster.setup=['module load cuda/12.4', 'source /opt/venv/bin/activate']",
+    "cluster.python=/opt/venv/bin/python",
+]
 
 
 def test_golden_gpu_worker_job():
@@ -139,8 +183,15 @@ def test_golden_gpu_worker_job():
 
 
 def test_golden_cpu_worker_array():
-    cfg = compose(["cluster=slurm_cpu", "dp=6", "cluster.array=3", "cluster.array_parallelism=2",
-                   "cluster.python=/opt/venv/bin/python"])
+    cfg = compose(
+        [
+            "cluster=slurm_cpu",
+            "dp=6",
+            "cluster.array=3",
+            "cluster.array_parallelism=2",
+            "cluster.python=/opt/venv/bin/python",
+        ]
+    )
     jobs = job_layout(6, 1, array=3)
     params = worker_parameters(cfg, jobs)
     ex = executor("/runs/r1/slurm", cfg, params)
@@ -150,8 +201,18 @@ def test_golden_cpu_worker_array():
 
 def test_golden_gpu_worker_job_of_replicas_spanning_nodes():
     """tp=16 on 8-GPU nodes: 3 ranks of 2 nodes each = 6 nodes, one task (and all 8 GPUs) per node."""
-    cfg = compose(["cluster=slurm", "model=llama", "model.path=org/llama", "dp=3", "tp=16", "cluster.partition=gpu",
-                   "cluster.time=12:00:00", "cluster.python=/opt/venv/bin/python"])
+    cfg = compose(
+        [
+            "cluster=slurm",
+            "model=llama",
+            "model.path=org/llama",
+            "dp=3",
+            "tp=16",
+            "cluster.partition=gpu",
+            "cluster.time=12:00:00",
+            "cluster.python=/opt/venv/bin/python",
+        ]
+    )
     validate(cfg)
     jobs = job_layout(3, node_capacity(8, 16, None), nodes_per_rank=2)
     assert (jobs.nodes_per_job, jobs.tasks_per_node) == (6, 1)
@@ -197,5 +258,3 @@ def test_parse_squeue_and_sacct():
     acct = parse_sacct("20|CANCELLED by 0|None\n21|FAILED|NonZeroExitCode\n")
     assert acct["20"][0] == "CANCELLED" and summarize(states_of("21", acct)) == "FAILED"
     assert summarize([("COMPLETED", ""), ("FAILED", "")]) == "FAILED"
-
-

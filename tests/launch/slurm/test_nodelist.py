@@ -1,4 +1,5 @@
 """Slurm host lists: the pure parser, the scontrol/DNS edges with fakes, and Slurm itself when present."""
+
 import shutil
 import socket
 import subprocess
@@ -95,9 +96,15 @@ def test_hostnames_prefers_scontrol(monkeypatch):
     assert calls == [["/opt/slurm/bin/scontrol", "show", "hostnames", "whatever[1-2]"]]
 
 
-@pytest.mark.parametrize("kw", [{"returncode": 1, "stdout": "alpha\n"}, {"stdout": ""},
-                                {"raises": subprocess.TimeoutExpired("scontrol", 30)},
-                                {"raises": FileNotFoundError("scontrol")}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"returncode": 1, "stdout": "alpha\n"},
+        {"stdout": ""},
+        {"raises": subprocess.TimeoutExpired("scontrol", 30)},
+        {"raises": FileNotFoundError("scontrol")},
+    ],
+)
 def test_hostnames_falls_back_when_scontrol_fails(monkeypatch, kw):
     fake_scontrol(monkeypatch, **kw)
     assert hostnames("n[1-2]") == ["n1", "n2"]
@@ -128,8 +135,9 @@ def test_resolve_address_falls_back_to_slurm_nodeaddr(monkeypatch):
     assert resolve_address("gpu02") == "10.7.7.7"  # a NodeAddr that is a name is resolved in turn
 
 
-@pytest.mark.parametrize("kw", [{"returncode": 1}, {"stdout": "NodeName=gpu03 State=IDLE"},
-                                {"stdout": "NodeName=gpu03 NodeAddr=nowhere"}])
+@pytest.mark.parametrize(
+    "kw", [{"returncode": 1}, {"stdout": "NodeName=gpu03 State=IDLE"}, {"stdout": "NodeName=gpu03 NodeAddr=nowhere"}]
+)
 def test_resolve_address_names_the_host_when_all_fails(monkeypatch, kw):
     fake_dns(monkeypatch, {})
     fake_scontrol(monkeypatch, **kw)
@@ -149,16 +157,31 @@ def test_resolve_address_real_loopback():
 
 
 # Expressions Slurm itself accepts (a suffix after the last bracket, as in "a[1-2].x", is not one).
-SLURM_CHECKED = ["n1", "gpu[001-003]", "node[8-11]", "n[01-100]", "n[1-003]", "gpu[001-003,7]",
-                 "gpu[7,001-002]", "x1,y[2-3],z", "a[1-2],b[08-10,3],c", "r[1-2]n[01-02]",
-                 "a[1-2]b[1-2]c[5-6]", "a[1-2]b[3-4]c[5-6]d[7-8]", "rack[1-2]-n[3-4]", "n1,n1,n[1-2]",
-                 "n[1-3,2]", "n[7]"]
+SLURM_CHECKED = [
+    "n1",
+    "gpu[001-003]",
+    "node[8-11]",
+    "n[01-100]",
+    "n[1-003]",
+    "gpu[001-003,7]",
+    "gpu[7,001-002]",
+    "x1,y[2-3],z",
+    "a[1-2],b[08-10,3],c",
+    "r[1-2]n[01-02]",
+    "a[1-2]b[1-2]c[5-6]",
+    "a[1-2]b[3-4]c[5-6]d[7-8]",
+    "rack[1-2]-n[3-4]",
+    "n1,n1,n[1-2]",
+    "n[1-3,2]",
+    "n[7]",
+]
 
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("expr", SLURM_CHECKED)
 def test_parser_agrees_with_scontrol(expr, slurm_env):
-    out = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, timeout=30,
-                         env=slurm_env)
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", expr], capture_output=True, text=True, timeout=30, env=slurm_env
+    )
     assert out.returncode == 0, out.stderr
     assert expand_nodelist(expr) == out.stdout.split()

@@ -1,4 +1,5 @@
 """What a Slurm task learns from its environment: identity, rank, port, GPUs and cores."""
+
 import itertools
 import re
 import socket
@@ -18,16 +19,33 @@ from hpcinfer.launch.slurm.task import (
     task_rank,
 )
 
-ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
-       "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]", "PATH": "/usr/bin"}
+ENV = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_NODEID": "1",
+    "SLURM_JOB_NODELIST": "gpu[01-02]",
+    "PATH": "/usr/bin",
+}
 
 
 # ---- slurm_task ----
 
+
 def test_slurm_task_reads_the_variables():
     env = {**ENV, "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "7", "SLURM_RESTART_COUNT": "2"}
-    assert slurm_task(env) == SlurmTask(job_id="4242", array_job_id="4200", array_task_id=7, procid=3, localid=1,
-                                        ntasks=4, nodeid=1, nodelist="gpu[01-02]", restart_count=2)
+    assert slurm_task(env) == SlurmTask(
+        job_id="4242",
+        array_job_id="4200",
+        array_task_id=7,
+        procid=3,
+        localid=1,
+        ntasks=4,
+        nodeid=1,
+        nodelist="gpu[01-02]",
+        restart_count=2,
+    )
 
 
 def test_slurm_task_optional_variables_default():
@@ -47,9 +65,17 @@ def test_slurm_task_names_all_missing_variables_at_once():
     assert all(var in str(e.value) for var in REQUIRED_VARS)
 
 
-@pytest.mark.parametrize("var,value", [("SLURM_PROCID", "x"), ("SLURM_NTASKS", "4.0"), ("SLURM_LOCALID", " 1"),
-                                       ("SLURM_NODEID", "1_0"), ("SLURM_ARRAY_TASK_ID", "7a"),
-                                       ("SLURM_RESTART_COUNT", "two")])
+@pytest.mark.parametrize(
+    "var,value",
+    [
+        ("SLURM_PROCID", "x"),
+        ("SLURM_NTASKS", "4.0"),
+        ("SLURM_LOCALID", " 1"),
+        ("SLURM_NODEID", "1_0"),
+        ("SLURM_ARRAY_TASK_ID", "7a"),
+        ("SLURM_RESTART_COUNT", "two"),
+    ],
+)
 def test_slurm_task_names_non_integer_values(var, value):
     with pytest.raises(SlurmEnvError) as e:
         slurm_task({**ENV, var: value})
@@ -75,6 +101,7 @@ def test_slurm_task_is_frozen():
 
 # ---- task_rank ----
 
+
 def test_task_rank_follows_the_jobs_rank_list():
     assert [task_rank(p, [4, 5, 9]) for p in range(4)] == [4, 5, 9, None]
     assert task_rank(0, []) is None
@@ -83,6 +110,7 @@ def test_task_rank_follows_the_jobs_rank_list():
 
 
 # ---- master_port ----
+
 
 def test_master_port_is_deterministic_aligned_and_in_window():
     ports = [master_port(j) for j in range(0, 5000, 7)]
@@ -110,14 +138,14 @@ def test_master_port_rejects_bad_job_ids(job_id):
         master_port(job_id)
 
 
-@pytest.mark.parametrize("kw", [{"base": 30000, "span": 10000}, {"stride": 0}, {"span": 4, "stride": 8},
-                                {"base": 0}])
+@pytest.mark.parametrize("kw", [{"base": 30000, "span": 10000}, {"stride": 0}, {"span": 4, "stride": 8}, {"base": 0}])
 def test_master_port_rejects_bad_windows(kw):
     with pytest.raises(SlurmEnvError, match="bad port window"):
         master_port(1, **kw)
 
 
 # ---- port_is_free / check_master_port ----
+
 
 def bound(addr, port=0):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -167,6 +195,7 @@ def test_check_master_port_on_an_address_of_another_machine():
 
 # ---- task_gpus ----
 
+
 @pytest.mark.parametrize("visible", [None, "", "  "])
 def test_task_gpus_without_cuda_visible_devices(visible):
     assert task_gpus(visible, 0, 2) == ["0", "1"]
@@ -188,17 +217,20 @@ def test_task_gpus_slices_a_shared_list():
     assert task_gpus(" 0, 1 ,2,3 ", 1, 2) == ["2", "3"]  # spaces are ignored
 
 
-@pytest.mark.parametrize("visible,local_rank,g,why", [
-    ("0,1,2", 1, 2, "too few GPUs"),
-    ("0", 1, 2, "too few GPUs"),
-    ("0,1,2,3", 2, 2, "too few GPUs"),
-    ("NoDevFiles", 0, 1, "no GPU"),
-    ("-1", 0, 1, "no GPU"),
-    (" -1 ", 0, 1, "no GPU"),
-    ("0,,1", 0, 2, "empty or repeated"),
-    ("0,1,", 0, 2, "empty or repeated"),
-    ("0,0", 0, 2, "empty or repeated"),
-])
+@pytest.mark.parametrize(
+    "visible,local_rank,g,why",
+    [
+        ("0,1,2", 1, 2, "too few GPUs"),
+        ("0", 1, 2, "too few GPUs"),
+        ("0,1,2,3", 2, 2, "too few GPUs"),
+        ("NoDevFiles", 0, 1, "no GPU"),
+        ("-1", 0, 1, "no GPU"),
+        (" -1 ", 0, 1, "no GPU"),
+        ("0,,1", 0, 2, "empty or repeated"),
+        ("0,1,", 0, 2, "empty or repeated"),
+        ("0,0", 0, 2, "empty or repeated"),
+    ],
+)
 def test_task_gpus_rejects(visible, local_rank, g, why):
     with pytest.raises(SlurmEnvError) as e:
         task_gpus(visible, local_rank, g)
@@ -215,6 +247,7 @@ def test_task_gpus_rejects_bad_arguments(local_rank, g):
 
 
 # ---- task_cpus ----
+
 
 def test_task_cpus_confined_task_gets_all_its_cores():
     assert task_cpus([7, 5, 6], None, 3) == ["5", "6", "7"]
