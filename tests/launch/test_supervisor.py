@@ -68,6 +68,13 @@ def starts(rd: RunDir, who: str) -> int:
     return len(path.read_text()) if path.exists() else 0
 
 
+def wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def rank_record(rd: RunDir) -> dict:
     return json.loads(rd.rank_file(0).read_text())
 
@@ -154,19 +161,21 @@ def test_slurm_headless_task_joins_its_leaders_restart_and_ends_with_it(tmp_path
     rd, _ = slurm_task_run(tmp_path, monkeypatch, 1, ["rank_retries=1"])
 
     def leader_elsewhere():  # the leader, on the other node: fails once, then its restart finishes
-        for token, state, at in (
-            ("a", "running", 0.3),
-            ("a", "failed", 0.6),
-            ("b", "running", 3.0),
-            ("b", "done", 3.5),
-        ):
-            time.sleep(max(0.0, at - (time.time() - t0)))
+        def record(token, state):
             atomic_write_json(
                 rd.rank_file(0),
                 {"rank": 0, "token": token, "host": "h", "pid": ord(token), "started_at": ord(token), "state": state},
             )
 
-    t0 = time.time()
+        wait_for(lambda: starts(rd, "headless") == 1)
+        record("a", "running")
+        time.sleep(0.3)
+        record("a", "failed")  # the headless node leaves; its task starts it again for the restart
+        wait_for(lambda: starts(rd, "headless") == 2)
+        record("b", "running")
+        time.sleep(0.3)
+        record("b", "done")
+
     threading.Thread(target=leader_elsewhere, daemon=True).start()
     assert entry.run_task(str(rd.path), [0]) is None  # a headless task returns no rank
     assert starts(rd, "headless") == 2 and starts(rd, "leader") == 0
