@@ -179,9 +179,12 @@ def test_finalize_missing_done_marker(tmp_path):
 def test_finalize_done_marker_without_output(tmp_path):
     rd, shards, _ = fake_run_dir(tmp_path)
     rd.shard_output(1).unlink()
-    with pytest.raises(RunIncomplete, match=r"1 \(rank"):
+    with pytest.raises(RunIncomplete, match=r"shard 1 \(shards/000001.parquet: missing\).*hpcinfer resume"):
         finalize(str(rd.path))
     assert not rd.results.exists()
+    assert not rd.is_done(1)  # its marker is set aside: resume generates the shard again
+    with pytest.raises(RunIncomplete, match=r"1 of \d+ shard\(s\) missing: 1 \(rank"):
+        finalize(str(rd.path))
 
 
 def rewrite_positions(rd, shard, positions):
@@ -216,7 +219,7 @@ def test_finalize_rejects_wrong_row_count(tmp_path):
     path = rd.shard_output(0)
     t = pq.read_table(path)
     pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), path)  # one row duplicated at the end
-    with pytest.raises(RunIncomplete, match="shard 0 output has"):
+    with pytest.raises(RunIncomplete, match=f"shard 0 .*: {shards[0].rows + 1} rows, its shard has {shards[0].rows}"):
         finalize(str(rd.path))
     assert not rd.results.exists()
 
