@@ -7,7 +7,8 @@ first (`ClaimedWork`: rundir/claims.py, schedule.py); with the static one it tak
 (`StaticWork`). Rows become requests and results through requests.py. For each shard it writes
 finished rows in durable parts (rundir/parts.py), then the shard output atomically, and only then
 the done marker; a restarted rank skips done shards and rows already in parts, so no row is
-written twice. Its state and counters go to `ranks/<rank>.json` (`RankState`, a RankRecord).
+written twice (both checked first: a torn one is set aside and its rows generated again,
+rundir/integrity.py). A full disk fails the attempt with a record error saying so. Its state and counters go to `ranks/<rank>.json` (`RankState`, a RankRecord).
 
 `should_restart` and `record_exit` are for launchers: what to do once a rank's process has ended.
 """

@@ -213,16 +213,17 @@ class RunDir:
             overwrite_in_place(self.rank_file(record.rank), text)
 
     def read_rank(self, rank: int) -> Optional[RankRecord]:
-        """The rank's record, or None when it has written none (yet)."""
+        """The rank's record, or None when it has written none (yet) or it cannot be read (a rank
+        sets an unreadable one aside when it starts: integrity.read_rank_checked)."""
         d = self.read_optional(self.rank_file(rank))
-        return None if d is None else RankRecord.from_json(d)
+        return RankRecord.from_json(d) if isinstance(d, dict) else None
 
     def read_ranks(self) -> Dict[int, RankRecord]:
         """Every rank's record, by rank (files that are not a rank's record are skipped)."""
         out = {}
         if self.ranks_dir.exists():
             for p in self.ranks_dir.glob("*.json"):
-                with contextlib.suppress(ValueError, TypeError, OSError):
+                with contextlib.suppress(ValueError, TypeError, AttributeError, OSError):
                     out[int(p.stem)] = RankRecord.from_json(read_json(p))
         return dict(sorted(out.items()))
 
