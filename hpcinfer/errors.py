@@ -7,6 +7,7 @@ its one-line message on stderr and exit with `EXIT_USAGE` (2), never a traceback
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from typing import Iterator
 
@@ -33,6 +34,26 @@ class RunInProgress(UserError):
 
 class RunIncomplete(Exception):
     """Finalize found missing, partial or duplicated shard outputs; nothing was published."""
+
+
+class NoSpace(RunIncomplete):
+    """Finalize ran out of disk space (or quota) while writing; nothing was published."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is a full filesystem or an exceeded quota (Python's and pyarrow's OSErrors alike)."""
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def disk_full_message(e: OSError, writing: str, then: str) -> str:
+    """One line for a full disk: what was being written and what the user does next."""
+    quota = " (disk quota exceeded)" if e.errno == errno.EDQUOT or "quota" in str(e).lower() else ""
+    return f"no space left on device{quota} writing {writing}: free space and {then}"
 
 
 def one_line(msg: str) -> str:

@@ -2,7 +2,8 @@
 
 Per rank: state (queued / starting / running / done / failed / stopped), host, rows done of its
 total, output tokens/s; for the run: rows done of total, tokens/s, ETA, the Slurm job ids and
-their states, the finalize outcome, and the log tail of every failed rank. Everything is read
+their states, the finalize outcome, what was repaired (files found torn or unreadable and set
+aside, rundir/integrity.py), and the log tail of every failed rank. Everything is read
 from the run directory (and squeue/sacct for job states), so it works from any login node.
 
 Exit codes: 0 finished or still in progress, 1 failed or incomplete, 2 not a run directory.
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, UserError, exit_on_user_error
 from hpcinfer.rundir import records
 from hpcinfer.rundir.files import tail
+from hpcinfer.rundir.integrity import describe
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import RankRecord
 
@@ -114,6 +116,7 @@ def collect(rd: RunDir, now: Optional[float] = None) -> Dict[str, Any]:
         "eta_seconds": (plan.rows - rows_done) / rate if rate > 0 and not published else None,
         "jobs": jobs["summary"],
         "finalize": outcome.to_json() if outcome else None,
+        "repaired": [describe(r) for r in rd.read_repairs()],
         "model": plan.model["name"],
         "layout": f"dp={plan.dp} tp={plan.tp} pp={plan.pp}",
     }
@@ -152,6 +155,8 @@ def render(info: Dict[str, Any]) -> str:
         )
     if info["finalize"]:
         lines.append(f"finalize  exit {info['finalize']['exit_code']}: {info['finalize']['message']}")
+    for line in info.get("repaired", []):
+        lines.append(f"repaired  {line}")
     for r in info["ranks"]:
         if r["state"] == records.FAILED:
             lines.append(f"--- rank {r['rank']} failed: {r['error'] or 'its job ended before it finished'}")

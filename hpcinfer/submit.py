@@ -7,7 +7,8 @@ Writes the run directory (config.yaml, plan.json, manifest.parquet), runs the ra
 cluster backend, then finalize; prints the run directory last on stdout. `cluster=local` runs the
 ranks here and finalizes; `cluster=slurm` queues the worker jobs and a dependent finalize job and
 returns (or, with wait=true, blocks until finalize ends). Re-running with the same `run_dir` and
-the same config continues an unfinished run (done shards are kept); it is a no-op for a finished
+the same config continues an unfinished run (done shards are kept once their outputs check out:
+rundir/integrity.py; a torn one is set aside and generated again); it is a no-op for a finished
 run and for one whose jobs are still queued or whose submission is live (cron-safe).
 Exit codes: 0 done (or nothing to do), 1 the run failed or is incomplete, 2 bad config or data.
 """
@@ -29,6 +30,7 @@ from hpcinfer.errors import EXIT_OK, RunInProgress, UserError
 from hpcinfer.launch import launcher_for
 from hpcinfer.planning.prepare import default_run_dir, prepare
 from hpcinfer.rundir.files import atomic_write
+from hpcinfer.rundir.integrity import describe, verify_done
 from hpcinfer.rundir.manifest import read_manifest, write_manifest
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.secrets import redact
@@ -98,7 +100,12 @@ def submit(cfg: RunConfig) -> int:
             else:
                 if read_manifest(str(rd.manifest))[0] != prep.shards:
                     raise UserError(f"the input files changed since {str(rd.path)!r} was planned; choose a new run_dir")
-                log(f"continuing {rd.path}: {len(rd.done_shards())} of {plan.shards} shard(s) already done")
+                # what is done is what is provably complete: a torn shard is set aside (and said),
+                # so that the launcher's unfinished_ranks starts the ranks that generate it again
+                verified = verify_done(rd, prep.shards, "submit")
+                for repair in verified.repairs:
+                    log(f"repaired: {describe(repair)}")
+                log(f"continuing {rd.path}: {len(verified.done)} of {plan.shards} shard(s) already done")
             for note in plan.notes:
                 log(note)
             log(f"run directory {rd.path}")

@@ -165,3 +165,39 @@ def prompts_table(n, start=0):
             "prompt": pa.array([f"prompt {i}" for i in range(start, start + n)], pa.string()),
         }
     )
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs at tmp_path/small, for running out of space for real (mounting needs root;
+    skipped with the reason otherwise). `fill_disk` fills it."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (to run out of space) needs root")
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(d)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the filesystem of `directory` to the last page with one file; that file (delete it to
+    free the space)."""
+    import errno
+
+    path = directory / "filler"
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    return path

@@ -8,6 +8,9 @@ and done/<id>.json markers.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, bare_plan
+from conftest import REPO, bare_plan, fill_disk
 
 from hpcinfer import config
 from hpcinfer.cli import compose
@@ -179,9 +182,12 @@ def test_finalize_missing_done_marker(tmp_path):
 def test_finalize_done_marker_without_output(tmp_path):
     rd, shards, _ = fake_run_dir(tmp_path)
     rd.shard_output(1).unlink()
-    with pytest.raises(RunIncomplete, match=r"1 \(rank"):
+    with pytest.raises(RunIncomplete, match=r"shard 1 \(shards/000001.parquet: missing\).*hpcinfer resume"):
         finalize(str(rd.path))
     assert not rd.results.exists()
+    assert not rd.is_done(1)  # its marker is set aside: resume generates the shard again
+    with pytest.raises(RunIncomplete, match=r"1 of \d+ shard\(s\) missing: 1 \(rank"):
+        finalize(str(rd.path))
 
 
 def rewrite_positions(rd, shard, positions):
@@ -216,7 +222,7 @@ def test_finalize_rejects_wrong_row_count(tmp_path):
     path = rd.shard_output(0)
     t = pq.read_table(path)
     pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), path)  # one row duplicated at the end
-    with pytest.raises(RunIncomplete, match="shard 0 output has"):
+    with pytest.raises(RunIncomplete, match=f"shard 0 .*: {shards[0].rows + 1} rows, its shard has {shards[0].rows}"):
         finalize(str(rd.path))
     assert not rd.results.exists()
 
@@ -252,3 +258,103 @@ def test_finalize_cli_exit_codes(tmp_path):
     assert rd.results.exists()
 
     assert run().returncode == 2  # usage
+
+
+# ---- finalize killed, two at once, a full disk ---------------------------------------------------
+def big_run_dir(tmp_path, rows=300_000, shards=30):
+    """A finished run directory large enough that finalize takes a while (~1 s): one input file,
+    `shards` shards of one rank each... written directly (no vLLM)."""
+    path = tmp_path / "in.parquet"
+    prompts = [f"prompt {i} " + "x" * 40 for i in range(rows)]
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    inputs = scan([str(path)], "prompt")
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    cfg = compose([])
+    atomic_write(rd.config, config.to_yaml(cfg))
+    plan = dataclasses.replace(bare_plan(1, per_rank=1), engine_args=config.engine_args(cfg, "/fake/tiny"))
+    atomic_write_json(rd.plan, plan.to_json())
+    manifest = make_shards(inputs.files, 1, rows // shards)
+    write_manifest(str(rd.manifest), manifest, inputs.schema)
+    for s in manifest:
+        table = read_shard(s, inputs.schema)
+        n = table.num_rows
+        out = output.shard_table(table, [RowResult(None, None, 0, 0, None)] * n, s.global_start)
+        gen = pa.array([f"gen {s.global_start + i} " + "y" * 40 for i in range(n)])
+        out = out.set_column(out.column_names.index("generated_text"), "generated_text", gen)
+        pq.write_table(out, rd.shard_output(s.shard))
+        rd.mark_done(DoneRecord(s.shard, 0, "fakehost", n, 0, 0, 0, 0.1))
+    return rd, rows
+
+
+def start_finalize(rd):
+    return subprocess.Popen(
+        [PYTHON, "-m", "hpcinfer.finalize", str(rd.path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def check_published(rd, rows):
+    res = pq.read_table(rd.results)
+    assert res.num_rows == rows
+    assert res.column("generated_text").to_pylist() == [f"gen {i} " + "y" * 40 for i in range(rows)]
+    assert json.loads(rd.summary.read_text())["rows"] == rows
+    assert leftover_temp_files(rd.path) == []
+
+
+def test_finalize_killed_mid_write_publishes_nothing_and_a_rerun_completes(tmp_path):
+    rd, rows = big_run_dir(tmp_path)
+    p = start_finalize(rd)
+    deadline = time.time() + 60
+    while not list(rd.path.glob(".results.parquet.*.tmp")):  # it is writing results.parquet
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.001)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not rd.results.exists() and not rd.summary.exists()  # absent, not partial
+    assert leftover_temp_files(rd.path)  # what a kill -9 leaves ...
+    assert finalize(str(rd.path))["rows"] == rows
+    check_published(rd, rows)  # ... the next finalize removes
+
+
+def test_a_second_finalize_waits_for_the_first(tmp_path):
+    import select
+
+    rd, rows = big_run_dir(tmp_path, rows=2000, shards=4)
+    with rd.finalizing():  # a finalize of this run is writing
+        p = start_finalize(rd)
+        assert select.select([p.stderr], [], [], 60)[0], "the second finalize said nothing"
+        assert p.stderr.readline() == f"hpcinfer: waiting for another finalize of {rd.path} (pid {os.getpid()})\n"
+        time.sleep(0.5)
+        assert p.poll() is None and not rd.results.exists()  # it waits ...
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err  # ... and runs once the first is through
+    check_published(rd, rows)
+
+
+def test_two_finalizes_at_once_both_publish_the_same_complete_results(tmp_path):
+    rd, rows = big_run_dir(tmp_path)
+    procs = [start_finalize(rd) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("waiting for another finalize" in err for _, err in outs) == 1
+    check_published(rd, rows)
+
+
+def test_finalize_on_a_full_disk_says_so_in_one_line_and_publishes_after_space_is_freed(small_fs):
+    rd, shards, original = fake_run_dir(small_fs)
+    filler = fill_disk(small_fs)
+    p = subprocess.run([PYTHON, "-m", "hpcinfer.finalize", str(rd.path)], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1, p.stderr  # one line, no traceback
+    assert p.stderr.startswith("hpcinfer: incomplete, nothing published: no space left on device writing ")
+    assert f"free space and run finalize again (hpcinfer finalize {rd.path})" in p.stderr
+    assert not rd.results.exists() and not rd.summary.exists()
+    assert leftover_temp_files(rd.path) == []
+    filler.unlink()
+    summary = finalize(str(rd.path))
+    assert summary["rows"] == original.num_rows and summary["repaired"] == []
+    assert pq.read_table(rd.results).select(original.column_names).equals(original)

@@ -172,3 +172,17 @@ def test_render_shows_failed_rank_log_tail(tmp_path):
     assert "workers 7 FAILED; finalize 8 COMPLETED" in text
     assert "--- rank 1 failed: ValueError: boom" in text and text.rstrip().endswith("ValueError: boom")
     assert "finalize  exit 1: incomplete" in text and "5/10 done (50%)" in text
+
+
+def test_status_says_what_was_repaired(rd):
+    from hpcinfer.rundir.integrity import record
+    from hpcinfer.rundir.records import Repair
+
+    record(
+        rd, Repair("shard output", "shards/000002.parquet", "unreadable: torn", "moved to discarded/x", "submit", 1.0)
+    )
+    info = collect(rd)
+    assert info["repaired"] == [
+        "shard output shards/000002.parquet: unreadable: torn; moved to discarded/x (found by submit)"
+    ]
+    assert "repaired  shard output shards/000002.parquet: unreadable: torn; moved to discarded/x" in render(info)

@@ -3,18 +3,24 @@ and its two schedules. `StaticWork` (schedule.mode=static, and MoE lockstep) han
 rank's own shards of the manifest in order; `ClaimedWork` (schedule.mode=dynamic) claims shards
 from the run directory at run time (rundir/claims.py), as the balancing policy (schedule.py)
 allows, and keeps the attempt's heartbeat going while it lives.
+
+Both decide what is done when the attempt starts by checking it (rundir/integrity.py): a done
+shard whose marker or output is torn, missing or unreadable is set aside and recorded, and its
+rows are generated again; `done` is what passed, `repairs` what was set aside.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Collection, List, Optional, Protocol, runtime_checkable
+from typing import Collection, List, Optional, Protocol, Set, runtime_checkable
 
 from hpcinfer.rank import schedule
 from hpcinfer.rank.schedule import claim_order
 from hpcinfer.rundir.claims import Claims, Heartbeat
+from hpcinfer.rundir.integrity import verify_done
 from hpcinfer.rundir.manifest import Shard
 from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import Repair
 
 
 @runtime_checkable
@@ -23,6 +29,8 @@ class Work(Protocol):
 
     room_batches: int  # keep this many batches' worth of rows in the engine
     poll_s: float  # how long a rank with nothing open waits before asking `next` again
+    done: Set[int]  # shards found done, and provably complete, when the attempt started
+    repairs: List[Repair]  # what the attempt set aside then (torn or unreadable)
 
     def describe(self) -> str:
         """What there is to do, in a few words (the rank's log)."""
@@ -55,9 +63,11 @@ class StaticWork:
     room_batches = 2  # keep this many batches' worth of rows in the engine
     poll_s = 1.0  # unused: static work is exhausted once `next` finds nothing
 
-    def __init__(self, rd: RunDir, mine: List[Shard]):
+    def __init__(self, rd: RunDir, mine: List[Shard], by: str = "a rank"):
         self.total = len(mine)
-        self.queue = [s for s in mine if not rd.is_done(s.shard)]
+        verified = verify_done(rd, mine, by)
+        self.done, self.repairs = verified.done, verified.repairs
+        self.queue = [s for s in mine if s.shard not in self.done]
 
     def describe(self) -> str:
         return f"{len(self.queue)} of {self.total} shard(s) to do"
@@ -89,6 +99,8 @@ class ClaimedWork:
     retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
 
     def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
+        verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
+        self.done, self.repairs = verified.done, verified.repairs
         self.by_id, self.world = {s.shard: s for s in shards}, world
         self.tokens = {s.shard: s.tokens for s in shards}
         self.rows = {s.shard: s.rows for s in shards}

@@ -7,7 +7,8 @@ first (`ClaimedWork`: rundir/claims.py, schedule.py); with the static one it tak
 (`StaticWork`). Rows become requests and results through requests.py. For each shard it writes
 finished rows in durable parts (rundir/parts.py), then the shard output atomically, and only then
 the done marker; a restarted rank skips done shards and rows already in parts, so no row is
-written twice. Its state and counters go to `ranks/<rank>.json` (`RankState`, a RankRecord).
+written twice (both checked first: a torn one is set aside and its rows generated again,
+rundir/integrity.py). A full disk fails the attempt with a record error saying so. Its state and counters go to `ranks/<rank>.json` (`RankState`, a RankRecord).
 
 `should_restart` and `record_exit` are for launchers: what to do once a rank's process has ended.
 """
@@ -30,13 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hpcinfer.config import RunConfig, engine_args, load_run_config
-from hpcinfer.errors import exit_on_signal
+from hpcinfer.errors import disk_full, disk_full_message, exit_on_signal
 from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
 from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.requests import build_requests
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
 from hpcinfer.rundir.claims import ClaimLost
-from hpcinfer.rundir.files import atomic_path, atomic_write
+from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
+from hpcinfer.rundir.integrity import describe, read_rank_checked
 from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard
 from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.parts import ShardCheckpoint, remove_parts
@@ -63,7 +65,7 @@ class RankState:
         host = socket.gethostname()
         token = f"{host}:{os.getpid()}:{time.time()}"
         atomic_write(rd.rank_owner(ctx.rank), token)
-        before = rd.read_rank(ctx.rank)
+        before = read_rank_checked(rd, ctx.rank, f"rank {ctx.rank} ({token})")
         self.record = RankRecord(
             rank=ctx.rank,
             token=token,
@@ -120,30 +122,65 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
     if ctx.device_kind == "cpu":
         pin_to_cores(ctx.devices)
     rd = RunDir(run_dir)
+    try:
+        return _run(rd, ctx)
+    except OSError as e:  # a full disk before the attempt could record anything (its owner file)
+        if not disk_full(e):
+            raise
+        error = failure_message(rd, e)
+        say(f"rank {ctx.rank}: {error}")
+        with contextlib.suppress(OSError):
+            now = time.time()
+            before = rd.read_rank(ctx.rank) or RankRecord(ctx.rank)
+            rd.write_rank(dataclasses.replace(before, state=FAILED, finished_at=now, updated_at=now, error=error))
+        return 1
+
+
+def failure_message(rd: RunDir, e: BaseException) -> str:
+    """The error a failed attempt records: a full disk says so and what to do; anything else is
+    the exception itself."""
+    if disk_full(e):
+        return disk_full_message(
+            e,
+            written_path(getattr(e, "filename", None), f"to {rd.path}"),
+            f"resume (hpcinfer resume {rd.path}); the rows already written are kept",
+        )
+    return f"{type(e).__name__}: {e}"
+
+
+def say(msg: str) -> None:
+    """A line in the rank's log; lost, not raised, when the log's disk is full."""
+    with contextlib.suppress(OSError):
+        print(msg, flush=True)
+
+
+def _run(rd: RunDir, ctx: RankContext) -> int:
     cfg = load_run_config(rd.config)
     plan = rd.read_plan()
     shards, schema = read_manifest(str(rd.manifest))
     expected = [s for s in shards if s.rank == ctx.rank]
     state = RankState(rd, ctx, sum(s.rows for s in expected), len(expected))
-    finished_rows = 0
-    for s in shards:  # shards this rank finished in an earlier attempt count as its own
-        if rd.is_done(s.shard):
-            done = rd.read_done(s.shard)
-            if done.rank == ctx.rank:
-                state.add_shard(done)
-                finished_rows += s.rows
-    work: Work = (
-        ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s)
-        if cfg.dynamic
-        else StaticWork(rd, expected)
-    )
-    state.write(rows_done=finished_rows)
-    print(
-        f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
-        f"{work.describe()} (attempt {state.record.attempts})",
-        flush=True,
-    )
+    work: Optional[Work] = None
     try:
+        work = (
+            ClaimedWork(rd, ctx.rank, ctx.world_size, state.token, shards, cfg.schedule.lease_s)
+            if cfg.dynamic
+            else StaticWork(rd, expected, f"rank {ctx.rank} ({state.token})")
+        )
+        for repair in work.repairs:
+            say(f"rank {ctx.rank}: repaired: {describe(repair)}")
+        finished_rows = 0
+        for s in shards:  # shards this rank finished in an earlier attempt count as its own
+            if s.shard in work.done:
+                done = rd.read_done(s.shard)
+                if done.rank == ctx.rank:
+                    state.add_shard(done)
+                    finished_rows += s.rows
+        state.write(rows_done=finished_rows)
+        say(
+            f"rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device_kind} {ctx.devices}): "
+            f"{work.describe()} (attempt {state.record.attempts})"
+        )
         if not work.exhausted() or cfg.lockstep:  # a lockstep rank steps with its group even when idle
             from hpcinfer.rank.engine import create_engine  # looked up now: tests replace the factory
 
@@ -157,25 +194,25 @@ def run(run_dir: str, ctx: Optional[RankContext] = None) -> int:
                     engine.step()
             engine.shutdown()
         state.write(state=DONE, finished_at=time.time())
-        print(
-            f"rank {ctx.rank} done: {state.record.rows_done} rows, {state.record.output_tokens} output tokens",
-            flush=True,
-        )
+        say(f"rank {ctx.rank} done: {state.record.rows_done} rows, {state.record.output_tokens} output tokens")
         return 0
     except Superseded as e:  # leave everything to the newer attempt
-        print(f"{e}; this attempt stops without writing", flush=True)
+        say(f"{e}; this attempt stops without writing")
         return 1
     except BaseException as e:
         stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
-        if not stopped:
-            traceback.print_exc()
+        error = failure_message(rd, e)
+        if disk_full(e):
+            say(f"rank {ctx.rank}: {error}")
+        elif not stopped:
+            with contextlib.suppress(OSError):
+                traceback.print_exc()
         with contextlib.suppress(Superseded):
-            state.write(
-                state=STOPPED if stopped else FAILED, finished_at=time.time(), error=f"{type(e).__name__}: {e}"[:2000]
-            )
+            state.write(state=STOPPED if stopped else FAILED, finished_at=time.time(), error=error[:2000])
         return 1
     finally:
-        work.close()
+        if work is not None:
+            work.close()
 
 
 @dataclass
@@ -243,11 +280,14 @@ class ShardLoop:
                     raise RuntimeError(f"shard(s) {sorted(self.open)} wait for rows the engine does not have")
                 for tag, i, result in self.engine.step():
                     self.deliver(tag, i, result)
-        finally:
-            for o in self.open.values():
-                with contextlib.suppress(ClaimLost):
+        except BaseException:
+            for o in self.open.values():  # keep what is finished; a second error (a full disk) must
+                with contextlib.suppress(ClaimLost, OSError):  # not hide the first
                     o.ck.flush()
-            self.progress(force=True)
+            with contextlib.suppress(OSError):
+                self.progress(force=True)
+            raise
+        self.progress(force=True)
 
     def open_next(self, shard: Shard) -> None:
         """Read `shard`'s rows, open its parts, and add the rows not yet durable to the engine
@@ -258,7 +298,15 @@ class ShardLoop:
             self.state.check_owner()
             self.work.check(shard.shard)
 
-        ck = ShardCheckpoint(self.rd, shard, table, self.cfg.checkpoint.rows, self.cfg.checkpoint.seconds, before_write)
+        ck = ShardCheckpoint(
+            self.rd,
+            shard,
+            table,
+            self.cfg.checkpoint.rows,
+            self.cfg.checkpoint.seconds,
+            before_write,
+            by=f"rank {self.rank} ({self.state.token})",
+        )
         todo = ck.todo()
         o = self.open[shard.shard] = OpenShard(shard, ck, todo, len(todo), time.time())
         if not todo:  # every row already durable in parts: assemble it
@@ -299,7 +347,7 @@ class ShardLoop:
 
     def drop(self, o: OpenShard, why: Exception) -> None:
         """Give up an open shard another rank took over: its rows leave the engine."""
-        print(f"rank {self.rank}: {why}; dropping it", flush=True)
+        say(f"rank {self.rank}: {why}; dropping it")
         self.engine.abort(o.shard.shard)
         del self.open[o.shard.shard]
         self.work.release(o.shard.shard)
@@ -391,8 +439,9 @@ def main() -> None:
         print("usage: python -m hpcinfer.rank.worker <run_dir>", file=sys.stderr)
         raise SystemExit(2)
     code = run(sys.argv[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a log on a full disk
+            stream.flush()
     os._exit(code)  # skip interpreter teardown: vLLM's engine threads can hang it
 
 

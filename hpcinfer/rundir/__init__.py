@@ -6,6 +6,7 @@ rerun or inspected on its own.
     records.py   what each JSON file holds (Plan, RankRecord, DoneRecord, FinalizeOutcome,
                  Submission) and a rank attempt's states (STARTING ... STOPPED, TERMINAL)
     files.py     atomic writes (temp file, fsync, rename), JSON reading, log tails
+    integrity.py what counts as done: torn or unreadable files found, set aside, recorded
     manifest.py  the shards (manifest.parquet) and reading a shard's input rows
     output.py    the output schema: RowResult, the generated columns, shard and result tables
     parts.py     durable parts of a shard in progress, and its assembly

@@ -14,6 +14,8 @@ A claim is *dead*, and may be taken over, when the attempt that made it
   - recorded that it ended (`ranks/<r>.json` carries its token and a state in records.TERMINAL),
   - or has not advanced its heartbeat for `lease_s` seconds, timed on the observer's own clock
     (hosts' clocks are never compared).
+  - or cannot be read (torn by a crash: claim files are not fsynced): the claim is recorded as a
+    repair (integrity.py), left in place (generations are write-once) and taken over.
 A shard is done only by its done marker, never by a claim. A rank that finds its claim taken
 over stops writing that shard (`ClaimLost`); rows two attempts both produced are kept once by
 the shard's assembly. `claimable` is the pure protocol, rank/schedule.py the balancing policy,
@@ -31,9 +33,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from hpcinfer.errors import one_line
 from hpcinfer.rundir.files import atomic_write
+from hpcinfer.rundir.integrity import READ_ERRORS, record, relative
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import TERMINAL
+from hpcinfer.rundir.records import TERMINAL, Repair
+
+UNREADABLE = "<unreadable>"  # the token of a claim whose file cannot be read: dead
 
 
 class ClaimLost(Exception):
@@ -110,16 +116,29 @@ class Claims:
         return {shard: self._read(shard, gen) for shard, gen in latest.items()}
 
     def _read(self, shard: int, gen: int) -> Claim:
-        """A claim file's content (write-once, so read once)."""
+        """A claim file's content (write-once, so read once); an unreadable one is a dead claim
+        of no rank, recorded as a repair (once per claim: the record's name is the claim's)."""
         key = (shard, gen)
         if key not in self._seen:
-            with open(self.rd.claim(shard, gen)) as f:
-                info = json.load(f)
-            self._seen[key] = Claim(shard, gen, info["rank"], info["token"])
+            path = self.rd.claim(shard, gen)
+            try:
+                with open(path) as f:
+                    info = json.load(f)
+                self._seen[key] = Claim(shard, gen, int(info["rank"]), str(info["token"]))
+            except READ_ERRORS as e:
+                self._seen[key] = Claim(shard, gen, -1, UNREADABLE)
+                why = f"unreadable: {one_line(str(e))}"
+                then = f"kept in place and taken over as a dead claim (shard {shard} goes on from its durable parts)"
+                repair = Repair(
+                    "claim", relative(self.rd, path), why, then, f"rank {self.rank} ({self.token})", time.time()
+                )
+                record(self.rd, repair, name=f"claim-{path.name}.json")
         return self._seen[key]
 
     def dead(self, c: Claim) -> bool:
         """Whether the attempt behind `c` is gone (see the module docstring)."""
+        if c.token == UNREADABLE:
+            return True
         try:
             owner = self.rd.rank_owner(c.rank).read_text()
         except FileNotFoundError:
@@ -171,7 +190,7 @@ class Claims:
         """Other ranks whose latest attempt holds one of the `dead` claims: they will not come back
         for their share (a superseded attempt's rank has restarted and will)."""
         gone = set()
-        for rank, token in {(c.rank, c.token) for c in dead if c.rank != self.rank}:
+        for rank, token in {(c.rank, c.token) for c in dead if c.rank not in (self.rank, -1)}:
             try:
                 latest = self.rd.rank_owner(rank).read_text()
             except FileNotFoundError:

@@ -1,7 +1,9 @@
 """Writing and reading run-directory files safely: `atomic_write` / `atomic_write_json` /
 `atomic_path` leave a file with either its old content or all of the new, never a part (a temp
 file in the same directory, fsync, rename, fsync of the directory; `durable=False` skips the
-fsyncs for progress records); `read_json`; `tail` of a log.
+fsyncs for progress records); on any failure (a full disk included) the temp file is removed.
+`overwrite_in_place` is the last resort of a record that must be written on a full disk;
+`read_json`; `tail` of a log.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, durable: bool = True) -> None:
@@ -44,6 +46,28 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def overwrite_in_place(path: str | os.PathLike, data: str) -> None:
+    """Rewrite an existing small file in place, padded with spaces to its old length (JSON allows
+    trailing blanks): it needs no new blocks, so it works on a full disk where a temp file cannot
+    be created. Not atomic: a reader may see a mix for an instant (readers of JSON records treat
+    an unreadable one as absent). For a failing rank's record only (RunDir.write_rank)."""
+    with open(path, "r+b") as f:
+        old = os.fstat(f.fileno()).st_size
+        raw = data.encode()
+        f.write(raw + b" " * max(0, old - len(raw)))
+
+
+def written_path(filename: Optional[str], default: str) -> str:
+    """What an OSError's `filename` was being written: the target of an atomic write's temp file
+    (`.<name>.<random>.tmp` -> `<name>`), the file itself, or `default` when it names none."""
+    if not filename:
+        return default
+    p = Path(filename)
+    if p.name.startswith(".") and p.name.endswith(".tmp"):
+        return str(p.with_name(p.name[1:].rsplit(".", 2)[0]))
+    return str(p)
 
 
 def _fsync_dir(path: Path) -> None:

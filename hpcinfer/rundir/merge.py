@@ -2,7 +2,8 @@
 results.parquet, prove every input row appears exactly once, and write summary.json.
 
 Nothing is published unless the result is complete: a missing shard, a shard whose row count or
-row positions disagree with the manifest, raises RunIncomplete and leaves no results.parquet.
+row positions disagree with the manifest, raises RunIncomplete and leaves no results.parquet; a
+shard whose data cannot be read (torn inside, though its footer is whole) raises TornShard.
 Memory stays bounded by one record batch (shards are streamed, never loaded whole).
 """
 
@@ -30,9 +31,29 @@ from hpcinfer.rundir.records import RankRecord
 BATCH_ROWS = 64 * 1024
 
 
-def missing_shards(rd: RunDir, shards: List[Shard]) -> List[Shard]:
-    done = rd.done_shards()
-    return [s for s in shards if s.shard not in done or not rd.shard_output(s.shard).exists()]
+class TornShard(RunIncomplete):
+    """A done shard's output could not be read while merging (the merge publishes nothing)."""
+
+    def __init__(self, shard: Shard, why: str):
+        super().__init__(f"shard {shard.shard} output is unreadable: {why}")
+        self.shard, self.why = shard, why
+
+
+def read_batches(path, shard: Shard):
+    """A shard output's record batches, with (row count, batches); TornShard when it cannot be read."""
+    try:
+        pf = pq.ParquetFile(path)
+        rows = pf.metadata.num_rows
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise TornShard(shard, " ".join(str(e).split())) from None
+
+    def batches():
+        try:
+            yield from pf.iter_batches(batch_size=BATCH_ROWS)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            raise TornShard(shard, " ".join(str(e).split())) from None
+
+    return rows, batches()
 
 
 def describe_missing(missing: List[Shard], total: int) -> str:
@@ -61,12 +82,10 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
                         f"manifest gap or overlap at shard {s.shard}: it starts at row "
                         f"{s.global_start}, expected {totals['rows']}"
                     )
-                pf = pq.ParquetFile(rd.shard_output(s.shard))
-                if pf.metadata.num_rows != s.rows:
-                    raise RunIncomplete(
-                        f"shard {s.shard} output has {pf.metadata.num_rows} rows, the manifest says {s.rows}"
-                    )
-                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                num_rows, batches = read_batches(rd.shard_output(s.shard), s)
+                if num_rows != s.rows:
+                    raise RunIncomplete(f"shard {s.shard} output has {num_rows} rows, the manifest says {s.rows}")
+                for batch in batches:
                     pos = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
                     want = np.arange(totals["rows"], totals["rows"] + len(pos))
                     if not np.array_equal(pos, want):
@@ -134,6 +153,7 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
     submitted = plan.submitted_at if plan.submitted_at is not None else now
     return dict(
         run_dir=str(rd.path),
+        repaired=[r.to_json() for r in rd.read_repairs()],  # files found torn or unreadable, set aside
         results=str(rd.results),
         hpcinfer_version=__version__,
         rows=totals["rows"],

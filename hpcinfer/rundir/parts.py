@@ -4,8 +4,10 @@ While a shard is generated, finished rows are buffered and written as *parts*
 (`shards/<id>.parts/<seq>.parquet`, each atomically: temp file, fsync, rename) every
 `checkpoint.rows` rows or `checkpoint.seconds` seconds. A rank killed with `kill -9` loses at most
 its buffer (< one part). A restarted rank reads the parts back and generates only the rows they
-lack, so no row is written twice. When every row is durable, the parts are assembled in order
-into `shards/<id>.parquet`, the done marker is written, and the parts are removed.
+lack, so no row is written twice. A part that is torn or unreadable (integrity.py) is set aside
+and recorded, and its rows are generated again. When every row is durable, the parts are
+assembled in order into `shards/<id>.parquet`, the done marker is written, and the parts are
+removed.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hpcinfer.rundir.files import atomic_path
+from hpcinfer.rundir.integrity import TornFile, part_positions, set_aside
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.output import ROW_COLUMN, RowResult, assemble, output_table
+from hpcinfer.rundir.output import RowResult, assemble, output_table
 from hpcinfer.rundir.paths import RunDir
 
 
 class ShardCheckpoint:
     """One attempt's parts of a shard: which rows are durable, the buffer of finished rows not
     yet written, and the shard's output assembled from the parts. `before_write` runs before
-    each part is written (the worker checks there that this attempt may still write the shard)."""
+    each part is written (the worker checks there that this attempt may still write the shard).
+    `by` names the attempt in the record of a part it sets aside."""
 
     def __init__(
         self,
@@ -37,6 +41,7 @@ class ShardCheckpoint:
         every_rows: int,
         every_seconds: float,
         before_write: Callable[[], None] = lambda: None,
+        by: str = "a rank",
     ):
         self.rd, self.shard, self.inputs, self.before_write = rd, shard, inputs, before_write
         self.every_rows, self.every_seconds = max(1, every_rows), every_seconds
@@ -45,9 +50,11 @@ class ShardCheckpoint:
         self.durable: Set[int] = set()  # positions within the shard
         self.seq = 0
         for path in self.part_files():
-            rows = pq.read_table(path, columns=[ROW_COLUMN]).column(ROW_COLUMN).to_pylist()
-            self.durable.update(r - shard.global_start for r in rows)
-            self.seq = max(self.seq, int(path.stem) + 1)
+            self.seq = max(self.seq, int(path.stem) + 1)  # a set-aside part's number is not reused
+            try:
+                self.durable.update(part_positions(path, shard))
+            except TornFile as e:
+                set_aside(rd, [path], "part", path, str(e), by, "its rows are generated again")
         self.buffer: List[Tuple[int, RowResult]] = []
         self._last_flush = time.monotonic()
 

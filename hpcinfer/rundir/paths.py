@@ -18,6 +18,10 @@ names every path and reads and writes the JSON records as the typed records of r
       logs/rank-<r>.log           per-rank output (a spanning replica's leader, node 0)
       logs/rank-<r>-node-<n>.log  node n > 0 of a rank spanning nodes (its headless process)
       lock                        held (flock) while a submission of this run is live
+      finalize.lock               held (flock) while a finalize of this run writes; a second one waits
+      repair.lock                 held (flock) while a torn file is checked again and set aside
+      repairs/<name>.json         Repair: a file found torn or unreadable and what was done (integrity.py)
+      discarded/<name>            what was set aside (moved, never copied; delete it when not needed)
       jobs.json                   Slurm: every submission's worker and finalize job ids (Submission)
       slurm/                      Slurm: submitit's job scripts, pickles and task logs
       finalize.json               FinalizeOutcome: how the last finalize ended
@@ -25,24 +29,43 @@ names every path and reads and writes the JSON records as the typed records of r
       summary.json                totals, layout, sampling, engine_args, ranks (finalize)
 
 Every write is atomic: a temp file in the same directory, fsync, rename (progress records skip
-the fsync).
+the fsync); a failing rank's record on a full disk is the one exception (`write_rank`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from hpcinfer.errors import RunInProgress
-from hpcinfer.rundir.files import atomic_write_json, read_json
-from hpcinfer.rundir.records import DoneRecord, FinalizeOutcome, Plan, RankRecord
+from hpcinfer.errors import RunInProgress, disk_full
+from hpcinfer.rundir.files import atomic_write_json, overwrite_in_place, read_json
+from hpcinfer.rundir.records import DoneRecord, FinalizeOutcome, Plan, RankRecord, Repair
 
 
 def shard_name(shard: int) -> str:
     return f"{shard:06d}"
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, waiting: Callable[[str], None]) -> Iterator[None]:
+    """Hold an exclusive flock on `path`, waiting for it; `waiting(holder)` once when it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # the holder's pid is informative only (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -69,6 +92,10 @@ class RunDir:
     jobs = property(lambda self: self.path / "jobs.json")
     slurm_dir = property(lambda self: self.path / "slurm")
     finalize_outcome = property(lambda self: self.path / "finalize.json")
+    finalize_lock_file = property(lambda self: self.path / "finalize.lock")
+    repair_lock_file = property(lambda self: self.path / "repair.lock")
+    repairs_dir = property(lambda self: self.path / "repairs")
+    discarded_dir = property(lambda self: self.path / "discarded")
 
     def shard_output(self, shard: int) -> Path:
         return self.shards_dir / f"{shard_name(shard)}.parquet"
@@ -126,6 +153,20 @@ class RunDir:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def finalizing(self, waiting: Callable[[str], None] = lambda holder: None) -> Iterator[None]:
+        """Hold the finalize lock: one finalize of the run writes at a time; a second one waits
+        (`waiting(holder's pid)` is called once first) and then runs on its own."""
+        with _flocked(self.finalize_lock_file, waiting):
+            yield
+
+    @contextlib.contextmanager
+    def repairing(self) -> Iterator[None]:
+        """Hold the repair lock (integrity.py): a file is checked again and set aside under it, so
+        two processes never both set aside a shard, nor one a shard another has just redone."""
+        with _flocked(self.repair_lock_file, lambda holder: None):
+            yield
+
     # ---- the plan ----------------------------------------------------------------------
     def read_plan(self) -> Plan:
         return Plan.from_json(read_json(self.plan))
@@ -135,9 +176,19 @@ class RunDir:
         return self.done_marker(shard).exists()
 
     def done_shards(self) -> set[int]:
+        """Shards with a done marker (as written; `verified_done_shards` checks their outputs)."""
         if not self.done_dir.exists():
             return set()
         return {int(p.stem) for p in self.done_dir.glob("*.json") if p.stem.isdigit()}
+
+    def verified_done_shards(self, by: str = "check") -> set[int]:
+        """Shards done with an output that is provably complete (its footer, row count and row
+        positions agree with the manifest); a done shard that is not is set aside and recorded
+        (integrity.verify_done), so that its rows are generated again."""
+        from hpcinfer.rundir.integrity import verify_done
+        from hpcinfer.rundir.manifest import read_manifest
+
+        return verify_done(self, read_manifest(str(self.manifest))[0], by).done
 
     def mark_done(self, record: DoneRecord) -> None:
         """Record shard `record.shard` as finished. Call only after its output is durable."""
@@ -151,20 +202,28 @@ class RunDir:
     # ---- rank state --------------------------------------------------------------------
     def write_rank(self, record: RankRecord) -> None:
         """`ranks/<record.rank>.json`. Progress, rewritten often: atomic for readers, not fsynced
-        (it is not the output)."""
-        atomic_write_json(self.rank_file(record.rank), record.to_json(), durable=False)
+        (it is not the output). An ended attempt's record (its error) on a full disk, where no
+        temp file can be made, is rewritten in place instead: the error must reach `status`."""
+        try:
+            atomic_write_json(self.rank_file(record.rank), record.to_json(), durable=False)
+        except OSError as e:
+            if not (disk_full(e) and record.ended and self.rank_file(record.rank).exists()):
+                raise
+            text = json.dumps(record.to_json(), indent=1, sort_keys=True, default=str) + "\n"
+            overwrite_in_place(self.rank_file(record.rank), text)
 
     def read_rank(self, rank: int) -> Optional[RankRecord]:
-        """The rank's record, or None when it has written none (yet)."""
+        """The rank's record, or None when it has written none (yet) or it cannot be read (a rank
+        sets an unreadable one aside when it starts: integrity.read_rank_checked)."""
         d = self.read_optional(self.rank_file(rank))
-        return None if d is None else RankRecord.from_json(d)
+        return RankRecord.from_json(d) if isinstance(d, dict) else None
 
     def read_ranks(self) -> Dict[int, RankRecord]:
         """Every rank's record, by rank (files that are not a rank's record are skipped)."""
         out = {}
         if self.ranks_dir.exists():
             for p in self.ranks_dir.glob("*.json"):
-                with contextlib.suppress(ValueError, TypeError, OSError):
+                with contextlib.suppress(ValueError, TypeError, AttributeError, OSError):
                     out[int(p.stem)] = RankRecord.from_json(read_json(p))
         return dict(sorted(out.items()))
 
@@ -176,6 +235,16 @@ class RunDir:
         """How the last finalize ended, or None when none has recorded it."""
         d = self.read_optional(self.finalize_outcome)
         return None if d is None else FinalizeOutcome.from_json(d)
+
+    # ---- repairs -----------------------------------------------------------------------
+    def read_repairs(self) -> List[Repair]:
+        """Every repair recorded in the run, oldest first (integrity.py writes them)."""
+        out = []
+        if self.repairs_dir.exists():
+            for p in self.repairs_dir.glob("*.json"):
+                with contextlib.suppress(ValueError, TypeError, AttributeError, OSError):
+                    out.append(Repair.from_json(read_json(p)))
+        return sorted(out, key=lambda r: (r.at or 0.0, r.path))
 
     # ---- any JSON file -----------------------------------------------------------------
     def read_optional(self, path: Path) -> Any:

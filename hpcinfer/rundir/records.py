@@ -6,6 +6,7 @@ one meaning everywhere:
     ranks/<r>.json    RankRecord: one attempt of a rank, its state and counters  written by the rank
     done/<id>.json    DoneRecord: a finished shard                             written by the rank
     finalize.json     FinalizeOutcome                                          written by finalize (Slurm)
+    repairs/*.json    Repair: a file found torn or unreadable, and what was done   written by whoever found it
     jobs.json         Submissions: every Slurm submission's job ids            written by submit (Slurm)
 
 A rank's *attempt* (one start of its process) is identified by its token (`RankRecord.token`,
@@ -217,6 +218,27 @@ class FinalizeOutcome:
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> FinalizeOutcome:
+        return from_dict(cls, d)
+
+
+@dataclass
+class Repair:
+    """`repairs/<name>.json`: a run-directory file that was not provably complete (torn, missing,
+    unreadable, inconsistent) and what was done about it. Nothing is discarded without one;
+    `status` shows them and `summary.json` lists them under `repaired`."""
+
+    what: str  # "shard output", "done marker", "part", "rank record", "claim"
+    path: str  # the file, relative to the run directory
+    why: str  # what was wrong with it
+    action: str  # what was done: where it was moved to, and what happens to its rows
+    by: str  # who found it: "submit", "finalize", "rank 1 (host:pid:start)"
+    at: Optional[float] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> Repair:
         return from_dict(cls, d)
 
 

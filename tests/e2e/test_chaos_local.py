@@ -1,5 +1,6 @@
 """Exactly once, whatever fails (local backend, real vLLM): kill -9 of busy ranks mid-shard, then
-resume; a killed rank restarted in place; results identical to an undisturbed run."""
+resume; a killed rank restarted in place; a torn shard output set aside and generated again on
+resume; results identical to an undisturbed run."""
 
 from __future__ import annotations
 
@@ -121,3 +122,27 @@ def test_random_kills_restart_in_place_and_results_are_identical(inputs, tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rows_recomputed"] <= CHUNK * len(victims), f"seed {seed}"
     assert all(r["attempts"] == (2 if r["rank"] in victims else 1) for r in summary["ranks"]), summary["ranks"]
+
+
+def test_the_torn_shard_resume_gives_results_identical_to_an_undisturbed_run(inputs, tmp_path, hpcinfer, reference):
+    """A finished run whose shard output was truncated (a node lost mid-copy, a bad sync), with
+    results.parquet and summary.json removed: `resume` sets the torn shard aside, generates only
+    its rows again and publishes results identical to the undisturbed run's; status says so."""
+    run_dir = tmp_path / "run"
+    r = hpcinfer("submit", *args(inputs, run_dir, "dp=2", "schedule.mode=static"))
+    assert r.returncode == 0, r.stderr
+    torn = run_dir / "shards" / "000001.parquet"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    (run_dir / "results.parquet").unlink()
+    (run_dir / "summary.json").unlink()
+    r = hpcinfer("resume", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "repaired: shard output shards/000001.parquet: unreadable" in r.stderr
+    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    [repair] = summary["repaired"]
+    assert (repair["what"], repair["path"], repair["by"]) == ("shard output", "shards/000001.parquet", "submit")
+    assert summary["rows_recomputed"] == ROWS // 2  # the torn shard's rows, no more
+    assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 1, 1: 2}  # only its rank ran again
+    status = hpcinfer("status", str(run_dir))
+    assert status.returncode == 0 and "repaired  shard output shards/000001.parquet" in status.stdout

@@ -13,10 +13,11 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import bare_plan
+from conftest import bare_plan, fill_disk
 
 from hpcinfer import config
 from hpcinfer.cli import compose
+from hpcinfer.errors import RunIncomplete
 from hpcinfer.finalize import finalize
 from hpcinfer.launch.env import RankContext
 from hpcinfer.planning.inputs import scan
@@ -26,6 +27,7 @@ from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.schedule import claim_order
 from hpcinfer.rundir.claims import parse_claim_name
 from hpcinfer.rundir.files import atomic_write, atomic_write_json
+from hpcinfer.rundir.integrity import part_positions, verify_done
 from hpcinfer.rundir.manifest import write_manifest
 from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.paths import RunDir
@@ -239,3 +241,122 @@ def test_a_lockstep_rank_out_of_rows_keeps_stepping_until_its_group_is_done(tmp_
     assert worker.run(str(rd.path), RankContext(0, 2, 0, ["localhost"], "127.0.0.1", 1, "cuda", ["0"])) == 0
     assert engines[0].generated == 3 and engines[0].idle_steps == 5 and not engines[0].group_busy()
     assert rd.read_rank(0).state == DONE
+
+
+# ---- torn files and a full disk -------------------------------------------------------------------
+def truncate(path, keep=100):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def run_both(rd, monkeypatch, **engine_kw):
+    """Both ranks, one after the other (what a resume does); the rows their engines generated."""
+    before = len(FakeEngine.instances)
+    codes = [run_rank(rd, r, monkeypatch, **engine_kw) for r in (0, 1)]
+    assert codes == [0, 0], [rd.read_rank(r).error for r in (0, 1)]
+    return sum(e.generated for e in FakeEngine.instances[before:])  # a rank with nothing to do makes none
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+@pytest.mark.parametrize("found_by", ["rank", "finalize"])
+def test_a_torn_shard_output_is_set_aside_and_only_its_rows_are_generated_again(
+    tmp_path, monkeypatch, schedule, found_by
+):
+    """The issue: a finished run whose shards/<id>.parquet was truncated, results.parquet and
+    summary.json removed, then resumed, failed with pyarrow's ArrowInvalid (the done marker was
+    trusted). Now the shard is set aside (recorded), only its rows are generated again, and the
+    results equal the undisturbed run's."""
+    rd, shards = planned_run(
+        tmp_path,
+        [f"p{i}" for i in range(ROWS)],
+        [f"schedule.mode={schedule}", "data.shard_rows=5", "checkpoint.rows=2"],
+    )
+    assert run_both(rd, monkeypatch) == ROWS
+    reference = finalized_texts(rd)
+    torn = shards[2]
+    truncate(rd.shard_output(torn.shard))
+    rd.results.unlink()
+    rd.summary.unlink()
+    if found_by == "finalize":
+        with pytest.raises(RunIncomplete, match=rf"shard {torn.shard} .*magic bytes.*hpcinfer resume"):
+            finalize(str(rd.path))
+        assert not rd.results.exists() and not rd.is_done(torn.shard)
+    assert run_both(rd, monkeypatch) == torn.rows  # only the torn shard's rows
+    assert finalized_texts(rd) == reference
+    summary = json.loads(rd.summary.read_text())
+    [repair] = summary["repaired"]
+    assert repair["what"] == "shard output" and repair["path"] == f"shards/{torn.shard:06d}.parquet"
+    assert "magic bytes" in repair["why"] and repair["by"].startswith(found_by)
+
+
+def test_a_torn_part_is_set_aside_and_its_rows_generated_again(tmp_path, monkeypatch):
+    rd, shards = planned_run(
+        tmp_path, [f"p{i}" for i in range(ROWS)], ["schedule.mode=static", "data.shard_rows=40", "checkpoint.rows=4"]
+    )
+    assert run_rank(rd, 0, monkeypatch, crash_after=9) == 1
+    parts = sorted(rd.shard_parts(shards[0].shard).glob("*.parquet"))
+    assert len(parts) == 2  # 8 durable rows
+    truncate(parts[0])
+    assert run_rank(rd, 0, monkeypatch) == 0
+    assert FakeEngine.instances[-1].generated == shards[0].rows - 4  # the torn part's 4 rows again
+    assert run_rank(rd, 1, monkeypatch) == 0
+    assert finalized_texts(rd) == [f"gen {i}" for i in range(ROWS)]
+    [repair] = json.loads(rd.summary.read_text())["repaired"]
+    assert (repair["what"], repair["path"]) == ("part", f"shards/{shards[0].shard:06d}.parts/000000.parquet")
+
+
+def test_unreadable_records_do_not_stop_a_resume(tmp_path, monkeypatch):
+    """A done marker and a rank record torn (e.g. a crash of the filesystem): the shard is
+    generated again, the rank's counters start again, the run completes."""
+    rd, shards = planned_run(tmp_path, [f"p{i}" for i in range(ROWS)], ["schedule.mode=static", "data.shard_rows=5"])
+    assert run_both(rd, monkeypatch) == ROWS
+    reference = finalized_texts(rd)
+    rd.results.unlink()
+    rd.done_marker(shards[0].shard).write_text('{"shard": 0, "ra')
+    rd.rank_file(1).write_bytes(b"")
+    assert run_both(rd, monkeypatch) == shards[0].rows
+    assert finalized_texts(rd) == reference
+    assert sorted(r["what"] for r in json.loads(rd.summary.read_text())["repaired"]) == ["done marker", "rank record"]
+
+
+class FillingEngine(FakeEngine):
+    """Fills the run directory's disk once it has generated `fill_after` rows."""
+
+    def __init__(self, *args, disk, fill_after, **kw):
+        super().__init__(*args, **kw)
+        self.disk, self.fill_after = disk, fill_after
+
+    def step(self):
+        out = super().step()
+        if self.generated >= self.fill_after and not (self.disk / "filler").exists():
+            fill_disk(self.disk)
+        return out
+
+
+def test_a_full_disk_fails_the_rank_clearly_and_a_resume_completes_identically(tmp_path, small_fs, monkeypatch):
+    prompts, overrides = (
+        [f"p{i}" for i in range(ROWS)],
+        ["schedule.mode=static", "data.shard_rows=5", "checkpoint.rows=2"],
+    )
+    rd, _ = planned_run(tmp_path, prompts, overrides)
+    run_both(rd, monkeypatch)
+    reference = finalized_texts(rd)
+
+    rd, shards = planned_run(small_fs, prompts, overrides)
+    monkeypatch.setattr(
+        "hpcinfer.rank.engine.create_engine", lambda args: FillingEngine(args, disk=small_fs, fill_after=7)
+    )
+    ctx = RankContext(0, 2, 0, ["localhost"], "127.0.0.1", 1, "cuda", ["0"])
+    assert worker.run(str(rd.path), ctx) == 1
+    record = rd.read_rank(0)
+    assert record.state == FAILED
+    assert record.error.startswith("no space left on device writing ")
+    assert f"free space and resume (hpcinfer resume {rd.path})" in record.error
+    # nothing half-written: no temp file, every done shard and every part provably complete
+    assert [p for p in rd.path.rglob("*") if p.name.endswith(".tmp")] == []
+    assert verify_done(rd, shards, "test").repairs == [] and rd.read_repairs() == []
+    for s in shards:
+        for part in rd.shard_parts(s.shard).glob("*.parquet"):
+            part_positions(part, s)
+    (small_fs / "filler").unlink()  # space freed: resume
+    assert run_both(rd, monkeypatch) < ROWS  # what was durable is kept
+    assert finalized_texts(rd) == reference

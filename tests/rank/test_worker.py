@@ -4,13 +4,17 @@ The shard loop itself runs with a fake engine in tests/test_claims.py."""
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
 from hpcinfer.rank.worker import record_exit, should_restart
+from hpcinfer.rundir import output
 from hpcinfer.rundir.manifest import Shard
+from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import DONE, FAILED, RUNNING, STOPPED, RankRecord
+from hpcinfer.rundir.records import DONE, FAILED, RUNNING, STOPPED, DoneRecord, RankRecord
 
 
 @pytest.fixture
@@ -31,9 +35,17 @@ def test_both_schedules_are_work(rd):
         claimed.close()
 
 
+def mark_done(rd, s):
+    """Shard `s` done, with an output of its rows (one per position)."""
+    rows = pa.table({"prompt": [f"p{i}" for i in range(s.rows)]})
+    results = [RowResult("g", "length", 1, 1, None)] * s.rows
+    pq.write_table(output.shard_table(rows, results, s.global_start), rd.shard_output(s.shard))
+    rd.mark_done(DoneRecord(s.shard, s.rank, "h", s.rows, 0, s.rows, s.rows, 0.1))
+
+
 def test_static_work_skips_done_shards(rd):
     shards = [Shard(i, 0, "/f", i, i + 1, i, 1) for i in range(3)]
-    rd.done_marker(1).write_text("{}")
+    mark_done(rd, shards[1])
     work = StaticWork(rd, shards)
     assert work.describe() == "2 of 3 shard(s) to do"
     assert [work.next().shard, work.next().shard, work.next()] == [0, 2, None] and work.exhausted()
