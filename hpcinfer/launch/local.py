@@ -56,9 +56,13 @@ class LocalLauncher(Launcher):
         return len(devices.gpus) or None  # 0: a CPU machine, where ranks run on cores
 
     def place(self, ranks: int, devices: Devices) -> Placement:
-        notes = []
+        c, notes = self.cfg.cluster, []
         if not devices.gpus and ranks * self.cfg.gpus_per_rank > len(devices.cpus):
             notes.append(f"no GPU: {ranks * self.cfg.gpus_per_rank} CPU worker(s) share {len(devices.cpus)} core(s)")
+        if not devices.gpus and c.gpu_memory_gib is not None:
+            notes.append(f"cluster.gpu_memory_gib={c.gpu_memory_gib!r} has no effect: this machine has no GPU")
+        if devices.gpus and c.cpu_kvcache_gib != type(c).cpu_kvcache_gib:
+            notes.append(f"cluster.cpu_kvcache_gib={c.cpu_kvcache_gib!r} has no effect: the ranks run on GPUs")
         return Placement(split(devices, ranks, self.cfg.gpus_per_rank), [None] * ranks, [None] * ranks, notes=notes)
 
     def start(self, rd: RunDir, plan: Plan) -> int:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Sequence
 
+from hpcinfer.errors import ConfigError
 from hpcinfer.planning.sharding import partition
 
 
@@ -40,9 +41,27 @@ def detect(env: Mapping[str, str] | None = None, gpus: Optional[int] = None) -> 
         ids = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
     else:
         ids = [str(i) for i in range(len(names))]
-    if gpus is not None:
-        ids = ids[:gpus]
-    return Devices(gpus=ids, cpus=cpus, gpu_memory_gib=mem, gpu_name=model)
+    return offered(Devices(gpus=ids, cpus=cpus, gpu_memory_gib=mem, gpu_name=model), gpus)
+
+
+def offered(devices: Devices, gpus: Optional[int]) -> Devices:
+    """`devices` limited to the first `gpus` GPUs (cluster.gpus; None: all). ConfigError when more
+    GPUs are asked for than there are: they would silently not be there (on a machine without
+    GPUs the run would go to the CPU). Pure."""
+    if gpus is None:
+        return devices
+    if gpus > len(devices.gpus):
+        seen = "(nvidia-smi, CUDA_VISIBLE_DEVICES)"
+        if not devices.gpus:
+            raise ConfigError(
+                f"cluster.gpus={gpus}, but this machine has no GPU visible {seen}; for ranks on CPU cores "
+                "use cluster.gpus=0 or null"
+            )
+        raise ConfigError(
+            f"cluster.gpus={gpus}, but this machine has {len(devices.gpus)} GPU(s) visible {seen}; "
+            f"use cluster.gpus={len(devices.gpus)} or less, or null for all"
+        )
+    return replace(devices, gpus=devices.gpus[:gpus])
 
 
 def _nvidia_smi() -> tuple[list[str], Optional[float], Optional[str]]:

@@ -56,6 +56,9 @@ class SlurmLauncher(Launcher):
                 f"{jobs.idle_tasks(ranks)} Slurm task(s) get no rank: {ranks} rank(s) do not fill "
                 f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)"
             )
+        throttle = self.cfg.cluster.array_parallelism
+        if throttle is not None and jobs.groups == 1:
+            notes.append(f"cluster.array_parallelism={throttle} has no effect: the ranks are one job, not an array")
         return Placement(
             [w[0] for w in where],
             [w[1] for w in where],
