@@ -4,7 +4,8 @@ place that looks at the cluster kind. Everything that differs between clusters i
 
 - on the submitting machine, while planning (nothing written): `devices` (what a node offers),
   `gpus_offered` (the count checked against the layout), `place` (each rank's devices and, on
-  Slurm, its job and node), `check` (the cluster is reachable and offers what the run needs);
+  Slurm, its job and node); then, before submit writes anything, `check` (the cluster is
+  reachable and offers what the plan needs);
 - running: `start` runs the ranks that have work left here and finalizes (local), or queues them
   with a finalize job (Slurm) and returns; `follow` then waits for a queued run when asked to;
 - `jobs`, for `status`: the cluster's jobs of a run (none locally).
@@ -54,8 +55,9 @@ class Launcher(abc.ABC):
     def place(self, ranks: int, devices: Devices) -> Placement:
         """Each of `ranks` ranks' devices (and Slurm job and node). ConfigError when they do not fit."""
 
-    def check(self) -> None:  # noqa: B027  (optional: most launchers have nothing to check)
-        """Before anything is written: UserError when the cluster cannot run this (unreachable, ...)."""
+    def check(self, plan: Plan) -> None:  # noqa: B027  (optional: most launchers have nothing to check)
+        """Before anything is written (submit, not plan): UserError when the cluster cannot run `plan`
+        (unreachable, or its nodes do not offer what the layout needs)."""
 
     # ---- running ----------------------------------------------------------------------------
     @abc.abstractmethod
