@@ -31,8 +31,43 @@ class Devices:
         return "cuda" if self.gpus else "cpu"
 
 
+@dataclass(frozen=True)
+class NodeMemory:
+    """The memory of one node that CPU ranks share (this machine, a Slurm node), for the plan's
+    memory check: GiB, where the number comes from, and the key that sets how many ranks share a
+    node (for the hint when they do not fit)."""
+
+    gib: float
+    source: str  # e.g. "this machine's memory (MemTotal)", "cluster.mem=4G"
+    ranks_key: str = "dp"
+
+
+def meminfo_total_gib(text: str) -> Optional[float]:
+    """MemTotal of a /proc/meminfo text, in GiB (None when absent). Pure."""
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() == "MemTotal":
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                return int(parts[0]) * 1024 / 1024**3  # kB
+    return None
+
+
+def machine_memory(path: str = "/proc/meminfo") -> Optional[NodeMemory]:
+    """This machine's memory: MemTotal (not MemAvailable: the plan asks whether the layout can fit
+    this machine at all, the same answer whatever else runs now; vLLM itself checks what is
+    available when each engine starts). None where /proc/meminfo cannot be read."""
+    try:
+        with open(path) as f:
+            gib = meminfo_total_gib(f.read())
+    except OSError:
+        return None
+    return NodeMemory(gib, "this machine's memory (MemTotal)", "dp") if gib else None
+
+
 def detect(env: Mapping[str, str] | None = None, gpus: Optional[int] = None) -> Devices:
-    """This machine's devices. `gpus` limits how many GPUs are offered (None: all visible)."""
+    """This machine's devices. `gpus` limits how many GPUs are offered (None: all visible; more
+    than are visible: ConfigError, see `offered`)."""
     env = os.environ if env is None else env
     cpus = sorted(os.sched_getaffinity(0))
     visible = env.get("CUDA_VISIBLE_DEVICES")

@@ -29,10 +29,13 @@ from hpcinfer.launch.slurm.partition import (
     SINFO_ARGS,
     SlurmNode,
     check_partition,
+    largest_memory_mb,
+    mem_mb,
     parse_sinfo_nodes,
+    partition_nodes,
 )
 from hpcinfer.launch.slurm.queue import cancel, is_live, job_states, summarized
-from hpcinfer.planning.devices import Devices
+from hpcinfer.planning.devices import Devices, NodeMemory
 from hpcinfer.rundir.files import atomic_write_json
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import JobLayout, Plan, Submission
@@ -77,6 +80,28 @@ class SlurmLauncher(Launcher):
             nodes=jobs.nodes,
             jobs=jobs,
             notes=notes,
+            node_ranks=jobs.tasks_per_node,  # one task per rank (per node of a rank spanning nodes)
+        )
+
+    def node_memory(self) -> Optional[NodeMemory]:
+        """cluster.mem when set (what the job gets of each node), else the RealMemory of the
+        partition's largest node (sinfo); None when neither is known."""
+        c = self.cfg.cluster
+        mb = mem_mb(c.mem)
+        if mb:
+            return NodeMemory(mb / 1024, f"a node (cluster.mem={c.mem})", "cluster.ranks_per_node")
+        nodes = self.partition_nodes()
+        if not nodes:
+            return None
+        try:
+            name, own = partition_nodes(nodes, c.partition)
+        except UserError:  # no such partition: check() says so before submitting
+            return None
+        mb = largest_memory_mb(own)
+        return (
+            NodeMemory(mb / 1024, f"a node of partition {name!r} (RealMemory)", "cluster.ranks_per_node")
+            if mb
+            else None
         )
 
     def partition_nodes(self) -> Optional[List[SlurmNode]]:

@@ -1,5 +1,5 @@
 """What a Slurm partition offers against what a run's jobs ask (launch/slurm/partition.py, pure),
-and SlurmLauncher.check around it (the sinfo command replaced)."""
+and SlurmLauncher.check / node_memory around it (the sinfo command replaced)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hpcinfer.launch.slurm.partition import (
     SlurmNode,
     check_partition,
     gres_gpus,
+    largest_memory_mb,
     mem_mb,
     parse_sinfo_nodes,
     partition_errors,
@@ -144,6 +145,8 @@ def test_cpus_and_memory_per_node():
 def test_memory_is_not_checked_where_slurm_does_not_know_it():
     nodes = nodes_of(GPU_CLUSTER, "cpu")  # RealMemory=1: not configured
     assert partition_errors("cpu", nodes, NodeNeeds(2, mem_mb=10**6)) == []
+    assert largest_memory_mb(nodes) is None
+    assert largest_memory_mb(nodes_of(TEST_CLUSTER, "debug")) == 4096
 
 
 def test_a_job_needs_enough_such_nodes():
@@ -245,16 +248,30 @@ def test_check_refuses_gpu_nodes_on_the_test_cluster(sinfo):
 def test_check_passes_and_asks_sinfo_once(sinfo):
     cfg = compose(["cluster=slurm_cpu", "dp=4"])
     launcher = SlurmLauncher(cfg)
+    assert launcher.node_memory().gib == 4.0
     launcher.check(plan_of(cfg))
-    launcher.check(plan_of(cfg))
-    assert sinfo == ["ping", "sinfo", "ping"]
+    assert sinfo == ["sinfo", "ping"]
 
 
-def test_without_sinfo_a_missing_partition_is_still_refused(monkeypatch, capsys):
+def test_node_memory(sinfo):
+    mem = SlurmLauncher(compose(["cluster=slurm_cpu"])).node_memory()
+    assert (mem.gib, mem.source, mem.ranks_key) == (
+        4.0,
+        "a node of partition 'debug' (RealMemory)",
+        "cluster.ranks_per_node",
+    )
+    given = SlurmLauncher(compose(["cluster=slurm_cpu", "cluster.mem=3G"])).node_memory()
+    assert (given.gib, given.source) == (3.0, "a node (cluster.mem=3G)")
+    assert SlurmLauncher(compose(["cluster=slurm_cpu", "cluster.partition=nosuch"])).node_memory() is None
+    assert sinfo == ["sinfo", "sinfo"]  # cluster.mem: sinfo not asked
+
+
+def test_without_sinfo_nothing_is_known_and_a_missing_partition_still_refused(monkeypatch, capsys):
     monkeypatch.setattr(slurm_launcher.shutil, "which", lambda name: None if name == "sinfo" else "/usr/bin/x")
     monkeypatch.setattr(slurm_launcher, "check_cluster", lambda cfg: None)
     monkeypatch.setattr(slurm_launcher, "_run", lambda args: subprocess.CompletedProcess(args, 1, "", "no"))
     cfg = compose(["cluster=slurm_cpu"])
+    assert SlurmLauncher(cfg).node_memory() is None
     with pytest.raises(UserError, match="cluster.partition='debug' does not exist"):
         SlurmLauncher(cfg).check(plan_of(cfg))
     monkeypatch.setattr(slurm_launcher, "_run", lambda args: subprocess.CompletedProcess(args, 0, "", ""))
