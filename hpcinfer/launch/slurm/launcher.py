@@ -90,7 +90,7 @@ class SlurmLauncher(Launcher):
         mb = mem_mb(c.mem)
         if mb:
             return NodeMemory(mb / 1024, f"a node (cluster.mem={c.mem})", "cluster.ranks_per_node")
-        nodes = self.partition_nodes()
+        nodes = self.sinfo_nodes()
         if not nodes:
             return None
         try:
@@ -104,7 +104,7 @@ class SlurmLauncher(Launcher):
             else None
         )
 
-    def partition_nodes(self) -> Optional[List[SlurmNode]]:
+    def sinfo_nodes(self) -> Optional[List[SlurmNode]]:
         """Every partition's nodes as sinfo lists them (asked once); None when sinfo is not here or fails."""
         if not self._nodes_asked:
             self._nodes_asked = True
@@ -116,7 +116,7 @@ class SlurmLauncher(Launcher):
         """Slurm answers, and the partition (cluster.partition, else the default one) offers the
         GPUs, CPUs, memory and nodes the plan's jobs ask for: before anything is written."""
         check_cluster(self.cfg)
-        nodes = self.partition_nodes()
+        nodes = self.sinfo_nodes()
         if not nodes:
             part = self.cfg.cluster.partition
             if part and _run(["scontrol", "show", "partition", part]).returncode != 0:
