@@ -90,6 +90,12 @@ def _unknown_key_message(e: BaseException, default_config: Callable[[], Any]) ->
         same_leaf = sorted(k for k in known if k.rpartition(".")[2] == leaf and k != key)
         hint = f"; did you mean {same_leaf[0]}?" if same_leaf else ""
         return f"unknown config key {key!r}: {parent!r} is a value ({parent}=...), not a section{hint}"
+    owners = [n for n, kind in CLUSTERS.items() if leaf in {f.name for f in dataclasses.fields(kind)}]
+    if parent == "cluster" and owners:  # a key of another cluster kind, e.g. cluster=slurm cluster.gpus=4
+        return (
+            f"unknown config key {key!r} for the chosen cluster: only cluster={' and cluster='.join(owners)} "
+            "has it (python -m hpcinfer.submit --cfg job shows the config)"
+        )
     siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
     hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""

@@ -66,11 +66,18 @@ class ModelConfig:
 
     Shape fields left null are read from the model's `config.json` when the path is a local
     directory; they matter only for planning (memory per GPU) and for checking `tp`.
+
+    A model is either built in (`builtin`, the groups tiny and tiny_moe) or at `path`, never both:
+    `model.path=...` on a built-in group is refused (exit 2), since that group's shape fields and
+    engine defaults describe the built-in model; use a group of your model (`model=llama
+    model.path=...`) instead.
     """
 
     name: str = MISSING  # short name used in reports
-    path: Optional[str] = None  # local directory or hub id (what vllm.LLM(model=...) gets)
-    builtin: Optional[str] = None  # "tiny-llama" | "tiny-mixtral": generated offline on first use
+    # local directory or hub id (what vllm.LLM(model=...) gets); must be null with `builtin`
+    path: Optional[str] = None
+    # "tiny-llama" | "tiny-mixtral": generated offline on first use; then `path` must be null
+    builtin: Optional[str] = None
     moe: bool = False  # a mixture-of-experts model (only these may use ep=true)
     num_params_b: Optional[float] = None  # parameters in billions (else computed from the shape)
     hidden_size: Optional[int] = None
@@ -114,7 +121,7 @@ class DataConfig:
     max_tokens_column: Optional[str] = (
         None  # optional integer column: this row's output cap (null: sampling.max_tokens)
     )
-    demo_rows: int = 300  # rows of the built-in demo set (data.input=null)
+    demo_rows: int = 300  # rows of the built-in demo set; only with data.input=null (else refused)
 
 
 @dataclass
@@ -137,6 +144,7 @@ class ScheduleConfig:
     data_parallel.py does); MoE ranks in lockstep (ep=true) always use it."""
 
     mode: str = "dynamic"  # "dynamic" | "static"
+    # dynamic only (another value with a static schedule is refused, as it would be ignored):
     shards_per_rank: int = 8  # dynamic: cut about this many shards per rank (more = a shorter tail)
     lease_s: float = 120.0  # dynamic: a claim whose holder shows no heartbeat this long is taken over
 
@@ -161,9 +169,12 @@ class LocalClusterConfig:
     """Run every rank as a process on this machine."""
 
     name: str = "local"
-    gpus: Optional[int] = None  # GPUs offered to the run; null = all visible ones (0 on a CPU box)
-    cpu_kvcache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB) per rank, unless already set
-    gpu_memory_gib: Optional[float] = None  # per GPU, for the plan; null = ask nvidia-smi
+    # GPUs offered to the run (at most the visible ones: more is refused); null = all visible (0 on a CPU box)
+    gpus: Optional[int] = None
+    # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB) per engine worker, unless set in the environment; it
+    # counts in the plan's memory check against this machine's memory (MemTotal)
+    cpu_kvcache_gib: int = 1
+    gpu_memory_gib: Optional[float] = None  # per GPU, for the plan; null = ask nvidia-smi (CPU: a plan note)
     # GPUs of one "node" (CPU: engine workers): a replica with tp x pp above it runs as
     # tp x pp / gpus_per_node processes (vLLM nnodes, leader + headless). null = all are one node.
     gpus_per_node: Optional[int] = None
@@ -195,7 +206,9 @@ class SlurmClusterConfig:
     workers_per_node: Optional[int] = None
     ranks_per_node: Optional[int] = None  # null = gpus_per_node // (tp x pp); CPU nodes: 1
     cpus_per_task: Optional[int] = None  # CPU cores per rank; null = the cluster's default
-    mem: Optional[str] = None  # memory per node, e.g. "200G"; null = the cluster's default
+    # memory per node, e.g. "200G" (checked against the partition's RealMemory, and on CPU nodes
+    # against the ranks' weights + KV cache); null = the cluster's default
+    mem: Optional[str] = None
     constraint: Optional[str] = None  # e.g. "h100"
     exclusive: bool = False  # whole nodes only
     sbatch: Dict[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {mail-type: END}
@@ -210,8 +223,8 @@ class SlurmClusterConfig:
     finalize_time: str = "01:00:00"  # time limit of the finalize job
     finalize_cpus: int = 1
     finalize_mem: Optional[str] = None
-    cpu_kvcache_gib: int = 1  # CPU nodes only: VLLM_CPU_KVCACHE_SPACE (GiB) per rank
-    gpu_memory_gib: Optional[float] = None  # per GPU, for the plan's memory check; null = unknown
+    cpu_kvcache_gib: int = 1  # CPU nodes only (else refused): VLLM_CPU_KVCACHE_SPACE (GiB) per engine worker
+    gpu_memory_gib: Optional[float] = None  # GPU nodes only (else refused): per GPU, for the plan; null = unknown
     poll_s: float = 5.0  # wait=true: seconds between looks at the run
 
     def node_size(self) -> Tuple[Optional[int], str]:
@@ -382,7 +395,7 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
     """
     errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
     errors += _data_errors(cfg.data) + _engine_errors(cfg) + _secret_errors(cfg, os.environ if env is None else env)
-    errors += _expert_errors(cfg)
+    errors += _expert_errors(cfg) + _unused_value_errors(cfg)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(
             f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
@@ -515,11 +528,38 @@ def _model_errors(cfg: RunConfig) -> List[str]:
     m = cfg.model
     if m.builtin is not None and m.builtin not in BUILTIN_MODELS:
         return [f"model.builtin={m.builtin!r} is not one of {list(BUILTIN_MODELS)}"]
+    if m.builtin is not None and m.path:  # the built-in would run, the path be ignored
+        return [
+            f"model.path={m.path!r} is set, but model {m.name!r} is the built-in {m.builtin!r} (its shape and "
+            f"engine settings describe that model): for your model use model=llama model.path={m.path} "
+            "(or another conf/model group), or leave model.path unset for the built-in"
+        ]
     if m.builtin is None and not m.path:
         return [f"model {m.name!r} has no path: set model.path=<local directory or hub id>"]
     if m.builtin is None and m.path and _looks_local(m.path) and not os.path.isdir(os.path.expanduser(m.path)):
         return [f"model.path={m.path!r} does not exist"]
     return []
+
+
+def _unused_value_errors(cfg: RunConfig) -> List[str]:
+    """Values this config would ignore, refused instead (only values other than their defaults: a
+    default is not something the user asked for). The cluster-specific ones are in the clusters'
+    `errors`; expert.* ones in `_expert_errors`."""
+    errs = []
+    if cfg.schedule.mode in ("dynamic", "static") and not cfg.dynamic:
+        why = "ep=true: lockstep ranks always run static" if cfg.lockstep else "schedule.mode=static"
+        errs += [
+            f"schedule.{k}={getattr(cfg.schedule, k)!r} applies only to the dynamic schedule, and this run "
+            f"is static ({why})"
+            for k in ("shards_per_rank", "lease_s")
+            if getattr(cfg.schedule, k) != getattr(ScheduleConfig, k)
+        ]
+    if cfg.data.input is not None and cfg.data.demo_rows != DataConfig.demo_rows:
+        errs.append(
+            f"data.demo_rows={cfg.data.demo_rows!r} applies only to the built-in demo prompts (data.input=null), "
+            f"and data.input={cfg.data.input!r} is set"
+        )
+    return errs
 
 
 def _looks_local(path: str) -> bool:
@@ -647,6 +687,16 @@ def _slurm_errors(cfg: RunConfig, c: "SlurmClusterConfig") -> List[str]:
         )
     if cfg.ep and c.array > 1:
         errs.append(f"ep=true ranks run in lockstep as one group; cluster.array={c.array} must be 1")
+    if c.gpus_per_node > 0 and c.cpu_kvcache_gib != SlurmClusterConfig.cpu_kvcache_gib:  # else ignored
+        errs.append(
+            f"cluster.cpu_kvcache_gib={c.cpu_kvcache_gib!r} applies only to CPU nodes (cluster.gpus_per_node=0), "
+            f"and these nodes have cluster.gpus_per_node={c.gpus_per_node}"
+        )
+    if c.gpus_per_node == 0 and c.gpu_memory_gib is not None:
+        errs.append(
+            f"cluster.gpu_memory_gib={c.gpu_memory_gib!r} applies only to GPU nodes, and these are CPU nodes "
+            "(cluster.gpus_per_node=0)"
+        )
     for key in ("partition", "account", "qos", "mem", "constraint", "finalize_mem", "job_name"):
         value = getattr(c, key)
         if value is not None and (not value or not _SAFE_VALUE.match(str(value))):

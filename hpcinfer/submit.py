@@ -71,7 +71,7 @@ def submit(cfg: RunConfig) -> int:
     launcher = launcher_for(cfg)
     prep = prepare(cfg, launcher)  # every config/data check happens here, before anything is written
     plan = replace(prep.plan, submitted_at=submitted_at)
-    launcher.check()
+    launcher.check(plan)
     rd = RunDir(cfg.run_dir or default_run_dir())
     resuming = rd.exists()
     if resuming:

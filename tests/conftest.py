@@ -97,9 +97,10 @@ def check_group(envs):
     assert sorted(int(e["VLLM_DP_RANK"]) for e in envs) == list(range(int(envs[0]["VLLM_DP_SIZE"]))), envs
 
 
-def plan_for(cfg, devices, rows=100, files=1, model_path=None):
+def plan_for(cfg, devices, rows=100, files=1, model_path=None, **plan_kw):
     """make_plan as prepare() calls it (with the launcher's placement), without touching the model
-    or the data: `rows` rows over `files` input files that need not exist."""
+    or the data: `rows` rows over `files` input files that need not exist. `plan_kw`: make_plan's
+    keywords (node_memory, cpu_kv)."""
     from hpcinfer.config import engine_args, validate
     from hpcinfer.launch import launcher_for
     from hpcinfer.planning.inputs import InputFile
@@ -120,6 +121,7 @@ def plan_for(cfg, devices, rows=100, files=1, model_path=None):
         files,
         active,
         place=launcher_for(cfg).place,
+        **plan_kw,
     )
 
 

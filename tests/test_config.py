@@ -316,6 +316,91 @@ def test_unknown_builtin(cfg):
     assert "model.builtin='tiny-gpt'" in msg
 
 
+@pytest.mark.parametrize("group, builtin", [("tiny", "tiny-llama"), ("tiny_moe", "tiny-mixtral")])
+def test_model_path_on_a_builtin_model_is_refused(group, builtin):
+    """model.path without model=llama used to run the built-in model and ignore the path."""
+    msg = validation_error(compose([f"model={group}", "model.path=/models/x"]))
+    assert f"model.path='/models/x' is set, but model '{group}' is the built-in '{builtin}'" in msg
+    assert "use model=llama model.path=/models/x" in msg
+
+
+def test_model_builtin_on_a_model_with_a_path_is_refused():
+    msg = validation_error(compose(["model=llama", "model.builtin=tiny-llama"]))
+    assert "model.path='meta-llama/Llama-3.1-8B-Instruct' is set" in msg
+
+
+# ---- validate: values this config would ignore ----------------------------------------------------
+COMPOSED_DEFAULTS = [
+    [],
+    ["model=tiny_moe"],
+    ["model=llama"],
+    ["sampling=greedy"],
+    ["schedule.mode=static"],
+    ["model=tiny_moe", "ep=true"],
+    ["cluster=slurm"],
+    ["cluster=slurm_cpu"],
+    ["cluster=slurm", "model=tiny_moe", "ep=true", "dp=2"],
+    ["data.input=/data/x.parquet"],
+    ["cluster.gpus=0"],
+]
+
+
+@pytest.mark.parametrize("overrides", COMPOSED_DEFAULTS, ids=" ".join)
+def test_defaults_of_every_group_are_not_refused_as_ignored(overrides):
+    """Only values that differ from the defaults were set by the user: the defaults of conf/*.yaml
+    never count as a value that would be ignored."""
+    validate(compose(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["schedule.mode=static", "schedule.shards_per_rank=16"],
+            "schedule.shards_per_rank=16 applies only to the dynamic schedule, and this run is static "
+            "(schedule.mode=static)",
+        ),
+        (["schedule.mode=static", "schedule.lease_s=30"], "schedule.lease_s=30.0 applies only to the dynamic"),
+        (["model=tiny_moe", "ep=true", "schedule.lease_s=30"], "(ep=true: lockstep ranks always run static)"),
+        (
+            ["data.input=/data/x.parquet", "data.demo_rows=40"],
+            "data.demo_rows=40 applies only to the built-in demo prompts (data.input=null), and "
+            "data.input='/data/x.parquet' is set",
+        ),
+        (
+            ["cluster=slurm", "cluster.cpu_kvcache_gib=4"],
+            "cluster.cpu_kvcache_gib=4 applies only to CPU nodes (cluster.gpus_per_node=0)",
+        ),
+        (["cluster=slurm_cpu", "cluster.gpu_memory_gib=80"], "cluster.gpu_memory_gib=80.0 applies only to GPU nodes"),
+    ],
+)
+def test_values_that_would_be_ignored_are_refused(overrides, message):
+    assert message in validation_error(compose(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["schedule.shards_per_rank=16", "schedule.lease_s=30"],  # dynamic: both apply
+        ["model=tiny_moe", "schedule.mode=static", "schedule.shards_per_rank=8"],  # the default value
+        ["data.demo_rows=40"],
+        ["cluster=slurm_cpu", "cluster.cpu_kvcache_gib=4"],
+        ["cluster=slurm", "cluster.gpu_memory_gib=80"],
+    ],
+    ids=" ".join,
+)
+def test_values_that_apply_are_accepted(overrides):
+    validate(compose(overrides))
+
+
+def test_a_key_of_another_cluster_kind_names_its_kind():
+    with pytest.raises(ConfigError) as e:
+        compose(["cluster=slurm", "cluster.gpus=4"])
+    assert "unknown config key 'cluster.gpus' for the chosen cluster: only cluster=local has it" in str(e.value)
+    with pytest.raises(ConfigError, match="only cluster=slurm has it"):
+        compose(["cluster.partition=gpu"])
+
+
 @pytest.mark.parametrize("column", ["error", "generated_text"])
 def test_prompt_column_cannot_be_an_output_column(cfg, column):
     cfg.data.prompt_column = column

@@ -72,3 +72,30 @@ def test_model_switch_lists_model_keys(base):
 )
 def test_run_dir_cluster_and_cache_are_ignored(base, overrides):
     assert config_differences(base, compose(overrides)) == []
+
+
+def test_submit_checks_the_cluster_before_writing_anything(tmp_path, monkeypatch):
+    """launcher.check(plan) (Slurm: the partition offers what the jobs need) runs before the run
+    directory exists: a refusal leaves nothing behind."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    from hpcinfer import submit as submit_module
+    from hpcinfer.errors import UserError
+
+    plan = conftest.bare_plan(1)
+    checked = []
+
+    class Refusing:
+        def check(self, p):
+            checked.append(p)
+            raise UserError("cluster.gpus_per_node=8, but the nodes of partition 'debug' have no GPUs")
+
+    monkeypatch.setattr(submit_module, "launcher_for", lambda cfg: Refusing())
+    monkeypatch.setattr(submit_module, "prepare", lambda cfg, launcher: SimpleNamespace(plan=plan))
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="have no GPUs"):
+        submit_module.submit(compose(["cluster=slurm", f"run_dir={run_dir}"]))
+    assert checked and checked[0].ranks == plan.ranks
+    assert not run_dir.exists()

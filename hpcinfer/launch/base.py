@@ -4,7 +4,8 @@ place that looks at the cluster kind. Everything that differs between clusters i
 
 - on the submitting machine, while planning (nothing written): `devices` (what a node offers),
   `gpus_offered` (the count checked against the layout), `place` (each rank's devices and, on
-  Slurm, its job and node), `check` (the cluster is reachable and offers what the run needs);
+  Slurm, its job and node), `node_memory` (what the CPU ranks of a node share); then, before
+  submit writes anything, `check` (the cluster is reachable and offers what the plan needs);
 - running: `start` runs the ranks that have work left here and finalizes (local), or queues them
   with a finalize job (Slurm) and returns; `follow` then waits for a queued run when asked to;
 - `jobs`, for `status`: the cluster's jobs of a run (none locally).
@@ -18,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from hpcinfer.config import RunConfig
 from hpcinfer.errors import EXIT_OK
-from hpcinfer.planning.devices import Devices
+from hpcinfer.planning.devices import Devices, NodeMemory
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import JobLayout, Plan
 
@@ -33,6 +34,9 @@ class Placement:
     nodes: int = 1  # nodes of the whole run
     jobs: Optional[JobLayout] = None  # Slurm: how ranks are grouped into jobs and nodes
     notes: List[str] = field(default_factory=list)
+    # ranks on the fullest node, sharing its memory (a rank spanning nodes counts on each of its
+    # nodes with its share of the workers); None: unknown (the CPU memory check is then skipped)
+    node_ranks: Optional[int] = None
 
 
 class Launcher(abc.ABC):
@@ -54,8 +58,14 @@ class Launcher(abc.ABC):
     def place(self, ranks: int, devices: Devices) -> Placement:
         """Each of `ranks` ranks' devices (and Slurm job and node). ConfigError when they do not fit."""
 
-    def check(self) -> None:  # noqa: B027  (optional: most launchers have nothing to check)
-        """Before anything is written: UserError when the cluster cannot run this (unreachable, ...)."""
+    def node_memory(self) -> Optional[NodeMemory]:
+        """The memory of one node, which the ranks placed on it share: checked against their weights
+        and KV caches when they run on CPU (None: unknown, not checked; the plan says so)."""
+        return None
+
+    def check(self, plan: Plan) -> None:  # noqa: B027  (optional: most launchers have nothing to check)
+        """Before anything is written (submit, not plan): UserError when the cluster cannot run `plan`
+        (unreachable, or its nodes do not offer what the layout needs)."""
 
     # ---- running ----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -31,7 +31,7 @@ from hpcinfer.launch.base import Launcher, Placement, unfinished_ranks
 from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, RankContext, Replica, free_port, process
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
 from hpcinfer.launch.supervisor import RankSupervisor
-from hpcinfer.planning.devices import Devices, detect, node_slices, split
+from hpcinfer.planning.devices import Devices, NodeMemory, detect, machine_memory, node_slices, split
 from hpcinfer.rundir.files import tail
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import Plan
@@ -56,10 +56,24 @@ class LocalLauncher(Launcher):
         return len(devices.gpus) or None  # 0: a CPU machine, where ranks run on cores
 
     def place(self, ranks: int, devices: Devices) -> Placement:
-        notes = []
+        c, notes = self.cfg.cluster, []
         if not devices.gpus and ranks * self.cfg.gpus_per_rank > len(devices.cpus):
             notes.append(f"no GPU: {ranks * self.cfg.gpus_per_rank} CPU worker(s) share {len(devices.cpus)} core(s)")
-        return Placement(split(devices, ranks, self.cfg.gpus_per_rank), [None] * ranks, [None] * ranks, notes=notes)
+        if not devices.gpus and c.gpu_memory_gib is not None:
+            notes.append(f"cluster.gpu_memory_gib={c.gpu_memory_gib!r} has no effect: this machine has no GPU")
+        if devices.gpus and c.cpu_kvcache_gib != type(c).cpu_kvcache_gib:
+            notes.append(f"cluster.cpu_kvcache_gib={c.cpu_kvcache_gib!r} has no effect: the ranks run on GPUs")
+        # every rank (each process of a rank spanning "nodes" too) shares this machine's memory
+        return Placement(
+            split(devices, ranks, self.cfg.gpus_per_rank),
+            [None] * ranks,
+            [None] * ranks,
+            notes=notes,
+            node_ranks=ranks * self.cfg.nodes_per_rank,
+        )
+
+    def node_memory(self) -> Optional[NodeMemory]:
+        return machine_memory()
 
     def start(self, rd: RunDir, plan: Plan) -> int:
         """Run the ranks with unfinished shards here, then finalize."""

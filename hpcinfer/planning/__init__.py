@@ -4,9 +4,9 @@
     inputs.py    input discovery and checks (files, columns, ids, per-row caps)
     sharding.py  cutting the global row order into shards: by rows per rank (static) or by
                  estimated work (dynamic); work estimates. Pure
-    layout.py    model shape, memory per GPU, expert layout, `make_plan`. Pure
+    layout.py    model shape, memory per GPU (CPU: per worker and node), expert layout, `make_plan`. Pure
     render.py    the plan as `hpcinfer plan` prints it. Pure
-    devices.py   the devices of this machine; splitting them among ranks and nodes
+    devices.py   the devices and memory of this machine; splitting them among ranks and nodes
     models.py    the built-in tiny models and demo data, built offline on first use
 
 May import: config, errors, secrets, doctor (the environment check) and rundir/ (the records it

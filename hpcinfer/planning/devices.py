@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Sequence
 
+from hpcinfer.errors import ConfigError
 from hpcinfer.planning.sharding import partition
 
 
@@ -30,8 +31,43 @@ class Devices:
         return "cuda" if self.gpus else "cpu"
 
 
+@dataclass(frozen=True)
+class NodeMemory:
+    """The memory of one node that CPU ranks share (this machine, a Slurm node), for the plan's
+    memory check: GiB, where the number comes from, and the key that sets how many ranks share a
+    node (for the hint when they do not fit)."""
+
+    gib: float
+    source: str  # e.g. "this machine's memory (MemTotal)", "cluster.mem=4G"
+    ranks_key: str = "dp"
+
+
+def meminfo_total_gib(text: str) -> Optional[float]:
+    """MemTotal of a /proc/meminfo text, in GiB (None when absent). Pure."""
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() == "MemTotal":
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                return int(parts[0]) * 1024 / 1024**3  # kB
+    return None
+
+
+def machine_memory(path: str = "/proc/meminfo") -> Optional[NodeMemory]:
+    """This machine's memory: MemTotal (not MemAvailable: the plan asks whether the layout can fit
+    this machine at all, the same answer whatever else runs now; vLLM itself checks what is
+    available when each engine starts). None where /proc/meminfo cannot be read."""
+    try:
+        with open(path) as f:
+            gib = meminfo_total_gib(f.read())
+    except OSError:
+        return None
+    return NodeMemory(gib, "this machine's memory (MemTotal)", "dp") if gib else None
+
+
 def detect(env: Mapping[str, str] | None = None, gpus: Optional[int] = None) -> Devices:
-    """This machine's devices. `gpus` limits how many GPUs are offered (None: all visible)."""
+    """This machine's devices. `gpus` limits how many GPUs are offered (None: all visible; more
+    than are visible: ConfigError, see `offered`)."""
     env = os.environ if env is None else env
     cpus = sorted(os.sched_getaffinity(0))
     visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -40,9 +76,27 @@ def detect(env: Mapping[str, str] | None = None, gpus: Optional[int] = None) -> 
         ids = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
     else:
         ids = [str(i) for i in range(len(names))]
-    if gpus is not None:
-        ids = ids[:gpus]
-    return Devices(gpus=ids, cpus=cpus, gpu_memory_gib=mem, gpu_name=model)
+    return offered(Devices(gpus=ids, cpus=cpus, gpu_memory_gib=mem, gpu_name=model), gpus)
+
+
+def offered(devices: Devices, gpus: Optional[int]) -> Devices:
+    """`devices` limited to the first `gpus` GPUs (cluster.gpus; None: all). ConfigError when more
+    GPUs are asked for than there are: they would silently not be there (on a machine without
+    GPUs the run would go to the CPU). Pure."""
+    if gpus is None:
+        return devices
+    if gpus > len(devices.gpus):
+        seen = "(nvidia-smi, CUDA_VISIBLE_DEVICES)"
+        if not devices.gpus:
+            raise ConfigError(
+                f"cluster.gpus={gpus}, but this machine has no GPU visible {seen}; for ranks on CPU cores "
+                "use cluster.gpus=0 or null"
+            )
+        raise ConfigError(
+            f"cluster.gpus={gpus}, but this machine has {len(devices.gpus)} GPU(s) visible {seen}; "
+            f"use cluster.gpus={len(devices.gpus)} or less, or null for all"
+        )
+    return replace(devices, gpus=devices.gpus[:gpus])
 
 
 def _nvidia_smi() -> tuple[list[str], Optional[float], Optional[str]]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from hpcinfer.config import ModelConfig, RunConfig
 from hpcinfer.errors import ConfigError
-from hpcinfer.planning.devices import Devices
+from hpcinfer.planning.devices import Devices, NodeMemory
 from hpcinfer.rundir.manifest import Shard
 from hpcinfer.rundir.records import ExpertLayout, Memory, Plan, RankPlan
 
@@ -104,9 +104,7 @@ def memory_per_gpu(
     weights = shape.num_params_b * 1e9 * dtype_bytes / (tp * pp) / GIB if shape.num_params_b else None
     if weights is not None and ep_size > tp and shape.expert_params_b:
         weights -= shape.expert_params_b * 1e9 * dtype_bytes * (1 / (tp * pp) - 1 / (ep_size * pp)) / GIB
-    kv_tok = shape.kv_bytes_per_token(dtype_bytes)
-    if kv_tok is not None:  # KV heads split over tp (replicated past their count), layers over pp
-        kv_tok = kv_tok // (pp * min(tp, shape.num_kv_heads or 1))
+    kv_tok = _kv_bytes_per_token_per_worker(shape, dtype_bytes, tp, pp)
     budget = gpu_memory_gib * engine.get("gpu_memory_utilization", 0.9) if gpu_memory_gib else None
     if engine.get("kv_cache_memory_bytes"):
         kv = engine["kv_cache_memory_bytes"] / GIB
@@ -119,6 +117,88 @@ def memory_per_gpu(
     if fits and engine.get("kv_cache_memory_bytes") and budget is not None and weights is not None:
         fits = weights + ACTIVATION_RESERVE_GIB + kv <= budget
     return Memory(weights, kv, tokens, budget, gpu_memory_gib, fits)
+
+
+def _kv_bytes_per_token_per_worker(shape: ModelShape, dtype_bytes: int, tp: int, pp: int) -> Optional[int]:
+    """KV cache bytes of one token on one GPU (worker): KV heads split over tp (replicated past their
+    count), layers over pp."""
+    kv_tok = shape.kv_bytes_per_token(dtype_bytes)
+    return kv_tok // (pp * min(tp, shape.num_kv_heads or 1)) if kv_tok is not None else None
+
+
+def cpu_kv_cache_gib(configured: int, env: Mapping[str, str]) -> Tuple[float, str]:
+    """(KV cache GiB of one CPU engine worker, the key that sets it): VLLM_CPU_KVCACHE_SPACE when
+    the environment sets it (the ranks inherit it: launch/env.py:cpu_engine_env), else
+    cluster.cpu_kvcache_gib. vLLM's CPU build sizes every worker's KV cache by that variable,
+    whatever engine.kv_cache_memory_bytes says. ConfigError when it is not a whole number. Pure."""
+    raw = env.get("VLLM_CPU_KVCACHE_SPACE")
+    if not raw:
+        return float(configured), "cluster.cpu_kvcache_gib"
+    try:
+        return float(int(raw)), "VLLM_CPU_KVCACHE_SPACE"
+    except ValueError:
+        raise ConfigError(
+            f"VLLM_CPU_KVCACHE_SPACE={raw!r} in the environment must be a whole number of GiB (vLLM reads it with int())"
+        ) from None
+
+
+def memory_per_cpu_node(
+    shape: ModelShape,
+    engine: Dict[str, Any],
+    tp: int,
+    pp: int,
+    kv_gib: float,
+    node_ranks: Optional[int],
+    workers_per_rank: int,
+    node: Optional[NodeMemory],
+    ep_size: int = 1,
+) -> Memory:
+    """Without GPUs: each engine worker holds weights = params x bytes / (tp x pp) (as on a GPU) and
+    a KV cache of `kv_gib` in the memory of its node, which the `workers_per_rank` workers of each of
+    the `node_ranks` ranks there share. Fits when node_ranks x workers_per_rank x (weights + KV
+    cache) <= the node's memory (unknown node or model size: not checked). Pure."""
+    gpu_like = memory_per_gpu(
+        shape, {k: v for k, v in engine.items() if k != "kv_cache_memory_bytes"}, tp, pp, None, ep_size
+    )
+    weights = gpu_like.weights_gib
+    kv_tok = _kv_bytes_per_token_per_worker(shape, DTYPE_BYTES.get(str(engine.get("dtype", "auto")), 2), tp, pp)
+    tokens = int(kv_gib * GIB // kv_tok) if kv_tok and kv_gib > 0 else None
+    workers = node_ranks * workers_per_rank if node_ranks else None
+    need = workers * (weights + kv_gib) if workers and weights is not None else None
+    fits = node is None or need is None or need <= node.gib
+    return Memory(
+        weights,
+        kv_gib,
+        tokens,
+        None,
+        None,
+        fits,
+        node_workers=workers,
+        node_need_gib=need,
+        node_gib=node.gib if node else None,
+        node_source=node.source if node else None,
+    )
+
+
+def cpu_memory_message(
+    model: str, memory: Memory, node_ranks: int, workers_per_rank: int, ranks_key: str, kv_key: str
+) -> str:
+    """The one line that says a CPU layout does not fit its node's memory, with the arithmetic and
+    what to change (`ranks_key`: what sets the ranks on a node, e.g. dp). Pure."""
+    w, kv, node = memory.weights_gib or 0.0, memory.kv_gib or 0.0, memory.node_gib or 0.0
+    workers = f" x {workers_per_rank} worker(s)" if workers_per_rank > 1 else ""
+    per_rank = workers_per_rank * (w + kv)
+    fit = int(node // per_rank) if per_rank > 0 else 0
+    if fit >= 1:
+        hint = f"use {ranks_key}={fit} or a smaller model"
+    elif workers_per_rank * w >= node:
+        hint = "even one rank's weights do not fit: use a smaller (or quantized) model"
+    else:
+        hint = f"even one rank does not fit: lower its KV cache ({kv_key}) or use a smaller model"
+    return (
+        f"model {model!r} does not fit in memory: {node_ranks} rank(s){workers} x ({w:.2f} GiB weights + "
+        f"{kv:g} GiB KV cache) = {memory.node_need_gib:.1f} GiB > {node:.1f} GiB of {memory.node_source}; {hint}"
+    )
 
 
 def smallest_fitting_tp(
@@ -167,19 +247,23 @@ def make_plan(
     n_files: int,
     active: int,
     place: Callable[[int, Devices], Placement],
+    *,
+    node_memory: Optional[NodeMemory] = None,
+    cpu_kv: Optional[Tuple[float, str]] = None,
 ) -> Plan:
     """The layout of this run; `place` is the launcher's (`Launcher.place`: each rank's devices
-    and, on Slurm, its job and node). Raises ConfigError when it cannot work."""
+    and, on Slurm, its job and node). Without GPUs, `node_memory` is the memory the ranks of a node
+    share (`Launcher.node_memory`; None: unknown, not checked) and `cpu_kv` each engine worker's KV
+    cache and the key that sets it (`cpu_kv_cache_gib`; None: cluster.cpu_kvcache_gib). Raises
+    ConfigError when it cannot work."""
     notes: List[str] = []
+    where = place(active, devices)
+    ep_size = active * cfg.tp if cfg.lockstep else 1
     gpu_mem = getattr(cfg.cluster, "gpu_memory_gib", None) or devices.gpu_memory_gib
-    memory = memory_per_gpu(
-        shape,
-        engine_args,
-        cfg.tp,
-        cfg.pp,
-        gpu_mem if devices.gpus else None,
-        ep_size=active * cfg.tp if cfg.lockstep else 1,
-    )
+    if devices.gpus:
+        memory = memory_per_gpu(shape, engine_args, cfg.tp, cfg.pp, gpu_mem, ep_size=ep_size)
+    else:
+        memory = _cpu_memory(cfg, shape, engine_args, where, node_memory, cpu_kv, ep_size, notes)
     if devices.gpus and not memory.fits:
         tp = smallest_fitting_tp(shape, engine_args, gpu_mem)
         hint = f"try tp={tp}" if tp else "use pp>1 across GPUs, or a smaller/quantized model"
@@ -203,7 +287,6 @@ def make_plan(
             f"only {n_rows} input row(s) for dp={cfg.dp}: starting {active} rank(s), a rank needs at least one row"
         )
     experts = _experts(cfg, shape, active, bool(devices.gpus), notes) if cfg.lockstep else None
-    where = place(active, devices)
     notes += where.notes
     rank_plans = [
         RankPlan(
@@ -239,6 +322,41 @@ def make_plan(
         experts=experts,
         nodes_per_rank=cfg.nodes_per_rank,
     )
+
+
+def _cpu_memory(
+    cfg: RunConfig,
+    shape: ModelShape,
+    engine_args: Dict[str, Any],
+    where: Placement,
+    node: Optional[NodeMemory],
+    cpu_kv: Optional[Tuple[float, str]],
+    ep_size: int,
+    notes: List[str],
+) -> Memory:
+    """A CPU run's memory: per worker and per node; ConfigError when a node cannot hold its ranks."""
+    kv_gib, kv_key = cpu_kv or (float(cfg.cluster.cpu_kvcache_gib), "cluster.cpu_kvcache_gib")
+    workers_per_rank = cfg.gpus_per_rank // cfg.nodes_per_rank  # a rank spanning nodes: its share of each
+    memory = memory_per_cpu_node(
+        shape, engine_args, cfg.tp, cfg.pp, kv_gib, where.node_ranks, workers_per_rank, node, ep_size
+    )
+    if not memory.fits:
+        assert node is not None and where.node_ranks
+        raise ConfigError(
+            cpu_memory_message(cfg.model.name, memory, where.node_ranks, workers_per_rank, node.ranks_key, kv_key)
+        )
+    if memory.node_need_gib is not None and node is None:
+        notes.append(
+            f"memory not checked: {memory.node_workers} engine worker(s) on a node need {memory.node_need_gib:.1f} "
+            "GiB (weights + KV cache), and the memory of a node is unknown here"
+        )
+    notes += [
+        f"engine.{k}={cfg.engine[k]!r} has no effect on CPU: vLLM's CPU build sizes the KV cache by "
+        f"VLLM_CPU_KVCACHE_SPACE ({kv_key}={kv_gib:g})"
+        for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")
+        if cfg.engine.get(k) is not None
+    ]
+    return memory
 
 
 def _experts(cfg: RunConfig, shape: ModelShape, ranks: int, gpus: bool, notes: List[str]) -> ExpertLayout:

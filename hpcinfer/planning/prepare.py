@@ -14,7 +14,7 @@ from hpcinfer.doctor import conflict_message
 from hpcinfer.errors import UserError
 from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
-from hpcinfer.planning.layout import make_plan, model_shape
+from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
 from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, make_shards, row_tokens
 from hpcinfer.rundir.manifest import Shard
@@ -56,6 +56,8 @@ def prepare(cfg: RunConfig, launcher: Launcher, build: bool = True) -> Prepared:
         len(inputs.files),
         ranks,
         place=launcher.place,
+        node_memory=None if devices.gpus else launcher.node_memory(),
+        cpu_kv=None if devices.gpus else cpu_kv_cache_gib(cfg.cluster.cpu_kvcache_gib, os.environ),
     )
     return Prepared(plan, inputs, shards, devices)
 

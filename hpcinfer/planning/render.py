@@ -12,7 +12,7 @@ from hpcinfer.rundir.records import Plan
 
 def format_plan(plan: Plan) -> str:
     """The plan as the text `python -m hpcinfer.plan` prints."""
-    m, mem = plan.model, plan.memory
+    m = plan.model
     params = f"{m['num_params_b']:.3g}B params" if m.get("num_params_b") else "size unknown"
     kind = "MoE" if m.get("moe") else "dense"
     gpus = plan.dp * plan.gpus_per_rank
@@ -51,21 +51,32 @@ def format_plan(plan: Plan) -> str:
             f"  rank {rp.rank:<4} {dev:<14} {span} ({len(rp.shards)} shard(s), {rp.rows} rows{' expected' if dynamic else ''})"
         )
     lines += _replica_lines(plan)
-    if mem.weights_gib is not None:
-        kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"
-        if mem.kv_tokens:
-            kv += f" (~{mem.kv_tokens:,} tokens)"
+    lines += _memory_lines(plan)
+    lines += [f"note       {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _memory_lines(plan: Plan) -> List[str]:
+    """Per GPU: weights + KV cache of the usable GPU memory. On CPU: per engine worker, then what
+    the workers of the fullest node need of its memory."""
+    mem = plan.memory
+    if mem.weights_gib is None:
+        return ["memory     model size unknown: not estimated (set model.num_params_b, or a local model.path)"]
+    kv = f"KV cache {mem.kv_gib:.2f} GiB" if mem.kv_gib is not None else "KV cache: as vLLM sizes it"
+    if mem.kv_tokens:
+        kv += f" (~{mem.kv_tokens:,} tokens)"
+    if plan.device_kind == "cuda":
         cap = (
             f" of {mem.budget_gib:.1f} GiB usable ({mem.gpu_memory_gib:.0f} GiB GPU)"
             if mem.budget_gib is not None
             else ""
         )
-        lines.append(
-            f"memory     per {'GPU' if plan.device_kind == 'cuda' else 'rank'}: "
-            f"weights {mem.weights_gib:.2f} GiB + {kv}{cap}"
-        )
-    lines += [f"note       {n}" for n in plan.notes]
-    return "\n".join(lines)
+        return [f"memory     per GPU: weights {mem.weights_gib:.2f} GiB + {kv}{cap}"]
+    node = ""
+    if mem.node_need_gib is not None:
+        of = f" of {mem.node_gib:.1f} GiB, {mem.node_source}" if mem.node_gib is not None else " (node memory unknown)"
+        node = f"; per node {mem.node_workers} worker(s) = {mem.node_need_gib:.1f} GiB{of}"
+    return [f"memory     per engine worker: weights {mem.weights_gib:.2f} GiB + {kv}{node}"]
 
 
 def _expert_lines(plan: Plan) -> List[str]:

@@ -60,7 +60,7 @@ class JobLayout:
 
 @dataclass
 class Memory:
-    """Per-GPU memory estimate of one rank's model replica."""
+    """Per-GPU (CPU: per engine worker, and per node) memory estimate of one rank's model replica."""
 
     weights_gib: Optional[float]
     kv_gib: Optional[float]  # KV cache room left (or as configured)
@@ -69,6 +69,12 @@ class Memory:
     gpu_memory_gib: Optional[float]
 
     fits: bool = True  # weights, activations and a non-empty KV cache fit the GPU budget (when known)
+    # CPU (no GPU): each engine worker holds its weights and its KV cache (VLLM_CPU_KVCACHE_SPACE) in
+    # the node's memory, shared by the workers of all ranks on that node (fits: need <= node memory)
+    node_workers: Optional[int] = None  # engine workers on the fullest node
+    node_need_gib: Optional[float] = None  # node_workers x (weights_gib + kv_gib)
+    node_gib: Optional[float] = None  # the node's memory (None: unknown, not checked)
+    node_source: Optional[str] = None  # where node_gib comes from, e.g. "this machine's memory (MemTotal)"
 
 
 @dataclass(frozen=True)

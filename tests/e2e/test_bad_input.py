@@ -195,6 +195,27 @@ CASES = [
     ("dp-not-a-number", ["dp=abc"], ["dp", "abc"]),
     # model
     ("model-path-missing", ["model=llama", "model.path=/nonexistent"], ["model.path='/nonexistent'", "does not exist"]),
+    (
+        "model-path-on-builtin",
+        ["model.path={d}/in"],
+        ["model.path=", "built-in 'tiny-llama'", "model=llama model.path="],
+    ),
+    # values the config would ignore
+    (
+        "static-shards-per-rank",
+        ["schedule.mode=static", "schedule.shards_per_rank=16"],
+        ["schedule.shards_per_rank=16", "dynamic"],
+    ),
+    ("demo-rows-with-input", [f"{D}/in/good.parquet", "data.demo_rows=40"], ["data.demo_rows=40", "data.input="]),
+    ("gpus-beyond-visible", ["cluster.gpus=4096"], ["cluster.gpus=4096", "visible"]),
+    ("cluster-key-of-another-kind", ["cluster=slurm", "cluster.gpus=4"], ["'cluster.gpus'", "only cluster=local"]),
+    ("cpu-kvcache-on-gpu-nodes", ["cluster=slurm", "cluster.cpu_kvcache_gib=4"], ["cluster.cpu_kvcache_gib=4"]),
+    # memory on CPU: 64 ranks of 15 GiB weights and 1 TiB KV cache each fit no machine
+    (
+        "cpu-memory",
+        ["model=llama", "dp=64", "cluster.gpus=0", "cluster.cpu_kvcache_gib=1024"],
+        ["does not fit in memory", "64 rank(s) x (14.96 GiB weights + 1024 GiB KV cache)", "MemTotal"],
+    ),
     # sampling
     ("temperature-negative", ["sampling.temperature=-1"], ["sampling.temperature", "-1"]),
     ("top-p-zero", ["sampling.top_p=0"], ["sampling.top_p", "0"]),

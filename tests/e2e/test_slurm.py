@@ -187,6 +187,9 @@ def test_groups_beyond_max_array_size_go_in_several_submissions(inputs, tmp_path
     "extra,env_change,message",
     [
         (["cluster.partition=nosuch"], {}, "cluster.partition='nosuch' does not exist"),
+        # what cluster=slurm (GPU nodes) asks of the test cluster's CPU nodes, and more CPUs than a node has
+        (["cluster.gpus_per_node=8"], {}, "cluster.gpus_per_node=8, but the nodes of partition 'debug' have no GPUs"),
+        (["cluster.cpus_per_task=64"], {}, "cluster.cpus_per_task=64 asks for 64 CPUs per node"),
         ([], {"PATH": "/nonexistent"}, "needs Slurm's sbatch on PATH"),
         ([], {"SLURM_CONF": "dead"}, "the Slurm controller does not answer"),
     ],

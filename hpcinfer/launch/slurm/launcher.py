@@ -14,6 +14,8 @@ The sbatch parameters are pure functions of the config and plan, checked against
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -23,8 +25,17 @@ from hpcinfer.errors import EXIT_FAILED, EXIT_OK, UserError, one_line
 from hpcinfer.launch.base import Launcher, Placement, unfinished_ranks
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
 from hpcinfer.launch.slurm.layout import array_chunks, rank_groups, slurm_jobs, slurm_rank_place
+from hpcinfer.launch.slurm.partition import (
+    SINFO_ARGS,
+    SlurmNode,
+    check_partition,
+    largest_memory_mb,
+    mem_mb,
+    parse_sinfo_nodes,
+    partition_nodes,
+)
 from hpcinfer.launch.slurm.queue import cancel, is_live, job_states, summarized
-from hpcinfer.planning.devices import Devices
+from hpcinfer.planning.devices import Devices, NodeMemory
 from hpcinfer.rundir.files import atomic_write_json
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import JobLayout, Plan, Submission
@@ -34,6 +45,9 @@ START_TEST_CLUSTER = 'bash slurm/cluster.sh start && eval "$(bash slurm/cluster.
 
 class SlurmLauncher(Launcher):
     """Ranks as the tasks of Slurm jobs, finalize as a dependent job (cluster=slurm)."""
+
+    _nodes: Optional[List[SlurmNode]] = None  # sinfo's nodes, asked once (None: not yet, or unavailable)
+    _nodes_asked = False
 
     def devices(self) -> Devices:
         """One compute node as configured (the submitting machine is not one)."""
@@ -56,6 +70,9 @@ class SlurmLauncher(Launcher):
                 f"{jobs.idle_tasks(ranks)} Slurm task(s) get no rank: {ranks} rank(s) do not fill "
                 f"{jobs.groups} job(s) x {jobs.nodes_per_job} node(s) x {jobs.tasks_per_node} task(s)"
             )
+        throttle = self.cfg.cluster.array_parallelism
+        if throttle is not None and jobs.groups == 1:
+            notes.append(f"cluster.array_parallelism={throttle} has no effect: the ranks are one job, not an array")
         return Placement(
             [w[0] for w in where],
             [w[1] for w in where],
@@ -63,10 +80,50 @@ class SlurmLauncher(Launcher):
             nodes=jobs.nodes,
             jobs=jobs,
             notes=notes,
+            node_ranks=jobs.tasks_per_node,  # one task per rank (per node of a rank spanning nodes)
         )
 
-    def check(self) -> None:
+    def node_memory(self) -> Optional[NodeMemory]:
+        """cluster.mem when set (what the job gets of each node), else the RealMemory of the
+        partition's largest node (sinfo); None when neither is known."""
+        c = self.cfg.cluster
+        mb = mem_mb(c.mem)
+        if mb:
+            return NodeMemory(mb / 1024, f"a node (cluster.mem={c.mem})", "cluster.ranks_per_node")
+        nodes = self.sinfo_nodes()
+        if not nodes:
+            return None
+        try:
+            name, own = partition_nodes(nodes, c.partition)
+        except UserError:  # no such partition: check() says so before submitting
+            return None
+        mb = largest_memory_mb(own)
+        return (
+            NodeMemory(mb / 1024, f"a node of partition {name!r} (RealMemory)", "cluster.ranks_per_node")
+            if mb
+            else None
+        )
+
+    def sinfo_nodes(self) -> Optional[List[SlurmNode]]:
+        """Every partition's nodes as sinfo lists them (asked once); None when sinfo is not here or fails."""
+        if not self._nodes_asked:
+            self._nodes_asked = True
+            out = _run(SINFO_ARGS) if shutil.which("sinfo") else None
+            self._nodes = parse_sinfo_nodes(out.stdout) if out is not None and out.returncode == 0 else None
+        return self._nodes
+
+    def check(self, plan: Plan) -> None:
+        """Slurm answers, and the partition (cluster.partition, else the default one) offers the
+        GPUs, CPUs, memory and nodes the plan's jobs ask for: before anything is written."""
         check_cluster(self.cfg)
+        nodes = self.sinfo_nodes()
+        if not nodes:
+            part = self.cfg.cluster.partition
+            if part and _run(["scontrol", "show", "partition", part]).returncode != 0:
+                raise UserError(f"cluster.partition={part!r} does not exist on this Slurm cluster (sinfo lists them)")
+            log("warning: sinfo listed no nodes: the partition's GPUs, CPUs and memory were not checked")
+            return
+        check_partition(self.cfg, plan.jobs or slurm_jobs(self.cfg, plan.ranks), nodes)
 
     def start(self, rd: RunDir, plan: Plan) -> None:
         """Submit worker jobs for the ranks with unfinished shards, and finalize, unless this run's
@@ -110,33 +167,28 @@ class SlurmLauncher(Launcher):
 
 
 def check_cluster(cfg: RunConfig) -> None:
-    """Before anything is written: Slurm's clients are here, the controller answers, and the
-    partition exists. UserError naming what is missing otherwise."""
-    import shutil
-    import subprocess
-
+    """Before anything is written: Slurm's clients are here and the controller answers. UserError
+    naming what is missing otherwise (the partition: `SlurmLauncher.check`)."""
     if not shutil.which("sbatch"):
         raise UserError(
             "cluster=slurm needs Slurm's sbatch on PATH (run submit on a login node; for a "
             f"test cluster on this machine: {START_TEST_CLUSTER})"
         )
-
-    def scontrol(*args: str) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError) as e:
-            return subprocess.CompletedProcess(args, 1, "", str(e))
-
-    ping = scontrol("ping")
+    ping = _run(["scontrol", "ping"])
     if ping.returncode != 0 or "UP" not in ping.stdout:
         why = (ping.stderr or ping.stdout).strip().splitlines()
         raise UserError(
             f"the Slurm controller does not answer (scontrol ping: {why[-1] if why else 'no output'}); "
             f"is SLURM_CONF set? For a test cluster on this machine: {START_TEST_CLUSTER}"
         )
-    part = cfg.cluster.partition
-    if part and scontrol("show", "partition", part).returncode != 0:
-        raise UserError(f"cluster.partition={part!r} does not exist on this Slurm cluster (sinfo lists them)")
+
+
+def _run(args: List[str]) -> subprocess.CompletedProcess:
+    """A Slurm client command's result (exit 1 with the reason when it cannot run or hangs)."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return subprocess.CompletedProcess(args, 1, "", str(e))
 
 
 def log(msg: str) -> None:

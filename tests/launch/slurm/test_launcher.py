@@ -258,3 +258,17 @@ def test_parse_squeue_and_sacct():
     acct = parse_sacct("20|CANCELLED by 0|None\n21|FAILED|NonZeroExitCode\n")
     assert acct["20"][0] == "CANCELLED" and summarize(states_of("21", acct)) == "FAILED"
     assert summarize([("COMPLETED", ""), ("FAILED", "")]) == "FAILED"
+
+
+def test_array_parallelism_without_an_array_is_noted():
+    from hpcinfer.launch.slurm.launcher import SlurmLauncher
+
+    def notes(*overrides):
+        launcher = SlurmLauncher(compose(["cluster=slurm", "dp=2", *overrides]))
+        return launcher.place(2, launcher.devices()).notes
+
+    assert notes("cluster.array_parallelism=2") == [
+        "cluster.array_parallelism=2 has no effect: the ranks are one job, not an array"
+    ]
+    assert notes("cluster.array=2", "cluster.array_parallelism=2") == []
+    assert notes() == []
