@@ -270,3 +270,17 @@ def fill_disk(directory: Path) -> Path:
                 if e.errno != errno.ENOSPC:
                     raise
     return path
+
+
+SLURM_GROUP_FIXTURES = ("slurm_env", "chaos_reference")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml). A module's tests form one
+    group, so a module fixture (one real run shared by several tests) runs once; every test on the
+    Slurm test cluster, and the chaos suite (its session-wide reference run), form the group
+    'slurm', on one worker."""
+    for item in items:
+        slurm = any(f in getattr(item, "fixturenames", ()) for f in SLURM_GROUP_FIXTURES)
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.nodeid.split("::")[0]))

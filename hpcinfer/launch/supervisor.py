@@ -31,7 +31,7 @@ from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import FAILED
 
 HEADLESS_GRACE_S = 15.0  # a headless process leaves within ~2 s of its leader's end; then it is stopped
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 30.0  # as Slurm's KillWait: time for a rank to write its finished rows to a slow shared filesystem
 
 
 def spawn(rd: RunDir, rank: int, p: Process, new_session: bool) -> subprocess.Popen:

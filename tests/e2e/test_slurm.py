@@ -144,7 +144,9 @@ def test_failed_rank_reports_missing_shards_and_does_not_hang(inputs, tmp_path, 
     for f in inputs.glob("*.parquet"):
         (data / f.name).write_bytes(f.read_bytes())
     run_dir = tmp_path / "run"
-    proc = submit_in_background(slurm_env, common(data, run_dir, "dp=2", "schedule.mode=static"), run_dir)
+    proc = submit_in_background(
+        slurm_env, common(data, run_dir, "dp=2", "schedule.mode=static", "rank_retries=0"), run_dir
+    )
     (data / "part-1.parquet").write_bytes(b"this is not parquet any more")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err
