@@ -11,7 +11,7 @@ import glob as globlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,9 +67,16 @@ def discover(spec: str) -> List[str]:
             raise DataError(f"data.input={spec!r} matches no files")
         return paths
     if os.path.isdir(spec):
-        paths = sorted(globlib.glob(os.path.join(spec, "*.parquet")))
+        from hpcinfer.planning.convert import EXTENSIONS
+
+        paths = sorted(
+            p
+            for p in globlib.glob(os.path.join(spec, "*"))
+            if os.path.splitext(p)[1].lower() in EXTENSIONS and os.path.isfile(p)
+        )
         if not paths:
-            raise DataError(f"data.input={spec!r} is a directory without *.parquet files")
+            others = ", ".join("*" + e for e in EXTENSIONS if e != ".parquet")
+            raise DataError(f"data.input={spec!r} is a directory without *.parquet files (nor {others})")
         return paths
     if not os.path.exists(spec):
         raise DataError(f"data.input={spec!r} does not exist")
@@ -77,10 +84,15 @@ def discover(spec: str) -> List[str]:
 
 
 def scan(
-    paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None, max_tokens_column: Optional[str] = None
+    paths: Iterable[str],
+    prompt_column: Optional[str],
+    id_column: Optional[str] = None,
+    max_tokens_column: Optional[str] = None,
+    check: Optional[Callable[[str, pa.Schema], None]] = None,
 ) -> Inputs:
     """Open every file's footer, check the columns, unify the schemas. Reads no row data except
-    the id column when one is given (to check it is unique)."""
+    the id column when one is given (to check it is unique). `check(path, schema)`, when given,
+    checks the columns the requests read (planning/prompts.py) instead of `prompt_column`."""
     files, schemas = [], []
     for path in paths:
         pf = _open(path)
@@ -88,7 +100,9 @@ def scan(
         files.append(InputFile(os.path.abspath(path), pf.metadata.num_rows))
         if len(schema) == 0 and pf.metadata.num_rows == 0:
             continue  # an empty file without columns: nothing to check
-        _check_columns(path, schema, prompt_column, id_column, max_tokens_column)
+        _check_columns(path, schema, None if check else prompt_column, id_column, max_tokens_column)
+        if check:
+            check(path, schema)
         schemas.append((path, schema.remove_metadata()))
     if not schemas:
         raise DataError(f"data.input has no columns: {[f.path for f in files]!r}")
@@ -129,12 +143,18 @@ def _check_readable(path: str) -> None:
 
 
 def _check_columns(
-    path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str], max_tokens_column: Optional[str] = None
+    path: str,
+    schema: pa.Schema,
+    prompt_column: Optional[str],
+    id_column: Optional[str],
+    max_tokens_column: Optional[str] = None,
 ) -> None:
     names = schema.names
-    if prompt_column not in names:
+    if prompt_column is None:
+        pass
+    elif prompt_column not in names:
         raise DataError(f"data.prompt_column={prompt_column!r} is not a column of {path!r} (columns: {names})")
-    ptype = schema.field(prompt_column).type
+    ptype = schema.field(prompt_column).type if prompt_column is not None else pa.string()
     if not (
         pa.types.is_string(ptype)
         or pa.types.is_large_string(ptype)
