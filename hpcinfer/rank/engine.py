@@ -134,7 +134,7 @@ class VllmEngine:
             try:
                 out.extend(render([conv]))
             except Exception as e:
-                out.append(f"the messages cannot be rendered with the chat template: {_why(e)}")
+                out.append(self._too_long(e) or f"the messages cannot be rendered with the chat template: {_why(e)}")
         return out
 
     def batch_request(
@@ -173,10 +173,17 @@ class VllmEngine:
             ids = list(inputs[0]["prompt_token_ids"])
             max_tokens = get_max_tokens(self.max_model_len, cap, len(ids), self._defaults)
             return ids, req.to_sampling_params(max_tokens, self._defaults)
-        except ValueError as e:  # pydantic's ValidationError is one
-            raise ValueError(_why(e)) from None
-        except Exception as e:
-            raise ValueError(_why(e)) from None
+        except Exception as e:  # pydantic's ValidationError, vLLM's VLLMValidationError, ...
+            raise ValueError(self._too_long(e) or _why(e)) from None
+
+    def _too_long(self, e: BaseException) -> Optional[str]:
+        """vLLM's refusal of a prompt beyond the context, in the words of requests.row_error."""
+        if getattr(e, "parameter", None) != "input_tokens":
+            return None
+        return (
+            f"prompt has at least {getattr(e, 'value', '?')} tokens (rendered); "
+            f"max_model_len={self.max_model_len} leaves no room for output"
+        )
 
     @property
     def _defaults(self) -> Dict[str, Any]:

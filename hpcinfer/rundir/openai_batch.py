@@ -49,6 +49,14 @@ def output_line(row: Dict[str, Any], n: int, run: str, created: int, default_mod
         "total_tokens": row["prompt_tokens"] + row["output_tokens"],
         "completion_tokens": row["output_tokens"],
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
+    extra = {
+        "service_tier": None,
+        "system_fingerprint": None,
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "kv_transfer_params": None,
     }
     if row.get("url") == "/v1/completions":
         body: Dict[str, Any] = {
@@ -56,8 +64,22 @@ def output_line(row: Dict[str, Any], n: int, run: str, created: int, default_mod
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}],
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": reason,
+                    "stop_reason": None,
+                    "token_ids": None,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": None,
+                }
+            ],
+            "service_tier": None,
+            "system_fingerprint": None,
             "usage": usage,
+            "kv_transfer_params": None,
         }
     else:
         body = {
@@ -68,13 +90,23 @@ def output_line(row: Dict[str, Any], n: int, run: str, created: int, default_mod
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None, "tool_calls": []},
+                    "message": {
+                        "role": "assistant",
+                        "content": text,
+                        "refusal": None,
+                        "annotations": None,
+                        "audio": None,
+                        "function_call": None,
+                        "reasoning": None,
+                    },
                     "logprobs": None,
                     "finish_reason": reason,
                     "stop_reason": None,
+                    "token_ids": None,
                 }
             ],
             "usage": usage,
+            **extra,
         }
     return {
         "id": ids["id"],
