@@ -111,7 +111,9 @@ def build_requests(
     spec = spec or RequestSpec(prompt_column=cfg.data.prompt_column)
     take = pa.array(positions, pa.int64())
     if spec.kind == OPENAI_BATCH:
-        return _batch_requests(table.take(take), rows, cfg, max_model_len, spec, renderer)
+        return _batch_requests(
+            table.select(["custom_id", "method", "url", "body"]).take(take), rows, cfg, max_model_len, spec, renderer
+        )
     caps = (
         table.column(cfg.data.max_tokens_column).take(take).to_pylist()
         if cfg.data.max_tokens_column
@@ -121,7 +123,7 @@ def build_requests(
     if spec.kind == MESSAGES:
         prompts = [conversation(v) for v in table.column(spec.messages_column).take(take).to_pylist()]
     else:
-        prompts = _texts(table.take(take), spec)
+        prompts = _texts(table, take, spec)
         if spec.chat:
             system = [{"role": "system", "content": spec.system}] if spec.system is not None else []
             prompts = [p if isinstance(p, Failed) else system + [{"role": "user", "content": p}] for p in prompts]
@@ -159,14 +161,15 @@ class Failed:
     why: str
 
 
-def _texts(table: pa.Table, spec: RequestSpec) -> List[Any]:
-    """Each row's prompt text: its prompt column, or the template filled from its columns; Failed
-    for a null prompt or a null template column."""
+def _texts(table: pa.Table, take: pa.Array, spec: RequestSpec) -> List[Any]:
+    """Each row's prompt text (rows `take` of `table`): its prompt column, or the template filled
+    from its columns; Failed for a null prompt or a null template column. Reads only those columns."""
     if spec.template is None:
-        return [Failed("prompt is null") if p is None else p for p in table.column(spec.prompt_column).to_pylist()]
-    columns = {c: table.column(c).to_pylist() for c in spec.template_columns()}
+        prompts = table.column(spec.prompt_column).take(take).to_pylist()
+        return [Failed("prompt is null") if p is None else p for p in prompts]
+    columns = {c: table.column(c).take(take).to_pylist() for c in spec.template_columns()}
     out: List[Any] = []
-    for i in range(table.num_rows):
+    for i in range(len(take)):
         values = {c: v[i] for c, v in columns.items()}
         nulls = [c for c, v in values.items() if v is None]
         out.append(Failed(f"prompt.template: column {nulls[0]!r} is null") if nulls else fill(spec.template, values))

@@ -3,26 +3,27 @@
 - chat conversations in Parquet (`data.messages_column`, `model.chat_template=<file>`) at dp=2:
   every row once, in order, errors only for the empty, null and over-long conversations, and the
   greedy text equal to one in-process `vllm.LLM(**engine_args).chat(...)`;
-- an OpenAI Batch file of chat lines at dp=2: `results.jsonl` equal, line by line (content,
-  finish_reason, usage), to what vLLM's own run-batch writes for the file; the same file with a
-  malformed line inserted: that line's error, the others unchanged;
+- an OpenAI Batch file of chat lines with a malformed line inserted, at dp=2: `results.jsonl` has
+  that line's error in its place, and every other line equal (content, finish_reason, usage) to
+  what vLLM's own run-batch writes for the file without it (run-batch fails the whole file with it);
 - CSV rows through a prompt template over two columns (from a file, with a newline): the text
   equal to `LLM.generate` of the filled prompts.
 
-Four small runs share one reference engine; JSON Lines and CSV against Parquet row by row, and
-the bad-input exits, are in tests/planning/test_convert.py and tests/e2e/test_bad_input.py.
+Three small runs, started at once, then vLLM's references (one in-process engine, run-batch), at
+once: the runs' start-ups overlap. JSON Lines and CSV against Parquet row by row, and the
+bad-input exits, are in tests/planning/test_convert.py and tests/e2e/test_bad_input.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 
 pytestmark = pytest.mark.vllm
 
@@ -82,50 +83,63 @@ def files(tmp_path_factory):
     return d
 
 
-def _submit(hpcinfer, run_dir, *args):
-    proc = hpcinfer("submit", *args, "sampling=greedy", f"sampling.max_tokens={MAX_TOKENS}", f"run_dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir
+def _run_all(commands, env, timeout=900):
+    """Run `commands` ({name: argv}) at once (their start-ups overlap: most of a small run's time);
+    {name: CompletedProcess}, each checked to have succeeded."""
+    procs = {
+        name: subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, argv in commands.items()
+    }
+    done = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=timeout)
+        done[name] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        assert p.returncode == 0, f"{name}: {err[-4000:]}"
+    return done
+
+
+def _submit(run_dir, *args):
+    greedy = ["sampling=greedy", f"sampling.max_tokens={MAX_TOKENS}", f"run_dir={run_dir}"]
+    return [sys.executable, "-m", "hpcinfer.submit", *args, *greedy]
 
 
 @pytest.fixture(scope="module")
-def runs(files, tmp_path_factory, hpcinfer):
-    """The four runs (each a real submit), once for the module."""
+def runs(files, tmp_path_factory, cli_env):
+    """The three runs (real submits, at once), once for the module: chat Parquet at dp=2, the
+    OpenAI Batch file with a malformed line at dp=2, CSV through a template file."""
     root = tmp_path_factory.mktemp("runs")
     chat_template = f"model.chat_template={files / 't.jinja'}"
-    return {
-        "chat": _submit(
-            hpcinfer,
-            root / "chat",
-            "dp=2",
-            "data.shard_rows=2",
-            f"data.input={files / 'chat.parquet'}",
-            "data.messages_column=messages",
-            chat_template,
-        ),
-        "batch": _submit(hpcinfer, root / "batch", "dp=2", f"data.input={files / 'batch.jsonl'}", chat_template),
-        "batch_bad": _submit(hpcinfer, root / "batch_bad", f"data.input={files / 'batch_bad.jsonl'}", chat_template),
-        "csv": _submit(
-            hpcinfer, root / "csv", f"data.input={files / 'rows.csv'}", f"prompt.template_file={files / 'prompt.txt'}"
-        ),
-    }
+    dirs = {name: root / name for name in ("chat", "batch", "csv")}
+    _run_all(
+        {
+            "chat": _submit(
+                dirs["chat"],
+                "dp=2",
+                "data.shard_rows=2",
+                f"data.input={files / 'chat.parquet'}",
+                "data.messages_column=messages",
+                chat_template,
+            ),
+            "batch": _submit(dirs["batch"], "dp=2", f"data.input={files / 'batch_bad.jsonl'}", chat_template),
+            "csv": _submit(
+                dirs["csv"], f"data.input={files / 'rows.csv'}", f"prompt.template_file={files / 'prompt.txt'}"
+            ),
+        },
+        cli_env,
+    )
+    return dirs
 
 
 def _rows(run_dir):
     return pq.read_table(run_dir / "results.parquet").to_pylist()
 
 
-@pytest.fixture(scope="module")
-def reference(runs, files):
-    """One in-process vllm.LLM(**summary["engine_args"]): its chat of the good conversations and
-    its generate of the filled CSV prompts (greedy)."""
-    s = json.loads((runs["chat"] / "summary.json").read_text())
-    convs = [c for i, c in enumerate(CONVERSATIONS) if i not in ERROR_ROWS]
-    prompts = [PROMPT_TEMPLATE.format(title=t, text=x) for t, x in CSV_ROWS]
-    script = f"""
-import json, os, sys
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def _lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+REFERENCE = f"""
+import json, sys
 from vllm import LLM, SamplingParams
 llm = LLM(**json.loads(sys.argv[1]))
 sp = SamplingParams(temperature=0, max_tokens={MAX_TOKENS})
@@ -133,16 +147,28 @@ chat = llm.chat(json.loads(sys.argv[2]), sp, chat_template=sys.argv[3], use_tqdm
 gen = llm.generate(json.loads(sys.argv[4]), sp, use_tqdm=False)
 print(json.dumps([[(o.outputs[0].text, len(o.prompt_token_ids)) for o in outs] for outs in (chat, gen)]))
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(s["engine_args"]), json.dumps(convs), TEMPLATE, json.dumps(prompts)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    chat, gen = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"chat": chat, "generate": gen}
+
+
+@pytest.fixture(scope="module")
+def reference(runs, files, tmp_path_factory, cli_env):
+    """What vLLM itself gives, both at once: one in-process vllm.LLM(**summary["engine_args"])
+    (its chat of the good conversations, its generate of the filled CSV prompts; greedy), and
+    vLLM's own run-batch over batch.jsonl (the file without the malformed line: run-batch fails
+    the whole file on it) with the same model, chat template and engine settings."""
+    a = json.loads((runs["chat"] / "summary.json").read_text())["engine_args"]
+    convs = [c for i, c in enumerate(CONVERSATIONS) if i not in ERROR_ROWS]
+    prompts = [PROMPT_TEMPLATE.format(title=t, text=x) for t, x in CSV_ROWS]
+    out = tmp_path_factory.mktemp("run-batch") / "out.jsonl"
+    batch = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(files / "batch.jsonl")]
+    batch += ["-o", str(out), "--model", a["model"], "--served-model-name", "tiny", "--dtype", a["dtype"]]
+    batch += ["--max-model-len", str(a["max_model_len"]), "--enforce-eager", "--seed", str(a["seed"])]
+    batch += ["--chat-template", str(files / "t.jinja")]
+    llm = [sys.executable, "-c", REFERENCE, json.dumps(a), json.dumps(convs), TEMPLATE, json.dumps(prompts)]
+    env = {**cli_env, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    done = _run_all({"run_batch": batch, "llm": llm}, env)
+    chat, gen = json.loads(done["llm"].stdout.strip().splitlines()[-1])
+    return {"chat": chat, "generate": gen, "run_batch": [json.loads(x) for x in out.read_text().splitlines()]}
 
 
 # ---- chat conversations ----------------------------------------------------------------------
@@ -171,23 +197,6 @@ def test_chat_greedy_text_equals_llm_chat_in_one_process(runs, reference):
 
 
 # ---- OpenAI Batch ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def run_batch_output(runs, files, tmp_path_factory):
-    """What vLLM's own run-batch writes for batch.jsonl: the same model, template and engine settings."""
-    s = json.loads((runs["batch"] / "summary.json").read_text())
-    a = s["engine_args"]
-    out = tmp_path_factory.mktemp("run-batch") / "out.jsonl"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(files / "batch.jsonl")]
-    cmd += ["-o", str(out), "--model", a["model"], "--served-model-name", "tiny", "--dtype", a["dtype"]]
-    cmd += ["--max-model-len", str(a["max_model_len"]), "--enforce-eager", "--seed", str(a["seed"])]
-    cmd += ["--chat-template", str(files / "t.jinja")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()]
-
-
 def _essence(line):
     """What must agree line by line: custom_id, status, content, finish_reason, usage."""
     body = (line["response"] or {}).get("body") or {}
@@ -202,8 +211,10 @@ def _essence(line):
     )
 
 
-def test_results_jsonl_equals_vllm_run_batch_line_by_line(runs, run_batch_output):
-    ours = [json.loads(line) for line in (runs["batch"] / "results.jsonl").read_text().splitlines()]
+def test_results_jsonl_equals_vllm_run_batch_line_by_line(runs, reference):
+    """Every valid line of the file equals run-batch's line for it (content, finish_reason, usage)."""
+    run_batch_output = reference["run_batch"]
+    ours = [x for x in _lines(runs["batch"]) if x["custom_id"] is not None]
     assert len(ours) == len(BATCH_LINES) == len(run_batch_output)
     assert [_essence(x) for x in ours] == [_essence(x) for x in run_batch_output]
     for x, theirs in zip(ours, run_batch_output, strict=True):
@@ -214,20 +225,21 @@ def test_results_jsonl_equals_vllm_run_batch_line_by_line(runs, run_batch_output
             "ec_transfer_params",
             "metrics",
         }
-    results = _rows(runs["batch"])
-    assert [r["custom_id"] for r in results] == [x["custom_id"] for x in BATCH_LINES]
 
 
-def test_a_malformed_line_gets_its_error_and_leaves_the_others(runs):
-    good = [json.loads(line) for line in (runs["batch"] / "results.jsonl").read_text().splitlines()]
-    bad = [json.loads(line) for line in (runs["batch_bad"] / "results.jsonl").read_text().splitlines()]
-    assert len(bad) == len(good) + 1
-    assert bad[2]["custom_id"] is None and bad[2]["response"]["status_code"] == 400
-    assert "not valid JSON" in bad[2]["error"]
-    assert [_essence(x) for x in bad[:2] + bad[3:]] == [_essence(x) for x in good]
-    s = json.loads((runs["batch_bad"] / "summary.json").read_text())
-    assert s["rows"] == len(BATCH_LINES) + 1 and s["rows_failed"] == 1
-    assert s["results_jsonl"] == str(runs["batch_bad"] / "results.jsonl")
+def test_a_malformed_line_gets_its_error_in_its_place_and_leaves_the_others(runs, reference):
+    """One line per input line, in input order: the malformed one (third) has its error, the
+    lines around it are run-batch's for the file without it."""
+    lines = _lines(runs["batch"])
+    assert len(lines) == len(BATCH_LINES) + 1
+    bad = lines.pop(2)
+    assert bad["custom_id"] is None and bad["response"]["status_code"] == 400 and bad["response"]["body"] is None
+    assert "not valid JSON" in bad["error"]
+    assert [_essence(x) for x in lines] == [_essence(x) for x in reference["run_batch"]]
+    assert [r["custom_id"] for r in _rows(runs["batch"])] == ["req-0", "req-1", None, "req-2", "req-3", "req-4"]
+    s = json.loads((runs["batch"] / "summary.json").read_text())
+    assert s["rows"] == len(BATCH_LINES) + 1 and s["rows_failed"] == 1 and s["layout"]["ranks"] == 2
+    assert s["results_jsonl"] == str(runs["batch"] / "results.jsonl")
 
 
 # ---- CSV through a prompt template ------------------------------------------------------------
