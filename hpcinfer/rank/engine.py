@@ -122,7 +122,10 @@ class VllmEngine:
         twice), or, for one that cannot be rendered, why."""
 
         def render(convs):
-            inputs = self.llm._preprocess_chat(convs, chat_template=chat_template, chat_template_kwargs=kwargs or None)
+            preprocess = getattr(self.llm, "_preprocess_chat", None)
+            if preprocess is None:  # a vLLM without it (before 0.3x): the tokenizer's template, as it applies it
+                return [self._hf_render(c, chat_template, kwargs) for c in convs]
+            inputs = preprocess(convs, chat_template=chat_template, chat_template_kwargs=kwargs or None)
             return [list(i["prompt_token_ids"]) for i in inputs]
 
         try:
@@ -136,6 +139,12 @@ class VllmEngine:
             except Exception as e:
                 out.append(self._too_long(e) or f"the messages cannot be rendered with the chat template: {_why(e)}")
         return out
+
+    def _hf_render(self, conv: List[Dict[str, Any]], chat_template: Optional[str], kwargs: Dict[str, Any]) -> List[int]:
+        text = self.tokenizer.apply_chat_template(
+            conv, chat_template=chat_template, add_generation_prompt=True, tokenize=False, **(kwargs or {})
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def batch_request(
         self, url: str, body: Dict[str, Any], chat_template: Optional[str], kwargs: Dict[str, Any]
