@@ -667,11 +667,11 @@ def _request_errors(cfg: RunConfig) -> List[str]:
     if p.system is not None and not p.chat:
         errs.append(f"prompt.system={p.system!r} applies only with prompt.chat=true (a system message of a chat)")
     if d.format == "openai_batch":
-        errs += _batch_errors(cfg)
+        errs += batch_errors(cfg)
     return errs
 
 
-def _batch_errors(cfg: RunConfig) -> List[str]:
+def batch_errors(cfg: RunConfig) -> List[str]:
     """OpenAI Batch lines carry their whole request (messages or prompt, sampling): what would be ignored."""
     d, p = cfg.data, cfg.prompt
     used = [

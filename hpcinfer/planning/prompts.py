@@ -11,7 +11,7 @@ from typing import Dict
 
 import pyarrow as pa
 
-from hpcinfer.config import RunConfig
+from hpcinfer.config import RunConfig, batch_errors
 from hpcinfer.errors import ConfigError, DataError
 from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, PROMPT, RequestSpec
 
@@ -33,9 +33,7 @@ def request_spec(cfg: RunConfig, fmt: str) -> RequestSpec:
     common = dict(chat_template=chat_template, chat_template_kwargs=dict(cfg.chat.template_kwargs))
     if fmt == OPENAI_BATCH:
         if cfg.data.format != OPENAI_BATCH:  # found by `auto`: the same rules as data.format=openai_batch
-            from hpcinfer.config import _batch_errors
-
-            errs = _batch_errors(cfg)
+            errs = batch_errors(cfg)
             if errs:
                 raise ConfigError(f"data.input is an OpenAI Batch file: {'; '.join(errs)}")
         return RequestSpec(kind=OPENAI_BATCH, prompt_column=None, **common)
