@@ -80,6 +80,8 @@ def files(tmp_path_factory):
     (d / "batch_bad.jsonl").write_text("\n".join(lines[:2] + [MALFORMED] + lines[2:]) + "\n")
     (d / "rows.csv").write_text("id,title,text\n" + "".join(f'{i},{t},"{x}"\n' for i, (t, x) in enumerate(CSV_ROWS)))
     (d / "prompt.txt").write_text(PROMPT_TEMPLATE)
+    rows = chat.to_pylist()  # the same rows as JSON Lines: messages as JSON arrays (null, [] too)
+    (d / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return d
 
 
@@ -154,7 +156,8 @@ def reference(runs, files, tmp_path_factory, cli_env):
     """What vLLM itself gives, both at once: one in-process vllm.LLM(**summary["engine_args"])
     (its chat of the good conversations, its generate of the filled CSV prompts; greedy), and
     vLLM's own run-batch over batch.jsonl (the file without the malformed line: run-batch fails
-    the whole file on it) with the same model, chat template and engine settings."""
+    the whole file on it) with the same model, chat template and engine settings; and, at the
+    same time, the chat run's rows as JSON Lines through hpcinfer (dp=1)."""
     a = json.loads((runs["chat"] / "summary.json").read_text())["engine_args"]
     convs = [c for i, c in enumerate(CONVERSATIONS) if i not in ERROR_ROWS]
     prompts = [PROMPT_TEMPLATE.format(title=t, text=x) for t, x in CSV_ROWS]
@@ -166,9 +169,21 @@ def reference(runs, files, tmp_path_factory, cli_env):
     llm = [sys.executable, "-c", REFERENCE, json.dumps(a), json.dumps(convs), TEMPLATE, json.dumps(prompts)]
     env = {**cli_env, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    done = _run_all({"run_batch": batch, "llm": llm}, env)
+    jsonl = out.parent / "chat-jsonl"
+    chat_jsonl = _submit(
+        jsonl,
+        f"data.input={files / 'chat.jsonl'}",
+        "data.messages_column=messages",
+        f"model.chat_template={files / 't.jinja'}",
+    )
+    done = _run_all({"run_batch": batch, "llm": llm, "jsonl": chat_jsonl}, env)
     chat, gen = json.loads(done["llm"].stdout.strip().splitlines()[-1])
-    return {"chat": chat, "generate": gen, "run_batch": [json.loads(x) for x in out.read_text().splitlines()]}
+    return {
+        "chat": chat,
+        "generate": gen,
+        "run_batch": [json.loads(x) for x in out.read_text().splitlines()],
+        "jsonl_run": jsonl,
+    }
 
 
 # ---- chat conversations ----------------------------------------------------------------------
@@ -194,6 +209,11 @@ def test_chat_greedy_text_equals_llm_chat_in_one_process(runs, reference):
     assert [(r["generated_text"], r["prompt_tokens"]) for r in rows] == [tuple(x) for x in reference["chat"]]
     s = json.loads((runs["chat"] / "summary.json").read_text())
     assert s["prompt_tokens"] == sum(r["prompt_tokens"] for r in _rows(runs["chat"]))
+
+
+def test_chat_rows_as_json_lines_give_the_same_results_as_in_parquet(runs, reference):
+    jsonl = pq.read_table(reference["jsonl_run"] / "results.parquet")
+    assert jsonl.equals(pq.read_table(runs["chat"] / "results.parquet"))  # columns, types, every value
 
 
 # ---- OpenAI Batch ----------------------------------------------------------------------------
