@@ -17,7 +17,8 @@ by vLLM's own protocol classes), as the run's RequestSpec (plan.json) says.
 Features that change what is asked of the model (per-row sampling, n > 1,
 structured output, logprobs, LoRA) belong here: a new request field on `Request` and in
 `build_requests`, a new output column on `RowResult` (and `GENERATED`) and in `row_result`. The
-engine (engine.py) only adds requests and steps. Pure, apart from calling the tokenizer it is given.
+engine (engine.py) adds requests and steps, and renders what vLLM must render itself. Pure,
+apart from calling the tokenizer and the renderer it is given.
 """
 
 from __future__ import annotations

@@ -268,8 +268,7 @@ def test_plan_refuses_bad_input(scratch, args, must_name):
 
 REPRESENTATIVE = [
     "csv-renamed",
-    "jsonl-not-json",  # converted into the run directory's inputs/ first: removed again
-    "duplicate-custom-id",  # refused after the conversion
+    "duplicate-custom-id",  # refused once converted into the run directory's inputs/: removed again
     "dup-ids-across-files",
     "zero-rows",
     "unknown-sampling-key",

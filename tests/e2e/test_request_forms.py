@@ -1,8 +1,10 @@
 """End to end on real vLLM (CPU build): requests in the forms users have (issue 13).
 
-- chat conversations in Parquet (`data.messages_column`, `model.chat_template=<file>`) at dp=2:
-  every row once, in order, errors only for the empty, null and over-long conversations, and the
-  greedy text equal to one in-process `vllm.LLM(**engine_args).chat(...)`;
+- chat conversations in Parquet (`data.messages_column`, `model.chat_template=<file>`,
+  `chat.template_kwargs`) at dp=2: every row once, in order, pass-through columns equal, errors
+  only for the empty, null and over-long conversations, and the greedy text and prompt tokens
+  equal to one in-process `vllm.LLM(**engine_args).chat(...)`; the same rows as JSON Lines give
+  the same results.parquet;
 - an OpenAI Batch file of chat lines with a malformed line inserted, at dp=2: `results.jsonl` has
   that line's error in its place, and every other line equal (content, finish_reason, usage) to
   what vLLM's own run-batch writes for the file without it (run-batch fails the whole file with it);
@@ -28,9 +30,11 @@ from conftest import REPO
 pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 6
-# A chat template other than the built-in one: model.chat_template must replace it.
+# A chat template other than the built-in one: model.chat_template must replace it; its `tag`
+# comes from chat.template_kwargs (the chat runs set it, the OpenAI Batch run does not).
+KWARGS = {"tag": "conversation"}
 TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}\n"
+    "{{ bos_token }}{% if tag %}<{{ tag }}>{% endif %}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
 )
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -105,6 +109,13 @@ def _submit(run_dir, *args):
     return [sys.executable, "-m", "hpcinfer.submit", *args, *greedy]
 
 
+def _fast(env):
+    """vLLM's engine in the rank's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the same greedy
+    text (fp32, eager), without an engine-core process to start per rank; the other e2e tests run
+    the default engine."""
+    return {**env, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 @pytest.fixture(scope="module")
 def runs(files, tmp_path_factory, cli_env):
     """The three runs (real submits, at once), once for the module: chat Parquet at dp=2, the
@@ -121,13 +132,14 @@ def runs(files, tmp_path_factory, cli_env):
                 f"data.input={files / 'chat.parquet'}",
                 "data.messages_column=messages",
                 chat_template,
+                f"+chat.template_kwargs.tag={KWARGS['tag']}",
             ),
             "batch": _submit(dirs["batch"], "dp=2", f"data.input={files / 'batch_bad.jsonl'}", chat_template),
             "csv": _submit(
                 dirs["csv"], f"data.input={files / 'rows.csv'}", f"prompt.template_file={files / 'prompt.txt'}"
             ),
         },
-        cli_env,
+        _fast(cli_env),
     )
     return dirs
 
@@ -145,7 +157,7 @@ import json, sys
 from vllm import LLM, SamplingParams
 llm = LLM(**json.loads(sys.argv[1]))
 sp = SamplingParams(temperature=0, max_tokens={MAX_TOKENS})
-chat = llm.chat(json.loads(sys.argv[2]), sp, chat_template=sys.argv[3], use_tqdm=False)
+chat = llm.chat(json.loads(sys.argv[2]), sp, chat_template=sys.argv[3], chat_template_kwargs={KWARGS!r}, use_tqdm=False)
 gen = llm.generate(json.loads(sys.argv[4]), sp, use_tqdm=False)
 print(json.dumps([[(o.outputs[0].text, len(o.prompt_token_ids)) for o in outs] for outs in (chat, gen)]))
 """
@@ -167,7 +179,7 @@ def reference(runs, files, tmp_path_factory, cli_env):
     batch += ["--max-model-len", str(a["max_model_len"]), "--enforce-eager", "--seed", str(a["seed"])]
     batch += ["--chat-template", str(files / "t.jinja")]
     llm = [sys.executable, "-c", REFERENCE, json.dumps(a), json.dumps(convs), TEMPLATE, json.dumps(prompts)]
-    env = {**cli_env, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = _fast(cli_env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     jsonl = out.parent / "chat-jsonl"
     chat_jsonl = _submit(
@@ -175,6 +187,7 @@ def reference(runs, files, tmp_path_factory, cli_env):
         f"data.input={files / 'chat.jsonl'}",
         "data.messages_column=messages",
         f"model.chat_template={files / 't.jinja'}",
+        f"+chat.template_kwargs.tag={KWARGS['tag']}",
     )
     done = _run_all({"run_batch": batch, "llm": llm, "jsonl": chat_jsonl}, env)
     chat, gen = json.loads(done["llm"].stdout.strip().splitlines()[-1])
