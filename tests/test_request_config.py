@@ -62,3 +62,28 @@ def test_the_request_spec_reads_the_files_it_names(tmp_path):
         request_spec(compose(["prompt.template='a {} b'"]), "parquet")
     with pytest.raises(ConfigError, match="OpenAI Batch file: prompt.chat does not apply"):
         request_spec(compose(["prompt.chat=true"]), "openai_batch")
+
+
+def test_the_plan_says_what_a_request_is():
+    from dataclasses import replace
+
+    from conftest import bare_plan
+
+    from hpcinfer.planning.render import describe_requests
+    from hpcinfer.rundir.records import Plan, RequestSpec
+
+    plan = bare_plan(1)
+    assert describe_requests(plan) == "raw prompts from column 'prompt'"
+    chat = replace(
+        plan, request=RequestSpec(kind="messages", prompt_column=None, messages_column="m", chat_template="T")
+    )
+    assert (
+        describe_requests(chat)
+        == "chat conversations in column 'm', rendered with the chat template of model.chat_template"
+    )
+    batch = replace(plan, request=RequestSpec(kind="openai_batch", prompt_column=None), input_format="openai_batch")
+    assert describe_requests(batch).startswith("OpenAI Batch lines") and "converted to Parquet" in describe_requests(
+        batch
+    )
+    back = Plan.from_json(batch.to_json())  # plan.json keeps the request
+    assert back.request == batch.request and back.input_format == "openai_batch"
