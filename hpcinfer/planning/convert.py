@@ -128,14 +128,32 @@ def convert(paths: Sequence[str], fmt: str, out_dir: Path) -> List[str]:
     return out
 
 
+MAX_BLOCK_BYTES = 1 << 30  # a row larger than a block: read again with larger blocks, up to this
+
+
 def _convert_one(path: str, fmt: str, tmp: str) -> None:
+    block = BLOCK_BYTES
+    while True:
+        try:
+            return _write(path, fmt, tmp, block)
+        except _RowTooLarge:
+            if block >= MAX_BLOCK_BYTES:
+                raise DataError(f"data.input file {path!r} has a row larger than {MAX_BLOCK_BYTES >> 20} MiB") from None
+            block *= 4
+
+
+class _RowTooLarge(Exception):
+    """A row straddles a block boundary (pyarrow's streaming readers need a row within a block)."""
+
+
+def _write(path: str, fmt: str, tmp: str, block: int) -> None:
     import pyarrow.parquet as pq
 
     if fmt == OPENAI_BATCH:
         batches: Iterator[pa.RecordBatch] = _batch_lines(path)
         schema = BATCH_SCHEMA
     else:
-        reader = _open_reader(path, fmt)
+        reader = _open_reader(path, fmt, block)
         schema, batches = reader.schema, _read_all(reader, path, fmt)
     with pq.ParquetWriter(tmp, schema) as writer:
         for batch in batches:
@@ -143,16 +161,22 @@ def _convert_one(path: str, fmt: str, tmp: str) -> None:
                 writer.write_batch(batch)
 
 
-def _open_reader(path: str, fmt: str):
+def _check_straddling(e: Exception) -> None:
+    if "straddl" in str(e) or "block size" in str(e):
+        raise _RowTooLarge() from None
+
+
+def _open_reader(path: str, fmt: str, block: int = BLOCK_BYTES):
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
 
     try:
         if fmt == JSONL:
-            return pjson.open_json(path, read_options=pjson.ReadOptions(block_size=BLOCK_BYTES))
+            return pjson.open_json(path, read_options=pjson.ReadOptions(block_size=block))
         if fmt == CSV:
-            return pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES))
+            return pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block))
     except (pa.ArrowInvalid, OSError) as e:
+        _check_straddling(e)
         raise DataError(_bad_file(path, fmt, e)) from None
     except StopIteration:  # an empty file
         raise DataError(f"data.input file {path!r} is empty ({fmt} needs at least a header or a row)") from None
@@ -166,6 +190,7 @@ def _read_all(reader, path: str, fmt: str) -> Iterator[pa.RecordBatch]:
         except StopIteration:
             return
         except (pa.ArrowInvalid, OSError) as e:
+            _check_straddling(e)
             raise DataError(_bad_file(path, fmt, e)) from None
 
 

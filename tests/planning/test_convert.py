@@ -117,3 +117,18 @@ def test_a_conversion_is_reused_and_a_changed_input_refused(tmp_path):
     src.write_text("id,text\n1,a\n2,b\n")
     with pytest.raises(DataError, match="input files changed"):
         convert([str(src)], "csv", tmp_path / "inputs")
+
+
+def test_a_row_larger_than_a_block_is_read_with_larger_blocks(tmp_path, monkeypatch):
+    from hpcinfer.planning import convert as mod
+
+    monkeypatch.setattr(mod, "BLOCK_BYTES", 64)
+    src = tmp_path / "long.jsonl"
+    rows = [{"id": 1, "text": "short"}, {"id": 2, "text": "x" * 1000}, {"id": 3, "text": "y"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out,) = convert([str(src)], "jsonl", tmp_path / "inputs")
+    assert pq.read_table(out).to_pylist() == rows
+    csv = tmp_path / "long.csv"
+    csv.write_text("id,text\n1,a\n2," + "z" * 1000 + "\n")
+    (out,) = convert([str(csv)], "csv", tmp_path / "inputs2")
+    assert pq.read_table(out).column("text").to_pylist() == ["a", "z" * 1000]
