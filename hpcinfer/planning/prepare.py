@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, List, Optional
 from hpcinfer.config import RunConfig, engine_args, validate
 from hpcinfer.doctor import conflict_message
 from hpcinfer.errors import UserError
-from hpcinfer.planning.convert import PARQUET, convert, input_format
+from hpcinfer.planning.convert import OPENAI_BATCH, PARQUET, convert, input_format
 from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
@@ -87,7 +87,13 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
         node_memory=None if devices.gpus else launcher.node_memory(),
         cpu_kv=None if devices.gpus else cpu_kv_cache_gib(cfg.cluster.cpu_kvcache_gib, os.environ),
     )
-    return Prepared(replace(plan, request=request, input_format=fmt), inputs, shards, devices)
+    notes = list(plan.notes)
+    if fmt == OPENAI_BATCH:
+        notes.append(
+            "OpenAI Batch input: each line's body gives its sampling (vLLM's defaults for what it leaves out); "
+            "of sampling.*, only sampling.seed applies (row i's seed is seed + i for a sampled line without one)"
+        )
+    return Prepared(replace(plan, request=request, input_format=fmt, notes=notes), inputs, shards, devices)
 
 
 def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[RequestSpec] = None) -> List[Shard]:
