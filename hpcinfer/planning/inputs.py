@@ -69,11 +69,8 @@ def discover(spec: str) -> List[str]:
     if os.path.isdir(spec):
         from hpcinfer.planning.convert import EXTENSIONS
 
-        paths = sorted(
-            p
-            for p in globlib.glob(os.path.join(spec, "*"))
-            if os.path.splitext(p)[1].lower() in EXTENSIONS and os.path.isfile(p)
-        )
+        # every entry with an input extension, files or not: a directory or FIFO named like one is refused (scan)
+        paths = sorted(p for p in globlib.glob(os.path.join(spec, "*")) if os.path.splitext(p)[1].lower() in EXTENSIONS)
         if not paths:
             others = ", ".join("*" + e for e in EXTENSIONS if e != ".parquet")
             raise DataError(f"data.input={spec!r} is a directory without *.parquet files (nor {others})")
@@ -126,6 +123,13 @@ def _open(path: str) -> pq.ParquetFile:
         raise DataError(f"data.input file {path!r} is not a Parquet file ({str(e).splitlines()[0]})") from None
 
 
+def check_readable(paths: Iterable[str]) -> None:
+    """Every path is a regular file this user may read (before any is opened: a FIFO would block
+    forever); DataError naming the first that is not."""
+    for path in paths:
+        _check_readable(path)
+
+
 def _check_readable(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
@@ -138,8 +142,8 @@ def _check_readable(path: str) -> None:
         link = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
         raise DataError(f"data.input file {path!r} cannot be read{link}: {e.strerror or e}") from None
     if stat.S_ISDIR(mode):
-        raise DataError(f"data.input {path!r} is a directory inside the input set; give Parquet files")
-    raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give Parquet files")
+        raise DataError(f"data.input {path!r} is a directory inside the input set; give input files")
+    raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give input files")
 
 
 def _check_columns(

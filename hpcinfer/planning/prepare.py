@@ -17,7 +17,7 @@ from hpcinfer.doctor import conflict_message
 from hpcinfer.errors import UserError
 from hpcinfer.planning.convert import OPENAI_BATCH, PARQUET, convert, input_format
 from hpcinfer.planning.devices import Devices
-from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
+from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
 from hpcinfer.planning.prompts import check_columns, request_spec
@@ -59,6 +59,7 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
     else:
         spec = cfg.data.input or ensure_demo_data(cfg.data.demo_rows, cfg.cache_path, chat=cfg.data.demo_chat)
         paths = discover(spec)
+        check_readable(paths)  # before the formats are told (a .jsonl's first line is read)
         fmt = input_format(paths, cfg.data.format)
         request = request_spec(cfg, fmt)
         if fmt != PARQUET:

@@ -70,6 +70,7 @@ def _write_inputs(d: Path) -> None:
     (d / "mixed").mkdir()
     pq.write_table(_table(2), d / "mixed" / "a.parquet")
     (d / "mixed" / "b.jsonl").write_text('{"id": 9, "prompt": "x"}\n')
+    os.mkfifo(d / "pipe.jsonl")  # its first line is never read to tell its format
 
 
 def _write_finished_run(rd: Path) -> None:
@@ -193,6 +194,7 @@ CASES = [
         ["data.messages_column='messages'", "good.parquet", "['id', 'prompt']"],
     ),
     ("jsonl-not-json", [f"{D}/in/notjson.jsonl"], ["notjson.jsonl", "not valid JSON Lines"]),
+    ("fifo-jsonl", [f"{D}/pipe.jsonl"], ["pipe.jsonl", "not a regular file"]),
     ("id-equals-prompt", [f"{D}/in/good.parquet", "data.id_column=prompt"], ["data.id_column='prompt'"]),
     ("shard-rows-zero", ["data.shard_rows=0"], ["data.shard_rows", "0"]),
     # overrides
