@@ -11,8 +11,8 @@
 - CSV rows through a prompt template over two columns (from a file, with a newline): the text
   equal to `LLM.generate` of the filled prompts.
 
-Three small runs, started at once, then vLLM's references (one in-process engine, run-batch), at
-once: the runs' start-ups overlap. JSON Lines and CSV against Parquet row by row, and the
+Two dp=2 runs started at once, then vLLM's references (one in-process engine, run-batch) and two
+dp=1 runs, at once: their start-ups (most of a small run's time) overlap, four engines at a time. JSON Lines and CSV against Parquet row by row, and the
 bad-input exits, are in tests/planning/test_convert.py and tests/e2e/test_bad_input.py.
 """
 
@@ -118,11 +118,11 @@ def _fast(env):
 
 @pytest.fixture(scope="module")
 def runs(files, tmp_path_factory, cli_env):
-    """The three runs (real submits, at once), once for the module: chat Parquet at dp=2, the
-    OpenAI Batch file with a malformed line at dp=2, CSV through a template file."""
+    """The dp=2 runs (real submits, at once), once for the module: chat Parquet, the OpenAI Batch
+    file with a malformed line."""
     root = tmp_path_factory.mktemp("runs")
     chat_template = f"model.chat_template={files / 't.jinja'}"
-    dirs = {name: root / name for name in ("chat", "batch", "csv")}
+    dirs = {name: root / name for name in ("chat", "batch")}
     _run_all(
         {
             "chat": _submit(
@@ -135,9 +135,6 @@ def runs(files, tmp_path_factory, cli_env):
                 f"+chat.template_kwargs.tag={KWARGS['tag']}",
             ),
             "batch": _submit(dirs["batch"], "dp=2", f"data.input={files / 'batch_bad.jsonl'}", chat_template),
-            "csv": _submit(
-                dirs["csv"], f"data.input={files / 'rows.csv'}", f"prompt.template_file={files / 'prompt.txt'}"
-            ),
         },
         _fast(cli_env),
     )
@@ -169,7 +166,7 @@ def reference(runs, files, tmp_path_factory, cli_env):
     (its chat of the good conversations, its generate of the filled CSV prompts; greedy), and
     vLLM's own run-batch over batch.jsonl (the file without the malformed line: run-batch fails
     the whole file on it) with the same model, chat template and engine settings; and, at the
-    same time, the chat run's rows as JSON Lines through hpcinfer (dp=1)."""
+    same time, two dp=1 runs: the chat run's rows as JSON Lines, CSV through a template file."""
     a = json.loads((runs["chat"] / "summary.json").read_text())["engine_args"]
     convs = [c for i, c in enumerate(CONVERSATIONS) if i not in ERROR_ROWS]
     prompts = [PROMPT_TEMPLATE.format(title=t, text=x) for t, x in CSV_ROWS]
@@ -189,13 +186,16 @@ def reference(runs, files, tmp_path_factory, cli_env):
         f"model.chat_template={files / 't.jinja'}",
         f"+chat.template_kwargs.tag={KWARGS['tag']}",
     )
-    done = _run_all({"run_batch": batch, "llm": llm, "jsonl": chat_jsonl}, env)
+    csv = out.parent / "csv"
+    csv_run = _submit(csv, f"data.input={files / 'rows.csv'}", f"prompt.template_file={files / 'prompt.txt'}")
+    done = _run_all({"run_batch": batch, "llm": llm, "jsonl": chat_jsonl, "csv": csv_run}, env)
     chat, gen = json.loads(done["llm"].stdout.strip().splitlines()[-1])
     return {
         "chat": chat,
         "generate": gen,
         "run_batch": [json.loads(x) for x in out.read_text().splitlines()],
         "jsonl_run": jsonl,
+        "csv_run": csv,
     }
 
 
@@ -276,9 +276,9 @@ def test_a_malformed_line_gets_its_error_in_its_place_and_leaves_the_others(runs
 
 
 # ---- CSV through a prompt template ------------------------------------------------------------
-def test_csv_template_over_two_columns_equals_generate_of_the_filled_prompts(runs, reference):
-    rows = _rows(runs["csv"])
+def test_csv_template_over_two_columns_equals_generate_of_the_filled_prompts(reference):
+    rows = _rows(reference["csv_run"])
     assert [(r["id"], r["title"], r["text"]) for r in rows] == [(i, t, x) for i, (t, x) in enumerate(CSV_ROWS)]
     assert all(r["error"] is None for r in rows)
     assert [(r["generated_text"], r["prompt_tokens"]) for r in rows] == [tuple(x) for x in reference["generate"]]
-    assert sorted(p.name for p in (runs["csv"] / "inputs").iterdir()) == ["000000.parquet", "sources.json"]
+    assert sorted(p.name for p in (reference["csv_run"] / "inputs").iterdir()) == ["000000.parquet", "sources.json"]
