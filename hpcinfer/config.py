@@ -58,6 +58,7 @@ REMOVED_ALL2ALL_BACKENDS = ("naive", "pplx")  # vLLM warns and uses allgather_re
 MAX_REDUNDANT_EXPERTS = 1023  # vLLM's MAX_EXPERT_REDUNDANCY (distributed/eplb/eplb_state.py)
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-mixtral")
+INPUT_FORMATS = ("auto", "parquet", "jsonl", "csv", "openai_batch")
 
 
 @dataclass
@@ -92,6 +93,9 @@ class ModelConfig:
     num_experts: Optional[int] = None  # MoE: experts per layer
     experts_per_token: Optional[int] = None  # MoE: top-k
     engine: Dict[str, Any] = field(default_factory=dict)  # engine-arg defaults for this model
+    # a Jinja chat template file replacing the model's (vLLM's --chat-template); read at submit,
+    # its text is what the ranks use (plan.json). null: the model's own (tokenizer_config.json)
+    chat_template: Optional[str] = None
 
 
 @dataclass
@@ -124,6 +128,37 @@ class DataConfig:
         None  # optional integer column: this row's output cap (null: sampling.max_tokens)
     )
     demo_rows: int = 300  # rows of the built-in demo set; only with data.input=null (else refused)
+    # input format: auto (by extension; a .jsonl whose lines have custom_id and body is
+    # openai_batch) | parquet | jsonl | csv | openai_batch. Other formats are converted to Parquet
+    # in the run directory (inputs/) when the run is planned.
+    format: str = "auto"
+    # a column of chat conversations (lists of {role, content}: Parquet list of structs, a JSON
+    # array in JSON Lines, or JSON text): rendered with the model's chat template, as LLM.chat does
+    messages_column: Optional[str] = None
+    # a demo of conversations instead of prompts (data=demo_chat); only with data.input=null
+    demo_chat: bool = False
+
+
+@dataclass
+class PromptConfig:
+    """A prompt built from the row's columns: `template` (or the text of `template_file`) with
+    `{column}` fields filled from the row, e.g. 'Summarize:\n{text}' (on the command line:
+    prompt.template='"Summarize: {text}"', the inner quotes keep Hydra from reading the braces).
+    With `chat`, the filled template (or the prompt column) is the user message of a chat, after
+    `system` when set, rendered with the model's chat template; otherwise it is the raw prompt."""
+
+    template: Optional[str] = None  # '{col}' fields; '{{' and '}}' are literal braces
+    template_file: Optional[str] = None  # a file holding the template (instead of `template`)
+    chat: bool = False  # the prompt is a user message rendered with the chat template
+    system: Optional[str] = None  # with chat: the system message before it
+
+
+@dataclass
+class ChatConfig:
+    """Options of chat rendering (data.messages_column, prompt.chat, OpenAI Batch chat lines)."""
+
+    # keyword arguments of the chat template, e.g. {enable_thinking: false} (vLLM's chat_template_kwargs)
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,6 +286,8 @@ class RunConfig:
     model: ModelConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # prompt templates, prompts as chat
+    chat: ChatConfig = field(default_factory=ChatConfig)  # chat template options
     cluster: Any = MISSING  # LocalClusterConfig | SlurmClusterConfig, chosen by `cluster=<name>`
     tp: int = 1  # tensor parallel: GPUs that split each layer
     pp: int = 1  # pipeline parallel: GPUs that split the layers
@@ -429,7 +466,12 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
     secret-named values must come from (see `_secret_errors`).
     """
     errors = _layout_errors(cfg, gpus_available) + _model_errors(cfg) + _sampling_errors(cfg.sampling)
-    errors += _data_errors(cfg.data) + _engine_errors(cfg) + _secret_errors(cfg, os.environ if env is None else env)
+    errors += (
+        _data_errors(cfg.data)
+        + _request_errors(cfg)
+        + _engine_errors(cfg)
+        + _secret_errors(cfg, os.environ if env is None else env)
+    )
     errors += _expert_errors(cfg) + _unused_value_errors(cfg)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(
@@ -630,10 +672,55 @@ def _data_errors(d: DataConfig) -> List[str]:
         errs.append(f"data.max_tokens_column={d.max_tokens_column!r} must differ from the prompt and id columns")
     from hpcinfer.rundir.output import OUTPUT_COLUMNS  # the output contract (rundir may import config, not back)
 
-    for col in (d.prompt_column, d.id_column, d.max_tokens_column):
+    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column):
         if col in OUTPUT_COLUMNS:
             errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")
+    if d.format not in INPUT_FORMATS:
+        errs.append(f"data.format={d.format!r} is not one of {list(INPUT_FORMATS)}")
+    if d.demo_chat and d.input is not None:
+        errs.append(f"data.demo_chat=true is the built-in demo of conversations, and data.input={d.input!r} is set")
     return errs
+
+
+def _request_errors(cfg: RunConfig) -> List[str]:
+    """How a row becomes a request: raw prompt, template, chat messages, or an OpenAI Batch line."""
+    d, p, errs = cfg.data, cfg.prompt, []
+    if p.template is not None and p.template_file is not None:
+        errs.append("prompt.template and prompt.template_file are both set; give one")
+    if p.template is not None and not p.template:
+        errs.append("prompt.template is empty")
+    if d.messages_column is not None:
+        used = [k for k, v in (("prompt.template", p.template), ("prompt.template_file", p.template_file)) if v]
+        used += ["prompt.chat=true"] if p.chat else []
+        if used:
+            errs.append(
+                f"data.messages_column={d.messages_column!r} gives each row's whole conversation; "
+                f"{' and '.join(used)} would be ignored (build prompts from columns without messages_column)"
+            )
+        if d.max_tokens_column is not None and d.max_tokens_column == d.messages_column:
+            errs.append(f"data.max_tokens_column={d.max_tokens_column!r} must differ from data.messages_column")
+    if p.system is not None and not p.chat:
+        errs.append(f"prompt.system={p.system!r} applies only with prompt.chat=true (a system message of a chat)")
+    if d.format == "openai_batch":
+        errs += batch_errors(cfg)
+    return errs
+
+
+def batch_errors(cfg: RunConfig) -> List[str]:
+    """OpenAI Batch lines carry their whole request (messages or prompt, sampling): what would be ignored."""
+    d, p = cfg.data, cfg.prompt
+    used = [
+        k
+        for k, v in (
+            ("data.messages_column", d.messages_column),
+            ("data.max_tokens_column", d.max_tokens_column),
+            ("prompt.template", p.template),
+            ("prompt.template_file", p.template_file),
+            ("prompt.chat", p.chat or None),
+        )
+        if v
+    ]
+    return [f"{k} does not apply to OpenAI Batch input (each line's body is its request); leave it unset" for k in used]
 
 
 def _engine_errors(cfg: RunConfig) -> List[str]:

@@ -29,10 +29,11 @@ from hpcinfer.rundir.files import atomic_write_json, written_path
 from hpcinfer.rundir.integrity import set_aside_shard, verify_done
 from hpcinfer.rundir.manifest import Shard, read_manifest
 from hpcinfer.rundir.merge import TornShard, build_summary, describe_missing, merge_shards
+from hpcinfer.rundir.openai_batch import write_results_jsonl
 from hpcinfer.rundir.output import result_schema
 from hpcinfer.rundir.parts import remove_parts
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import FinalizeOutcome, Repair
+from hpcinfer.rundir.records import OPENAI_BATCH, FinalizeOutcome, Repair
 
 
 def finalize(run_dir: str) -> Dict:
@@ -55,7 +56,7 @@ def finalize(run_dir: str) -> Dict:
 
 
 def _finalize(rd: RunDir, shards: List[Shard], schema) -> Dict:
-    remove_temp_files(rd.path, (rd.results.name, rd.summary.name))  # a finalize killed mid-write
+    remove_temp_files(rd.path, (rd.results.name, rd.summary.name, rd.results_jsonl.name))  # a finalize killed mid-write
     verified = verify_done(rd, shards, "finalize")
     if verified.repairs:
         raise RunIncomplete(torn_message(rd, verified.repairs))
@@ -71,6 +72,10 @@ def _finalize(rd: RunDir, shards: List[Shard], schema) -> Dict:
             repair = set_aside_shard(rd, e.shard, rd.shard_output(e.shard.shard), e.why, "finalize")
         raise RunIncomplete(torn_message(rd, [repair] if repair else [])) from None
     summary = build_summary(rd, shards, totals)
+    plan = rd.read_plan()
+    if plan.input_format == OPENAI_BATCH:  # the OpenAI Batch output file, line by line as run-batch's
+        write_results_jsonl(rd.results, rd.results_jsonl, str(rd.path), str(plan.model.get("name") or "model"))
+        summary["results_jsonl"] = str(rd.results_jsonl)
     atomic_write_json(rd.summary, summary)
     for s in shards:  # a rank killed between a done marker and its cleanup leaves the parts behind
         remove_parts(rd, s.shard)

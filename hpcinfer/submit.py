@@ -15,12 +15,14 @@ Exit codes: 0 done (or nothing to do), 1 the run failed or is incomplete, 2 bad 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 from omegaconf import OmegaConf
 
@@ -36,7 +38,7 @@ from hpcinfer.rundir.paths import RunDir
 from hpcinfer.secrets import redact
 
 # Config sections that determine the results: a run directory is only continued with equal values.
-RESULT_KEYS = ("model", "sampling", "data", "engine", "expert", "tp", "pp", "dp", "ep")
+RESULT_KEYS = ("model", "sampling", "data", "prompt", "chat", "engine", "expert", "tp", "pp", "dp", "ep")
 SHARDING_KEYS = ("schedule.mode", "schedule.shards_per_rank")  # they change the manifest
 
 
@@ -69,20 +71,23 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def submit(cfg: RunConfig) -> int:
     submitted_at = time.time()
     launcher = launcher_for(cfg)
-    prep = prepare(cfg, launcher)  # every config/data check happens here, before anything is written
-    plan = replace(prep.plan, submitted_at=submitted_at)
-    launcher.check(plan)
     rd = RunDir(cfg.run_dir or default_run_dir())
     resuming = rd.exists()
-    if resuming:
-        diff = config_differences(load_run_config(rd.config), cfg)
-        if diff:
-            raise UserError(
-                f"run_dir {str(rd.path)!r} holds a run with a different config "
-                f"({'; '.join(diff[:5])}); choose a new run_dir"
-            )
-    elif rd.path.exists() and any(rd.path.iterdir()):
-        raise UserError(f"run_dir {str(rd.path)!r} exists and is not an hpcinfer run directory")
+    foreign = not resuming and rd.path.exists() and any(rd.path.iterdir())
+    with _undone_on_error(rd):  # input converted for this run (inputs/) goes again if it is refused
+        # every config/data check happens here; only input other than Parquet is written (converted)
+        prep = prepare(cfg, launcher, input_dir=rd.inputs_dir if not foreign else None)
+        plan = replace(prep.plan, submitted_at=submitted_at)
+        launcher.check(plan)
+        if resuming:
+            diff = config_differences(load_run_config(rd.config), cfg)
+            if diff:
+                raise UserError(
+                    f"run_dir {str(rd.path)!r} holds a run with a different config "
+                    f"({'; '.join(diff[:5])}); choose a new run_dir"
+                )
+        elif foreign:
+            raise UserError(f"run_dir {str(rd.path)!r} exists and is not an hpcinfer run directory")
     rd.create()
     try:
         with rd.locked():
@@ -119,6 +124,22 @@ def submit(cfg: RunConfig) -> int:
         code = launcher.follow(rd, plan)
     print(rd.path)
     return code
+
+
+@contextlib.contextmanager
+def _undone_on_error(rd: RunDir) -> Iterator[None]:
+    """Remove what the block created for the run (the converted inputs/, and the run directory
+    and its parents when they did not exist) if it raises: a refused submission writes nothing."""
+    first_new = next((p for p in [rd.path, *rd.path.parents][::-1] if not p.exists()), None)
+    had_inputs = rd.inputs_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        elif not had_inputs:
+            shutil.rmtree(rd.inputs_dir, ignore_errors=True)
+        raise
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ def test_submit_checks_the_cluster_before_writing_anything(tmp_path, monkeypatch
             raise UserError("cluster.gpus_per_node=8, but the nodes of partition 'debug' have no GPUs")
 
     monkeypatch.setattr(submit_module, "launcher_for", lambda cfg: Refusing())
-    monkeypatch.setattr(submit_module, "prepare", lambda cfg, launcher: SimpleNamespace(plan=plan))
+    monkeypatch.setattr(submit_module, "prepare", lambda cfg, launcher, **kw: SimpleNamespace(plan=plan))
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match="have no GPUs"):
         submit_module.submit(compose(["cluster=slurm", f"run_dir={run_dir}"]))

@@ -2,6 +2,8 @@
 
     prepare.py   config + launcher -> Prepared (plan, inputs, shards): the one entry point
     inputs.py    input discovery and checks (files, columns, ids, per-row caps)
+    convert.py   input formats: JSON Lines, CSV, OpenAI Batch files streamed into Parquet (inputs/)
+    prompts.py   how rows become requests: the run's RequestSpec, the files it names, its columns
     sharding.py  cutting the global row order into shards: by rows per rank (static) or by
                  estimated work (dynamic); work estimates. Pure
     layout.py    model shape, memory per GPU (CPU: per worker and node), expert layout, `make_plan`. Pure

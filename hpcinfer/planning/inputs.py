@@ -11,7 +11,7 @@ import glob as globlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,9 +67,13 @@ def discover(spec: str) -> List[str]:
             raise DataError(f"data.input={spec!r} matches no files")
         return paths
     if os.path.isdir(spec):
-        paths = sorted(globlib.glob(os.path.join(spec, "*.parquet")))
+        from hpcinfer.planning.convert import EXTENSIONS
+
+        # every entry with an input extension, files or not: a directory or FIFO named like one is refused (scan)
+        paths = sorted(p for p in globlib.glob(os.path.join(spec, "*")) if os.path.splitext(p)[1].lower() in EXTENSIONS)
         if not paths:
-            raise DataError(f"data.input={spec!r} is a directory without *.parquet files")
+            others = ", ".join("*" + e for e in EXTENSIONS if e != ".parquet")
+            raise DataError(f"data.input={spec!r} is a directory without *.parquet files (nor {others})")
         return paths
     if not os.path.exists(spec):
         raise DataError(f"data.input={spec!r} does not exist")
@@ -77,10 +81,15 @@ def discover(spec: str) -> List[str]:
 
 
 def scan(
-    paths: Iterable[str], prompt_column: str, id_column: Optional[str] = None, max_tokens_column: Optional[str] = None
+    paths: Iterable[str],
+    prompt_column: Optional[str],
+    id_column: Optional[str] = None,
+    max_tokens_column: Optional[str] = None,
+    check: Optional[Callable[[str, pa.Schema], None]] = None,
 ) -> Inputs:
     """Open every file's footer, check the columns, unify the schemas. Reads no row data except
-    the id column when one is given (to check it is unique)."""
+    the id column when one is given (to check it is unique). `check(path, schema)`, when given,
+    checks the columns the requests read (planning/prompts.py) instead of `prompt_column`."""
     files, schemas = [], []
     for path in paths:
         pf = _open(path)
@@ -88,7 +97,9 @@ def scan(
         files.append(InputFile(os.path.abspath(path), pf.metadata.num_rows))
         if len(schema) == 0 and pf.metadata.num_rows == 0:
             continue  # an empty file without columns: nothing to check
-        _check_columns(path, schema, prompt_column, id_column, max_tokens_column)
+        _check_columns(path, schema, None if check else prompt_column, id_column, max_tokens_column)
+        if check:
+            check(path, schema)
         schemas.append((path, schema.remove_metadata()))
     if not schemas:
         raise DataError(f"data.input has no columns: {[f.path for f in files]!r}")
@@ -112,6 +123,13 @@ def _open(path: str) -> pq.ParquetFile:
         raise DataError(f"data.input file {path!r} is not a Parquet file ({str(e).splitlines()[0]})") from None
 
 
+def check_readable(paths: Iterable[str]) -> None:
+    """Every path is a regular file this user may read (before any is opened: a FIFO would block
+    forever); DataError naming the first that is not."""
+    for path in paths:
+        _check_readable(path)
+
+
 def _check_readable(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
@@ -124,17 +142,23 @@ def _check_readable(path: str) -> None:
         link = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
         raise DataError(f"data.input file {path!r} cannot be read{link}: {e.strerror or e}") from None
     if stat.S_ISDIR(mode):
-        raise DataError(f"data.input {path!r} is a directory inside the input set; give Parquet files")
-    raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give Parquet files")
+        raise DataError(f"data.input {path!r} is a directory inside the input set; give input files")
+    raise DataError(f"data.input {path!r} is not a regular file (a FIFO, socket or device); give input files")
 
 
 def _check_columns(
-    path: str, schema: pa.Schema, prompt_column: str, id_column: Optional[str], max_tokens_column: Optional[str] = None
+    path: str,
+    schema: pa.Schema,
+    prompt_column: Optional[str],
+    id_column: Optional[str],
+    max_tokens_column: Optional[str] = None,
 ) -> None:
     names = schema.names
-    if prompt_column not in names:
+    if prompt_column is None:
+        pass
+    elif prompt_column not in names:
         raise DataError(f"data.prompt_column={prompt_column!r} is not a column of {path!r} (columns: {names})")
-    ptype = schema.field(prompt_column).type
+    ptype = schema.field(prompt_column).type if prompt_column is not None else pa.string()
     if not (
         pa.types.is_string(ptype)
         or pa.types.is_large_string(ptype)

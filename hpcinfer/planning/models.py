@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-BUILD_VERSION = "v1"  # bump when the builder changes what it writes
+BUILD_VERSION = "v2"  # bump when the builder changes what it writes (v2: a chat template)
 
 
 SEED = 1234
@@ -28,6 +28,15 @@ VOCAB = 3072
 
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+# The built-in models' chat template (tokenizer_config.json): each message as a role line and its
+# content ended by </s>, then the assistant's line when a generation prompt is asked for.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 WORDS = """
@@ -149,7 +158,7 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<s>",
@@ -159,6 +168,8 @@ def build_tokenizer():
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def build_model(name: str, out: Path) -> None:
@@ -208,8 +219,28 @@ def demo_prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def ensure_demo_data(n_rows: int, cache_dir: str) -> str:
-    """A Parquet file of `n_rows` demo prompts (columns id, prompt, topic), written on first use."""
+SYSTEMS = ["You are a helpful assistant.", "Answer briefly.", "You are a patient teacher."]
+
+
+def demo_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """`n` conversations: a user question, some with a system message, some with an earlier turn."""
+    rng = random.Random(seed)
+    out = []
+    for prompt in demo_prompts(n, seed):
+        conv = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.5 else []
+        if rng.random() < 0.3:
+            t = rng.choice(TOPICS)
+            conv += [
+                {"role": "user", "content": f"Tell me about {t}."},
+                {"role": "assistant", "content": f"Here is one fact about {t}."},
+            ]
+        out.append(conv + [{"role": "user", "content": prompt}])
+    return out
+
+
+def ensure_demo_data(n_rows: int, cache_dir: str, chat: bool = False) -> str:
+    """A Parquet file of `n_rows` demo prompts (columns id, prompt, topic), or with `chat` demo
+    conversations (columns id, messages, topic), written on first use."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -217,16 +248,13 @@ def ensure_demo_data(n_rows: int, cache_dir: str) -> str:
 
     root = cache_root(cache_dir) / "data"
     root.mkdir(exist_ok=True)
-    path = root / f"demo-{n_rows}-{BUILD_VERSION}.parquet"
+    path = root / f"demo{'-chat' if chat else ''}-{n_rows}-{BUILD_VERSION}.parquet"
     if not path.exists():
         prompts = demo_prompts(n_rows)
-        table = pa.table(
-            {
-                "id": pa.array(range(n_rows), pa.int64()),
-                "prompt": prompts,
-                "topic": [next(t for t in TOPICS if t in p) for p in prompts],
-            }
-        )
+        topics = [next(t for t in TOPICS if t in p) for p in prompts]
+        message = pa.struct([("role", pa.string()), ("content", pa.string())])
+        text = {"messages": pa.array(demo_conversations(n_rows), pa.list_(message))} if chat else {"prompt": prompts}
+        table = pa.table({"id": pa.array(range(n_rows), pa.int64()), **text, "topic": topics})
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
     return str(path)

@@ -4,21 +4,26 @@ model's path, the inputs scanned, the shards cut, the ranks laid out. Shared by 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, List
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
 
 from hpcinfer.config import RunConfig, engine_args, validate
 from hpcinfer.doctor import conflict_message
 from hpcinfer.errors import UserError
+from hpcinfer.planning.convert import OPENAI_BATCH, PARQUET, convert, input_format
 from hpcinfer.planning.devices import Devices
-from hpcinfer.planning.inputs import InputFile, Inputs, discover, scan
+from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
+from hpcinfer.planning.prompts import check_columns, request_spec
 from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, make_shards, row_tokens
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.records import Plan
+from hpcinfer.rundir.records import Plan, RequestSpec
 
 
 @dataclass
@@ -29,22 +34,46 @@ class Prepared:
     devices: Devices
 
 
-def prepare(cfg: RunConfig, launcher: Launcher, build: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, launcher: Launcher, build: bool = True, input_dir: Optional[Path] = None) -> Prepared:
     """Everything a launch needs, for the cluster of `launcher`. With build=False (plan only)
-    nothing is written: built-in models are not built and the demo data is counted, not generated."""
+    nothing is written: built-in models are not built, the demo data is counted, not generated,
+    and input other than Parquet is converted into a temporary directory, removed after. With
+    build=True such input is converted into `input_dir` (the run directory's inputs/)."""
     devices = launcher.devices()
     validate(cfg, gpus_available=launcher.gpus_offered(devices))
     broken = conflict_message()
     if broken:
         raise UserError(broken)
+    with contextlib.ExitStack() as stack:
+        if not build or input_dir is None:
+            input_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hpcinfer-plan-")))
+        return _prepare(cfg, launcher, devices, build, input_dir)
+    raise AssertionError("unreachable")
+
+
+def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, input_dir: Path) -> Prepared:
+    fmt = PARQUET
     if cfg.data.input is None and not build:
         inputs = _demo_inputs(cfg)
+        request = request_spec(cfg, fmt)
     else:
-        spec = cfg.data.input or ensure_demo_data(cfg.data.demo_rows, cfg.cache_path)
-        inputs = scan(discover(spec), cfg.data.prompt_column, cfg.data.id_column, cfg.data.max_tokens_column)
+        spec = cfg.data.input or ensure_demo_data(cfg.data.demo_rows, cfg.cache_path, chat=cfg.data.demo_chat)
+        paths = discover(spec)
+        check_readable(paths)  # before the formats are told (a .jsonl's first line is read)
+        fmt = input_format(paths, cfg.data.format)
+        request = request_spec(cfg, fmt)
+        if fmt != PARQUET:
+            paths = convert(paths, fmt, input_dir)
+        inputs = scan(
+            paths,
+            None,
+            cfg.data.id_column,
+            cfg.data.max_tokens_column,
+            check=lambda path, schema: check_columns(request, cfg, path, schema),
+        )
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
-    shards = cut_shards(cfg, inputs, ranks)
+    shards = cut_shards(cfg, inputs, ranks, request)
     shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)
     plan = make_plan(
         cfg,
@@ -59,17 +88,30 @@ def prepare(cfg: RunConfig, launcher: Launcher, build: bool = True) -> Prepared:
         node_memory=None if devices.gpus else launcher.node_memory(),
         cpu_kv=None if devices.gpus else cpu_kv_cache_gib(cfg.cluster.cpu_kvcache_gib, os.environ),
     )
-    return Prepared(plan, inputs, shards, devices)
+    notes = list(plan.notes)
+    if fmt == OPENAI_BATCH:
+        notes.append(
+            "OpenAI Batch input: each line's body gives its sampling (vLLM's defaults for what it leaves out); "
+            "of sampling.*, only sampling.seed applies (row i's seed is seed + i for a sampled line without one)"
+        )
+    return Prepared(replace(plan, request=request, input_format=fmt, notes=notes), inputs, shards, devices)
 
 
-def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int) -> List[Shard]:
+def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[RequestSpec] = None) -> List[Shard]:
     """The run's shards: by estimated tokens for the dynamic schedule, by rows per rank for the
     static one (then `tokens` is still filled in, for the plan)."""
     import numpy as np
 
     d = cfg.data
     if all(os.path.isfile(f.path) for f in inputs.files):
-        tokens = row_tokens(inputs.files, d.prompt_column, d.max_tokens_column, cfg.sampling.max_tokens)
+        tokens = row_tokens(
+            inputs.files,
+            d.prompt_column,
+            d.max_tokens_column,
+            cfg.sampling.max_tokens,
+            request=request,
+            max_model_len=engine_args(cfg, "-").get("max_model_len"),
+        )
     else:  # plan of the demo set before it exists: only the output caps are known
         tokens = [np.full(f.rows, cfg.sampling.max_tokens + 16, dtype=np.int64) for f in inputs.files]
     if cfg.dynamic:
@@ -84,6 +126,12 @@ def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int) -> List[Shard]:
 def _demo_inputs(cfg: RunConfig) -> Inputs:
     import pyarrow as pa
 
+    if cfg.data.demo_chat:
+        message = pa.struct([("role", pa.string()), ("content", pa.string())])
+        return Inputs(
+            [InputFile("<demo conversations, generated on first run>", cfg.data.demo_rows)],
+            pa.schema([("id", pa.int64()), ("messages", pa.list_(message)), ("topic", pa.string())]),
+        )
     return Inputs(
         [InputFile("<demo prompts, generated on first run>", cfg.data.demo_rows)],
         pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("topic", pa.string())]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import List
 
 from hpcinfer.planning.devices import node_slices
-from hpcinfer.rundir.records import Plan
+from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, Plan
 
 
 def format_plan(plan: Plan) -> str:
@@ -33,6 +33,7 @@ def format_plan(plan: Plan) -> str:
             f"slurm      {array} x {j.nodes_per_job} node(s) x {j.tasks_per_node} task(s) per node "
             f"({j.ranks_per_group} rank(s) per job), then a finalize job"
         )
+    lines.append(f"requests   {describe_requests(plan)}")
     per_rank = ", ".join(str(rp.rows) for rp in plan.rank_plans)
     dynamic = plan.schedule == "dynamic"
     lines.append(
@@ -54,6 +55,24 @@ def format_plan(plan: Plan) -> str:
     lines += _memory_lines(plan)
     lines += [f"note       {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def describe_requests(plan: Plan) -> str:
+    """What a row's request is, in a few words (the RequestSpec and the input format)."""
+    r = plan.request
+    template = "the model's chat template" if r.chat_template is None else "the chat template of model.chat_template"
+    if r.kind == OPENAI_BATCH:
+        what = f"OpenAI Batch lines (each body its request; chat lines with {template}); results.jsonl too"
+    elif r.kind == MESSAGES:
+        what = f"chat conversations in column {r.messages_column!r}, rendered with {template}"
+    else:
+        text = (
+            f"prompt.template over {r.template_columns()}" if r.template is not None else f"column {r.prompt_column!r}"
+        )
+        what = f"{text} as the user message, rendered with {template}" if r.chat else f"raw prompts from {text}"
+    kwargs = f"; chat template kwargs {r.chat_template_kwargs}" if r.chat_template_kwargs else ""
+    source = f" ({plan.input_format} input, converted to Parquet in inputs/)" if plan.input_format != "parquet" else ""
+    return what + kwargs + source
 
 
 def _memory_lines(plan: Plan) -> List[str]:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from hpcinfer.planning.inputs import InputFile
 from hpcinfer.rundir.manifest import Shard
+from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, PROMPT, RequestSpec
 
 
 # ---- pure: partitioning ----------------------------------------------------------------
@@ -116,28 +117,110 @@ PROMPT_TOKEN_COST = (
 
 
 def row_tokens(
-    files: Sequence[InputFile], prompt_column: str, max_tokens_column: Optional[str], max_tokens: int
+    files: Sequence[InputFile],
+    prompt_column: Optional[str],
+    max_tokens_column: Optional[str],
+    max_tokens: int,
+    request: Optional[RequestSpec] = None,
+    max_model_len: Optional[int] = None,
 ) -> List[np.ndarray]:  # noqa: F821
     """Estimated work of every row, per file, in output-token equivalents: its prompt's tokens
     (UTF-8 bytes / BYTES_PER_TOKEN) weighted by PROMPT_TOKEN_COST, plus its output cap (its
     `max_tokens_column` value, else `max_tokens`). Only relative sizes matter: they cut shards
     of equal work and order the claims. Streams the columns batch by batch, so memory stays
-    small whatever the prompt sizes."""
+    small whatever the prompt sizes.
+
+    The prompt is what the engine gets (`request`, planning/prompts.py): the template's text with
+    its columns filled in, a conversation's messages (and the chat template's few bytes per
+    message), an OpenAI Batch line's body, whose max_tokens is then the row's cap (else
+    `max_model_len`, as vLLM's server fills the context, else `max_tokens`)."""
     import numpy as np
 
+    kind = request.kind if request is not None else PROMPT
+    measured, literal = _measured_columns(request, prompt_column)
     out = []
     for f in files:
         parts = []
         if f.rows:
-            columns = [prompt_column] + ([max_tokens_column] if max_tokens_column else [])
+            columns = list(dict.fromkeys(measured + ([max_tokens_column] if max_tokens_column else [])))
             for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=columns):
-                nbytes = pc.fill_null(pc.binary_length(batch.column(0).cast(pa.large_string())), 0)
-                cap = (
-                    pc.fill_null(batch.column(1), max_tokens).to_numpy(zero_copy_only=False)
-                    if max_tokens_column
-                    else max_tokens
-                )
-                prompt = nbytes.to_numpy(zero_copy_only=False) // BYTES_PER_TOKEN + 1
+                nbytes = np.full(batch.num_rows, literal, dtype=np.int64)
+                for name in measured:
+                    nbytes += _text_bytes(batch.column(batch.schema.get_field_index(name)))
+                if kind == OPENAI_BATCH:
+                    cap = _body_caps(batch.column(batch.schema.get_field_index("body")), max_model_len or max_tokens)
+                elif max_tokens_column:
+                    col = batch.column(batch.schema.get_field_index(max_tokens_column))
+                    cap = pc.fill_null(col, max_tokens).to_numpy(zero_copy_only=False)
+                else:
+                    cap = max_tokens
+                prompt = nbytes // BYTES_PER_TOKEN + 1
                 parts.append((prompt * PROMPT_TOKEN_COST).astype(np.int64) + 1 + cap)
         out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64))
     return out
+
+
+CHAT_BYTES_PER_MESSAGE = 16  # what a chat template adds around a message, about
+
+
+def _measured_columns(request: Optional[RequestSpec], prompt_column: Optional[str]) -> Tuple[List[str], int]:
+    """(columns whose bytes make up the prompt, bytes every prompt has besides them)."""
+    if request is None:
+        return [prompt_column] if prompt_column else [], 0
+    if request.kind == OPENAI_BATCH:
+        return ["body"], 0
+    if request.kind == MESSAGES:
+        return [request.messages_column], CHAT_BYTES_PER_MESSAGE
+    literal = 0
+    if request.template is not None:
+        columns = request.template_columns()
+        literal = len(request.template.encode()) - sum(len(c) + 2 for c in columns)
+    else:
+        columns = [request.prompt_column]
+    if request.chat:
+        literal += CHAT_BYTES_PER_MESSAGE * (2 if request.system else 1) + len((request.system or "").encode())
+    return columns, max(0, literal)
+
+
+def _text_bytes(column: pa.Array) -> np.ndarray:  # noqa: F821
+    """UTF-8 bytes of each value: strings as they are, a list of {role, content} messages as its
+    contents plus CHAT_BYTES_PER_MESSAGE each, anything else as its text; nulls 0."""
+    import numpy as np
+
+    typ = column.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return pc.fill_null(pc.binary_length(column.cast(pa.large_string())), 0).to_numpy(zero_copy_only=False)
+    if (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_struct(typ.value_type):
+        flat = pc.list_flatten(column)
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        sizes = np.full(len(flat), CHAT_BYTES_PER_MESSAGE, dtype=np.int64)
+        if typ.value_type.get_field_index("content") >= 0:
+            content = pc.struct_field(flat, "content")
+            if pa.types.is_string(content.type) or pa.types.is_large_string(content.type):
+                sizes += pc.fill_null(pc.binary_length(content.cast(pa.large_string())), 0).to_numpy(
+                    zero_copy_only=False
+                )
+        return np.bincount(parents, weights=sizes, minlength=len(column)).astype(np.int64)
+    return np.array([0 if v is None else len(str(v).encode()) for v in column.to_pylist()], dtype=np.int64)
+
+
+def _body_caps(bodies: pa.Array, default: int) -> np.ndarray:  # noqa: F821
+    """Each OpenAI Batch body's max_completion_tokens or max_tokens (else `default`)."""
+    import json
+
+    import numpy as np
+
+    caps = []
+    for text in bodies.to_pylist():
+        cap = None
+        try:
+            body = json.loads(text) if text else None
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            for key in ("max_completion_tokens", "max_tokens"):
+                if isinstance(body.get(key), int) and body[key] > 0:
+                    cap = body[key]
+                    break
+        caps.append(cap or default)
+    return np.array(caps, dtype=np.int64)

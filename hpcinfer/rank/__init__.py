@@ -6,8 +6,10 @@ for a replica spanning nodes, `python -m hpcinfer.rank.headless <run_dir>` on it
                  should_restart / record_exit for launchers once a rank process has ended
     work.py      where shards come from: the Work protocol, StaticWork, ClaimedWork
     schedule.py  the dynamic schedule's balancing policy (which shard to claim next; pure)
-    requests.py  the request seam: rows -> engine requests, engine outputs -> RowResult
-    engine.py    the Engine protocol, VllmEngine and create_engine (the one factory)
+    requests.py  the request seam: rows -> engine requests (prompts, templates, chat, OpenAI
+                 Batch lines, as plan.json's RequestSpec says), engine outputs -> RowResult
+    engine.py    the Engine protocol, VllmEngine and create_engine (the one factory); vLLM's
+                 own chat rendering and OpenAI request reading
     headless.py  a non-leader node of a replica spanning nodes, and LeaderWatch
 
 May import: rundir/, hpcinfer.config, hpcinfer.errors, and launch/env.py: the environment

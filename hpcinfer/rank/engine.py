@@ -12,7 +12,7 @@ VllmEngine is built.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
 
 from hpcinfer.rank.requests import Request, row_result
 from hpcinfer.rundir.output import RowResult
@@ -93,7 +93,11 @@ class VllmEngine:
     def add(self, tag: Any, index: int, request: Request) -> None:
         request_id = f"hpcinfer-{request.row}-{next(self._requests)}"
         # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
-        params = self._params(**request.sampling, output_kind=self._final_only)
+        if isinstance(request.sampling, dict):
+            params = self._params(**request.sampling, output_kind=self._final_only)
+        else:  # an OpenAI Batch line's SamplingParams, made by vLLM's protocol classes (batch_request)
+            params = request.sampling
+            params.output_kind = self._final_only
         self._pending[request_id] = (tag, index)
         internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
         if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
@@ -107,6 +111,95 @@ class VllmEngine:
                 tag, i = self._pending.pop(self._aliases.pop(out.request_id, out.request_id))
                 done.append((tag, i, row_result(out)))
         return done
+
+    # ---- rendering (requests.ChatRenderer): vLLM's own code paths, so the prompts are its prompts
+    def render_chat(
+        self, conversations: List[List[Dict[str, Any]]], chat_template: Optional[str], kwargs: Dict[str, Any]
+    ) -> List[Union[List[int], str]]:
+        """The prompt token ids of each conversation as `LLM.chat(conversations,
+        chat_template=chat_template, chat_template_kwargs=kwargs)` renders them (its own
+        `_preprocess_chat`: the chat template, the generation prompt, no special tokens added
+        twice), or, for one that cannot be rendered, why."""
+
+        def render(convs):
+            preprocess = getattr(self.llm, "_preprocess_chat", None)
+            if preprocess is None:  # a vLLM without it (before 0.3x): the tokenizer's template, as it applies it
+                return [self._hf_render(c, chat_template, kwargs) for c in convs]
+            inputs = preprocess(convs, chat_template=chat_template, chat_template_kwargs=kwargs or None)
+            return [list(i["prompt_token_ids"]) for i in inputs]
+
+        try:
+            return render(conversations)
+        except Exception:  # one of them is bad: render them one by one to find it
+            pass
+        out: List[Union[List[int], str]] = []
+        for conv in conversations:
+            try:
+                out.extend(render([conv]))
+            except Exception as e:
+                out.append(self._too_long(e) or f"the messages cannot be rendered with the chat template: {_why(e)}")
+        return out
+
+    def _hf_render(self, conv: List[Dict[str, Any]], chat_template: Optional[str], kwargs: Dict[str, Any]) -> List[int]:
+        text = self.tokenizer.apply_chat_template(
+            conv, chat_template=chat_template, add_generation_prompt=True, tokenize=False, **(kwargs or {})
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def batch_request(
+        self, url: str, body: Dict[str, Any], chat_template: Optional[str], kwargs: Dict[str, Any]
+    ) -> Tuple[List[int], Any]:
+        """An OpenAI Batch line's (prompt token ids, SamplingParams), as vLLM's OpenAI server makes
+        them for its body (what `vllm run-batch` runs): its protocol class validates the body,
+        renders the chat (`chat_template` as --chat-template, `kwargs` as the default chat template
+        kwargs) or tokenizes the prompt, and turns the body's sampling fields into SamplingParams
+        over the model's generation-config defaults. ValueError (one line) when it is invalid."""
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+
+        try:
+            if url == "/v1/chat/completions":
+                from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+                req = ChatCompletionRequest.model_validate(body)
+                chat_params = req.build_chat_params(chat_template, "auto").with_defaults(kwargs or None)
+                tok_params = req.build_tok_params(self.llm.model_config)
+                _, inputs = self.llm.renderer.render_chat([req.messages], chat_params, tok_params)
+                cap = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            elif url == "/v1/completions":
+                from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+                req = CompletionRequest.model_validate(body)
+                if not isinstance(req.prompt, str):
+                    raise ValueError("body.prompt must be one string (one line, one completion)")
+                inputs = self.llm._preprocess_cmpl([req.prompt], {"add_special_tokens": req.add_special_tokens})
+                cap = req.max_tokens
+            else:
+                raise ValueError(f"url {url!r} is not /v1/chat/completions or /v1/completions")
+            if getattr(req, "stream", False):
+                raise ValueError("stream=true: a batch line is answered whole")
+            if getattr(req, "n", 1) not in (None, 1):
+                raise ValueError(f"n={req.n}: one completion per line")
+            ids = list(inputs[0]["prompt_token_ids"])
+            max_tokens = get_max_tokens(self.max_model_len, cap, len(ids), self._defaults)
+            return ids, req.to_sampling_params(max_tokens, self._defaults)
+        except Exception as e:  # pydantic's ValidationError, vLLM's VLLMValidationError, ...
+            raise ValueError(self._too_long(e) or _why(e)) from None
+
+    def _too_long(self, e: BaseException) -> Optional[str]:
+        """vLLM's refusal of a prompt beyond the context, in the words of requests.row_error."""
+        if getattr(e, "parameter", None) != "input_tokens":
+            return None
+        return (
+            f"prompt has at least {getattr(e, 'value', '?')} tokens (rendered); "
+            f"max_model_len={self.max_model_len} leaves no room for output"
+        )
+
+    @property
+    def _defaults(self) -> Dict[str, Any]:
+        """The model's generation-config sampling defaults, as vLLM's server uses them."""
+        if not hasattr(self, "_sampling_defaults"):
+            self._sampling_defaults = self.llm.llm_engine.model_config.get_diff_sampling_param()
+        return self._sampling_defaults
 
     def abort(self, tag: Any) -> None:
         """Drop the unfinished requests added under `tag` (their shard went to another rank)."""
@@ -126,3 +219,16 @@ class VllmEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+def _why(e: BaseException) -> str:
+    """An exception as one line: pydantic's errors as their first problem, others with their type."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            return f"invalid request body: {where}: {first.get('msg')}"[:500]
+        except Exception:
+            pass
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]

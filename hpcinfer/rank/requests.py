@@ -10,21 +10,28 @@ Two functions, the only places where rows meet vLLM's request and output types:
 - `row_result`: a finished vLLM `RequestOutput` -> the row's `RowResult` (the output columns,
   rundir/output.py).
 
-Features that change what is asked of the model (chat templates, per-row sampling, n > 1,
+Rows are raw prompts, prompt templates filled from columns, chat conversations rendered with the
+chat template (by vLLM's own rendering, `ChatRenderer`), or OpenAI Batch lines (their bodies read
+by vLLM's own protocol classes), as the run's RequestSpec (plan.json) says.
+
+Features that change what is asked of the model (per-row sampling, n > 1,
 structured output, logprobs, LoRA) belong here: a new request field on `Request` and in
 `build_requests`, a new output column on `RowResult` (and `GENERATED`) and in `row_result`. The
-engine (engine.py) only adds requests and steps. Pure, apart from calling the tokenizer it is given.
+engine (engine.py) adds requests and steps, and renders what vLLM must render itself. Pure,
+apart from calling the tokenizer and the renderer it is given.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import pyarrow as pa
 
 from hpcinfer.config import RunConfig, SamplingConfig
 from hpcinfer.rundir.output import RowResult
+from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, RequestSpec
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,9 @@ class Request:
 
     row: int  # the row's global number (request ids; its seed is derived from it)
     prompt_token_ids: List[int]
-    sampling: Dict[str, Any]  # SamplingParams keyword arguments, seed and max_tokens included
+    # SamplingParams keyword arguments, seed and max_tokens included; an OpenAI Batch row: the
+    # SamplingParams vLLM's protocol classes made of its body
+    sampling: Any
 
 
 def row_error(prompt: Any, n_tokens: Optional[int], max_model_len: int) -> Optional[str]:
@@ -61,30 +70,78 @@ def row_seed(s: SamplingConfig, row: int) -> Optional[int]:
     return None if s.seed is None or s.temperature == 0 else s.seed + row
 
 
+class ChatRenderer(Protocol):
+    """What chat and OpenAI Batch rows need of the engine (engine.py's VllmEngine): vLLM's own
+    rendering, so that a prompt is exactly what vLLM would make of the row."""
+
+    def render_chat(
+        self, conversations: List[List[Dict[str, Any]]], chat_template: Optional[str], kwargs: Dict[str, Any]
+    ) -> List[Union[List[int], str]]:
+        """Each conversation's prompt token ids (as LLM.chat renders it), or why it cannot be rendered."""
+        ...
+
+    def batch_request(
+        self, url: str, body: Dict[str, Any], chat_template: Optional[str], kwargs: Dict[str, Any]
+    ) -> Tuple[List[int], Any]:
+        """An OpenAI Batch body's (prompt token ids, SamplingParams); ValueError when invalid."""
+        ...
+
+
 def build_requests(
-    table: pa.Table, positions: Sequence[int], rows: Sequence[int], cfg: RunConfig, tokenizer: Any, max_model_len: int
+    table: pa.Table,
+    positions: Sequence[int],
+    rows: Sequence[int],
+    cfg: RunConfig,
+    tokenizer: Any,
+    max_model_len: int,
+    spec: Optional[RequestSpec] = None,
+    renderer: Optional[ChatRenderer] = None,
 ) -> List[Union[Request, RowResult]]:
     """The requests of rows `positions` of a shard's input `table` (global row numbers `rows`):
-    for each, in order, its Request, or its RowResult when it cannot be generated (`row_error`).
+    for each, in order, its Request, or its RowResult when it cannot be generated (`row_error`,
+    or a conversation that is null, empty or malformed, a template column that is null, an
+    OpenAI Batch line that is not a valid request).
 
-    The prompt is `cfg.data.prompt_column`, tokenized by `tokenizer` (a Hugging Face tokenizer:
-    called on the list of prompts, as vLLM's own input processing tokenizes a text prompt); the
-    output cap is the row's `cfg.data.max_tokens_column` value when it has one, else
-    `cfg.sampling.max_tokens`; the seed is `row_seed`."""
+    What the prompt is comes from `spec` (plan.json's RequestSpec; None: `cfg.data.prompt_column`):
+    a text (the prompt column, or the template filled from the row) tokenized by `tokenizer` (a
+    Hugging Face tokenizer: called on the list of prompts, as vLLM's own input processing
+    tokenizes a text prompt), or a conversation rendered by `renderer` (vLLM's chat rendering).
+    The output cap is the row's `cfg.data.max_tokens_column` value when it has one, else
+    `cfg.sampling.max_tokens`; the seed is `row_seed`. An OpenAI Batch row's body gives its
+    prompt and its sampling, as vLLM's server reads it (`renderer.batch_request`)."""
+    spec = spec or RequestSpec(prompt_column=cfg.data.prompt_column)
     take = pa.array(positions, pa.int64())
-    prompts = table.column(cfg.data.prompt_column).take(take).to_pylist()
+    if spec.kind == OPENAI_BATCH:
+        return _batch_requests(
+            table.select(["custom_id", "method", "url", "body"]).take(take), rows, cfg, max_model_len, spec, renderer
+        )
     caps = (
         table.column(cfg.data.max_tokens_column).take(take).to_pylist()
         if cfg.data.max_tokens_column
-        else [None] * len(prompts)
+        else [None] * len(positions)
     )
-    texts = [p for p in prompts if p is not None]
-    ids = iter(tokenizer(texts)["input_ids"] if texts else [])
-    token_ids = [None if p is None else next(ids) for p in prompts]
+    prompts: List[Any]  # per row: the text, the conversation, or an error (Failed)
+    if spec.kind == MESSAGES:
+        prompts = [conversation(v) for v in table.column(spec.messages_column).take(take).to_pylist()]
+    else:
+        prompts = _texts(table, take, spec)
+        if spec.chat:
+            system = [{"role": "system", "content": spec.system}] if spec.system is not None else []
+            prompts = [p if isinstance(p, Failed) else system + [{"role": "user", "content": p}] for p in prompts]
+    ok = [p for p in prompts if not isinstance(p, Failed)]
+    if spec.renders_chat:
+        if renderer is None:
+            raise TypeError("chat rows need an engine that renders chat (render_chat)")
+        rendered = iter(renderer.render_chat(ok, spec.chat_template, spec.chat_template_kwargs) if ok else [])
+    else:
+        rendered = iter(tokenizer(ok)["input_ids"] if ok else [])
     base = sampling_kwargs(cfg.sampling)
     out: List[Union[Request, RowResult]] = []
-    for prompt, toks, cap, row in zip(prompts, token_ids, caps, rows, strict=True):
-        err = row_error(prompt, None if toks is None else len(toks), max_model_len)
+    for prompt, cap, row in zip(prompts, caps, rows, strict=True):
+        toks = None if isinstance(prompt, Failed) else next(rendered)
+        if isinstance(toks, str):
+            prompt, toks = Failed(toks), None
+        err = prompt.why if isinstance(prompt, Failed) else row_error(prompt, len(toks), max_model_len)
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
@@ -96,6 +153,119 @@ def build_requests(
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A row that cannot become a request, and why (its `error`)."""
+
+    why: str
+
+
+def _texts(table: pa.Table, take: pa.Array, spec: RequestSpec) -> List[Any]:
+    """Each row's prompt text (rows `take` of `table`): its prompt column, or the template filled
+    from its columns; Failed for a null prompt or a null template column. Reads only those columns."""
+    if spec.template is None:
+        prompts = table.column(spec.prompt_column).take(take).to_pylist()
+        return [Failed("prompt is null") if p is None else p for p in prompts]
+    columns = {c: table.column(c).take(take).to_pylist() for c in spec.template_columns()}
+    out: List[Any] = []
+    for i in range(len(take)):
+        values = {c: v[i] for c, v in columns.items()}
+        nulls = [c for c, v in values.items() if v is None]
+        out.append(Failed(f"prompt.template: column {nulls[0]!r} is null") if nulls else fill(spec.template, values))
+    return out
+
+
+def fill(template: str, values: Dict[str, Any]) -> str:
+    """`template` with each `{column}` field replaced by that column's value (format specs and
+    conversions as str.format applies them; a field's name is the whole column name). Pure."""
+    import string
+
+    f = string.Formatter()
+    parts = []
+    for literal, name, spec, conversion in f.parse(template):
+        parts.append(literal)
+        if name is not None:
+            parts.append(f.format_field(f.convert_field(values[name], conversion), spec or ""))
+    return "".join(parts)
+
+
+def conversation(value: Any) -> Union[List[Dict[str, Any]], Failed]:
+    """A row's messages as a conversation (a list of {role, content, ...} dicts), or Failed: null,
+    not JSON, not a list, empty, or a message without a string role and content. A list of
+    structs (Parquet) gives each message every field of the struct: null ones are dropped. Pure."""
+    if value is None:
+        return Failed("messages is null")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            return Failed(f"messages is not valid JSON: {e}")
+    if not isinstance(value, list):
+        return Failed(f"messages is not a list of messages (got {type(value).__name__})")
+    if not value:
+        return Failed("messages is empty")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return Failed(f"message {i} is not a {{role, content}} object (got {type(m).__name__})")
+        m = {k: v for k, v in m.items() if v is not None}
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            return Failed(f"message {i} has no role")
+        if not isinstance(m.get("content"), (str, list)):
+            return Failed(f"message {i} ({m['role']}) has no content")
+        out.append(m)
+    return out
+
+
+def _batch_requests(
+    table: pa.Table, rows: Sequence[int], cfg: RunConfig, max_model_len: int, spec: RequestSpec, renderer: Any
+) -> List[Union[Request, RowResult]]:
+    """OpenAI Batch rows (custom_id, method, url, body): each body as vLLM's server reads it."""
+    if renderer is None:
+        raise TypeError("OpenAI Batch rows need an engine that reads request bodies (batch_request)")
+    out: List[Union[Request, RowResult]] = []
+    columns = [table.column(c).to_pylist() for c in ("custom_id", "method", "url", "body")]
+    for (custom_id, method, url, body), row in zip(zip(*columns), rows, strict=True):
+        err, toks = batch_line_error(custom_id, method, url, body), None
+        if err is None:
+            try:
+                toks, params = renderer.batch_request(
+                    url, json.loads(body), spec.chat_template, spec.chat_template_kwargs
+                )
+            except ValueError as e:
+                err = str(e)
+        if err is None:
+            err = row_error("", len(toks), max_model_len)
+        if err:
+            out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
+            continue
+        if params.seed is None and params.temperature != 0 and cfg.sampling.seed is not None:
+            params.seed = cfg.sampling.seed + row  # as row_seed: independent of the layout
+        out.append(Request(row, toks, params))
+    return out
+
+
+def batch_line_error(custom_id: Any, method: Any, url: Any, body: Any) -> Optional[str]:
+    """Why an OpenAI Batch line (as planning/convert.py keeps it) is not a request, or None. Pure."""
+    if url is None and method is None:  # kept as text: not a JSON object with an object body
+        try:
+            obj = json.loads(body) if body is not None else None
+        except ValueError as e:
+            return f"the line is not valid JSON: {e}"
+        if not isinstance(obj, dict):
+            return "the line is not a JSON object"
+        if "body" not in obj:
+            return "the line has no body"
+        return "the line's body is not a JSON object"
+    if custom_id is None:
+        return "the line has no custom_id (a string)"
+    if method != "POST":
+        return f"method {method!r} is not POST"
+    if url not in ("/v1/chat/completions", "/v1/completions"):
+        return f"url {url!r} is not /v1/chat/completions or /v1/completions"
+    return None
 
 
 def row_result(output: Any) -> RowResult:

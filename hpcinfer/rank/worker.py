@@ -43,7 +43,7 @@ from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard
 from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.parts import ShardCheckpoint, remove_parts
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import DONE, FAILED, RUNNING, STOPPED, TERMINAL, DoneRecord, RankRecord
+from hpcinfer.rundir.records import DONE, FAILED, RUNNING, STOPPED, TERMINAL, DoneRecord, RankRecord, RequestSpec
 
 _RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RankRecord))
 
@@ -188,7 +188,7 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
             engine = create_engine({**engine_args(cfg, plan.engine_args["model"]), **replica_engine_args(os.environ)})
             state.write(state=RUNNING, engine_seconds=time.time() - t0, generation_started_at=time.time())
-            ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank).run()
+            ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request).run()
             if cfg.lockstep:
                 while engine.group_busy():  # idle here, busy elsewhere: vLLM runs a dummy batch
                     engine.step()
@@ -247,7 +247,9 @@ class ShardLoop:
         state: RankState,
         rows_before: int,
         rank: int,
+        spec: Optional[RequestSpec] = None,
     ):
+        self.spec = spec  # how rows become requests (plan.json's); None: the prompt column
         self.rd, self.cfg, self.work, self.schema, self.engine, self.state, self.rank = (
             rd,
             cfg,
@@ -319,6 +321,8 @@ class ShardLoop:
             self.cfg,
             self.engine.tokenizer,
             self.engine.max_model_len,
+            self.spec,
+            self.engine if self.spec is not None and self.spec.renders_chat else None,
         )
         failed = []
         for i, request in enumerate(requests):

@@ -8,6 +8,8 @@ names every path and reads and writes the JSON records as the typed records of r
       config.yaml                 the resolved config of the run
       plan.json                   Plan: layout, devices per rank, engine_args, memory estimate
       manifest.parquet            one row per shard (rank, file, row range, global start, est. tokens)
+      inputs/<n>.parquet          JSON Lines, CSV, OpenAI Batch input converted to Parquet (+ sources.json)
+      results.jsonl               OpenAI Batch input: the output file, one line per input line (finalize)
       shards/<id>.parquet         a finished shard's output (written to a temp file, then renamed)
       shards/<id>.parts/          durable parts of a shard in progress (parts.py)
       done/<id>.json              DoneRecord: written only after the shard output is durable
@@ -88,6 +90,8 @@ class RunDir:
     logs_dir = property(lambda self: self.path / "logs")
     lock_file = property(lambda self: self.path / "lock")
     results = property(lambda self: self.path / "results.parquet")
+    results_jsonl = property(lambda self: self.path / "results.jsonl")
+    inputs_dir = property(lambda self: self.path / "inputs")
     summary = property(lambda self: self.path / "summary.json")
     jobs = property(lambda self: self.path / "jobs.json")
     slurm_dir = property(lambda self: self.path / "slurm")

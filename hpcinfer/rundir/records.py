@@ -112,6 +112,63 @@ class RankPlan:
     node: Optional[int] = None  # Slurm: the rank's node within its job
 
 
+PROMPT, MESSAGES, OPENAI_BATCH = "prompt", "messages", "openai_batch"  # RequestSpec kinds
+
+
+@dataclass(frozen=True)
+class RequestSpec(Record):
+    """How a row becomes its request (plan.json's `request`; rank/requests.py builds them):
+
+    - kind `prompt`: the text of `template` filled from the row's columns (`{column}` fields),
+      or without a template the `prompt_column`; with `chat` it is the user message (after the
+      `system` message when set) rendered with the chat template, otherwise the raw prompt;
+    - kind `messages`: the row's `messages_column`, a conversation, rendered with the chat template;
+    - kind `openai_batch`: the row is an OpenAI Batch line (columns custom_id, method, url, body);
+      its body is the request (chat messages or a completion prompt, and its sampling).
+
+    `chat_template`: the text of model.chat_template (None: the model's own);
+    `chat_template_kwargs`: chat.template_kwargs. Files named in the config are read when the run
+    is planned, so every rank renders with the same text."""
+
+    kind: str = PROMPT
+    prompt_column: Optional[str] = "prompt"
+    messages_column: Optional[str] = None
+    template: Optional[str] = None
+    chat: bool = False
+    system: Optional[str] = None
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def renders_chat(self) -> bool:
+        """Whether requests may go through the chat template."""
+        return self.kind in (MESSAGES, OPENAI_BATCH) or self.chat
+
+    def template_columns(self) -> List[str]:
+        """The columns `template` names, in order of first use (none without a template).
+        ValueError for a field that names no column (`{}`, `{0}`) or a malformed template."""
+        return template_columns(self.template) if self.template is not None else []
+
+
+def template_columns(template: str) -> List[str]:
+    """The `{column}` fields of a str.format template, in order of first use. Pure."""
+    import string
+
+    out: List[str] = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError(
+                f"a positional field {{{name}}}: name a column, e.g. {{text}} (write {{{{ }}}} for braces)"
+            )
+        if spec and "{" in spec:
+            raise ValueError(f"a nested field in {{{name}:{spec}}}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
 @dataclass
 class Plan(Record):
     tp: int
@@ -136,10 +193,13 @@ class Plan(Record):
     nodes_per_rank: int = 1  # > 1: each rank spans this many nodes (processes): a leader + headless ones
     experts: Optional[ExpertLayout] = None  # ep=true: how the experts spread over the GPUs
     submitted_at: Optional[float] = None  # when submit wrote it (the summary's wall_seconds start here)
+    request: RequestSpec = field(default_factory=RequestSpec)  # how rows become requests
+    input_format: str = "parquet"  # the input's format (other than parquet: converted into inputs/)
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> Plan:
         plan = from_dict(cls, d)
+        plan.request = from_dict(RequestSpec, d.get("request") or {})
         plan.memory = from_dict(Memory, d["memory"])
         plan.rank_plans = [from_dict(RankPlan, rp) for rp in d.get("rank_plans", [])]
         plan.jobs = from_dict(JobLayout, d["jobs"]) if d.get("jobs") else None

@@ -63,6 +63,14 @@ def _write_inputs(d: Path) -> None:
     pq.write_table(_table(2), d / "fifo" / "a.parquet")
     os.mkfifo(d / "fifo" / "b.parquet")
     os.mkfifo(d / "pipe.parquet")
+    # issue 13: other input formats
+    (d / "in" / "notjson.jsonl").write_text("this is not JSON\n")
+    line = '{"custom_id": "%s", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}\n'
+    (d / "in" / "dup_batch.jsonl").write_text("".join(line % c for c in ["a", "b", "a"]))
+    (d / "mixed").mkdir()
+    pq.write_table(_table(2), d / "mixed" / "a.parquet")
+    (d / "mixed" / "b.jsonl").write_text('{"id": 9, "prompt": "x"}\n')
+    os.mkfifo(d / "pipe.jsonl")  # its first line is never read to tell its format
 
 
 def _write_finished_run(rd: Path) -> None:
@@ -172,6 +180,21 @@ CASES = [
     ),
     ("null-ids", [f"{D}/in/null_ids.parquet", "data.id_column=id"], ["'id'", "null", "null_ids.parquet"]),
     ("zero-rows", [f"{D}/empty"], ["no rows", "empty"]),
+    # issue 13: templates, chat, other formats
+    (
+        "template-missing-column",
+        [f"{D}/in/good.parquet", "prompt.template='Say {prompt} in {language}'"],
+        ["prompt.template", "{language}", "good.parquet", "['id', 'prompt']"],
+    ),
+    ("mixed-formats", [f"{D}/mixed"], ["mixes formats", "parquet", "jsonl", "b.jsonl"]),
+    ("duplicate-custom-id", [f"{D}/in/dup_batch.jsonl"], ["custom_id must be unique", "'a'", "dup_batch.jsonl"]),
+    (
+        "messages-column-missing",
+        [f"{D}/in/good.parquet", "data.messages_column=messages"],
+        ["data.messages_column='messages'", "good.parquet", "['id', 'prompt']"],
+    ),
+    ("jsonl-not-json", [f"{D}/in/notjson.jsonl"], ["notjson.jsonl", "not valid JSON Lines"]),
+    ("fifo-jsonl", [f"{D}/pipe.jsonl"], ["pipe.jsonl", "not a regular file"]),
     ("id-equals-prompt", [f"{D}/in/good.parquet", "data.id_column=prompt"], ["data.id_column='prompt'"]),
     ("shard-rows-zero", ["data.shard_rows=0"], ["data.shard_rows", "0"]),
     # overrides
@@ -247,6 +270,7 @@ def test_plan_refuses_bad_input(scratch, args, must_name):
 
 REPRESENTATIVE = [
     "csv-renamed",
+    "duplicate-custom-id",  # refused once converted into the run directory's inputs/: removed again
     "dup-ids-across-files",
     "zero-rows",
     "unknown-sampling-key",

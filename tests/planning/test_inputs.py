@@ -40,7 +40,7 @@ def test_discover_glob_without_match(tmp_path):
 
 
 def test_discover_directory_without_parquet(tmp_path):
-    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "x.txt").write_text("a,b\n")  # not a known input format (.csv would be one)
     with pytest.raises(DataError, match="without"):
         discover(str(tmp_path))
 

@@ -430,6 +430,7 @@ def test_prepare_plan_only_writes_nothing(tiny_cfg, tmp_path):
     import pyarrow.parquet as pq
 
     from hpcinfer.launch import launcher_for
+    from hpcinfer.planning.models import BUILD_VERSION
     from hpcinfer.planning.prepare import prepare
 
     data = tmp_path / "in.parquet"
@@ -443,6 +444,6 @@ def test_prepare_plan_only_writes_nothing(tiny_cfg, tmp_path):
     prep = prepare(cfg, launcher_for(cfg), build=False)
     assert prep.plan.rows == 9 and prep.plan.ranks == 2 and prep.plan.device_kind == "cpu"
     assert [rp.rows for rp in prep.plan.rank_plans] == [5, 4]
-    assert prep.plan.engine_args["model"] == str(tmp_path / "cache" / "models" / "tiny-llama-v1")
+    assert prep.plan.engine_args["model"] == str(tmp_path / "cache" / "models" / f"tiny-llama-{BUILD_VERSION}")
     # "With build=False (plan only) nothing is written": not even the cache directory
     assert sorted(p.name for p in tmp_path.iterdir()) == before
