@@ -20,8 +20,8 @@ NFS: 0.5-2 ms). Production code is untouched.
 Sides, interleaved when repeated: `instant` (the same fake ranks taking shards from an
 in-memory pool under a lock, in claim order: claims that cost nothing, the makespan floor) and
 `claims` (the protocol). Reported: metadata ops per claim (mean over the job; p99 over ranks of
-a rank's ops per claim), the engine loop's time in protocol calls per loop iteration (p50, p99,
-max ms), the job's metadata ops per second, makespans and the overhead against `instant`.
+a rank's ops per claim; every operation from the ranks' start-up on), the engine loop's time in
+claiming calls (next, release, exhausted) per loop iteration (p50, p99, max ms), `check` apart, the job's metadata ops per second, makespans and the overhead against `instant`.
 The last line: `ranks=R ops_per_claim=X claim_block_ms_p99=Y job_ops_per_s=Z`.
 """
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import machine_lines, print_table, work_dir  # noqa: E402
 
-from hpcinfer.rank.schedule import claim_order  # noqa: E402
+from hpcinfer.rank.schedule import by_mix, claim_order  # noqa: E402
 from hpcinfer.rank.work import ClaimedWork  # noqa: E402
 from hpcinfer.rundir.files import atomic_write_json  # noqa: E402
 from hpcinfer.rundir.manifest import Shard  # noqa: E402
@@ -65,15 +65,16 @@ class Counter:
         self.latency_s = 0.0
         self.by_thread: Dict[int, int] = {}  # thread ident -> rank
         self.counts: Dict[int, int] = {}  # rank (-1: unattributed) -> operations
+        self.by_name: Dict[str, int] = {}  # operation -> count
         self.lock = threading.Lock()
         self.saved: Dict[str, object] = {}
 
     def install(self) -> None:
         for name in self.NAMES:
             self.saved[name] = getattr(os, name)
-            setattr(os, name, self._wrap(getattr(os, name)))
+            setattr(os, name, self._wrap(getattr(os, name), name))
         self.saved["io.open"] = io.open
-        wrapped = self._wrap(io.open, skip_fd=True)
+        wrapped = self._wrap(io.open, "open()", skip_fd=True)
         io.open = builtins.open = wrapped
 
     def uninstall(self) -> None:
@@ -81,12 +82,13 @@ class Counter:
             setattr(os, name, self.saved[name])
         io.open = builtins.open = self.saved["io.open"]
 
-    def _wrap(self, fn, skip_fd: bool = False):
+    def _wrap(self, fn, name: str, skip_fd: bool = False):
         def counted(*args, **kw):
             if not (skip_fd and args and isinstance(args[0], int)):
                 rank = self.by_thread.get(threading.get_ident(), -1)
                 with self.lock:
                     self.counts[rank] = self.counts.get(rank, 0) + 1
+                    self.by_name[name] = self.by_name.get(name, 0) + 1
                 if self.latency_s:
                     time.sleep(self.latency_s)
             return fn(*args, **kw)
@@ -99,7 +101,7 @@ class Counter:
 
     def reset(self) -> None:
         with self.lock:
-            self.counts, self.by_thread = {}, {}
+            self.counts, self.by_thread, self.by_name = {}, {}, {}
 
 
 COUNTER = Counter()
@@ -107,20 +109,29 @@ COUNTER = Counter()
 
 # ---- the work: real claims, or an in-memory pool ---------------------------------------------
 class InstantPool:
-    """Claims that cost nothing: one in-memory pool in claim order, under a lock."""
+    """Claims that cost nothing: one in-memory pool in claim order, under a lock, handed out by
+    the same balancing policy (schedule.by_mix) as the claims."""
 
-    def __init__(self, shards: List[Shard]):
-        self.todo, self.lock, self.left = [s for s in claim_order(shards)], threading.Lock(), len(shards)
+    def __init__(self, shards: List[Shard], world: int):
+        self.todo, self.lock, self.world = [s.shard for s in claim_order(shards)], threading.Lock(), world
+        self.by_id = {s.shard: s for s in shards}
+        self.tokens, self.rows = {s.shard: s.tokens for s in shards}, {s.shard: s.rows for s in shards}
+        self.unfinished = set(self.by_id)
 
     def work(self, rank: int):
-        pool = self
+        pool, held = self, set()
 
         class Instant:
             poll_s = 0.05
 
             def next(self):
                 with pool.lock:
-                    return pool.todo.pop(0) if pool.todo else None
+                    s = by_mix(pool.todo, pool.unfinished, pool.tokens, pool.rows, held, pool.world)
+                    if s is None:
+                        return None
+                    pool.todo.remove(s)
+                    held.add(s)
+                    return pool.by_id[s]
 
             def exhausted(self):
                 with pool.lock:
@@ -130,7 +141,9 @@ class InstantPool:
                 pass
 
             def release(self, shard):
-                pass
+                with pool.lock:
+                    held.discard(shard)
+                    pool.unfinished.discard(shard)
 
             def close(self):
                 pass
@@ -163,7 +176,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
     start.wait()
     t0 = time.monotonic()
     open_: Dict[int, float] = {}
-    blocks, claimed = [], 0
+    blocks, checks, claimed = [], [], 0
     try:
         while True:
             spent = 0.0
@@ -178,8 +191,8 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
             now = time.monotonic()
             for s in [s for s, end in open_.items() if end <= now]:
                 a = time.perf_counter()
-                work.check(s)
-                spent += time.perf_counter() - a
+                work.check(s)  # before the shard's last write: not claiming, timed apart
+                checks.append(time.perf_counter() - a)
                 if rd is not None:
                     atomic_write_json(rd.done_marker(s), {"shard": s, "rank": rank}, durable=False)
                 a = time.perf_counter()
@@ -199,7 +212,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
             time.sleep(STEP_S)  # an engine step
     finally:
         work.close()
-    out[rank] = dict(end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks)
+    out[rank] = dict(end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks)
 
 
 def make_shards(n: int) -> List[Shard]:
@@ -213,7 +226,7 @@ def run_side(side: str, args, root: Path) -> Dict:
     if side == "claims":
         rd = RunDir(root / f"run-{time.monotonic_ns()}")
         rd.create()
-    pool = InstantPool(shards) if side == "instant" else None
+    pool = InstantPool(shards, args.ranks) if side == "instant" else None
     out: Dict[int, Dict] = {}
     start = threading.Barrier(args.ranks + 1)
     COUNTER.reset()
@@ -225,16 +238,16 @@ def run_side(side: str, args, root: Path) -> Dict:
         t.start()
     start.wait()
     t0 = time.monotonic()
-    ops_at_start = dict(COUNTER.counts)
     for t in threads:
         t.join()
     makespan = max(o["end"] for o in out.values()) - t0
-    ops = {r: n - ops_at_start.get(r, 0) for r, n in COUNTER.counts.items()}
+    ops = dict(COUNTER.counts)  # from the ranks' start-up on
     claims = sum(o["claimed"] for o in out.values())
     if claims != len(shards) or (rd is not None and len(rd.done_shards()) != len(shards)):
         sys.exit(f"{side}: {claims} claims of {len(shards)} shards: a shard was lost or claimed twice")
     per_rank = sorted(ops.get(r, 0) / max(1, out[r]["claimed"]) for r in range(args.ranks))
     blocks = sorted(b * 1000 for o in out.values() for b in o["blocks"])
+    checks = sorted(b * 1000 for o in out.values() for b in o["checks"])
     q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else 0.0  # noqa: E731
     total = sum(ops.values())
     return dict(
@@ -244,8 +257,10 @@ def run_side(side: str, args, root: Path) -> Dict:
         block_p50=q(blocks, 0.5),
         block_p99=q(blocks, 0.99),
         block_max=blocks[-1] if blocks else 0.0,
+        check_p99=q(checks, 0.99),
         job_ops_per_s=total / makespan,
         ops=total,
+        by_name=dict(sorted(COUNTER.by_name.items(), key=lambda kv: -kv[1])),
     )
 
 
@@ -303,6 +318,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             ),
             (f"{side}: job metadata ops/s", spread(get("job_ops_per_s"), ",.0f")),
         ]
+        if side != "instant":
+            by = rs[-1]["by_name"]
+            per = ", ".join(f"{k} {v / (args.ranks * args.shards_per_rank):.1f}" for k, v in by.items())
+            rows += [
+                (f"{side}: check before a write ms p99", spread(get("check_p99"), ".3f")),
+                (f"{side}: ops per claim by kind (last repeat)", per),
+            ]
     last = results[sides[-1]]
     if "instant" in results and sides[-1] != "instant":
         base = statistics.median(r["makespan"] for r in results["instant"])

@@ -11,8 +11,9 @@ rows are generated again; `done` is what passed, `repairs` what was set aside.
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Collection, List, Optional, Protocol, Set, runtime_checkable
+from typing import Callable, Collection, List, Optional, Protocol, Set, runtime_checkable
 
 from hpcinfer.rank import schedule
 from hpcinfer.rank.schedule import claim_order
@@ -88,15 +89,91 @@ class StaticWork:
         pass
 
 
+class Claimer:
+    """ClaimedWork's background thread: it claims (rundir/claims.py) and keeps the next shard
+    ready, so that the engine loop never waits on the filesystem. It looks (four listings of the
+    run directory, claims.Claims.look) when the ready slot is empty and the loop has asked for a
+    shard, at once after the loop releases one (this rank's share grew), at least every
+    `sweep_s` (a rank that died: its claims to take over, its share to spread), and every
+    `done_s` while the rank is idle (whether the run is over). A policy that declined, or found
+    nothing, stays declined until one of these: what the others hold only ever shrinks the
+    pool, so looking sooner cannot change its answer."""
+
+    def __init__(self, claims: Claims, choose: Callable, sweep_s: float, done_s: float):
+        self.claims, self.choose, self.sweep_s, self.done_s = claims, choose, sweep_s, done_s
+        self.ready: Optional[int] = None  # a claimed shard not yet handed to the loop
+        self.wanted = True  # the loop has room (it asked, or has not started)
+        self.finished = False  # the latest look found nothing unfinished that this rank does not hold
+        self.error: Optional[BaseException] = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="hpcinfer-claimer", daemon=True)
+
+    def start(self) -> Claimer:
+        self._thread.start()
+        return self
+
+    # ---- the engine loop's side: memory only ------------------------------------------
+    def take(self) -> Optional[int]:
+        """The ready shard, or None at once (the claimer is told the loop has room)."""
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            shard, self.ready = self.ready, None
+            news = shard is not None or not self.wanted  # asking again for nothing new is no news
+            self.wanted = True
+        if news:
+            self._wake.set()
+        return shard
+
+    def changed(self) -> None:
+        """The loop released a shard: look again now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ---- the claimer's thread ---------------------------------------------------------
+    def _run(self) -> None:
+        last_look = last_done = -float("inf")
+        while not self._stop.is_set():
+            woken = self._wake.is_set()
+            self._wake.clear()
+            now = time.monotonic()
+            try:
+                with self._lock:
+                    need = self.wanted and self.ready is None
+                if need and (woken or now - last_look >= self.sweep_s):
+                    look = self.claims.look()
+                    last_look = last_done = now
+                    if need:
+                        shard = self.claims.next(self.choose, look)
+                        if shard is not None:
+                            with self._lock:
+                                self.ready, self.wanted = shard, False
+                    self.finished = self.ready is None and self.claims.unfinished(look) == 0
+                elif not self.claims.mine and now - last_done >= self.done_s:  # idle: is the run over?
+                    last_done = now
+                    self.finished = self.claims.unfinished() == 0
+            except Exception as e:  # the loop raises it on its next take()
+                self.error = e
+                return
+            self._wake.wait(min(self.sweep_s, self.done_s))
+
+
 class ClaimedWork:
     """schedule.mode=dynamic: shards claimed from the run directory (claims.py) as the balancing
     policy (`schedule.by_mix`) allows: every rank its share of the longest requests first, all
     started at once, short ones beside them. It keeps one batch of rows in its engine. An idle rank
-    stays while other ranks hold unfinished shards, to take them over if they die."""
+    stays while other ranks hold unfinished shards, to take them over if they die. Claiming runs
+    in a background thread (`Claimer`): `next` and `exhausted` never touch the filesystem."""
 
     room_batches = 1
-    poll_s = 1.0  # how often an idle rank looks for claimable shards
-    retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
+    poll_s = 0.05  # how often an idle engine loop asks again (memory only: the claimer looks)
+    idle_s = 1.0  # how often an idle rank lists done/ to see whether the run is over
 
     def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
         verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
@@ -104,39 +181,41 @@ class ClaimedWork:
         self.by_id, self.world = {s.shard: s for s in shards}, world
         self.tokens = {s.shard: s.tokens for s in shards}
         self.rows = {s.shard: s.rows for s in shards}
-        self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)
+        order = [s.shard for s in claim_order(shards)]
+        self.claims = Claims(rd, rank, token, order, lease_s, spread=world)
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
-        self._next_look = 0.0
+        sweep_s = min(15.0, max(0.05, lease_s / 8))
+        self.claimer = Claimer(self.claims, self._choose, sweep_s, self.idle_s).start()
+
+    def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
+        # a rank that is gone leaves its share to the others
+        return schedule.by_mix(candidates, unfinished, self.tokens, self.rows, self.held, max(1, self.world - gone))
 
     def describe(self) -> str:
         return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), longest rows first"
 
     def next(self) -> Optional[Shard]:
-        if time.monotonic() < self._next_look:
-            return None
-        shard = self.claims.next(  # a rank that is gone leaves its share to the others
-            lambda candidates, unfinished, gone: schedule.by_mix(
-                candidates, unfinished, self.tokens, self.rows, self.held, max(1, self.world - gone)
-            )
-        )
-        if shard is None:
-            self._next_look = time.monotonic() + (self.retry_s if self.held else self.poll_s)
-            return None
-        return self.by_id[shard]
+        shard = self.claimer.take()
+        return None if shard is None else self.by_id[shard]
 
     @property
     def held(self) -> Collection[int]:
-        """The shards this attempt holds open (claimed, not yet released)."""
-        return self.claims.mine.keys()
+        """The shards this attempt holds (claimed, not yet released; the ready one included)."""
+        with self.claims._lock:
+            return list(self.claims.mine)
 
     def exhausted(self) -> bool:
-        return self.claims.unfinished() == 0
+        if self.claimer.error is not None:
+            raise self.claimer.error
+        return self.claimer.finished and self.claimer.ready is None and not self.claims.mine
 
     def check(self, shard: int) -> None:
         self.claims.check(shard)
 
     def release(self, shard: int) -> None:
         self.claims.release(shard)
+        self.claimer.changed()
 
     def close(self) -> None:
+        self.claimer.stop()
         self.heartbeat.stop()

@@ -16,6 +16,24 @@ A claim is *dead*, and may be taken over, when the attempt that made it
     (hosts' clocks are never compared).
   - or cannot be read (torn by a crash: claim files are not fsynced): the claim is recorded as a
     repair (integrity.py), left in place (generations are write-once) and taken over.
+At scale (thousands of ranks on a shared filesystem, where each metadata operation costs about a
+millisecond at a metadata server the whole cluster shares) a rank learns all of this from four
+listings per look, not from reading files per claim:
+
+    holders/<shard>.<gen>.<rank>.<tag>  the claim's file itself, created there and hard-linked to
+                           claims/<shard>.<gen> (the link decides the claim; a lost race removes
+                           it): its name says who holds the claim without opening it. <tag>:
+                           `attempt_tag(token)`.
+    beats/<r>.<tag>.<n>    the attempt's heartbeat as a name, renamed to <n+1> each beat and to
+                           `end` when the attempt ends (or a newer attempt of the rank starts).
+A holder whose beat name changed since the look before is alive; `end` is dead at once; one
+unchanged for `lease_s` is dead; one unchanged for 3/8 of the lease has its owner and record read
+(once per rank, kept `cache_s`) to see whether it was superseded or ended. Claims without an
+index name, or holders without a beat name (an older hpcinfer, a lost node's leftovers), are
+read and judged from the files, as above, once per rank and look. Every change only ever
+delays a takeover (a beat is timed from when the listing saw it), never hastens one; exclusivity
+is the link's alone.
+
 A shard is done only by its done marker, never by a claim. A rank that finds its claim taken
 over stops writing that shard (`ClaimLost`); rows two attempts both produced are kept once by
 the shard's assembly. `claimable` is the pure protocol, rank/schedule.py the balancing policy,
@@ -24,13 +42,15 @@ the shard's assembly. `claimable` is the pure protocol, rank/schedule.py the bal
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from hpcinfer.errors import one_line
@@ -86,8 +106,51 @@ def parse_claim_name(name: str) -> Optional[Tuple[int, int]]:
     return (int(stem), int(gen)) if stem.isdigit() and gen.isdigit() else None
 
 
+def attempt_tag(token: str) -> str:
+    """A short name-safe tag of an attempt's token, for file names (48 bits of its SHA-1)."""
+    if token.startswith("#"):  # already a tag (a Claim known from its index name)
+        return token[1:]
+    return hashlib.sha1(token.encode()).hexdigest()[:12]
+
+
+def parse_holder_name(name: str) -> Optional[Tuple[int, int, int, str]]:
+    """(shard, gen, rank, tag) of a holders/ name '<shard>.<gen>.<rank>.<tag>', None otherwise."""
+    parts = name.split(".")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
+
+
+def parse_beat_name(name: str) -> Optional[Tuple[int, str, str]]:
+    """(rank, tag, counter or 'end') of a beats/ name '<rank>.<tag>.<n|end>', None otherwise."""
+    parts = name.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or not (parts[2].isdigit() or parts[2] == "end"):
+        return None
+    return int(parts[0]), parts[1], parts[2]
+
+
+def list_names(path: Path) -> List[str]:
+    """A folder's names (one listing); none when it does not exist."""
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class Look:
+    """One look at the run directory: its four listings, taken once."""
+
+    at: float  # the observer's clock when the beats were listed
+    done: Set[int]
+    holders: Dict[int, Claim]
+    beats: Dict[Tuple[int, str], str]  # (rank, tag) -> counter, or "end"
+    judged: Dict[Tuple[int, str], bool]  # (rank, tag) -> dead, filled as the look goes
+
+
 class Claims:
-    """One attempt's view of the claims: claim, check, take over."""
+    """One attempt's view of the claims: claim, check, take over. `next` may run in a thread of
+    its own (ClaimedWork's claimer) while `check` and `release` run in the engine loop."""
 
     def __init__(
         self,
@@ -97,23 +160,49 @@ class Claims:
         order: Sequence[int],
         lease_s: float,
         clock: Callable[[], float] = time.monotonic,
+        cache_s: Optional[float] = None,
+        spread: int = 1,
     ):
         self.rd, self.rank, self.token, self.order = rd, rank, token, list(order)
+        self.tag = attempt_tag(token)
         self.lease_s, self.clock = lease_s, clock
+        self.cache_s = lease_s / 8 if cache_s is None else cache_s  # how long a file check is kept
+        self.suspect_s = 3 * lease_s / 8  # a beat name unchanged this long: read the files
+        self.spread = max(1, spread)  # after a lost race, try again this far down the candidates
         self.dir = rd.claims_dir
         self.dir.mkdir(exist_ok=True, mode=0o700)
+        rd.holders_dir.mkdir(exist_ok=True, mode=0o700)
         self.mine: Dict[int, int] = {}  # shard -> generation this attempt holds
+        self._lock = threading.Lock()  # guards `mine` (next runs in the claimer, release in the engine loop)
         self._beats: Dict[int, Tuple[Optional[str], float]] = {}  # rank -> (last beat seen, when it changed)
+        self._names: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name seen, since)
+        self._files: Dict[Tuple[int, str], Tuple[bool, float]] = {}  # (rank, tag) -> (ended, checked at)
         self._seen: Dict[Tuple[int, int], Claim] = {}
+        self.last: Optional[Look] = None  # the latest look
 
     # ---- reading ----------------------------------------------------------------------
     def holders(self) -> Dict[int, Claim]:
+        """The latest claim of every claimed shard: one listing of claims/ and one of holders/;
+        a claim file is read only when its index name is missing or ambiguous."""
         latest: Dict[int, int] = {}
-        for name in os.listdir(self.dir):
+        for name in list_names(self.dir):
             parsed = parse_claim_name(name)
             if parsed and parsed[1] >= latest.get(parsed[0], -1):
                 latest[parsed[0]] = parsed[1]
-        return {shard: self._read(shard, gen) for shard, gen in latest.items()}
+        index: Dict[Tuple[int, int], List[Tuple[int, str]]] = {}
+        for name in list_names(self.rd.holders_dir):
+            parsed = parse_holder_name(name)
+            if parsed and latest.get(parsed[0]) == parsed[1]:
+                index.setdefault(parsed[:2], []).append(parsed[2:])
+        out = {}
+        for shard, gen in latest.items():
+            named = index.get((shard, gen), [])
+            if len(named) == 1:
+                rank, tag = named[0]
+                out[shard] = Claim(shard, gen, rank, self.token if tag == self.tag else f"#{tag}")
+            else:  # written by an older hpcinfer, or a crash left a lost race's name behind
+                out[shard] = self._read(shard, gen)
+        return out
 
     def _read(self, shard: int, gen: int) -> Claim:
         """A claim file's content (write-once, so read once); an unreadable one is a dead claim
@@ -135,18 +224,36 @@ class Claims:
                 record(self.rd, repair, name=f"claim-{path.name}.json")
         return self._seen[key]
 
+    def beats(self) -> Dict[Tuple[int, str], str]:
+        """Every attempt's beat name: (rank, tag) -> counter, or "end". One listing."""
+        out = {}
+        for name in list_names(self.rd.beats_dir):
+            parsed = parse_beat_name(name)
+            if parsed and out.get(parsed[:2]) != "end":
+                out[parsed[:2]] = parsed[2]
+        return out
+
+    def look(self) -> Look:
+        """The four listings of one look: done/, claims/, holders/, beats/."""
+        done, holders = self.rd.done_shards(), self.holders()
+        beats = self.beats()
+        self.last = Look(self.clock(), done, holders, beats, {})
+        return self.last
+
     def dead(self, c: Claim) -> bool:
-        """Whether the attempt behind `c` is gone (see the module docstring)."""
+        """Whether the attempt behind `c` is gone (see the module docstring), from its rank's
+        files, read now."""
         if c.token == UNREADABLE:
             return True
+        tag = attempt_tag(c.token)
         try:
             owner = self.rd.rank_owner(c.rank).read_text()
         except FileNotFoundError:
             owner = None
-        if owner is not None and owner != c.token:
+        if owner is not None and attempt_tag(owner) != tag:
             return True
         record = self.rd.read_rank(c.rank)
-        if record is not None and record.token == c.token and record.state in TERMINAL:
+        if record is not None and attempt_tag(record.token) == tag and record.state in TERMINAL:
             return True
         try:
             beat = self.rd.rank_beat(c.rank).read_text()
@@ -159,60 +266,139 @@ class Claims:
             return False
         return now - since >= self.lease_s
 
+    def _ended(self, rank: int, tag: str) -> bool:
+        """Whether attempt `tag` of `rank` was superseded or recorded that it ended: its owner and
+        record, read at most once per `cache_s`."""
+        now = self.clock()
+        ended, at = self._files.get((rank, tag), (False, -float("inf")))
+        if now - at >= self.cache_s:
+            try:
+                owner = self.rd.rank_owner(rank).read_text()
+            except FileNotFoundError:
+                owner = None
+            record = self.rd.read_rank(rank)
+            ended = (owner is not None and attempt_tag(owner) != tag) or (
+                record is not None and attempt_tag(record.token) == tag and record.state in TERMINAL
+            )
+            self._files[(rank, tag)] = (ended, now)
+        return ended
+
+    def dead_in(self, look: Look, c: Claim) -> bool:
+        """Whether `c`'s attempt is gone, judged once per attempt and look: from its beat name when
+        it has one (see the module docstring), else from its rank's files (`dead`)."""
+        if c.token == UNREADABLE:
+            return True
+        if c.rank == self.rank:  # this rank's earlier attempt: this one superseded it
+            return c.token != self.token
+        key = (c.rank, attempt_tag(c.token))
+        if key not in look.judged:
+            beat = look.beats.get(key)
+            if beat is None:
+                look.judged[key] = self.dead(c)
+            elif beat == "end":
+                look.judged[key] = True
+            else:
+                seen, since = self._names.get(key, (None, look.at))
+                if beat != seen:
+                    self._names[key] = (beat, look.at)
+                    since = look.at
+                stalled = look.at - since
+                look.judged[key] = stalled >= self.lease_s or (stalled >= self.suspect_s and self._ended(*key))
+        return look.judged[key]
+
     # ---- claiming ---------------------------------------------------------------------
-    def next(self, choose: Optional[Callable[[List[int], List[int], int], Optional[int]]] = None) -> Optional[int]:
+    def next(
+        self,
+        choose: Optional[Callable[[List[int], List[int], int], Optional[int]]] = None,
+        look: Optional[Look] = None,
+    ) -> Optional[int]:
         """Claim a shard and return it, or None when nothing is claimable now. `choose(candidates,
         unfinished, gone)` (rank/schedule.py's policy; default: the first candidate) picks among the
         claimable shards in priority order, given the shards not done and how many other ranks
         are gone (see `gone_ranks`); a shard an earlier attempt of this rank held is taken first
-        whatever the policy. Losing a race for one shard just moves on to the next."""
-        for _ in range(len(self.order) + 1):
-            done, holders = self.rd.done_shards(), self.holders()
-            dead = {c for s, c in holders.items() if s not in done and c.token != self.token and self.dead(c)}
+        whatever the policy. One look (`look`, or a fresh one) serves every try: a lost race
+        marks its shard taken and, with `spread` > 1, the next try starts a pseudo-random way
+        down the candidates, so that ranks starting together do not all race for the same ones."""
+        look = look or self.look()
+        done, holders = look.done, dict(look.holders)
+        unfinished = [s for s in self.order if s not in done]
+        with self._lock:
+            mine = dict(self.mine)
+        for attempt in range(len(self.order) + 1):
+            dead = {c for s, c in holders.items() if s not in done and c.token != self.token and self.dead_in(look, c)}
             found = claimable(self.order, done, holders, dead.__contains__, self.rank, self.token)
+            found = [f for f in found if f[0] not in mine]
             if not found:
                 return None
-            if found[0][2] or choose is None:
+            if found[0][2]:
                 shard, gen, _ = found[0]
+            elif choose is None:
+                shard, gen, _ = found[self._skip(attempt, found) if attempt else 0]
             else:
-                shard = choose(
-                    [s for s, _, _ in found], [s for s in self.order if s not in done], len(self.gone_ranks(dead))
-                )
+                candidates = [s for s, _, _ in found]
+                gone = len(self.gone_ranks(dead, look))
+                shard = None
+                if attempt and self.spread > 1:
+                    shard = choose(candidates[self._skip(attempt, found) :], unfinished, gone)
+                if shard is None:
+                    shard = choose(candidates, unfinished, gone)
                 if shard is None:
                     return None
                 gen = next(g for s, g, _ in found if s == shard)
             if self._create(shard, gen):
-                self.mine[shard] = gen
+                with self._lock:
+                    self.mine[shard] = gen
                 return shard
+            holders[shard] = Claim(shard, gen, -2, "<lost race>")  # taken: by whom is not needed now
+            look.judged[(-2, attempt_tag("<lost race>"))] = False
         return None
 
-    def gone_ranks(self, dead: Set[Claim]) -> Set[int]:
+    def _skip(self, attempt: int, found: list) -> int:
+        """How far down the candidates a try after a lost race starts (pseudo-random per rank)."""
+        return (self.rank * 2654435761 + attempt * 40503) % min(self.spread, len(found))
+
+    def gone_ranks(self, dead: Set[Claim], look: Optional[Look] = None) -> Set[int]:
         """Other ranks whose latest attempt holds one of the `dead` claims: they will not come back
-        for their share (a superseded attempt's rank has restarted and will)."""
+        for their share (a superseded attempt's rank has restarted and will). A newer attempt's
+        live beat name says the rank restarted; without beat names the owner file says it."""
         gone = set()
-        for rank, token in {(c.rank, c.token) for c in dead if c.rank not in (self.rank, -1)}:
+        for rank, token in {(c.rank, c.token) for c in dead if c.rank not in (self.rank, -1, -2)}:
+            tag = attempt_tag(token)
+            if look is not None and any(r == rank for r, _ in look.beats):
+                restarted = any(r == rank and t != tag and n != "end" for (r, t), n in look.beats.items())
+                if not restarted:
+                    gone.add(rank)
+                continue
             try:
-                latest = self.rd.rank_owner(rank).read_text()
+                latest = attempt_tag(self.rd.rank_owner(rank).read_text())
             except FileNotFoundError:
-                latest = token
-            if latest == token:
+                latest = tag
+            if latest == tag:
                 gone.add(rank)
         return gone
 
     def _create(self, shard: int, gen: int) -> bool:
-        """Write the claim to a temp file, then hard-link it to its name: the link fails if the
-        name exists (atomic on local filesystems and NFS alike), and readers never see it half
-        written."""
-        fd, tmp = tempfile.mkstemp(prefix=".claim.", dir=self.dir)
+        """Write the claim to its holders/ name, then hard-link it to claims/<shard>.<gen>: the
+        link fails if the name exists (atomic on local filesystems and NFS alike), and readers
+        never see it half written. A lost race removes the holders/ name."""
+        index = self.rd.holders_dir / f"{self.rd.claim(shard, gen).name}.{self.rank}.{self.tag}"
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"rank": self.rank, "token": self.token, "host": socket.gethostname()}, f)
-            os.link(tmp, self.rd.claim(shard, gen))
+            f = open(index, "x")
+        except FileExistsError:  # left by a crash of this very attempt: never, but harmless
+            os.unlink(index)
+            f = open(index, "x")
+        with f:
+            json.dump({"rank": self.rank, "token": self.token, "host": socket.gethostname()}, f)
+        try:
+            os.link(index, self.rd.claim(shard, gen))
             return True
         except FileExistsError:
+            os.unlink(index)
             return False
-        finally:
-            os.unlink(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(index)
+            raise
 
     def check(self, shard: int) -> None:
         """Raise ClaimLost when this attempt no longer holds `shard` (a newer claim exists)."""
@@ -221,31 +407,57 @@ class Claims:
             raise ClaimLost(f"shard {shard} was taken over by another rank")
 
     def release(self, shard: int) -> None:
-        self.mine.pop(shard, None)
+        with self._lock:
+            self.mine.pop(shard, None)
 
-    def unfinished(self) -> int:
+    def unfinished(self, look: Optional[Look] = None) -> int:
         """Shards not done and not held by this attempt: while any, an idle rank stays to take
-        over the claims of ranks that die."""
-        done = self.rd.done_shards()
-        return sum(1 for s in self.order if s not in done and s not in self.mine)
+        over the claims of ranks that die. From `look`'s listing, or a fresh one of done/."""
+        done = look.done if look is not None else self.rd.done_shards()
+        with self._lock:
+            mine = set(self.mine)
+        return sum(1 for s in self.order if s not in done and s not in mine)
 
 
 class Heartbeat:
     """Rewrites `ranks/<rank>.beat` every `interval` seconds from a daemon thread, so other ranks
-    can tell this attempt is alive whatever the engine is doing."""
+    can tell this attempt is alive whatever the engine is doing; and renames its beat name
+    `beats/<rank>.<tag>.<n>` to <n+1> (one metadata operation), which every rank sees in one
+    listing of beats/. At start it marks the beat names of the rank's earlier attempts `end`
+    (this attempt supersedes them); `stop` marks its own."""
 
     def __init__(self, rd: RunDir, rank: int, token: str, interval: float):
         self.path, self.token, self.interval = rd.rank_beat(rank), token, interval
+        self.beats_dir, self.rank, self.tag = rd.beats_dir, rank, attempt_tag(token)
+        self.n = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="hpcinfer-heartbeat", daemon=True)
 
+    def _name(self, n: object) -> Path:
+        return self.beats_dir / f"{self.rank}.{self.tag}.{n}"
+
     def start(self) -> Heartbeat:
-        self._beat(0)
+        self.beats_dir.mkdir(exist_ok=True, mode=0o700)
+        for name in list_names(self.beats_dir):
+            parsed = parse_beat_name(name)
+            if parsed and parsed[0] == self.rank and parsed[1] != self.tag and parsed[2] != "end":
+                with contextlib.suppress(OSError):  # an earlier attempt of this rank: superseded
+                    os.rename(self.beats_dir / name, self._name_of(parsed[1], "end"))
+        self._name(0).touch()
+        atomic_write(self.path, f"{self.token} 0", durable=False)
         self._thread.start()
         return self
 
+    def _name_of(self, tag: str, n: object) -> Path:
+        return self.beats_dir / f"{self.rank}.{tag}.{n}"
+
     def _beat(self, n: int) -> None:
         atomic_write(self.path, f"{self.token} {n}", durable=False)
+        with self._lock:
+            if not self._stop.is_set():
+                os.rename(self._name(self.n), self._name(n))
+                self.n = n
 
     def _run(self) -> None:
         n = 1
@@ -257,4 +469,7 @@ class Heartbeat:
             n += 1
 
     def stop(self) -> None:
+        """Stop beating and mark this attempt's beat name `end`: its claims are dead at once."""
         self._stop.set()
+        with self._lock, contextlib.suppress(OSError):
+            os.rename(self._name(self.n), self._name("end"))
