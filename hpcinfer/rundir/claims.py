@@ -43,6 +43,7 @@ the shard's assembly. `claimable` is the pure protocol, rank/schedule.py the bal
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -106,6 +107,7 @@ def parse_claim_name(name: str) -> Optional[Tuple[int, int]]:
     return (int(stem), int(gen)) if stem.isdigit() and gen.isdigit() else None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def attempt_tag(token: str) -> str:
     """A short name-safe tag of an attempt's token, for file names (48 bits of its SHA-1)."""
     if token.startswith("#"):  # already a tag (a Claim known from its index name)
@@ -178,31 +180,61 @@ class Claims:
         self._names: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name seen, since)
         self._files: Dict[Tuple[int, str], Tuple[bool, float]] = {}  # (rank, tag) -> (ended, checked at)
         self._seen: Dict[Tuple[int, int], Claim] = {}
+        # what the listings showed so far (holders, done): names are parsed once
+        self._claim_names: Set[str] = set()
+        self._index_names: Set[str] = set()
+        self._latest: Dict[int, int] = {}  # shard -> latest generation
+        self._index: Dict[Tuple[int, int], Set[Tuple[int, str]]] = {}  # (shard, gen) -> {(rank, tag)}
+        self._holders: Dict[int, Claim] = {}
+        self._done_names: Set[str] = set()
+        self._done_parsed: Dict[str, int] = {}
         self.last: Optional[Look] = None  # the latest look
 
     # ---- reading ----------------------------------------------------------------------
     def holders(self) -> Dict[int, Claim]:
         """The latest claim of every claimed shard: one listing of claims/ and one of holders/;
-        a claim file is read only when its index name is missing or ambiguous."""
-        latest: Dict[int, int] = {}
-        for name in list_names(self.dir):
+        a claim file is read only when its index name is missing or ambiguous. Incremental:
+        only names not seen before are parsed (claim and index names are write-once; an index
+        name a lost race removes is dropped), and only the shards they touch are looked at again."""
+        claim_names = set(list_names(self.dir))
+        index_names = set(list_names(self.rd.holders_dir))
+        touched = set()
+        for name in claim_names - self._claim_names:
             parsed = parse_claim_name(name)
-            if parsed and parsed[1] >= latest.get(parsed[0], -1):
-                latest[parsed[0]] = parsed[1]
-        index: Dict[Tuple[int, int], List[Tuple[int, str]]] = {}
-        for name in list_names(self.rd.holders_dir):
+            if parsed and parsed[1] >= self._latest.get(parsed[0], -1):
+                self._latest[parsed[0]] = parsed[1]
+                touched.add(parsed[0])
+        for name, sign in [(n, 1) for n in index_names - self._index_names] + [
+            (n, -1) for n in self._index_names - index_names
+        ]:
             parsed = parse_holder_name(name)
-            if parsed and latest.get(parsed[0]) == parsed[1]:
-                index.setdefault(parsed[:2], []).append(parsed[2:])
-        out = {}
-        for shard, gen in latest.items():
-            named = index.get((shard, gen), [])
+            if parsed:
+                named = self._index.setdefault(parsed[:2], set())
+                (named.add if sign > 0 else named.discard)(parsed[2:])
+                touched.add(parsed[0])
+        self._claim_names, self._index_names = claim_names, index_names
+        for shard in touched:
+            gen = self._latest.get(shard)
+            if gen is None:
+                continue
+            named = self._index.get((shard, gen), set())
             if len(named) == 1:
-                rank, tag = named[0]
-                out[shard] = Claim(shard, gen, rank, self.token if tag == self.tag else f"#{tag}")
-            else:  # written by an older hpcinfer, or a crash left a lost race's name behind
-                out[shard] = self._read(shard, gen)
-        return out
+                rank, tag = next(iter(named))
+                self._holders[shard] = Claim(shard, gen, rank, self.token if tag == self.tag else f"#{tag}")
+            else:  # an older hpcinfer's, or a crash left a lost race's name beside it: read it
+                self._holders[shard] = self._read(shard, gen)
+        return dict(self._holders)
+
+    def done(self) -> Set[int]:
+        """The shards with a done marker: one listing of done/, parsing only names not seen before
+        (a marker set aside by a repair drops out)."""
+        names = set(list_names(self.rd.done_dir))
+        for name in names - self._done_names:
+            stem, dot, ext = name.partition(".")
+            if stem.isdigit() and ext == "json":
+                self._done_parsed[name] = int(stem)
+        self._done_names = names
+        return {self._done_parsed[n] for n in names if n in self._done_parsed}
 
     def _read(self, shard: int, gen: int) -> Claim:
         """A claim file's content (write-once, so read once); an unreadable one is a dead claim
@@ -235,7 +267,7 @@ class Claims:
 
     def look(self) -> Look:
         """The four listings of one look: done/, claims/, holders/, beats/."""
-        done, holders = self.rd.done_shards(), self.holders()
+        done, holders = self.done(), self.holders()
         beats = self.beats()
         self.last = Look(self.clock(), done, holders, beats, {})
         return self.last
@@ -324,8 +356,8 @@ class Claims:
         unfinished = [s for s in self.order if s not in done]
         with self._lock:
             mine = dict(self.mine)
-        for attempt in range(len(self.order) + 1):
-            dead = {c for s, c in holders.items() if s not in done and c.token != self.token and self.dead_in(look, c)}
+        dead = {c for s, c in holders.items() if s not in done and c.token != self.token and self.dead_in(look, c)}
+        for attempt in range(len(self.order) + 1):  # a lost race's shard becomes a live holder's
             found = claimable(self.order, done, holders, dead.__contains__, self.rank, self.token)
             found = [f for f in found if f[0] not in mine]
             if not found:
