@@ -36,7 +36,7 @@ from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, rep
 from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.requests import build_requests
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
-from hpcinfer.rundir.claims import ClaimLost
+from hpcinfer.rundir.claims import ClaimLost, end_beat
 from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
 from hpcinfer.rundir.integrity import describe, read_rank_checked
 from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard
@@ -428,6 +428,8 @@ def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
             error=f"the rank process {how} without recording an error (see its log)",
         )
     )
+    if record.token:
+        end_beat(rd, rank, record.token)  # its claims are taken over at once, not after 3/8 of a lease
 
 
 def main() -> None:

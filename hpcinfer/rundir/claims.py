@@ -451,6 +451,17 @@ class Claims:
         return sum(1 for s in self.order if s not in done and s not in mine)
 
 
+def end_beat(rd: RunDir, rank: int, token: str) -> None:
+    """Mark attempt `token`'s beat name `end`: its claims are dead at once. For a launcher that
+    records a rank's silent death (rank/worker.py record_exit); a missing name is no error."""
+    tag = attempt_tag(token)
+    for name in list_names(rd.beats_dir):
+        parsed = parse_beat_name(name)
+        if parsed and parsed[:2] == (rank, tag) and parsed[2] != "end":
+            with contextlib.suppress(OSError):
+                os.rename(rd.beats_dir / name, rd.beats_dir / f"{rank}.{tag}.end")
+
+
 class Heartbeat:
     """Rewrites `ranks/<rank>.beat` every `interval` seconds from a daemon thread, so other ranks
     can tell this attempt is alive whatever the engine is doing; and renames its beat name

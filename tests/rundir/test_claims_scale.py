@@ -166,3 +166,16 @@ def test_a_stalled_beat_name_is_dead_after_a_lease_on_the_observers_clock(tmp_pa
     now[0] += 0.1
     assert c.next() == 0
     hb.stop()
+
+
+def test_a_launcher_ends_the_beat_name_of_a_rank_killed_silently(tmp_path):
+    from hpcinfer.rank.worker import record_exit
+
+    rd = new_run_dir(tmp_path)
+    assert Claims(rd, 0, "A", [0], 60).next() == 0
+    Heartbeat(rd, 0, "A", 3600).start()  # and then kill -9: no stop()
+    rd.write_rank(RankRecord(0, token="A", state="running"))
+    b = Claims(rd, 1, "B", [0], 60)
+    assert b.next() is None
+    record_exit(rd, 0, -9)
+    assert b.next() == 0 and b.mine == {0: 1}
