@@ -177,7 +177,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
     start.wait()
     t0 = time.monotonic()
     open_: Dict[int, float] = {}
-    blocks, checks, claimed = [], [], 0
+    blocks, checks, claimed, got = [], [], 0, []
     try:
         while not STOP.is_set():
             spent = 0.0
@@ -188,6 +188,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
                 if shard is None:
                     break
                 claimed += 1
+                got.append(shard.shard)
                 open_[shard.shard] = time.monotonic() + args.shard_s * shard.tokens / mean_tokens
             now = time.monotonic()
             for s in [s for s, end in open_.items() if end <= now]:
@@ -213,7 +214,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
             time.sleep(STEP_S)  # an engine step
     finally:
         work.close()
-    out[rank] = dict(end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks)
+    out[rank] = dict(end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks, got=got)
 
 
 def make_shards(n: int) -> List[Shard]:
@@ -251,7 +252,13 @@ def run_side(side: str, args, root: Path) -> Dict:
     ops = dict(COUNTER.counts)  # from the ranks' start-up on
     claims = sum(o["claimed"] for o in out.values())
     if not incomplete and (claims != len(shards) or (rd is not None and len(rd.done_shards()) != len(shards))):
-        sys.exit(f"{side}: {claims} claims of {len(shards)} shards: a shard was lost or claimed twice")
+        seen: Dict[int, List[int]] = {}
+        for r, o in out.items():
+            for s in o["got"]:
+                seen.setdefault(s, []).append(r)
+        twice = {s: rs for s, rs in seen.items() if len(rs) > 1}
+        gens = sorted(p.name for p in rd.claims_dir.iterdir() if not p.name.endswith(".0")) if rd else []
+        sys.exit(f"{side}: {claims} claims of {len(shards)} shards: twice {twice}; takeovers {gens[:20]}")
     per_rank = sorted(ops.get(r, 0) / max(1, out[r]["claimed"]) for r in range(args.ranks))
     blocks = sorted(b * 1000 for o in out.values() for b in o["blocks"])
     checks = sorted(b * 1000 for o in out.values() for b in o["checks"])

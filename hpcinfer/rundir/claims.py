@@ -61,6 +61,7 @@ from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import TERMINAL, Repair
 
 UNREADABLE = "<unreadable>"  # the token of a claim whose file cannot be read: dead
+UNKNOWN = -2  # the rank of a claim whose holder is not known yet (a race just lost): live
 
 
 class ClaimLost(Exception):
@@ -154,6 +155,8 @@ class Claims:
     """One attempt's view of the claims: claim, check, take over. `next` may run in a thread of
     its own (ClaimedWork's claimer) while `check` and `release` run in the engine loop."""
 
+    RELOOK_AFTER = 2  # races lost on one look before looking again (the view is stale)
+
     def __init__(
         self,
         rd: RunDir,
@@ -186,6 +189,7 @@ class Claims:
         self._latest: Dict[int, int] = {}  # shard -> latest generation
         self._index: Dict[Tuple[int, int], Set[Tuple[int, str]]] = {}  # (shard, gen) -> {(rank, tag)}
         self._holders: Dict[int, Claim] = {}
+        self._unsure: Dict[int, float] = {}  # shard -> since when its index names disagree
         self._done_names: Set[str] = set()
         self._done_parsed: Dict[str, int] = {}
         self.last: Optional[Look] = None  # the latest look
@@ -213,6 +217,7 @@ class Claims:
                 (named.add if sign > 0 else named.discard)(parsed[2:])
                 touched.add(parsed[0])
         self._claim_names, self._index_names = claim_names, index_names
+        touched |= set(self._unsure)
         for shard in touched:
             gen = self._latest.get(shard)
             if gen is None:
@@ -221,6 +226,11 @@ class Claims:
             if len(named) == 1:
                 rank, tag = next(iter(named))
                 self._holders[shard] = Claim(shard, gen, rank, self.token if tag == self.tag else f"#{tag}")
+                self._unsure.pop(shard, None)
+            elif named and self.clock() - self._unsure.setdefault(shard, self.clock()) < self.cache_s:
+                # a lost race's name not removed yet: held by someone, live (never taken over on
+                # this); looked at again on the next look, when the name is gone
+                self._holders[shard] = Claim(shard, gen, UNKNOWN, "<unsure>")
             else:  # an older hpcinfer's, or a crash left a lost race's name beside it: read it
                 self._holders[shard] = self._read(shard, gen)
         return dict(self._holders)
@@ -266,10 +276,14 @@ class Claims:
         return out
 
     def look(self) -> Look:
-        """The four listings of one look: done/, claims/, holders/, beats/."""
-        done, holders = self.done(), self.holders()
-        beats = self.beats()
-        self.last = Look(self.clock(), done, holders, beats, {})
+        """The four listings of one look: beats/, claims/ and holders/, then done/ last. In that
+        order, an attempt whose beat name the look saw `end` wrote all its done markers before
+        the listing of done/ (it ends after them), so a shard it finished is never taken for one
+        left by a dead rank."""
+        at, beats = self.clock(), self.beats()
+        holders = self.holders()
+        done = self.done()
+        self.last = Look(at, done, holders, beats, {})
         return self.last
 
     def dead(self, c: Claim) -> bool:
@@ -322,6 +336,8 @@ class Claims:
             return True
         if c.rank == self.rank:  # this rank's earlier attempt: this one superseded it
             return c.token != self.token
+        if c.rank == UNKNOWN:
+            return False
         key = (c.rank, attempt_tag(c.token))
         if key not in look.judged:
             beat = look.beats.get(key)
@@ -348,16 +364,23 @@ class Claims:
         unfinished, gone)` (rank/schedule.py's policy; default: the first candidate) picks among the
         claimable shards in priority order, given the shards not done and how many other ranks
         are gone (see `gone_ranks`); a shard an earlier attempt of this rank held is taken first
-        whatever the policy. One look (`look`, or a fresh one) serves every try: a lost race
-        marks its shard taken and, with `spread` > 1, the next try starts a pseudo-random way
-        down the candidates, so that ranks starting together do not all race for the same ones."""
+        whatever the policy. One look (`look`, or a fresh one) serves the tries until RELOOK_AFTER
+        races are lost on it: a lost race marks its shard taken and, with `spread` > 1, the next
+        try starts a pseudo-random way down the candidates, so that ranks starting together do
+        not all race for the same ones."""
         look = look or self.look()
-        done, holders = look.done, dict(look.holders)
-        unfinished = [s for s in self.order if s not in done]
         with self._lock:
             mine = dict(self.mine)
-        dead = {c for s, c in holders.items() if s not in done and c.token != self.token and self.dead_in(look, c)}
-        for attempt in range(len(self.order) + 1):  # a lost race's shard becomes a live holder's
+        stale = 0  # races lost since the look
+        for attempt in range(len(self.order) + 1):
+            if attempt == 0 or stale >= self.RELOOK_AFTER:  # others are claiming fast: look again
+                if attempt:
+                    look = self.look()
+                done, holders, stale = look.done, dict(look.holders), 0
+                unfinished = [s for s in self.order if s not in done]
+                dead = {
+                    c for s, c in holders.items() if s not in done and c.token != self.token and self.dead_in(look, c)
+                }
             found = claimable(self.order, done, holders, dead.__contains__, self.rank, self.token)
             found = [f for f in found if f[0] not in mine]
             if not found:
@@ -377,12 +400,16 @@ class Claims:
                 if shard is None:
                     return None
                 gen = next(g for s, g, _ in found if s == shard)
+            if gen > 0 and self.rd.is_done(shard):  # finished since the look: nothing to take over
+                done = done | {shard}
+                unfinished = [s for s in unfinished if s != shard]
+                continue
             if self._create(shard, gen):
                 with self._lock:
                     self.mine[shard] = gen
                 return shard
-            holders[shard] = Claim(shard, gen, -2, "<lost race>")  # taken: by whom is not needed now
-            look.judged[(-2, attempt_tag("<lost race>"))] = False
+            holders[shard] = Claim(shard, gen, UNKNOWN, "<lost race>")  # taken: by whom is not needed now
+            stale += 1
         return None
 
     def _skip(self, attempt: int, found: list) -> int:
@@ -394,7 +421,7 @@ class Claims:
         for their share (a superseded attempt's rank has restarted and will). A newer attempt's
         live beat name says the rank restarted; without beat names the owner file says it."""
         gone = set()
-        for rank, token in {(c.rank, c.token) for c in dead if c.rank not in (self.rank, -1, -2)}:
+        for rank, token in {(c.rank, c.token) for c in dead if c.rank not in (self.rank, -1, UNKNOWN)}:
             tag = attempt_tag(token)
             if look is not None and any(r == rank for r, _ in look.beats):
                 restarted = any(r == rank and t != tag and n != "end" for (r, t), n in look.beats.items())
