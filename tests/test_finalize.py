@@ -340,7 +340,8 @@ def test_two_finalizes_at_once_both_publish_the_same_complete_results(tmp_path):
     procs = [start_finalize(rd) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert sum("waiting for another finalize" in err for _, err in outs) == 1
+    # at most one waits (whether they overlap depends on the machine; the next test makes one wait)
+    assert sum("waiting for another finalize" in err for _, err in outs) <= 1
     check_published(rd, rows)
 
 

@@ -33,8 +33,20 @@ def from_dict(cls: Type[T], d: Dict[str, Any]) -> T:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+class Record:
+    """What every record has: `to_json`, and `from_json` through `from_dict` (Plan overrides it for
+    its nested records)."""
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls: Type[T], d: Dict[str, Any]) -> T:
+        return from_dict(cls, d)
+
+
 @dataclass(frozen=True)
-class JobLayout:
+class JobLayout(Record):
     groups: int  # worker jobs (array elements)
     ranks_per_group: int  # ranks (tasks with work) per job
     nodes_per_job: int
@@ -53,9 +65,6 @@ class JobLayout:
     def idle_tasks(self, ranks: int) -> int:
         """Tasks that get no rank (a rank count that does not fill the last node evenly)."""
         return self.groups * self.tasks_per_job - ranks * self.nodes_per_rank
-
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -104,7 +113,7 @@ class RankPlan:
 
 
 @dataclass
-class Plan:
+class Plan(Record):
     tp: int
     pp: int
     dp: int
@@ -128,9 +137,6 @@ class Plan:
     experts: Optional[ExpertLayout] = None  # ep=true: how the experts spread over the GPUs
     submitted_at: Optional[float] = None  # when submit wrote it (the summary's wall_seconds start here)
 
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> Plan:
         plan = from_dict(cls, d)
@@ -142,7 +148,7 @@ class Plan:
 
 
 @dataclass
-class RankRecord:
+class RankRecord(Record):
     """`ranks/<r>.json`: the latest attempt of a rank, rewritten as it goes (not fsynced: progress).
 
     `buffered`: finished rows not yet durable (lost if the rank dies now). `rows_generated`: rows
@@ -179,16 +185,9 @@ class RankRecord:
     def ended(self) -> bool:
         return self.state in TERMINAL
 
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> RankRecord:
-        return from_dict(cls, d)
-
 
 @dataclass
-class DoneRecord:
+class DoneRecord(Record):
     """`done/<id>.json`: a shard whose output is durable; written only after it."""
 
     shard: int
@@ -202,16 +201,9 @@ class DoneRecord:
     rows_resumed: int = 0  # rows taken from an earlier attempt's parts
     finished_at: Optional[float] = None
 
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> DoneRecord:
-        return from_dict(cls, d)
-
 
 @dataclass
-class FinalizeOutcome:
+class FinalizeOutcome(Record):
     """`finalize.json`: how the last finalize ended (Slurm's finalize job writes it)."""
 
     job_id: Optional[str]
@@ -219,16 +211,9 @@ class FinalizeOutcome:
     message: str
     finished_at: Optional[float] = None
 
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> FinalizeOutcome:
-        return from_dict(cls, d)
-
 
 @dataclass
-class Repair:
+class Repair(Record):
     """`repairs/<name>.json`: a run-directory file that was not provably complete (torn, missing,
     unreadable, inconsistent) and what was done about it. Nothing is discarded without one;
     `status` shows them and `summary.json` lists them under `repaired`."""
@@ -240,16 +225,9 @@ class Repair:
     by: str  # who found it: "submit", "finalize", "rank 1 (host:pid:start)"
     at: Optional[float] = None
 
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> Repair:
-        return from_dict(cls, d)
-
 
 @dataclass
-class Submission:
+class Submission(Record):
     """One Slurm submission in `jobs.json`: its worker jobs (or arrays), the finalize job, and the
     ranks of each job (group)."""
 
@@ -257,10 +235,3 @@ class Submission:
     workers: List[str]
     finalize: str
     rank_groups: List[List[int]]
-
-    def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Dict[str, Any]) -> Submission:
-        return from_dict(cls, d)

@@ -32,7 +32,10 @@ open(f"{run}/starts-leader", "a").write("x")
 me = {"rank": rank, "token": f"h:{os.getpid()}:{time.time()}", "host": "h", "pid": os.getpid(), "started_at": time.time()}
 record = lambda state: atomic_write_json(f"{run}/ranks/{rank}.json", {**me, "state": state})
 record("running")
-time.sleep(0.5)  # a real leader runs a while: its headless node sees this attempt start
+while os.environ.get("FAKE_HEADLESS_HERE") and len(open(f"{run}/starts-leader").read()) > (
+        len(open(f"{run}/starts-headless").read()) if os.path.exists(f"{run}/starts-headless") else 0):
+    time.sleep(0.05)  # a real leader runs a while: its headless node (started beside it) sees this attempt start
+time.sleep(0.3)
 if os.environ.get("FAKE_LEADER_FAILS_ONCE") and not os.path.exists(f"{run}/failed-once"):
     open(f"{run}/failed-once", "w").close()
     record("failed")
@@ -85,6 +88,7 @@ SPANNING_LOCAL = ["tp=2", "cluster.gpus_per_node=1"]
 def run_local(tmp_path, monkeypatch, overrides, **env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FAKE_HEADLESS_HERE", "1")
     cfg = compose([*SPANNING_LOCAL, *overrides])
     rd = RunDir(tmp_path / "run")
     rd.create()
@@ -183,14 +187,18 @@ def test_slurm_headless_task_joins_its_leaders_restart_and_ends_with_it(tmp_path
 
 def test_slurm_headless_task_fails_when_its_leader_does(tmp_path, monkeypatch, fake_ranks):
     rd, _ = slurm_task_run(tmp_path, monkeypatch, 1, ["rank_retries=0"])
-    atomic_write_json(
-        rd.rank_file(0), {"rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0, "state": "running"}
-    )
-    threading.Timer(
-        0.5,
-        lambda: atomic_write_json(
-            rd.rank_file(0), {"rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0, "state": "failed"}
-        ),
-    ).start()
+
+    def leader_elsewhere():
+        def record(state):
+            atomic_write_json(
+                rd.rank_file(0), {"rank": 0, "token": "a", "host": "h", "pid": 1, "started_at": 1.0, "state": state}
+            )
+
+        record("running")
+        wait_for(lambda: starts(rd, "headless") == 1)
+        time.sleep(0.3)
+        record("failed")
+
+    threading.Thread(target=leader_elsewhere, daemon=True).start()
     with pytest.raises(RuntimeError, match="headless node 1 failed"):
         entry.run_task(str(rd.path), [0])
