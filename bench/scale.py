@@ -141,7 +141,7 @@ class InstantPool:
             def check(self, shard):
                 pass
 
-            def release(self, shard):
+            def release(self, shard, done=None):
                 with pool.lock:
                     held.discard(shard)
                     pool.unfinished.discard(shard)
@@ -198,7 +198,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
                 if rd is not None:
                     atomic_write_json(rd.done_marker(s), {"shard": s, "rank": rank}, durable=False)
                 a = time.perf_counter()
-                work.release(s)
+                work.release(s, done=True)
                 spent += time.perf_counter() - a
                 del open_[s]
             if not open_:
@@ -208,10 +208,10 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
                 blocks.append(spent)
                 if exhausted:
                     break
-                time.sleep(work.poll_s)
+                time.sleep(max(work.poll_s, args.step_s))
                 continue
             blocks.append(spent)
-            time.sleep(STEP_S)  # an engine step
+            time.sleep(args.step_s)  # an engine step
     finally:
         work.close()
     out[rank] = dict(end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks, got=got)
@@ -292,6 +292,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--shards-per-rank", type=int, default=8)
     ap.add_argument("--op-latency-ms", type=float, default=0.0)
     ap.add_argument("--shard-s", type=float, default=2.0, help="a mean shard's fake generation time")
+    ap.add_argument("--step-s", type=float, default=None, help="the fake engine's step (default: shard-s / 40)")
     ap.add_argument("--lease-s", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--time-limit-s", type=float, default=170.0, help="stop a side here and report so far")
@@ -299,13 +300,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
+    if args.step_s is None:
+        args.step_s = max(STEP_S, args.shard_s / 40)
     sides = args.sides.split(",")
     threading.stack_size(256 * 1024)
     COUNTER.install()
     results: Dict[str, List[Dict]] = {s: [] for s in sides}
     try:
         with work_dir("hpcinfer-scale-", args.tmp, args.keep) as root:
-            warm = argparse.Namespace(**{**vars(args), "ranks": 2, "shards_per_rank": 2, "shard_s": 0.05})
+            warm = argparse.Namespace(
+                **{**vars(args), "ranks": 2, "shards_per_rank": 2, "shard_s": 0.05, "step_s": STEP_S}
+            )
             for side in sides:  # warm-up: imports, first directory creation
                 run_side(side, warm, root)
             COUNTER.latency_s = args.op_latency_ms / 1000

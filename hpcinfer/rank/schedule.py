@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from typing import Collection, Dict, List, Optional, Sequence
+from typing import Callable, Collection, Dict, List, Optional, Sequence
 
 from hpcinfer.rundir.manifest import Shard
 
@@ -40,12 +40,14 @@ def by_mix(
     rows: Dict[int, int],
     held: Collection[int],
     world: int,
+    rest: Optional[Callable[[float], int]] = None,
 ) -> Optional[int]:
     """The first candidate (densest first) for which `share_allows`, counting only the shards
     at least as dense as it (in tokens per row): long requests spread over the ranks first, short
     ones beside them. `held`: the unfinished shards this rank holds. Sorted prefix sums make each
     candidate's pool a binary search, so a rank with thousands of shards to look through stays
-    off its engine's hot path."""
+    off its engine's hot path. `rest(d)`: the tokens at least as dense as d of the unfinished
+    shards not in `unfinished` (a rank that has not listed them yet: rundir/claims.py)."""
 
     def density(s: int) -> float:
         return tokens[s] / max(1, rows[s])
@@ -60,7 +62,7 @@ def by_mix(
     pool, mine = at_least_as_dense(unfinished), at_least_as_dense(held)
     for c in candidates:
         d = density(c)
-        if share_allows(mine(d), tokens[c], pool(d), world):
+        if share_allows(mine(d), tokens[c], pool(d) + (rest(d) if rest else 0), world):
             return c
     return None
 

@@ -11,9 +11,13 @@ rows are generated again; `done` is what passed, `repairs` what was set aside.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import itertools
 import threading
 import time
-from typing import Callable, Collection, List, Optional, Protocol, Set, runtime_checkable
+from pathlib import Path
+from typing import Callable, Collection, Dict, List, Optional, Protocol, Set, Tuple, runtime_checkable
 
 from hpcinfer.rank import schedule
 from hpcinfer.rank.schedule import claim_order
@@ -49,8 +53,8 @@ class Work(Protocol):
         """Raise rundir.claims.ClaimLost when this attempt may no longer write `shard`."""
         ...
 
-    def release(self, shard: int) -> None:
-        """This attempt is through with `shard` (finished, or dropped)."""
+    def release(self, shard: int, done: Optional[bool] = None) -> None:
+        """This attempt is through with `shard`: finished (`done`), or dropped."""
         ...
 
     def close(self) -> None:
@@ -82,7 +86,7 @@ class StaticWork:
     def check(self, shard: int) -> None:
         pass
 
-    def release(self, shard: int) -> None:
+    def release(self, shard: int, done: Optional[bool] = None) -> None:
         pass
 
     def close(self) -> None:
@@ -91,16 +95,18 @@ class StaticWork:
 
 class Claimer:
     """ClaimedWork's background thread: it claims (rundir/claims.py) and keeps the next shard
-    ready, so that the engine loop never waits on the filesystem. It looks (four listings of the
-    run directory, claims.Claims.look) when the ready slot is empty and the loop has asked for a
-    shard, at once after the loop releases one (this rank's share grew), at least every
-    `sweep_s` (a rank that died: its claims to take over, its share to spread), and every
-    `done_s` while the rank is idle (whether the run is over). A policy that declined, or found
-    nothing, stays declined until one of these: what the others hold only ever shrinks the
-    pool, so looking sooner cannot change its answer."""
+    ready, so that the engine loop never waits on the filesystem. It makes a claim look (the
+    holders/ bucket with unclaimed shards: one listing) when the ready slot is empty and the loop
+    has asked for a shard, or at once after the loop releases one (this rank's share grew); a full
+    look (beats/ and the open buckets: dead ranks' claims to take over, their share to spread) at
+    least every `sweep_s`; and while the rank is idle, a full look every `idle_s` (whether the
+    run is over). A policy that declined, or found nothing, stays declined until one of these:
+    what the others hold only ever shrinks the pool, so looking sooner cannot change its answer.
+    Both intervals grow with the ranks of the run (ClaimedWork), so the job's metadata operations
+    per second stay bounded however many ranks wait."""
 
-    def __init__(self, claims: Claims, choose: Callable, sweep_s: float, done_s: float):
-        self.claims, self.choose, self.sweep_s, self.done_s = claims, choose, sweep_s, done_s
+    def __init__(self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float):
+        self.claims, self.choose, self.sweep_s, self.idle_s = claims, choose, sweep_s, idle_s
         self.ready: Optional[int] = None  # a claimed shard not yet handed to the loop
         self.wanted = True  # the loop has room (it asked, or has not started)
         self.finished = False  # the latest look found nothing unfinished that this rank does not hold
@@ -137,31 +143,74 @@ class Claimer:
         self._thread.join(timeout=10)
 
     # ---- the claimer's thread ---------------------------------------------------------
+    def over(self) -> bool:
+        """Nothing unfinished that this rank does not hold, and every done marker there (a shard
+        whose marker was set aside since is claimable again: look at once)."""
+        if self.ready is not None or self.claims.unfinished() > 0:
+            return False
+        if self.claims.confirm_done():
+            return True
+        self._wake.set()
+        return False
+
     def _run(self) -> None:
-        last_look = last_done = -float("inf")
+        last_full = last_idle = -float("inf")
         while not self._stop.is_set():
             woken = self._wake.is_set()
             self._wake.clear()
             now = time.monotonic()
             try:
+                self.claims.flush()
                 with self._lock:
                     need = self.wanted and self.ready is None
-                if need and (woken or now - last_look >= self.sweep_s):
-                    look = self.claims.look()
-                    last_look = last_done = now
+                idle = not self.claims.mine
+                full = now - last_full >= self.sweep_s or (idle and now - last_idle >= self.idle_s)
+                if (need and woken) or full:
+                    look = self.claims.look(full=full)
+                    last_full, last_idle = (now if look.full else last_full), now
                     if need:
                         shard = self.claims.next(self.choose, look)
                         if shard is not None:
                             with self._lock:
                                 self.ready, self.wanted = shard, False
-                    self.finished = self.ready is None and self.claims.unfinished(look) == 0
-                elif not self.claims.mine and now - last_done >= self.done_s:  # idle: is the run over?
-                    last_done = now
-                    self.finished = self.claims.unfinished() == 0
+                    self.finished = self.over()
             except Exception as e:  # the loop raises it on its next take()
                 self.error = e
                 return
-            self._wake.wait(min(self.sweep_s, self.done_s))
+            self._wake.wait(min(self.sweep_s, self.idle_s))
+
+
+class Tables:
+    """A run's shards as ClaimedWork needs them: by id, tokens, rows, claim order, and the tokens
+    of a stretch of the claim order at least as dense as a density (the balancing policy's pool
+    beyond what a rank has listed). The same for every rank of a run; ranks in one process (a
+    simulation: bench/scale.py) share one."""
+
+    _cache: Dict[int, Tuple[List[Shard], Tables]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, shards: List[Shard]):
+        self.by_id = {s.shard: s for s in shards}
+        self.tokens = {s.shard: s.tokens for s in shards}
+        self.rows = {s.shard: s.rows for s in shards}
+        self.order = [s.shard for s in claim_order(shards)]
+        # densities along the claim order only fall (it is densest first): negated, they rise
+        self._neg = [-self.tokens[s] / max(1, self.rows[s]) for s in self.order]
+        self._sums = list(itertools.accumulate((self.tokens[s] for s in self.order), initial=0))
+
+    @classmethod
+    def of(cls, shards: List[Shard]) -> Tables:
+        with cls._lock:
+            cached = cls._cache.get(id(shards))
+            if cached is None or cached[0] is not shards:
+                cls._cache.clear()
+                cached = cls._cache[id(shards)] = (shards, cls(shards))
+            return cached[1]
+
+    def tokens_from(self, start: int, density: float) -> int:
+        """The tokens of the shards at claim-order positions >= `start` at least as dense as `density`."""
+        end = bisect.bisect_right(self._neg, -density)
+        return self._sums[end] - self._sums[start] if end > start else 0
 
 
 class ClaimedWork:
@@ -169,27 +218,42 @@ class ClaimedWork:
     policy (`schedule.by_mix`) allows: every rank its share of the longest requests first, all
     started at once, short ones beside them. It keeps one batch of rows in its engine. An idle rank
     stays while other ranks hold unfinished shards, to take them over if they die. Claiming runs
-    in a background thread (`Claimer`): `next` and `exhausted` never touch the filesystem."""
+    in a background thread (`Claimer`): `next` and `exhausted` never touch the filesystem.
+
+    How often it looks grows with the ranks (`world`): a full look at least every
+    max(min(15 s, lease/8), world/50 s), at most lease/2 (a dead rank's claims are taken over
+    within 1.5 leases); an idle rank's every max(1 s, world/200 s), at most that. At 1,000 ranks:
+    20 s and 5 s."""
 
     room_batches = 1
     poll_s = 0.05  # how often an idle engine loop asks again (memory only: the claimer looks)
-    idle_s = 1.0  # how often an idle rank lists done/ to see whether the run is over
 
     def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
         verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
         self.done, self.repairs = verified.done, verified.repairs
-        self.by_id, self.world = {s.shard: s for s in shards}, world
-        self.tokens = {s.shard: s.tokens for s in shards}
-        self.rows = {s.shard: s.rows for s in shards}
-        order = [s.shard for s in claim_order(shards)]
-        self.claims = Claims(rd, rank, token, order, lease_s, spread=world)
+        self.tables = Tables.of(shards)
+        self.by_id, self.world = self.tables.by_id, world
+        self.tokens, self.rows = self.tables.tokens, self.tables.rows
+        set_aside = {s for s in map(repaired_shard, self.repairs) if s is not None}
+        self.claims = Claims(rd, rank, token, self.tables.order, lease_s, spread=world, notdone=sorted(set_aside))
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
-        sweep_s = min(15.0, max(0.05, lease_s / 8))
-        self.claimer = Claimer(self.claims, self._choose, sweep_s, self.idle_s).start()
+        self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
+        self.idle_s = min(self.sweep_s, max(1.0, world / 200))
+        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s).start()
 
     def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
         # a rank that is gone leaves its share to the others
-        return schedule.by_mix(candidates, unfinished, self.tokens, self.rows, self.held, max(1, self.world - gone))
+        look = self.claims.last
+        tail = len(self.tables.order) if look is None else look.tail
+        return schedule.by_mix(
+            candidates,
+            unfinished,
+            self.tokens,
+            self.rows,
+            self.held,
+            max(1, self.world - gone),
+            rest=lambda d: self.tables.tokens_from(tail, d),
+        )
 
     def describe(self) -> str:
         return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), longest rows first"
@@ -212,10 +276,18 @@ class ClaimedWork:
     def check(self, shard: int) -> None:
         self.claims.check(shard)
 
-    def release(self, shard: int) -> None:
-        self.claims.release(shard)
+    def release(self, shard: int, done: Optional[bool] = None) -> None:
+        self.claims.release(shard, done)
         self.claimer.changed()
 
     def close(self) -> None:
         self.claimer.stop()
+        with contextlib.suppress(OSError):
+            self.claims.flush()  # done names before the beat name ends
         self.heartbeat.stop()
+
+
+def repaired_shard(repair: Repair) -> Optional[int]:
+    """The shard whose done marker or output a repair set aside (its path's stem), else None."""
+    stem = Path(repair.path).name.split(".")[0]
+    return int(stem) if repair.what in ("done marker", "shard output") and stem.isdigit() else None

@@ -362,7 +362,7 @@ class ShardLoop:
         self.state.check_owner()
         done = finish_shard(self.rd, o.shard, o.ck, self.rank, time.time() - o.started, o.shard.rows - len(o.todo))
         del self.open[o.shard.shard]
-        self.work.release(o.shard.shard)
+        self.work.release(o.shard.shard, done=True)
         self.state.record.output_tokens = self.base_tokens  # drop what was streamed: the done totals count it
         self.state.add_shard(done)
         self.finished_rows += o.shard.rows

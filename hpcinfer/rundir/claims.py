@@ -116,12 +116,14 @@ def attempt_tag(token: str) -> str:
     return hashlib.sha1(token.encode()).hexdigest()[:12]
 
 
-def parse_holder_name(name: str) -> Optional[Tuple[int, int, int, str]]:
-    """(shard, gen, rank, tag) of a holders/ name '<shard>.<gen>.<rank>.<tag>', None otherwise."""
+def parse_holder_name(name: str) -> Optional[Tuple[int, int, int, str, bool]]:
+    """(shard, gen, rank, tag, done) of a holders/ name '<shard>.<gen>.<rank>.<tag>[.done]', None
+    otherwise."""
     parts = name.split(".")
-    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+    done = len(parts) == 5 and parts[4] == "done"
+    if len(parts) != 4 + done or not all(p.isdigit() for p in parts[:3]):
         return None
-    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
+    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3], done
 
 
 def parse_beat_name(name: str) -> Optional[Tuple[int, str, str]]:
@@ -140,20 +142,57 @@ def list_names(path: Path) -> List[str]:
         return []
 
 
+BUCKET = 256  # shards per holders/ folder, in claim order
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The claim order cut into buckets of `size` shards (holders/<bucket>/). The same for every
+    rank of a run (the order comes from the manifest); shared by the ranks of one process."""
+
+    order: Tuple[int, ...]
+    size: int
+    pos: Dict[int, int]  # shard -> position in the order
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.order) // self.size)
+
+    def bucket(self, shard: int) -> int:
+        return self.pos[shard] // self.size
+
+    def shards(self, b: int) -> Tuple[int, ...]:
+        return self.order[b * self.size : (b + 1) * self.size]
+
+
+@functools.lru_cache(maxsize=8)
+def layout(order: Tuple[int, ...], size: int = BUCKET) -> Layout:
+    return Layout(order, size, {s: i for i, s in enumerate(order)})
+
+
 @dataclass
 class Look:
-    """One look at the run directory: its four listings, taken once."""
+    """One look at the run directory: the beats/ listing (a full look's; a claim look reuses the
+    latest) and the holders/ buckets up to the first with unclaimed shards."""
 
     at: float  # the observer's clock when the beats were listed
-    done: Set[int]
-    holders: Dict[int, Claim]
+    done: Set[int]  # shards known done, of the open buckets
+    holders: Dict[int, Claim]  # the latest claim of the claimed shards of the open buckets
     beats: Dict[Tuple[int, str], str]  # (rank, tag) -> counter, or "end"
     judged: Dict[Tuple[int, str], bool]  # (rank, tag) -> dead, filled as the look goes
+    order: List[int]  # the shards of the open buckets up to the first with unclaimed shards
+    tail: int  # where in the claim order the buckets after those start
+    full: bool = True
 
 
 class Claims:
     """One attempt's view of the claims: claim, check, take over. `next` may run in a thread of
-    its own (ClaimedWork's claimer) while `check` and `release` run in the engine loop."""
+    its own (ClaimedWork's claimer) while `check` and `release` run in the engine loop.
+
+    Partitioned: the claim order is cut into buckets of `bucket` shards, holders/<bucket>/; a
+    bucket whose shards are all done is closed and never listed again; a look lists the open
+    buckets up to the first with an unclaimed shard (a claim look: only that one), so what it
+    reads does not grow with the run, nor does what an attempt keeps in memory."""
 
     RELOOK_AFTER = 2  # races lost on one look before looking again (the view is stale)
 
@@ -167,8 +206,11 @@ class Claims:
         clock: Callable[[], float] = time.monotonic,
         cache_s: Optional[float] = None,
         spread: int = 1,
+        bucket: int = BUCKET,
+        notdone: Sequence[int] = (),
     ):
-        self.rd, self.rank, self.token, self.order = rd, rank, token, list(order)
+        self.rd, self.rank, self.token = rd, rank, token
+        self.layout = layout(tuple(order), bucket)
         self.tag = attempt_tag(token)
         self.lease_s, self.clock = lease_s, clock
         self.cache_s = lease_s / 8 if cache_s is None else cache_s  # how long a file check is kept
@@ -178,73 +220,125 @@ class Claims:
         self.dir.mkdir(exist_ok=True, mode=0o700)
         rd.holders_dir.mkdir(exist_ok=True, mode=0o700)
         self.mine: Dict[int, int] = {}  # shard -> generation this attempt holds
-        self._lock = threading.Lock()  # guards `mine` (next runs in the claimer, release in the engine loop)
+        self._lock = threading.Lock()  # guards `mine`, `_pending` (release runs in the engine loop)
+        self._pending: List[Tuple[int, int, Optional[bool]]] = []  # released: (shard, gen, done or unknown)
         self._beats: Dict[int, Tuple[Optional[str], float]] = {}  # rank -> (last beat seen, when it changed)
-        self._names: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name seen, since)
+        self._beat_names: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name, since)
         self._files: Dict[Tuple[int, str], Tuple[bool, float]] = {}  # (rank, tag) -> (ended, checked at)
-        self._seen: Dict[Tuple[int, int], Claim] = {}
-        # what the listings showed so far (holders, done): names are parsed once
-        self._claim_names: Set[str] = set()
-        self._index_names: Set[str] = set()
+        self._seen: Dict[Tuple[int, int], Claim] = {}  # claim files read (write-once)
+        # what the listings of the open buckets showed so far: names are parsed once
+        self._names: Dict[int, Set[str]] = {}  # bucket -> its names at its latest listing
+        self._made: Set[int] = set()  # buckets whose folder exists
         self._latest: Dict[int, int] = {}  # shard -> latest generation
-        self._index: Dict[Tuple[int, int], Set[Tuple[int, str]]] = {}  # (shard, gen) -> {(rank, tag)}
+        self._index: Dict[Tuple[int, int], Dict[Tuple[int, str], bool]] = {}  # (shard, gen) -> {(rank, tag): done}
         self._holders: Dict[int, Claim] = {}
         self._unsure: Dict[int, float] = {}  # shard -> since when its index names disagree
-        self._done_names: Set[str] = set()
-        self._done_parsed: Dict[str, int] = {}
+        self._lost: Set[int] = set()  # shards whose race was lost: judged at their bucket's next listing
+        self.done_in: Dict[int, Set[int]] = {}  # open bucket -> its shards known done
+        self._done: Set[int] = set()  # the same, all open buckets together
+        self.closed: Set[int] = set()  # buckets all of whose shards are done
+        self._full: Set[int] = set()  # buckets all of whose shards are claimed or done
+        self.notdone: Dict[int, int] = {s: -1 for s in notdone}  # shard -> a gen whose done name is stale
         self.last: Optional[Look] = None  # the latest look
 
-    # ---- reading ----------------------------------------------------------------------
-    def holders(self) -> Dict[int, Claim]:
-        """The latest claim of every claimed shard: one listing of claims/ and one of holders/;
-        a claim file is read only when its index name is missing or ambiguous. Incremental:
-        only names not seen before are parsed (claim and index names are write-once; an index
-        name a lost race removes is dropped), and only the shards they touch are looked at again."""
-        claim_names = set(list_names(self.dir))
-        index_names = set(list_names(self.rd.holders_dir))
-        touched = set()
-        for name in claim_names - self._claim_names:
-            parsed = parse_claim_name(name)
-            if parsed and parsed[1] >= self._latest.get(parsed[0], -1):
-                self._latest[parsed[0]] = parsed[1]
-                touched.add(parsed[0])
-        for name, sign in [(n, 1) for n in index_names - self._index_names] + [
-            (n, -1) for n in self._index_names - index_names
-        ]:
-            parsed = parse_holder_name(name)
-            if parsed:
-                named = self._index.setdefault(parsed[:2], set())
-                (named.add if sign > 0 else named.discard)(parsed[2:])
-                touched.add(parsed[0])
-        self._claim_names, self._index_names = claim_names, index_names
-        touched |= set(self._unsure)
-        for shard in touched:
-            gen = self._latest.get(shard)
-            if gen is None:
-                continue
-            named = self._index.get((shard, gen), set())
-            if len(named) == 1:
-                rank, tag = next(iter(named))
-                self._holders[shard] = Claim(shard, gen, rank, self.token if tag == self.tag else f"#{tag}")
-                self._unsure.pop(shard, None)
-            elif named and self.clock() - self._unsure.setdefault(shard, self.clock()) < self.cache_s:
-                # a lost race's name not removed yet: held by someone, live (never taken over on
-                # this); looked at again on the next look, when the name is gone
-                self._holders[shard] = Claim(shard, gen, UNKNOWN, "<unsure>")
-            else:  # an older hpcinfer's, or a crash left a lost race's name beside it: read it
-                self._holders[shard] = self._read(shard, gen)
-        return dict(self._holders)
+    @property
+    def order(self) -> Tuple[int, ...]:
+        return self.layout.order
 
-    def done(self) -> Set[int]:
-        """The shards with a done marker: one listing of done/, parsing only names not seen before
-        (a marker set aside by a repair drops out)."""
-        names = set(list_names(self.rd.done_dir))
-        for name in names - self._done_names:
-            stem, dot, ext = name.partition(".")
-            if stem.isdigit() and ext == "json":
-                self._done_parsed[name] = int(stem)
-        self._done_names = names
-        return {self._done_parsed[n] for n in names if n in self._done_parsed}
+    # ---- reading ----------------------------------------------------------------------
+    def _bdir(self, b: int) -> Path:
+        return self.rd.holders_dir / f"{b:06d}"
+
+    def _list_bucket(self, b: int) -> None:
+        """One listing of bucket `b`: only names not seen before are parsed (holders names are
+        write-once but for a lost race's, which is removed, and `.done`, which a rename adds), and
+        only the shards they touch are looked at again."""
+        names = set(list_names(self._bdir(b)))
+        if names:
+            self._made.add(b)
+        old = self._names.get(b, set())
+        touched = set()
+        for name, add in [(n, False) for n in old - names] + [(n, True) for n in names - old]:
+            parsed = parse_holder_name(name)
+            if parsed is None:
+                continue
+            shard, gen, rank, tag, done = parsed
+            named = self._index.setdefault((shard, gen), {})
+            if add:
+                named[(rank, tag)] = done or named.get((rank, tag), False)
+                if gen > self._latest.get(shard, -1):
+                    self._latest[shard] = gen
+            elif not done and not named.get((rank, tag), False):
+                named.pop((rank, tag), None)  # a lost race's name, removed (not one renamed .done)
+            touched.add(shard)
+        self._names[b] = names
+        again = {s for s in set(self._unsure) | self._lost if self.layout.bucket(s) == b}
+        self._lost -= again
+        for shard in touched | again:
+            self._judge_holder(shard)
+
+    def _judge_holder(self, shard: int) -> None:
+        gen = self._latest.get(shard)
+        if gen is None:
+            return
+        named = self._index.get((shard, gen), {})
+        if self.notdone.get(shard) == -1:  # set aside before this attempt: stale at what is there now
+            self.notdone[shard] = gen if any(named.values()) else gen - 1
+        if named and any(named.values()) and gen > self.notdone.get(shard, -2):
+            self._mark_done(shard)
+        if len(named) == 1:
+            rank, tag = next(iter(named))
+            self._holders[shard] = Claim(shard, gen, rank, self.token if tag == self.tag else f"#{tag}")
+            self._unsure.pop(shard, None)
+        elif named and self.clock() - self._unsure.setdefault(shard, self.clock()) < self.cache_s:
+            # a lost race's name not removed yet: held by someone, live (never taken over on
+            # this); looked at again on the next listing, when the name is gone
+            self._holders[shard] = Claim(shard, gen, UNKNOWN, "<unsure>")
+        else:  # an older hpcinfer's, or a crash left a lost race's name beside it: read it
+            self._unsure.pop(shard, None)
+            self._holders[shard] = self._read(shard, gen)
+
+    def _mark_done(self, shard: int) -> None:
+        b = self.layout.bucket(shard)
+        if b in self.closed:
+            return
+        done = self.done_in.setdefault(b, set())
+        done.add(shard)
+        self._done.add(shard)
+        if len(done) == len(self.layout.shards(b)):
+            self._close(b)
+
+    def _close(self, b: int) -> None:
+        """Every shard of `b` is done: forget it, never list it again."""
+        self.closed.add(b)
+        for s in self.layout.shards(b):
+            self._done.discard(s)
+            self._holders.pop(s, None)
+            self._unsure.pop(s, None)
+            for g in range(self._latest.pop(s, -1) + 1):
+                self._index.pop((s, g), None)
+        self.done_in.pop(b, None)
+        self._names.pop(b, None)
+
+    def reopen(self, shards: Set[int]) -> None:
+        """These shards are not done after all (their done markers were set aside): their buckets
+        are listed again, and their done names disregarded."""
+        for s in shards:
+            self.notdone[s] = max(self.notdone.get(s, -1), self._latest.get(s, 0))
+            b = self.layout.bucket(s)
+            self.closed.discard(b)
+            self._full.discard(b)
+            self._names.pop(b, None)  # parse all of it again
+            self.done_in.get(b, set()).discard(s)
+            self._done.discard(s)
+
+    def holders(self) -> Dict[int, Claim]:
+        """The latest claim of every claimed shard of the open buckets: one listing of each (a
+        claim file is read only when its index name is missing or ambiguous)."""
+        for b in range(self.layout.count):
+            if b not in self.closed:
+                self._list_bucket(b)
+        return dict(self._holders)
 
     def _read(self, shard: int, gen: int) -> Claim:
         """A claim file's content (write-once, so read once); an unreadable one is a dead claim
@@ -256,6 +350,8 @@ class Claims:
                 with open(path) as f:
                     info = json.load(f)
                 self._seen[key] = Claim(shard, gen, int(info["rank"]), str(info["token"]))
+            except FileNotFoundError:  # its name was made, its link not yet: live, look later
+                return Claim(shard, gen, UNKNOWN, "<unsure>")
             except READ_ERRORS as e:
                 self._seen[key] = Claim(shard, gen, -1, UNREADABLE)
                 why = f"unreadable: {one_line(str(e))}"
@@ -275,15 +371,45 @@ class Claims:
                 out[parsed[:2]] = parsed[2]
         return out
 
-    def look(self) -> Look:
-        """The four listings of one look: beats/, claims/ and holders/, then done/ last. In that
-        order, an attempt whose beat name the look saw `end` wrote all its done markers before
-        the listing of done/ (it ends after them), so a shard it finished is never taken for one
-        left by a dead rank."""
-        at, beats = self.clock(), self.beats()
-        holders = self.holders()
-        done = self.done()
-        self.last = Look(at, done, holders, beats, {})
+    def _free(self, b: int) -> bool:
+        """Whether bucket `b` may hold an unclaimed shard (unlisted: it may). Claims are never
+        undone, so a bucket seen full stays full (until `reopen`)."""
+        if b in self._full:
+            return False
+        if b not in self._names:
+            return True
+        done = self.done_in.get(b, ())
+        if any(s not in self._latest and s not in done for s in self.layout.shards(b)):
+            return True
+        self._full.add(b)
+        return False
+
+    def look(self, full: bool = True) -> Look:
+        """A full look lists beats/, then the open buckets in claim order up to the first with an
+        unclaimed shard; a claim look (`full=False`) only the buckets that may have one, up to the
+        first that does, and judges liveness from the latest full look's beats (an attempt not in
+        them started since: alive). Beats are listed before the buckets: an attempt whose beat name
+        the look saw `end` had renamed its done names before (it ends after them), so a shard it
+        finished is never taken for one left by a dead rank."""
+        self.flush()
+        if full or self.last is None:
+            at, beats, judged, full = self.clock(), self.beats(), {}, True
+        else:
+            at, beats, judged = self.last.at, self.last.beats, self.last.judged
+        order: List[int] = []
+        tail = len(self.layout.order)
+        for b in range(self.layout.count):
+            if b in self.closed:
+                continue
+            if full or self._free(b):
+                self._list_bucket(b)
+                if b in self.closed:
+                    continue
+            order.extend(self.layout.shards(b))
+            if self._free(b):
+                tail = min(tail, (b + 1) * self.layout.size)
+                break
+        self.last = Look(at, self._done, self._holders, beats, judged, order, tail, full)
         return self.last
 
     def dead(self, c: Claim) -> bool:
@@ -331,9 +457,9 @@ class Claims:
 
     def dead_in(self, look: Look, c: Claim) -> bool:
         """Whether `c`'s attempt is gone, judged once per attempt and look: from its beat name when
-        it has one (see the module docstring), else from its rank's files (`dead`)."""
-        if c.token == UNREADABLE:
-            return True
+        it has one (see the module docstring), else (full looks only) from its rank's files."""
+        if c.token == UNREADABLE or self._stale_done(c):
+            return True  # unreadable, or finished by an attempt whose done marker was set aside
         if c.rank == self.rank:  # this rank's earlier attempt: this one superseded it
             return c.token != self.token
         if c.rank == UNKNOWN:
@@ -342,17 +468,21 @@ class Claims:
         if key not in look.judged:
             beat = look.beats.get(key)
             if beat is None:
-                look.judged[key] = self.dead(c)
+                look.judged[key] = self.dead(c) if look.full else False
             elif beat == "end":
                 look.judged[key] = True
             else:
-                seen, since = self._names.get(key, (None, look.at))
+                seen, since = self._beat_names.get(key, (None, look.at))
                 if beat != seen:
-                    self._names[key] = (beat, look.at)
+                    self._beat_names[key] = (beat, look.at)
                     since = look.at
                 stalled = look.at - since
                 look.judged[key] = stalled >= self.lease_s or (stalled >= self.suspect_s and self._ended(*key))
         return look.judged[key]
+
+    def _stale_done(self, c: Claim) -> bool:
+        """Whether `c` finished its shard but the done marker was set aside since (a repair)."""
+        return c.shard in self.notdone and 0 <= c.gen <= self.notdone[c.shard]
 
     # ---- claiming ---------------------------------------------------------------------
     def next(
@@ -362,12 +492,13 @@ class Claims:
     ) -> Optional[int]:
         """Claim a shard and return it, or None when nothing is claimable now. `choose(candidates,
         unfinished, gone)` (rank/schedule.py's policy; default: the first candidate) picks among the
-        claimable shards in priority order, given the shards not done and how many other ranks
-        are gone (see `gone_ranks`); a shard an earlier attempt of this rank held is taken first
-        whatever the policy. One look (`look`, or a fresh one) serves the tries until RELOOK_AFTER
-        races are lost on it: a lost race marks its shard taken and, with `spread` > 1, the next
-        try starts a pseudo-random way down the candidates, so that ranks starting together do
-        not all race for the same ones."""
+        claimable shards in priority order, given the shards not done of the look's buckets (those
+        after `look.tail` in the claim order are not done either) and how many other ranks are gone
+        (see `gone_ranks`); a shard an earlier attempt of this rank held is taken first whatever
+        the policy. One look (`look`, or a fresh full one) serves the tries until RELOOK_AFTER races
+        are lost on it: a lost race marks its shard taken and, with `spread` > 1, the next try
+        starts a pseudo-random way down the candidates, so that ranks starting together do not
+        all race for the same ones."""
         look = look or self.look()
         with self._lock:
             mine = dict(self.mine)
@@ -375,13 +506,17 @@ class Claims:
         for attempt in range(len(self.order) + 1):
             if attempt == 0 or stale >= self.RELOOK_AFTER:  # others are claiming fast: look again
                 if attempt:
-                    look = self.look()
+                    look = self.look(full=look.full)
                 done, holders, stale = look.done, dict(look.holders), 0
-                unfinished = [s for s in self.order if s not in done]
+                unfinished = [s for s in look.order if s not in done]
                 dead = {
-                    c for s, c in holders.items() if s not in done and c.token != self.token and self.dead_in(look, c)
+                    c
+                    for s, c in holders.items()
+                    if s not in done and s not in mine and c.token != self.token and self.dead_in(look, c)
                 }
-            found = claimable(self.order, done, holders, dead.__contains__, self.rank, self.token)
+                dead |= {c for s, c in holders.items() if c.token == self.token and self._stale_done(c)}
+            found = claimable(look.order, done, holders, dead.__contains__, self.rank, self.token)
+            found += [(s, c.gen + 1, False) for s, c in holders.items() if c.token == self.token and c in dead]
             found = [f for f in found if f[0] not in mine]
             if not found:
                 return None
@@ -401,14 +536,21 @@ class Claims:
                     return None
                 gen = next(g for s, g, _ in found if s == shard)
             if gen > 0 and self.rd.is_done(shard):  # finished since the look: nothing to take over
-                done = done | {shard}
+                self.notdone.pop(shard, None)
+                self._mark_done(shard)
                 unfinished = [s for s in unfinished if s != shard]
+                holders.pop(shard, None)
+                look.order = [s for s in look.order if s != shard]
                 continue
             if self._create(shard, gen):
                 with self._lock:
                     self.mine[shard] = gen
                 return shard
-            holders[shard] = Claim(shard, gen, UNKNOWN, "<lost race>")  # taken: by whom is not needed now
+            # taken: by whom is not needed now (its bucket's next listing says, or its file)
+            holders[shard] = self._holders[shard] = Claim(shard, gen, UNKNOWN, "<lost race>")
+            if gen >= self._latest.get(shard, -1):
+                self._latest[shard] = gen
+            self._lost.add(shard)
             stale += 1
         return None
 
@@ -436,11 +578,18 @@ class Claims:
                 gone.add(rank)
         return gone
 
+    def _index_name(self, shard: int, gen: int, rank: int, tag: str) -> Path:
+        return self._bdir(self.layout.bucket(shard)) / f"{self.rd.claim(shard, gen).name}.{rank}.{tag}"
+
     def _create(self, shard: int, gen: int) -> bool:
-        """Write the claim to its holders/ name, then hard-link it to claims/<shard>.<gen>: the
-        link fails if the name exists (atomic on local filesystems and NFS alike), and readers
+        """Write the claim to its holders/<bucket>/ name, then hard-link it to claims/<shard>.<gen>:
+        the link fails if the name exists (atomic on local filesystems and NFS alike), and readers
         never see it half written. A lost race removes the holders/ name."""
-        index = self.rd.holders_dir / f"{self.rd.claim(shard, gen).name}.{self.rank}.{self.tag}"
+        index = self._index_name(shard, gen, self.rank, self.tag)
+        b = self.layout.bucket(shard)
+        if b not in self._made:
+            index.parent.mkdir(exist_ok=True, mode=0o700)
+            self._made.add(b)
         try:
             f = open(index, "x")
         except FileExistsError:  # left by a crash of this very attempt: never, but harmless
@@ -465,17 +614,52 @@ class Claims:
         if gen is None or self.rd.claim(shard, gen + 1).exists():
             raise ClaimLost(f"shard {shard} was taken over by another rank")
 
-    def release(self, shard: int) -> None:
+    def release(self, shard: int, done: Optional[bool] = None) -> None:
+        """This attempt is through with `shard`: finished (`done`: its done marker is written), or
+        dropped, or None: not known here (`flush` looks). Memory only: `flush` publishes it."""
         with self._lock:
-            self.mine.pop(shard, None)
+            gen = self.mine.pop(shard, None)
+            if gen is not None:
+                self._pending.append((shard, gen, done))
+
+    def flush(self) -> None:
+        """Publish the released shards that are done: rename their holders/ names `.done` (after
+        their done markers: every look sees the marker of a shard it sees done)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for shard, gen, done in pending:
+            if done is None:
+                done = self.rd.is_done(shard)
+            if done:
+                index = self._index_name(shard, gen, self.rank, self.tag)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(index, f"{index}.done")
+                self.notdone.pop(shard, None)
+                self._mark_done(shard)
 
     def unfinished(self, look: Optional[Look] = None) -> int:
-        """Shards not done and not held by this attempt: while any, an idle rank stays to take
-        over the claims of ranks that die. From `look`'s listing, or a fresh one of done/."""
-        done = look.done if look is not None else self.rd.done_shards()
+        """Shards not done and not held by this attempt, as far as the open buckets' latest
+        listings tell (`look` is not needed: kept for callers). While any, an idle rank stays to
+        take over the claims of ranks that die."""
         with self._lock:
             mine = set(self.mine)
-        return sum(1 for s in self.order if s not in done and s not in mine)
+        n = 0
+        for b in range(self.layout.count):
+            if b not in self.closed:
+                shards = self.layout.shards(b)
+                done = self.done_in.get(b, ())
+                n += sum(1 for s in shards if s not in done and s not in mine)
+        return n
+
+    def confirm_done(self) -> bool:
+        """Whether every shard has its done marker: one listing of done/, when the holders/ names
+        say the run is over. A shard whose marker was set aside since (a repair) reopens its
+        bucket: it is claimed again."""
+        markers = self.rd.done_shards()
+        missing = {s for s in self.layout.order if s not in markers}
+        if missing:
+            self.reopen(missing)
+        return not missing
 
 
 def end_beat(rd: RunDir, rank: int, token: str) -> None:

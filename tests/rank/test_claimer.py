@@ -42,10 +42,10 @@ def test_the_loop_takes_ready_shards_without_waiting_and_the_claimer_stops(tmp_p
         slow = []
         real_look = work.claims.look
 
-        def slow_look():  # a filesystem at its worst: the loop must not notice
+        def slow_look(full=True):  # a filesystem at its worst: the loop must not notice
             slow.append(1)
             time.sleep(0.3)
-            return real_look()
+            return real_look(full)
 
         monkeypatch.setattr(work.claims, "look", slow_look)
         t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def test_a_failing_claimer_fails_the_loop(tmp_path, monkeypatch):
     try:
         wait_for(work.next)
 
-        def broken():
+        def broken(full=True):
             raise OSError("the filesystem went away")
 
         monkeypatch.setattr(work.claims, "look", broken)

@@ -30,7 +30,9 @@ def new_run_dir(tmp_path):
 
 
 def test_names_parse():
-    assert parse_holder_name("000012.3.7.abcdef012345") == (12, 3, 7, "abcdef012345")
+    assert parse_holder_name("000012.3.7.abcdef012345") == (12, 3, 7, "abcdef012345", False)
+    assert parse_holder_name("000012.3.7.abcdef012345.done") == (12, 3, 7, "abcdef012345", True)
+    assert parse_holder_name("000012.3.7.abcdef012345.tmp") is None
     assert parse_holder_name("000012.3") is None and parse_holder_name(".claim.x") is None
     assert parse_beat_name("7.abc.12") == (7, "abc", "12") and parse_beat_name("7.abc.end") == (7, "abc", "end")
     assert parse_beat_name("7.abc.tmp") is None
@@ -46,7 +48,7 @@ def test_holders_come_from_the_index_names_without_opening_claims(tmp_path, monk
     assert held == {0: Claim(0, 0, 0, "#" + attempt_tag("A")), 1: Claim(1, 0, 1, "#" + attempt_tag("B"))}
     assert a.holders()[0] == Claim(0, 0, 0, "A")  # its own: by its token
     # the index name is the claim's file: a hard link of the same content
-    index = rd.holders_dir / f"000000.0.0.{attempt_tag('A')}"
+    index = rd.holders_dir / "000000" / f"000000.0.0.{attempt_tag('A')}"
     assert index.samefile(rd.claim(0, 0)) and json.loads(index.read_text())["token"] == "A"
 
 
@@ -56,14 +58,16 @@ def test_claims_without_an_index_name_or_with_two_are_read(tmp_path):
     c = Claims(rd, 2, "C", [0, 1], 60, clock=lambda: now[0], cache_s=5)
     rd.claim(0, 0).write_text(json.dumps({"rank": 5, "token": "old", "host": "h"}))  # an older hpcinfer
     rd.claim(1, 0).write_text(json.dumps({"rank": 6, "token": "T6", "host": "h"}))
+    (rd.holders_dir / "000000").mkdir()
     for rank, tag in ((6, attempt_tag("T6")), (7, "leftover")):  # a crashed lost race's name beside it
-        (rd.holders_dir / f"000001.0.{rank}.{tag}").write_text("{}")
+        (rd.holders_dir / "000000" / f"000001.0.{rank}.{tag}").write_text("{}")
     # two names: a lost race's not removed yet; held and live, by whom is looked at again later
-    assert c.holders() == {0: Claim(0, 0, 5, "old"), 1: Claim(1, 0, UNKNOWN, "<unsure>")}
-    assert c.next() is None
+    assert c.holders() == {1: Claim(1, 0, UNKNOWN, "<unsure>")}
+    assert c.next() is None  # shard 0 has no name: claiming it loses the race (the link) ...
+    assert c.holders() == {0: Claim(0, 0, 5, "old"), 1: Claim(1, 0, UNKNOWN, "<unsure>")}  # ... then it is read
     now[0] += 5  # still two names after cache_s: a crash left one; the claim file is read
     assert c.holders() == {0: Claim(0, 0, 5, "old"), 1: Claim(1, 0, 6, "T6")}
-    (rd.holders_dir / "000001.0.7.leftover").unlink()
+    (rd.holders_dir / "000000" / "000001.0.7.leftover").unlink()
     assert c.holders()[1] == Claim(1, 0, 6, "#" + attempt_tag("T6"))
 
 
@@ -75,7 +79,7 @@ def test_a_lost_race_moves_on_within_the_same_look(tmp_path):
     assert a.next() == 0
     got = b.next(look=stale)  # loses shard 0, then tries further down without listing again
     assert got not in (None, 0) and b.mine == {got: 0}
-    assert sorted(p.name for p in rd.holders_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in (rd.holders_dir / "000000").iterdir()) == sorted(
         [f"000000.0.0.{attempt_tag('A')}", f"{rd.claim(got, 0).name}.1.{attempt_tag('B')}"]
     )  # the lost race's name is gone
 
