@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import io
+import multiprocessing
 import os
 import statistics
 import sys
@@ -229,27 +230,46 @@ def run_side(side: str, args, root: Path) -> Dict:
         rd = RunDir(root / f"run-{time.monotonic_ns()}")
         rd.create()
     pool = InstantPool(shards, args.ranks) if side == "instant" else None
+    procs = args.procs if side == "claims" else 1
+    if procs == 1:
+        gate = threading.Barrier(2)
+        box: Dict = {}
+        main = threading.Thread(
+            target=lambda: box.update(run_ranks(range(args.ranks), rd, shards, args, pool, gate)), daemon=True
+        )
+        main.start()
+        gate.wait()
+        t0 = time.monotonic()
+        main.join()
+        results = [box]
+    else:  # blocks of ranks in processes of their own (forked), each with its threads
+        ctx = multiprocessing.get_context("fork")
+        per = -(-args.ranks // procs)
+        blocks_ = [range(i, min(args.ranks, i + per)) for i in range(0, args.ranks, per)]
+        gate, queue = ctx.Barrier(len(blocks_) + 1), ctx.Queue()
+        children = [
+            ctx.Process(target=lambda b=b: queue.put(run_ranks(b, rd, shards, args, None, gate)), daemon=True)
+            for b in blocks_
+        ]
+        for c in children:
+            c.start()
+        gate.wait()
+        t0 = time.monotonic()
+        results = [queue.get() for _ in children]
+        for c in children:
+            c.join()
     out: Dict[int, Dict] = {}
-    start = threading.Barrier(args.ranks + 1)
-    COUNTER.reset()
-    threads = [
-        threading.Thread(target=fake_rank, args=(r, rd, shards, args, pool, start, out), daemon=True)
-        for r in range(args.ranks)
-    ]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.monotonic()
-    STOP.clear()
-    for t in threads:
-        t.join(max(0.0, t0 + args.time_limit_s - time.monotonic()))
-    incomplete = any(t.is_alive() for t in threads)
-    STOP.set()
-    for t in threads:
-        t.join()
-    STOP.clear()
+    ops: Dict[int, int] = {}
+    by_name: Dict[str, int] = {}
+    incomplete = False
+    for res in results:
+        out.update(res["out"])
+        for r, n in res["counts"].items():
+            ops[r] = ops.get(r, 0) + n
+        for k, v in res["by_name"].items():
+            by_name[k] = by_name.get(k, 0) + v
+        incomplete |= res["incomplete"]
     makespan = max(o["end"] for o in out.values()) - t0
-    ops = dict(COUNTER.counts)  # from the ranks' start-up on
     claims = sum(o["claimed"] for o in out.values())
     if not incomplete and (claims != len(shards) or (rd is not None and len(rd.done_shards()) != len(shards))):
         seen: Dict[int, List[int]] = {}
@@ -277,8 +297,34 @@ def run_side(side: str, args, root: Path) -> Dict:
         check_p99=q(checks, 0.99),
         job_ops_per_s=total / makespan,
         ops=total,
-        by_name=dict(sorted(COUNTER.by_name.items(), key=lambda kv: -kv[1])),
+        by_name=dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
     )
+
+
+def run_ranks(ranks: range, rd, shards, args, pool, gate) -> Dict:
+    """Ranks `ranks` as threads of this process; they start when `gate` (shared with the caller)
+    opens. Their results, operation counts (from their start-up on) and whether the time limit
+    stopped them."""
+    out: Dict[int, Dict] = {}
+    start = threading.Barrier(len(ranks) + 1)
+    COUNTER.reset()
+    threads = [
+        threading.Thread(target=fake_rank, args=(r, rd, shards, args, pool, start, out), daemon=True) for r in ranks
+    ]
+    for t in threads:
+        t.start()
+    gate.wait()
+    start.wait()
+    t0 = time.monotonic()
+    STOP.clear()
+    for t in threads:
+        t.join(max(0.0, t0 + args.time_limit_s - time.monotonic()))
+    incomplete = any(t.is_alive() for t in threads)
+    STOP.set()
+    for t in threads:
+        t.join()
+    STOP.clear()
+    return dict(out=out, counts=dict(COUNTER.counts), by_name=dict(COUNTER.by_name), incomplete=incomplete)
 
 
 def spread(xs: List[float], fmt: str) -> str:
@@ -297,6 +343,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--time-limit-s", type=float, default=170.0, help="stop a side here and report so far")
     ap.add_argument("--sides", default="instant,claims")
+    ap.add_argument("--procs", type=int, default=1, help="claims side: the ranks in this many processes")
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import itertools
 import threading
 import time
 from pathlib import Path
@@ -181,10 +180,9 @@ class Claimer:
 
 
 class Tables:
-    """A run's shards as ClaimedWork needs them: by id, tokens, rows, claim order, and the tokens
-    of a stretch of the claim order at least as dense as a density (the balancing policy's pool
-    beyond what a rank has listed). The same for every rank of a run; ranks in one process (a
-    simulation: bench/scale.py) share one."""
+    """A run's shards as ClaimedWork needs them: by id, tokens, rows, claim order, and where the
+    shards at least as dense as a density end in it (the balancing policy's pool). The same for
+    every rank of a run; ranks in one process (a simulation: bench/scale.py) share one."""
 
     _cache: Dict[int, Tuple[List[Shard], Tables]] = {}
     _lock = threading.Lock()
@@ -196,7 +194,6 @@ class Tables:
         self.order = [s.shard for s in claim_order(shards)]
         # densities along the claim order only fall (it is densest first): negated, they rise
         self._neg = [-self.tokens[s] / max(1, self.rows[s]) for s in self.order]
-        self._sums = list(itertools.accumulate((self.tokens[s] for s in self.order), initial=0))
 
     @classmethod
     def of(cls, shards: List[Shard]) -> Tables:
@@ -207,10 +204,9 @@ class Tables:
                 cached = cls._cache[id(shards)] = (shards, cls(shards))
             return cached[1]
 
-    def tokens_from(self, start: int, density: float) -> int:
-        """The tokens of the shards at claim-order positions >= `start` at least as dense as `density`."""
-        end = bisect.bisect_right(self._neg, -density)
-        return self._sums[end] - self._sums[start] if end > start else 0
+    def end_at_least(self, density: float) -> int:
+        """Where in the claim order the shards at least as dense as `density` end."""
+        return bisect.bisect_right(self._neg, -density)
 
 
 class ClaimedWork:
@@ -235,7 +231,9 @@ class ClaimedWork:
         self.by_id, self.world = self.tables.by_id, world
         self.tokens, self.rows = self.tables.tokens, self.tables.rows
         set_aside = {s for s in map(repaired_shard, self.repairs) if s is not None}
-        self.claims = Claims(rd, rank, token, self.tables.order, lease_s, spread=world, notdone=sorted(set_aside))
+        self.claims = Claims(
+            rd, rank, token, self.tables.order, lease_s, spread=world, notdone=sorted(set_aside), weights=self.tokens
+        )
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
         self.idle_s = min(self.sweep_s, max(1.0, world / 200))
@@ -243,8 +241,6 @@ class ClaimedWork:
 
     def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
         # a rank that is gone leaves its share to the others
-        look = self.claims.last
-        tail = len(self.tables.order) if look is None else look.tail
         return schedule.by_mix(
             candidates,
             unfinished,
@@ -252,7 +248,7 @@ class ClaimedWork:
             self.rows,
             self.held,
             max(1, self.world - gone),
-            rest=lambda d: self.tables.tokens_from(tail, d),
+            pool=lambda d: self.claims.weight_before(self.tables.end_at_least(d)),
         )
 
     def describe(self) -> str:

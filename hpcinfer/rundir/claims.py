@@ -121,7 +121,7 @@ def parse_holder_name(name: str) -> Optional[Tuple[int, int, int, str, bool]]:
     otherwise."""
     parts = name.split(".")
     done = len(parts) == 5 and parts[4] == "done"
-    if len(parts) != 4 + done or not all(p.isdigit() for p in parts[:3]):
+    if len(parts) != 4 + done or not (parts[0].isdigit() and parts[1].isdigit() and parts[2].isdigit()):
         return None
     return int(parts[0]), int(parts[1]), int(parts[2]), parts[3], done
 
@@ -208,6 +208,7 @@ class Claims:
         spread: int = 1,
         bucket: int = BUCKET,
         notdone: Sequence[int] = (),
+        weights: Optional[Dict[int, int]] = None,
     ):
         self.rd, self.rank, self.token = rd, rank, token
         self.layout = layout(tuple(order), bucket)
@@ -233,12 +234,16 @@ class Claims:
         self._index: Dict[Tuple[int, int], Dict[Tuple[int, str], bool]] = {}  # (shard, gen) -> {(rank, tag): done}
         self._holders: Dict[int, Claim] = {}
         self._unsure: Dict[int, float] = {}  # shard -> since when its index names disagree
+        self._claimed = False  # whether `next` ran before
         self._lost: Set[int] = set()  # shards whose race was lost: judged at their bucket's next listing
         self.done_in: Dict[int, Set[int]] = {}  # open bucket -> its shards known done
         self._done: Set[int] = set()  # the same, all open buckets together
         self.closed: Set[int] = set()  # buckets all of whose shards are done
         self._full: Set[int] = set()  # buckets all of whose shards are claimed or done
         self.notdone: Dict[int, int] = {s: -1 for s in notdone}  # shard -> a gen whose done name is stale
+        self.weights = weights or {}  # shard -> its weight (tokens), for `weight_before`
+        self._left = [sum(self.weights.get(x, 0) for x in self.layout.shards(b)) for b in range(self.layout.count)]
+        self._dead: Dict[int, Claim] = {}  # the dead claims the latest full look found
         self.last: Optional[Look] = None  # the latest look
 
     @property
@@ -259,6 +264,15 @@ class Claims:
         old = self._names.get(b, set())
         touched = set()
         for name, add in [(n, False) for n in old - names] + [(n, True) for n in names - old]:
+            stem = name.partition(".")[0]
+            known = stem.isdigit() and int(stem) in self._done and int(stem) not in self.notdone
+            if known or (not add and name.endswith(".done")):
+                continue  # a shard known done: its names say nothing new
+            if add and name.endswith(".done") and stem.isdigit() and int(stem) not in self.notdone:
+                self._mark_done(int(stem))  # done: who held it does not matter any more
+                if b in self.closed:
+                    return
+                continue
             parsed = parse_holder_name(name)
             if parsed is None:
                 continue
@@ -272,10 +286,11 @@ class Claims:
                 named.pop((rank, tag), None)  # a lost race's name, removed (not one renamed .done)
             touched.add(shard)
         self._names[b] = names
-        again = {s for s in set(self._unsure) | self._lost if self.layout.bucket(s) == b}
+        again = {s for s in set(self._unsure) | self._lost if self.layout.bucket(s) == b and s not in self._done}
         self._lost -= again
         for shard in touched | again:
-            self._judge_holder(shard)
+            if shard not in self._done or shard in self.notdone:
+                self._judge_holder(shard)
 
     def _judge_holder(self, shard: int) -> None:
         gen = self._latest.get(shard)
@@ -303,7 +318,9 @@ class Claims:
         if b in self.closed:
             return
         done = self.done_in.setdefault(b, set())
-        done.add(shard)
+        if shard not in done:
+            done.add(shard)
+            self._left[b] -= self.weights.get(shard, 0)
         self._done.add(shard)
         if len(done) == len(self.layout.shards(b)):
             self._close(b)
@@ -319,6 +336,7 @@ class Claims:
                 self._index.pop((s, g), None)
         self.done_in.pop(b, None)
         self._names.pop(b, None)
+        self._left[b] = 0
 
     def reopen(self, shards: Set[int]) -> None:
         """These shards are not done after all (their done markers were set aside): their buckets
@@ -326,10 +344,15 @@ class Claims:
         for s in shards:
             self.notdone[s] = max(self.notdone.get(s, -1), self._latest.get(s, 0))
             b = self.layout.bucket(s)
-            self.closed.discard(b)
+            if b in self.closed:
+                self.closed.discard(b)
+                self.done_in[b] = set(self.layout.shards(b))
+                self._left[b] = 0
             self._full.discard(b)
             self._names.pop(b, None)  # parse all of it again
-            self.done_in.get(b, set()).discard(s)
+            if s in self.done_in.get(b, ()):
+                self.done_in[b].discard(s)
+                self._left[b] += self.weights.get(s, 0)
             self._done.discard(s)
 
     def holders(self) -> Dict[int, Claim]:
@@ -397,6 +420,8 @@ class Claims:
         else:
             at, beats, judged = self.last.at, self.last.beats, self.last.judged
         order: List[int] = []
+        if not full:  # the dead claims the latest full look found, still there
+            order = [s for s, c in self._dead.items() if self._holders.get(s) == c and s not in self._done]
         tail = len(self.layout.order)
         for b in range(self.layout.count):
             if b in self.closed:
@@ -405,7 +430,8 @@ class Claims:
                 self._list_bucket(b)
                 if b in self.closed:
                     continue
-            order.extend(self.layout.shards(b))
+            if full or self._free(b):
+                order.extend(self.layout.shards(b))
             if self._free(b):
                 tail = min(tail, (b + 1) * self.layout.size)
                 break
@@ -502,12 +528,14 @@ class Claims:
         look = look or self.look()
         with self._lock:
             mine = dict(self.mine)
+        first, self._claimed = not self._claimed, True  # ranks starting together: spread at once
         stale = 0  # races lost since the look
         for attempt in range(len(self.order) + 1):
             if attempt == 0 or stale >= self.RELOOK_AFTER:  # others are claiming fast: look again
                 if attempt:
                     look = self.look(full=look.full)
-                done, holders, stale = look.done, dict(look.holders), 0
+                done, stale = look.done, 0
+                holders = {s: look.holders[s] for s in look.order if s in look.holders}
                 unfinished = [s for s in look.order if s not in done]
                 dead = {
                     c
@@ -515,6 +543,8 @@ class Claims:
                     if s not in done and s not in mine and c.token != self.token and self.dead_in(look, c)
                 }
                 dead |= {c for s, c in holders.items() if c.token == self.token and self._stale_done(c)}
+                if look.full:
+                    self._dead = {c.shard: c for c in dead}
             found = claimable(look.order, done, holders, dead.__contains__, self.rank, self.token)
             found += [(s, c.gen + 1, False) for s, c in holders.items() if c.token == self.token and c in dead]
             found = [f for f in found if f[0] not in mine]
@@ -523,12 +553,12 @@ class Claims:
             if found[0][2]:
                 shard, gen, _ = found[0]
             elif choose is None:
-                shard, gen, _ = found[self._skip(attempt, found) if attempt else 0]
+                shard, gen, _ = found[self._skip(attempt, found) if attempt or first else 0]
             else:
                 candidates = [s for s, _, _ in found]
                 gone = len(self.gone_ranks(dead, look))
                 shard = None
-                if attempt and self.spread > 1:
+                if self.spread > 1:  # ranks that look together take different shards
                     shard = choose(candidates[self._skip(attempt, found) :], unfinished, gone)
                 if shard is None:
                     shard = choose(candidates, unfinished, gone)
@@ -555,7 +585,11 @@ class Claims:
         return None
 
     def _skip(self, attempt: int, found: list) -> int:
-        """How far down the candidates a try after a lost race starts (pseudo-random per rank)."""
+        """How far down the candidates a try starts: a first try at its rank's place (ranks that
+        look together, as at the start, or as shards of one size end together, see the same
+        candidates), a try after a lost race pseudo-randomly per rank."""
+        if not attempt:
+            return self.rank % min(self.spread, len(found))
         return (self.rank * 2654435761 + attempt * 40503) % min(self.spread, len(found))
 
     def gone_ranks(self, dead: Set[Claim], look: Optional[Look] = None) -> Set[int]:
@@ -643,13 +677,20 @@ class Claims:
         take over the claims of ranks that die."""
         with self._lock:
             mine = set(self.mine)
-        n = 0
-        for b in range(self.layout.count):
-            if b not in self.closed:
-                shards = self.layout.shards(b)
-                done = self.done_in.get(b, ())
-                n += sum(1 for s in shards if s not in done and s not in mine)
-        return n
+        n = sum(len(self.layout.shards(b)) - len(self.done_in.get(b, ())) for b in range(self.layout.count))
+        n -= sum(len(self.layout.shards(b)) for b in self.closed)
+        return n - sum(1 for s in mine if s not in self._done)
+
+    def weight_before(self, position: int) -> int:
+        """The weight of the shards not known done at claim-order positions before `position`."""
+        b = min(position // self.layout.size, self.layout.count)
+        total = sum(self._left[:b])
+        if b < self.layout.count and b not in self.closed:
+            done = self.done_in.get(b, ())
+            total += sum(
+                self.weights.get(s, 0) for s in self.layout.order[b * self.layout.size : position] if s not in done
+            )
+        return total
 
     def confirm_done(self) -> bool:
         """Whether every shard has its done marker: one listing of done/, when the holders/ names
