@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from hpcinfer.config import RunConfig, engine_args, load_run_config
 from hpcinfer.errors import disk_full, disk_full_message, exit_on_signal
 from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
+from hpcinfer.rank import staging
 from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.requests import build_requests
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
@@ -186,8 +187,16 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
 
             t0 = time.time()
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
-            engine = create_engine({**engine_args(cfg, plan.engine_args["model"]), **replica_engine_args(os.environ)})
-            state.write(state=RUNNING, engine_seconds=time.time() - t0, generation_started_at=time.time())
+            args = {**engine_args(cfg, plan.engine_args["model"]), **replica_engine_args(os.environ)}
+            log = rd.rank_log(ctx.rank)
+            offset = staging.size_of(log)
+            args, startup = staging.prepare(rd, cfg, args, say=lambda m: say(f"rank {ctx.rank}: {m}"))
+            with staging.compile_lock(rd, cfg, args):
+                engine = create_engine(args)
+            startup.update(staging.startup_split(staging.read_from(log, offset)))
+            state.write(
+                state=RUNNING, engine_seconds=time.time() - t0, startup=startup, generation_started_at=time.time()
+            )
             ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank).run()
             if cfg.lockstep:
                 while engine.group_busy():  # idle here, busy elsewhere: vLLM runs a dummy batch
