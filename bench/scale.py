@@ -170,7 +170,7 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
     COUNTER.attribute(threading.current_thread(), rank)
     mean_tokens = statistics.mean(s.tokens for s in shards)
     if pool is None:
-        work = ClaimedWork(rd, rank, args.ranks, f"rank{rank}-attempt", shards, args.lease_s)
+        work = ClaimedWork(rd, rank, args.ranks, f"rank{rank}-attempt", shards, args.lease_s, background=not args.cheap)
         for t in protocol_threads(work):
             COUNTER.attribute(t, rank)
     else:
@@ -178,10 +178,14 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
     start.wait()
     t0 = time.monotonic()
     open_: Dict[int, float] = {}
-    blocks, checks, claimed, got = [], [], 0, []
+    blocks, checks, ticks, claimed, got = [], [], [], 0, []
     try:
         while not STOP.is_set():
             spent = 0.0
+            if args.cheap and pool is None:  # the heartbeat and the claimer's round, in this thread
+                a = time.perf_counter()
+                work.tick()
+                ticks.append(time.perf_counter() - a)
             while len(open_) < OPEN_SHARDS:
                 a = time.perf_counter()
                 shard = work.next()
@@ -215,12 +219,14 @@ def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: thread
             time.sleep(args.step_s)  # an engine step
     finally:
         work.close()
-    out[rank] = dict(end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks, got=got)
+    out[rank] = dict(
+        end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks, got=got, ticks=ticks
+    )
 
 
-def make_shards(n: int) -> List[Shard]:
+def make_shards(n: float) -> List[Shard]:
     """`n` shards of skewed sizes (every 10th four times the rest), as a token-cut workload."""
-    return [Shard(i, i % 1, "x", 0, 10, 0, 4000 if i % 10 == 0 else 1000) for i in range(n)]
+    return [Shard(i, i % 1, "x", 0, 10, 0, 4000 if i % 10 == 0 else 1000) for i in range(int(n))]
 
 
 def run_side(side: str, args, root: Path) -> Dict:
@@ -282,6 +288,7 @@ def run_side(side: str, args, root: Path) -> Dict:
     per_rank = sorted(ops.get(r, 0) / max(1, out[r]["claimed"]) for r in range(args.ranks))
     blocks = sorted(b * 1000 for o in out.values() for b in o["blocks"])
     checks = sorted(b * 1000 for o in out.values() for b in o["checks"])
+    ticks = sorted(b * 1000 for o in out.values() for b in o["ticks"])
     q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else 0.0  # noqa: E731
     total = sum(ops.values())
     return dict(
@@ -295,6 +302,7 @@ def run_side(side: str, args, root: Path) -> Dict:
         block_p99=q(blocks, 0.99),
         block_max=blocks[-1] if blocks else 0.0,
         check_p99=q(checks, 0.99),
+        tick_p99=q(ticks, 0.99),
         job_ops_per_s=total / makespan,
         ops=total,
         by_name=dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
@@ -335,7 +343,7 @@ def spread(xs: List[float], fmt: str) -> str:
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=16)
-    ap.add_argument("--shards-per-rank", type=int, default=8)
+    ap.add_argument("--shards-per-rank", type=float, default=8)
     ap.add_argument("--op-latency-ms", type=float, default=0.0)
     ap.add_argument("--shard-s", type=float, default=2.0, help="a mean shard's fake generation time")
     ap.add_argument("--step-s", type=float, default=None, help="the fake engine's step (default: shard-s / 40)")
@@ -344,9 +352,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--time-limit-s", type=float, default=170.0, help="stop a side here and report so far")
     ap.add_argument("--sides", default="instant,claims")
     ap.add_argument("--procs", type=int, default=1, help="claims side: the ranks in this many processes")
+    ap.add_argument(
+        "--cheap",
+        action="store_true",
+        help="thousands of ranks: one thread per rank (its heartbeat and claimer run in its loop, "
+        "once per step), defaults 10,000 ranks x 0.5 shards, lease 600 s, 20 s shards, 2 s steps, 2 processes",
+    )
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
+    if args.cheap:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        for key, value in dict(
+            ranks=10000, shards_per_rank=0.5, lease_s=600.0, shard_s=20.0, step_s=2.0, procs=2
+        ).items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+        if "--sides" not in given:
+            args.sides = "claims"
     if args.step_s is None:
         args.step_s = max(STEP_S, args.shard_s / 40)
     sides = args.sides.split(",")
@@ -393,6 +416,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if side != "instant":
             by = rs[-1]["by_name"]
             per = ", ".join(f"{k} {v / (args.ranks * args.shards_per_rank):.1f}" for k, v in by.items())
+            if args.cheap:
+                rows.append(
+                    (f"{side}: the rank's heartbeat + claimer round in its loop ms p99", spread(get("tick_p99"), ".3f"))
+                )
             rows += [
                 (f"{side}: check before a write ms p99", spread(get("check_p99"), ".3f")),
                 (f"{side}: ops per claim by kind (last repeat)", per),

@@ -113,6 +113,7 @@ class Claimer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._last_full = self._last_idle = -float("inf")
         self._thread = threading.Thread(target=self._run, name="hpcinfer-claimer", daemon=True)
 
     def start(self) -> Claimer:
@@ -139,7 +140,8 @@ class Claimer:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     # ---- the claimer's thread ---------------------------------------------------------
     def over(self) -> bool:
@@ -152,27 +154,31 @@ class Claimer:
         self._wake.set()
         return False
 
+    def step(self) -> None:
+        """One round of the claimer: look and claim if the loop wants a shard and was woken, or a
+        look is due."""
+        woken = self._wake.is_set()
+        self._wake.clear()
+        now = time.monotonic()
+        self.claims.flush()
+        with self._lock:
+            need = self.wanted and self.ready is None
+        idle = not self.claims.mine
+        full = now - self._last_full >= self.sweep_s or (idle and now - self._last_idle >= self.idle_s)
+        if (need and woken) or full:
+            look = self.claims.look(full=full)
+            self._last_full, self._last_idle = (now if look.full else self._last_full), now
+            if need:
+                shard = self.claims.next(self.choose, look)
+                if shard is not None:
+                    with self._lock:
+                        self.ready, self.wanted = shard, False
+            self.finished = self.over()
+
     def _run(self) -> None:
-        last_full = last_idle = -float("inf")
         while not self._stop.is_set():
-            woken = self._wake.is_set()
-            self._wake.clear()
-            now = time.monotonic()
             try:
-                self.claims.flush()
-                with self._lock:
-                    need = self.wanted and self.ready is None
-                idle = not self.claims.mine
-                full = now - last_full >= self.sweep_s or (idle and now - last_idle >= self.idle_s)
-                if (need and woken) or full:
-                    look = self.claims.look(full=full)
-                    last_full, last_idle = (now if look.full else last_full), now
-                    if need:
-                        shard = self.claims.next(self.choose, look)
-                        if shard is not None:
-                            with self._lock:
-                                self.ready, self.wanted = shard, False
-                    self.finished = self.over()
+                self.step()
             except Exception as e:  # the loop raises it on its next take()
                 self.error = e
                 return
@@ -224,7 +230,16 @@ class ClaimedWork:
     room_batches = 1
     poll_s = 0.05  # how often an idle engine loop asks again (memory only: the claimer looks)
 
-    def __init__(self, rd: RunDir, rank: int, world: int, token: str, shards: List[Shard], lease_s: float):
+    def __init__(
+        self,
+        rd: RunDir,
+        rank: int,
+        world: int,
+        token: str,
+        shards: List[Shard],
+        lease_s: float,
+        background: bool = True,
+    ):
         verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
         self.done, self.repairs = verified.done, verified.repairs
         self.tables = Tables.of(shards)
@@ -234,10 +249,18 @@ class ClaimedWork:
         self.claims = Claims(
             rd, rank, token, self.tables.order, lease_s, spread=world, notdone=sorted(set_aside), weights=self.tokens
         )
-        self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start()
+        self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start(thread=background)
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
         self.idle_s = min(self.sweep_s, max(1.0, world / 200))
-        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s).start()
+        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s)
+        if background:
+            self.claimer.start()
+
+    def tick(self) -> None:
+        """Without background threads (`background=False`: a simulation of thousands of ranks,
+        bench/scale.py --cheap): the heartbeat and the claimer's round, in the caller's thread."""
+        self.heartbeat.tick()
+        self.claimer.step()
 
     def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
         # a rank that is gone leaves its share to the others

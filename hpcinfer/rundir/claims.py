@@ -224,6 +224,8 @@ class Claims:
         self._lock = threading.Lock()  # guards `mine`, `_pending` (release runs in the engine loop)
         self._pending: List[Tuple[int, int, Optional[bool]]] = []  # released: (shard, gen, done or unknown)
         self._beats: Dict[int, Tuple[Optional[str], float]] = {}  # rank -> (last beat seen, when it changed)
+        self._beat_seen: Set[str] = set()  # beats/ names at the latest listing
+        self._beat_map: Dict[Tuple[int, str], str] = {}  # what they say
         self._beat_names: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name, since)
         self._files: Dict[Tuple[int, str], Tuple[bool, float]] = {}  # (rank, tag) -> (ended, checked at)
         self._seen: Dict[Tuple[int, int], Claim] = {}  # claim files read (write-once)
@@ -386,12 +388,19 @@ class Claims:
         return self._seen[key]
 
     def beats(self) -> Dict[Tuple[int, str], str]:
-        """Every attempt's beat name: (rank, tag) -> counter, or "end". One listing."""
-        out = {}
-        for name in list_names(self.rd.beats_dir):
+        """Every attempt's beat name: (rank, tag) -> counter, or "end". One listing; only names not
+        seen at the latest are parsed (an attempt has one name, renamed as it beats)."""
+        names = set(list_names(self.rd.beats_dir))
+        out = dict(self._beat_map)
+        for name in self._beat_seen - names:
             parsed = parse_beat_name(name)
-            if parsed and out.get(parsed[:2]) != "end":
+            if parsed and out.get(parsed[:2]) == parsed[2]:
+                del out[parsed[:2]]
+        for name in names - self._beat_seen:
+            parsed = parse_beat_name(name)
+            if parsed and (parsed[2] == "end" or out.get(parsed[:2]) != "end"):
                 out[parsed[:2]] = parsed[2]
+        self._beat_seen, self._beat_map = names, out
         return out
 
     def _free(self, b: int) -> bool:
@@ -732,7 +741,9 @@ class Heartbeat:
     def _name(self, n: object) -> Path:
         return self.beats_dir / f"{self.rank}.{self.tag}.{n}"
 
-    def start(self) -> Heartbeat:
+    def start(self, thread: bool = True) -> Heartbeat:
+        """Mark the earlier attempts' names `end`, beat once, and beat every `interval` from a
+        thread (`thread=False`: when `tick` is called)."""
         self.beats_dir.mkdir(exist_ok=True, mode=0o700)
         for name in list_names(self.beats_dir):
             parsed = parse_beat_name(name)
@@ -741,8 +752,17 @@ class Heartbeat:
                     os.rename(self.beats_dir / name, self._name_of(parsed[1], "end"))
         self._name(0).touch()
         atomic_write(self.path, f"{self.token} 0", durable=False)
-        self._thread.start()
+        self._next = time.monotonic() + self.interval
+        if thread:
+            self._thread.start()
         return self
+
+    def tick(self) -> None:
+        """Beat if `interval` passed since the last beat (without the thread)."""
+        if time.monotonic() >= self._next and not self._stop.is_set():
+            self._next = time.monotonic() + self.interval
+            with contextlib.suppress(OSError):
+                self._beat(self.n + 1)
 
     def _name_of(self, tag: str, n: object) -> Path:
         return self.beats_dir / f"{self.rank}.{tag}.{n}"
