@@ -32,6 +32,7 @@ import builtins
 import io
 import multiprocessing
 import os
+import pickle
 import statistics
 import sys
 import threading
@@ -252,18 +253,24 @@ def run_side(side: str, args, root: Path) -> Dict:
         ctx = multiprocessing.get_context("fork")
         per = -(-args.ranks // procs)
         blocks_ = [range(i, min(args.ranks, i + per)) for i in range(0, args.ranks, per)]
-        gate, queue = ctx.Barrier(len(blocks_) + 1), ctx.Queue()
-        children = [
-            ctx.Process(target=lambda b=b: queue.put(run_ranks(b, rd, shards, args, None, gate)), daemon=True)
-            for b in blocks_
-        ]
+        gate = ctx.Barrier(len(blocks_) + 1)
+        files = [root / f"result-{time.monotonic_ns()}-{i}.pickle" for i in range(len(blocks_))]
+
+        def child(b: range, path: Path) -> None:
+            res = run_ranks(b, rd, shards, args, None, gate)
+            path.write_bytes(pickle.dumps(res))
+            os._exit(0)
+
+        children = [ctx.Process(target=child, args=(b, f)) for b, f in zip(blocks_, files)]
         for c in children:
             c.start()
         gate.wait()
         t0 = time.monotonic()
-        results = [queue.get() for _ in children]
         for c in children:
             c.join()
+        if any(c.exitcode != 0 or not f.exists() for c, f in zip(children, files)):
+            sys.exit(f"{side}: a process of ranks failed: exit codes {[c.exitcode for c in children]}")
+        results = [pickle.loads(f.read_bytes()) for f in files]
     out: Dict[int, Dict] = {}
     ops: Dict[int, int] = {}
     by_name: Dict[str, int] = {}
