@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 from omegaconf import OmegaConf
 
-from hpcinfer.config import CLUSTERS, RunConfig, register_configs, to_run_config
+from hpcinfer.config import CLUSTERS, RunConfig, own_model_shape, register_configs, to_run_config
 from hpcinfer.errors import ConfigError, exit_on_user_error, one_line
 from hpcinfer.secrets import redact
 
@@ -55,7 +55,10 @@ def compose_sweep(overrides: List[str]) -> List[RunConfig]:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             try:
-                return [to_run_config(hydra_compose("config", overrides=list(job))) for job in jobs]
+                return [
+                    to_run_config(own_model_shape(hydra_compose("config", overrides=list(job)), list(job)))
+                    for job in jobs
+                ]
             except ConfigError:
                 raise
             except Exception as e:  # composition errors: keep the message, drop the trace, suggest a key
@@ -143,7 +146,7 @@ def hydra_main(task: Callable[[RunConfig], int], argv: List[str] | None = None) 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def _main(cfg) -> None:
         with exit_on_user_error():
-            run = to_run_config(cfg)
+            run = to_run_config(own_model_shape(cfg, _job_overrides()))
             sweep = _sweep_dir()
             if sweep and run.run_dir is None:  # -m: every job's run directory inside the sweep's
                 run.run_dir = os.path.join(sweep[0], sweep[1])
@@ -159,6 +162,12 @@ def hydra_main(task: Callable[[RunConfig], int], argv: List[str] | None = None) 
             file=sys.stderr,
         )
     raise SystemExit(max(codes, default=0))
+
+
+def _job_overrides() -> List[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 def _sweep_dir() -> Optional[tuple]:

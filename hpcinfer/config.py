@@ -70,7 +70,9 @@ class ModelConfig:
     A model is either built in (`builtin`, the groups tiny and tiny_moe) or at `path`, never both:
     `model.path=...` on a built-in group is refused (exit 2), since that group's shape fields and
     engine defaults describe the built-in model; use a group of your model (`model=llama
-    model.path=...`) instead.
+    model.path=...`) instead. A group's shape fields and name describe the group's own model: with
+    `model.path` set on the command line they are dropped (see `own_model_shape`), so the shape is
+    read from that path's config.json, unless they are set on the command line too.
     """
 
     name: str = MISSING  # short name used in reports
@@ -324,6 +326,39 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="cluster", name="local_schema", node=LocalClusterConfig)
     cs.store(group="cluster", name="slurm_schema", node=SlurmClusterConfig)
+
+
+# The fields of a model group that describe its own model (not how to run it).
+SHAPE_FIELDS = (
+    "num_params_b",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "num_experts",
+    "experts_per_token",
+)
+
+
+def own_model_shape(cfg: DictConfig, overrides: List[str]) -> DictConfig:
+    """`model=llama model.path=/models/other`: the group's shape fields (and name) describe the
+    group's model, not the one at the path, so they are cleared (planning then reads the shape
+    from the path's config.json, or leaves it unknown) — except those set on the command line
+    as well. Without `model.path` among the overrides: `cfg` unchanged. Pure."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    model = cfg.get("model")
+    if "model.path" not in keys or model is None or model.get("builtin") is not None:
+        return cfg
+    cfg = cfg.copy()
+    for f in SHAPE_FIELDS:
+        if f"model.{f}" not in keys and f in cfg.model:
+            cfg.model[f] = None
+    if "model.name" not in keys and cfg.model.get("path"):
+        cfg.model.name = os.path.basename(str(cfg.model.path).rstrip("/")) or str(cfg.model.path)
+    return cfg
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

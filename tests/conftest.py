@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,24 +45,52 @@ def hpcinfer(cli_env):
 
 
 @pytest.fixture(scope="session")
-def slurm_env(cli_env):
-    """A real Slurm cluster (slurm/cluster.sh): the one already up, else one started (as root)
-    for this session and stopped after it. The environment points clients (and jobs) at it."""
+def slurm_cluster(cli_env):
+    """A real Slurm cluster (slurm/cluster.sh), shared by every test session on this machine (and
+    every pytest-xdist worker): the one already up, else one started (as root). While a session
+    uses it, it holds a shared lock on `users`; the last session out stops a cluster that a test
+    session started (the `started-by-tests` marker) and leaves one that was up before alone."""
     script = REPO / "slurm" / "cluster.sh"
     env_line = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True).stdout.strip()
     conf = env_line.split("=", 1)[1]
-    up = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True).returncode == 0
-    started = False
-    if not up:
-        if os.geteuid() != 0:
-            pytest.skip("no Slurm cluster is up and starting one (slurm/cluster.sh start) needs root")
-        r = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            pytest.fail(f"slurm/cluster.sh start failed:\n{r.stderr[-3000:]}")
-        started = True
-    yield {**cli_env, "SLURM_CONF": conf}
-    if started:
+    locks = Path(tempfile.gettempdir()) / "hpcinfer-slurm-tests"
+    locks.mkdir(exist_ok=True)
+    marker = locks / "started-by-tests"
+    users = open(locks / "users", "a+")  # held for the whole session
+    fcntl.flock(users, fcntl.LOCK_SH)
+    with open(locks / "start", "a+") as start:
+        fcntl.flock(start, fcntl.LOCK_EX)
+        up = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True).returncode == 0
+        if not up:
+            if os.geteuid() != 0:
+                users.close()
+                pytest.skip("no Slurm cluster is up and starting one (slurm/cluster.sh start) needs root")
+            r = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
+            if r.returncode != 0:
+                users.close()
+                pytest.fail(f"slurm/cluster.sh start failed:\n{r.stderr[-3000:]}")
+            marker.touch()
+    yield {"env": {**cli_env, "SLURM_CONF": conf}, "locks": locks}
+    fcntl.flock(users, fcntl.LOCK_UN)
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another session still uses it: it stops it
+        users.close()
+        return
+    if marker.exists():
         subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=300)
+        marker.unlink()
+    users.close()
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster):
+    """The environment that points clients (and jobs) at the test cluster. A test holds the
+    cluster alone (an exclusive lock, across sessions and xdist workers): tests kill nodes and
+    count the nodes free, so two of them must not run on it at once."""
+    with open(slurm_cluster["locks"] / "busy", "a+") as busy:
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        yield slurm_cluster["env"]
 
 
 def submit_results(hpcinfer, run_dir: Path, *args: str):
@@ -70,6 +100,43 @@ def submit_results(hpcinfer, run_dir: Path, *args: str):
     r = hpcinfer("submit", *args, f"run_dir={run_dir}")
     assert r.returncode == 0, r.stderr
     return pq.read_table(run_dir / "results.parquet")
+
+
+# The chaos suites' workload (local and Slurm): one input and one undisturbed reference run for the
+# whole session, which every fault's results must equal.
+CHAOS_ROWS, CHAOS_CHUNK = 480, 8
+
+
+@pytest.fixture(scope="session")
+def chaos_inputs(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("chaos-inputs")
+    rows = [{"id": i, "prompt": f"Story {i}: the {i % 17}th lighthouse keeper said"} for i in range(CHAOS_ROWS)]
+    pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=100)
+    return d / "prompts.parquet"
+
+
+def chaos_args(inputs, run_dir, *extra):
+    return [
+        f"data.input={inputs}",
+        "data.id_column=id",
+        "sampling=greedy",
+        "sampling.max_tokens=48",
+        "sampling.ignore_eos=true",
+        "data.shard_rows=240",
+        f"checkpoint.rows={CHAOS_CHUNK}",
+        "checkpoint.seconds=3600",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def chaos_reference(chaos_inputs, tmp_path_factory, hpcinfer):
+    run_dir = tmp_path_factory.mktemp("chaos-ref") / "run"
+    return submit_results(hpcinfer, run_dir, *chaos_args(chaos_inputs, run_dir, "dp=1"))
 
 
 def busy_rank(run_dir: Path, rank: int, min_rows: int, proc: subprocess.Popen, timeout: float = 300) -> dict:

@@ -486,3 +486,33 @@ def test_yaml_round_trip(cfg, tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text(config.to_yaml(cfg))
     assert config.load_run_config(p) == cfg
+
+
+def test_a_model_path_on_a_model_group_drops_the_groups_shape(tmp_path):
+    """`model=llama model.path=<other>`: llama's shape fields and name describe Llama-3.1-8B, not
+    the model at the path, so they are cleared (the plan reads the path's config.json) — but a
+    shape field set on the command line as well is kept."""
+    llama = compose(["model=llama"]).model
+    assert (llama.hidden_size, llama.num_params_b) == (4096, 8.03)
+    other = compose(["model=llama", f"model.path={tmp_path}/Mistral-7B"]).model
+    assert (other.hidden_size, other.num_params_b, other.num_layers, other.vocab_size) == (None,) * 4
+    assert other.name == "Mistral-7B" and other.engine == llama.engine
+    kept = compose(["model=llama", "model.path=org/other", "model.num_params_b=70", "model.name=x"]).model
+    assert (kept.num_params_b, kept.hidden_size, kept.name) == (70, None, "x")
+    [a, b] = compose_sweep(["model=llama", "model.path=org/a,org/b"])
+    assert (a.model.name, b.model.name, a.model.num_layers) == ("a", "b", None)
+
+
+def test_submit_drops_the_groups_shape_as_plan_does(tmp_path, monkeypatch):
+    """The same through submit's Hydra entry (hydra_main), with a stand-in task."""
+    from hpcinfer.cli import hydra_main
+
+    monkeypatch.chdir(tmp_path)  # Hydra writes its outputs/ here
+    seen = []
+    with pytest.raises(SystemExit) as e:
+        hydra_main(
+            lambda run: seen.append(run.model) or 0, ["model=llama", "model.path=org/other", "model.num_layers=3"]
+        )
+    assert e.value.code == 0
+    [m] = seen
+    assert (m.name, m.hidden_size, m.num_layers) == ("other", None, 3)

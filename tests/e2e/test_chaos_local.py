@@ -12,43 +12,13 @@ import subprocess
 import sys
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, busy_rank, submit_results
+from conftest import CHAOS_CHUNK, CHAOS_ROWS, REPO, busy_rank, chaos_args
 
 pytestmark = pytest.mark.vllm
 
-ROWS, CHUNK = 480, 8
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chaos-inputs")
-    rows = [{"id": i, "prompt": f"Story {i}: the {i % 17}th lighthouse keeper said"} for i in range(ROWS)]
-    pq.write_table(pa.Table.from_pylist(rows), d / "prompts.parquet", row_group_size=100)
-    return d / "prompts.parquet"
-
-
-def args(inputs, run_dir, *extra):
-    return [
-        f"data.input={inputs}",
-        "data.id_column=id",
-        "sampling=greedy",
-        "sampling.max_tokens=48",
-        "sampling.ignore_eos=true",
-        "data.shard_rows=240",
-        f"checkpoint.rows={CHUNK}",
-        "checkpoint.seconds=3600",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def reference(inputs, tmp_path_factory, hpcinfer):
-    run_dir = tmp_path_factory.mktemp("chaos-ref") / "run"
-    return submit_results(hpcinfer, run_dir, *args(inputs, run_dir, "dp=1"))
+ROWS, CHUNK = CHAOS_ROWS, CHAOS_CHUNK
 
 
 def start(cli_env, *argv):
@@ -69,10 +39,10 @@ def kill_when_busy(run_dir, rank, min_rows, proc):
     return s["rows_done"]
 
 
-def test_kill9_mid_shard_then_resume_is_exactly_once(inputs, tmp_path, cli_env, hpcinfer, reference):
+def test_kill9_mid_shard_then_resume_is_exactly_once(chaos_inputs, tmp_path, cli_env, hpcinfer, chaos_reference):
     """Static schedule: nobody else may take the killed rank's shards; `resume` finishes them."""
     run_dir = tmp_path / "run"
-    proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=0", "schedule.mode=static"))
+    proc = start(cli_env, *chaos_args(chaos_inputs, run_dir, "dp=2", "rank_retries=0", "schedule.mode=static"))
     kill_when_busy(run_dir, 1, 3 * CHUNK, proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1 and "incomplete" in err, err
@@ -81,23 +51,23 @@ def test_kill9_mid_shard_then_resume_is_exactly_once(inputs, tmp_path, cli_env, 
     assert parts, "the killed rank left no durable parts"
     r = hpcinfer("resume", str(run_dir))
     assert r.returncode == 0, r.stderr
-    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    assert pq.read_table(run_dir / "results.parquet").equals(chaos_reference)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0 <= summary["rows_recomputed"] <= CHUNK
     assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 1, 1: 2}
     assert not list((run_dir / "shards").glob("*.parts"))  # parts are gone once their shard is done
 
 
-def test_kill9_without_retries_the_other_rank_takes_the_shards_over(inputs, tmp_path, cli_env, reference):
+def test_kill9_without_retries_the_other_rank_takes_the_shards_over(chaos_inputs, tmp_path, cli_env, chaos_reference):
     """Dynamic schedule: the killed rank's claims go to the live rank, with their durable parts,
     and the run completes without a resume."""
     run_dir = tmp_path / "run"
-    proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=0"))
+    proc = start(cli_env, *chaos_args(chaos_inputs, run_dir, "dp=2", "rank_retries=0"))
     kill_when_busy(run_dir, 1, 3 * CHUNK, proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert "rank 1 failed" in err
-    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    assert pq.read_table(run_dir / "results.parquet").equals(chaos_reference)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0 <= summary["rows_recomputed"] <= CHUNK
     assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 1, 1: 1}
@@ -107,29 +77,31 @@ def test_kill9_without_retries_the_other_rank_takes_the_shards_over(inputs, tmp_
     assert not list((run_dir / "shards").glob("*.parts"))
 
 
-def test_random_kills_restart_in_place_and_results_are_identical(inputs, tmp_path, cli_env, reference):
+def test_random_kills_restart_in_place_and_results_are_identical(chaos_inputs, tmp_path, cli_env, chaos_reference):
     seed = int(time.time())
     rng = random.Random(seed)
     run_dir = tmp_path / "run"
-    proc = start(cli_env, *args(inputs, run_dir, "dp=2", "rank_retries=2"))
+    proc = start(cli_env, *chaos_args(chaos_inputs, run_dir, "dp=2", "rank_retries=2"))
     victims = rng.sample([0, 1], rng.choice([1, 2]))
     for rank in victims:
         kill_when_busy(run_dir, rank, rng.randrange(CHUNK, 120), proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, f"seed {seed}: {err}"
     assert "restarting it" in err
-    assert pq.read_table(run_dir / "results.parquet").equals(reference), f"seed {seed}"
+    assert pq.read_table(run_dir / "results.parquet").equals(chaos_reference), f"seed {seed}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rows_recomputed"] <= CHUNK * len(victims), f"seed {seed}"
     assert all(r["attempts"] == (2 if r["rank"] in victims else 1) for r in summary["ranks"]), summary["ranks"]
 
 
-def test_the_torn_shard_resume_gives_results_identical_to_an_undisturbed_run(inputs, tmp_path, hpcinfer, reference):
+def test_the_torn_shard_resume_gives_results_identical_to_an_undisturbed_run(
+    chaos_inputs, tmp_path, hpcinfer, chaos_reference
+):
     """A finished run whose shard output was truncated (a node lost mid-copy, a bad sync), with
     results.parquet and summary.json removed: `resume` sets the torn shard aside, generates only
     its rows again and publishes results identical to the undisturbed run's; status says so."""
     run_dir = tmp_path / "run"
-    r = hpcinfer("submit", *args(inputs, run_dir, "dp=2", "schedule.mode=static"))
+    r = hpcinfer("submit", *chaos_args(chaos_inputs, run_dir, "dp=2", "schedule.mode=static"))
     assert r.returncode == 0, r.stderr
     torn = run_dir / "shards" / "000001.parquet"
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
@@ -138,7 +110,7 @@ def test_the_torn_shard_resume_gives_results_identical_to_an_undisturbed_run(inp
     r = hpcinfer("resume", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert "repaired: shard output shards/000001.parquet: unreadable" in r.stderr
-    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    assert pq.read_table(run_dir / "results.parquet").equals(chaos_reference)
     summary = json.loads((run_dir / "summary.json").read_text())
     [repair] = summary["repaired"]
     assert (repair["what"], repair["path"], repair["by"]) == ("shard output", "shards/000001.parquet", "submit")

@@ -11,23 +11,22 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, busy_rank, submit_results
-from test_chaos_local import args, inputs, reference  # noqa: F401  (module fixtures)
+from conftest import REPO, busy_rank, chaos_args, submit_results
 from test_slurm import scontrol_job, submit_in_background
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slurm]
 
 
-def test_preemption_signal_requeues_and_resumes(inputs, tmp_path, slurm_env, reference):  # noqa: F811
+def test_preemption_signal_requeues_and_resumes(chaos_inputs, tmp_path, slurm_env, chaos_reference):
     run_dir = tmp_path / "run"
-    proc = submit_in_background(slurm_env, args(inputs, run_dir, "dp=2"), run_dir)
+    proc = submit_in_background(slurm_env, chaos_args(chaos_inputs, run_dir, "dp=2"), run_dir)
     busy_rank(run_dir, 0, 24, proc)
     job = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]["workers"][0]
     subprocess.run(["scancel", "--signal=USR2", job], env=slurm_env, check=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert "Restarts=1" in scontrol_job(job, slurm_env)
-    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    assert pq.read_table(run_dir / "results.parquet").equals(chaos_reference)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert all(r["attempts"] == 2 for r in summary["ranks"]), summary["ranks"]
     assert summary["rows_recomputed"] <= 2 * 8
@@ -45,7 +44,7 @@ def long_inputs(tmp_path_factory):
 
 
 def long_args(path, run_dir, *extra):
-    return args(path, run_dir, "data.shard_rows=480", "sampling.max_tokens=64", *extra)
+    return chaos_args(path, run_dir, "data.shard_rows=480", "sampling.max_tokens=64", *extra)
 
 
 def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, slurm_env, hpcinfer):
@@ -70,13 +69,13 @@ def test_killed_node_is_requeued_and_the_run_completes(long_inputs, tmp_path, sl
     assert victim not in {r["host"] for r in summary["ranks"]}  # the rerun went to other nodes
 
 
-def test_killed_rank_process_in_a_slurm_task_restarts_in_place(inputs, tmp_path, slurm_env, reference):  # noqa: F811
+def test_killed_rank_process_in_a_slurm_task_restarts_in_place(chaos_inputs, tmp_path, slurm_env, chaos_reference):
     run_dir = tmp_path / "run"
-    proc = submit_in_background(slurm_env, args(inputs, run_dir, "dp=2", "rank_retries=1"), run_dir)
+    proc = submit_in_background(slurm_env, chaos_args(chaos_inputs, run_dir, "dp=2", "rank_retries=1"), run_dir)
     os.kill(busy_rank(run_dir, 0, 16, proc)["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert pq.read_table(run_dir / "results.parquet").equals(reference)
+    assert pq.read_table(run_dir / "results.parquet").equals(chaos_reference)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {r["rank"]: r["attempts"] for r in summary["ranks"]} == {0: 2, 1: 1}
     assert summary["rows_recomputed"] <= 8
