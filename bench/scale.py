@@ -80,9 +80,12 @@ class Counter:
         io.open = builtins.open = wrapped
 
     def uninstall(self) -> None:
+        if not self.saved:
+            return
         for name in self.NAMES:
             setattr(os, name, self.saved[name])
         io.open = builtins.open = self.saved["io.open"]
+        self.saved = {}
 
     def _wrap(self, fn, name: str, skip_fd: bool = False):
         def counted(*args, **kw):
@@ -391,9 +394,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             for side in sides:  # warm-up: imports, first directory creation
                 run_side(side, warm, root)
             COUNTER.latency_s = args.op_latency_ms / 1000
-            for _ in range(args.repeats):
-                for side in sides:  # interleaved
-                    results[side].append(run_side(side, args, root))
+            try:
+                for _ in range(args.repeats):
+                    for side in sides:  # interleaved
+                        results[side].append(run_side(side, args, root))
+            finally:  # cleaning up is no metadata server's business (and 1 ms per file is slow)
+                COUNTER.latency_s = 0.0
+                COUNTER.uninstall()
     finally:
         COUNTER.uninstall()
     rows = machine_lines() + [

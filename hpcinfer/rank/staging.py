@@ -115,7 +115,9 @@ def prepare(rd: RunDir, cfg: RunConfig, args: Dict[str, Any], say: Callable[[str
     if cfg.model.compile_cache == "node":
         os.environ.update(cache_env(scratch, run_id(rd)))
     elif not os.environ.get("VLLM_CACHE_ROOT"):
-        os.environ["VLLM_CACHE_ROOT"] = str(Path(cfg.cache_dir).expanduser() / "vllm")
+        os.environ["VLLM_CACHE_ROOT"] = str(Path(cfg.cache_path).expanduser() / "vllm")
+    with contextlib.suppress(OSError):
+        Path(os.environ["VLLM_CACHE_ROOT"]).mkdir(parents=True, exist_ok=True)
     startup: Dict[str, float] = {}
     model = args.get("model")
     if cfg.model.stage == "node":

@@ -246,6 +246,7 @@ class Claims:
         self.weights = weights or {}  # shard -> its weight (tokens), for `weight_before`
         self._left = [sum(self.weights.get(x, 0) for x in self.layout.shards(b)) for b in range(self.layout.count)]
         self._dead: Dict[int, Claim] = {}  # the dead claims the latest full look found
+        self._by_attempt: Dict[Tuple[int, str], Set[int]] = {}  # (rank, tag) -> shards it held when seen
         self.last: Optional[Look] = None  # the latest look
 
     @property
@@ -314,6 +315,11 @@ class Claims:
         else:  # an older hpcinfer's, or a crash left a lost race's name beside it: read it
             self._unsure.pop(shard, None)
             self._holders[shard] = self._read(shard, gen)
+        c = self._holders[shard]
+        if c.rank != UNKNOWN:
+            self._by_attempt.setdefault(
+                (c.rank, c.token if c.token == UNREADABLE else attempt_tag(c.token)), set()
+            ).add(shard)
 
     def _mark_done(self, shard: int) -> None:
         b = self.layout.bucket(shard)
@@ -428,10 +434,8 @@ class Claims:
             at, beats, judged, full = self.clock(), self.beats(), {}, True
         else:
             at, beats, judged = self.last.at, self.last.beats, self.last.judged
-        order: List[int] = []
-        if not full:  # the dead claims the latest full look found, still there
-            order = [s for s, c in self._dead.items() if self._holders.get(s) == c and s not in self._done]
         tail = len(self.layout.order)
+        frontier: List[int] = []
         for b in range(self.layout.count):
             if b in self.closed:
                 continue
@@ -439,13 +443,35 @@ class Claims:
                 self._list_bucket(b)
                 if b in self.closed:
                     continue
-            if full or self._free(b):
-                order.extend(self.layout.shards(b))
             if self._free(b):
                 tail = min(tail, (b + 1) * self.layout.size)
+                frontier = list(self.layout.shards(b))
                 break
-        self.last = Look(at, self._done, self._holders, beats, judged, order, tail, full)
-        return self.last
+        self.last = look = Look(at, self._done, self._holders, beats, judged, [], tail, full)
+        if full:  # judge every attempt holding a claim once: the claims of the dead are candidates
+            self._dead = {}
+            for key, shards in list(self._by_attempt.items()):
+                live = {s for s in shards if s not in self._done and self._holder_key(s) == key}
+                if not live:
+                    del self._by_attempt[key]
+                    continue
+                self._by_attempt[key] = live
+                c = self._holders[next(iter(live))]
+                if c.token != self.token and self.dead_in(look, c):
+                    self._dead.update({s: self._holders[s] for s in live})
+            for s in self.notdone:  # finished, but the done marker was set aside since
+                c = self._holders.get(s)
+                if c is not None and self._stale_done(c):
+                    self._dead[s] = c
+        dead = [s for s, c in self._dead.items() if self._holders.get(s) == c and s not in self._done]
+        look.order = sorted(dead, key=self.layout.pos.__getitem__) + [s for s in frontier if s not in dead]
+        return look
+
+    def _holder_key(self, shard: int) -> Optional[Tuple[int, str]]:
+        c = self._holders.get(shard)
+        if c is None or c.rank == UNKNOWN:
+            return None
+        return c.rank, c.token if c.token == UNREADABLE else attempt_tag(c.token)
 
     def dead(self, c: Claim) -> bool:
         """Whether the attempt behind `c` is gone (see the module docstring), from its rank's
@@ -552,8 +578,6 @@ class Claims:
                     if s not in done and s not in mine and c.token != self.token and self.dead_in(look, c)
                 }
                 dead |= {c for s, c in holders.items() if c.token == self.token and self._stale_done(c)}
-                if look.full:
-                    self._dead = {c.shard: c for c in dead}
             found = claimable(look.order, done, holders, dead.__contains__, self.rank, self.token)
             found += [(s, c.gen + 1, False) for s, c in holders.items() if c.token == self.token and c in dead]
             found = [f for f in found if f[0] not in mine]
