@@ -247,6 +247,8 @@ class Claims:
         self._left = [sum(self.weights.get(x, 0) for x in self.layout.shards(b)) for b in range(self.layout.count)]
         self._dead: Dict[int, Claim] = {}  # the dead claims the latest full look found
         self._by_attempt: Dict[Tuple[int, str], Set[int]] = {}  # (rank, tag) -> shards it held when seen
+        self._raw: Dict[int, Set[str]] = {}  # bucket -> claim names listed but not parsed yet
+        self._fulls = 0  # full looks so far
         self.last: Optional[Look] = None  # the latest look
 
     @property
@@ -257,25 +259,41 @@ class Claims:
     def _bdir(self, b: int) -> Path:
         return self.rd.holders_dir / f"{b:06d}"
 
-    def _list_bucket(self, b: int) -> None:
+    def _list_bucket(self, b: int, lazy: bool = False) -> None:
         """One listing of bucket `b`: only names not seen before are parsed (holders names are
         write-once but for a lost race's, which is removed, and `.done`, which a rename adds), and
-        only the shards they touch are looked at again."""
+        only the shards they touch are looked at again. `lazy`: a claim's name only says its shard
+        is claimed (a live holder, unknown); who holds it is parsed when a look needs to know
+        (`_parse_raw`: some attempt ended or stalled)."""
         names = set(list_names(self._bdir(b)))
         if names:
             self._made.add(b)
         old = self._names.get(b, set())
+        raw = self._raw.setdefault(b, set())
         touched = set()
         for name, add in [(n, False) for n in old - names] + [(n, True) for n in names - old]:
             stem = name.partition(".")[0]
             known = stem.isdigit() and int(stem) in self._done and int(stem) not in self.notdone
             if known or (not add and name.endswith(".done")):
+                raw.discard(name)
                 continue  # a shard known done: its names say nothing new
             if add and name.endswith(".done") and stem.isdigit() and int(stem) not in self.notdone:
                 self._mark_done(int(stem))  # done: who held it does not matter any more
                 if b in self.closed:
                     return
                 continue
+            if not add and name in raw:
+                raw.discard(name)
+                continue
+            if add and lazy and stem.isdigit() and int(stem) not in self._lost and int(stem) not in self._unsure:
+                gen = name.split(".", 2)[1]
+                if gen.isdigit() and int(stem) not in self.notdone:
+                    shard, gen_ = int(stem), int(gen)
+                    raw.add(name)
+                    if gen_ > self._latest.get(shard, -1):
+                        self._latest[shard] = gen_
+                        self._holders[shard] = Claim(shard, gen_, UNKNOWN, "<not parsed>")
+                    continue
             parsed = parse_holder_name(name)
             if parsed is None:
                 continue
@@ -289,6 +307,27 @@ class Claims:
                 named.pop((rank, tag), None)  # a lost race's name, removed (not one renamed .done)
             touched.add(shard)
         self._names[b] = names
+        self._judge(b, touched)
+
+    def _parse_raw(self) -> None:
+        """Parse the claim names `_list_bucket` left unparsed (lazy): who holds what."""
+        for b, raw in list(self._raw.items()):
+            if not raw or b in self.closed:
+                continue
+            touched = set()
+            for name in raw:
+                parsed = parse_holder_name(name)
+                if parsed is None:
+                    continue
+                shard, gen, rank, tag, done = parsed
+                self._index.setdefault((shard, gen), {})[(rank, tag)] = done
+                if gen > self._latest.get(shard, -1):
+                    self._latest[shard] = gen
+                touched.add(shard)
+            raw.clear()
+            self._judge(b, touched)
+
+    def _judge(self, b: int, touched: Set[int]) -> None:
         again = {s for s in set(self._unsure) | self._lost if self.layout.bucket(s) == b and s not in self._done}
         self._lost -= again
         for shard in touched | again:
@@ -344,6 +383,7 @@ class Claims:
                 self._index.pop((s, g), None)
         self.done_in.pop(b, None)
         self._names.pop(b, None)
+        self._raw.pop(b, None)
         self._left[b] = 0
 
     def reopen(self, shards: Set[int]) -> None:
@@ -358,6 +398,7 @@ class Claims:
                 self._left[b] = 0
             self._full.discard(b)
             self._names.pop(b, None)  # parse all of it again
+            self._raw.pop(b, None)
             if s in self.done_in.get(b, ()):
                 self.done_in[b].discard(s)
                 self._left[b] += self.weights.get(s, 0)
@@ -369,6 +410,7 @@ class Claims:
         for b in range(self.layout.count):
             if b not in self.closed:
                 self._list_bucket(b)
+        self._parse_raw()
         return dict(self._holders)
 
     def _read(self, shard: int, gen: int) -> Claim:
@@ -436,11 +478,20 @@ class Claims:
             at, beats, judged = self.last.at, self.last.beats, self.last.judged
         tail = len(self.layout.order)
         frontier: List[int] = []
+        lazy = self._fulls > 0 and bool(beats)
+        if full:
+            self._fulls += 1
+            for key, beat in beats.items():  # an attempt ended or stalled: who holds what matters
+                seen = self._beat_names.get(key)
+                if seen is None or seen[0] != beat:
+                    self._beat_names[key] = (beat, at)
+                if beat == "end" or (seen is not None and seen[0] == beat and at - seen[1] >= self.suspect_s):
+                    lazy = False
         for b in range(self.layout.count):
             if b in self.closed:
                 continue
             if full or self._free(b):
-                self._list_bucket(b)
+                self._list_bucket(b, lazy=lazy or not full)
                 if b in self.closed:
                     continue
             if self._free(b):
@@ -448,6 +499,8 @@ class Claims:
                 frontier = list(self.layout.shards(b))
                 break
         self.last = look = Look(at, self._done, self._holders, beats, judged, [], tail, full)
+        if full and not lazy:
+            self._parse_raw()
         if full:  # judge every attempt holding a claim once: the claims of the dead are candidates
             self._dead = {}
             for key, shards in list(self._by_attempt.items()):
