@@ -224,8 +224,8 @@ class ClaimedWork:
 
     How often it looks grows with the ranks (`world`): a full look at least every
     max(min(15 s, lease/8), world/50 s), at most lease/2 (a dead rank's claims are taken over
-    within 1.5 leases); an idle rank's every max(1 s, world/200 s), at most that. At 1,000 ranks:
-    20 s and 5 s."""
+    within 1.5 leases); an idle rank's every max(1 s, world/100 s), at most that. At 1,000 ranks:
+    20 s and 10 s."""
 
     room_batches = 1
     poll_s = 0.05  # how often an idle engine loop asks again (memory only: the claimer looks)
@@ -251,7 +251,7 @@ class ClaimedWork:
         )
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start(thread=background)
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
-        self.idle_s = min(self.sweep_s, max(1.0, world / 200))
+        self.idle_s = min(self.sweep_s, max(1.0, world / 100))
         self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s)
         if background:
             self.claimer.start()

@@ -24,7 +24,7 @@ def test_two_ranks_per_node_on_two_nodes_stage_the_model_once_per_node(tmp_path,
     r = subprocess.run(
         [sys.executable, "-m", "hpcinfer.submit", "cluster=slurm_cpu", "dp=4", "cluster.ranks_per_node=2"]
         + [f"data.input={tmp_path / 'in.parquet'}", "data.id_column=id", "sampling=greedy", "sampling.max_tokens=4"]
-        + ["data.shard_rows=2", "model.stage=node", f"cluster.local_scratch={scratch}", f"run_dir={run_dir}"]
+        + ["data.shard_rows=2", "model.stage=node", f"cluster.local_scratch='{scratch}'", f"run_dir={run_dir}"]
         + ["wait=true"],
         cwd=REPO,
         env=slurm_env,
