@@ -96,6 +96,14 @@ class ModelConfig:
     # a Jinja chat template file replacing the model's (vLLM's --chat-template); read at submit,
     # its text is what the ranks use (plan.json). null: the model's own (tokenizer_config.json)
     chat_template: Optional[str] = None
+    # "none": every rank loads from the model's path; "node": the first rank of each node copies the
+    # model directory to node-local scratch (cluster.local_scratch) under a lock, and the node's
+    # ranks load from there (a local directory only: a hub id is loaded as it is)
+    stage: str = "none"
+    # vLLM's cache (torch.compile artifacts, VLLM_CACHE_ROOT) unless the environment sets it: "node"
+    # = node-local scratch, private to the run; "shared" = <cache_dir>/vllm, where the first rank
+    # compiles under a lock and the others reuse what it wrote
+    compile_cache: str = "node"
 
 
 @dataclass
@@ -215,6 +223,9 @@ class LocalClusterConfig:
     # GPUs of one "node" (CPU: engine workers): a replica with tp x pp above it runs as
     # tp x pp / gpus_per_node processes (vLLM nnodes, leader + headless). null = all are one node.
     gpus_per_node: Optional[int] = None
+    # node-local scratch (model.stage=node, the vLLM cache); null = $TMPDIR, else /tmp. "{node}" is
+    # replaced by the node's name (SLURMD_NODENAME, else the host name)
+    local_scratch: Optional[str] = None
 
     def node_size(self) -> Tuple[Optional[int], str]:
         """(GPUs of one "node" that a rank's tp x pp may fill, the key that sets it); None: no limit."""
@@ -263,6 +274,9 @@ class SlurmClusterConfig:
     cpu_kvcache_gib: int = 1  # CPU nodes only (else refused): VLLM_CPU_KVCACHE_SPACE (GiB) per engine worker
     gpu_memory_gib: Optional[float] = None  # GPU nodes only (else refused): per GPU, for the plan; null = unknown
     poll_s: float = 5.0  # wait=true: seconds between looks at the run
+    # node-local scratch (model.stage=node, the vLLM cache); null = $TMPDIR, else /tmp. "{node}" is
+    # replaced by the node's name (SLURMD_NODENAME): nodes sharing one /tmp stage once each
+    local_scratch: Optional[str] = None
 
     def node_size(self) -> Tuple[Optional[int], str]:
         """(what one node holds of a rank's tp x pp, the key that sets it): GPUs, or on CPU nodes
@@ -603,6 +617,11 @@ def _spanning_errors(cfg: RunConfig) -> List[str]:
 
 def _model_errors(cfg: RunConfig) -> List[str]:
     m = cfg.model
+    if m.stage not in ("none", "node") or m.compile_cache not in ("node", "shared"):
+        return [
+            f"model.stage must be 'none' or 'node' and model.compile_cache 'node' or 'shared', got "
+            f"stage={m.stage!r} compile_cache={m.compile_cache!r}"
+        ]
     if m.builtin is not None and m.builtin not in BUILTIN_MODELS:
         return [f"model.builtin={m.builtin!r} is not one of {list(BUILTIN_MODELS)}"]
     if m.builtin is not None and m.path:  # the built-in would run, the path be ignored

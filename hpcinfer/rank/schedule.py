@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from typing import Collection, Dict, List, Optional, Sequence
+from typing import Callable, Collection, Dict, List, Optional, Sequence
 
 from hpcinfer.rundir.manifest import Shard
 
@@ -40,12 +40,15 @@ def by_mix(
     rows: Dict[int, int],
     held: Collection[int],
     world: int,
+    pool: Optional[Callable[[float], int]] = None,
 ) -> Optional[int]:
     """The first candidate (densest first) for which `share_allows`, counting only the shards
     at least as dense as it (in tokens per row): long requests spread over the ranks first, short
     ones beside them. `held`: the unfinished shards this rank holds. Sorted prefix sums make each
     candidate's pool a binary search, so a rank with thousands of shards to look through stays
-    off its engine's hot path."""
+    off its engine's hot path. `pool(d)`, when given, is the tokens of the unfinished shards at
+    least as dense as d, in place of `unfinished` (a rank keeps it as it learns what is done:
+    rundir/claims.py)."""
 
     def density(s: int) -> float:
         return tokens[s] / max(1, rows[s])
@@ -57,7 +60,8 @@ def by_mix(
         sums = list(itertools.accumulate((tokens[s] for s in ordered), initial=0))
         return lambda d: sums[bisect.bisect_right(keys, -d)]
 
-    pool, mine = at_least_as_dense(unfinished), at_least_as_dense(held)
+    pool = pool or at_least_as_dense(unfinished)
+    mine = at_least_as_dense(held)
     for c in candidates:
         d = density(c)
         if share_allows(mine(d), tokens[c], pool(d), world):

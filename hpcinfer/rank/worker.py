@@ -33,10 +33,11 @@ import pyarrow.parquet as pq
 from hpcinfer.config import RunConfig, engine_args, load_run_config
 from hpcinfer.errors import disk_full, disk_full_message, exit_on_signal
 from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
+from hpcinfer.rank import staging
 from hpcinfer.rank.engine import Engine
 from hpcinfer.rank.requests import build_requests
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
-from hpcinfer.rundir.claims import ClaimLost
+from hpcinfer.rundir.claims import ClaimLost, end_beat
 from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
 from hpcinfer.rundir.integrity import describe, read_rank_checked
 from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard
@@ -186,8 +187,16 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
 
             t0 = time.time()
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
-            engine = create_engine({**engine_args(cfg, plan.engine_args["model"]), **replica_engine_args(os.environ)})
-            state.write(state=RUNNING, engine_seconds=time.time() - t0, generation_started_at=time.time())
+            args = {**engine_args(cfg, plan.engine_args["model"]), **replica_engine_args(os.environ)}
+            log = rd.rank_log(ctx.rank)
+            offset = staging.size_of(log)
+            args, startup = staging.prepare(rd, cfg, args, say=lambda m: say(f"rank {ctx.rank}: {m}"))
+            with staging.compile_lock(rd, cfg, args):
+                engine = create_engine(args)
+            startup.update(staging.startup_split(staging.read_from(log, offset)))
+            state.write(
+                state=RUNNING, engine_seconds=time.time() - t0, startup=startup, generation_started_at=time.time()
+            )
             ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request).run()
             if cfg.lockstep:
                 while engine.group_busy():  # idle here, busy elsewhere: vLLM runs a dummy batch
@@ -366,7 +375,7 @@ class ShardLoop:
         self.state.check_owner()
         done = finish_shard(self.rd, o.shard, o.ck, self.rank, time.time() - o.started, o.shard.rows - len(o.todo))
         del self.open[o.shard.shard]
-        self.work.release(o.shard.shard)
+        self.work.release(o.shard.shard, done=True)
         self.state.record.output_tokens = self.base_tokens  # drop what was streamed: the done totals count it
         self.state.add_shard(done)
         self.finished_rows += o.shard.rows
@@ -432,6 +441,8 @@ def record_exit(rd: RunDir, rank: int, returncode: int) -> None:
             error=f"the rank process {how} without recording an error (see its log)",
         )
     )
+    if record.token:
+        end_beat(rd, rank, record.token)  # its claims are taken over at once, not after 3/8 of a lease
 
 
 def main() -> None:

@@ -145,6 +145,7 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
                 output_tokens=int(per_rank[r]["output_tokens"]),
                 seconds=round(((info.finished_at if info else None) or now) - started, 3),
                 engine_seconds=round(info.engine_seconds if info else 0.0, 3),
+                startup=dict(info.startup) if info else {},
                 generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
                 attempts=info.attempts if info else 1,
                 rows_generated=info.rows_generated if info else 0,

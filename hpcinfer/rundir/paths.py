@@ -17,6 +17,8 @@ names every path and reads and writes the JSON records as the typed records of r
       ranks/<r>.owner             which attempt of the rank may write (the newest start)
       ranks/<r>.beat              the attempt's heartbeat (dynamic schedule: claims.py)
       claims/<id>.<gen>           which attempt claimed a shard (dynamic schedule: claims.py)
+      holders/<id>.<gen>.<r>.<tag>  the same claim's file, named by its rank and attempt (claims.py)
+      beats/<r>.<tag>.<n>         the attempt's heartbeat as a name: renamed each beat (claims.py)
       logs/rank-<r>.log           per-rank output (a spanning replica's leader, node 0)
       logs/rank-<r>-node-<n>.log  node n > 0 of a rank spanning nodes (its headless process)
       lock                        held (flock) while a submission of this run is live
@@ -87,6 +89,8 @@ class RunDir:
     done_dir = property(lambda self: self.path / "done")
     ranks_dir = property(lambda self: self.path / "ranks")
     claims_dir = property(lambda self: self.path / "claims")
+    holders_dir = property(lambda self: self.path / "holders")
+    beats_dir = property(lambda self: self.path / "beats")
     logs_dir = property(lambda self: self.path / "logs")
     lock_file = property(lambda self: self.path / "lock")
     results = property(lambda self: self.path / "results.parquet")

@@ -234,6 +234,9 @@ class RankRecord(Record):
     rows_generated: int = 0
     started_at: Optional[float] = None
     engine_seconds: float = 0.0
+    # the engine's start-up split (rank/staging.py): stage_seconds and staged_here (model.stage=node),
+    # and what vLLM logged: weights_seconds, compile_seconds, graph_capture_seconds, init_engine_seconds
+    startup: Dict[str, float] = field(default_factory=dict)
     generation_seconds: float = 0.0
     generation_started_at: Optional[float] = None
     generation_ended_at: Optional[float] = None

@@ -146,10 +146,11 @@ def test_an_unreadable_claim_is_dead_and_taken_over_once(rd):
     rd.claims_dir.mkdir()
     rd.claim(0, 0).write_text('{"rank": 1, "tok')  # a claim torn by a crash (claims are not fsynced)
     claims = Claims(rd, 0, "tok-0", [0, 1], lease_s=3600)
-    assert claims.next() == 0  # taken over at once, no lease to wait for
-    assert sorted(parse_claim_name(p.name) for p in rd.claims_dir.iterdir()) == [(0, 0), (0, 1)]
-    other = Claims(rd, 1, "tok-1", [0, 1], lease_s=3600)
-    assert other.next() == 1
+    assert claims.next() == 1  # shard 0's claim has no holders/ name: claiming it lost the race ...
+    assert claims.next() == 0  # ... so it is read, and taken over at once, no lease to wait for
+    assert sorted(parse_claim_name(p.name) for p in rd.claims_dir.iterdir()) == [(0, 0), (0, 1), (1, 0)]
+    other = Claims(rd, 1, "tok-1", [0, 1, 2], lease_s=3600)
+    assert other.next() == 2
     [repair] = rd.read_repairs()  # recorded once, whoever reads it
     assert (repair.what, repair.path) == ("claim", "claims/000000.0")
     assert "taken over" in repair.action

@@ -1,0 +1,200 @@
+"""Start-up that does not multiply by the ranks: the model staged once per node, the vLLM /
+torch.compile cache node-local per run, and each rank's start-up split as vLLM logs it.
+
+`model.stage=node` copies the model directory once per node to node-local scratch
+(`cluster.local_scratch`, default `$TMPDIR`, else /tmp) and the ranks of the node load from
+there: a thousand ranks read the shared filesystem once per node, not once per rank. The copy is
+made under a lock (`flock` on `<dest>.lock`) into a temp folder beside it and renamed into place,
+so the staged folder exists only complete: the first rank of a node copies, the others wait on
+the lock and reuse it; a copy killed half way leaves only a temp folder, removed by the next.
+
+The scratch path may name its node, `{node}` (Slurm's node name, `SLURMD_NODENAME`, else the
+host name): nodes that share one /tmp (a test cluster on one machine) then stage once each.
+
+vLLM's cache (torch.compile artifacts: `VLLM_CACHE_ROOT`, vllm/envs.py) is set per rank to
+`<scratch>/hpcinfer-vllm-cache/<run>` unless the environment sets it: node-local and private to
+the run, so ranks on many nodes never write one shared cache at once (concurrent writers have
+corrupted it elsewhere); the ranks of one node share it, as vLLM's own locking expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
+
+if TYPE_CHECKING:
+    from hpcinfer.config import RunConfig
+    from hpcinfer.rundir.paths import RunDir
+
+MODELS = "hpcinfer-models"
+CACHE = "hpcinfer-vllm-cache"
+
+
+def node_name(env: Mapping[str, str] = os.environ) -> str:
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def local_scratch(configured: Optional[str], env: Mapping[str, str] = os.environ) -> Path:
+    """The node-local scratch folder: `configured` ({node} replaced), else $TMPDIR, else /tmp."""
+    path = configured or env.get("TMPDIR") or "/tmp"
+    return Path(path.replace("{node}", node_name(env))).expanduser()
+
+
+@dataclass
+class Staged:
+    path: Path  # where the ranks of this node load the model from
+    copied: bool  # this rank made the copy (False: it was there, or another rank made it)
+    seconds: float  # how long this rank spent staging (copying, or waiting for the copy)
+    waited: float = 0.0  # of which waiting for the lock
+
+
+def _fingerprint(src: Path) -> str:
+    """A name for a model directory's copy: its real path, and its files' sizes and mtimes (a
+    model replaced in place gets a new copy)."""
+    h = hashlib.sha1(str(src.resolve()).encode())
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def stage_model(src: Path, scratch: Path) -> Staged:
+    """Copy model directory `src` to `<scratch>/hpcinfer-models/<name>-<fingerprint>` once (see the
+    module docstring); the staged path, whether this call copied, and the time it took."""
+    t0 = time.monotonic()
+    src = Path(src)
+    root = scratch / MODELS
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"{src.resolve().name}-{_fingerprint(src)}"
+    if dest.is_dir():  # staged before: no lock needed (it exists only complete)
+        return Staged(dest, False, time.monotonic() - t0)
+    with open(f"{dest}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waited = time.monotonic() - t0
+        try:
+            if dest.is_dir():  # another rank of this node copied it while this one waited
+                return Staged(dest, False, time.monotonic() - t0, waited)
+            for old in root.glob(f"{dest.name}.tmp-*"):  # a copy killed half way
+                shutil.rmtree(old, ignore_errors=True)
+            tmp = root / f"{dest.name}.tmp-{os.getpid()}"
+            shutil.copytree(src, tmp, symlinks=False)
+            os.rename(tmp, dest)
+            return Staged(dest, True, time.monotonic() - t0, waited)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cache_env(scratch: Path, run: str, env: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """The environment for a node-local vLLM cache private to the run: {} when already set."""
+    if env.get("VLLM_CACHE_ROOT"):
+        return {}
+    return {"VLLM_CACHE_ROOT": str(scratch / CACHE / run)}
+
+
+def run_id(rd: RunDir) -> str:
+    """A name for the run on a node's scratch: its folder's name and a hash of its path."""
+    return f"{rd.path.name}-{hashlib.sha1(str(rd.path.resolve()).encode()).hexdigest()[:8]}"
+
+
+def prepare(rd: RunDir, cfg: RunConfig, args: Dict[str, Any], say: Callable[[str], None]):
+    """Before the engine starts: point vLLM's cache where `model.compile_cache` says (unless the
+    environment sets VLLM_CACHE_ROOT) and, with model.stage=node, stage the model. The engine
+    arguments to use and the start-up times measured here."""
+    scratch = local_scratch(getattr(cfg.cluster, "local_scratch", None))
+    if cfg.model.compile_cache == "node":
+        os.environ.update(cache_env(scratch, run_id(rd)))
+    elif not os.environ.get("VLLM_CACHE_ROOT"):
+        os.environ["VLLM_CACHE_ROOT"] = str(Path(cfg.cache_path).expanduser() / "vllm")
+    with contextlib.suppress(OSError):
+        Path(os.environ["VLLM_CACHE_ROOT"]).mkdir(parents=True, exist_ok=True)
+    startup: Dict[str, float] = {}
+    model = args.get("model")
+    if cfg.model.stage == "node":
+        if isinstance(model, str) and os.path.isdir(model):
+            staged = stage_model(Path(model), scratch)
+            args = {k: (str(staged.path) if k in ("model", "tokenizer") and v == model else v) for k, v in args.items()}
+            startup.update(stage_seconds=round(staged.seconds, 3), staged_here=float(staged.copied))
+            how = "copied" if staged.copied else f"reused (waited {staged.waited:.1f} s)"
+            say(f"model staged on {node_name()} at {staged.path}: {how} in {staged.seconds:.1f} s")
+        else:
+            say(f"model.stage=node: {model!r} is not a local directory; it is loaded as it is")
+    return args, startup
+
+
+@contextlib.contextmanager
+def compile_lock(rd: RunDir, cfg: RunConfig, args: Optional[Dict[str, Any]] = None):
+    """Around the engine's start: the first rank that compiles into vLLM's cache (node-local or
+    shared) does so alone, and the others start once it is written, to reuse it. Nothing for an
+    eager engine (it compiles nothing)."""
+    root = os.environ.get("VLLM_CACHE_ROOT")
+    if not root or (args or {}).get("enforce_eager"):
+        yield
+        return
+    key = hashlib.sha1(json.dumps(args or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    Path(root).mkdir(parents=True, exist_ok=True)
+    ready = Path(root) / f"hpcinfer-compiled-{key}"
+    if ready.exists():
+        yield
+        return
+    with open(Path(root) / "hpcinfer-compile.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if ready.exists():  # another rank compiled while this one waited: reuse (unlock first)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                yield
+                return
+            yield
+            ready.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ---- the start-up split, from vLLM's log lines ----------------------------------------------
+PATTERNS = {
+    "weights_seconds": r"Model loading took [\d.]+ ?GiB memory and ([\d.]+) seconds",
+    "load_weights_seconds": r"Loading weights took ([\d.]+) seconds",
+    "compile_seconds": r"torch\.compile and initial profiling/warmup run together took ([\d.]+) s",
+    "graph_capture_seconds": r"Graph capturing finished in ([\d.]+) secs",
+    "init_engine_seconds": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+}
+
+
+def startup_split(log: str) -> Dict[str, float]:
+    """What vLLM logged of its start-up (the last of each; absent ones are left out: on CPU there
+    is no graph capture, and eager engines compile nothing)."""
+    out = {}
+    for key, pattern in PATTERNS.items():
+        found = re.findall(pattern, log)
+        if found:
+            out[key] = float(found[-1])
+    if "weights_seconds" not in out and "load_weights_seconds" in out:
+        out["weights_seconds"] = out["load_weights_seconds"]
+    out.pop("load_weights_seconds", None)
+    return out
+
+
+def read_from(path: Path, offset: int) -> str:
+    """The text of `path` from byte `offset` on ('' when it does not exist)."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    return ""
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -1,0 +1,94 @@
+"""Start-up that does not multiply by the ranks (rank/staging.py): the model staged once per node
+under a lock (processes racing: one copy, the others reuse it), the node's scratch path, the vLLM
+cache per run, and the start-up split from vLLM's log lines. No vLLM here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+from hpcinfer.rank import staging
+
+
+def model_dir(tmp_path):
+    src = tmp_path / "shared-fs" / "my-model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    (src / "sub" / "tokenizer.json").write_text("{}")
+    return src
+
+
+def _stage(src, scratch, barrier, out):
+    barrier.wait()
+    staged = staging.stage_model(src, scratch)
+    out.put((str(staged.path), staged.copied))
+
+
+def test_processes_racing_to_stage_copy_once_and_all_load_the_copy(tmp_path, monkeypatch):
+    src, scratch = model_dir(tmp_path), tmp_path / "node-a"
+    copies = multiprocessing.get_context("fork").Value("i", 0)
+    real = staging.shutil.copytree
+
+    def counted(source, *args, **kw):
+        if str(source) == str(src):  # copytree calls itself for subfolders
+            with copies.get_lock():
+                copies.value += 1
+        return real(source, *args, **kw)
+
+    monkeypatch.setattr(staging.shutil, "copytree", counted)
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_stage, args=(src, scratch, barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert copies.value == 1 and sorted(c for _, c in got) == [False, False, False, True]
+    [path] = {p for p, _ in got}
+    staged = scratch / staging.MODELS
+    assert path.startswith(str(staged)) and sorted(os.listdir(staged)) == sorted(
+        [os.path.basename(path), os.path.basename(path) + ".lock"]
+    )
+    for rel in ("config.json", "model.safetensors", "sub/tokenizer.json"):
+        assert (src / rel).read_bytes() == open(os.path.join(path, rel), "rb").read()
+    # a later rank of the node reuses it without the lock; another node (its own scratch) copies once more
+    assert staging.stage_model(src, scratch).copied is False
+    assert staging.stage_model(src, tmp_path / "node-b").copied is True
+
+
+def test_a_copy_killed_half_way_is_never_used_and_cleaned_up(tmp_path):
+    src, scratch = model_dir(tmp_path), tmp_path / "node"
+    first = staging.stage_model(src, scratch)
+    os.rename(first.path, str(first.path) + ".tmp-999")  # as if killed before the rename
+    again = staging.stage_model(src, scratch)
+    assert again.copied and again.path == first.path and not list(scratch.glob("*/*.tmp-*"))
+    (src / "config.json").write_text('{"a": 2}')  # the model changed in place: a new copy
+    assert staging.stage_model(src, scratch).path != first.path
+
+
+def test_local_scratch_and_the_cache_of_the_run(tmp_path):
+    env = {"TMPDIR": "/scratch/job1", "SLURMD_NODENAME": "node7"}
+    assert str(staging.local_scratch(None, env)) == "/scratch/job1"
+    assert str(staging.local_scratch(None, {})) == "/tmp"
+    assert str(staging.local_scratch("/tmp/hpc-{node}", env)) == "/tmp/hpc-node7"
+    assert staging.cache_env(tmp_path, "run-1", {}) == {"VLLM_CACHE_ROOT": str(tmp_path / staging.CACHE / "run-1")}
+    assert staging.cache_env(tmp_path, "run-1", {"VLLM_CACHE_ROOT": "/mine"}) == {}
+
+
+def test_startup_split_from_vllm_log_lines():
+    log = """INFO 12-02 [default_loader.py:502] Loading weights took 0.52 seconds
+INFO 12-02 [gpu_model_runner.py:5150] Model loading took 15.0 GiB memory and 3.412 seconds
+INFO 12-02 [decorators.py:707] torch.compile and initial profiling/warmup run together took 21.30 s in total
+INFO 12-02 [gpu_model_runner.py:6582] Graph capturing finished in 9 secs, took 0.50 GiB
+INFO 12-02 [core.py:396] init engine (profile, create kv cache, warmup model) took 40.10 s (compilation: 21.30 s)
+"""
+    assert staging.startup_split(log) == {
+        "weights_seconds": 3.412,
+        "compile_seconds": 21.3,
+        "graph_capture_seconds": 9.0,
+        "init_engine_seconds": 40.1,
+    }
+    cpu = "Loading weights took 0.05 seconds\ninit engine (profile, create kv cache, warmup model) took 1.20 s\n"
+    assert staging.startup_split(cpu) == {"weights_seconds": 0.05, "init_engine_seconds": 1.2}

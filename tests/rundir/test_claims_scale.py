@@ -1,0 +1,193 @@
+"""The claim protocol at scale (rundir/claims.py): who holds a claim from holders/ names, liveness
+from beats/ names judged once per attempt and look, file checks cached for `cache_s`, lost races
+that move on without listing again. The protocol's guarantees are tests/rundir/test_claims.py's."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from hpcinfer.rundir.claims import (
+    UNKNOWN,
+    Claim,
+    Claims,
+    Heartbeat,
+    attempt_tag,
+    parse_beat_name,
+    parse_holder_name,
+)
+from hpcinfer.rundir.files import atomic_write
+from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import FAILED, RankRecord
+
+
+def new_run_dir(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    return rd
+
+
+def test_names_parse():
+    assert parse_holder_name("000012.3.7.abcdef012345") == (12, 3, 7, "abcdef012345", False)
+    assert parse_holder_name("000012.3.7.abcdef012345.done") == (12, 3, 7, "abcdef012345", True)
+    assert parse_holder_name("000012.3.7.abcdef012345.tmp") is None
+    assert parse_holder_name("000012.3") is None and parse_holder_name(".claim.x") is None
+    assert parse_beat_name("7.abc.12") == (7, "abc", "12") and parse_beat_name("7.abc.end") == (7, "abc", "end")
+    assert parse_beat_name("7.abc.tmp") is None
+    assert attempt_tag("host:1:2.5") == attempt_tag("#" + attempt_tag("host:1:2.5"))
+
+
+def test_holders_come_from_the_index_names_without_opening_claims(tmp_path, monkeypatch):
+    rd = new_run_dir(tmp_path)
+    a, b = Claims(rd, 0, "A", [0, 1, 2], 60), Claims(rd, 1, "B", [0, 1, 2], 60)
+    assert a.next() == 0 and b.next() == 1
+    monkeypatch.setattr(Claims, "_read", lambda *args: pytest.fail("a claim file was opened"))
+    held = Claims(rd, 2, "C", [0, 1, 2], 60).holders()
+    assert held == {0: Claim(0, 0, 0, "#" + attempt_tag("A")), 1: Claim(1, 0, 1, "#" + attempt_tag("B"))}
+    assert a.holders()[0] == Claim(0, 0, 0, "A")  # its own: by its token
+    # the index name is the claim's file: a hard link of the same content
+    index = rd.holders_dir / "000000" / f"000000.0.0.{attempt_tag('A')}"
+    assert index.samefile(rd.claim(0, 0)) and json.loads(index.read_text())["token"] == "A"
+
+
+def test_claims_without_an_index_name_or_with_two_are_read(tmp_path):
+    rd = new_run_dir(tmp_path)
+    now = [0.0]
+    c = Claims(rd, 2, "C", [0, 1], 60, clock=lambda: now[0], cache_s=5)
+    rd.claim(0, 0).write_text(json.dumps({"rank": 5, "token": "old", "host": "h"}))  # an older hpcinfer
+    rd.claim(1, 0).write_text(json.dumps({"rank": 6, "token": "T6", "host": "h"}))
+    (rd.holders_dir / "000000").mkdir()
+    for rank, tag in ((6, attempt_tag("T6")), (7, "leftover")):  # a crashed lost race's name beside it
+        (rd.holders_dir / "000000" / f"000001.0.{rank}.{tag}").write_text("{}")
+    # two names: a lost race's not removed yet; held and live, by whom is looked at again later
+    assert c.holders() == {1: Claim(1, 0, UNKNOWN, "<unsure>")}
+    assert c.next() is None  # shard 0 has no name: claiming it loses the race (the link) ...
+    assert c.holders() == {0: Claim(0, 0, 5, "old"), 1: Claim(1, 0, UNKNOWN, "<unsure>")}  # ... then it is read
+    now[0] += 5  # still two names after cache_s: a crash left one; the claim file is read
+    assert c.holders() == {0: Claim(0, 0, 5, "old"), 1: Claim(1, 0, 6, "T6")}
+    (rd.holders_dir / "000000" / "000001.0.7.leftover").unlink()
+    assert c.holders()[1] == Claim(1, 0, 6, "#" + attempt_tag("T6"))
+
+
+def test_a_lost_race_moves_on_within_the_same_look(tmp_path):
+    rd = new_run_dir(tmp_path)
+    order = list(range(6))
+    a, b = Claims(rd, 0, "A", order, 60), Claims(rd, 1, "B", order, 60, spread=4)
+    stale = b.look()
+    assert a.next() == 0
+    got = b.next(look=stale)  # loses shard 0, then tries further down without listing again
+    assert got not in (None, 0) and b.mine == {got: 0}
+    assert sorted(p.name for p in (rd.holders_dir / "000000").iterdir()) == sorted(
+        [f"000000.0.0.{attempt_tag('A')}", f"{rd.claim(got, 0).name}.1.{attempt_tag('B')}"]
+    )  # the lost race's name is gone
+
+
+def test_beat_names_advance_end_and_are_superseded(tmp_path):
+    rd = new_run_dir(tmp_path)
+    hb = Heartbeat(rd, 3, "T1", 0.02).start()
+    c = Claims(rd, 0, "X", [], 60)
+    key = (3, attempt_tag("T1"))
+    first = c.beats()[key]
+    deadline = time.monotonic() + 5
+    while c.beats()[key] == first and time.monotonic() < deadline:
+        pass
+    assert c.beats()[key] != first
+    hb2 = Heartbeat(rd, 3, "T2", 60).start()  # the rank restarted: the older attempt's name ends
+    hb.stop()
+    beats = c.beats()
+    assert beats[key] == "end" and beats[(3, attempt_tag("T2"))] == "0"
+    hb2.stop()
+    assert c.beats()[(3, attempt_tag("T2"))] == "end"
+    assert len(list(rd.beats_dir.iterdir())) == 2
+
+
+class Reads:
+    """Counts reads of a rank's owner and record files."""
+
+    def __init__(self, rd, monkeypatch):
+        self.n = 0
+        real = RunDir.read_rank
+
+        def read_rank(rd_, rank):
+            self.n += 1
+            return real(rd_, rank)
+
+        monkeypatch.setattr(RunDir, "read_rank", read_rank)
+
+
+def test_liveness_is_judged_once_per_attempt_and_look_and_file_checks_are_cached(tmp_path, monkeypatch):
+    rd = new_run_dir(tmp_path)
+    now = [1000.0]
+    order = list(range(8))
+    holder = Claims(rd, 0, "A", order, 60)
+    for _ in range(5):
+        holder.next()  # rank 0 holds shards 0-4
+    atomic_write(rd.rank_owner(0), "A")
+    hb = Heartbeat(rd, 0, "A", 3600).start()  # one beat name, never renamed in this test
+    reads = Reads(rd, monkeypatch)
+    c = Claims(rd, 1, "B", order, lease_s=80, clock=lambda: now[0], cache_s=10)
+    assert c.next() == 5 and reads.n == 0  # a beat name seen: alive, no file read
+    now[0] += 29  # under 3/8 of the lease: still no reads
+    assert c.next() == 6 and reads.n == 0
+    now[0] += 1  # 3/8 of the lease unchanged: its owner and record are read, once for its 5 claims
+    assert c.next() == 7 and reads.n == 1
+    now[0] += 5  # within cache_s: kept
+    c.next()
+    assert reads.n == 1
+    now[0] += 5  # cache_s passed: read again
+    c.next()
+    assert reads.n == 2
+    rd.write_rank(RankRecord(0, token="A", state=FAILED))  # it recorded that it ended
+    now[0] += 10
+    assert c.next() == 0 and reads.n == 3  # taken over (gen 1) as soon as the cache expired
+    assert c.mine[0] == 1
+    hb.stop()
+
+
+def test_an_ended_beat_name_is_dead_at_once_and_its_rank_gone(tmp_path):
+    rd = new_run_dir(tmp_path)
+    a = Claims(rd, 0, "A", [0, 1], 60)
+    hb = Heartbeat(rd, 0, "A", 3600).start()
+    assert a.next() == 0
+    seen = []
+
+    def spy(candidates, unfinished, gone):
+        seen.append((candidates, gone))
+        return candidates[0]
+
+    b = Claims(rd, 1, "B", [0, 1], 60)
+    assert b.next(spy) == 1 and seen[-1] == ([1], 0)  # A beats: its claim is live
+    hb.stop()  # A ends (it would have recorded that, too)
+    b.release(1)
+    assert b.next(spy) == 0 and seen[-1] == ([0], 1)
+    assert b.mine == {0: 1}
+
+
+def test_a_stalled_beat_name_is_dead_after_a_lease_on_the_observers_clock(tmp_path):
+    rd = new_run_dir(tmp_path)
+    now = [0.0]
+    atomic_write(rd.rank_owner(0), "A")
+    assert Claims(rd, 0, "A", [0], 60).next() == 0
+    hb = Heartbeat(rd, 0, "A", 3600).start()
+    c = Claims(rd, 1, "B", [0], lease_s=40, clock=lambda: now[0])
+    assert c.next() is None  # first sight starts the clock
+    now[0] += 39.9
+    assert c.next() is None
+    now[0] += 0.1
+    assert c.next() == 0
+    hb.stop()
+
+
+def test_a_launcher_ends_the_beat_name_of_a_rank_killed_silently(tmp_path):
+    from hpcinfer.rank.worker import record_exit
+
+    rd = new_run_dir(tmp_path)
+    assert Claims(rd, 0, "A", [0], 60).next() == 0
+    Heartbeat(rd, 0, "A", 3600).start()  # and then kill -9: no stop()
+    rd.write_rank(RankRecord(0, token="A", state="running"))
+    b = Claims(rd, 1, "B", [0], 60)
+    assert b.next() is None
+    record_exit(rd, 0, -9)
+    assert b.next() == 0 and b.mine == {0: 1}
