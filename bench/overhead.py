@@ -70,8 +70,8 @@ params = SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos
 t1 = time.time()
 outs = llm.generate(prompts, params, use_tqdm=False)
 t2 = time.time()
-core = getattr(llm.llm_engine, "engine_core", None)
-if core is not None and hasattr(core, "shutdown"):
+core = getattr(llm.llm_engine, "engine_core", None)  # as the rank: stop engine-core processes, if any
+if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
     core.shutdown()
 print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "window_s": t2 - t1,
                   "vllm": __version__}), flush=True)
