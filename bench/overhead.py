@@ -78,6 +78,32 @@ print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "win
 import os; os._exit(0)
 """
 
+# `--engine-side`: hpcinfer's own engine wrapper and request building, without the rank around
+# them: every request built and added at once, then stepped to the end, timed as raw is
+ENGINE = r"""
+import json, sys, time
+import pyarrow.parquet as pq
+from hpcinfer.cli import compose
+from hpcinfer.rank.engine import VllmEngine
+from hpcinfer.rank.requests import build_requests
+args = json.loads(sys.argv[1])
+table = pq.read_table(sys.argv[2])
+cfg = compose(args["overrides"])
+engine = VllmEngine(args["engine_args"])
+t1 = time.time()
+requests = build_requests(table, range(table.num_rows), range(table.num_rows), cfg, engine.tokenizer,
+                          engine.max_model_len)
+for i, r in enumerate(requests):
+    engine.add(0, i, r)
+tokens = 0
+while engine.pending:
+    tokens += sum(res.output_tokens for _, _, res in engine.step())
+t2 = time.time()
+engine.shutdown()
+print(json.dumps({"tokens": tokens, "window_s": t2 - t1}), flush=True)
+import os; os._exit(0)
+"""
+
 EXTRA: List[str] = []  # --set overrides, for every side
 SIDES = ("raw", "hpcinfer", "base")
 
@@ -146,6 +172,23 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
     }
 
 
+def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int) -> dict:
+    t0 = time.monotonic()
+    spec = {"engine_args": engine_args, "overrides": overrides(model, data, max_tokens)}
+    r = subprocess.run(
+        [sys.executable, "-c", ENGINE, json.dumps(spec), str(data)],
+        env={**hpcinfer_env(REPO), **raw_env()},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.monotonic() - t0
+    check(r, "hpcinfer's engine alone")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"tokens": res["tokens"], "window_s": res["window_s"], "wall_s": wall}
+
+
 def hpcinfer_argv(model: str, data: Path, max_tokens: int, run_dir: Path) -> List[str]:
     return [sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir)]
 
@@ -212,6 +255,7 @@ def main() -> None:
     ap.add_argument("--warmup-rows", type=int, default=None, help="rows of the untimed warm-up runs (default --rows)")
     ap.add_argument("--model", default="tiny", help="a conf/model name (tiny, tiny_moe, llama, ...)")
     ap.add_argument("--baseline", default=None, help="another checkout's root: run its hpcinfer as a third side")
+    ap.add_argument("--engine-side", action="store_true", help="add a side: hpcinfer's engine wrapper alone")
     ap.add_argument("--profile", default=None, help="py-spy collapsed stacks of one extra hpcinfer run to this file")
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     ap.add_argument("--json", default=None, help="write every run's numbers to this file")
@@ -223,7 +267,7 @@ def main() -> None:
     from hpcinfer.config import engine_args
     from hpcinfer.planning.models import resolve_model_path
 
-    sides = ["raw", "hpcinfer"] + (["base"] if a.baseline else [])
+    sides = ["raw", "hpcinfer"] + (["base"] if a.baseline else []) + (["engine"] if a.engine_side else [])
     roots = {"hpcinfer": REPO, "base": Path(a.baseline).resolve() if a.baseline else None}
     with tempfile.TemporaryDirectory(prefix="hpcinfer-bench-") as tmp:
         data, warm = Path(tmp) / "prompts.parquet", Path(tmp) / "warmup.parquet"
@@ -238,6 +282,8 @@ def main() -> None:
         def run(side: str, prompts: Path, name: str) -> dict:
             if side == "raw":
                 return run_raw(args, prompts, a.max_tokens)
+            if side == "engine":
+                return run_engine(args, a.model, prompts, a.max_tokens)
             return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name)
 
         for side in sides:
@@ -260,9 +306,9 @@ def main() -> None:
                 f"{raw['wall_s']:.1f} s wall | hpcinfer {hp['tokens'] / hp['window_s']:,.0f} tok/s "
                 f"{hp['wall_s']:.1f} s wall"
             )
-            if a.baseline:
-                b = results["base"][-1]
-                line += f" | base {b['tokens'] / b['window_s']:,.0f} tok/s {b['wall_s']:.1f} s wall"
+            for extra in sides[2:]:
+                b = results[extra][-1]
+                line += f" | {extra} {b['tokens'] / b['window_s']:,.0f} tok/s {b['wall_s']:.1f} s wall"
             print(f"{line} | tok/s ratio {raw['window_s'] / hp['window_s']:.3f} | load {raw['load']}", flush=True)
 
         tokens = results["raw"][0]["tokens"]
@@ -280,9 +326,11 @@ def main() -> None:
             tok = [r["window_s"] / h["window_s"] for r, h in zip(results["raw"], results[s], strict=True)]
             wall = [r["wall_s"] / h["wall_s"] for r, h in zip(results["raw"], results[s], strict=True)]
             med = statistics.median(tok)
-            print(f"\n{s} (window to its {results[s][0]['window_end']}):")
+            print(f"\n{s} (window to its {results[s][0].get('window_end', 'last output')}):")
             print(f"  tokens/s ratio {s}/raw: {describe(tok)}: {'met' if med >= 0.98 else 'NOT met'} (target >= 0.98)")
             print(f"  wall ratio raw/{s}:     {describe(wall)}")
+            if s == "engine":
+                continue
             lags = [r["durable_lag_s"] for r in results[s] if r["durable_lag_s"]]
             if lags:
                 print(f"  last output -> its shard durable: median {statistics.median(lags) * 1000:.0f} ms")

@@ -29,7 +29,7 @@ def short(frame: str) -> str:
 
 
 def after(frames: List[str], name: str, depth: int) -> str:
-    i = max(i for i, f in enumerate(frames) if f.startswith(name))
+    i = max((i for i, f in enumerate(frames) if name in f), default=-1)
     return " > ".join(short(f) for f in frames[i + 1 : i + 1 + depth]) or "(itself)"
 
 
