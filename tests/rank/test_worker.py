@@ -35,16 +35,6 @@ def test_both_schedules_are_work(rd):
         claimed.close()
 
 
-def test_a_rank_alone_keeps_two_batches_in_its_engine_and_ranks_that_share_keep_one(rd):
-    shards = [Shard(i, 0, "/f", i, i + 1, i, 1) for i in range(3)]
-    for world, batches in ((1, 2), (2, 1)):
-        claimed = ClaimedWork(rd, 0, world, "tok", shards, lease_s=60)
-        try:
-            assert claimed.room_batches == batches
-        finally:
-            claimed.close()
-
-
 def mark_done(rd, s):
     """Shard `s` done, with an output of its rows (one per position)."""
     rows = pa.table({"prompt": [f"p{i}" for i in range(s.rows)]})
