@@ -15,12 +15,10 @@ Two kinds of ranks get more (`rank_processes`, pure):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -180,13 +178,7 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: 
                     if code is not None:
                         ended[r] = code
             display.update(snapshot(rd, plan.rows))
-            # wait on a live rank process rather than sleep: the run goes on the moment it ends
-            alive = [p for r, sup in supervisors.items() if r not in ended for p in sup.running]
-            if alive:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    alive[0].wait(timeout=poll_s)
-            else:
-                time.sleep(poll_s)
+            time.sleep(poll_s)
     except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (scancel, a closed terminal): take the ranks down too
         for sup in supervisors.values():
             sup.stop()

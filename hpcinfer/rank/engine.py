@@ -122,9 +122,7 @@ class VllmEngine:
         return bool(self.llm.llm_engine.has_unfinished_requests())
 
     def shutdown(self) -> None:
-        """Stop engine-core processes so the rank can exit without hanging. An engine in this
-        process (CPU, one worker: VLLM_ENABLE_V1_MULTIPROCESSING=0) has none: its shutdown only
-        tears down what the rank's exit (os._exit) drops anyway, and took up to 1 s of its end."""
+        """Stop engine-core processes so the rank can exit without hanging."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
+        if core is not None and hasattr(core, "shutdown"):
             core.shutdown()

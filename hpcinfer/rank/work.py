@@ -92,13 +92,9 @@ class ClaimedWork:
     """schedule.mode=dynamic: shards claimed from the run directory (claims.py) as the balancing
     policy (`schedule.by_mix`) allows: every rank its share of the longest requests first, all
     started at once, short ones beside them. It keeps one batch of rows in its engine. An idle rank
-    stays while other ranks hold unfinished shards, to take them over if they die. A rank alone
-    (world 1) has no one to balance with and keeps two batches, as a static rank does: rows
-    waiting in the engine take the places of finished ones at once, without waiting for the step
-    loop to claim, read, tokenize and add the next shard (with rows of equal length, a whole
-    batch finishes at once, and one batch of room drained the engine each time)."""
+    stays while other ranks hold unfinished shards, to take them over if they die."""
 
-    room_batches = 1  # with other ranks: claims go as far as the balance allows, no further
+    room_batches = 1
     poll_s = 1.0  # how often an idle rank looks for claimable shards
     retry_s = 0.25  # how soon a rank with work in hand looks again after finding nothing to claim
 
@@ -106,8 +102,6 @@ class ClaimedWork:
         verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
         self.done, self.repairs = verified.done, verified.repairs
         self.by_id, self.world = {s.shard: s for s in shards}, world
-        if world == 1:
-            self.room_batches = 2
         self.tokens = {s.shard: s.tokens for s in shards}
         self.rows = {s.shard: s.rows for s in shards}
         self.claims = Claims(rd, rank, token, [s.shard for s in claim_order(shards)], lease_s)

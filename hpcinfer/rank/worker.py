@@ -15,7 +15,6 @@ rundir/integrity.py). A full disk fails the attempt with a record error saying s
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import os
@@ -24,9 +23,8 @@ import socket
 import sys
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -227,31 +225,13 @@ class OpenShard:
     left: int
     started: float
     tokens: int = 0  # output tokens streamed so far (progress)
-    writing: int = 0  # rows taken from the buffer whose part is being written (not yet durable)
-    closing: bool = False  # every row is in: its output is being assembled and marked done
-
-
-@dataclass
-class Job:
-    """A write handed to the shard loop's writer thread: a part of `o` (`rows` rows), or `o`'s
-    completion (rows=0: its output and done marker)."""
-
-    future: Future
-    o: OpenShard
-    rows: int
 
 
 class ShardLoop:
     """Generates the missing rows of the shards `work` hands out through one engine, durably in
     parts. The next shard's rows join the engine while the current one's still run (below
     `work.room_batches` batches' worth pending), so the batch never drains at a shard boundary.
-
-    The step loop only steps the engine and hands finished rows over: parts, and each shard's
-    output and done marker once its last row is in (`close`), are written by one writer thread,
-    in order, while the engine goes on. A row counts as durable (`ck.durable`) only once its part
-    is written; a shard counts as done (released, added to the record) only once its done marker
-    is; an error of the writer (a lost claim, a full disk, a newer attempt) is raised in the loop
-    at its next step (`reap`).
+    Each shard is assembled and marked done as soon as its last row is durable (`close`).
 
     Counters: `finished_rows` (rows of the shards this rank finished, earlier attempts included)
     and `base_tokens` (their output tokens); the record's rows_done and output_tokens are these
@@ -280,15 +260,12 @@ class ShardLoop:
         self.open: Dict[int, OpenShard] = {}
         self.room = work.room_batches * engine.max_num_seqs
         self.base_tokens, self.finished_rows = state.record.output_tokens, rows_before
-        self.jobs: Deque[Job] = collections.deque()  # in the order given to the writer
 
     def run(self) -> None:
         """Until `work` is exhausted and every open shard is done; on the way out (stopped,
         failed) what is finished becomes durable."""
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcinfer-writer")
         try:
             while True:
-                self.reap()
                 while self.engine.pending < self.room:
                     shard = self.work.next()
                     if shard is None:
@@ -300,9 +277,6 @@ class ShardLoop:
                     time.sleep(self.work.poll_s)  # others hold the rest: stay to take over if they die
                     continue
                 if not self.engine.pending:
-                    if self.jobs:  # only writes are left: wait for the next
-                        self.reap(block=True)
-                        continue
                     raise RuntimeError(f"shard(s) {sorted(self.open)} wait for rows the engine does not have")
                 finished = self.engine.step()
                 if finished:  # the window raw vLLM is compared with ends here (bench/overhead.py)
@@ -310,18 +284,12 @@ class ShardLoop:
                 for tag, i, result in finished:
                     self.deliver(tag, i, result)
         except BaseException:
-            for job in self.jobs:  # let the writes in hand end; their errors are not this one
-                with contextlib.suppress(BaseException):
-                    job.future.result()
-            self.jobs.clear()
             for o in self.open.values():  # keep what is finished; a second error (a full disk) must
                 with contextlib.suppress(ClaimLost, OSError):  # not hide the first
                     o.ck.flush()
             with contextlib.suppress(OSError):
                 self.progress(force=True)
             raise
-        finally:
-            self.writer.shutdown(wait=True)
         self.progress(force=True)
 
     def open_next(self, shard: Shard) -> None:
@@ -365,42 +333,20 @@ class ShardLoop:
             self.deliver(shard.shard, i, result)
 
     def deliver(self, tag: int, i: int, result: RowResult) -> None:
-        """Row `i` of open shard `tag` is finished: into its buffer, written as a part when due;
-        the shard closes with its last row."""
+        """Row `i` of open shard `tag` is finished: into its parts; the shard closes with its last row."""
         o = self.open.get(tag)
-        if o is None or o.closing:  # its shard was dropped (taken over) while the row was in flight
+        if o is None:  # its shard was dropped (taken over) while the row was in flight
             return
-        o.ck.buffer.append((o.todo[i], result))
+        try:
+            o.ck.add(o.todo[i], result)
+        except ClaimLost as e:
+            return self.drop(o, e)
         o.tokens += result.output_tokens
         o.left -= 1
         self.state.record.rows_generated += 1
         if o.left == 0:
             self.close(o)
-        elif o.ck.due():
-            batch = o.ck.take()
-            o.writing += len(batch)
-            self.jobs.append(Job(self.writer.submit(o.ck.write, batch), o, len(batch)))
-        self.progress()
-
-    def reap(self, block: bool = False) -> None:
-        """Apply the writes the writer has finished, in order (`block`: wait for the first)."""
-        while self.jobs and (block or self.jobs[0].future.done()):
-            job = self.jobs.popleft()
-            block = False
-            o = job.o
-            try:
-                done = job.future.result()
-            except ClaimLost as e:
-                if self.open.get(o.shard.shard) is o:
-                    self.drop(o, e)
-                continue
-            if self.open.get(o.shard.shard) is not o:  # dropped meanwhile
-                continue
-            if job.rows:
-                o.writing -= job.rows
-                self.progress(force=True)
-            else:
-                self.finished(o, done)
+        self.progress(force=not o.ck.buffer)
 
     def drop(self, o: OpenShard, why: Exception) -> None:
         """Give up an open shard another rank took over: its rows leave the engine."""
@@ -410,20 +356,14 @@ class ShardLoop:
         self.work.release(o.shard.shard)
 
     def close(self, o: OpenShard) -> None:
-        """All of `o`'s rows are in: the writer flushes them, writes the shard output and its done
-        marker (`complete`); `finished` follows once it has."""
-        o.closing = True
-        self.jobs.append(Job(self.writer.submit(self.complete, o, time.time() - o.started), o, 0))
-
-    def complete(self, o: OpenShard, seconds: float) -> DoneRecord:
-        """On the writer thread: the last part, then the shard output and its done marker."""
-        o.ck.flush()
-        self.work.check(o.shard.shard)
+        """All of `o`'s rows are in: flush, write the shard output and its done marker (finish_shard)."""
+        try:
+            o.ck.flush()
+            self.work.check(o.shard.shard)
+        except ClaimLost as e:
+            return self.drop(o, e)
         self.state.check_owner()
-        return finish_shard(self.rd, o.shard, o.ck, self.rank, seconds, o.shard.rows - len(o.todo))
-
-    def finished(self, o: OpenShard, done: DoneRecord) -> None:
-        """`o`'s output and done marker are durable: it counts as this rank's."""
+        done = finish_shard(self.rd, o.shard, o.ck, self.rank, time.time() - o.started, o.shard.rows - len(o.todo))
         del self.open[o.shard.shard]
         self.work.release(o.shard.shard)
         self.state.record.output_tokens = self.base_tokens  # drop what was streamed: the done totals count it
@@ -433,14 +373,12 @@ class ShardLoop:
         self.state.write(generation_ended_at=time.time())
 
     def progress(self, force: bool = False) -> None:
-        """Write the record's progress: rows done (durable, being written or buffered), rows not
-        yet durable, output tokens."""
+        """Write the record's progress: rows done (durable or buffered), buffered rows, output tokens."""
         opened = self.open.values()
-        pending = sum(len(o.ck.buffer) + o.writing for o in opened)
         self.state.write(
             force=force,
-            rows_done=self.finished_rows + sum(len(o.ck.durable) for o in opened) + pending,
-            buffered=pending,
+            rows_done=self.finished_rows + sum(len(o.ck.durable) + len(o.ck.buffer) for o in opened),
+            buffered=sum(len(o.ck.buffer) for o in opened),
             output_tokens=self.base_tokens + sum(o.tokens for o in opened),
         )
 

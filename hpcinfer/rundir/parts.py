@@ -67,36 +67,22 @@ class ShardCheckpoint:
 
     def add(self, position: int, result: RowResult) -> None:
         self.buffer.append((position, result))
-        if self.due():
+        if len(self.buffer) >= self.every_rows or time.monotonic() - self._last_flush >= self.every_seconds:
             self.flush()
-
-    def due(self) -> bool:
-        """Whether the buffer should become a part now (`checkpoint.rows` or `.seconds` reached)."""
-        return len(self.buffer) >= self.every_rows or time.monotonic() - self._last_flush >= self.every_seconds
 
     def flush(self) -> None:
         """Make the buffered rows durable as one part."""
-        self.write(self.take())
-
-    def take(self) -> List[Tuple[int, RowResult]]:
-        """Empty the buffer and return what it held, for `write` (the shard loop writes parts from
-        a thread: the rows of a batch it took count as durable only once `write` has returned)."""
         self._last_flush = time.monotonic()
-        batch, self.buffer = self.buffer, []
-        return batch
-
-    def write(self, batch: List[Tuple[int, RowResult]]) -> None:
-        """Make `batch` (from `take`) durable as one part. Parts of one shard are written one at a
-        time, in the order their batches were taken."""
-        if not batch:
+        if not self.buffer:
             return
         self.before_write()  # e.g. raises when a newer attempt of this rank owns the shard
-        positions = [p for p, _ in batch]
-        table = output_table(self.inputs, positions, [r for _, r in batch], self.shard.global_start)
+        positions = [p for p, _ in self.buffer]
+        table = output_table(self.inputs, positions, [r for _, r in self.buffer], self.shard.global_start)
         with atomic_path(self.dir / f"{self.seq:06d}.parquet") as tmp:
             pq.write_table(table, tmp)
         self.seq += 1
         self.durable.update(positions)
+        self.buffer.clear()
 
     def complete(self) -> pa.Table:
         """The shard's output from its parts, in order (ValueError unless exactly complete)."""
