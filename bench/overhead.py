@@ -1,22 +1,44 @@
-"""Overhead of hpcinfer against raw vLLM, measured side by side in one run.
+"""Overhead of hpcinfer against raw vLLM: interleaved pairs, the same window on both sides.
 
-    .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 3] [--model tiny]
+    .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 5] [--model tiny]
+        [--warmup-rows N] [--baseline DIR] [--profile FILE] [--json FILE]
         [--set model.path=/models/m engine.max_model_len=512 ...]   (any further config overrides)
 
 Both sides get the same prompts (Parquet written once), the same engine arguments (hpcinfer's
-`engine_args` for this config, printed) and the same rank environment (`ranks.cpu_engine_env` on
-CPU, all visible GPUs' first one on GPU), greedy with `ignore_eos` so that both generate exactly
-the same number of tokens:
+`engine_args` for this config, printed) and the same rank environment (`cpu_engine_env` on CPU,
+the first visible GPU on GPU), greedy with `ignore_eos`, so both generate exactly the same
+number of tokens (checked on every run):
 
 - raw: a fresh process runs `vllm.LLM(**engine_args).generate(prompts, SamplingParams(...))`;
 - hpcinfer: `python -m hpcinfer.submit dp=1 data.input=<file> ...` (plan, shard, rank process,
   streaming engine with durable parts, finalize).
 
-Printed per repeat and as medians: output tokens/s during generation (raw: the `generate` call;
-hpcinfer: first rank's first row to last rank's last, from summary.json) and end-to-end wall
-time (process start to exit, model load included). Ratios are hpcinfer / raw for tokens/s
-(target >= 0.98) and raw / hpcinfer for wall time. Runs alternate raw, hpcinfer, raw, ... so
-drifts of a noisy machine hit both sides alike.
+Method. First one untimed warm-up run per side (`--warmup-rows`, default `--rows`: torch.compile
+and autotuning caches, page cache, .pyc files), then `--repeats` pairs, alternating which side
+goes first (raw, hpcinfer | hpcinfer, raw | ...), so a drift of the machine hits both alike.
+Per run, two numbers:
+
+- generation tokens/s: output tokens over one window, timed the same way on both sides with
+  `time.time()` in the process that drives the engine: from the moment the prompts are handed
+  over (raw: `generate` is called; hpcinfer: the rank's shard loop starts, before its first shard
+  is read and tokenized) to the moment the last finished request is received from the engine
+  (raw: `generate` returns; hpcinfer: the engine step that returned its last row,
+  `ranks/<r>.json` `last_output_at`). Both windows include tokenizing and adding the requests.
+- end-to-end wall: the side's process, start to exit, timed here (raw: imports, engine start-up,
+  generate; hpcinfer: submit = config, planning, sharding, the rank process with its engine,
+  durable parts, finalize).
+
+Reported per pair: tokens/s ratio hpcinfer/raw and wall ratio raw/hpcinfer (both > 1 when hpcinfer
+is faster); over the pairs: median, min-max and a bootstrap 95% interval of the median (10,000
+resamples of the pairs). Targets: median tokens/s ratio >= 0.98; wall ratio >= 0.97 for runs of
+~2 minutes of generation (the fixed costs weigh more on short runs).
+
+`--baseline DIR` adds a third side, `base`: hpcinfer run from another checkout (e.g. the code
+before a change; `git archive <commit> hpcinfer conf | tar -x -C DIR`), interleaved with the
+other two, so that before and after are measured in one run under the same load. A baseline that
+does not record `last_output_at` is timed to its last shard done instead (said in the output).
+`--profile FILE` runs one more, untimed, hpcinfer run under `py-spy record --subprocesses --idle`
+(collapsed stacks in FILE).
 """
 
 from __future__ import annotations
@@ -24,41 +46,69 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RAW = r"""
 import json, sys, time
-t0 = time.time()
-from vllm import LLM, SamplingParams
+from vllm import LLM, SamplingParams, __version__
 import pyarrow.parquet as pq
 args = json.loads(sys.argv[1])
 prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
 llm = LLM(**args["engine_args"])
+params = SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True)
 t1 = time.time()
-outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True),
-                    use_tqdm=False)
+outs = llm.generate(prompts, params, use_tqdm=False)
 t2 = time.time()
-core = getattr(llm.llm_engine, "engine_core", None)
-if core is not None and hasattr(core, "shutdown"):
+core = getattr(llm.llm_engine, "engine_core", None)  # as the rank: stop engine-core processes, if any
+if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
     core.shutdown()
-print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "generate_s": t2 - t1,
-                  "load_s": t1 - t0}), flush=True)
+print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "window_s": t2 - t1,
+                  "vllm": __version__}), flush=True)
 import os; os._exit(0)
 """
 
+# `--engine-side`: hpcinfer's own engine wrapper and request building, without the rank around
+# them: every request built and added at once, then stepped to the end, timed as raw is
+ENGINE = r"""
+import json, sys, time
+import pyarrow.parquet as pq
+from hpcinfer.cli import compose
+from hpcinfer.rank.engine import VllmEngine
+from hpcinfer.rank.requests import build_requests
+args = json.loads(sys.argv[1])
+table = pq.read_table(sys.argv[2])
+cfg = compose(args["overrides"])
+engine = VllmEngine(args["engine_args"])
+t1 = time.time()
+requests = build_requests(table, range(table.num_rows), range(table.num_rows), cfg, engine.tokenizer,
+                          engine.max_model_len)
+for i, r in enumerate(requests):
+    engine.add(0, i, r)
+tokens = 0
+while engine.pending:
+    tokens += sum(res.output_tokens for _, _, res in engine.step())
+t2 = time.time()
+engine.shutdown()
+print(json.dumps({"tokens": tokens, "window_s": t2 - t1}), flush=True)
+import os; os._exit(0)
+"""
 
-EXTRA: list[str] = []  # --set overrides, for both sides
+EXTRA: List[str] = []  # --set overrides, for every side
+SIDES = ("raw", "hpcinfer", "base")
 
 
-def overrides(model: str, data: Path, max_tokens: int, run_dir: Path | None = None) -> list[str]:
+def overrides(model: str, data: Path, max_tokens: int, run_dir: Optional[Path] = None) -> List[str]:
     out = [
         f"model={model}",
         f"data.input={data}",
@@ -83,7 +133,7 @@ def write_prompts(path: Path, rows: int) -> None:
     pq.write_table(pa.table({"id": list(range(rows)), "prompt": prompts}), path)
 
 
-def raw_env(engine_args: dict) -> dict:
+def raw_env() -> Dict[str, str]:
     """The environment a dp=1 hpcinfer rank gets, for the raw side too."""
     from hpcinfer.launch.env import cpu_engine_env
     from hpcinfer.planning.devices import detect, split
@@ -97,42 +147,118 @@ def raw_env(engine_args: dict) -> dict:
     return env
 
 
+def check(r: subprocess.CompletedProcess, what: str) -> None:
+    if r.returncode != 0:
+        sys.exit(f"{what} failed with exit code {r.returncode}:\n{r.stderr[-4000:]}")
+
+
 def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
-    t0 = time.time()
+    t0 = time.monotonic()
     r = subprocess.run(
         [sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens}), str(data)],
-        env=raw_env(engine_args),
+        env=raw_env(),
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    wall = time.monotonic() - t0
+    check(r, "raw vLLM")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"tok_s": res["tokens"] / res["generate_s"], "wall_s": time.time() - t0, "tokens": res["tokens"]}
-
-
-def run_hpcinfer(model: str, data: Path, max_tokens: int, run_dir: Path) -> dict:
-    t0 = time.time()
-    subprocess.run(
-        [sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
     return {
-        "tok_s": summary["output_tokens_per_second"],
-        "wall_s": time.time() - t0,
-        "tokens": summary["output_tokens"],
+        "tokens": res["tokens"],
+        "window_s": res["window_s"],
+        "wall_s": wall,
+        "vllm": res["vllm"],
     }
 
 
+def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int) -> dict:
+    t0 = time.monotonic()
+    spec = {"engine_args": engine_args, "overrides": overrides(model, data, max_tokens)}
+    r = subprocess.run(
+        [sys.executable, "-c", ENGINE, json.dumps(spec), str(data)],
+        env={**hpcinfer_env(REPO), **raw_env()},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.monotonic() - t0
+    check(r, "hpcinfer's engine alone")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"tokens": res["tokens"], "window_s": res["window_s"], "wall_s": wall}
+
+
+def hpcinfer_argv(model: str, data: Path, max_tokens: int, run_dir: Path) -> List[str]:
+    return [sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir)]
+
+
+def hpcinfer_env(root: Path) -> Dict[str, str]:
+    """Run hpcinfer from checkout `root` (its package and conf/), whatever is installed."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(root) + (os.pathsep + path if path else "")}
+
+
+def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: Path) -> dict:
+    t0 = time.monotonic()
+    r = subprocess.run(
+        hpcinfer_argv(model, data, max_tokens, run_dir),
+        cwd=root,
+        env=hpcinfer_env(root),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.monotonic() - t0
+    check(r, f"hpcinfer ({root})")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rank = json.loads((run_dir / "ranks" / "0.json").read_text())
+    end = rank.get("last_output_at")
+    return {
+        "tokens": summary["output_tokens"],
+        "window_s": (end or rank["generation_ended_at"]) - rank["generation_started_at"],
+        "window_end": "last output" if end else "last shard done",
+        "durable_lag_s": rank["generation_ended_at"] - end if end else 0.0,  # last output -> its shard done
+        # hpcinfer's fixed costs: submit (plan, shard, launch) to the rank's start, the engine's
+        # start-up, the rank's end to finalize's end (summary.json written)
+        "to_rank_s": rank["started_at"] - (summary["finished_at"] - summary["wall_seconds"]),
+        "engine_s": rank["engine_seconds"],
+        "finalize_s": summary["finished_at"] - rank["finished_at"],
+        "wall_s": wall,
+    }
+
+
+def bootstrap_median(values: List[float], n: int = 10_000, seed: int = 0) -> tuple:
+    """95% percentile bootstrap interval of the median of `values` (resampled with replacement)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def describe(ratios: List[float]) -> str:
+    lo, hi = bootstrap_median(ratios)
+    return (
+        f"median {statistics.median(ratios):.3f}, min-max {min(ratios):.3f}-{max(ratios):.3f}, "
+        f"bootstrap 95% interval of the median {lo:.3f}-{hi:.3f} ({len(ratios)} pairs)"
+    )
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="hpcinfer dp=1 against raw vLLM on the same prompts")
+    ap = argparse.ArgumentParser(description="hpcinfer dp=1 against raw vLLM on the same prompts, in interleaved pairs")
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed pairs (at least 5 for a usable interval)")
+    ap.add_argument("--warmup-rows", type=int, default=None, help="rows of the untimed warm-up runs (default --rows)")
     ap.add_argument("--model", default="tiny", help="a conf/model name (tiny, tiny_moe, llama, ...)")
+    ap.add_argument("--baseline", default=None, help="another checkout's root: run its hpcinfer as a third side")
+    ap.add_argument("--engine-side", action="store_true", help="add a side: hpcinfer's engine wrapper alone")
+    ap.add_argument("--profile", default=None, help="py-spy collapsed stacks of one extra hpcinfer run to this file")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    ap.add_argument("--json", default=None, help="write every run's numbers to this file")
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. model.path=/models/m")
     a = ap.parse_args()
     EXTRA.extend(a.set)
@@ -141,32 +267,90 @@ def main() -> None:
     from hpcinfer.config import engine_args
     from hpcinfer.planning.models import resolve_model_path
 
+    sides = ["raw", "hpcinfer"] + (["base"] if a.baseline else []) + (["engine"] if a.engine_side else [])
+    roots = {"hpcinfer": REPO, "base": Path(a.baseline).resolve() if a.baseline else None}
     with tempfile.TemporaryDirectory(prefix="hpcinfer-bench-") as tmp:
-        data = Path(tmp) / "prompts.parquet"
+        data, warm = Path(tmp) / "prompts.parquet", Path(tmp) / "warmup.parquet"
         write_prompts(data, a.rows)
+        write_prompts(warm, a.warmup_rows or a.rows)
         cfg = compose(overrides(a.model, data, a.max_tokens))
         args = engine_args(cfg, resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=True))
-        print(f"engine_args {json.dumps(args)}\n{a.rows} prompts x {a.max_tokens} tokens, {a.repeats} repeat(s)")
-        results = {"raw": [], "hpcinfer": []}
+        print(f"engine_args {json.dumps(args)}")
+        print(f"{a.rows} prompts x {a.max_tokens} tokens, {a.repeats} pair(s), sides {', '.join(sides)}")
+        print(f"load average at start: {loadavg()}", flush=True)
+
+        def run(side: str, prompts: Path, name: str) -> dict:
+            if side == "raw":
+                return run_raw(args, prompts, a.max_tokens)
+            if side == "engine":
+                return run_engine(args, a.model, prompts, a.max_tokens)
+            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name)
+
+        for side in sides:
+            t0 = time.monotonic()
+            run(side, warm, f"warm-{side}")
+            print(f"warm-up {side}: {time.monotonic() - t0:.1f} s (untimed)", flush=True)
+
+        results: Dict[str, List[dict]] = {s: [] for s in sides}
         for i in range(a.repeats):
-            results["raw"].append(run_raw(args, data, a.max_tokens))
-            results["hpcinfer"].append(run_hpcinfer(a.model, data, a.max_tokens, Path(tmp) / f"run{i}"))
-            assert results["raw"][-1]["tokens"] == results["hpcinfer"][-1]["tokens"], "token counts differ"
-            print(
-                f"repeat {i}: raw {results['raw'][-1]['tok_s']:,.0f} tok/s {results['raw'][-1]['wall_s']:.1f}s wall | "
-                f"hpcinfer {results['hpcinfer'][-1]['tok_s']:,.0f} tok/s {results['hpcinfer'][-1]['wall_s']:.1f}s wall",
-                flush=True,
+            order = sides[i % len(sides) :] + sides[: i % len(sides)]
+            for side in order:
+                r = run(side, data, f"run{i}-{side}")
+                r["load"] = loadavg()
+                results[side].append(r)
+            tokens = {s: results[s][-1]["tokens"] for s in sides}
+            assert len(set(tokens.values())) == 1, f"token counts differ: {tokens}"
+            raw, hp = results["raw"][-1], results["hpcinfer"][-1]
+            line = (
+                f"pair {i} ({' then '.join(order)}): raw {raw['tokens'] / raw['window_s']:,.0f} tok/s "
+                f"{raw['wall_s']:.1f} s wall | hpcinfer {hp['tokens'] / hp['window_s']:,.0f} tok/s "
+                f"{hp['wall_s']:.1f} s wall"
             )
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "wall_s")} for k, v in results.items()}
-        tok_ratio = med["hpcinfer"]["tok_s"] / med["raw"]["tok_s"]
-        wall_ratio = med["raw"]["wall_s"] / med["hpcinfer"]["wall_s"]
-        print("\n| side | output tok/s (median) | wall s (median) |\n| --- | ---: | ---: |")
-        for k in ("raw", "hpcinfer"):
-            print(f"| {k} | {med[k]['tok_s']:,.0f} | {med[k]['wall_s']:.1f} |")
-        print(
-            f"\ntokens/s ratio hpcinfer/raw = {tok_ratio:.3f} (target >= 0.98: {'met' if tok_ratio >= 0.98 else 'NOT met'})"
-        )
-        print(f"wall ratio raw/hpcinfer     = {wall_ratio:.3f} (end to end, model load included)")
+            for extra in sides[2:]:
+                b = results[extra][-1]
+                line += f" | {extra} {b['tokens'] / b['window_s']:,.0f} tok/s {b['wall_s']:.1f} s wall"
+            print(f"{line} | tok/s ratio {raw['window_s'] / hp['window_s']:.3f} | load {raw['load']}", flush=True)
+
+        tokens = results["raw"][0]["tokens"]
+        print(f"\nvLLM {results['raw'][0]['vllm']}; {tokens:,} output tokens per run; load average at end: {loadavg()}")
+        print("\n| side | generation tok/s (per pair) | median | wall s (per pair) | median |")
+        print("| --- | --- | ---: | --- | ---: |")
+        for s in sides:
+            tps = [r["tokens"] / r["window_s"] for r in results[s]]
+            walls = [r["wall_s"] for r in results[s]]
+            print(
+                f"| {s} | {' / '.join(f'{x:,.0f}' for x in tps)} | {statistics.median(tps):,.0f} | "
+                f"{' / '.join(f'{x:.1f}' for x in walls)} | {statistics.median(walls):.1f} |"
+            )
+        for s in sides[1:]:
+            tok = [r["window_s"] / h["window_s"] for r, h in zip(results["raw"], results[s], strict=True)]
+            wall = [r["wall_s"] / h["wall_s"] for r, h in zip(results["raw"], results[s], strict=True)]
+            med = statistics.median(tok)
+            print(f"\n{s} (window to its {results[s][0].get('window_end', 'last output')}):")
+            print(f"  tokens/s ratio {s}/raw: {describe(tok)}: {'met' if med >= 0.98 else 'NOT met'} (target >= 0.98)")
+            print(f"  wall ratio raw/{s}:     {describe(wall)}")
+            if s == "engine":
+                continue
+            lags = [r["durable_lag_s"] for r in results[s] if r["durable_lag_s"]]
+            if lags:
+                print(f"  last output -> its shard durable: median {statistics.median(lags) * 1000:.0f} ms")
+            print(f"  per-pair tokens/s ratios: {' '.join(f'{x:.3f}' for x in tok)}")
+            fixed = {k: statistics.median(r[k] for r in results[s]) for k in ("to_rank_s", "engine_s", "finalize_s")}
+            print(
+                f"  medians: submit to rank start {fixed['to_rank_s']:.2f} s, engine start-up {fixed['engine_s']:.2f} s, "
+                f"rank end to summary {fixed['finalize_s']:.2f} s"
+            )
+        if a.baseline:
+            ratio = [b["window_s"] / h["window_s"] for b, h in zip(results["base"], results["hpcinfer"], strict=True)]
+            print(f"\ntokens/s ratio hpcinfer/base: {describe(ratio)}")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"args": vars(a), "engine_args": args, "results": results}, indent=1))
+        if a.profile:
+            argv = [a.py_spy, "record", "--subprocesses", "--idle", "--format", "raw", "--rate", "200"]
+            argv += ["-o", a.profile, "--", *hpcinfer_argv(a.model, data, a.max_tokens, Path(tmp) / "profiled")]
+            r = subprocess.run(argv, cwd=REPO, env=hpcinfer_env(REPO), capture_output=True, text=True, check=False)
+            check(r, "the profiled hpcinfer run")
+            print(f"\npy-spy profile of one more hpcinfer run: {a.profile}")
 
 
 if __name__ == "__main__":

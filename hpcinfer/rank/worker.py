@@ -289,7 +289,10 @@ class ShardLoop:
                     continue
                 if not self.engine.pending:
                     raise RuntimeError(f"shard(s) {sorted(self.open)} wait for rows the engine does not have")
-                for tag, i, result in self.engine.step():
+                finished = self.engine.step()
+                if finished:  # the window raw vLLM is compared with ends here (bench/overhead.py)
+                    self.state.record.last_output_at = time.time()
+                for tag, i, result in finished:
                     self.deliver(tag, i, result)
         except BaseException:
             for o in self.open.values():  # keep what is finished; a second error (a full disk) must

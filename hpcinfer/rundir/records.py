@@ -239,7 +239,8 @@ class RankRecord(Record):
     startup: Dict[str, float] = field(default_factory=dict)
     generation_seconds: float = 0.0
     generation_started_at: Optional[float] = None
-    generation_ended_at: Optional[float] = None
+    generation_ended_at: Optional[float] = None  # its last shard done (output and marker durable)
+    last_output_at: Optional[float] = None  # the last finished request received from its engine
     finished_at: Optional[float] = None
     updated_at: Optional[float] = None
     error: Optional[str] = None

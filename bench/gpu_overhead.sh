@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# bench/overhead.py on a lent one-GPU H200 machine (no network), with the vLLM kit of
+# shared/tools/gpu-vllm (3 parts) carried in .gpukit0..3, hpcinfer's pure-Python dependencies as
+# wheels in .gpudeps (hydra-core, omegaconf, antlr4, submitit, cloudpickle) and py-spy's in .gpuspy.
+# Run from the repo root of the device's copy; this checkout (hpcinfer/, conf/, bench/) may be a
+# carried folder (`bash .wt18/bench/gpu_overhead.sh ...`). One step per command, each within 30 s
+# of the previous reply (the machine keeps /tmp only while it stays up):
+#   bash bench/gpu_overhead.sh prep [8b]  # carry .gpukit0 .gpukit1 .gpudeps .gpuspy: deps, py-spy,
+#                                         # the 0.83B random Llama (and the 8B-shaped one) in /tmp
+#   bash bench/gpu_overhead.sh run NAME MODEL_DIR [overhead.py options]   # carry .gpukit0 .gpukit2 .gpukit3
+#        e.g. run llama1b /tmp/llama-1b --rows 4096 --max-tokens 256 --repeats 5 --profile
+set -u
+source .gpukit0/device_kit.sh
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH=/tmp/hdeps:$ROOT:${PYTHONPATH:-} HPCINFER_CACHE=/tmp/hc
+O=${OUT:-/tmp/out}; mkdir -p "$O"
+case "${1:-}" in
+  prep)
+    pip install -q --no-index --no-deps --target /tmp/hdeps .gpudeps/*.whl && echo deps ok
+    pip install -q --no-index --no-deps --target /tmp/spy .gpuspy/*.whl && echo py-spy ok
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    [ -d /tmp/llama-1b ] || (cd "$ROOT" && python3 bench/make_llama.py /tmp/llama-1b 2>&1 | tail -1)
+    [ "${2:-}" = 8b ] && { [ -d /tmp/llama-8b ] || (cd "$ROOT" && time python3 bench/make_llama.py /tmp/llama-8b 8b 2>&1 | tail -1); }
+    df -h /tmp | tail -1
+    ;;
+  run)
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    name=$2 model=$3; shift 3
+    prof=(); [ "${1:-}" = --profile ] && { prof=(--profile "$O/$name-pyspy.txt" --py-spy /tmp/spy/bin/py-spy); shift; }
+    cd "$ROOT" && python3 bench/overhead.py --model llama --json "$O/$name.json" "${prof[@]}" \
+      --set model.name=$name model.path=$model engine.max_model_len=1024 engine.gpu_memory_utilization=0.85 "$@" \
+      > "$O/$name.log" 2>&1
+    echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
+    ;;
+  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run NAME MODEL_DIR [overhead.py options]"; exit 2 ;;
+esac
