@@ -273,22 +273,29 @@ class Claims:
         touched = set()
         for name, add in [(n, False) for n in old - names] + [(n, True) for n in names - old]:
             stem = name.partition(".")[0]
-            known = stem.isdigit() and int(stem) in self._done and int(stem) not in self.notdone
-            if known or (not add and name.endswith(".done")):
+            named_shard = int(stem) if stem.isdigit() else None  # the shard the name is of
+            live = named_shard is not None and named_shard not in self.notdone
+            if (live and named_shard in self._done) or (not add and name.endswith(".done")):
                 raw.discard(name)
                 continue  # a shard known done: its names say nothing new
-            if add and name.endswith(".done") and stem.isdigit() and int(stem) not in self.notdone:
-                self._mark_done(int(stem))  # done: who held it does not matter any more
+            if add and name.endswith(".done") and live:
+                self._mark_done(named_shard)  # done: who held it does not matter any more
                 if b in self.closed:
                     return
                 continue
             if not add and name in raw:
                 raw.discard(name)
                 continue
-            if add and lazy and stem.isdigit() and int(stem) not in self._lost and int(stem) not in self._unsure:
+            if (
+                add
+                and lazy
+                and named_shard is not None
+                and named_shard not in self._lost
+                and named_shard not in self._unsure
+            ):
                 gen = name.split(".", 2)[1]
-                if gen.isdigit() and int(stem) not in self.notdone:
-                    shard, gen_ = int(stem), int(gen)
+                if gen.isdigit() and live:
+                    shard, gen_ = named_shard, int(gen)
                     raw.add(name)
                     if gen_ > self._latest.get(shard, -1):
                         self._latest[shard] = gen_
