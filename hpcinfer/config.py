@@ -439,10 +439,21 @@ def to_yaml(cfg: RunConfig, env: Optional[Mapping[str, str]] = None) -> str:
     return secrets.redact(OmegaConf.to_yaml(OmegaConf.create(saved)), env)
 
 
-def engine_args(cfg: RunConfig, model_path: str) -> Dict[str, Any]:
+def engine_args(
+    cfg: RunConfig, model_path: str, device_kind: Optional[str] = None, input_format: Optional[str] = None
+) -> Dict[str, Any]:
     """Exactly the keyword arguments given to `vllm.LLM`: the model's engine defaults, then the
-    non-null `engine` overrides, then the layout. Pure."""
+    non-null `engine` overrides, then the layout. Pure.
+
+    `device_kind` and `input_format` are the plan's (unknown: None). On CPU, a run whose rows may
+    be sampled with a seed gets `enable_chunked_prefill=False` unless `engine` sets it: vLLM 0.32
+    rewinds a seeded request's generator after a chunk of its prefill (`set_offset`), which CPU
+    generators cannot do (`RuntimeError: CPU Generator does not use offset`, the whole rank
+    fails); unchunked, a row's sample does not depend on how its prompt was split into steps
+    either, so it stays independent of the layout, as the per-row seed promises."""
     args: Dict[str, Any] = {"model": model_path}
+    if device_kind == "cpu" and seeded_sampling(cfg, input_format):
+        args["enable_chunked_prefill"] = False
     for source in (cfg.model.engine, cfg.engine):  # null means "not set": keeps the model default
         args.update({k: v for k, v in source.items() if v is not None})
     args["tensor_parallel_size"] = cfg.tp
@@ -451,6 +462,14 @@ def engine_args(cfg: RunConfig, model_path: str) -> Dict[str, Any]:
         args["enable_expert_parallel"] = True
         args.update(expert_engine_args(cfg.expert))
     return args
+
+
+def seeded_sampling(cfg: RunConfig, input_format: Optional[str] = None) -> bool:
+    """Whether some row of the run may be sampled (temperature > 0) with a seed: sampling.seed is
+    set and either sampling.temperature > 0 or the rows bring their own sampling (an OpenAI Batch
+    line's body; a sampled line without a seed gets seed + row)."""
+    s = cfg.sampling
+    return s.seed is not None and (s.temperature != 0 or input_format == "openai_batch")
 
 
 def expert_engine_args(e: ExpertConfig) -> Dict[str, Any]:

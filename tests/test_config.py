@@ -458,6 +458,28 @@ def test_engine_args_nulls_ignored(cfg):
     assert None not in args.values()
 
 
+@pytest.mark.parametrize(
+    "temperature, seed, fmt, device, chunked",
+    [
+        (0.7, 0, "parquet", "cpu", False),  # sampled with seeds on CPU: unchunked (vLLM 0.32 CPU generators)
+        (0.0, 0, "openai_batch", "cpu", False),  # a line's body may sample; hpcinfer seeds it
+        (0.0, 0, "parquet", "cpu", None),  # greedy: no generator, vLLM's default
+        (0.7, None, "parquet", "cpu", None),  # unseeded: no generator to rewind
+        (0.7, 0, "parquet", "cuda", None),  # GPU generators rewind: vLLM's default
+        (0.7, 0, None, None, None),  # device unknown (tests, tools): vLLM's default
+    ],
+)
+def test_engine_args_chunked_prefill_off_only_for_seeded_sampling_on_cpu(cfg, temperature, seed, fmt, device, chunked):
+    cfg.sampling.temperature, cfg.sampling.seed = temperature, seed
+    assert engine_args(cfg, "m", device, fmt).get("enable_chunked_prefill") is chunked
+
+
+def test_engine_args_chunked_prefill_the_user_set_wins(cfg):
+    cfg.sampling.temperature = 0.7
+    cfg.engine["enable_chunked_prefill"] = True
+    assert engine_args(cfg, "m", "cpu", "parquet")["enable_chunked_prefill"] is True
+
+
 def test_engine_args_layout(cfg):
     cfg.tp, cfg.pp, cfg.dp = 2, 2, 4
     args = engine_args(cfg, "m")

@@ -84,7 +84,8 @@ def headless_args(run_dir: str, env) -> Tuple[RankContext, Dict[str, Any]]:
             f"HPCINFER_NNODES > 1 and HPCINFER_NODE_RANK > 0 must be set, got {extra or 'none'}"
         )
     cfg = load_run_config(rd.config)
-    return ctx, {**engine_args(cfg, rd.read_plan().engine_args["model"]), **extra}
+    plan = rd.read_plan()
+    return ctx, {**engine_args(cfg, plan.engine_args["model"], plan.device_kind, plan.input_format), **extra}
 
 
 _executor: list = [None]

@@ -187,7 +187,10 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
 
             t0 = time.time()
             # from config.yaml, whose secrets re-resolve from the environment (plan.json has them masked)
-            args = {**engine_args(cfg, plan.engine_args["model"]), **replica_engine_args(os.environ)}
+            args = {
+                **engine_args(cfg, plan.engine_args["model"], plan.device_kind, plan.input_format),
+                **replica_engine_args(os.environ),
+            }
             log = rd.rank_log(ctx.rank)
             offset = staging.size_of(log)
             args, startup = staging.prepare(rd, cfg, args, say=lambda m: say(f"rank {ctx.rank}: {m}"))

@@ -9,7 +9,11 @@
   that line's error in its place, and every other line equal (content, finish_reason, usage) to
   what vLLM's own run-batch writes for the file without it (run-batch fails the whole file with it);
 - CSV rows through a prompt template over two columns (from a file, with a newline): the text
-  equal to `LLM.generate` of the filled prompts.
+  equal to `LLM.generate` of the filled prompts;
+- sampled rows (temperature 0.7, top_p 0.95, seed 0: row i seeded i) long enough that a rank's
+  prompts exceed one step's token budget, at dp=2: the text equal to `LLM.generate` with each
+  row's seed in one engine (so it does not depend on the layout), and no `CPU Generator does not
+  use offset` failure (vLLM 0.32 on CPU, with a chunked prefill: config.engine_args turns it off).
 
 Two dp=2 runs started at once, then vLLM's references (one in-process engine, run-batch) and two
 dp=1 runs, at once: their start-ups (most of a small run's time) overlap, four engines at a time. JSON Lines and CSV against Parquet row by row, and the
@@ -65,6 +69,9 @@ BATCH_LINES = [
 MALFORMED = '{"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [}'
 CSV_ROWS = [("Rivers", "Water flows downhill."), ("Tea", "Leaves in hot water — 茶."), ("Clocks", "They tick.")]
 PROMPT_TEMPLATE = "Title: {title}\nText: {text}\nSummary:"
+# ~450 prompt tokens a row: a rank's 12 rows (~5,400 tokens) exceed vLLM's CPU step budget (4,096)
+LONG_PROMPTS = [f"Document {i}: " + "the river flows past the old mill and " * 34 for i in range(24)]
+SAMPLED = {"temperature": 0.7, "top_p": 0.95}  # conf/sampling/default.yaml, seed 0
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +91,7 @@ def files(tmp_path_factory):
     (d / "batch_bad.jsonl").write_text("\n".join(lines[:2] + [MALFORMED] + lines[2:]) + "\n")
     (d / "rows.csv").write_text("id,title,text\n" + "".join(f'{i},{t},"{x}"\n' for i, (t, x) in enumerate(CSV_ROWS)))
     (d / "prompt.txt").write_text(PROMPT_TEMPLATE)
+    pq.write_table(pa.table({"prompt": LONG_PROMPTS}), d / "long.parquet")
     rows = chat.to_pylist()  # the same rows as JSON Lines: messages as JSON arrays (null, [] too)
     (d / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return d
@@ -156,17 +164,23 @@ llm = LLM(**json.loads(sys.argv[1]))
 sp = SamplingParams(temperature=0, max_tokens={MAX_TOKENS})
 chat = llm.chat(json.loads(sys.argv[2]), sp, chat_template=sys.argv[3], chat_template_kwargs={KWARGS!r}, use_tqdm=False)
 gen = llm.generate(json.loads(sys.argv[4]), sp, use_tqdm=False)
-print(json.dumps([[(o.outputs[0].text, len(o.prompt_token_ids)) for o in outs] for outs in (chat, gen)]))
+long = json.loads(sys.argv[5])
+seeded = [SamplingParams(**{SAMPLED!r}, max_tokens={MAX_TOKENS}, seed=i) for i in range(len(long))]
+sampled = llm.generate(long, seeded, use_tqdm=False)
+print(json.dumps([[(o.outputs[0].text, len(o.prompt_token_ids)) for o in outs] for outs in (chat, gen, sampled)]))
 """
 
 
 @pytest.fixture(scope="module")
 def reference(runs, files, tmp_path_factory, cli_env):
     """What vLLM itself gives, both at once: one in-process vllm.LLM(**summary["engine_args"])
-    (its chat of the good conversations, its generate of the filled CSV prompts; greedy), and
+    (its chat of the good conversations, its generate of the filled CSV prompts, greedy; its
+    generate of the long prompts, sampled with row i's seed i; unchunked prefill, as on the
+    sampled run's ranks: vLLM 0.32's CPU generators fail with a chunked one), and
     vLLM's own run-batch over batch.jsonl (the file without the malformed line: run-batch fails
     the whole file on it) with the same model, chat template and engine settings; and, at the
-    same time, two dp=1 runs: the chat run's rows as JSON Lines, CSV through a template file."""
+    same time, two dp=1 runs (the chat run's rows as JSON Lines, CSV through a template file)
+    and the sampled dp=2 run of the long prompts."""
     a = json.loads((runs["chat"] / "summary.json").read_text())["engine_args"]
     convs = [c for i, c in enumerate(CONVERSATIONS) if i not in ERROR_ROWS]
     prompts = [PROMPT_TEMPLATE.format(title=t, text=x) for t, x in CSV_ROWS]
@@ -175,7 +189,8 @@ def reference(runs, files, tmp_path_factory, cli_env):
     batch += ["-o", str(out), "--model", a["model"], "--served-model-name", "tiny", "--dtype", a["dtype"]]
     batch += ["--max-model-len", str(a["max_model_len"]), "--enforce-eager", "--seed", str(a["seed"])]
     batch += ["--chat-template", str(files / "t.jinja")]
-    llm = [sys.executable, "-c", REFERENCE, json.dumps(a), json.dumps(convs), TEMPLATE, json.dumps(prompts)]
+    llm = [sys.executable, "-c", REFERENCE, json.dumps({**a, "enable_chunked_prefill": False}), json.dumps(convs)]
+    llm += [TEMPLATE, json.dumps(prompts), json.dumps(LONG_PROMPTS)]
     env = _fast(cli_env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     jsonl = out.parent / "chat-jsonl"
@@ -188,14 +203,20 @@ def reference(runs, files, tmp_path_factory, cli_env):
     )
     csv = out.parent / "csv"
     csv_run = _submit(csv, f"data.input={files / 'rows.csv'}", f"prompt.template_file={files / 'prompt.txt'}")
-    done = _run_all({"run_batch": batch, "llm": llm, "jsonl": chat_jsonl, "csv": csv_run}, env)
-    chat, gen = json.loads(done["llm"].stdout.strip().splitlines()[-1])
+    sampled = out.parent / "sampled"
+    sampled_run = [sys.executable, "-m", "hpcinfer.submit", "dp=2", f"data.input={files / 'long.parquet'}"]
+    sampled_run += ["sampling=default", f"sampling.max_tokens={MAX_TOKENS}", f"run_dir={sampled}"]
+    commands = {"run_batch": batch, "llm": llm, "jsonl": chat_jsonl, "csv": csv_run, "sampled": sampled_run}
+    done = _run_all(commands, env)
+    chat, gen, sampled_ref = json.loads(done["llm"].stdout.strip().splitlines()[-1])
     return {
         "chat": chat,
         "generate": gen,
         "run_batch": [json.loads(x) for x in out.read_text().splitlines()],
         "jsonl_run": jsonl,
         "csv_run": csv,
+        "sampled": sampled_ref,
+        "sampled_run": sampled,
     }
 
 
@@ -282,3 +303,14 @@ def test_csv_template_over_two_columns_equals_generate_of_the_filled_prompts(ref
     assert all(r["error"] is None for r in rows)
     assert [(r["generated_text"], r["prompt_tokens"]) for r in rows] == [tuple(x) for x in reference["generate"]]
     assert sorted(p.name for p in (reference["csv_run"] / "inputs").iterdir()) == ["000000.parquet", "sources.json"]
+
+
+# ---- sampled rows with seeds, prompts beyond one step's token budget ---------------------------
+def test_sampled_long_prompts_equal_generate_with_each_rows_seed_at_dp2(reference):
+    rows = _rows(reference["sampled_run"])
+    assert [r["prompt"] for r in rows] == LONG_PROMPTS and all(r["error"] is None for r in rows)
+    assert all(r["prompt_tokens"] > 400 for r in rows)
+    assert [(r["generated_text"], r["prompt_tokens"]) for r in rows] == [tuple(x) for x in reference["sampled"]]
+    assert len({r["generated_text"] for r in rows}) > len(rows) // 2  # sampled: the rows differ
+    s = json.loads((reference["sampled_run"] / "summary.json").read_text())
+    assert s["layout"]["ranks"] == 2 and s["engine_args"]["enable_chunked_prefill"] is False
