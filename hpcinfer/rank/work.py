@@ -198,6 +198,7 @@ class Tables:
         self.tokens = {s.shard: s.tokens for s in shards}
         self.rows = {s.shard: s.rows for s in shards}
         self.order = [s.shard for s in claim_order(shards)]
+        self.pred = schedule.chain_links(shards)  # prefix placement: a chain's previous shard
         # densities along the claim order only fall (it is densest first): negated, they rise
         self._neg = [-self.tokens[s] / max(1, self.rows[s]) for s in self.order]
 
@@ -252,6 +253,7 @@ class ClaimedWork:
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start(thread=background)
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
         self.idle_s = min(self.sweep_s, max(1.0, world / 100))
+        self.taken: Set[int] = set()  # shards this attempt claimed (a chain goes on after them)
         self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s)
         if background:
             self.claimer.start()
@@ -263,6 +265,9 @@ class ClaimedWork:
         self.claimer.step()
 
     def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
+        # prefix placement: this rank's chains first (schedule.prefer_chains); the policy decides
+        if self.tables.pred:
+            candidates = schedule.prefer_chains(candidates, self.tables.pred, unfinished, set(self.held) | self.taken)
         # a rank that is gone leaves its share to the others
         return schedule.by_mix(
             candidates,
@@ -279,7 +284,10 @@ class ClaimedWork:
 
     def next(self) -> Optional[Shard]:
         shard = self.claimer.take()
-        return None if shard is None else self.by_id[shard]
+        if shard is None:
+            return None
+        self.taken.add(shard)
+        return self.by_id[shard]
 
     @property
     def held(self) -> Collection[int]:
