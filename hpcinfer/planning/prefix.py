@@ -46,13 +46,14 @@ import pyarrow.parquet as pq
 
 from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, RequestSpec
 
-LEVELS = tuple(64 << k for k in range(9))  # 64 B .. 16 KiB: ~16 .. ~4,096 tokens
+LEVELS = tuple(int(64 * 2 ** (k / 2)) for k in range(17))  # 64 B .. 16 KiB in half octaves: ~16 .. ~4,096 tokens
 LINK_BYTES = 256  # consecutive shards whose boundary rows share this much form a chain (~64 tokens)
 BYTES_PER_TOKEN = 4
 AUTO_MIN_SAVED = 0.10  # auto: placement on when it saves this fraction of the prompt tokens over input order
 _P = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
 _P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_EMPTY = pa.scalar("", pa.large_string())
 _CHUNK_BYTES = 4 << 20  # hash at most this many prompt bytes at once (bounded memory)
 
 
@@ -97,12 +98,12 @@ def _prompt_text(batch: pa.RecordBatch, request: RequestSpec) -> pa.Array:
             text = pa.array(["".join(pieces)] * batch.num_rows, pa.large_string())
         else:
             arrays = [p if isinstance(p, pa.Array) else pa.array([p] * batch.num_rows, pa.large_string()) for p in pieces]
-            text = pc.binary_join_element_wise(*arrays, "", null_handling="emit_null")
+            text = pc.binary_join_element_wise(*arrays, _EMPTY, null_handling="emit_null")
     else:
         text = _as_text(_column(batch, request.prompt_column))
     if request.chat:  # the chat template's text is every row's: the system message, then the user's
         system = pa.array([(request.system or "") + "\x1e"] * batch.num_rows, pa.large_string())
-        text = pc.binary_join_element_wise(system, text, "", null_handling="emit_null")
+        text = pc.binary_join_element_wise(system, text, _EMPTY, null_handling="emit_null")
     return text
 
 
@@ -116,12 +117,13 @@ def _messages_text(column: pa.Array) -> pa.Array:
     flat = pc.list_flatten(column)
     role = _as_text(pc.struct_field(flat, "role"))
     content = _as_text(pc.struct_field(flat, "content"))
+    sep = [pa.array([s] * len(flat), pa.large_string()) for s in ("\x1f", "\x1e")]
     pieces = pc.binary_join_element_wise(
-        pc.fill_null(role, ""), "\x1f", pc.fill_null(content, ""), "\x1e", "", null_handling="replace"
+        pc.fill_null(role, ""), sep[0], pc.fill_null(content, ""), sep[1], _EMPTY, null_handling="replace"
     )
     offsets = pc.subtract(column.offsets, column.offsets[0]).cast(pa.int64())
     lists = pa.LargeListArray.from_arrays(offsets, pieces, mask=column.is_null())
-    return pc.binary_join(lists, "").cast(pa.large_string())
+    return pc.binary_join(lists, _EMPTY).cast(pa.large_string())
 
 
 def _flat_ok(column: pa.Array) -> bool:
