@@ -97,7 +97,9 @@ def _prompt_text(batch: pa.RecordBatch, request: RequestSpec) -> pa.Array:
         if not any(isinstance(p, pa.Array) for p in pieces):
             text = pa.array(["".join(pieces)] * batch.num_rows, pa.large_string())
         else:
-            arrays = [p if isinstance(p, pa.Array) else pa.array([p] * batch.num_rows, pa.large_string()) for p in pieces]
+            arrays = [
+                p if isinstance(p, pa.Array) else pa.array([p] * batch.num_rows, pa.large_string()) for p in pieces
+            ]
             text = pc.binary_join_element_wise(*arrays, _EMPTY, null_handling="emit_null")
     else:
         text = _as_text(_column(batch, request.prompt_column))
@@ -144,7 +146,9 @@ def _conv_text(conv) -> Optional[str]:
             return conv
     if not isinstance(conv, list):
         return None
-    return "".join(f"{m.get('role', '')}\x1f{m.get('content', '')}\x1e" if isinstance(m, dict) else str(m) for m in conv)
+    return "".join(
+        f"{m.get('role', '')}\x1f{m.get('content', '')}\x1e" if isinstance(m, dict) else str(m) for m in conv
+    )
 
 
 def _body_text(body: Optional[str]) -> Optional[str]:
@@ -316,7 +320,9 @@ def decide(mode: str, sharing_prompt: int, prefill_input: int, prefill_placed: i
     return prefill_input - prefill_placed >= AUTO_MIN_SAVED * max(1, sharing_prompt)
 
 
-def iter_starts(files: Sequence[str], request: RequestSpec, batch_rows: int = 8192) -> Iterator[Tuple[pa.Array, np.ndarray]]:
+def iter_starts(
+    files: Sequence[str], request: RequestSpec, batch_rows: int = 8192
+) -> Iterator[Tuple[pa.Array, np.ndarray]]:
     """`prompt_starts` of every row of `files` (Parquet), in global order, a batch at a time."""
     columns = _needed_columns(request)
     for path in files:

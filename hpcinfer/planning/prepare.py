@@ -149,9 +149,7 @@ def plan_shards(
         cuts, chains = px.cut_placed(tokens[order], px.shared_depth(placed_h), target, cfg.data.shard_rows)
         sizes = [int(tokens[order][lo:hi].sum()) for lo, hi in cuts]
         home = expected_ranks(sizes, ranks)
-        shards = [
-            Shard(i, home[i], placed_path, lo, hi, lo, sizes[i], chains[i]) for i, (lo, hi) in enumerate(cuts)
-        ]
+        shards = [Shard(i, home[i], placed_path, lo, hi, lo, sizes[i], chains[i]) for i, (lo, hi) in enumerate(cuts)]
         units = np.repeat(np.asarray(chains, dtype=np.int64), [hi - lo for lo, hi in cuts])
     else:
         flat = tokens[order]

@@ -114,3 +114,31 @@ def prefer_chains(
     picked = [m for _, m in sorted(middle, key=lambda t: t[0])]
     seen = set(go_on) | set(start) | set(picked)
     return go_on + start + picked + [c for c in rest if c not in seen]
+
+
+def by_chain(
+    candidates: Sequence[int],
+    pred: Dict[int, int],
+    unfinished: Collection[int],
+    tokens: Dict[int, int],
+    rows: Dict[int, int],
+    held: Collection[int],
+    mine: Collection[int],
+    world: int,
+    pool: Optional[Callable[[float], int]] = None,
+) -> Optional[int]:
+    """The balancing policy with prefix placement: the next shard of a chain this rank runs
+    (`prefer_chains`) while what it holds is at most its share of all that is left (`share_allows`
+    over every unfinished shard: a chain's shards are of one kind of row, so its next shard is
+    measured against the whole pool rather than the shards at least as dense), else `by_mix` over
+    the candidates in `prefer_chains`' order. So no rank holds more than its share, and a chain
+    is split over ranks only when it is larger than that."""
+    ordered = prefer_chains(candidates, pred, unfinished, mine)
+    total = pool(0.0) if pool is not None else sum(tokens[s] for s in unfinished)
+    mine_tokens = sum(tokens[s] for s in held)
+    for c in ordered:
+        if pred.get(c) not in mine:
+            break
+        if share_allows(mine_tokens, tokens[c], total, world):
+            return c
+    return by_mix(ordered, unfinished, tokens, rows, held, world, pool)

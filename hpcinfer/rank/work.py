@@ -104,8 +104,11 @@ class Claimer:
     Both intervals grow with the ranks of the run (ClaimedWork), so the job's metadata operations
     per second stay bounded however many ranks wait."""
 
-    def __init__(self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float):
+    def __init__(
+        self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float, first: Optional[Callable] = None
+    ):
         self.claims, self.choose, self.sweep_s, self.idle_s = claims, choose, sweep_s, idle_s
+        self.first = first  # candidates only this rank wants, tried before any spreading (Claims.next)
         self.ready: Optional[int] = None  # a claimed shard not yet handed to the loop
         self.wanted = True  # the loop has room (it asked, or has not started)
         self.finished = False  # the latest look found nothing unfinished that this rank does not hold
@@ -169,7 +172,7 @@ class Claimer:
             look = self.claims.look(full=full)
             self._last_full, self._last_idle = (now if look.full else self._last_full), now
             if need:
-                shard = self.claims.next(self.choose, look)
+                shard = self.claims.next(self.choose, look, own_first=self.first)
                 if shard is not None:
                     with self._lock:
                         self.ready, self.wanted = shard, False
@@ -254,7 +257,251 @@ class ClaimedWork:
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
         self.idle_s = min(self.sweep_s, max(1.0, world / 100))
         self.taken: Set[int] = set()  # shards this attempt claimed (a chain goes on after them)
-        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s)
+        first = self._going_on if self.tables.pred else None
+        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s, first)
+        if background:
+            self.claimer.start()
+
+    def tick(self) -> None:
+        """Without background threads (`background=False`: a simulation of thousands of ranks,
+        bench/scale.py --cheap): the heartbeat and the claimer's round, in the caller's thread."""
+        self.heartbeat.tick()
+        self.claimer.step()
+
+    def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
+        # a rank that is gone leaves its share to the others
+        world = max(1, self.world - gone)
+        pool = lambda d: self.claims.weight_before(self.tables.end_at_least(d))  # noqa: E731
+        if self.tables.pred:  # prefix placement: this rank's chains first (schedule.by_chain)
+            mine = set(self.held) | self.taken
+            return schedule.by_chain(
+                candidates, self.tables.pred, unfinished, self.tokens, self.rows, self.held, mine, world, pool
+            )
+        return schedule.by_mix(candidates, unfinished, self.tokens, self.rows, self.held, world, pool=pool)
+
+    def describe(self) -> str:
+        """What there is to do, in a few words (the rank's log)."""
+        ...
+
+    def next(self) -> Optional[Shard]:
+        """The next shard to open, or None: none now (ask again later, unless `exhausted`)."""
+        ...
+
+    def exhausted(self) -> bool:
+        """Nothing is left that this rank may still have to do."""
+        ...
+
+    def check(self, shard: int) -> None:
+        """Raise rundir.claims.ClaimLost when this attempt may no longer write `shard`."""
+        ...
+
+    def release(self, shard: int, done: Optional[bool] = None) -> None:
+        """This attempt is through with `shard`: finished (`done`), or dropped."""
+        ...
+
+    def close(self) -> None:
+        """The attempt ends: stop what runs in the background."""
+        ...
+
+
+class StaticWork:
+    """schedule.mode=static (and MoE lockstep): this rank's own shards, in order."""
+
+    room_batches = 2  # keep this many batches' worth of rows in the engine
+    poll_s = 1.0  # unused: static work is exhausted once `next` finds nothing
+
+    def __init__(self, rd: RunDir, mine: List[Shard], by: str = "a rank"):
+        self.total = len(mine)
+        verified = verify_done(rd, mine, by)
+        self.done, self.repairs = verified.done, verified.repairs
+        self.queue = [s for s in mine if s.shard not in self.done]
+
+    def describe(self) -> str:
+        return f"{len(self.queue)} of {self.total} shard(s) to do"
+
+    def next(self) -> Optional[Shard]:
+        return self.queue.pop(0) if self.queue else None
+
+    def exhausted(self) -> bool:
+        return not self.queue
+
+    def check(self, shard: int) -> None:
+        pass
+
+    def release(self, shard: int, done: Optional[bool] = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Claimer:
+    """ClaimedWork's background thread: it claims (rundir/claims.py) and keeps the next shard
+    ready, so that the engine loop never waits on the filesystem. It makes a claim look (the
+    holders/ bucket with unclaimed shards: one listing) when the ready slot is empty and the loop
+    has asked for a shard, or at once after the loop releases one (this rank's share grew); a full
+    look (beats/ and the open buckets: dead ranks' claims to take over, their share to spread) at
+    least every `sweep_s`; and while the rank is idle, a full look every `idle_s` (whether the
+    run is over). A policy that declined, or found nothing, stays declined until one of these:
+    what the others hold only ever shrinks the pool, so looking sooner cannot change its answer.
+    Both intervals grow with the ranks of the run (ClaimedWork), so the job's metadata operations
+    per second stay bounded however many ranks wait."""
+
+    def __init__(
+        self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float, first: Optional[Callable] = None
+    ):
+        self.claims, self.choose, self.sweep_s, self.idle_s = claims, choose, sweep_s, idle_s
+        self.first = first  # candidates only this rank wants, tried before any spreading (Claims.next)
+        self.ready: Optional[int] = None  # a claimed shard not yet handed to the loop
+        self.wanted = True  # the loop has room (it asked, or has not started)
+        self.finished = False  # the latest look found nothing unfinished that this rank does not hold
+        self.error: Optional[BaseException] = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._last_full = self._last_idle = -float("inf")
+        self._thread = threading.Thread(target=self._run, name="hpcinfer-claimer", daemon=True)
+
+    def start(self) -> Claimer:
+        self._thread.start()
+        return self
+
+    # ---- the engine loop's side: memory only ------------------------------------------
+    def take(self) -> Optional[int]:
+        """The ready shard, or None at once (the claimer is told the loop has room)."""
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            shard, self.ready = self.ready, None
+            news = shard is not None or not self.wanted  # asking again for nothing new is no news
+            self.wanted = True
+        if news:
+            self._wake.set()
+        return shard
+
+    def changed(self) -> None:
+        """The loop released a shard: look again now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # ---- the claimer's thread ---------------------------------------------------------
+    def over(self) -> bool:
+        """Nothing unfinished that this rank does not hold, and every done marker there (a shard
+        whose marker was set aside since is claimable again: look at once)."""
+        if self.ready is not None or self.claims.unfinished() > 0:
+            return False
+        if self.claims.confirm_done():
+            return True
+        self._wake.set()
+        return False
+
+    def step(self) -> None:
+        """One round of the claimer: look and claim if the loop wants a shard and was woken, or a
+        look is due."""
+        woken = self._wake.is_set()
+        self._wake.clear()
+        now = time.monotonic()
+        self.claims.flush()
+        with self._lock:
+            need = self.wanted and self.ready is None
+        idle = not self.claims.mine
+        full = now - self._last_full >= self.sweep_s or (idle and now - self._last_idle >= self.idle_s)
+        if (need and woken) or full:
+            look = self.claims.look(full=full)
+            self._last_full, self._last_idle = (now if look.full else self._last_full), now
+            if need:
+                shard = self.claims.next(self.choose, look, own_first=self.first)
+                if shard is not None:
+                    with self._lock:
+                        self.ready, self.wanted = shard, False
+            self.finished = self.over()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as e:  # the loop raises it on its next take()
+                self.error = e
+                return
+            self._wake.wait(min(self.sweep_s, self.idle_s))
+
+
+class Tables:
+    """A run's shards as ClaimedWork needs them: by id, tokens, rows, claim order, and where the
+    shards at least as dense as a density end in it (the balancing policy's pool). The same for
+    every rank of a run; ranks in one process (a simulation: bench/scale.py) share one."""
+
+    _cache: Dict[int, Tuple[List[Shard], Tables]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, shards: List[Shard]):
+        self.by_id = {s.shard: s for s in shards}
+        self.tokens = {s.shard: s.tokens for s in shards}
+        self.rows = {s.shard: s.rows for s in shards}
+        self.order = [s.shard for s in claim_order(shards)]
+        self.pred = schedule.chain_links(shards)  # prefix placement: a chain's previous shard
+        # densities along the claim order only fall (it is densest first): negated, they rise
+        self._neg = [-self.tokens[s] / max(1, self.rows[s]) for s in self.order]
+
+    @classmethod
+    def of(cls, shards: List[Shard]) -> Tables:
+        with cls._lock:
+            cached = cls._cache.get(id(shards))
+            if cached is None or cached[0] is not shards:
+                cls._cache.clear()
+                cached = cls._cache[id(shards)] = (shards, cls(shards))
+            return cached[1]
+
+    def end_at_least(self, density: float) -> int:
+        """Where in the claim order the shards at least as dense as `density` end."""
+        return bisect.bisect_right(self._neg, -density)
+
+
+class ClaimedWork:
+    """schedule.mode=dynamic: shards claimed from the run directory (claims.py) as the balancing
+    policy (`schedule.by_mix`) allows: every rank its share of the longest requests first, all
+    started at once, short ones beside them. It keeps one batch of rows in its engine. An idle rank
+    stays while other ranks hold unfinished shards, to take them over if they die. Claiming runs
+    in a background thread (`Claimer`): `next` and `exhausted` never touch the filesystem.
+
+    How often it looks grows with the ranks (`world`): a full look at least every
+    max(min(15 s, lease/8), world/50 s), at most lease/2 (a dead rank's claims are taken over
+    within 1.5 leases); an idle rank's every max(1 s, world/100 s), at most that. At 1,000 ranks:
+    20 s and 10 s."""
+
+    room_batches = 1
+    poll_s = 0.05  # how often an idle engine loop asks again (memory only: the claimer looks)
+
+    def __init__(
+        self,
+        rd: RunDir,
+        rank: int,
+        world: int,
+        token: str,
+        shards: List[Shard],
+        lease_s: float,
+        background: bool = True,
+    ):
+        verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
+        self.done, self.repairs = verified.done, verified.repairs
+        self.tables = Tables.of(shards)
+        self.by_id, self.world = self.tables.by_id, world
+        self.tokens, self.rows = self.tables.tokens, self.tables.rows
+        set_aside = {s for s in map(repaired_shard, self.repairs) if s is not None}
+        self.claims = Claims(
+            rd, rank, token, self.tables.order, lease_s, spread=world, notdone=sorted(set_aside), weights=self.tokens
+        )
+        self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start(thread=background)
+        self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
+        self.idle_s = min(self.sweep_s, max(1.0, world / 100))
+        self.taken: Set[int] = set()  # shards this attempt claimed (a chain goes on after them)
+        first = self._going_on if self.tables.pred else None
+        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s, first)
         if background:
             self.claimer.start()
 
@@ -278,6 +525,11 @@ class ClaimedWork:
             max(1, self.world - gone),
             pool=lambda d: self.claims.weight_before(self.tables.end_at_least(d)),
         )
+
+    def _going_on(self, candidates: List[int]) -> List[int]:
+        """The candidates that continue a chain this rank runs (prefix placement)."""
+        mine = set(self.held) | self.taken
+        return [c for c in candidates if self.tables.pred.get(c) in mine]
 
     def describe(self) -> str:
         return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), longest rows first"

@@ -57,7 +57,11 @@ def test_hashing_in_chunks_gives_the_same_hashes(monkeypatch):
     "spec, columns, want",
     [
         (RequestSpec(prompt_column="p"), {"p": ["hi", None]}, ["hi", None]),
-        (RequestSpec(template="Doc {d}: {q}", prompt_column=None), {"d": ["D", "E"], "q": ["x", None]}, ["Doc D: x", None]),
+        (
+            RequestSpec(template="Doc {d}: {q}", prompt_column=None),
+            {"d": ["D", "E"], "q": ["x", None]},
+            ["Doc D: x", None],
+        ),
         (RequestSpec(prompt_column="p", chat=True, system="S"), {"p": ["u", "v"]}, ["S\x1eu", "S\x1ev"]),
         (
             RequestSpec(kind=MESSAGES, messages_column="m", prompt_column=None),
