@@ -20,8 +20,8 @@ from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
-from hpcinfer.planning.prompts import check_columns, request_spec
 from hpcinfer.planning.prefix import Sharing
+from hpcinfer.planning.prompts import check_columns, request_spec
 from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, expected_ranks, make_shards, row_tokens
 from hpcinfer.rundir.manifest import Shard
 from hpcinfer.rundir.records import Plan, RequestSpec

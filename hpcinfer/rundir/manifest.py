@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
