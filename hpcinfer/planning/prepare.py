@@ -186,6 +186,7 @@ def write_placed(inputs: Inputs, order, placed_path: str, map_path: str) -> None
 
     if os.path.exists(placed_path) and os.path.exists(map_path):
         return
+    os.makedirs(os.path.dirname(placed_path), mode=0o700, exist_ok=True)
     n = len(order)
     slot_of = np.empty(n, dtype=np.int64)
     slot_of[order] = np.arange(n, dtype=np.int64)
