@@ -227,14 +227,15 @@ def main() -> None:
         "--kv-blocks",
         type=int,
         default=None,
-        help="KV cache blocks per engine (vLLM's num_gpu_blocks_override); default with the tiny model: 128 "
-        "(2,048 tokens, less than a rank's share of the documents, as a real model's cache is at scale)",
+        help="KV cache blocks per engine (vLLM's num_gpu_blocks_override); default with the tiny model: 16 "
+        "(2,048 tokens at CPU's 128 per block: less than a rank's share of the documents, as a real model's "
+        "cache is at scale)",
     )
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides, for every side")
     a = ap.parse_args()
     sides = a.sides.split(",")
     if a.kv_blocks is None and a.model == "tiny":
-        a.kv_blocks = 128
+        a.kv_blocks = 16
 
     from transformers import AutoTokenizer
 

@@ -298,11 +298,7 @@ class ShardLoop:
                     continue
                 if not self.engine.pending:
                     raise RuntimeError(f"shard(s) {sorted(self.open)} wait for rows the engine does not have")
-                finished = self.engine.step()
-                if finished:  # the window raw vLLM is compared with ends here (bench/overhead.py)
-                    self.state.record.last_output_at = time.time()
-                for tag, i, result in finished:
-                    self.deliver(tag, i, result)
+                self.step()
         except BaseException:
             for o in self.open.values():  # keep what is finished; a second error (a full disk) must
                 with contextlib.suppress(ClaimLost, OSError):  # not hide the first
@@ -346,13 +342,28 @@ class ShardLoop:
             self.engine if self.spec is not None and self.spec.renders_chat else None,
         )
         failed = []
+        # prefix placement: the shard's rows start alike, and vLLM's prefix cache serves a start only
+        # once it is computed; requests prefilled in one step would each compute it. So the first
+        # row goes ahead by one engine step (which decodes the other open shards' rows meanwhile).
+        lead = self.placement is not None and len(requests) > 1
         for i, request in enumerate(requests):
             if isinstance(request, RowResult):
                 failed.append((i, request))
             else:
                 self.engine.add(shard.shard, i, request)
+                if lead:
+                    lead = False
+                    self.step()
         for i, result in failed:
             self.deliver(shard.shard, i, result)
+
+    def step(self) -> None:
+        """One engine step; the rows it finished are delivered."""
+        finished = self.engine.step()
+        if finished:  # the window raw vLLM is compared with ends here (bench/overhead.py)
+            self.state.record.last_output_at = time.time()
+        for tag, i, result in finished:
+            self.deliver(tag, i, result)
 
     def deliver(self, tag: int, i: int, result: RowResult) -> None:
         """Row `i` of open shard `tag` is finished: into its parts; the shard closes with its last row."""
