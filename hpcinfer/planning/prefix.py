@@ -202,15 +202,8 @@ def _hash_chunk(chunk: pa.Array, lengths: np.ndarray, levels: Sequence[int]) -> 
         else np.zeros(0, np.uint8)
     )
     starts = offsets[:-1] - lo
+    pw, inv = _powers(total + 1)
     with np.errstate(over="ignore"):
-        pw = np.empty(total + 1, dtype=np.uint64)
-        pw[0] = 1
-        if total:
-            pw[1:] = np.cumprod(np.full(total, _P, dtype=np.uint64))
-        inv = np.empty(total + 1, dtype=np.uint64)
-        inv[0] = 1
-        if total:
-            inv[1:] = np.cumprod(np.full(total, _P_INV, dtype=np.uint64))
         cum = np.zeros(total + 1, dtype=np.uint64)
         if total:
             np.cumsum((data.astype(np.uint64) + np.uint64(1)) * pw[:total], out=cum[1:])
@@ -220,6 +213,23 @@ def _hash_chunk(chunk: pa.Array, lengths: np.ndarray, levels: Sequence[int]) -> 
             h = (cum[starts + used] - cum[starts]) * inv[starts]
             out[:, k] = (h ^ (used.astype(np.uint64) * _MIX)) * _P
     return out
+
+
+_POWERS: List[np.ndarray] = []
+
+
+def _powers(n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """P**j and P**-j mod 2**64 for j < n (made once, grown when a longer chunk comes)."""
+    if not _POWERS or len(_POWERS[0]) < n:
+        size = max(n, _CHUNK_BYTES + LEVELS[-1] + 1)
+        with np.errstate(over="ignore"):
+            pw = np.empty(size, dtype=np.uint64)
+            inv = np.empty(size, dtype=np.uint64)
+            pw[0] = inv[0] = 1
+            pw[1:] = np.cumprod(np.full(size - 1, _P, dtype=np.uint64))
+            inv[1:] = np.cumprod(np.full(size - 1, _P_INV, dtype=np.uint64))
+        _POWERS[:] = [pw, inv]
+    return _POWERS[0], _POWERS[1]
 
 
 # ---- placement -----------------------------------------------------------------------------

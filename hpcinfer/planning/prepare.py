@@ -137,6 +137,12 @@ def plan_shards(
     length = np.concatenate(lengths)
     deep = next((k + 1 for k, level in enumerate(px.LEVELS) if level >= int(length.max())), len(px.LEVELS))
     h = np.ascontiguousarray(h[:, :deep])
+    prompt = int(length.sum())
+    levels = px.LEVELS[:deep]
+    shared = prompt - px.expected_prefill(h, length, np.zeros(len(length), dtype=np.int64), levels=levels)
+    t = px.BYTES_PER_TOKEN
+    if not shared and cfg.schedule.prefix == "auto":  # no row starts like another: nothing to place
+        return Sharded(base, px.Sharing("auto", False, prompt // t, 0, prompt // t, prompt // t))
     tokens = np.concatenate(estimates).astype(np.int64)
     units_input = np.repeat(np.arange(len(base)), [s.rows for s in base])
     order = px.placement_order(h)
@@ -146,8 +152,10 @@ def plan_shards(
     if cfg.dynamic:
         total = int(tokens.sum())
         target = max(1, -(-total // (ranks * cfg.schedule.shards_per_rank)))
-        cuts, chains = px.cut_placed(tokens[order], px.shared_depth(placed_h), target, cfg.data.shard_rows)
-        sizes = [int(tokens[order][lo:hi].sum()) for lo, hi in cuts]
+        placed_tokens = tokens[order]
+        cuts, chains = px.cut_placed(placed_tokens, px.shared_depth(placed_h), target, cfg.data.shard_rows)
+        cum = np.concatenate(([0], np.cumsum(placed_tokens)))
+        sizes = [int(cum[hi] - cum[lo]) for lo, hi in cuts]
         home = expected_ranks(sizes, ranks)
         shards = [Shard(i, home[i], placed_path, lo, hi, lo, sizes[i], chains[i]) for i, (lo, hi) in enumerate(cuts)]
         units = np.repeat(np.asarray(chains, dtype=np.int64), [hi - lo for lo, hi in cuts])
@@ -158,12 +166,9 @@ def plan_shards(
             for s in make_shards([InputFile(placed_path, n)], ranks, cfg.data.shard_rows)
         ]
         units = np.repeat(np.asarray([s.rank for s in shards], dtype=np.int64), [s.rows for s in shards])
-    prompt = int(length.sum())
-    shared = prompt - px.expected_prefill(h, length, np.zeros(n, dtype=np.int64), levels=px.LEVELS[:deep])
-    in_order = px.expected_prefill(h, length, units_input, levels=px.LEVELS[:deep])
-    placed = px.expected_prefill(placed_h, length[order], units, levels=px.LEVELS[:deep])
+    in_order = px.expected_prefill(h, length, units_input, levels=levels)
+    placed = px.expected_prefill(placed_h, length[order], units, levels=levels)
     on = px.decide(cfg.schedule.prefix, prompt, in_order, placed)
-    t = px.BYTES_PER_TOKEN
     sharing = px.Sharing(cfg.schedule.prefix, on, prompt // t, shared // t, in_order // t, placed // t)
     if not on:
         return Sharded(base, sharing)
