@@ -7,7 +7,7 @@ shard whose data cannot be read (torn inside, though its footer is whole) raises
 Memory stays bounded by one record batch (shards are streamed, never loaded whole). A placed run
 (prefix placement: shards hold slots, rundir/manifest.py) is checked the same way, slot by slot,
 and its rows go back to input order through rundir/permute.py (one bucket of rows in memory, about
-256 MiB, plus the slot -> row map, memory-mapped); each input row must come exactly once.
+128 MiB, plus the slot -> row map, memory-mapped); each input row must come exactly once.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 DEST = "__hpcinfer_dest"
-BUDGET = 256 << 20
+BUDGET = 128 << 20
 
 
 class OrderError(ValueError):
@@ -111,9 +111,9 @@ def _write(batches, n_rows, write, tmp, budget, out_rows) -> None:
         order = np.argsort(dest, kind="stable")
         if len(dest) != hi - lo or not np.array_equal(dest[order], np.arange(lo, hi)):
             raise OrderError(f"destinations {lo}..{hi - 1} are not each covered exactly once")
-        table = table.take(pa.array(order)).drop_columns([DEST])
-        for start in range(0, table.num_rows, out_rows):
-            write(table.slice(start, out_rows))
+        table = table.drop_columns([DEST])
+        for start in range(0, table.num_rows, out_rows):  # sorted a slice at a time: one copy of a slice
+            write(table.take(pa.array(order[start : start + out_rows])))
         del table, parts
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
