@@ -199,3 +199,17 @@ def test_write_reordered_refuses_missing_duplicated_or_foreign_rows(tmp_path, de
     batch = pa.RecordBatch.from_pydict({"v": list(range(len(dest)))})
     with pytest.raises(OrderError):
         write_reordered([(batch, np.array(dest))], 4, lambda t: None, str(tmp_path))
+
+
+def test_the_plan_prints_the_shared_fraction_and_the_prefill_it_expects_to_save():
+    from types import SimpleNamespace
+
+    from hpcinfer.planning.render import _prefix_lines
+
+    sharing = px.Sharing(
+        "auto", True, prompt_tokens=1000, shared_tokens=800, prefill_input_order=900, prefill_placed=300
+    )
+    (line,) = _prefix_lines(SimpleNamespace(prefix=sharing.to_json()))
+    assert "80% of ~1,000 prompt tokens" in line and "~900 tokens in input order, ~300 placed" in line
+    assert "saves ~600, 3.00x less" in line and "placement on (auto" in line
+    assert _prefix_lines(SimpleNamespace(prefix=None)) == []
