@@ -306,7 +306,9 @@ class Sharing:
 def expected_prefill(hashes: np.ndarray, lengths: np.ndarray, units: np.ndarray, levels: Sequence[int] = LEVELS) -> int:
     """Prompt bytes prefilled when each row's longest start that an earlier row of its unit (a
     shard, a chain: what runs on one rank, one after another) also has comes from the cache. Rows
-    are in run order; a level counts only up to the row's length. Pure."""
+    are in run order; a level counts only up to the row's length, and only from LINK_BYTES on
+    (~64 tokens): vLLM caches whole blocks (16 tokens on GPU, 128 on CPU), and a shorter shared
+    start (a template's first words) saves next to nothing, so it is no reason to place. Pure."""
     n = len(lengths)
     if n == 0:
         return 0
@@ -314,6 +316,8 @@ def expected_prefill(hashes: np.ndarray, lengths: np.ndarray, units: np.ndarray,
     with np.errstate(over="ignore"):
         salt = units.astype(np.uint64) * _MIX
         for k, level in enumerate(levels):
+            if level < LINK_BYTES:
+                continue
             key = hashes[:, k] ^ salt
             _, first = np.unique(key, return_index=True)
             repeat = np.ones(n, dtype=bool)
