@@ -213,3 +213,19 @@ def test_the_plan_prints_the_shared_fraction_and_the_prefill_it_expects_to_save(
     assert "80% of ~1,000 prompt tokens" in line and "~900 tokens in input order, ~300 placed" in line
     assert "saves ~600, 3.00x less" in line and "placement on (auto" in line
     assert _prefix_lines(SimpleNamespace(prefix=None)) == []
+
+
+def test_by_chain_goes_on_within_the_share_and_leaves_the_rest_to_the_others():
+    from hpcinfer.rank.schedule import by_chain
+
+    shards = chain_shards([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = chain_links(shards)
+    tokens = {s.shard: 10 for s in shards}
+    rows = {s.shard: 1 for s in shards}
+    left = list(range(8))
+    # holding shard 0 of 80 tokens left at 2 ranks: its chain's next shard, not chain 1's head
+    assert by_chain(range(1, 8), pred, left, tokens, rows, [0], {0}, world=2) == 1
+    # holding 40 of 80: more would exceed its share; the policy gives it nothing now
+    assert by_chain([4, 5, 6, 7], pred, left, tokens, rows, [0, 1, 2, 3], {0, 1, 2, 3}, world=2) is None
+    # another rank, idle: chain 1's head
+    assert by_chain([4, 5, 6, 7], pred, left, tokens, rows, [], set(), world=2) == 4
