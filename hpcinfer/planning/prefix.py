@@ -111,11 +111,8 @@ def _prompt_text(batch: pa.RecordBatch, request: RequestSpec) -> pa.Array:
 
 def _messages_text(column: pa.Array) -> pa.Array:
     """Each conversation as 'role\\x1fcontent\\x1e...' (null for a null one)."""
-    out = []
-    for conv in column.to_pylist() if not _flat_ok(column) else []:
-        out.append(_conv_text(conv))
-    if out or len(column) == 0:
-        return pa.array(out, pa.large_string())
+    if not _flat_ok(column):  # JSON text, or another shape: row by row
+        return pa.array([_conv_text(conv) for conv in column.to_pylist()], pa.large_string())
     flat = pc.list_flatten(column)
     role = _as_text(pc.struct_field(flat, "role"))
     content = _as_text(pc.struct_field(flat, "content"))
