@@ -4,12 +4,14 @@
     .venv/bin/python bench/finalize.py --rows 1000000 --shards 100   # scaled down
     options: --files N (input files, default 100)  --ranks N (default 100)
              --tmp DIR (where the run directory goes)  --keep (leave it there)
+             --placed (a run with prefix placement: shards hold slots of a random permutation of
+             the rows, inputs/placement.npy; finalize writes them back in input order)
 
 What it measures: `hpcinfer.finalize.finalize(run_dir)` (completeness check, streaming ordered merge
 with row-position verification, summary.json) run in a child process on a finished run
 directory, so that the peak RSS reported is finalize's own (os.wait4 of that child). Reported:
 rows, shards, seconds (inside the child, imports excluded; the child's wall time too), rows/s,
-peak RSS, and the RSS of a bare `python -c 'import hpcinfer.merge'` for comparison.
+peak RSS, and the RSS of a bare `python -c 'import hpcinfer.rundir.merge'` for comparison.
 
 Target: peak RSS < 1 GiB (memory must stay bounded by a record batch, whatever the row count).
 
@@ -61,6 +63,7 @@ from hpcinfer.rundir import output
 from hpcinfer.rundir.files import atomic_write, atomic_write_json
 from hpcinfer.rundir.manifest import Shard, write_manifest
 from hpcinfer.rundir.paths import RunDir
+from hpcinfer.rundir.records import DoneRecord, Memory, Plan, RankRecord
 
 TARGET_RSS = 1 * GIB
 BYTES_PER_ROW = 320  # ~8 id + 60 prompt + 200 text + finish_reason, tokens, error, position
@@ -111,15 +114,17 @@ def template(n: int):
     return table, totals
 
 
-def at_position(table: pa.Table, global_start: int) -> pa.Table:
-    """The template with id and ROW_COLUMN set to the shard's global positions."""
+def at_position(table: pa.Table, global_start: int, order=None) -> pa.Table:
+    """The template with id and ROW_COLUMN set to the shard's global positions (with `order`,
+    a placed run's slot -> input row map: id is the input row at each slot)."""
     pos = pa.array(np.arange(global_start, global_start + table.num_rows), pa.int64())
-    table = table.set_column(0, table.schema.field(0), pos)
+    ids = pos if order is None else pa.array(order[global_start : global_start + table.num_rows], pa.int64())
+    table = table.set_column(0, table.schema.field(0), ids)
     last = table.num_columns - 1
     return table.set_column(last, table.schema.field(last), pos)
 
 
-def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int):
+def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int, placed: bool = False):
     """A finished run directory (see the module docstring); returns (RunDir, shards)."""
     per_file = partition(rows, n_files)
     files = [InputFile(str(root / "inputs" / f"part-{i:05d}.parquet"), hi - lo) for i, (lo, hi) in enumerate(per_file)]
@@ -136,17 +141,30 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
     now = time.time()
     atomic_write_json(
         rd.plan,
-        dict(
+        Plan(
             tp=1,
             pp=1,
             dp=ranks,
             ep=False,
             ranks=ranks,
+            device_kind="cpu",
+            gpus_per_rank=0,
+            nodes=1,
+            rows=rows,
+            files=n_files,
+            shards=len(shards),
+            memory=Memory(None, None, None, None, None),
             engine_args=config.engine_args(cfg, str(root / "model")),
+            model={},
             submitted_at=now - 3600,
-        ),
+        ).to_json(),
     )
-    write_manifest(str(rd.manifest), shards, schema)
+    order = None
+    if placed:  # a random permutation: the worst case for locality
+        order = np.random.default_rng(0).permutation(rows).astype(np.int64)
+        (rd.path / "inputs").mkdir(exist_ok=True)
+        np.save(rd.path / "inputs" / "placement.npy", order)
+    write_manifest(str(rd.manifest), shards, schema, "inputs/placement.npy" if placed else None)
 
     templates: Dict[int, tuple] = {}
     for s in shards:
@@ -155,10 +173,9 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
 
     def write(s: Shard) -> None:
         table, totals = templates[s.rows]
-        pq.write_table(at_position(table, s.global_start), rd.shard_output(s.shard))
+        pq.write_table(at_position(table, s.global_start, order), rd.shard_output(s.shard))
         rd.mark_done(
-            s.shard,
-            dict(
+            DoneRecord(
                 shard=s.shard,
                 rank=s.rank,
                 host=socket.gethostname(),
@@ -174,8 +191,7 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
         list(pool.map(write, shards))
     for r in range(ranks):
         rd.write_rank(
-            r,
-            dict(
+            RankRecord(
                 rank=r,
                 host=socket.gethostname(),
                 state="done",
@@ -194,14 +210,19 @@ def build_run_dir(root, rows: int, shards_wanted: int, n_files: int, ranks: int)
 
 
 def main(argv: List[str] | None = None) -> int:
-    args, argv = parse_args(__doc__, argv, rows=10_000_000, shards=1_000, files=100, ranks=100)
+    argv = sys.argv[1:] if argv is None else argv
+    placed = "--placed" in argv
+    args, argv = parse_args(
+        __doc__, [a for a in argv if a != "--placed"], rows=10_000_000, shards=1_000, files=100, ranks=100
+    )
+    argv = argv + (["--placed"] if placed else [])
 
     with work_dir("hpcinfer-bench-finalize-", args.tmp, args.keep) as root:
-        rows = fit_rows(args.rows, free_bytes(root))
+        rows = fit_rows(args.rows, free_bytes(root) // (2 if placed else 1))  # placed: the reorder spills once
         if rows < 1:
             sys.exit("not enough free disk space for any rows")
         t0 = time.perf_counter()
-        rd, shards, n_templates = build_run_dir(root, rows, args.shards, args.files, args.ranks)
+        rd, shards, n_templates = build_run_dir(root, rows, args.shards, args.files, args.ranks, placed)
         setup_s = time.perf_counter() - t0
         shard_bytes = sum(rd.shard_output(s.shard).stat().st_size for s in shards)
         print(
@@ -210,21 +231,30 @@ def main(argv: List[str] | None = None) -> int:
         )
 
         py = sys.executable
-        base = run_measured([py, "-c", "import hpcinfer.merge"])
-        check_ok(base, "import hpcinfer.merge")
+        base = run_measured([py, "-c", "import hpcinfer.rundir.merge"])
+        check_ok(base, "import hpcinfer.rundir.merge")
         fin = run_measured([py, "-c", CHILD, str(rd.path)])
         check_ok(fin, "finalize")
         res = json.loads(fin.stdout.strip().splitlines()[-1])
         meta = pq.ParquetFile(rd.results).metadata
         if res["rows"] != rows or meta.num_rows != rows:
             sys.exit(f"finalize merged {res['rows']} rows, results.parquet has {meta.num_rows}; expected {rows}")
+        seen = 0
+        for batch in pq.ParquetFile(rd.results).iter_batches(columns=["id"], batch_size=1 << 20):
+            if not np.array_equal(batch.column(0).to_numpy(), np.arange(seen, seen + batch.num_rows)):
+                sys.exit(f"results.parquet is not in input order near row {seen}")
+            seen += batch.num_rows
 
         print_table(
             "finalize benchmark",
             machine_lines()
             + [
                 ("command", f"python bench/finalize.py {' '.join(argv)}".rstrip()),
-                ("rows", f"{rows:,} ({res['rows_failed']:,} failed rows)"),
+                (
+                    "rows",
+                    f"{rows:,} ({res['rows_failed']:,} failed rows)"
+                    + (", placed (random permutation)" if placed else ""),
+                ),
                 ("shards", f"{len(shards):,} ({args.ranks} ranks, {args.files} input files)"),
                 ("shard files", f"{shard_bytes / MIB:,.0f} MiB"),
                 ("results.parquet", f"{rd.results.stat().st_size / MIB:,.0f} MiB, {meta.num_row_groups:,} row groups"),
@@ -234,7 +264,7 @@ def main(argv: List[str] | None = None) -> int:
                 ),
                 ("rows/s", f"{rows / res['finalize_s']:,.0f}"),
                 ("peak RSS finalize", f"{fin.max_rss_bytes / MIB:,.0f} MiB"),
-                ("peak RSS `import hpcinfer.merge`", f"{base.max_rss_bytes / MIB:,.0f} MiB"),
+                ("peak RSS `import hpcinfer.rundir.merge`", f"{base.max_rss_bytes / MIB:,.0f} MiB"),
                 ("verdict", verdict(fin.max_rss_bytes / MIB, TARGET_RSS / MIB, "MiB")),
             ],
         )

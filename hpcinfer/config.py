@@ -192,6 +192,10 @@ class ScheduleConfig:
     # dynamic only (another value with a static schedule is refused, as it would be ignored):
     shards_per_rank: int = 8  # dynamic: cut about this many shards per rank (more = a shorter tail)
     lease_s: float = 120.0  # dynamic: a claim whose holder shows no heartbeat this long is taken over
+    # prefix placement (planning/prefix.py): rows whose prompts start alike run on one rank, one
+    # after another, so vLLM's prefix cache serves the shared start; results stay in input order.
+    # auto: on when the plan expects it to save >= 10% of the prompt tokens' prefill over input order
+    prefix: str = "auto"  # "auto" | "on" | "off"
 
 
 @dataclass
@@ -454,6 +458,8 @@ def engine_args(
     args: Dict[str, Any] = {"model": model_path}
     if device_kind == "cpu" and seeded_sampling(cfg, input_format):
         args["enable_chunked_prefill"] = False
+    if cfg.schedule.prefix != "off":  # placement is for the prefix cache: keep it on (vLLM's default too)
+        args["enable_prefix_caching"] = True
     for source in (cfg.model.engine, cfg.engine):  # null means "not set": keeps the model default
         args.update({k: v for k, v in source.items() if v is not None})
     args["tensor_parallel_size"] = cfg.tp
@@ -514,6 +520,8 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
     sch = cfg.schedule
     if sch.mode not in ("dynamic", "static"):
         errors.append(f"schedule.mode must be 'dynamic' or 'static', got {sch.mode!r}")
+    if sch.prefix not in ("auto", "on", "off"):
+        errors.append(f"schedule.prefix must be 'auto', 'on' or 'off', got {sch.prefix!r}")
     if sch.shards_per_rank < 1 or sch.lease_s <= 0:
         errors.append(
             f"schedule.shards_per_rank must be >= 1 and schedule.lease_s > 0, got "

@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, NoSpace, RunIncomplete, disk_full, disk_full_message
 from hpcinfer.rundir.files import atomic_write_json, written_path
 from hpcinfer.rundir.integrity import set_aside_shard, verify_done
-from hpcinfer.rundir.manifest import Shard, read_manifest
+from hpcinfer.rundir.manifest import Shard, load_placement, read_manifest
 from hpcinfer.rundir.merge import TornShard, build_summary, describe_missing, merge_shards
 from hpcinfer.rundir.openai_batch import write_results_jsonl
 from hpcinfer.rundir.output import result_schema
@@ -66,7 +66,7 @@ def _finalize(rd: RunDir, shards: List[Shard], schema) -> Dict:
     with contextlib.suppress(FileNotFoundError):  # a summary describes the results beside it
         rd.summary.unlink()
     try:
-        totals = merge_shards(rd, shards, result_schema(schema))
+        totals = merge_shards(rd, shards, result_schema(schema), load_placement(str(rd.manifest)))
     except TornShard as e:  # torn inside, its footer whole: set it aside like any torn shard
         with rd.repairing():
             repair = set_aside_shard(rd, e.shard, rd.shard_output(e.shard.shard), e.why, "finalize")

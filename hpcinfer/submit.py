@@ -39,7 +39,7 @@ from hpcinfer.secrets import redact
 
 # Config sections that determine the results: a run directory is only continued with equal values.
 RESULT_KEYS = ("model", "sampling", "data", "prompt", "chat", "engine", "expert", "tp", "pp", "dp", "ep")
-SHARDING_KEYS = ("schedule.mode", "schedule.shards_per_rank")  # they change the manifest
+SHARDING_KEYS = ("schedule.mode", "schedule.shards_per_rank", "schedule.prefix")  # they change the manifest
 
 
 def log(msg: str) -> None:
@@ -101,7 +101,8 @@ def submit(cfg: RunConfig) -> int:
                     rd.plan,
                     redact(json.dumps(plan.to_json(), indent=1, sort_keys=True, default=str), os.environ) + "\n",
                 )
-                write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema)
+                placement = os.path.relpath(prep.placement, rd.manifest.parent) if prep.placement else None
+                write_manifest(str(rd.manifest), prep.shards, prep.inputs.schema, placement)
             else:
                 if read_manifest(str(rd.manifest))[0] != prep.shards:
                     raise UserError(f"the input files changed since {str(rd.path)!r} was planned; choose a new run_dir")

@@ -430,9 +430,24 @@ def test_engine_args_model_defaults_and_layout(cfg):
         "enforce_eager": True,
         "seed": 0,
         "kv_cache_memory_bytes": 268435456,
+        "enable_prefix_caching": True,  # schedule.prefix=auto: placement is for the prefix cache
         "tensor_parallel_size": 1,
         "pipeline_parallel_size": 1,
     }
+
+
+def test_engine_args_prefix_caching_follows_schedule_prefix(cfg):
+    cfg.schedule.prefix = "off"
+    assert "enable_prefix_caching" not in engine_args(cfg, "m")  # the model's default
+    cfg.schedule.prefix = "on"
+    assert engine_args(cfg, "m")["enable_prefix_caching"] is True
+    cfg.engine["enable_prefix_caching"] = False  # what the user sets wins
+    assert engine_args(cfg, "m")["enable_prefix_caching"] is False
+
+
+def test_schedule_prefix_must_be_known(cfg):
+    cfg.schedule.prefix = "maybe"
+    assert "schedule.prefix" in validation_error(cfg)
 
 
 def test_engine_args_top_level_overrides_model_defaults(cfg):

@@ -20,8 +20,9 @@ from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
+from hpcinfer.planning.prefix import Sharing
 from hpcinfer.planning.prompts import check_columns, request_spec
-from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, make_shards, row_tokens
+from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, expected_ranks, make_shards, row_tokens
 from hpcinfer.rundir.manifest import Shard
 from hpcinfer.rundir.records import Plan, RequestSpec
 
@@ -32,6 +33,7 @@ class Prepared:
     inputs: Inputs
     shards: List[Shard]
     devices: Devices
+    placement: Optional[str] = None  # prefix placement on: the slot -> input row map (inputs/placement.npy)
 
 
 def prepare(cfg: RunConfig, launcher: Launcher, build: bool = True, input_dir: Optional[Path] = None) -> Prepared:
@@ -73,7 +75,8 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
         )
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
-    shards = cut_shards(cfg, inputs, ranks, request)
+    sharded = plan_shards(cfg, inputs, ranks, request, input_dir if build else None)
+    shards = sharded.shards
     shape = model_shape(cfg.model, model_path if os.path.isdir(model_path) else None)
     plan = make_plan(
         cfg,
@@ -94,12 +97,147 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             "OpenAI Batch input: each line's body gives its sampling (vLLM's defaults for what it leaves out); "
             "of sampling.*, only sampling.seed applies (row i's seed is seed + i for a sampled line without one)"
         )
-    return Prepared(replace(plan, request=request, input_format=fmt, notes=notes), inputs, shards, devices)
+    prefix = sharded.sharing.to_json() if sharded.sharing is not None else None
+    plan = replace(plan, request=request, input_format=fmt, notes=notes, prefix=prefix)
+    return Prepared(plan, inputs, shards, devices, sharded.placement)
 
 
-def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[RequestSpec] = None) -> List[Shard]:
-    """The run's shards: by estimated tokens for the dynamic schedule, by rows per rank for the
-    static one (then `tokens` is still filled in, for the plan)."""
+@dataclass
+class Sharded:
+    shards: List[Shard]
+    sharing: Optional[Sharing] = None  # what prefix placement found (None: schedule.prefix=off, or nothing to key)
+    placement: Optional[str] = None  # placement on and written: the slot -> input row map's path
+
+
+PLACED_FILE, PLACEMENT_FILE = "placed.parquet", "placement.npy"
+
+
+def plan_shards(
+    cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[RequestSpec] = None, write_to: Optional[Path] = None
+) -> Sharded:
+    """The run's shards (`cut_shards`), placed by prompt prefix when schedule.prefix says so
+    (planning/prefix.py): then the shards are ranges of the input in placement order, which is
+    written (with `write_to`, the run's inputs/) as `placed.parquet` with `placement.npy`, the
+    slot -> input row map; both are kept when a resume finds them (the same input gives the same
+    placement)."""
+    import numpy as np
+
+    from hpcinfer.planning import prefix as px
+
+    estimates = _estimates(cfg, inputs, request)
+    base = cut_shards(cfg, inputs, ranks, request, estimates)
+    if cfg.schedule.prefix == "off" or not inputs.rows or not all(os.path.isfile(f.path) for f in inputs.files):
+        return Sharded(base)
+    request = request or RequestSpec(prompt_column=cfg.data.prompt_column)
+    hashes, lengths = [], []
+    for starts, full in px.iter_starts([f.path for f in inputs.files], request):
+        hashes.append(px.level_hashes(starts))
+        lengths.append(full)
+    h = np.concatenate(hashes)
+    length = np.concatenate(lengths)
+    deep = next((k + 1 for k, level in enumerate(px.LEVELS) if level >= int(length.max())), len(px.LEVELS))
+    h = np.ascontiguousarray(h[:, :deep])
+    prompt = int(length.sum())
+    levels = px.LEVELS[:deep]
+    shared = prompt - px.expected_prefill(h, length, np.zeros(len(length), dtype=np.int64), levels=levels)
+    t = px.BYTES_PER_TOKEN
+    if not shared and cfg.schedule.prefix == "auto":  # no row starts like another: nothing to place
+        return Sharded(base, px.Sharing("auto", False, prompt // t, 0, prompt // t, prompt // t))
+    tokens = np.concatenate(estimates).astype(np.int64)
+    units_input = np.repeat(np.arange(len(base)), [s.rows for s in base])
+    order = px.placement_order(h)
+    placed_h = h[order]
+    placed_path = str((write_to or Path(tempfile.gettempdir())) / PLACED_FILE)
+    n = inputs.rows
+    if cfg.dynamic:
+        total = int(tokens.sum())
+        target = max(1, -(-total // (ranks * cfg.schedule.shards_per_rank)))
+        placed_tokens = tokens[order]
+        cuts, chains = px.cut_placed(placed_tokens, px.shared_depth(placed_h), target, cfg.data.shard_rows)
+        cum = np.concatenate(([0], np.cumsum(placed_tokens)))
+        sizes = [int(cum[hi] - cum[lo]) for lo, hi in cuts]
+        home = expected_ranks(sizes, ranks)
+        shards = [Shard(i, home[i], placed_path, lo, hi, lo, sizes[i], chains[i]) for i, (lo, hi) in enumerate(cuts)]
+        units = np.repeat(np.asarray(chains, dtype=np.int64), [hi - lo for lo, hi in cuts])
+    else:
+        flat = tokens[order]
+        shards = [
+            replace(s, tokens=int(flat[s.global_start : s.global_start + s.rows].sum()))
+            for s in make_shards([InputFile(placed_path, n)], ranks, cfg.data.shard_rows)
+        ]
+        units = np.repeat(np.asarray([s.rank for s in shards], dtype=np.int64), [s.rows for s in shards])
+    in_order = px.expected_prefill(h, length, units_input, levels=levels)
+    placed = px.expected_prefill(placed_h, length[order], units, levels=levels)
+    on = px.decide(cfg.schedule.prefix, prompt, in_order, placed)
+    sharing = px.Sharing(cfg.schedule.prefix, on, prompt // t, shared // t, in_order // t, placed // t)
+    if not on:
+        return Sharded(base, sharing)
+    where = None
+    if write_to is not None:
+        where = str(write_to / PLACEMENT_FILE)
+        write_placed(inputs, order, placed_path, where)
+    return Sharded(shards, sharing, where)
+
+
+def write_placed(inputs: Inputs, order, placed_path: str, map_path: str) -> None:
+    """The input's rows in placement order (`order`: slot -> input row) as one Parquet file, and
+    `order` as a NumPy file, each atomically; kept when both exist (a resume)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hpcinfer.rundir.files import atomic_path
+    from hpcinfer.rundir.permute import write_reordered
+
+    if os.path.exists(placed_path) and os.path.exists(map_path):
+        return
+    os.makedirs(os.path.dirname(placed_path), mode=0o700, exist_ok=True)
+    n = len(order)
+    slot_of = np.empty(n, dtype=np.int64)
+    slot_of[order] = np.arange(n, dtype=np.int64)
+    schema = inputs.schema
+
+    def batches():
+        offset = 0
+        for f in inputs.files:
+            if not f.rows:
+                continue
+            for b in pq.ParquetFile(f.path).iter_batches(batch_size=16384):
+                t = pa.Table.from_batches([b]).replace_schema_metadata(None)
+                if not t.schema.equals(schema):
+                    t = t.select(schema.names).cast(schema)
+                for rb in t.to_batches():
+                    yield rb, slot_of[offset : offset + rb.num_rows]
+                    offset += rb.num_rows
+
+    with atomic_path(placed_path) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            write_reordered(batches(), n, writer.write_table, os.path.dirname(placed_path))
+    with atomic_path(map_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(order, dtype=np.int64))
+
+
+def cut_shards(
+    cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[RequestSpec] = None, tokens: Optional[List] = None
+) -> List[Shard]:
+    """The run's shards in input order: by estimated tokens for the dynamic schedule, by rows per
+    rank for the static one (then `tokens` is still filled in, for the plan)."""
+    import numpy as np
+
+    d = cfg.data
+    tokens = _estimates(cfg, inputs, request) if tokens is None else tokens
+    if cfg.dynamic:
+        return cut_by_tokens(inputs.files, tokens, ranks, cfg.schedule.shards_per_rank, d.shard_rows)
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+    return [
+        replace(s, tokens=int(flat[s.global_start : s.global_start + s.rows].sum()))
+        for s in make_shards(inputs.files, ranks, d.shard_rows)
+    ]
+
+
+def _estimates(cfg: RunConfig, inputs: Inputs, request: Optional[RequestSpec]) -> List:
+    """Each row's estimated work, per file (`row_tokens`)."""
     import numpy as np
 
     d = cfg.data
@@ -114,13 +252,7 @@ def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[Req
         )
     else:  # plan of the demo set before it exists: only the output caps are known
         tokens = [np.full(f.rows, cfg.sampling.max_tokens + 16, dtype=np.int64) for f in inputs.files]
-    if cfg.dynamic:
-        return cut_by_tokens(inputs.files, tokens, ranks, cfg.schedule.shards_per_rank, d.shard_rows)
-    flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
-    return [
-        replace(s, tokens=int(flat[s.global_start : s.global_start + s.rows].sum()))
-        for s in make_shards(inputs.files, ranks, d.shard_rows)
-    ]
+    return tokens
 
 
 def _demo_inputs(cfg: RunConfig) -> Inputs:

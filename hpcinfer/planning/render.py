@@ -41,6 +41,7 @@ def format_plan(plan: Plan) -> str:
         f"shard(s); {plan.ranks} rank(s) with rows {per_rank}"
         + (" expected: ranks claim shards as they have room, longest requests first" if dynamic else "")
     )
+    lines += _prefix_lines(plan)
     for rp in plan.rank_plans:
         span = f"shards {rp.shards[0]}-{rp.shards[-1]}" if rp.shards else "no shards"
         if dynamic:
@@ -73,6 +74,26 @@ def describe_requests(plan: Plan) -> str:
     kwargs = f"; chat template kwargs {r.chat_template_kwargs}" if r.chat_template_kwargs else ""
     source = f" ({plan.input_format} input, converted to Parquet in inputs/)" if plan.input_format != "parquet" else ""
     return what + kwargs + source
+
+
+def _prefix_lines(plan: Plan) -> List[str]:
+    """schedule.prefix: the shared fraction of prompt tokens, the prefill expected in input order
+    and with placement, and whether placement is on."""
+    p = plan.prefix
+    if not p:
+        return []
+    prompt, shared = p["prompt_tokens"], p["shared_tokens"]
+    before, after = p["prefill_input_order"], p["prefill_placed"]
+    saved = before - after
+    why = {"on": "schedule.prefix=on", "off": "schedule.prefix=off"}.get(
+        p["mode"], f"auto: {'>=' if p['placed'] else '<'} 10% of the prompt tokens saved"
+    )
+    ratio = f", {before / after:.2f}x less" if after and saved > 0 else ""
+    return [
+        f"prefix     {shared / max(1, prompt):.0%} of ~{prompt:,} prompt tokens start like another row's; "
+        f"expected prefill ~{before:,} tokens in input order, ~{after:,} placed by prefix "
+        f"(saves ~{saved:,}{ratio}); placement {'on' if p['placed'] else 'off'} ({why})"
+    ]
 
 
 def _memory_lines(plan: Plan) -> List[str]:

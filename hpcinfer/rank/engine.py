@@ -78,6 +78,7 @@ class VllmEngine:
         self._requests = itertools.count()
         self._pending: Dict[str, Tuple[Any, int]] = {}  # request id -> (tag, index)
         self._aliases: Dict[str, str] = {}  # engine-internal id -> our request id
+        self.cached_tokens = 0  # prompt tokens of finished requests served by the prefix cache
 
     @property
     def pending(self) -> int:
@@ -108,6 +109,7 @@ class VllmEngine:
         done = []
         for out in self.llm.llm_engine.step():
             if out.finished:
+                self.cached_tokens += int(getattr(out, "num_cached_tokens", None) or 0)
                 tag, i = self._pending.pop(self._aliases.pop(out.request_id, out.request_id))
                 done.append((tag, i, row_result(out)))
         return done

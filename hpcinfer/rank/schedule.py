@@ -73,3 +73,72 @@ def claim_order(shards: Sequence[Shard]) -> List[Shard]:
     """The order ranks claim shards in: densest first (estimated tokens per row: the longest
     requests start early, on every rank), then largest, then input order."""
     return sorted(shards, key=lambda s: (-s.tokens / max(1, s.rows), -s.tokens, s.shard))
+
+
+def chain_links(shards: Sequence[Shard]) -> Dict[int, int]:
+    """Prefix placement (planning/prefix.py): each shard's predecessor in its chain (the shard
+    before it in placement order, when both have the same `group` >= 0). Pure."""
+    ordered = sorted(shards, key=lambda s: s.shard)
+    return {b.shard: a.shard for a, b in zip(ordered, ordered[1:]) if a.group >= 0 and a.group == b.group}
+
+
+def prefer_chains(
+    candidates: Sequence[int], pred: Dict[int, int], unfinished: Collection[int], mine: Collection[int]
+) -> List[int]:
+    """The candidates (in claim order) reordered so that a rank goes on with the chains it runs,
+    for vLLM's prefix cache: first the next shard of a chain whose previous shard this rank holds
+    or held; then shards that start something (outside any chain, a chain's first shard, or one
+    whose predecessor is done); then, to split a chain another rank runs, the middle of the
+    longest run of unclaimed shards after the shard it holds (that rank goes on up to it, this
+    one from it); the rest last. The balancing policy then takes the first it allows (`by_mix`),
+    so its tail guarantee holds: a chain is split over ranks only when one rank may not hold
+    more of it. Pure; without chains (no `pred`) the order is unchanged."""
+    if not pred:
+        return list(candidates)
+    free, left = set(candidates), set(unfinished)
+    succ = {p: s for s, p in pred.items()}
+    go_on, start, middle, rest = [], [], [], []
+    for c in candidates:
+        p = pred.get(c)
+        if p is None or (p not in free and p not in left):
+            start.append(c)
+        elif p in mine:
+            go_on.append(c)
+        elif p in free:
+            rest.append(c)
+        else:  # after a shard another rank holds: split what follows it
+            run = [c]
+            while succ.get(run[-1]) in free:
+                run.append(succ[run[-1]])
+            middle.append((-len(run), run[len(run) // 2]))
+    picked = [m for _, m in sorted(middle, key=lambda t: t[0])]
+    seen = set(go_on) | set(start) | set(picked)
+    return go_on + start + picked + [c for c in rest if c not in seen]
+
+
+def by_chain(
+    candidates: Sequence[int],
+    pred: Dict[int, int],
+    unfinished: Collection[int],
+    tokens: Dict[int, int],
+    rows: Dict[int, int],
+    held: Collection[int],
+    mine: Collection[int],
+    world: int,
+    pool: Optional[Callable[[float], int]] = None,
+) -> Optional[int]:
+    """The balancing policy with prefix placement: the next shard of a chain this rank runs
+    (`prefer_chains`) while what it holds is at most its share of all that is left (`share_allows`
+    over every unfinished shard: a chain's shards are of one kind of row, so its next shard is
+    measured against the whole pool rather than the shards at least as dense), else `by_mix` over
+    the candidates in `prefer_chains`' order. So no rank holds more than its share, and a chain
+    is split over ranks only when it is larger than that."""
+    ordered = prefer_chains(candidates, pred, unfinished, mine)
+    total = pool(0.0) if pool is not None else sum(tokens[s] for s in unfinished)
+    mine_tokens = sum(tokens[s] for s in held)
+    for c in ordered:
+        if pred.get(c) not in mine:
+            break
+        if share_allows(mine_tokens, tokens[c], total, world):
+            return c
+    return by_mix(ordered, unfinished, tokens, rows, held, world, pool)

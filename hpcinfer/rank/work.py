@@ -104,8 +104,11 @@ class Claimer:
     Both intervals grow with the ranks of the run (ClaimedWork), so the job's metadata operations
     per second stay bounded however many ranks wait."""
 
-    def __init__(self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float):
+    def __init__(
+        self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float, first: Optional[Callable] = None
+    ):
         self.claims, self.choose, self.sweep_s, self.idle_s = claims, choose, sweep_s, idle_s
+        self.first = first  # candidates only this rank wants, tried before any spreading (Claims.next)
         self.ready: Optional[int] = None  # a claimed shard not yet handed to the loop
         self.wanted = True  # the loop has room (it asked, or has not started)
         self.finished = False  # the latest look found nothing unfinished that this rank does not hold
@@ -169,7 +172,7 @@ class Claimer:
             look = self.claims.look(full=full)
             self._last_full, self._last_idle = (now if look.full else self._last_full), now
             if need:
-                shard = self.claims.next(self.choose, look)
+                shard = self.claims.next(self.choose, look, own_first=self.first)
                 if shard is not None:
                     with self._lock:
                         self.ready, self.wanted = shard, False
@@ -198,6 +201,7 @@ class Tables:
         self.tokens = {s.shard: s.tokens for s in shards}
         self.rows = {s.shard: s.rows for s in shards}
         self.order = [s.shard for s in claim_order(shards)]
+        self.pred = schedule.chain_links(shards)  # prefix placement: a chain's previous shard
         # densities along the claim order only fall (it is densest first): negated, they rise
         self._neg = [-self.tokens[s] / max(1, self.rows[s]) for s in self.order]
 
@@ -252,7 +256,9 @@ class ClaimedWork:
         self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start(thread=background)
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
         self.idle_s = min(self.sweep_s, max(1.0, world / 100))
-        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s)
+        self.taken: Set[int] = set()  # shards this attempt claimed (a chain goes on after them)
+        first = self._going_on if self.tables.pred else None
+        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s, first)
         if background:
             self.claimer.start()
 
@@ -264,22 +270,29 @@ class ClaimedWork:
 
     def _choose(self, candidates: List[int], unfinished: List[int], gone: int) -> Optional[int]:
         # a rank that is gone leaves its share to the others
-        return schedule.by_mix(
-            candidates,
-            unfinished,
-            self.tokens,
-            self.rows,
-            self.held,
-            max(1, self.world - gone),
-            pool=lambda d: self.claims.weight_before(self.tables.end_at_least(d)),
-        )
+        world = max(1, self.world - gone)
+        pool = lambda d: self.claims.weight_before(self.tables.end_at_least(d))  # noqa: E731
+        if self.tables.pred:  # prefix placement: this rank's chains first (schedule.by_chain)
+            mine = set(self.held) | self.taken
+            return schedule.by_chain(
+                candidates, self.tables.pred, unfinished, self.tokens, self.rows, self.held, mine, world, pool
+            )
+        return schedule.by_mix(candidates, unfinished, self.tokens, self.rows, self.held, world, pool=pool)
+
+    def _going_on(self, candidates: List[int]) -> List[int]:
+        """The candidates that continue a chain this rank runs (prefix placement)."""
+        mine = set(self.held) | self.taken
+        return [c for c in candidates if self.tables.pred.get(c) in mine]
 
     def describe(self) -> str:
         return f"claims from {self.claims.unfinished()} unfinished of {len(self.by_id)} shard(s), longest rows first"
 
     def next(self) -> Optional[Shard]:
         shard = self.claimer.take()
-        return None if shard is None else self.by_id[shard]
+        if shard is None:
+            return None
+        self.taken.add(shard)
+        return self.by_id[shard]
 
     @property
     def held(self) -> Collection[int]:

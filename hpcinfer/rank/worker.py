@@ -40,7 +40,7 @@ from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
 from hpcinfer.rundir.claims import ClaimLost, end_beat
 from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
 from hpcinfer.rundir.integrity import describe, read_rank_checked
-from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard
+from hpcinfer.rundir.manifest import Shard, load_placement, read_manifest, read_shard
 from hpcinfer.rundir.output import RowResult
 from hpcinfer.rundir.parts import ShardCheckpoint, remove_parts
 from hpcinfer.rundir.paths import RunDir
@@ -274,6 +274,12 @@ class ShardLoop:
         self.open: Dict[int, OpenShard] = {}
         self.room = work.room_batches * engine.max_num_seqs
         self.base_tokens, self.finished_rows = state.record.output_tokens, rows_before
+        self.placement = load_placement(str(rd.manifest))  # prefix placement: slot -> input row, else None
+
+    def input_row(self, slot: int) -> int:
+        """The input row at `slot` of the run's shards (the same number without placement): what
+        a row's seed and ids derive from, so they do not depend on where it was placed."""
+        return slot if self.placement is None else int(self.placement[slot])
 
     def run(self) -> None:
         """Until `work` is exhausted and every open shard is done; on the way out (stopped,
@@ -292,11 +298,7 @@ class ShardLoop:
                     continue
                 if not self.engine.pending:
                     raise RuntimeError(f"shard(s) {sorted(self.open)} wait for rows the engine does not have")
-                finished = self.engine.step()
-                if finished:  # the window raw vLLM is compared with ends here (bench/overhead.py)
-                    self.state.record.last_output_at = time.time()
-                for tag, i, result in finished:
-                    self.deliver(tag, i, result)
+                self.step()
         except BaseException:
             for o in self.open.values():  # keep what is finished; a second error (a full disk) must
                 with contextlib.suppress(ClaimLost, OSError):  # not hide the first
@@ -332,7 +334,7 @@ class ShardLoop:
         requests = build_requests(
             table,
             todo,
-            [shard.global_start + p for p in todo],
+            [self.input_row(shard.global_start + p) for p in todo],
             self.cfg,
             self.engine.tokenizer,
             self.engine.max_model_len,
@@ -340,13 +342,28 @@ class ShardLoop:
             self.engine if self.spec is not None and self.spec.renders_chat else None,
         )
         failed = []
+        # prefix placement: the shard's rows start alike, and vLLM's prefix cache serves a start only
+        # once it is computed; requests prefilled in one step would each compute it. So the first
+        # row goes ahead by one engine step (which decodes the other open shards' rows meanwhile).
+        lead = self.placement is not None and len(requests) > 1
         for i, request in enumerate(requests):
             if isinstance(request, RowResult):
                 failed.append((i, request))
             else:
                 self.engine.add(shard.shard, i, request)
+                if lead:
+                    lead = False
+                    self.step()
         for i, result in failed:
             self.deliver(shard.shard, i, result)
+
+    def step(self) -> None:
+        """One engine step; the rows it finished are delivered."""
+        finished = self.engine.step()
+        if finished:  # the window raw vLLM is compared with ends here (bench/overhead.py)
+            self.state.record.last_output_at = time.time()
+        for tag, i, result in finished:
+            self.deliver(tag, i, result)
 
     def deliver(self, tag: int, i: int, result: RowResult) -> None:
         """Row `i` of open shard `tag` is finished: into its parts; the shard closes with its last row."""
@@ -396,6 +413,7 @@ class ShardLoop:
             rows_done=self.finished_rows + sum(len(o.ck.durable) + len(o.ck.buffer) for o in opened),
             buffered=sum(len(o.ck.buffer) for o in opened),
             output_tokens=self.base_tokens + sum(o.tokens for o in opened),
+            cached_tokens=int(getattr(self.engine, "cached_tokens", 0)),
         )
 
 

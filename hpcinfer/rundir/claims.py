@@ -610,6 +610,7 @@ class Claims:
         self,
         choose: Optional[Callable[[List[int], List[int], int], Optional[int]]] = None,
         look: Optional[Look] = None,
+        own_first: Optional[Callable[[List[int]], List[int]]] = None,
     ) -> Optional[int]:
         """Claim a shard and return it, or None when nothing is claimable now. `choose(candidates,
         unfinished, gone)` (rank/schedule.py's policy; default: the first candidate) picks among the
@@ -619,7 +620,9 @@ class Claims:
         the policy. One look (`look`, or a fresh full one) serves the tries until RELOOK_AFTER races
         are lost on it: a lost race marks its shard taken and, with `spread` > 1, the next try
         starts a pseudo-random way down the candidates, so that ranks starting together do not
-        all race for the same ones."""
+        all race for the same ones. `own_first(candidates)`, when given, names candidates only this
+        rank wants (a chain it runs: rank/schedule.py `prefer_chains`): `choose` sees them alone
+        first, before any spreading."""
         look = look or self.look()
         with self._lock:
             mine = dict(self.mine)
@@ -651,7 +654,10 @@ class Claims:
                 candidates = [s for s, _, _ in found]
                 gone = len(self.gone_ranks(dead, look))
                 shard = None
-                if self.spread > 1:  # ranks that look together take different shards
+                own = own_first(candidates) if own_first is not None else []
+                if own:
+                    shard = choose(own, unfinished, gone)
+                if shard is None and self.spread > 1:  # ranks that look together take different shards
                     shard = choose(candidates[self._skip(attempt, found) :], unfinished, gone)
                 if shard is None:
                     shard = choose(candidates, unfinished, gone)

@@ -1,7 +1,12 @@
 """The shard manifest (manifest.parquet) and reading a shard's input rows.
 
 A `Shard` is a contiguous range of one input file's rows, with its place in the global row order
-(the input files in sorted path order, each in its own row order). planning/sharding.py cuts the
+(the input files in sorted path order, each in its own row order). With prefix placement
+(planning/prefix.py) the "input file" of every shard is the run's placed copy of the input
+(`inputs/placed.parquet`: the rows in placement order), and a shard's `global_start` counts in
+that order (its *slots*); the slot -> input row map is a NumPy file (`inputs/placement.npy`, int64,
+one entry per row: 80 MB at 10M rows, memory-mapped where it is read), named in the manifest's
+metadata (`placement_path`). Without placement slots are input rows. planning/sharding.py cuts the
 input into shards; submit writes them here (`write_manifest`, with the input schema in the file's
 metadata); the ranks read them back (`read_manifest`) and read a shard's rows (`read_shard`).
 """
@@ -9,15 +14,18 @@ metadata); the ranks read them back (`read_manifest`) and read a shard's rows (`
 from __future__ import annotations
 
 import base64
+import os
 from dataclasses import asdict, dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hpcinfer.errors import DataError
 
 SCHEMA_KEY = b"hpcinfer.input_schema"
+PLACEMENT_KEY = b"hpcinfer.placement"  # the slot -> input row map, relative to the manifest's folder
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class Shard:
     file_end: int
     global_start: int
     tokens: int = 0  # estimated prompt + output tokens of its rows (the dynamic schedule's size)
+    group: int = -1  # prefix placement: its chain (consecutive shards of rows sharing a prompt start), else -1
 
     @property
     def rows(self) -> int:
@@ -39,11 +48,15 @@ class Shard:
 
 
 # ---- the manifest ----------------------------------------------------------------------
-def write_manifest(path: str, shards: Sequence[Shard], schema: pa.Schema) -> None:
+def write_manifest(path: str, shards: Sequence[Shard], schema: pa.Schema, placement: Optional[str] = None) -> None:
+    """`placement`: the slot -> input row map's path relative to the manifest's folder (placed runs)."""
     from hpcinfer.rundir.files import atomic_path
 
     table = pa.Table.from_pylist([asdict(s) for s in shards], schema=_MANIFEST_SCHEMA)
-    table = table.replace_schema_metadata({SCHEMA_KEY: base64.b64encode(schema.serialize().to_pybytes())})
+    meta = {SCHEMA_KEY: base64.b64encode(schema.serialize().to_pybytes())}
+    if placement is not None:
+        meta[PLACEMENT_KEY] = placement.encode()
+    table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -56,6 +69,19 @@ def read_manifest(path: str) -> Tuple[List[Shard], pa.Schema]:
     return [Shard(**row) for row in table.to_pylist()], schema
 
 
+def placement_path(path: str) -> Optional[str]:
+    """The slot -> input row map of a placed run (absolute), None when slots are input rows."""
+    meta = pq.read_schema(path).metadata or {}
+    rel = meta.get(PLACEMENT_KEY)
+    return None if rel is None else os.path.join(os.path.dirname(os.path.abspath(path)), rel.decode())
+
+
+def load_placement(path: str) -> Optional[np.ndarray]:
+    """The slot -> input row map of the run whose manifest is `path` (memory-mapped), or None."""
+    where = placement_path(path)
+    return None if where is None else np.load(where, mmap_mode="r")
+
+
 _MANIFEST_SCHEMA = pa.schema(
     [
         ("shard", pa.int64()),
@@ -65,6 +91,7 @@ _MANIFEST_SCHEMA = pa.schema(
         ("file_end", pa.int64()),
         ("global_start", pa.int64()),
         ("tokens", pa.int64()),
+        ("group", pa.int64()),
     ]
 )
 

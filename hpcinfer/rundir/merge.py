@@ -4,7 +4,10 @@ results.parquet, prove every input row appears exactly once, and write summary.j
 Nothing is published unless the result is complete: a missing shard, a shard whose row count or
 row positions disagree with the manifest, raises RunIncomplete and leaves no results.parquet; a
 shard whose data cannot be read (torn inside, though its footer is whole) raises TornShard.
-Memory stays bounded by one record batch (shards are streamed, never loaded whole).
+Memory stays bounded by one record batch (shards are streamed, never loaded whole). A placed run
+(prefix placement: shards hold slots, rundir/manifest.py) is checked the same way, slot by slot,
+and its rows go back to input order through rundir/permute.py (one bucket of rows in memory, about
+128 MiB, plus the slot -> row map, memory-mapped); each input row must come exactly once.
 """
 
 from __future__ import annotations
@@ -64,8 +67,11 @@ def describe_missing(missing: List[Shard], total: int) -> str:
     return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
 
 
-def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
-    """Stream shards in global order into results.parquet, checking each row's position."""
+def merge_shards(rd: RunDir, shards: List[Shard], schema, placement: Optional[np.ndarray] = None) -> Dict[str, int]:
+    """Stream shards in global order into results.parquet, checking each row's position; with
+    `placement` (slot -> input row) the rows are written in input order."""
+    if placement is not None:
+        return _merge_placed(rd, shards, schema, placement)
     totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
     pending: List = []  # batches of small shards, written together: one row group per ~BATCH_ROWS rows
 
@@ -100,6 +106,46 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
                     totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
                     totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
             write(writer, force=True)
+    return totals
+
+
+def _checked_batches(rd: RunDir, shards: List[Shard], totals: Dict[str, int]):
+    """Each shard's output batches in slot order, with their slots, checked as merge_shards checks
+    them, counting `totals`."""
+    for s in shards:
+        if s.global_start != totals["rows"]:
+            raise RunIncomplete(
+                f"manifest gap or overlap at shard {s.shard}: it starts at row {s.global_start}, expected {totals['rows']}"
+            )
+        num_rows, batches = read_batches(rd.shard_output(s.shard), s)
+        if num_rows != s.rows:
+            raise RunIncomplete(f"shard {s.shard} output has {num_rows} rows, the manifest says {s.rows}")
+        for batch in batches:
+            pos = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
+            want = np.arange(totals["rows"], totals["rows"] + len(pos))
+            if not np.array_equal(pos, want):
+                raise RunIncomplete(
+                    f"shard {s.shard} holds rows out of order, duplicated or foreign (expected {want[0]}..{want[-1]})"
+                )
+            totals["rows"] += len(pos)
+            totals["rows_failed"] += len(pos) - batch.column("error").null_count
+            totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
+            totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+            yield batch.drop_columns([ROW_COLUMN]), pos
+
+
+def _merge_placed(rd: RunDir, shards: List[Shard], schema, placement: np.ndarray) -> Dict[str, int]:
+    from hpcinfer.rundir.permute import OrderError, write_reordered
+
+    totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
+    n = len(placement)
+    batches = ((b.cast(schema), np.asarray(placement[pos])) for b, pos in _checked_batches(rd, shards, totals))
+    with atomic_path(rd.results) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            try:
+                write_reordered(batches, n, writer.write_table, str(rd.path), out_rows=BATCH_ROWS)
+            except OrderError as e:
+                raise RunIncomplete(f"the shards do not hold every input row exactly once: {e}") from None
     return totals
 
 
@@ -149,6 +195,7 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
                 generation_seconds=round(rank_generation_seconds(info, per_rank[r]["generation_seconds"]), 3),
                 attempts=info.attempts if info else 1,
                 rows_generated=info.rows_generated if info else 0,
+                cached_tokens=info.cached_tokens if info else 0,  # prompt tokens from the prefix cache
             )
         )
     submitted = plan.submitted_at if plan.submitted_at is not None else now
@@ -162,6 +209,8 @@ def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int]) -> Di
         rows_recomputed=max(0, sum(r.rows_generated for r in ranks.values()) - totals["rows"]),
         prompt_tokens=totals["prompt_tokens"],
         output_tokens=totals["output_tokens"],
+        cached_tokens=sum(r.cached_tokens for r in ranks.values()),
+        prefix=plan.prefix,
         wall_seconds=round(now - submitted, 3),
         generation_seconds=round(gen_seconds, 3),
         output_tokens_per_second=round(totals["output_tokens"] / gen_seconds, 2) if gen_seconds > 0 else None,

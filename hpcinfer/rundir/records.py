@@ -195,6 +195,7 @@ class Plan(Record):
     submitted_at: Optional[float] = None  # when submit wrote it (the summary's wall_seconds start here)
     request: RequestSpec = field(default_factory=RequestSpec)  # how rows become requests
     input_format: str = "parquet"  # the input's format (other than parquet: converted into inputs/)
+    prefix: Optional[Dict[str, Any]] = None  # schedule.prefix: what the plan found (planning/prefix.py Sharing)
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> Plan:
@@ -227,6 +228,7 @@ class RankRecord(Record):
     rows_failed: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens this attempt's engine took from its prefix cache (not prefilled)
     shards_total: int = 0
     shards_done: int = 0
     buffered: int = 0
