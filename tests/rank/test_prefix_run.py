@@ -1,5 +1,5 @@
 """Prefix placement through the shard loop, finalize and resume, with the fake engine of
-test_shard_loop.py (orchestration only; tests/e2e/test_prefix.py runs real vLLM): with placement on
+test_shard_loop.py (orchestration only; tests/e2e/test_prefix_placement.py runs real vLLM): with placement on
 and off, two ranks give identical results, every row once, in input order; a document's rows
 run on one rank, one after another."""
 
