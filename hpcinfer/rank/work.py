@@ -314,9 +314,11 @@ class ClaimedWork:
 
     def close(self) -> None:
         self.claimer.stop()
+        clean = False
         with contextlib.suppress(OSError):
             self.claims.flush()  # done names before the beat name ends
-        self.heartbeat.stop()
+            clean = self.claims.clean
+        self.heartbeat.stop(clean=clean)
 
 
 def repaired_shard(repair: Repair) -> Optional[int]:

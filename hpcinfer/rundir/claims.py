@@ -24,9 +24,11 @@ listings per look, not from reading files per claim:
                            claims/<shard>.<gen> (the link decides the claim; a lost race removes
                            it): its name says who holds the claim without opening it. <tag>:
                            `attempt_tag(token)`.
-    beats/<r>.<tag>.<n>    the attempt's heartbeat as a name, renamed to <n+1> each beat and to
-                           `end` when the attempt ends (or a newer attempt of the rank starts).
-A holder whose beat name changed since the look before is alive; `end` is dead at once; one
+    beats/<r>.<tag>.<n>    the attempt's heartbeat as a name, renamed to <n+1> each beat; to `fin`
+                           when the attempt ends holding no claim that is not done (a clean end:
+                           nothing of it to take over), else to `end` (it failed, stopped, or a
+                           newer attempt of the rank started).
+A holder whose beat name changed since the look before is alive; `end` (or `fin`) is dead at once; one
 unchanged for `lease_s` is dead; one unchanged for 3/8 of the lease has its owner and record read
 (once per rank, kept `cache_s`) to see whether it was superseded or ended. Claims without an
 index name, or holders without a beat name (an older hpcinfer, a lost node's leftovers), are
@@ -126,10 +128,16 @@ def parse_holder_name(name: str) -> Optional[Tuple[int, int, int, str, bool]]:
     return int(parts[0]), int(parts[1]), int(parts[2]), parts[3], done
 
 
+ENDED = "end"  # a beat name's last part: the attempt ended, and may have left claims to take over
+FINISHED = "fin"  # the attempt ended with every claim it made done: nothing of it to take over
+TERMINAL_BEATS = (ENDED, FINISHED)
+
+
 def parse_beat_name(name: str) -> Optional[Tuple[int, str, str]]:
-    """(rank, tag, counter or 'end') of a beats/ name '<rank>.<tag>.<n|end>', None otherwise."""
+    """(rank, tag, counter or 'end' or 'fin') of a beats/ name '<rank>.<tag>.<n|end|fin>', None
+    otherwise."""
     parts = name.split(".")
-    if len(parts) != 3 or not parts[0].isdigit() or not (parts[2].isdigit() or parts[2] == "end"):
+    if len(parts) != 3 or not parts[0].isdigit() or not (parts[2].isdigit() or parts[2] in TERMINAL_BEATS):
         return None
     return int(parts[0]), parts[1], parts[2]
 
@@ -178,7 +186,7 @@ class Look:
     at: float  # the observer's clock when the beats were listed
     done: Set[int]  # shards known done, of the open buckets
     holders: Dict[int, Claim]  # the latest claim of the claimed shards of the open buckets
-    beats: Dict[Tuple[int, str], str]  # (rank, tag) -> counter, or "end"
+    beats: Dict[Tuple[int, str], str]  # (rank, tag) -> counter, or "end" / "fin"
     judged: Dict[Tuple[int, str], bool]  # (rank, tag) -> dead, filled as the look goes
     order: List[int]  # the shards of the open buckets up to the first with unclaimed shards
     tail: int  # where in the claim order the buckets after those start
@@ -249,6 +257,7 @@ class Claims:
         self._by_attempt: Dict[Tuple[int, str], Set[int]] = {}  # (rank, tag) -> shards it held when seen
         self._raw: Dict[int, Set[str]] = {}  # bucket -> claim names listed but not parsed yet
         self._fulls = 0  # full looks so far
+        self._open: Set[Tuple[int, int]] = set()  # (shard, gen) claimed by this attempt and not done yet
         self.last: Optional[Look] = None  # the latest look
 
     @property
@@ -443,7 +452,7 @@ class Claims:
         return self._seen[key]
 
     def beats(self) -> Dict[Tuple[int, str], str]:
-        """Every attempt's beat name: (rank, tag) -> counter, or "end". One listing; only names not
+        """Every attempt's beat name: (rank, tag) -> counter, or "end" / "fin". One listing; only names not
         seen at the latest are parsed (an attempt has one name, renamed as it beats)."""
         names = set(list_names(self.rd.beats_dir))
         out = dict(self._beat_map)
@@ -453,7 +462,7 @@ class Claims:
                 del out[parsed[:2]]
         for name in names - self._beat_seen:
             parsed = parse_beat_name(name)
-            if parsed and (parsed[2] == "end" or out.get(parsed[:2]) != "end"):
+            if parsed and (parsed[2] in TERMINAL_BEATS or out.get(parsed[:2]) not in TERMINAL_BEATS):
                 out[parsed[:2]] = parsed[2]
         self._beat_seen, self._beat_map = names, out
         return out
@@ -486,27 +495,44 @@ class Claims:
         tail = len(self.layout.order)
         frontier: List[int] = []
         lazy = self._fulls > 0 and bool(beats)
+        scan = False  # list every open bucket: some attempt's claims may have to be taken over
         if full:
             self._fulls += 1
+            scan = self._fulls == 1 or bool(self._dead)
             for key, beat in beats.items():  # an attempt ended or stalled: who holds what matters
                 seen = self._beat_names.get(key)
                 if seen is None or seen[0] != beat:
                     self._beat_names[key] = (beat, at)
-                if beat == "end" or (seen is not None and seen[0] == beat and at - seen[1] >= self.suspect_s):
+                stalled = seen is not None and seen[0] == beat and at - seen[1] >= self.suspect_s
+                if beat == ENDED or stalled:
                     lazy = False
+                if (beat == ENDED and (seen is None or seen[0] != ENDED)) or (stalled and beat not in TERMINAL_BEATS):
+                    scan = True  # newly ended (not `fin`), or stalled
+        listed: Set[int] = set()
         for b in range(self.layout.count):
             if b in self.closed:
                 continue
-            if full or self._free(b):
+            if scan or self._free(b):
                 self._list_bucket(b, lazy=lazy or not full)
+                listed.add(b)
                 if b in self.closed:
                     continue
             if self._free(b):
                 tail = min(tail, (b + 1) * self.layout.size)
                 frontier = list(self.layout.shards(b))
                 break
+        if full and not scan and not frontier:
+            # nothing to claim and no attempt to look after: follow the run to its end, listing the
+            # open buckets in claim order only up to the first that is not all done
+            for b in range(self.layout.count):
+                if b in self.closed:
+                    continue
+                if b not in listed:
+                    self._list_bucket(b, lazy=lazy)
+                if b not in self.closed:
+                    break
         self.last = look = Look(at, self._done, self._holders, beats, judged, [], tail, full)
-        if full and not lazy:
+        if scan and not lazy:
             self._parse_raw()
         if full:  # judge every attempt holding a claim once: the claims of the dead are candidates
             self._dead = {}
@@ -590,7 +616,7 @@ class Claims:
             beat = look.beats.get(key)
             if beat is None:
                 look.judged[key] = self.dead(c) if look.full else False
-            elif beat == "end":
+            elif beat in TERMINAL_BEATS:
                 look.judged[key] = True
             else:
                 seen, since = self._beat_names.get(key, (None, look.at))
@@ -699,7 +725,7 @@ class Claims:
         for rank, token in {(c.rank, c.token) for c in dead if c.rank not in (self.rank, -1, UNKNOWN)}:
             tag = attempt_tag(token)
             if look is not None and any(r == rank for r, _ in look.beats):
-                restarted = any(r == rank and t != tag and n != "end" for (r, t), n in look.beats.items())
+                restarted = any(r == rank and t != tag and n not in TERMINAL_BEATS for (r, t), n in look.beats.items())
                 if not restarted:
                     gone.add(rank)
                 continue
@@ -732,6 +758,7 @@ class Claims:
             json.dump({"rank": self.rank, "token": self.token, "host": socket.gethostname()}, f)
         try:
             os.link(index, self.rd.claim(shard, gen))
+            self._open.add((shard, gen))
             return True
         except FileExistsError:
             os.unlink(index)
@@ -767,8 +794,16 @@ class Claims:
                 index = self._index_name(shard, gen, self.rank, self.tag)
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(index, f"{index}.done")
+                self._open.discard((shard, gen))
                 self.notdone.pop(shard, None)
                 self._mark_done(shard)
+
+    @property
+    def clean(self) -> bool:
+        """Whether every claim this attempt made is done (published `.done`): it leaves nothing to
+        take over."""
+        with self._lock:
+            return not self.mine and not self._pending and not self._open
 
     def unfinished(self, look: Optional[Look] = None) -> int:
         """Shards not done and not held by this attempt, as far as the open buckets' latest
@@ -808,7 +843,7 @@ def end_beat(rd: RunDir, rank: int, token: str) -> None:
     tag = attempt_tag(token)
     for name in list_names(rd.beats_dir):
         parsed = parse_beat_name(name)
-        if parsed and parsed[:2] == (rank, tag) and parsed[2] != "end":
+        if parsed and parsed[:2] == (rank, tag) and parsed[2] not in TERMINAL_BEATS:
             with contextlib.suppress(OSError):
                 os.rename(rd.beats_dir / name, rd.beats_dir / f"{rank}.{tag}.end")
 
@@ -837,9 +872,9 @@ class Heartbeat:
         self.beats_dir.mkdir(exist_ok=True, mode=0o700)
         for name in list_names(self.beats_dir):
             parsed = parse_beat_name(name)
-            if parsed and parsed[0] == self.rank and parsed[1] != self.tag and parsed[2] != "end":
+            if parsed and parsed[0] == self.rank and parsed[1] != self.tag and parsed[2] not in TERMINAL_BEATS:
                 with contextlib.suppress(OSError):  # an earlier attempt of this rank: superseded
-                    os.rename(self.beats_dir / name, self._name_of(parsed[1], "end"))
+                    os.rename(self.beats_dir / name, self._name_of(parsed[1], ENDED))
         self._name(0).touch()
         atomic_write(self.path, f"{self.token} 0", durable=False)
         self._next = time.monotonic() + self.interval
@@ -873,8 +908,9 @@ class Heartbeat:
                 pass
             n += 1
 
-    def stop(self) -> None:
-        """Stop beating and mark this attempt's beat name `end`: its claims are dead at once."""
+    def stop(self, clean: bool = False) -> None:
+        """Stop beating and mark this attempt's beat name `end`: its claims are dead at once; or,
+        `clean` (every claim it made is done), `fin`: the others need not look for its claims."""
         self._stop.set()
         with self._lock, contextlib.suppress(OSError):
-            os.rename(self._name(self.n), self._name("end"))
+            os.rename(self._name(self.n), self._name(FINISHED if clean else ENDED))

@@ -191,3 +191,73 @@ def test_a_launcher_ends_the_beat_name_of_a_rank_killed_silently(tmp_path):
     assert b.next() is None
     record_exit(rd, 0, -9)
     assert b.next() == 0 and b.mine == {0: 1}
+
+
+class Listings:
+    """Counts listings of holders/ buckets (by bucket) and of beats/."""
+
+    def __init__(self, monkeypatch):
+        import hpcinfer.rundir.claims as claims
+
+        self.buckets, self.beats = [], 0
+        real = claims.list_names
+
+        def list_names(path):
+            if path.parent.name == "holders":
+                self.buckets.append(int(path.name))
+            elif path.name == "beats":
+                self.beats += 1
+            return real(path)
+
+        monkeypatch.setattr(claims, "list_names", list_names)
+
+
+def test_a_full_look_lists_the_buckets_only_when_an_attempt_ended_or_stalled(tmp_path, monkeypatch):
+    """4 buckets of 2 shards, all claimed: with every attempt beating, a full look lists beats/
+    and, having nothing to claim, the open buckets only up to the first not all done; a newly
+    `end`ed attempt makes the next full look list them all and take its claim over."""
+    rd = new_run_dir(tmp_path)
+    order = list(range(8))
+    a = Claims(rd, 0, "A", order, 60, bucket=2)
+    hb = Heartbeat(rd, 0, "A", 3600).start()
+    for _ in range(7):
+        a.next()  # A holds 0-6
+    c = Claims(rd, 1, "C", order, 60, bucket=2)
+    assert c.next() == 7  # its first look lists every bucket (as every first look does)
+    c.look(full=True)  # and the next sees its own claim's bucket full
+    seen = Listings(monkeypatch)
+    look = c.look(full=True)
+    assert look.order == [] and seen.beats == 1 and seen.buckets == [0]  # up to bucket 0, not all done
+    for s in (0, 1):  # A finishes bucket 0
+        rd.done_marker(s).write_text("{}")
+        a.release(s, done=True)
+    a.flush()
+    seen.buckets.clear()
+    c.look(full=True)
+    assert seen.buckets == [0, 1]  # bucket 0 closed: on to the first not all done
+    hb.stop()  # A ends holding 2-6: `end`
+    seen.buckets.clear()
+    look = c.look(full=True)
+    assert sorted(seen.buckets) == [1, 2, 3] and look.order[:5] == [2, 3, 4, 5, 6]
+    assert c.next(look=look) == 2 and c.mine[2] == 1  # taken over
+
+
+def test_a_clean_end_is_fin_and_sends_no_one_looking(tmp_path, monkeypatch):
+    """An attempt whose every claim is done ends `fin`: dead to the others, yet no full look lists
+    the buckets for it; one that leaves a claim not done ends `end`."""
+    from hpcinfer.rank.work import ClaimedWork
+    from hpcinfer.rundir.manifest import Shard
+
+    rd = new_run_dir(tmp_path)
+    shards = [Shard(i, i % 2, "/in.parquet", i, i + 1, i, tokens=10) for i in range(4)]
+    done = ClaimedWork(rd, 0, 2, "A", shards, 60, background=False)
+    left = ClaimedWork(rd, 1, 2, "B", shards, 60, background=False)
+    a, b = done.claims.next(), left.claims.next()
+    assert {a, b} <= set(range(4)) and a != b
+    rd.done_marker(a).write_text("{}")
+    done.release(a, done=True)
+    done.close()
+    left.close()  # B drops its shard undone
+    beats = Claims(rd, 2, "C", [s.shard for s in shards], 60).beats()
+    assert beats == {(0, attempt_tag("A")): "fin", (1, attempt_tag("B")): "end"}
+    assert parse_beat_name("0.abc.fin") == (0, "abc", "fin")
