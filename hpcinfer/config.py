@@ -107,9 +107,26 @@ class ModelConfig:
 
 
 @dataclass
+class StructuredConfig:
+    """Structured output (vLLM's structured outputs, `StructuredOutputsParams`): at most one of
+    these constrains what every row (or, in `data.sampling_column`, one row) generates."""
+
+    json_schema: Optional[str] = None  # a JSON schema: inline JSON text ('{...}') or a file holding it
+    regex: Optional[str] = None  # a regular expression the output matches
+    choice: Optional[List[str]] = None  # the output is exactly one of these strings
+    grammar: Optional[str] = None  # an EBNF (GBNF) grammar, as vLLM's structured outputs take it
+
+
+STRUCTURED_KINDS = ("json_schema", "regex", "choice", "grammar")
+
+
+@dataclass
 class SamplingConfig:
     """vLLM SamplingParams for every row. With `seed` set, row i uses seed + i, so sampled
-    outputs do not depend on the layout (dp, shard sizes) that produced them."""
+    outputs do not depend on the layout (dp, shard sizes) that produced them; in a run where
+    some row may have n > 1 (`n`, or a row's own), row i's seed is seed + i x N (N: the run's
+    largest n) and its sample j uses that + j (vLLM's own per-sample seeds), so no two samples
+    of a run share a seed. `data.sampling_column` overrides any of these per row."""
 
     max_tokens: int = 64  # output tokens per row, at most
     temperature: float = 1.0  # 0 = greedy
@@ -122,6 +139,10 @@ class SamplingConfig:
     stop: List[str] = field(default_factory=list)  # stop strings
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     seed: Optional[int] = 0  # base of the per-row seeds; null = unseeded
+    n: int = 1  # samples per row: > 1 makes generated_text, finish_reason, output_tokens lists
+    logprobs: Optional[int] = None  # k: each generated token's logprob and its top-k alternatives
+    prompt_logprobs: Optional[int] = None  # k: each prompt token's logprob (scoring) and its top k
+    structured: StructuredConfig = field(default_factory=StructuredConfig)  # constrained output
 
 
 @dataclass
@@ -145,6 +166,19 @@ class DataConfig:
     messages_column: Optional[str] = None
     # a demo of conversations instead of prompts (data=demo_chat); only with data.input=null
     demo_chat: bool = False
+    # a column of per-row sampling: a struct, or JSON object text, whose non-null fields (any
+    # sampling.* field, including n, logprobs, seed, structured) override sampling.* for that
+    # row; an invalid value is that row's error. Its max_tokens wins over data.max_tokens_column.
+    sampling_column: Optional[str] = None
+
+
+@dataclass
+class OutputConfig:
+    """How the generated columns are laid out in results.parquet."""
+
+    # n > 1: one output row per sample (with `sample_index`, in input order, then sample order)
+    # instead of one row per input row with list columns
+    explode_samples: bool = False
 
 
 @dataclass
@@ -302,6 +336,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)  # prompt templates, prompts as chat
     chat: ChatConfig = field(default_factory=ChatConfig)  # chat template options
+    output: OutputConfig = field(default_factory=OutputConfig)  # the layout of the generated columns
     cluster: Any = MISSING  # LocalClusterConfig | SlurmClusterConfig, chosen by `cluster=<name>`
     tp: int = 1  # tensor parallel: GPUs that split each layer
     pp: int = 1  # pipeline parallel: GPUs that split the layers
@@ -669,6 +704,11 @@ def _unused_value_errors(cfg: RunConfig) -> List[str]:
             for k in ("shards_per_rank", "lease_s")
             if getattr(cfg.schedule, k) != getattr(ScheduleConfig, k)
         ]
+    if cfg.output.explode_samples and cfg.sampling.n == 1 and cfg.data.sampling_column is None:
+        errs.append(
+            "output.explode_samples=true applies only where a row may have several samples "
+            "(sampling.n > 1, or n in data.sampling_column), and sampling.n=1"
+        )
     if cfg.data.input is not None and cfg.data.demo_rows != DataConfig.demo_rows:
         errs.append(
             f"data.demo_rows={cfg.data.demo_rows!r} applies only to the built-in demo prompts (data.input=null), "
@@ -692,8 +732,112 @@ def _sampling_errors(s: SamplingConfig) -> List[str]:
         (-2 <= s.presence_penalty <= 2, f"sampling.presence_penalty must be in [-2, 2], got {s.presence_penalty!r}"),
         (-2 <= s.frequency_penalty <= 2, f"sampling.frequency_penalty must be in [-2, 2], got {s.frequency_penalty!r}"),
         (s.seed is None or s.seed >= 0, f"sampling.seed must be >= 0 or null, got {s.seed!r}"),
+        (s.n >= 1, f"sampling.n must be >= 1, got {s.n!r}"),
+        (s.logprobs is None or s.logprobs >= 0, f"sampling.logprobs must be >= 0 or null, got {s.logprobs!r}"),
+        (
+            s.prompt_logprobs is None or s.prompt_logprobs >= 0,
+            f"sampling.prompt_logprobs must be >= 0 or null, got {s.prompt_logprobs!r}",
+        ),
     ]
-    return [msg for ok, msg in checks if not ok]
+    return [msg for ok, msg in checks if not ok] + _structured_errors(s.structured)
+
+
+def _structured_errors(st: StructuredConfig, files: bool = True) -> List[str]:
+    """At most one kind of structured output, each well formed; `json_schema` inline JSON text of
+    an object, or (`files`) a file that exists (read when the run is planned)."""
+    kinds = [k for k in STRUCTURED_KINDS if getattr(st, k) is not None]
+    if len(kinds) > 1:
+        return [f"sampling.structured: set one of {list(STRUCTURED_KINDS)}, got {' and '.join(kinds)}"]
+    errs = []
+    if st.choice is not None and (not st.choice or not all(isinstance(c, str) for c in st.choice)):
+        errs.append(f"sampling.structured.choice must be a non-empty list of strings, got {st.choice!r}")
+    for key in ("regex", "grammar"):
+        if getattr(st, key) is not None and (not isinstance(getattr(st, key), str) or not getattr(st, key)):
+            errs.append(f"sampling.structured.{key} must be a non-empty string, got {getattr(st, key)!r}")
+    js = st.json_schema
+    if js is not None:
+        if not isinstance(js, str) or not js.strip():
+            errs.append(f"sampling.structured.json_schema must be JSON text or a file, got {js!r}")
+        elif js.lstrip().startswith("{") or not files:
+            errs += [f"sampling.structured.json_schema: {e}" for e in _schema_errors(js)]
+        elif not os.path.isfile(os.path.expanduser(js)):
+            errs.append(f"sampling.structured.json_schema={js!r} is neither a JSON object nor a file")
+    return errs
+
+
+def _schema_errors(text: str) -> List[str]:
+    import json
+
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return [f"not valid JSON ({e})"]
+    return [] if isinstance(obj, dict) else [f"not a JSON object (got {type(obj).__name__})"]
+
+
+# A row's sampling field -> the types its value may have (bool is no number here)
+_ROW_TYPES = {
+    "max_tokens": int,
+    "top_k": int,
+    "n": int,
+    "seed": int,
+    "logprobs": int,
+    "prompt_logprobs": int,
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "min_p": (int, float),
+    "repetition_penalty": (int, float),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
+    "ignore_eos": bool,
+    "stop": (list, str),
+    "structured": dict,
+}
+
+
+def row_sampling(value: Any, base: SamplingConfig) -> Any:
+    """A row's sampling (`data.sampling_column`): `base` with the row's non-null fields over it,
+    as a SamplingConfig; or, for an invalid value, why (a string: the row's error). The value is
+    a dict (a struct column) or JSON object text; null or empty: `base`. A row's `structured`
+    replaces the base's (its `json_schema` inline: JSON text or an object). Pure."""
+    import dataclasses
+    import json
+
+    if value is None:
+        return base
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as e:
+            return f"sampling_column: not valid JSON ({e})"
+    if not isinstance(value, dict):
+        return f"sampling_column: not an object of sampling fields (got {type(value).__name__})"
+    fields = {k: v for k, v in value.items() if v is not None}
+    unknown = sorted(set(fields) - set(_ROW_TYPES))
+    if unknown:
+        return f"sampling_column: unknown field(s) {unknown} (sampling fields: {sorted(_ROW_TYPES)})"
+    for k, v in fields.items():
+        kind = _ROW_TYPES[k]
+        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
+            return f"sampling_column: {k}={v!r} has the wrong type ({type(v).__name__})"
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    if not all(isinstance(x, str) for x in fields.get("stop", [])):
+        return f"sampling_column: stop must be a string or a list of strings, got {fields['stop']!r}"
+    if "structured" in fields:
+        st = {k: v for k, v in fields["structured"].items() if v is not None}
+        bad = sorted(set(st) - set(STRUCTURED_KINDS))
+        if bad:
+            return f"sampling_column: unknown structured field(s) {bad} (one of {list(STRUCTURED_KINDS)})"
+        if isinstance(st.get("json_schema"), dict):
+            st["json_schema"] = json.dumps(st["json_schema"])
+        fields["structured"] = StructuredConfig(**st)
+        errs = _structured_errors(fields["structured"], files=False)
+        if errs:
+            return "sampling_column: " + "; ".join(errs)
+    merged = dataclasses.replace(base, **fields)
+    errs = _sampling_errors(merged)
+    return "sampling_column: " + "; ".join(errs) if errs else merged
 
 
 def _data_errors(d: DataConfig) -> List[str]:
@@ -710,7 +854,11 @@ def _data_errors(d: DataConfig) -> List[str]:
         errs.append(f"data.max_tokens_column={d.max_tokens_column!r} must differ from the prompt and id columns")
     from hpcinfer.rundir.output import OUTPUT_COLUMNS  # the output contract (rundir may import config, not back)
 
-    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column):
+    if d.sampling_column is not None and d.sampling_column in (d.prompt_column, d.id_column, d.max_tokens_column):
+        errs.append(
+            f"data.sampling_column={d.sampling_column!r} must differ from the prompt, id and max_tokens columns"
+        )
+    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column, d.sampling_column):
         if col in OUTPUT_COLUMNS:
             errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")
     if d.format not in INPUT_FORMATS:
@@ -752,6 +900,7 @@ def batch_errors(cfg: RunConfig) -> List[str]:
         for k, v in (
             ("data.messages_column", d.messages_column),
             ("data.max_tokens_column", d.max_tokens_column),
+            ("data.sampling_column", d.sampling_column),
             ("prompt.template", p.template),
             ("prompt.template_file", p.template_file),
             ("prompt.chat", p.chat or None),

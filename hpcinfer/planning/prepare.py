@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from hpcinfer.config import RunConfig, engine_args, validate
 from hpcinfer.doctor import conflict_message
@@ -21,8 +21,16 @@ from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
 from hpcinfer.planning.prompts import check_columns, request_spec
-from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, make_shards, row_tokens
+from hpcinfer.planning.sharding import (
+    RowSampling,
+    active_ranks,
+    cut_by_tokens,
+    make_shards,
+    row_tokens,
+    scan_row_sampling,
+)
 from hpcinfer.rundir.manifest import Shard
+from hpcinfer.rundir.output import OutputSpec
 from hpcinfer.rundir.records import Plan, RequestSpec
 
 
@@ -71,6 +79,7 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             cfg.data.max_tokens_column,
             check=lambda path, schema: check_columns(request, cfg, path, schema),
         )
+    request, output = row_control(cfg, inputs, request, fmt)
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
     shards = cut_shards(cfg, inputs, ranks, request)
@@ -94,7 +103,28 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             "OpenAI Batch input: each line's body gives its sampling (vLLM's defaults for what it leaves out); "
             "of sampling.*, only sampling.seed applies (row i's seed is seed + i for a sampled line without one)"
         )
-    return Prepared(replace(plan, request=request, input_format=fmt, notes=notes), inputs, shards, devices)
+    return Prepared(
+        replace(plan, request=request, input_format=fmt, notes=notes, output=output), inputs, shards, devices
+    )
+
+
+def row_control(cfg: RunConfig, inputs: Inputs, request: RequestSpec, fmt: str) -> Tuple[RequestSpec, OutputSpec]:
+    """What the rows' own sampling (data.sampling_column, scanned) and sampling.* make of the run:
+    the seed stride (the largest n) and the generated columns (list columns where n > 1 is
+    possible, logprobs columns where some row asks for them)."""
+    s = cfg.sampling
+    rows = RowSampling(s.n, s.logprobs is not None, s.prompt_logprobs is not None)
+    if request.sampling_column is not None and all(os.path.isfile(f.path) for f in inputs.files):
+        rows = scan_row_sampling(inputs.files, request.sampling_column, s)
+    if fmt == OPENAI_BATCH:  # each body is its request (one completion, no logprobs columns)
+        rows = RowSampling()
+    output = OutputSpec(
+        samples=rows.max_n > 1 or cfg.output.explode_samples,
+        explode=cfg.output.explode_samples,
+        logprobs=rows.logprobs,
+        prompt_logprobs=rows.prompt_logprobs,
+    )
+    return replace(request, seed_stride=rows.max_n), output
 
 
 def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[RequestSpec] = None) -> List[Shard]:
@@ -111,9 +141,10 @@ def cut_shards(cfg: RunConfig, inputs: Inputs, ranks: int, request: Optional[Req
             cfg.sampling.max_tokens,
             request=request,
             max_model_len=engine_args(cfg, "-").get("max_model_len"),
+            sampling=cfg.sampling,
         )
     else:  # plan of the demo set before it exists: only the output caps are known
-        tokens = [np.full(f.rows, cfg.sampling.max_tokens + 16, dtype=np.int64) for f in inputs.files]
+        tokens = [np.full(f.rows, cfg.sampling.max_tokens * cfg.sampling.n + 16, dtype=np.int64) for f in inputs.files]
     if cfg.dynamic:
         return cut_by_tokens(inputs.files, tokens, ranks, cfg.schedule.shards_per_rank, d.shard_rows)
     flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)

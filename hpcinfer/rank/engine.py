@@ -78,6 +78,7 @@ class VllmEngine:
         self._requests = itertools.count()
         self._pending: Dict[str, Tuple[Any, int]] = {}  # request id -> (tag, index)
         self._aliases: Dict[str, str] = {}  # engine-internal id -> our request id
+        self._logprobs: Dict[str, Tuple[Optional[int], Optional[int]]] = {}  # request id -> its k's
 
     @property
     def pending(self) -> int:
@@ -94,11 +95,17 @@ class VllmEngine:
         request_id = f"hpcinfer-{request.row}-{next(self._requests)}"
         # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
         if isinstance(request.sampling, dict):
-            params = self._params(**request.sampling, output_kind=self._final_only)
+            kw = dict(request.sampling)
+            if "structured_outputs" in kw:  # requests.sampling_kwargs: StructuredOutputsParams' arguments
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+            params = self._params(**kw, output_kind=self._final_only)
         else:  # an OpenAI Batch line's SamplingParams, made by vLLM's protocol classes (batch_request)
             params = request.sampling
             params.output_kind = self._final_only
         self._pending[request_id] = (tag, index)
+        self._logprobs[request_id] = (params.logprobs, params.prompt_logprobs)
         internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
         if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
             self._aliases[internal] = request_id
@@ -108,8 +115,9 @@ class VllmEngine:
         done = []
         for out in self.llm.llm_engine.step():
             if out.finished:
-                tag, i = self._pending.pop(self._aliases.pop(out.request_id, out.request_id))
-                done.append((tag, i, row_result(out)))
+                rid = self._aliases.pop(out.request_id, out.request_id)
+                tag, i = self._pending.pop(rid)
+                done.append((tag, i, row_result(out, *self._logprobs.pop(rid, (None, None)))))
         return done
 
     # ---- rendering (requests.ChatRenderer): vLLM's own code paths, so the prompts are its prompts
@@ -206,6 +214,7 @@ class VllmEngine:
         ids = [rid for rid, (t, _) in self._pending.items() if t == tag]
         for rid in ids:
             del self._pending[rid]
+            self._logprobs.pop(rid, None)
         if ids:
             self.llm.llm_engine.abort_request(ids)
 

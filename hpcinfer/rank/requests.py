@@ -24,13 +24,13 @@ apart from calling the tokenizer and the renderer it is given.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import pyarrow as pa
 
-from hpcinfer.config import RunConfig, SamplingConfig
-from hpcinfer.rundir.output import RowResult
+from hpcinfer.config import RunConfig, SamplingConfig, row_sampling
+from hpcinfer.rundir.output import RowResult, Sample
 from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, RequestSpec
 
 
@@ -58,16 +58,55 @@ def row_error(prompt: Any, n_tokens: Optional[int], max_model_len: int) -> Optio
 
 
 def sampling_kwargs(s: SamplingConfig) -> Dict[str, Any]:
-    """SamplingParams keyword arguments (without the per-row seed)."""
+    """SamplingParams keyword arguments (without the per-row seed); structured output as
+    `structured_outputs`, the keyword arguments of vLLM's StructuredOutputsParams (json, regex,
+    choice, grammar), absent without it. Pure."""
     kw = asdict(s)
     kw.pop("seed")
+    st = kw.pop("structured")
     kw["stop"] = list(s.stop) or None
+    so = {
+        "json": json.loads(st["json_schema"]) if st["json_schema"] is not None else None,
+        "regex": st["regex"],
+        "choice": list(st["choice"]) if st["choice"] is not None else None,
+        "grammar": st["grammar"],
+    }
+    so = {k: v for k, v in so.items() if v is not None}
+    if so:
+        kw["structured_outputs"] = so
     return kw
 
 
-def row_seed(s: SamplingConfig, row: int) -> Optional[int]:
-    """Seed of global row `row`: independent of which rank or shard generates it."""
-    return None if s.seed is None or s.temperature == 0 else s.seed + row
+def row_seed(s: SamplingConfig, row: int, stride: int = 1) -> Optional[int]:
+    """Seed of global row `row`: independent of which rank or shard generates it. `stride`: the
+    run's largest n (RequestSpec.seed_stride): a row's samples take seed .. seed + n - 1 (vLLM
+    seeds sample j with the request's seed + j), so rows never share a sample's seed. Pure."""
+    return None if s.seed is None or s.temperature == 0 else s.seed + row * stride
+
+
+def run_sampling(cfg: RunConfig, spec: RequestSpec) -> SamplingConfig:
+    """The run's sampling as the ranks use it: `sampling.*`, its json_schema's text as read when
+    the run was planned (a file's). Pure."""
+    if spec.json_schema is None:
+        return cfg.sampling
+    return replace(cfg.sampling, structured=replace(cfg.sampling.structured, json_schema=spec.json_schema))
+
+
+def row_kwargs(
+    base: SamplingConfig, value: Any, cap: Optional[int], row: int, stride: int = 1
+) -> Union[Dict[str, Any], str]:
+    """One row's SamplingParams keyword arguments, seed included: `base`, its output cap `cap`
+    (data.max_tokens_column; None: base's), then its own sampling `value` (data.sampling_column:
+    a dict, JSON text or None) over them; or why the value is invalid (its error). The seed is
+    the row's own when it gives one (exact, as SamplingParams(seed=...)), else `row_seed`. A
+    row asking for more samples than the run was planned for (`stride`) is an error. Pure."""
+    own = row_sampling(value, replace(base, seed=None, max_tokens=base.max_tokens if cap is None else cap))
+    if isinstance(own, str):
+        return own
+    if own.n > stride:
+        return f"sampling_column: n={own.n} exceeds the run's planned largest n ({stride})"
+    seed = own.seed if own.seed is not None else row_seed(replace(own, seed=base.seed), row, stride)
+    return {**sampling_kwargs(own), "seed": seed}
 
 
 class ChatRenderer(Protocol):
@@ -135,23 +174,23 @@ def build_requests(
         rendered = iter(renderer.render_chat(ok, spec.chat_template, spec.chat_template_kwargs) if ok else [])
     else:
         rendered = iter(tokenizer(ok)["input_ids"] if ok else [])
-    base = sampling_kwargs(cfg.sampling)
+    base = run_sampling(cfg, spec)
+    values = (
+        table.column(spec.sampling_column).take(take).to_pylist() if spec.sampling_column else [None] * len(positions)
+    )
     out: List[Union[Request, RowResult]] = []
-    for prompt, cap, row in zip(prompts, caps, rows, strict=True):
+    for prompt, cap, value, row in zip(prompts, caps, values, rows, strict=True):
         toks = None if isinstance(prompt, Failed) else next(rendered)
         if isinstance(toks, str):
             prompt, toks = Failed(toks), None
         err = prompt.why if isinstance(prompt, Failed) else row_error(prompt, len(toks), max_model_len)
+        kwargs = None if err else row_kwargs(base, value, cap, row, spec.seed_stride)
+        if isinstance(kwargs, str):
+            err = kwargs
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
-        out.append(
-            Request(
-                row,
-                toks,
-                {**base, "max_tokens": base["max_tokens"] if cap is None else cap, "seed": row_seed(cfg.sampling, row)},
-            )
-        )
+        out.append(Request(row, toks, kwargs))
     return out
 
 
@@ -268,7 +307,58 @@ def batch_line_error(custom_id: Any, method: Any, url: Any, body: Any) -> Option
     return None
 
 
-def row_result(output: Any) -> RowResult:
-    """The output columns of a finished request from its vLLM `RequestOutput` (one completion)."""
-    c = output.outputs[0]
-    return RowResult(c.text, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids), None)
+def row_result(output: Any, logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> RowResult:
+    """The output columns of a finished request from its vLLM `RequestOutput`: every completion
+    (n of them, in vLLM's order: sample index) as a Sample, with its logprobs when it has them
+    (the request's `logprobs` = k: the top k alternatives), and the prompt's logprobs when
+    asked for (`prompt_logprobs` = k)."""
+    samples = [
+        Sample(
+            c.text,
+            c.finish_reason,
+            len(c.token_ids),
+            c.cumulative_logprob if c.logprobs is not None else None,
+            token_logprobs(c.token_ids, c.logprobs, logprobs),
+        )
+        for c in sorted(output.outputs, key=lambda c: c.index)
+    ]
+    first = samples[0]
+    prompt = output.prompt_token_ids
+    return RowResult(
+        first.text,
+        first.finish_reason,
+        len(prompt),
+        sum(s.output_tokens for s in samples),
+        None,
+        samples,
+        token_logprobs(prompt, getattr(output, "prompt_logprobs", None), prompt_logprobs),
+    )
+
+
+def token_logprobs(token_ids: Sequence[int], logprobs: Any, k: Optional[int]) -> Optional[List[Dict[str, Any]]]:
+    """vLLM's logprobs of `token_ids` (per position: {token id: Logprob(logprob, rank,
+    decoded_token)}, the top k and the token itself; None for a prompt's first token) as rows of
+    output.LOGPROB: each token's id, text and logprob, and the top k alternatives (rank 1..k),
+    best first (k None: every entry). None without logprobs. Pure."""
+    if logprobs is None:
+        return None
+    out = []
+    for tid, entry in zip(token_ids, logprobs, strict=False):
+        if entry is None:
+            out.append({"token_id": int(tid), "token": None, "logprob": None, "top_logprobs": []})
+            continue
+        own = entry.get(tid)
+        top = sorted(
+            (lp.rank, int(t), lp) for t, lp in entry.items() if k is None or (lp.rank is not None and lp.rank <= k)
+        )
+        out.append(
+            {
+                "token_id": int(tid),
+                "token": getattr(own, "decoded_token", None),
+                "logprob": None if own is None else float(own.logprob),
+                "top_logprobs": [
+                    {"token_id": t, "token": lp.decoded_token, "logprob": float(lp.logprob)} for _, t, lp in top
+                ],
+            }
+        )
+    return out

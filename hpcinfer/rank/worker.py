@@ -41,7 +41,7 @@ from hpcinfer.rundir.claims import ClaimLost, end_beat
 from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
 from hpcinfer.rundir.integrity import describe, read_rank_checked
 from hpcinfer.rundir.manifest import Shard, read_manifest, read_shard
-from hpcinfer.rundir.output import RowResult
+from hpcinfer.rundir.output import OutputSpec, RowResult, token_sum
 from hpcinfer.rundir.parts import ShardCheckpoint, remove_parts
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import DONE, FAILED, RUNNING, STOPPED, TERMINAL, DoneRecord, RankRecord, RequestSpec
@@ -200,7 +200,7 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
             state.write(
                 state=RUNNING, engine_seconds=time.time() - t0, startup=startup, generation_started_at=time.time()
             )
-            ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request).run()
+            ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request, plan.output).run()
             if cfg.lockstep:
                 while engine.group_busy():  # idle here, busy elsewhere: vLLM runs a dummy batch
                     engine.step()
@@ -260,8 +260,10 @@ class ShardLoop:
         rows_before: int,
         rank: int,
         spec: Optional[RequestSpec] = None,
+        output: Optional[OutputSpec] = None,
     ):
         self.spec = spec  # how rows become requests (plan.json's); None: the prompt column
+        self.output = output  # the generated columns (plan.json's); None: one sample, no logprobs
         self.rd, self.cfg, self.work, self.schema, self.engine, self.state, self.rank = (
             rd,
             cfg,
@@ -323,6 +325,7 @@ class ShardLoop:
             self.cfg.checkpoint.seconds,
             before_write,
             by=f"rank {self.rank} ({self.state.token})",
+            spec=self.output,
         )
         todo = ck.todo()
         o = self.open[shard.shard] = OpenShard(shard, ck, todo, len(todo), time.time())
@@ -411,7 +414,7 @@ def finish_shard(rd: RunDir, shard: Shard, ck: ShardCheckpoint, rank: int, secon
         rows=shard.rows,
         rows_failed=out.num_rows - out.column("error").null_count,
         prompt_tokens=int(pc.sum(out.column("prompt_tokens")).as_py() or 0),
-        output_tokens=int(pc.sum(out.column("output_tokens")).as_py() or 0),
+        output_tokens=token_sum(out.column("output_tokens")),
         generation_seconds=seconds,
         rows_resumed=resumed,
         finished_at=time.time(),

@@ -24,7 +24,7 @@ from hpcinfer.config import load_run_config
 from hpcinfer.errors import RunIncomplete
 from hpcinfer.rundir.files import atomic_path
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.output import ROW_COLUMN
+from hpcinfer.rundir.output import ROW_COLUMN, OutputSpec, explode, token_sum
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import RankRecord
 
@@ -64,8 +64,9 @@ def describe_missing(missing: List[Shard], total: int) -> str:
     return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
 
 
-def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
-    """Stream shards in global order into results.parquet, checking each row's position."""
+def merge_shards(rd: RunDir, shards: List[Shard], schema, spec: Optional[OutputSpec] = None) -> Dict[str, int]:
+    """Stream shards in global order into results.parquet, checking each row's position; with
+    `spec.explode`, each row's samples become rows (`rows` counts the input rows)."""
     totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
     pending: List = []  # batches of small shards, written together: one row group per ~BATCH_ROWS rows
 
@@ -93,12 +94,16 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema) -> Dict[str, int]:
                             f"shard {s.shard} holds rows out of order, duplicated or "
                             f"foreign (expected {want[0]}..{want[-1]})"
                         )
-                    pending.append(batch.drop_columns([ROW_COLUMN]).cast(schema))
+                    rows = batch.drop_columns([ROW_COLUMN])
+                    if spec is not None and spec.explode:  # one row per sample
+                        pending.extend(explode(rows).cast(schema).to_batches())
+                    else:
+                        pending.append(rows.cast(schema))
                     write(writer)
                     totals["rows"] += len(pos)
                     totals["rows_failed"] += len(pos) - batch.column("error").null_count
                     totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
-                    totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+                    totals["output_tokens"] += token_sum(batch.column("output_tokens"))
             write(writer, force=True)
     return totals
 
