@@ -502,8 +502,11 @@ def engine_args(
 def seeded_sampling(cfg: RunConfig, input_format: Optional[str] = None) -> bool:
     """Whether some row of the run may be sampled (temperature > 0) with a seed: sampling.seed is
     set and either sampling.temperature > 0 or the rows bring their own sampling (an OpenAI Batch
-    line's body; a sampled line without a seed gets seed + row)."""
+    line's body; a sampled line without a seed gets seed + row), or `data.sampling_column` is set
+    (a row's own sampling may carry its own seed)."""
     s = cfg.sampling
+    if cfg.data.sampling_column is not None and input_format != "openai_batch":
+        return True
     return s.seed is not None and (s.temperature != 0 or input_format == "openai_batch")
 
 

@@ -1,0 +1,250 @@
+"""End to end on real vLLM (CPU build): per-row generation control (issue 14).
+
+One input of tiny prompts, each row with its own sampling in `data.sampling_column` (JSON text):
+greedy rows, per-row `max_tokens` with `ignore_eos` (honoured exactly), seeded rows with `n=3`
+(the row's own seed, and a seed derived from the row), `logprobs=2`, `prompt_logprobs=1`, a
+`choice` constraint, and two invalid values (row errors). It runs at dp=2 (list columns) and at
+dp=1 with `output.explode_samples=true`; each row equals one in-process `LLM.generate` with a
+list of SamplingParams (the texts of every sample, finish reasons, token counts, logprobs), and
+the two layouts give the same samples. A run with a global JSON schema from a file (nested
+object, enums, an array with maxItems) has every row parse and validate.
+
+The three runs start at once; the reference engine starts with the dp=1 runs, once the dp=2 run
+has given its engine_args.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["The river", "Tea is", "Clocks tick", "A cat", "Snow falls", "Bread and", "Yes or no?", "Pick:", "x", "y"]
+N = 3
+CHOICES = ["yes", "no", "maybe"]
+ROWS = [
+    None,  # sampling.* (greedy, 6 tokens)
+    {"max_tokens": 3, "ignore_eos": True},
+    {"max_tokens": 8, "ignore_eos": True},
+    {"temperature": 0.8, "top_p": 0.9, "seed": 5, "n": N, "max_tokens": 5},  # its own seed
+    {"temperature": 1.0, "n": N, "max_tokens": 4},  # seed derived: sampling.seed + row x 3
+    {"logprobs": 2, "max_tokens": 4},
+    {"prompt_logprobs": 1, "max_tokens": 2},
+    {"structured": {"choice": CHOICES}, "temperature": 1.0, "seed": 3},
+    {"temperature": -1},  # invalid: the row's error
+    {"max_tokens": "many"},  # invalid: the row's error
+]
+ERRORS = {8: "sampling.temperature must be >= 0", 9: "max_tokens='many' has the wrong type"}
+MAX_TOKENS = 6
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "kind": {"enum": ["cat", "dog"]},
+        "meta": {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
+            "required": ["ok", "level"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+    },
+    "required": ["kind", "meta", "tags"],
+    "additionalProperties": False,
+}
+SCHEMA_PROMPTS = ["Describe a pet:", "JSON:", "{"]
+
+
+def _fast(env):
+    """vLLM's engine in the rank's own process (as tests/e2e/test_request_forms.py)."""
+    return {**env, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _start(argv, env):
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(name, p, timeout=900):
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, f"{name}: {err[-4000:]}"
+    return out
+
+
+def _submit(run_dir, *args):
+    greedy = ["sampling=greedy", f"sampling.max_tokens={MAX_TOKENS}", f"run_dir={run_dir}"]
+    return [sys.executable, "-m", "hpcinfer.submit", *args, *greedy]
+
+
+REFERENCE = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.sampling_params import StructuredOutputsParams
+llm = LLM(**json.loads(sys.argv[1]))
+params = []
+for kw in json.loads(sys.argv[3]):
+    if "structured_outputs" in kw:
+        kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+    params.append(SamplingParams(**kw))
+outs = llm.generate(json.loads(sys.argv[2]), params, use_tqdm=False)
+def lp(ids, entries):
+    if entries is None:
+        return None
+    return [None if e is None else [t, e[t].logprob] for t, e in zip(ids, entries)]
+print(json.dumps([
+    {
+        "texts": [c.text for c in o.outputs],
+        "reasons": [c.finish_reason for c in o.outputs],
+        "tokens": [len(c.token_ids) for c in o.outputs],
+        "logprobs": [lp(c.token_ids, c.logprobs) for c in o.outputs],
+        "cumulative": [c.cumulative_logprob for c in o.outputs],
+        "prompt_logprobs": lp(o.prompt_token_ids, o.prompt_logprobs),
+        "prompt_tokens": len(o.prompt_token_ids),
+    }
+    for o in outs
+]))
+"""
+
+
+def _reference_params():
+    """Each valid row's SamplingParams as hpcinfer builds them, written out by hand: greedy
+    (temperature 0, no seed), max_tokens 6, the row's fields over them; a sampled row without
+    its own seed gets sampling.seed (0) + row x 3 (the run's largest n)."""
+    out = []
+    for i, row in enumerate(ROWS):
+        if i in ERRORS:
+            continue
+        kw = {"temperature": 0.0, "max_tokens": MAX_TOKENS, **(row or {})}
+        if "structured" in kw:
+            kw["structured_outputs"] = {"choice": kw.pop("structured")["choice"]}
+        if kw["temperature"] > 0 and "seed" not in kw:
+            kw["seed"] = i * N
+        out.append(kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cli_env):
+    d = tmp_path_factory.mktemp("row-control")
+    table = pa.table(
+        {"id": list(range(len(PROMPTS))), "prompt": PROMPTS, "s": [json.dumps(r) if r else None for r in ROWS]}
+    )
+    pq.write_table(table, d / "rows.parquet")
+    pq.write_table(pa.table({"prompt": SCHEMA_PROMPTS}), d / "schema_rows.parquet")
+    (d / "schema.json").write_text(json.dumps(SCHEMA))
+    env = _fast(cli_env)
+    common = [f"data.input={d / 'rows.parquet'}", "data.sampling_column=s"]
+    dirs = {name: d / name for name in ("dp2", "dp1", "schema")}
+    procs = {
+        "dp2": _start(_submit(dirs["dp2"], "dp=2", "data.shard_rows=3", *common), env),
+        "schema": _start(
+            _submit(
+                dirs["schema"],
+                f"data.input={d / 'schema_rows.parquet'}",
+                f"sampling.structured.json_schema={d / 'schema.json'}",
+                "sampling.max_tokens=64",
+            ),
+            env,
+        ),
+    }
+    _wait("dp2", procs["dp2"])
+    args = json.loads((dirs["dp2"] / "summary.json").read_text())["engine_args"]
+    valid = [p for i, p in enumerate(PROMPTS) if i not in ERRORS]
+    ref = [sys.executable, "-c", REFERENCE, json.dumps(args), json.dumps(valid), json.dumps(_reference_params())]
+    procs["llm"] = _start(ref, env)
+    procs["dp1"] = _start(_submit(dirs["dp1"], "output.explode_samples=true", *common), env)
+    reference = json.loads(_wait("llm", procs["llm"]).strip().splitlines()[-1])
+    _wait("dp1", procs["dp1"])
+    _wait("schema", procs["schema"])
+    return {**dirs, "reference": reference, "args": args}
+
+
+def _rows(run_dir):
+    return pq.read_table(run_dir / "results.parquet").to_pylist()
+
+
+def test_every_row_once_in_order_with_its_errors(runs):
+    rows = _rows(runs["dp2"])
+    assert [r["id"] for r in rows] == list(range(len(PROMPTS)))
+    for i, r in enumerate(rows):
+        if i in ERRORS:
+            assert ERRORS[i] in r["error"] and r["generated_text"] is None, r
+        else:
+            assert r["error"] is None, r
+    s = json.loads((runs["dp2"] / "summary.json").read_text())
+    assert s["layout"]["ranks"] == 2 and s["rows_failed"] == len(ERRORS)
+    assert s["output_tokens"] == sum(sum(r["output_tokens"]) for r in rows if r["error"] is None)
+    assert s["engine_args"]["enable_chunked_prefill"] is False  # rows may be seeded
+
+
+def test_per_row_params_equal_llm_generate_with_a_list_of_sampling_params(runs):
+    rows = [r for r in _rows(runs["dp2"]) if r["error"] is None]
+    ref = runs["reference"]
+    assert [r["generated_text"] for r in rows] == [x["texts"] for x in ref]
+    assert [r["finish_reason"] for r in rows] == [x["reasons"] for x in ref]
+    assert [r["output_tokens"] for r in rows] == [x["tokens"] for x in ref]
+    assert [r["prompt_tokens"] for r in rows] == [x["prompt_tokens"] for x in ref]
+
+
+def test_per_row_max_tokens_exact_with_ignore_eos(runs):
+    rows = _rows(runs["dp2"])
+    assert rows[1]["output_tokens"] == [3] and rows[2]["output_tokens"] == [8]
+    assert rows[1]["finish_reason"] == rows[2]["finish_reason"] == ["length"]
+
+
+def test_n3_seeded_samples_same_at_dp1_and_dp2(runs):
+    dp2 = _rows(runs["dp2"])
+    for i in (3, 4):
+        assert len(dp2[i]["generated_text"]) == N
+        assert len(set(dp2[i]["generated_text"])) > 1  # sampled: the samples differ
+    exploded = _rows(runs["dp1"])
+    back = {}
+    for r in exploded:
+        back.setdefault(r["id"], []).append(r)
+    assert list(back) == list(range(len(PROMPTS)))  # input order
+    for i, r in enumerate(dp2):
+        samples = back[i]
+        if i in ERRORS:
+            assert len(samples) == 1 and samples[0]["sample_index"] is None and samples[0]["error"]
+            continue
+        assert [x["sample_index"] for x in samples] == list(range(len(r["generated_text"])))
+        assert [x["generated_text"] for x in samples] == r["generated_text"]
+        assert [x["output_tokens"] for x in samples] == r["output_tokens"]
+
+
+def test_logprobs_equal_vllms(runs):
+    rows = [r for r in _rows(runs["dp2"]) if r["error"] is None]
+    ref = runs["reference"]
+    k = [i for i, row in enumerate(r for j, r in enumerate(ROWS) if j not in ERRORS) if row and "logprobs" in row][0]
+    lps, theirs = rows[k]["logprobs"][0], ref[k]["logprobs"][0]
+    assert [[x["token_id"], x["logprob"]] for x in lps] == pytest.approx(theirs)
+    assert all(len(x["top_logprobs"]) == 2 for x in lps)
+    assert all(x["top_logprobs"][0]["logprob"] >= x["top_logprobs"][1]["logprob"] for x in lps)
+    assert rows[k]["cumulative_logprob"][0] == pytest.approx(ref[k]["cumulative"][0])
+    assert all(r["logprobs"] == [None] * len(r["generated_text"]) for j, r in enumerate(rows) if j != k)
+    p = [
+        i for i, row in enumerate(r for j, r in enumerate(ROWS) if j not in ERRORS) if row and "prompt_logprobs" in row
+    ][0]
+    plp = rows[p]["prompt_logprobs"]
+    assert [[x["token_id"], x["logprob"]] if x["logprob"] is not None else None for x in plp] == pytest.approx(
+        ref[p]["prompt_logprobs"]
+    )
+    assert plp[0]["logprob"] is None and len(plp) == rows[p]["prompt_tokens"]
+
+
+def test_choice_row_yields_one_of_the_choices(runs):
+    assert _rows(runs["dp2"])[7]["generated_text"][0] in CHOICES
+
+
+def test_json_schema_every_row_parses_and_validates(runs):
+    rows = _rows(runs["schema"])
+    assert len(rows) == len(SCHEMA_PROMPTS)
+    for r in rows:
+        assert r["error"] is None and r["finish_reason"] == "stop", r
+        jsonschema.validate(json.loads(r["generated_text"]), SCHEMA)
