@@ -907,6 +907,7 @@ def batch_errors(cfg: RunConfig) -> List[str]:
             ("prompt.template", p.template),
             ("prompt.template_file", p.template_file),
             ("prompt.chat", p.chat or None),
+            ("output.explode_samples", cfg.output.explode_samples or None),
         )
         if v
     ]

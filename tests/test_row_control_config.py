@@ -131,3 +131,18 @@ def test_the_plan_says_what_the_rows_ask_for():
         "one output row each (sample_index), logprobs"
     )
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))).output == plan.output
+
+
+def test_openai_batch_bodies_give_n_and_logprobs(tmp_path):
+    from hpcinfer.planning.sharding import scan_batch_bodies
+
+    bodies = [{"prompt": "a", "n": 3}, {"prompt": "b", "logprobs": 2}, "not json", {"prompt": "c", "logprobs": False}]
+    table = pa.table({"body": [json.dumps(b) if isinstance(b, dict) else b for b in bodies]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    files = [InputFile(str(tmp_path / "x.parquet"), 4)]
+    assert scan_batch_bodies(files) == RowSampling(3, True, False)
+    spec = request_spec(compose([]), "openai_batch")
+    (est,) = row_tokens(files, None, None, 10, spec, max_model_len=100)
+    assert est[0] - est[3] >= 199  # n=3 of the context's 100 tokens, against one
+    with pytest.raises(ConfigError, match="output.explode_samples does not apply to OpenAI Batch"):
+        validate(compose(["data.format=openai_batch", "output.explode_samples=true", "sampling.n=2"]))

@@ -27,6 +27,7 @@ from hpcinfer.planning.sharding import (
     cut_by_tokens,
     make_shards,
     row_tokens,
+    scan_batch_bodies,
     scan_row_sampling,
 )
 from hpcinfer.rundir.manifest import Shard
@@ -116,8 +117,9 @@ def row_control(cfg: RunConfig, inputs: Inputs, request: RequestSpec, fmt: str) 
     rows = RowSampling(s.n, s.logprobs is not None, s.prompt_logprobs is not None)
     if request.sampling_column is not None and all(os.path.isfile(f.path) for f in inputs.files):
         rows = scan_row_sampling(inputs.files, request.sampling_column, s)
-    if fmt == OPENAI_BATCH:  # each body is its request (one completion, no logprobs columns)
-        rows = RowSampling()
+    if fmt == OPENAI_BATCH:  # each body is its request: its n, its logprobs
+        files = all(os.path.isfile(f.path) for f in inputs.files)
+        rows = scan_batch_bodies(inputs.files) if files else RowSampling()
     output = OutputSpec(
         samples=rows.max_n > 1 or cfg.output.explode_samples,
         explode=cfg.output.explode_samples,

@@ -157,6 +157,7 @@ def row_tokens(
                     nbytes += _text_bytes(batch.column(batch.schema.get_field_index(name)))
                 if kind == OPENAI_BATCH:
                     cap = _body_caps(batch.column(batch.schema.get_field_index("body")), max_model_len or max_tokens)
+                    cap = cap * _body_ns(batch.column(batch.schema.get_field_index("body")))
                 elif max_tokens_column:
                     col = batch.column(batch.schema.get_field_index(max_tokens_column))
                     cap = pc.fill_null(col, max_tokens).to_numpy(zero_copy_only=False)
@@ -214,6 +215,30 @@ def scan_row_sampling(files: Sequence[InputFile], column: str, sampling: Samplin
     return RowSampling(max_n, lp, plp)
 
 
+def scan_batch_bodies(files: Sequence[InputFile]) -> RowSampling:
+    """RowSampling of OpenAI Batch bodies: the largest `n`, and whether a body asks for logprobs
+    (chat: `logprobs: true`; completions: `logprobs: k`). Streams the body column."""
+    import json
+
+    max_n, lp = 1, False
+    for f in files:
+        if not f.rows:
+            continue
+        for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=["body"]):
+            for text in batch.column(0).to_pylist():
+                try:
+                    body = json.loads(text) if text else None
+                except ValueError:
+                    continue
+                if not isinstance(body, dict):
+                    continue
+                if isinstance(body.get("n"), int) and not isinstance(body["n"], bool):
+                    max_n = max(max_n, body["n"])
+                logprobs = body.get("logprobs")
+                lp = lp or (logprobs is not None and logprobs is not False)
+    return RowSampling(max_n, lp, False)
+
+
 CHAT_BYTES_PER_MESSAGE = 16  # what a chat template adds around a message, about
 
 
@@ -256,6 +281,23 @@ def _text_bytes(column: pa.Array) -> np.ndarray:  # noqa: F821
                 )
         return np.bincount(parents, weights=sizes, minlength=len(column)).astype(np.int64)
     return np.array([0 if v is None else len(str(v).encode()) for v in column.to_pylist()], dtype=np.int64)
+
+
+def _body_ns(bodies: pa.Array) -> np.ndarray:  # noqa: F821
+    """Each OpenAI Batch body's n (else 1)."""
+    import json
+
+    import numpy as np
+
+    ns = []
+    for text in bodies.to_pylist():
+        try:
+            body = json.loads(text) if text else None
+        except ValueError:
+            body = None
+        n = body.get("n") if isinstance(body, dict) else None
+        ns.append(n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
+    return np.array(ns, dtype=np.int64)
 
 
 def _body_caps(bodies: pa.Array, default: int) -> np.ndarray:  # noqa: F821

@@ -185,8 +185,6 @@ class VllmEngine:
                 raise ValueError(f"url {url!r} is not /v1/chat/completions or /v1/completions")
             if getattr(req, "stream", False):
                 raise ValueError("stream=true: a batch line is answered whole")
-            if getattr(req, "n", 1) not in (None, 1):
-                raise ValueError(f"n={req.n}: one completion per line")
             ids = list(inputs[0]["prompt_token_ids"])
             max_tokens = get_max_tokens(self.max_model_len, cap, len(ids), self._defaults)
             return ids, req.to_sampling_params(max_tokens, self._defaults)

@@ -280,8 +280,11 @@ def _batch_requests(
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
+        if params.n > spec.seed_stride:
+            out.append(RowResult(None, None, len(toks), 0, f"n={params.n} exceeds the run's planned largest n"))
+            continue
         if params.seed is None and params.temperature != 0 and cfg.sampling.seed is not None:
-            params.seed = cfg.sampling.seed + row  # as row_seed: independent of the layout
+            params.seed = cfg.sampling.seed + row * spec.seed_stride  # as row_seed: independent of the layout
         out.append(Request(row, toks, params))
     return out
 
