@@ -60,6 +60,18 @@ SCHEMA = {
     "additionalProperties": False,
 }
 SCHEMA_PROMPTS = ["Describe a pet:", "JSON:", "{"]
+# OpenAI Batch lines with n choices and logprobs (results.jsonl in the OpenAI shape)
+BATCH_BODY = {"model": "tiny", "prompt": "The river", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 11}
+BATCH_LINES = [
+    {"custom_id": "cmpl", "method": "POST", "url": "/v1/completions", "body": {**BATCH_BODY, "logprobs": 2}},
+    {
+        "custom_id": "chat",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "n": 3}
+        | {"temperature": 0.9, "logprobs": True, "top_logprobs": 1},
+    },
+]
 
 
 def _fast(env):
@@ -92,7 +104,8 @@ for kw in json.loads(sys.argv[3]):
     if "structured_outputs" in kw:
         kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
     params.append(SamplingParams(**kw))
-outs = llm.generate(json.loads(sys.argv[2]), params, use_tqdm=False)
+params.append(SamplingParams(n=2, seed=11, temperature=1.0, max_tokens=4, logprobs=2))  # the completion line
+outs = llm.generate(json.loads(sys.argv[2]) + ["The river"], params, use_tqdm=False)
 def lp(ids, entries):
     if entries is None:
         return None
@@ -138,9 +151,10 @@ def runs(tmp_path_factory, cli_env):
     pq.write_table(table, d / "rows.parquet")
     pq.write_table(pa.table({"prompt": SCHEMA_PROMPTS}), d / "schema_rows.parquet")
     (d / "schema.json").write_text(json.dumps(SCHEMA))
+    (d / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in BATCH_LINES))
     env = _fast(cli_env)
     common = [f"data.input={d / 'rows.parquet'}", "data.sampling_column=s"]
-    dirs = {name: d / name for name in ("dp2", "dp1", "schema")}
+    dirs = {name: d / name for name in ("dp2", "dp1", "schema", "batch")}
     procs = {
         "dp2": _start(_submit(dirs["dp2"], "dp=2", "data.shard_rows=3", *common), env),
         "schema": _start(
@@ -159,10 +173,12 @@ def runs(tmp_path_factory, cli_env):
     ref = [sys.executable, "-c", REFERENCE, json.dumps(args), json.dumps(valid), json.dumps(_reference_params())]
     procs["llm"] = _start(ref, env)
     procs["dp1"] = _start(_submit(dirs["dp1"], "output.explode_samples=true", *common), env)
-    reference = json.loads(_wait("llm", procs["llm"]).strip().splitlines()[-1])
+    procs["batch"] = _start(_submit(dirs["batch"], f"data.input={d / 'batch.jsonl'}"), env)
+    *reference, batch_reference = json.loads(_wait("llm", procs["llm"]).strip().splitlines()[-1])
     _wait("dp1", procs["dp1"])
     _wait("schema", procs["schema"])
-    return {**dirs, "reference": reference, "args": args}
+    _wait("batch", procs["batch"])
+    return {**dirs, "reference": reference, "batch_reference": batch_reference, "args": args}
 
 
 def _rows(run_dir):
@@ -248,3 +264,24 @@ def test_json_schema_every_row_parses_and_validates(runs):
     for r in rows:
         assert r["error"] is None and r["finish_reason"] == "stop", r
         jsonschema.validate(json.loads(r["generated_text"]), SCHEMA)
+
+
+def test_openai_batch_n_choices_and_logprobs_in_the_openai_shape(runs):
+    lines = [json.loads(x) for x in (runs["batch"] / "results.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["cmpl", "chat"] and all(x["error"] is None for x in lines)
+    cmpl, chat = (x["response"]["body"] for x in lines)
+    ref = runs["batch_reference"]
+    assert [c["text"] for c in cmpl["choices"]] == ref["texts"] and [c["index"] for c in cmpl["choices"]] == [0, 1]
+    assert cmpl["usage"]["completion_tokens"] == sum(ref["tokens"])
+    for choice, theirs in zip(cmpl["choices"], ref["logprobs"], strict=True):
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"] == pytest.approx([x[1] for x in theirs])
+        assert len(lp["tokens"]) == len(lp["text_offset"]) == len(theirs) and all(
+            len(t) == 2 for t in lp["top_logprobs"]
+        )
+    assert len(chat["choices"]) == 3 and chat["object"] == "chat.completion"
+    for c in chat["choices"]:
+        content = c["logprobs"]["content"]
+        assert 1 <= len(content) <= 3 and all(
+            len(t["top_logprobs"]) == 1 and isinstance(t["bytes"], list) for t in content
+        )
