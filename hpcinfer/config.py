@@ -31,6 +31,9 @@ LAYOUT_ENGINE_ARGS = {
     "eplb_config": "expert.eplb_window_size, expert.eplb_step_interval, expert.redundant_experts",
     "expert_placement_strategy": "expert.placement",
     "all2all_backend": "expert.all2all_backend",
+    "enable_lora": "lora.adapters",
+    "max_loras": "lora.adapters (lora.max_loras)",
+    "max_lora_rank": "lora.adapters (their ranks)",
     # a replica spanning nodes (tp x pp > cluster.gpus_per_node): set per process (see replica.py)
     "nnodes": "tp x pp and cluster.gpus_per_node",
     "node_rank": "tp x pp and cluster.gpus_per_node",
@@ -170,6 +173,23 @@ class DataConfig:
     # sampling.* field, including n, logprobs, seed, structured) override sampling.* for that
     # row; an invalid value is that row's error. Its max_tokens wins over data.max_tokens_column.
     sampling_column: Optional[str] = None
+    # a string column: each row's LoRA adapter, a name of lora.adapters (null: the base model);
+    # a name that is not one is refused when the run is planned (exit 2)
+    lora_column: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters of the model, each row with its own (`data.lora_column`: an adapter's name,
+    null = the base model). The engine is built with LoRA enabled, `max_loras` adapters in one
+    batch and `max_lora_rank` the largest rank of the adapters (their adapter_config.json)."""
+
+    # adapter name -> a local directory of a PEFT LoRA adapter (adapter_config.json and weights)
+    adapters: Dict[str, str] = field(default_factory=dict)
+    max_loras: Optional[int] = None  # adapters one batch may mix; null: all of them, at most 8
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's allowed max_lora_rank values
 
 
 @dataclass
@@ -337,6 +357,7 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)  # prompt templates, prompts as chat
     chat: ChatConfig = field(default_factory=ChatConfig)  # chat template options
     output: OutputConfig = field(default_factory=OutputConfig)  # the layout of the generated columns
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters, chosen per row by data.lora_column
     cluster: Any = MISSING  # LocalClusterConfig | SlurmClusterConfig, chosen by `cluster=<name>`
     tp: int = 1  # tensor parallel: GPUs that split each layer
     pp: int = 1  # pipeline parallel: GPUs that split the layers
@@ -491,12 +512,72 @@ def engine_args(
         args["enable_chunked_prefill"] = False
     for source in (cfg.model.engine, cfg.engine):  # null means "not set": keeps the model default
         args.update({k: v for k, v in source.items() if v is not None})
+    args.update(lora_engine_args(cfg.lora))
     args["tensor_parallel_size"] = cfg.tp
     args["pipeline_parallel_size"] = cfg.pp
     if cfg.ep:
         args["enable_expert_parallel"] = True
         args.update(expert_engine_args(cfg.expert))
     return args
+
+
+def adapter_rank(path: str) -> int:
+    """A PEFT LoRA adapter's largest rank (`r` and its `rank_pattern`, adapter_config.json);
+    ValueError (one line) when it cannot be read."""
+    import json
+
+    p = os.path.join(os.path.expanduser(path), "adapter_config.json")
+    try:
+        with open(p, encoding="utf-8") as f:
+            conf = json.load(f)
+        ranks = [conf["r"], *(conf.get("rank_pattern") or {}).values()]
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+            raise ValueError(f"its ranks {ranks} are not integers >= 1")
+        return max(ranks)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p} is not a LoRA adapter's config: {getattr(e, 'strerror', None) or e}") from None
+
+
+def lora_engine_args(lora: LoraConfig) -> Dict[str, Any]:
+    """vLLM's LoRA engine arguments for `lora.adapters` (none without adapters): enable_lora,
+    max_loras (lora.max_loras, else every adapter up to 8) and max_lora_rank (the adapters'
+    largest rank, rounded up to a value vLLM accepts). Reads each adapter_config.json."""
+    if not lora.adapters:
+        return {}
+    ranks = []
+    for path in lora.adapters.values():
+        try:
+            ranks.append(adapter_rank(path))
+        except ValueError:
+            ranks.append(LORA_RANKS[1])  # validate() refuses it; the plan still shows arguments
+    rank = max(ranks)
+    return {
+        "enable_lora": True,
+        "max_loras": lora.max_loras or min(len(lora.adapters), 8),
+        "max_lora_rank": next((r for r in LORA_RANKS if r >= rank), rank),
+    }
+
+
+def _lora_errors(cfg: RunConfig) -> List[str]:
+    lora, col, errs = cfg.lora, cfg.data.lora_column, []
+    if col is not None and not lora.adapters:
+        errs.append(f"data.lora_column={col!r} names each row's adapter, and lora.adapters is empty")
+    if lora.adapters and col is None:
+        errs.append("lora.adapters is set, and no data.lora_column says which rows use which adapter")
+    if lora.max_loras is not None and lora.max_loras < 1:
+        errs.append(f"lora.max_loras must be >= 1 or null, got {lora.max_loras!r}")
+    for name, path in lora.adapters.items():
+        if not name or not isinstance(path, str) or not path:
+            errs.append(f"lora.adapters: {name!r}: {path!r} is not a name and a directory")
+            continue
+        try:
+            rank = adapter_rank(path)
+        except ValueError as e:
+            errs.append(f"lora.adapters.{name}: {e}")
+            continue
+        if rank > LORA_RANKS[-1]:
+            errs.append(f"lora.adapters.{name}: rank {rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+    return errs
 
 
 def seeded_sampling(cfg: RunConfig, input_format: Optional[str] = None) -> bool:
@@ -543,7 +624,7 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
         + _engine_errors(cfg)
         + _secret_errors(cfg, os.environ if env is None else env)
     )
-    errors += _expert_errors(cfg) + _unused_value_errors(cfg)
+    errors += _expert_errors(cfg) + _unused_value_errors(cfg) + _lora_errors(cfg)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(
             f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
@@ -861,7 +942,9 @@ def _data_errors(d: DataConfig) -> List[str]:
         errs.append(
             f"data.sampling_column={d.sampling_column!r} must differ from the prompt, id and max_tokens columns"
         )
-    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column, d.sampling_column):
+    if d.lora_column is not None and d.lora_column in (d.prompt_column, d.id_column, d.sampling_column):
+        errs.append(f"data.lora_column={d.lora_column!r} must differ from the prompt, id and sampling columns")
+    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column, d.sampling_column, d.lora_column):
         if col in OUTPUT_COLUMNS:
             errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")
     if d.format not in INPUT_FORMATS:
@@ -904,6 +987,7 @@ def batch_errors(cfg: RunConfig) -> List[str]:
             ("data.messages_column", d.messages_column),
             ("data.max_tokens_column", d.max_tokens_column),
             ("data.sampling_column", d.sampling_column),
+            ("data.lora_column", d.lora_column),
             ("prompt.template", p.template),
             ("prompt.template_file", p.template_file),
             ("prompt.chat", p.chat or None),

@@ -146,3 +146,73 @@ def test_openai_batch_bodies_give_n_and_logprobs(tmp_path):
     assert est[0] - est[3] >= 199  # n=3 of the context's 100 tokens, against one
     with pytest.raises(ConfigError, match="output.explode_samples does not apply to OpenAI Batch"):
         validate(compose(["data.format=openai_batch", "output.explode_samples=true", "sampling.n=2"]))
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+def test_lora_engine_args_are_sized_from_the_adapters(tmp_path):
+    from conftest import write_lora_adapter
+
+    a = write_lora_adapter(tmp_path / "a", rank=8)
+    b = write_lora_adapter(tmp_path / "b", rank=12)
+    cfg = compose([f"+lora.adapters.a={a}", f"+lora.adapters.b={b}", "data.lora_column=adapter"])
+    validate(cfg)
+    args = engine_args(cfg, "m")
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (True, 2, 16)  # 12 -> vLLM's 16
+    cfg.lora.max_loras = 1
+    assert engine_args(cfg, "m")["max_loras"] == 1
+    assert "enable_lora" not in engine_args(compose([]), "m")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.lora_column=adapter"],
+            "data.lora_column='adapter' names each row's adapter, and lora.adapters is empty",
+        ),
+        (["+lora.adapters.x=/nonexistent"], "no data.lora_column says which rows"),
+        (
+            ["+lora.adapters.x=/nonexistent", "data.lora_column=a"],
+            "lora.adapters.x: /nonexistent/adapter_config.json is not",
+        ),
+        (["+engine.enable_lora=true"], "engine.enable_lora=True: set lora.adapters instead"),
+        (["data.format=openai_batch", "data.lora_column=a"], "data.lora_column does not apply to OpenAI Batch"),
+    ],
+)
+def test_lora_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate(compose(overrides))
+
+
+def test_an_unknown_adapter_name_is_refused_when_planned(tmp_path):
+    from conftest import write_lora_adapter
+
+    from hpcinfer.planning.prompts import check_lora_names
+
+    a = write_lora_adapter(tmp_path / "a")
+    cfg = compose([f"+lora.adapters.a={a}", "data.lora_column=adapter"])
+    spec = request_spec(cfg, "parquet")
+    assert spec.lora_adapters == {"a": str(a)} and spec.lora_column == "adapter"
+    pq.write_table(pa.table({"prompt": ["x"] * 3, "adapter": ["a", None, "b"]}), tmp_path / "x.parquet")
+    files = [InputFile(str(tmp_path / "x.parquet"), 3)]
+    with pytest.raises(DataError, match=r"row 2 of .* names adapter 'b', which is not one of lora.adapters \['a'\]"):
+        check_lora_names(files, spec)
+    pq.write_table(pa.table({"prompt": ["x"] * 2, "adapter": ["a", None]}), tmp_path / "x.parquet")
+    check_lora_names(files, spec)
+    with pytest.raises(DataError, match="expected adapter names"):
+        check_columns(spec, cfg, "x", pa.schema([("prompt", pa.string()), ("adapter", pa.int64())]))
+
+
+def test_lora_rows_become_requests_with_their_adapter():
+    from hpcinfer.rank.requests import build_requests
+    from hpcinfer.rundir.records import RequestSpec
+
+    class Tok:
+        def __call__(self, texts):
+            return {"input_ids": [[1] * len(t) for t in texts]}
+
+    spec = RequestSpec(lora_column="adapter", lora_adapters={"b": "/b", "a": "/a"})
+    table = pa.table({"prompt": ["x", "y", "z"], "adapter": ["b", None, "c"]})
+    b, base, unknown = build_requests(table, range(3), range(3), compose([]), Tok(), 50, spec)
+    assert b.lora == ("b", 2, "/b") and base.lora is None
+    assert "'c' is not one of lora.adapters ['a', 'b']" in unknown.error

@@ -20,7 +20,7 @@ from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
-from hpcinfer.planning.prompts import check_columns, request_spec
+from hpcinfer.planning.prompts import check_columns, check_lora_names, request_spec
 from hpcinfer.planning.sharding import (
     RowSampling,
     active_ranks,
@@ -81,6 +81,8 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             check=lambda path, schema: check_columns(request, cfg, path, schema),
         )
     request, output = row_control(cfg, inputs, request, fmt)
+    if all(os.path.isfile(f.path) for f in inputs.files):
+        check_lora_names(inputs.files, request)
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
     shards = cut_shards(cfg, inputs, ranks, request)

@@ -106,7 +106,14 @@ class VllmEngine:
             params.output_kind = self._final_only
         self._pending[request_id] = (tag, index)
         self._logprobs[request_id] = (params.logprobs, params.prompt_logprobs)
-        internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
+        lora = None
+        if getattr(request, "lora", None) is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(*request.lora)
+        internal = self.llm.llm_engine.add_request(
+            request_id, {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora
+        )
         if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
             self._aliases[internal] = request_id
 

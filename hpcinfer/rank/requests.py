@@ -43,6 +43,8 @@ class Request:
     # SamplingParams keyword arguments, seed and max_tokens included; an OpenAI Batch row: the
     # SamplingParams vLLM's protocol classes made of its body
     sampling: Any
+    # the row's LoRA adapter as vLLM's LoRARequest takes it: (name, id >= 1, path); None: the base model
+    lora: Optional[Tuple[str, int, str]] = None
 
 
 def row_error(prompt: Any, n_tokens: Optional[int], max_model_len: int) -> Optional[str]:
@@ -178,8 +180,9 @@ def build_requests(
     values = (
         table.column(spec.sampling_column).take(take).to_pylist() if spec.sampling_column else [None] * len(positions)
     )
+    adapters = table.column(spec.lora_column).take(take).to_pylist() if spec.lora_column else [None] * len(positions)
     out: List[Union[Request, RowResult]] = []
-    for prompt, cap, value, row in zip(prompts, caps, values, rows, strict=True):
+    for prompt, cap, value, adapter, row in zip(prompts, caps, values, adapters, rows, strict=True):
         toks = None if isinstance(prompt, Failed) else next(rendered)
         if isinstance(toks, str):
             prompt, toks = Failed(toks), None
@@ -187,11 +190,21 @@ def build_requests(
         kwargs = None if err else row_kwargs(base, value, cap, row, spec.seed_stride)
         if isinstance(kwargs, str):
             err = kwargs
+        if not err and adapter is not None and adapter not in spec.lora_adapters:  # planning checks them
+            err = f"data.lora_column: {adapter!r} is not one of lora.adapters {sorted(spec.lora_adapters)}"
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
-        out.append(Request(row, toks, kwargs))
+        out.append(Request(row, toks, kwargs, lora_request(spec.lora_adapters, adapter)))
     return out
+
+
+def lora_request(adapters: Dict[str, str], name: Optional[str]) -> Optional[Tuple[str, int, str]]:
+    """(name, id, path) of adapter `name` of `adapters` (RequestSpec.lora_adapters), None for
+    the base model: ids are 1 + the name's place among the sorted names, the same on every rank. Pure."""
+    if name is None:
+        return None
+    return name, 1 + sorted(adapters).index(name), adapters[name]
 
 
 @dataclass(frozen=True)

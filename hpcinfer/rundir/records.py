@@ -145,6 +145,8 @@ class RequestSpec(Record):
     # derived seeds: row i's is sampling.seed + i x seed_stride (the run's largest n: its samples
     # take seed .. seed + n - 1, so no two samples of the run share one)
     seed_stride: int = 1
+    lora_column: Optional[str] = None  # data.lora_column: each row's adapter (a name of lora_adapters)
+    lora_adapters: Dict[str, str] = field(default_factory=dict)  # lora.adapters, absolute paths
 
     @property
     def renders_chat(self) -> bool:

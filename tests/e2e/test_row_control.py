@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, write_lora_adapter
 
 pytestmark = pytest.mark.vllm
 
@@ -43,6 +44,10 @@ ROWS = [
     {"max_tokens": "many"},  # invalid: the row's error
 ]
 ERRORS = {8: "sampling.temperature must be >= 0", 9: "max_tokens='many' has the wrong type"}
+# a last row: row 0's prompt through a LoRA adapter (data.lora_column; the others: the base model)
+PROMPTS.append(PROMPTS[0])
+ROWS.append(None)
+ADAPTERS = [None] * (len(PROMPTS) - 1) + ["ad"]
 MAX_TOKENS = 6
 SCHEMA = {
     "type": "object",
@@ -98,14 +103,16 @@ REFERENCE = """
 import json, sys
 from vllm import LLM, SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
+from vllm.lora.request import LoRARequest
 llm = LLM(**json.loads(sys.argv[1]))
+lora = [None if a is None else LoRARequest(a, 1, sys.argv[5]) for a in json.loads(sys.argv[4])] + [None]
 params = []
 for kw in json.loads(sys.argv[3]):
     if "structured_outputs" in kw:
         kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
     params.append(SamplingParams(**kw))
 params.append(SamplingParams(n=2, seed=11, temperature=1.0, max_tokens=4, logprobs=2))  # the completion line
-outs = llm.generate(json.loads(sys.argv[2]) + ["The river"], params, use_tqdm=False)
+outs = llm.generate(json.loads(sys.argv[2]) + ["The river"], params, lora_request=lora, use_tqdm=False)
 def lp(ids, entries):
     if entries is None:
         return None
@@ -146,14 +153,24 @@ def _reference_params():
 def runs(tmp_path_factory, cli_env):
     d = tmp_path_factory.mktemp("row-control")
     table = pa.table(
-        {"id": list(range(len(PROMPTS))), "prompt": PROMPTS, "s": [json.dumps(r) if r else None for r in ROWS]}
+        {
+            "id": list(range(len(PROMPTS))),
+            "prompt": PROMPTS,
+            "s": [json.dumps(r) if r else None for r in ROWS],
+            "adapter": pa.array(ADAPTERS, pa.string()),
+        }
     )
     pq.write_table(table, d / "rows.parquet")
     pq.write_table(pa.table({"prompt": SCHEMA_PROMPTS}), d / "schema_rows.parquet")
     (d / "schema.json").write_text(json.dumps(SCHEMA))
     (d / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in BATCH_LINES))
     env = _fast(cli_env)
-    common = [f"data.input={d / 'rows.parquet'}", "data.sampling_column=s"]
+    from hpcinfer.planning.models import ensure_builtin_model
+
+    model = ensure_builtin_model("tiny-llama", cli_env["HPCINFER_CACHE"])
+    adapter = write_lora_adapter(d / "adapter", Path(model))
+    common = [f"data.input={d / 'rows.parquet'}", "data.sampling_column=s", "data.lora_column=adapter"]
+    common += [f"+lora.adapters.ad={adapter}"]
     dirs = {name: d / name for name in ("dp2", "dp1", "schema", "batch")}
     procs = {
         "dp2": _start(_submit(dirs["dp2"], "dp=2", "data.shard_rows=3", *common), env),
@@ -171,6 +188,7 @@ def runs(tmp_path_factory, cli_env):
     args = json.loads((dirs["dp2"] / "summary.json").read_text())["engine_args"]
     valid = [p for i, p in enumerate(PROMPTS) if i not in ERRORS]
     ref = [sys.executable, "-c", REFERENCE, json.dumps(args), json.dumps(valid), json.dumps(_reference_params())]
+    ref += [json.dumps([a for i, a in enumerate(ADAPTERS) if i not in ERRORS]), str(adapter)]
     procs["llm"] = _start(ref, env)
     procs["dp1"] = _start(_submit(dirs["dp1"], "output.explode_samples=true", *common), env)
     procs["batch"] = _start(_submit(dirs["batch"], f"data.input={d / 'batch.jsonl'}"), env)
@@ -253,6 +271,16 @@ def test_logprobs_equal_vllms(runs):
     assert theirs[0] is None and [x["token_id"] for x in plp[1:]] == [t for t, _ in theirs[1:]]
     assert [x["logprob"] for x in plp[1:]] == pytest.approx([v for _, v in theirs[1:]])
     assert plp[0]["logprob"] is None and len(plp) == rows[p]["prompt_tokens"]
+
+
+def test_lora_row_equals_generate_with_its_lora_request(runs):
+    """The last row is row 0's prompt through adapter 'ad': LLM.generate with LoRARequest gives
+    the same text (test_per_row_params...), and the adapter changes it."""
+    rows = _rows(runs["dp2"])
+    assert rows[-1]["adapter"] == "ad" and rows[-1]["error"] is None
+    assert rows[-1]["generated_text"] != rows[0]["generated_text"]
+    a = runs["args"]
+    assert (a["enable_lora"], a["max_loras"], a["max_lora_rank"]) == (True, 1, 8)
 
 
 def test_choice_row_yields_one_of_the_choices(runs):
