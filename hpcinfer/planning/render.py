@@ -80,6 +80,8 @@ def describe_output(plan: Plan) -> str:
     r, o, parts = plan.request, plan.output, []
     if r.sampling_column is not None:
         parts.append(f"each row's own sampling from column {r.sampling_column!r}")
+    if r.lora_column is not None:
+        parts.append(f"LoRA adapters {sorted(r.lora_adapters)} by column {r.lora_column!r}")
     if o.samples:
         parts.append(
             f"up to {r.seed_stride} samples a row, "
