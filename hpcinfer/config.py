@@ -190,6 +190,10 @@ class LoraConfig:
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's allowed max_lora_rank values
+PROMPT_LOGPROBS_WITH_LORA = (
+    "prompt logprobs with LoRA enabled fail in vLLM 0.32 (the LoRA logits processor's token mapping does not "
+    "fit the prompt's tokens: vllm-project/vllm#29955, #16668)"
+)
 
 
 @dataclass
@@ -564,6 +568,8 @@ def _lora_errors(cfg: RunConfig) -> List[str]:
         errs.append(f"data.lora_column={col!r} names each row's adapter, and lora.adapters is empty")
     if lora.adapters and col is None:
         errs.append("lora.adapters is set, and no data.lora_column says which rows use which adapter")
+    if lora.adapters and cfg.sampling.prompt_logprobs is not None:
+        errs.append(f"sampling.prompt_logprobs with lora.adapters: {PROMPT_LOGPROBS_WITH_LORA}; score without adapters")
     if lora.max_loras is not None and lora.max_loras < 1:
         errs.append(f"lora.max_loras must be >= 1 or null, got {lora.max_loras!r}")
     for name, path in lora.adapters.items():

@@ -216,3 +216,16 @@ def test_lora_rows_become_requests_with_their_adapter():
     b, base, unknown = build_requests(table, range(3), range(3), compose([]), Tok(), 50, spec)
     assert b.lora == ("b", 2, "/b") and base.lora is None
     assert "'c' is not one of lora.adapters ['a', 'b']" in unknown.error
+
+
+def test_prompt_logprobs_with_lora_are_refused(tmp_path):
+    from conftest import write_lora_adapter
+
+    a = write_lora_adapter(tmp_path / "a")
+    with pytest.raises(ConfigError, match="vllm-project/vllm#29955"):
+        validate(compose([f"+lora.adapters.a={a}", "data.lora_column=x", "sampling.prompt_logprobs=1"]))
+    files, _ = _file(tmp_path, [{"prompt_logprobs": 0}])
+    cfg = compose([f"+lora.adapters.a={a}", "data.lora_column=x", "data.sampling_column=s"])
+    inputs = Inputs(files, pa.schema([("prompt", pa.string()), ("s", pa.string())]))
+    with pytest.raises(ConfigError, match="asks for prompt_logprobs with lora.adapters"):
+        row_control(cfg, inputs, request_spec(cfg, "parquet"), "parquet")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from hpcinfer.config import RunConfig, engine_args, validate
+from hpcinfer.config import PROMPT_LOGPROBS_WITH_LORA, RunConfig, engine_args, validate
 from hpcinfer.doctor import conflict_message
-from hpcinfer.errors import UserError
+from hpcinfer.errors import ConfigError, UserError
 from hpcinfer.planning.convert import OPENAI_BATCH, PARQUET, convert, input_format
 from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
@@ -119,6 +119,11 @@ def row_control(cfg: RunConfig, inputs: Inputs, request: RequestSpec, fmt: str) 
     rows = RowSampling(s.n, s.logprobs is not None, s.prompt_logprobs is not None)
     if request.sampling_column is not None and all(os.path.isfile(f.path) for f in inputs.files):
         rows = scan_row_sampling(inputs.files, request.sampling_column, s)
+    if rows.prompt_logprobs and cfg.lora.adapters and fmt != OPENAI_BATCH:
+        raise ConfigError(
+            f"data.sampling_column={request.sampling_column!r} asks for prompt_logprobs with lora.adapters: "
+            f"{PROMPT_LOGPROBS_WITH_LORA}; score without adapters"
+        )
     if fmt == OPENAI_BATCH:  # each body is its request: its n, its logprobs
         files = all(os.path.isfile(f.path) for f in inputs.files)
         rows = scan_batch_bodies(inputs.files) if files else RowSampling()

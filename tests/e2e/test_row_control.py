@@ -2,15 +2,18 @@
 
 One input of tiny prompts, each row with its own sampling in `data.sampling_column` (JSON text):
 greedy rows, per-row `max_tokens` with `ignore_eos` (honoured exactly), seeded rows with `n=3`
-(the row's own seed, and a seed derived from the row), `logprobs=2`, `prompt_logprobs=1`, a
-`choice` constraint, and two invalid values (row errors). It runs at dp=2 (list columns) and at
-dp=1 with `output.explode_samples=true`; each row equals one in-process `LLM.generate` with a
-list of SamplingParams (the texts of every sample, finish reasons, token counts, logprobs), and
-the two layouts give the same samples. A run with a global JSON schema from a file (nested
-object, enums, an array with maxItems) has every row parse and validate.
+(the row's own seed, and a seed derived from the row), `logprobs=2` and `logprobs=0`, a `choice`
+constraint, two invalid values (row errors), and a row through a LoRA adapter written here
+(`data.lora_column`). It runs at dp=2 (list columns) and at dp=1 with
+`output.explode_samples=true`; each row equals one in-process `LLM(enable_lora=...).generate`
+with a list of SamplingParams and LoRARequests (every sample's text, finish reasons, token
+counts, logprobs), and the two layouts give the same samples. A run with a global JSON schema
+from a file (nested object, enums, an array with maxItems) has every row parse and validate,
+and scores its prompts (`prompt_logprobs=1`: not with LoRA, which vLLM 0.32 fails). OpenAI Batch
+lines with `n` and logprobs give n choices and OpenAI-shaped logprobs equal to vLLM's.
 
-The three runs start at once; the reference engine starts with the dp=1 runs, once the dp=2 run
-has given its engine_args.
+The dp=2 and schema runs start at once; the reference engine, the dp=1 run and the OpenAI Batch
+run start together once the dp=2 run has given its engine_args.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ ROWS = [
     {"temperature": 0.8, "top_p": 0.9, "seed": 5, "n": N, "max_tokens": 5},  # its own seed
     {"temperature": 1.0, "n": N, "max_tokens": 4},  # seed derived: sampling.seed + row x 3
     {"logprobs": 2, "max_tokens": 4},
-    {"prompt_logprobs": 1, "max_tokens": 2},
+    {"logprobs": 0, "max_tokens": 2},
     {"structured": {"choice": CHOICES}, "temperature": 1.0, "seed": 3},
     {"temperature": -1},  # invalid: the row's error
     {"max_tokens": "many"},  # invalid: the row's error
@@ -180,6 +183,7 @@ def runs(tmp_path_factory, cli_env):
                 f"data.input={d / 'schema_rows.parquet'}",
                 f"sampling.structured.json_schema={d / 'schema.json'}",
                 "sampling.max_tokens=64",
+                "sampling.prompt_logprobs=1",
             ),
             env,
         ),
@@ -262,15 +266,20 @@ def test_logprobs_equal_vllms(runs):
     assert all(len(x["top_logprobs"]) == 2 for x in lps)
     assert all(x["top_logprobs"][0]["logprob"] >= x["top_logprobs"][1]["logprob"] for x in lps)
     assert rows[k]["cumulative_logprob"][0] == pytest.approx(ref[k]["cumulative"][0])
-    assert all(r["logprobs"] == [None] * len(r["generated_text"]) for j, r in enumerate(rows) if j != k)
-    p = [
-        i for i, row in enumerate(r for j, r in enumerate(ROWS) if j not in ERRORS) if row and "prompt_logprobs" in row
-    ][0]
-    plp = rows[p]["prompt_logprobs"]
-    theirs = ref[p]["prompt_logprobs"]
-    assert theirs[0] is None and [x["token_id"] for x in plp[1:]] == [t for t, _ in theirs[1:]]
-    assert [x["logprob"] for x in plp[1:]] == pytest.approx([v for _, v in theirs[1:]])
-    assert plp[0]["logprob"] is None and len(plp) == rows[p]["prompt_tokens"]
+    assert all(r["logprobs"] == [None] * len(r["generated_text"]) for j, r in enumerate(rows) if j not in (k, k + 1))
+    zero = rows[k + 1]["logprobs"][0]  # logprobs=0: each token's own logprob, no alternatives
+    assert [x["token_id"] for x in zero] == [t for t, _ in ref[k + 1]["logprobs"][0]]
+    assert all(x["top_logprobs"] == [] and x["logprob"] <= 0 for x in zero)
+
+
+def test_prompt_logprobs_score_every_prompt_token(runs):
+    """sampling.prompt_logprobs=1 (the schema run; vLLM 0.32 fails prompt logprobs with LoRA
+    enabled, so hpcinfer refuses them together): one entry per prompt token, the first without."""
+    for r in _rows(runs["schema"]):
+        plp = r["prompt_logprobs"]
+        assert len(plp) == r["prompt_tokens"] and plp[0]["logprob"] is None and plp[0]["top_logprobs"] == []
+        assert all(x["logprob"] <= 0 and len(x["top_logprobs"]) == 1 for x in plp[1:])
+        assert all(x["top_logprobs"][0]["logprob"] >= x["logprob"] - 1e-6 for x in plp[1:])
 
 
 def test_lora_row_equals_generate_with_its_lora_request(runs):
