@@ -203,6 +203,9 @@ class OutputConfig:
     # n > 1: one output row per sample (with `sample_index`, in input order, then sample order)
     # instead of one row per input row with list columns
     explode_samples: bool = False
+    # one of vLLM's reasoning parsers (e.g. qwen3, deepseek_r1): each completion's reasoning goes
+    # to a `reasoning_text` column and generated_text holds the answer only; null: no split
+    reasoning_parser: Optional[str] = None
 
 
 @dataclass
@@ -799,6 +802,8 @@ def _unused_value_errors(cfg: RunConfig) -> List[str]:
             "output.explode_samples=true applies only where a row may have several samples "
             "(sampling.n > 1, or n in data.sampling_column), and sampling.n=1"
         )
+    if cfg.output.reasoning_parser is not None and not cfg.output.reasoning_parser:
+        errs.append("output.reasoning_parser is empty: name one of vLLM's reasoning parsers, or null")
     if cfg.data.input is not None and cfg.data.demo_rows != DataConfig.demo_rows:
         errs.append(
             f"data.demo_rows={cfg.data.demo_rows!r} applies only to the built-in demo prompts (data.input=null), "

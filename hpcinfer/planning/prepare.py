@@ -81,6 +81,8 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             check=lambda path, schema: check_columns(request, cfg, path, schema),
         )
     request, output = row_control(cfg, inputs, request, fmt)
+    if cfg.output.reasoning_parser is not None:
+        check_reasoning_parser(cfg.output.reasoning_parser)
     if all(os.path.isfile(f.path) for f in inputs.files):
         check_lora_names(inputs.files, request)
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
@@ -111,6 +113,15 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
     )
 
 
+def check_reasoning_parser(name: str) -> None:
+    """`name` is one of vLLM's reasoning parsers (ConfigError naming them otherwise). Imports vLLM."""
+    from vllm.reasoning import ReasoningParserManager
+
+    names = sorted(ReasoningParserManager.list_registered())
+    if name not in names:
+        raise ConfigError(f"output.reasoning_parser={name!r} is not one of vLLM's reasoning parsers {names}")
+
+
 def row_control(cfg: RunConfig, inputs: Inputs, request: RequestSpec, fmt: str) -> Tuple[RequestSpec, OutputSpec]:
     """What the rows' own sampling (data.sampling_column, scanned) and sampling.* make of the run:
     the seed stride (the largest n) and the generated columns (list columns where n > 1 is
@@ -128,6 +139,7 @@ def row_control(cfg: RunConfig, inputs: Inputs, request: RequestSpec, fmt: str) 
         files = all(os.path.isfile(f.path) for f in inputs.files)
         rows = scan_batch_bodies(inputs.files) if files else RowSampling()
     output = OutputSpec(
+        reasoning=cfg.output.reasoning_parser is not None,
         samples=rows.max_n > 1 or cfg.output.explode_samples,
         explode=cfg.output.explode_samples,
         logprobs=rows.logprobs,

@@ -235,6 +235,22 @@ class VllmEngine:
             core.shutdown()
 
 
+def reasoning_split(name: str, tokenizer: Any):
+    """vLLM's reasoning parser `name` (ReasoningParserManager) over `tokenizer`, as a function
+    text -> (reasoning, answer): the parser's `extract_reasoning`, as vLLM's server splits a
+    chat completion's message into `reasoning` and `content`."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.reasoning import ReasoningParserManager
+
+    parser = ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
+    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": ""}]})
+
+    def split(text: str) -> Tuple[Optional[str], Optional[str]]:
+        return parser.extract_reasoning(text, request)
+
+    return split
+
+
 def _why(e: BaseException) -> str:
     """An exception as one line: pydantic's errors as their first problem, others with their type."""
     errors = getattr(e, "errors", None)

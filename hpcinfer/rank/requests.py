@@ -351,6 +351,19 @@ def row_result(output: Any, logprobs: Optional[int] = None, prompt_logprobs: Opt
     )
 
 
+def split_reasoning(result: RowResult, split: Any) -> RowResult:
+    """`result` with each sample's text split by `split` (text -> (reasoning, answer), vLLM's
+    reasoning parser: engine.reasoning_split) into its reasoning_text and its text (the answer;
+    "" when there is none). An error row is returned as it is. Pure, apart from `split`."""
+    if result.error is not None or split is None:
+        return result
+    samples = []
+    for s in result.samples or [Sample(result.generated_text or "", result.finish_reason, result.output_tokens)]:
+        reasoning, answer = split(s.text)
+        samples.append(replace(s, text=answer or "", reasoning_text=reasoning))
+    return replace(result, generated_text=samples[0].text, samples=samples)
+
+
 def token_logprobs(token_ids: Sequence[int], logprobs: Any, k: Optional[int]) -> Optional[List[Dict[str, Any]]]:
     """vLLM's logprobs of `token_ids` (per position: {token id: Logprob(logprob, rank,
     decoded_token)}, the top k and the token itself; None for a prompt's first token) as rows of

@@ -35,7 +35,7 @@ from hpcinfer.errors import disk_full, disk_full_message, exit_on_signal
 from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
 from hpcinfer.rank import staging
 from hpcinfer.rank.engine import Engine
-from hpcinfer.rank.requests import build_requests
+from hpcinfer.rank.requests import build_requests, split_reasoning
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
 from hpcinfer.rundir.claims import ClaimLost, end_beat
 from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
@@ -264,6 +264,11 @@ class ShardLoop:
     ):
         self.spec = spec  # how rows become requests (plan.json's); None: the prompt column
         self.output = output  # the generated columns (plan.json's); None: one sample, no logprobs
+        self.split = None  # output.reasoning_parser: text -> (reasoning, answer), vLLM's parser
+        if cfg.output.reasoning_parser is not None:
+            from hpcinfer.rank.engine import reasoning_split
+
+            self.split = reasoning_split(cfg.output.reasoning_parser, engine.tokenizer)
         self.rd, self.cfg, self.work, self.schema, self.engine, self.state, self.rank = (
             rd,
             cfg,
@@ -356,6 +361,7 @@ class ShardLoop:
         o = self.open.get(tag)
         if o is None:  # its shard was dropped (taken over) while the row was in flight
             return
+        result = split_reasoning(result, self.split)
         try:
             o.ck.add(o.todo[i], result)
         except ClaimLost as e:

@@ -98,7 +98,7 @@ def output_line(row: Dict[str, Any], n: int, run: str, created: int, default_mod
                         "annotations": None,
                         "audio": None,
                         "function_call": None,
-                        "reasoning": None,
+                        "reasoning": s["reasoning_text"],
                     },
                     "logprobs": chat_logprobs(s["logprobs"]),
                     "finish_reason": s["finish_reason"],
@@ -129,12 +129,14 @@ def _samples(row: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "finish_reason": row["finish_reason"],
                 "output_tokens": row["output_tokens"],
                 "logprobs": row.get("logprobs"),
+                "reasoning_text": row.get("reasoning_text"),
             }
         ]
     logprobs = row.get("logprobs") or [None] * len(texts)
+    reasoning = row.get("reasoning_text") or [None] * len(texts)
     return [
-        {"text": t, "finish_reason": f, "output_tokens": o, "logprobs": lp}
-        for t, f, o, lp in zip(texts, row["finish_reason"], row["output_tokens"], logprobs, strict=True)
+        {"text": t, "finish_reason": f, "output_tokens": o, "logprobs": lp, "reasoning_text": r}
+        for t, f, o, lp, r in zip(texts, row["finish_reason"], row["output_tokens"], logprobs, reasoning, strict=True)
     ]
 
 
@@ -194,7 +196,7 @@ def write_results_jsonl(results: Path, out: Path, run: str, default_model: str) 
     created, n = int(time.time()), 0
     columns = ["custom_id", "url", "body", "generated_text", "finish_reason", "prompt_tokens", "output_tokens", "error"]
     pf = pq.ParquetFile(results)
-    columns += [c for c in ("logprobs",) if c in pf.schema_arrow.names]
+    columns += [c for c in ("logprobs", "reasoning_text") if c in pf.schema_arrow.names]
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):

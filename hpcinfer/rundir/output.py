@@ -37,6 +37,7 @@ class OutputSpec:
     explode: bool = False
     logprobs: bool = False
     prompt_logprobs: bool = False
+    reasoning: bool = False  # output.reasoning_parser: a `reasoning_text` column (per sample)
 
 
 # One token's logprob: its id, its text, its logprob, and the top alternatives (the token itself
@@ -61,6 +62,7 @@ class Sample:
     output_tokens: int
     cumulative_logprob: Optional[float] = None  # with logprobs
     logprobs: Optional[List[Dict[str, Any]]] = None  # with logprobs: one LOGPROB per generated token
+    reasoning_text: Optional[str] = None  # output.reasoning_parser: the reasoning (text: the answer)
 
 
 @dataclass
@@ -95,9 +97,10 @@ OUTPUT_COLUMNS: Tuple[str, ...] = (
     "cumulative_logprob",
     "logprobs",
     "prompt_logprobs",
+    "reasoning_text",
     SAMPLE_INDEX,
 )
-PER_SAMPLE = ("generated_text", "finish_reason", "output_tokens", "cumulative_logprob", "logprobs")
+PER_SAMPLE = ("generated_text", "finish_reason", "output_tokens", "cumulative_logprob", "logprobs", "reasoning_text")
 
 
 def generated_schema(spec: Optional[OutputSpec] = None, exploded: bool = False) -> pa.Schema:
@@ -109,6 +112,8 @@ def generated_schema(spec: Optional[OutputSpec] = None, exploded: bool = False) 
         fields += [pa.field("cumulative_logprob", pa.float64()), pa.field("logprobs", pa.list_(LOGPROB))]
     if spec.prompt_logprobs:
         fields.append(pa.field("prompt_logprobs", pa.list_(LOGPROB)))
+    if spec.reasoning:
+        fields.append(pa.field("reasoning_text", pa.string()))
     fields.append(GENERATED.field("error"))
     if spec.samples and not exploded:
         fields = [pa.field(f.name, pa.list_(f.type)) if f.name in PER_SAMPLE else f for f in fields]

@@ -68,6 +68,14 @@ SCHEMA = {
     "additionalProperties": False,
 }
 SCHEMA_PROMPTS = ["Describe a pet:", "JSON:", "{"]
+# The reasoning split: a chat template that opens a think tag, a regex that makes the random model
+# close it, vLLM's qwen3 reasoning parser
+THINK_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}"
+)
+THINK_REGEX = "(ab|cd)</think>(ef|gh)"
+THINK_PROMPTS = ["Think about rivers.", "Why?"]
 # OpenAI Batch lines with n choices and logprobs (results.jsonl in the OpenAI shape)
 BATCH_BODY = {"model": "tiny", "prompt": "The river", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 11}
 BATCH_LINES = [
@@ -99,7 +107,7 @@ def _wait(name, p, timeout=900):
 
 def _submit(run_dir, *args):
     greedy = ["sampling=greedy", f"sampling.max_tokens={MAX_TOKENS}", f"run_dir={run_dir}"]
-    return [sys.executable, "-m", "hpcinfer.submit", *args, *greedy]
+    return [sys.executable, "-m", "hpcinfer.submit", *greedy, *args]  # args last: they win
 
 
 REFERENCE = """
@@ -116,6 +124,15 @@ for kw in json.loads(sys.argv[3]):
     params.append(SamplingParams(**kw))
 params.append(SamplingParams(n=2, seed=11, temperature=1.0, max_tokens=4, logprobs=2))  # the completion line
 outs = llm.generate(json.loads(sys.argv[2]) + ["The river"], params, lora_request=lora, use_tqdm=False)
+from vllm.reasoning import ReasoningParserManager
+parser = ReasoningParserManager.get_reasoning_parser("qwen3")(llm.get_tokenizer())
+think = llm.chat(
+    [[{"role": "user", "content": p}] for p in json.loads(sys.argv[8])],
+    SamplingParams(temperature=0, max_tokens=16, structured_outputs=StructuredOutputsParams(regex=sys.argv[7])),
+    chat_template=sys.argv[6],
+    use_tqdm=False,
+)
+think = [list(parser.extract_reasoning(o.outputs[0].text, None)) for o in think]
 def lp(ids, entries):
     if entries is None:
         return None
@@ -131,7 +148,7 @@ print(json.dumps([
         "prompt_tokens": len(o.prompt_token_ids),
     }
     for o in outs
-]))
+] + [think]))
 """
 
 
@@ -166,6 +183,8 @@ def runs(tmp_path_factory, cli_env):
     pq.write_table(table, d / "rows.parquet")
     pq.write_table(pa.table({"prompt": SCHEMA_PROMPTS}), d / "schema_rows.parquet")
     (d / "schema.json").write_text(json.dumps(SCHEMA))
+    (d / "think.jinja").write_text(THINK_TEMPLATE)
+    pq.write_table(pa.table({"prompt": THINK_PROMPTS}), d / "think.parquet")
     (d / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in BATCH_LINES))
     env = _fast(cli_env)
     from hpcinfer.planning.models import ensure_builtin_model
@@ -174,7 +193,7 @@ def runs(tmp_path_factory, cli_env):
     adapter = write_lora_adapter(d / "adapter", Path(model))
     common = [f"data.input={d / 'rows.parquet'}", "data.sampling_column=s", "data.lora_column=adapter"]
     common += [f"+lora.adapters.ad={adapter}"]
-    dirs = {name: d / name for name in ("dp2", "dp1", "schema", "batch")}
+    dirs = {name: d / name for name in ("dp2", "dp1", "schema", "batch", "think")}
     procs = {
         "dp2": _start(_submit(dirs["dp2"], "dp=2", "data.shard_rows=3", *common), env),
         "schema": _start(
@@ -193,14 +212,19 @@ def runs(tmp_path_factory, cli_env):
     valid = [p for i, p in enumerate(PROMPTS) if i not in ERRORS]
     ref = [sys.executable, "-c", REFERENCE, json.dumps(args), json.dumps(valid), json.dumps(_reference_params())]
     ref += [json.dumps([a for i, a in enumerate(ADAPTERS) if i not in ERRORS]), str(adapter)]
+    ref += [THINK_TEMPLATE, THINK_REGEX, json.dumps(THINK_PROMPTS)]
     procs["llm"] = _start(ref, env)
     procs["dp1"] = _start(_submit(dirs["dp1"], "output.explode_samples=true", *common), env)
     procs["batch"] = _start(_submit(dirs["batch"], f"data.input={d / 'batch.jsonl'}"), env)
-    *reference, batch_reference = json.loads(_wait("llm", procs["llm"]).strip().splitlines()[-1])
+    think = [f"data.input={d / 'think.parquet'}", "prompt.chat=true", f"model.chat_template={d / 'think.jinja'}"]
+    think += [f"sampling.structured.regex='{THINK_REGEX}'", "output.reasoning_parser=qwen3"]
+    procs["think"] = _start(_submit(dirs["think"], *think, "sampling.max_tokens=16"), env)
+    *reference, batch_reference, think_reference = json.loads(_wait("llm", procs["llm"]).strip().splitlines()[-1])
     _wait("dp1", procs["dp1"])
     _wait("schema", procs["schema"])
     _wait("batch", procs["batch"])
-    return {**dirs, "reference": reference, "batch_reference": batch_reference, "args": args}
+    _wait("think", procs["think"])
+    return {**dirs, "reference": reference, "batch_reference": batch_reference, "think": think_reference, "args": args}
 
 
 def _rows(run_dir):
@@ -323,3 +347,11 @@ def test_openai_batch_n_choices_and_logprobs_in_the_openai_shape(runs):
         assert 1 <= len(content) <= 3 and all(
             len(t["top_logprobs"]) == 1 and isinstance(t["bytes"], list) for t in content
         )
+
+
+def test_reasoning_split_with_a_template_that_opens_a_think_tag(runs):
+    """output.reasoning_parser=qwen3: reasoning_text is what came before </think>, generated_text
+    the answer after it, as vLLM's parser splits LLM.chat's text."""
+    rows = _rows(runs["think"])
+    assert [[r["reasoning_text"], r["generated_text"]] for r in rows] == runs["think"]
+    assert all(r["reasoning_text"] in ("ab", "cd") and r["generated_text"] in ("ef", "gh") for r in rows)
