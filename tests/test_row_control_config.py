@@ -229,3 +229,13 @@ def test_prompt_logprobs_with_lora_are_refused(tmp_path):
     inputs = Inputs(files, pa.schema([("prompt", pa.string()), ("s", pa.string())]))
     with pytest.raises(ConfigError, match="asks for prompt_logprobs with lora.adapters"):
         row_control(cfg, inputs, request_spec(cfg, "parquet"), "parquet")
+
+
+def test_the_reasoning_parser_is_one_of_vllms():
+    from hpcinfer.planning.prepare import check_reasoning_parser
+
+    check_reasoning_parser("qwen3")
+    with pytest.raises(ConfigError, match="output.reasoning_parser='nope' is not one of vLLM's reasoning parsers"):
+        check_reasoning_parser("nope")
+    with pytest.raises(ConfigError, match="output.reasoning_parser is empty"):
+        validate(compose(["output.reasoning_parser=''"]))

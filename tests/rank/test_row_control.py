@@ -225,3 +225,24 @@ def test_scalar_columns_take_the_first_samples_logprobs():
 def test_request_spec_round_trips_its_new_fields():
     spec = RequestSpec(sampling_column="s", json_schema="{}", seed_stride=3)
     assert RequestSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+
+
+# ---- the reasoning split ---------------------------------------------------------------------------
+def test_split_reasoning_puts_the_reasoning_aside_per_sample():
+    from hpcinfer.rank.requests import split_reasoning
+
+    def split(text):  # as vLLM's think-tag parsers: (reasoning, answer)
+        head, sep, tail = text.partition("</think>")
+        return (head, tail or None) if sep else (text, None)
+
+    r = RowResult("a</think>b", "stop", 1, 3, None, [Sample("a</think>b", "stop", 2), Sample("c", "length", 1)])
+    out = split_reasoning(r, split)
+    assert out.generated_text == "b" and [(s.reasoning_text, s.text) for s in out.samples] == [("a", "b"), ("c", "")]
+    assert split_reasoning(RowResult("x</think>y", "stop", 1, 1, None), split).samples[0].reasoning_text == "x"
+    err = RowResult(None, None, 0, 0, "prompt is null")
+    assert split_reasoning(err, split) is err and split_reasoning(r, None) is r
+    t = output_table(pa.table({"id": [1]}), [0], [out], 0, OutputSpec(samples=True, reasoning=True))
+    assert t.column("reasoning_text").to_pylist() == [["a", "c"]] and t.column("generated_text").to_pylist() == [
+        ["b", ""]
+    ]
+    assert generated_schema(OutputSpec(reasoning=True)).field("reasoning_text").type == pa.string()
