@@ -14,11 +14,14 @@ Rows are raw prompts, prompt templates filled from columns, chat conversations r
 chat template (by vLLM's own rendering, `ChatRenderer`), or OpenAI Batch lines (their bodies read
 by vLLM's own protocol classes), as the run's RequestSpec (plan.json) says.
 
-Features that change what is asked of the model (per-row sampling, n > 1,
-structured output, logprobs, LoRA) belong here: a new request field on `Request` and in
-`build_requests`, a new output column on `RowResult` (and `GENERATED`) and in `row_result`. The
-engine (engine.py) adds requests and steps, and renders what vLLM must render itself. Pure,
-apart from calling the tokenizer and the renderer it is given.
+What a row asks of the model beyond its prompt lives here too (issue 14): its own sampling
+(`data.sampling_column` over `sampling.*`, `row_kwargs`; an invalid value is the row's error),
+n samples and their seeds (`row_seed`), structured output (`sampling_kwargs`:
+`structured_outputs`), logprobs (`row_result`, `token_logprobs`), its LoRA adapter
+(`lora_request`), and the reasoning split of its completions (`split_reasoning`). Which output
+columns a run has, and their shapes, is the plan's OutputSpec (rundir/output.py). The engine
+(engine.py) adds requests and steps, and renders what vLLM must render itself. Pure, apart from
+calling the tokenizer and the renderer it is given.
 """
 
 from __future__ import annotations
