@@ -519,7 +519,7 @@ def engine_args(
         args["enable_chunked_prefill"] = False
     for source in (cfg.model.engine, cfg.engine):  # null means "not set": keeps the model default
         args.update({k: v for k, v in source.items() if v is not None})
-    args.update(lora_engine_args(cfg.lora))
+    args.update(lora_engine_args(cfg.lora, device_kind))
     args["tensor_parallel_size"] = cfg.tp
     args["pipeline_parallel_size"] = cfg.pp
     if cfg.ep:
@@ -545,10 +545,16 @@ def adapter_rank(path: str) -> int:
         raise ValueError(f"{p} is not a LoRA adapter's config: {getattr(e, 'strerror', None) or e}") from None
 
 
-def lora_engine_args(lora: LoraConfig) -> Dict[str, Any]:
+def lora_engine_args(lora: LoraConfig, device_kind: Optional[str] = None) -> Dict[str, Any]:
     """vLLM's LoRA engine arguments for `lora.adapters` (none without adapters): enable_lora,
     max_loras (lora.max_loras, else every adapter up to 8) and max_lora_rank (the adapters'
-    largest rank, rounded up to a value vLLM accepts). Reads each adapter_config.json."""
+    largest rank, rounded up to a value vLLM accepts). Reads each adapter_config.json.
+
+    On CPU (`device_kind` "cpu") max_loras is every adapter plus one slot that stays empty:
+    vLLM 0.32's CPU LoRA ops (lora/ops/torch_ops, bgmv_*) index the stacked adapter weights with
+    a token's slot, and a token without an adapter has slot -1, which Python indexing reads as
+    the last slot: with an adapter there, every row of the batch without one would get it (the
+    GPU kernels skip -1). With one slot more than there are adapters, the last is never filled."""
     if not lora.adapters:
         return {}
     ranks = []
@@ -558,9 +564,12 @@ def lora_engine_args(lora: LoraConfig) -> Dict[str, Any]:
         except ValueError:
             ranks.append(LORA_RANKS[1])  # validate() refuses it; the plan still shows arguments
     rank = max(ranks)
+    loras = lora.max_loras or min(len(lora.adapters), 8)
+    if device_kind == "cpu":
+        loras = max(loras, len(lora.adapters)) + 1
     return {
         "enable_lora": True,
-        "max_loras": lora.max_loras or min(len(lora.adapters), 8),
+        "max_loras": loras,
         "max_lora_rank": next((r for r in LORA_RANKS if r >= rank), rank),
     }
 

@@ -161,6 +161,9 @@ def test_lora_engine_args_are_sized_from_the_adapters(tmp_path):
     cfg.lora.max_loras = 1
     assert engine_args(cfg, "m")["max_loras"] == 1
     assert "enable_lora" not in engine_args(compose([]), "m")
+    # CPU: every adapter and an empty last slot (vLLM's CPU ops read slot -1, the last, for rows
+    # without an adapter)
+    assert engine_args(cfg, "m", "cpu")["max_loras"] == 3
 
 
 @pytest.mark.parametrize(
