@@ -206,7 +206,7 @@ def runs(tmp_path_factory, cli_env):
                 f"sampling.structured.json_schema={d / 'schema.json'}",
                 "sampling.max_tokens=160",
                 # compact JSON: the random model otherwise fills the object with whitespace
-                "+engine.structured_outputs_config={disable_any_whitespace:true}",
+                "+engine.structured_outputs_config={backend:xgrammar,disable_any_whitespace:true}",
                 "sampling.prompt_logprobs=1",
             ),
             env,
