@@ -79,11 +79,12 @@ class VllmEngine:
         self._pending: Dict[str, Tuple[Any, int]] = {}  # request id -> (tag, index)
         self._aliases: Dict[str, str] = {}  # engine-internal id -> our request id
         self._logprobs: Dict[str, Tuple[Optional[int], Optional[int]]] = {}  # request id -> its k's
+        self._refused: List[Finished] = []  # requests vLLM would not take: their rows' errors, at the next step
 
     @property
     def pending(self) -> int:
         """Requests added and not finished yet."""
-        return len(self._pending)
+        return len(self._pending) + len(self._refused)
 
     @property
     def max_num_seqs(self) -> int:
@@ -93,7 +94,25 @@ class VllmEngine:
 
     def add(self, tag: Any, index: int, request: Request) -> None:
         request_id = f"hpcinfer-{request.row}-{next(self._requests)}"
-        # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
+        try:
+            params, lora = self._request_params(request)
+            self._pending[request_id] = (tag, index)
+            self._logprobs[request_id] = (params.logprobs, params.prompt_logprobs)
+            internal = self.llm.llm_engine.add_request(
+                request_id, {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora
+            )
+        except (ValueError, TypeError) as e:  # e.g. a row's regex or schema vLLM cannot compile: that row's error
+            self._pending.pop(request_id, None)
+            self._logprobs.pop(request_id, None)
+            why = f"the engine refused the request: {_why(e)}"
+            self._refused.append((tag, index, RowResult(None, None, len(request.prompt_token_ids), 0, why)))
+            return
+        if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
+            self._aliases[internal] = request_id
+
+    def _request_params(self, request: Request) -> Tuple[Any, Any]:
+        """(SamplingParams, LoRARequest or None) of `request`; FINAL_ONLY outputs, as
+        LLM.generate sets them: no per-step partial outputs to detokenize and copy."""
         if isinstance(request.sampling, dict):
             kw = dict(request.sampling)
             if "structured_outputs" in kw:  # requests.sampling_kwargs: StructuredOutputsParams' arguments
@@ -104,22 +123,17 @@ class VllmEngine:
         else:  # an OpenAI Batch line's SamplingParams, made by vLLM's protocol classes (batch_request)
             params = request.sampling
             params.output_kind = self._final_only
-        self._pending[request_id] = (tag, index)
-        self._logprobs[request_id] = (params.logprobs, params.prompt_logprobs)
         lora = None
         if getattr(request, "lora", None) is not None:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest(*request.lora)
-        internal = self.llm.llm_engine.add_request(
-            request_id, {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora
-        )
-        if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
-            self._aliases[internal] = request_id
+        return params, lora
 
     def step(self) -> List[Finished]:
-        """One engine step: the requests it finished, as (tag, index, result)."""
-        done = []
+        """One engine step: the requests it finished, as (tag, index, result); requests it
+        refused (add) first, with their errors."""
+        done, self._refused = self._refused, []
         for out in self.llm.llm_engine.step():
             if out.finished:
                 rid = self._aliases.pop(out.request_id, out.request_id)
@@ -216,6 +230,7 @@ class VllmEngine:
 
     def abort(self, tag: Any) -> None:
         """Drop the unfinished requests added under `tag` (their shard went to another rank)."""
+        self._refused = [f for f in self._refused if f[0] != tag]
         ids = [rid for rid, (t, _) in self._pending.items() if t == tag]
         for rid in ids:
             del self._pending[rid]

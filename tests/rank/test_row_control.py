@@ -246,3 +246,45 @@ def test_split_reasoning_puts_the_reasoning_aside_per_sample():
         ["b", ""]
     ]
     assert generated_schema(OutputSpec(reasoning=True)).field("reasoning_text").type == pa.string()
+
+
+# ---- a request vLLM refuses is that row's error, not the rank's --------------------------------
+def test_a_request_the_engine_refuses_becomes_its_rows_error():
+    import itertools
+
+    from hpcinfer.rank.engine import VllmEngine
+
+    class Params:
+        def __init__(self, **kw):
+            self.logprobs, self.prompt_logprobs = kw.get("logprobs"), kw.get("prompt_logprobs")
+
+    class LLMEngine:
+        def __init__(self):
+            self.added = []
+
+        def add_request(self, request_id, prompt, params, lora_request=None):
+            if prompt["prompt_token_ids"] == [9]:
+                raise ValueError("Invalid regex: (")
+            self.added.append(request_id)
+            return request_id
+
+        def step(self):
+            return []
+
+        def abort_request(self, ids):
+            pass
+
+    e = VllmEngine.__new__(VllmEngine)
+    e.llm = SimpleNamespace(llm_engine=LLMEngine())
+    e._params, e._final_only, e._requests = Params, "final", itertools.count()
+    e._pending, e._aliases, e._logprobs, e._refused = {}, {}, {}, []
+    e.add("s", 0, Request(0, [1, 2], {"max_tokens": 2}))
+    e.add("s", 1, Request(1, [9], {"max_tokens": 2}))
+    assert e.pending == 2 and len(e.llm.llm_engine.added) == 1
+    ((tag, i, result),) = e.step()
+    assert (tag, i, result.prompt_tokens, result.generated_text) == ("s", 1, 1, None)
+    assert result.error == "the engine refused the request: ValueError: Invalid regex: ("
+    assert e.pending == 1 and e.step() == []
+    e.add("t", 0, Request(2, [9], {}))
+    e.abort("t")
+    assert e.step() == []
