@@ -101,7 +101,7 @@ class VllmEngine:
             internal = self.llm.llm_engine.add_request(
                 request_id, {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora
             )
-        except (ValueError, TypeError) as e:  # e.g. a row's regex or schema vLLM cannot compile: that row's error
+        except _refusals() as e:  # e.g. a row's regex or schema vLLM cannot compile: that row's error
             self._pending.pop(request_id, None)
             self._logprobs.pop(request_id, None)
             why = f"the engine refused the request: {_why(e)}"
@@ -264,6 +264,17 @@ def reasoning_split(name: str, tokenizer: Any):
         return parser.extract_reasoning(text, request)
 
     return split
+
+
+def _refusals() -> Tuple[type, ...]:
+    """The exceptions with which vLLM refuses one request (its fault, not the engine's):
+    ValueError, TypeError, and vLLM's VLLMClientError (VLLMValidationError: a regex that does not
+    compile), which is no ValueError."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # a vLLM without it
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, VLLMClientError)
 
 
 def _why(e: BaseException) -> str:
