@@ -31,6 +31,9 @@ LAYOUT_ENGINE_ARGS = {
     "eplb_config": "expert.eplb_window_size, expert.eplb_step_interval, expert.redundant_experts",
     "expert_placement_strategy": "expert.placement",
     "all2all_backend": "expert.all2all_backend",
+    "enable_lora": "lora.adapters",
+    "max_loras": "lora.adapters (lora.max_loras)",
+    "max_lora_rank": "lora.adapters (their ranks)",
     # a replica spanning nodes (tp x pp > cluster.gpus_per_node): set per process (see replica.py)
     "nnodes": "tp x pp and cluster.gpus_per_node",
     "node_rank": "tp x pp and cluster.gpus_per_node",
@@ -107,9 +110,26 @@ class ModelConfig:
 
 
 @dataclass
+class StructuredConfig:
+    """Structured output (vLLM's structured outputs, `StructuredOutputsParams`): at most one of
+    these constrains what every row (or, in `data.sampling_column`, one row) generates."""
+
+    json_schema: Optional[str] = None  # a JSON schema: inline JSON text ('{...}') or a file holding it
+    regex: Optional[str] = None  # a regular expression the output matches
+    choice: Optional[List[str]] = None  # the output is exactly one of these strings
+    grammar: Optional[str] = None  # an EBNF (GBNF) grammar, as vLLM's structured outputs take it
+
+
+STRUCTURED_KINDS = ("json_schema", "regex", "choice", "grammar")
+
+
+@dataclass
 class SamplingConfig:
     """vLLM SamplingParams for every row. With `seed` set, row i uses seed + i, so sampled
-    outputs do not depend on the layout (dp, shard sizes) that produced them."""
+    outputs do not depend on the layout (dp, shard sizes) that produced them; in a run where
+    some row may have n > 1 (`n`, or a row's own), row i's seed is seed + i x N (N: the run's
+    largest n) and its sample j uses that + j (vLLM's own per-sample seeds), so no two samples
+    of a run share a seed. `data.sampling_column` overrides any of these per row."""
 
     max_tokens: int = 64  # output tokens per row, at most
     temperature: float = 1.0  # 0 = greedy
@@ -122,6 +142,10 @@ class SamplingConfig:
     stop: List[str] = field(default_factory=list)  # stop strings
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     seed: Optional[int] = 0  # base of the per-row seeds; null = unseeded
+    n: int = 1  # samples per row: > 1 makes generated_text, finish_reason, output_tokens lists
+    logprobs: Optional[int] = None  # k: each generated token's logprob and its top-k alternatives
+    prompt_logprobs: Optional[int] = None  # k: each prompt token's logprob (scoring) and its top k
+    structured: StructuredConfig = field(default_factory=StructuredConfig)  # constrained output
 
 
 @dataclass
@@ -145,6 +169,43 @@ class DataConfig:
     messages_column: Optional[str] = None
     # a demo of conversations instead of prompts (data=demo_chat); only with data.input=null
     demo_chat: bool = False
+    # a column of per-row sampling: a struct, or JSON object text, whose non-null fields (any
+    # sampling.* field, including n, logprobs, seed, structured) override sampling.* for that
+    # row; an invalid value is that row's error. Its max_tokens wins over data.max_tokens_column.
+    sampling_column: Optional[str] = None
+    # a string column: each row's LoRA adapter, a name of lora.adapters (null: the base model);
+    # a name that is not one is refused when the run is planned (exit 2)
+    lora_column: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters of the model, each row with its own (`data.lora_column`: an adapter's name,
+    null = the base model). The engine is built with LoRA enabled, `max_loras` adapters in one
+    batch and `max_lora_rank` the largest rank of the adapters (their adapter_config.json)."""
+
+    # adapter name -> a local directory of a PEFT LoRA adapter (adapter_config.json and weights)
+    adapters: Dict[str, str] = field(default_factory=dict)
+    max_loras: Optional[int] = None  # adapters one batch may mix; null: all of them, at most 8
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's allowed max_lora_rank values
+PROMPT_LOGPROBS_WITH_LORA = (
+    "prompt logprobs with LoRA enabled fail in vLLM 0.32 (the LoRA logits processor's token mapping does not "
+    "fit the prompt's tokens: vllm-project/vllm#29955, #16668)"
+)
+
+
+@dataclass
+class OutputConfig:
+    """How the generated columns are laid out in results.parquet."""
+
+    # n > 1: one output row per sample (with `sample_index`, in input order, then sample order)
+    # instead of one row per input row with list columns
+    explode_samples: bool = False
+    # one of vLLM's reasoning parsers (e.g. qwen3, deepseek_r1): each completion's reasoning goes
+    # to a `reasoning_text` column and generated_text holds the answer only; null: no split
+    reasoning_parser: Optional[str] = None
 
 
 @dataclass
@@ -306,6 +367,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)  # prompt templates, prompts as chat
     chat: ChatConfig = field(default_factory=ChatConfig)  # chat template options
+    output: OutputConfig = field(default_factory=OutputConfig)  # the layout of the generated columns
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters, chosen per row by data.lora_column
     cluster: Any = MISSING  # LocalClusterConfig | SlurmClusterConfig, chosen by `cluster=<name>`
     tp: int = 1  # tensor parallel: GPUs that split each layer
     pp: int = 1  # pipeline parallel: GPUs that split the layers
@@ -462,6 +525,7 @@ def engine_args(
         args["enable_prefix_caching"] = True
     for source in (cfg.model.engine, cfg.engine):  # null means "not set": keeps the model default
         args.update({k: v for k, v in source.items() if v is not None})
+    args.update(lora_engine_args(cfg.lora, device_kind))
     args["tensor_parallel_size"] = cfg.tp
     args["pipeline_parallel_size"] = cfg.pp
     if cfg.ep:
@@ -470,11 +534,84 @@ def engine_args(
     return args
 
 
+def adapter_rank(path: str) -> int:
+    """A PEFT LoRA adapter's largest rank (`r` and its `rank_pattern`, adapter_config.json);
+    ValueError (one line) when it cannot be read."""
+    import json
+
+    p = os.path.join(os.path.expanduser(path), "adapter_config.json")
+    try:
+        with open(p, encoding="utf-8") as f:
+            conf = json.load(f)
+        ranks = [conf["r"], *(conf.get("rank_pattern") or {}).values()]
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+            raise ValueError(f"its ranks {ranks} are not integers >= 1")
+        return max(ranks)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p} is not a LoRA adapter's config: {getattr(e, 'strerror', None) or e}") from None
+
+
+def lora_engine_args(lora: LoraConfig, device_kind: Optional[str] = None) -> Dict[str, Any]:
+    """vLLM's LoRA engine arguments for `lora.adapters` (none without adapters): enable_lora,
+    max_loras (lora.max_loras, else every adapter up to 8) and max_lora_rank (the adapters'
+    largest rank, rounded up to a value vLLM accepts). Reads each adapter_config.json.
+
+    On CPU (`device_kind` "cpu") max_loras is every adapter plus one slot that stays empty:
+    vLLM 0.32's CPU LoRA ops (lora/ops/torch_ops, bgmv_*) index the stacked adapter weights with
+    a token's slot, and a token without an adapter has slot -1, which Python indexing reads as
+    the last slot: with an adapter there, every row of the batch without one would get it (the
+    GPU kernels skip -1). With one slot more than there are adapters, the last is never filled."""
+    if not lora.adapters:
+        return {}
+    ranks = []
+    for path in lora.adapters.values():
+        try:
+            ranks.append(adapter_rank(path))
+        except ValueError:
+            ranks.append(LORA_RANKS[1])  # validate() refuses it; the plan still shows arguments
+    rank = max(ranks)
+    loras = lora.max_loras or min(len(lora.adapters), 8)
+    if device_kind == "cpu":
+        loras = max(loras, len(lora.adapters)) + 1
+    return {
+        "enable_lora": True,
+        "max_loras": loras,
+        "max_lora_rank": next((r for r in LORA_RANKS if r >= rank), rank),
+    }
+
+
+def _lora_errors(cfg: RunConfig) -> List[str]:
+    lora, col, errs = cfg.lora, cfg.data.lora_column, []
+    if col is not None and not lora.adapters:
+        errs.append(f"data.lora_column={col!r} names each row's adapter, and lora.adapters is empty")
+    if lora.adapters and col is None:
+        errs.append("lora.adapters is set, and no data.lora_column says which rows use which adapter")
+    if lora.adapters and cfg.sampling.prompt_logprobs is not None:
+        errs.append(f"sampling.prompt_logprobs with lora.adapters: {PROMPT_LOGPROBS_WITH_LORA}; score without adapters")
+    if lora.max_loras is not None and lora.max_loras < 1:
+        errs.append(f"lora.max_loras must be >= 1 or null, got {lora.max_loras!r}")
+    for name, path in lora.adapters.items():
+        if not name or not isinstance(path, str) or not path:
+            errs.append(f"lora.adapters: {name!r}: {path!r} is not a name and a directory")
+            continue
+        try:
+            rank = adapter_rank(path)
+        except ValueError as e:
+            errs.append(f"lora.adapters.{name}: {e}")
+            continue
+        if rank > LORA_RANKS[-1]:
+            errs.append(f"lora.adapters.{name}: rank {rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+    return errs
+
+
 def seeded_sampling(cfg: RunConfig, input_format: Optional[str] = None) -> bool:
     """Whether some row of the run may be sampled (temperature > 0) with a seed: sampling.seed is
     set and either sampling.temperature > 0 or the rows bring their own sampling (an OpenAI Batch
-    line's body; a sampled line without a seed gets seed + row)."""
+    line's body; a sampled line without a seed gets seed + row), or `data.sampling_column` is set
+    (a row's own sampling may carry its own seed)."""
     s = cfg.sampling
+    if cfg.data.sampling_column is not None and input_format != "openai_batch":
+        return True
     return s.seed is not None and (s.temperature != 0 or input_format == "openai_batch")
 
 
@@ -511,7 +648,7 @@ def validate(cfg: RunConfig, gpus_available: Optional[int] = None, env: Optional
         + _engine_errors(cfg)
         + _secret_errors(cfg, os.environ if env is None else env)
     )
-    errors += _expert_errors(cfg) + _unused_value_errors(cfg)
+    errors += _expert_errors(cfg) + _unused_value_errors(cfg) + _lora_errors(cfg)
     if cfg.checkpoint.rows < 1 or cfg.checkpoint.seconds <= 0:
         errors.append(
             f"checkpoint.rows must be >= 1 and checkpoint.seconds > 0, got rows={cfg.checkpoint.rows!r} "
@@ -677,6 +814,13 @@ def _unused_value_errors(cfg: RunConfig) -> List[str]:
             for k in ("shards_per_rank", "lease_s")
             if getattr(cfg.schedule, k) != getattr(ScheduleConfig, k)
         ]
+    if cfg.output.explode_samples and cfg.sampling.n == 1 and cfg.data.sampling_column is None:
+        errs.append(
+            "output.explode_samples=true applies only where a row may have several samples "
+            "(sampling.n > 1, or n in data.sampling_column), and sampling.n=1"
+        )
+    if cfg.output.reasoning_parser is not None and not cfg.output.reasoning_parser:
+        errs.append("output.reasoning_parser is empty: name one of vLLM's reasoning parsers, or null")
     if cfg.data.input is not None and cfg.data.demo_rows != DataConfig.demo_rows:
         errs.append(
             f"data.demo_rows={cfg.data.demo_rows!r} applies only to the built-in demo prompts (data.input=null), "
@@ -700,8 +844,112 @@ def _sampling_errors(s: SamplingConfig) -> List[str]:
         (-2 <= s.presence_penalty <= 2, f"sampling.presence_penalty must be in [-2, 2], got {s.presence_penalty!r}"),
         (-2 <= s.frequency_penalty <= 2, f"sampling.frequency_penalty must be in [-2, 2], got {s.frequency_penalty!r}"),
         (s.seed is None or s.seed >= 0, f"sampling.seed must be >= 0 or null, got {s.seed!r}"),
+        (s.n >= 1, f"sampling.n must be >= 1, got {s.n!r}"),
+        (s.logprobs is None or s.logprobs >= 0, f"sampling.logprobs must be >= 0 or null, got {s.logprobs!r}"),
+        (
+            s.prompt_logprobs is None or s.prompt_logprobs >= 0,
+            f"sampling.prompt_logprobs must be >= 0 or null, got {s.prompt_logprobs!r}",
+        ),
     ]
-    return [msg for ok, msg in checks if not ok]
+    return [msg for ok, msg in checks if not ok] + _structured_errors(s.structured)
+
+
+def _structured_errors(st: StructuredConfig, files: bool = True) -> List[str]:
+    """At most one kind of structured output, each well formed; `json_schema` inline JSON text of
+    an object, or (`files`) a file that exists (read when the run is planned)."""
+    kinds = [k for k in STRUCTURED_KINDS if getattr(st, k) is not None]
+    if len(kinds) > 1:
+        return [f"sampling.structured: set one of {list(STRUCTURED_KINDS)}, got {' and '.join(kinds)}"]
+    errs = []
+    if st.choice is not None and (not st.choice or not all(isinstance(c, str) for c in st.choice)):
+        errs.append(f"sampling.structured.choice must be a non-empty list of strings, got {st.choice!r}")
+    for key in ("regex", "grammar"):
+        if getattr(st, key) is not None and (not isinstance(getattr(st, key), str) or not getattr(st, key)):
+            errs.append(f"sampling.structured.{key} must be a non-empty string, got {getattr(st, key)!r}")
+    js = st.json_schema
+    if js is not None:
+        if not isinstance(js, str) or not js.strip():
+            errs.append(f"sampling.structured.json_schema must be JSON text or a file, got {js!r}")
+        elif js.lstrip().startswith("{") or not files:
+            errs += [f"sampling.structured.json_schema: {e}" for e in _schema_errors(js)]
+        elif not os.path.isfile(os.path.expanduser(js)):
+            errs.append(f"sampling.structured.json_schema={js!r} is neither a JSON object nor a file")
+    return errs
+
+
+def _schema_errors(text: str) -> List[str]:
+    import json
+
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return [f"not valid JSON ({e})"]
+    return [] if isinstance(obj, dict) else [f"not a JSON object (got {type(obj).__name__})"]
+
+
+# A row's sampling field -> the types its value may have (bool is no number here)
+_ROW_TYPES = {
+    "max_tokens": int,
+    "top_k": int,
+    "n": int,
+    "seed": int,
+    "logprobs": int,
+    "prompt_logprobs": int,
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "min_p": (int, float),
+    "repetition_penalty": (int, float),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
+    "ignore_eos": bool,
+    "stop": (list, str),
+    "structured": dict,
+}
+
+
+def row_sampling(value: Any, base: SamplingConfig) -> Any:
+    """A row's sampling (`data.sampling_column`): `base` with the row's non-null fields over it,
+    as a SamplingConfig; or, for an invalid value, why (a string: the row's error). The value is
+    a dict (a struct column) or JSON object text; null or empty: `base`. A row's `structured`
+    replaces the base's (its `json_schema` inline: JSON text or an object). Pure."""
+    import dataclasses
+    import json
+
+    if value is None:
+        return base
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as e:
+            return f"sampling_column: not valid JSON ({e})"
+    if not isinstance(value, dict):
+        return f"sampling_column: not an object of sampling fields (got {type(value).__name__})"
+    fields = {k: v for k, v in value.items() if v is not None}
+    unknown = sorted(set(fields) - set(_ROW_TYPES))
+    if unknown:
+        return f"sampling_column: unknown field(s) {unknown} (sampling fields: {sorted(_ROW_TYPES)})"
+    for k, v in fields.items():
+        kind = _ROW_TYPES[k]
+        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):
+            return f"sampling_column: {k}={v!r} has the wrong type ({type(v).__name__})"
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    if not all(isinstance(x, str) for x in fields.get("stop", [])):
+        return f"sampling_column: stop must be a string or a list of strings, got {fields['stop']!r}"
+    if "structured" in fields:
+        st = {k: v for k, v in fields["structured"].items() if v is not None}
+        bad = sorted(set(st) - set(STRUCTURED_KINDS))
+        if bad:
+            return f"sampling_column: unknown structured field(s) {bad} (one of {list(STRUCTURED_KINDS)})"
+        if isinstance(st.get("json_schema"), dict):
+            st["json_schema"] = json.dumps(st["json_schema"])
+        fields["structured"] = StructuredConfig(**st)
+        errs = _structured_errors(fields["structured"], files=False)
+        if errs:
+            return "sampling_column: " + "; ".join(errs)
+    merged = dataclasses.replace(base, **fields)
+    errs = _sampling_errors(merged)
+    return "sampling_column: " + "; ".join(errs) if errs else merged
 
 
 def _data_errors(d: DataConfig) -> List[str]:
@@ -718,7 +966,13 @@ def _data_errors(d: DataConfig) -> List[str]:
         errs.append(f"data.max_tokens_column={d.max_tokens_column!r} must differ from the prompt and id columns")
     from hpcinfer.rundir.output import OUTPUT_COLUMNS  # the output contract (rundir may import config, not back)
 
-    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column):
+    if d.sampling_column is not None and d.sampling_column in (d.prompt_column, d.id_column, d.max_tokens_column):
+        errs.append(
+            f"data.sampling_column={d.sampling_column!r} must differ from the prompt, id and max_tokens columns"
+        )
+    if d.lora_column is not None and d.lora_column in (d.prompt_column, d.id_column, d.sampling_column):
+        errs.append(f"data.lora_column={d.lora_column!r} must differ from the prompt, id and sampling columns")
+    for col in (d.prompt_column, d.id_column, d.max_tokens_column, d.messages_column, d.sampling_column, d.lora_column):
         if col in OUTPUT_COLUMNS:
             errs.append(f"column {col!r} is one of the output columns {list(OUTPUT_COLUMNS)}")
     if d.format not in INPUT_FORMATS:
@@ -760,9 +1014,12 @@ def batch_errors(cfg: RunConfig) -> List[str]:
         for k, v in (
             ("data.messages_column", d.messages_column),
             ("data.max_tokens_column", d.max_tokens_column),
+            ("data.sampling_column", d.sampling_column),
+            ("data.lora_column", d.lora_column),
             ("prompt.template", p.template),
             ("prompt.template_file", p.template_file),
             ("prompt.chat", p.chat or None),
+            ("output.explode_samples", cfg.output.explode_samples or None),
         )
         if v
     ]

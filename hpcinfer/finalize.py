@@ -66,7 +66,8 @@ def _finalize(rd: RunDir, shards: List[Shard], schema) -> Dict:
     with contextlib.suppress(FileNotFoundError):  # a summary describes the results beside it
         rd.summary.unlink()
     try:
-        totals = merge_shards(rd, shards, result_schema(schema), load_placement(str(rd.manifest)))
+        output = rd.read_plan().output
+        totals = merge_shards(rd, shards, result_schema(schema, output), output, load_placement(str(rd.manifest)))
     except TornShard as e:  # torn inside, its footer whole: set it aside like any torn shard
         with rd.repairing():
             repair = set_aside_shard(rd, e.shard, rd.shard_output(e.shard.shard), e.why, "finalize")

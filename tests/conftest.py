@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -284,3 +285,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         slurm = any(f in getattr(item, "fixturenames", ()) for f in SLURM_GROUP_FIXTURES)
         item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.nodeid.split("::")[0]))
+
+
+def write_lora_adapter(path: Path, model_dir: Optional[Path] = None, rank: int = 8, seed: int = 0) -> Path:
+    """A small random PEFT LoRA adapter (q_proj and v_proj of every layer) for the Llama model in
+    `model_dir` (its config.json; None: only adapter_config.json is written), made here: no hub."""
+    import json as _json
+
+    path.mkdir(parents=True, exist_ok=True)
+    conf = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir or "tiny"),
+    }
+    (path / "adapter_config.json").write_text(_json.dumps(conf))
+    if model_dir is None:
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    m = _json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, heads, kv = m["hidden_size"], m["num_attention_heads"], m["num_key_value_heads"]
+    head_dim = m.get("head_dim") or hidden // heads
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(m["num_hidden_layers"]):
+        for proj, out in (("q_proj", heads * head_dim), ("v_proj", kv * head_dim)):
+            key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=g) * 0.3
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.3
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path

@@ -10,20 +10,30 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from hpcinfer.config import RunConfig, engine_args, validate
+from hpcinfer.config import PROMPT_LOGPROBS_WITH_LORA, RunConfig, engine_args, validate
 from hpcinfer.doctor import conflict_message
-from hpcinfer.errors import UserError
+from hpcinfer.errors import ConfigError, UserError
 from hpcinfer.planning.convert import OPENAI_BATCH, PARQUET, convert, input_format
 from hpcinfer.planning.devices import Devices
 from hpcinfer.planning.inputs import InputFile, Inputs, check_readable, discover, scan
 from hpcinfer.planning.layout import cpu_kv_cache_gib, make_plan, model_shape
 from hpcinfer.planning.models import ensure_demo_data, resolve_model_path
 from hpcinfer.planning.prefix import Sharing
-from hpcinfer.planning.prompts import check_columns, request_spec
-from hpcinfer.planning.sharding import active_ranks, cut_by_tokens, expected_ranks, make_shards, row_tokens
+from hpcinfer.planning.prompts import check_columns, check_lora_names, request_spec
+from hpcinfer.planning.sharding import (
+    RowSampling,
+    active_ranks,
+    cut_by_tokens,
+    expected_ranks,
+    make_shards,
+    row_tokens,
+    scan_batch_bodies,
+    scan_row_sampling,
+)
 from hpcinfer.rundir.manifest import Shard
+from hpcinfer.rundir.output import OutputSpec
 from hpcinfer.rundir.records import Plan, RequestSpec
 
 
@@ -73,6 +83,11 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             cfg.data.max_tokens_column,
             check=lambda path, schema: check_columns(request, cfg, path, schema),
         )
+    request, output = row_control(cfg, inputs, request, fmt)
+    if cfg.output.reasoning_parser is not None:
+        check_reasoning_parser(cfg.output.reasoning_parser)
+    if all(os.path.isfile(f.path) for f in inputs.files):
+        check_lora_names(inputs.files, request)
     model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=build)
     ranks = active_ranks(inputs.rows, cfg.dp)
     sharded = plan_shards(cfg, inputs, ranks, request, input_dir if build else None)
@@ -98,8 +113,43 @@ def _prepare(cfg: RunConfig, launcher: Launcher, devices: Devices, build: bool, 
             "of sampling.*, only sampling.seed applies (row i's seed is seed + i for a sampled line without one)"
         )
     prefix = sharded.sharing.to_json() if sharded.sharing is not None else None
-    plan = replace(plan, request=request, input_format=fmt, notes=notes, prefix=prefix)
+    plan = replace(plan, request=request, input_format=fmt, notes=notes, prefix=prefix, output=output)
     return Prepared(plan, inputs, shards, devices, sharded.placement)
+
+
+def check_reasoning_parser(name: str) -> None:
+    """`name` is one of vLLM's reasoning parsers (ConfigError naming them otherwise). Imports vLLM."""
+    from vllm.reasoning import ReasoningParserManager
+
+    names = sorted(ReasoningParserManager.list_registered())
+    if name not in names:
+        raise ConfigError(f"output.reasoning_parser={name!r} is not one of vLLM's reasoning parsers {names}")
+
+
+def row_control(cfg: RunConfig, inputs: Inputs, request: RequestSpec, fmt: str) -> Tuple[RequestSpec, OutputSpec]:
+    """What the rows' own sampling (data.sampling_column, scanned) and sampling.* make of the run:
+    the seed stride (the largest n) and the generated columns (list columns where n > 1 is
+    possible, logprobs columns where some row asks for them)."""
+    s = cfg.sampling
+    rows = RowSampling(s.n, s.logprobs is not None, s.prompt_logprobs is not None)
+    if request.sampling_column is not None and all(os.path.isfile(f.path) for f in inputs.files):
+        rows = scan_row_sampling(inputs.files, request.sampling_column, s)
+    if rows.prompt_logprobs and cfg.lora.adapters and fmt != OPENAI_BATCH:
+        raise ConfigError(
+            f"data.sampling_column={request.sampling_column!r} asks for prompt_logprobs with lora.adapters: "
+            f"{PROMPT_LOGPROBS_WITH_LORA}; score without adapters"
+        )
+    if fmt == OPENAI_BATCH:  # each body is its request: its n, its logprobs
+        files = all(os.path.isfile(f.path) for f in inputs.files)
+        rows = scan_batch_bodies(inputs.files) if files else RowSampling()
+    output = OutputSpec(
+        reasoning=cfg.output.reasoning_parser is not None,
+        samples=rows.max_n > 1 or cfg.output.explode_samples,
+        explode=cfg.output.explode_samples,
+        logprobs=rows.logprobs,
+        prompt_logprobs=rows.prompt_logprobs,
+    )
+    return replace(request, seed_stride=rows.max_n), output
 
 
 @dataclass
@@ -249,9 +299,10 @@ def _estimates(cfg: RunConfig, inputs: Inputs, request: Optional[RequestSpec]) -
             cfg.sampling.max_tokens,
             request=request,
             max_model_len=engine_args(cfg, "-").get("max_model_len"),
+            sampling=cfg.sampling,
         )
     else:  # plan of the demo set before it exists: only the output caps are known
-        tokens = [np.full(f.rows, cfg.sampling.max_tokens + 16, dtype=np.int64) for f in inputs.files]
+        tokens = [np.full(f.rows, cfg.sampling.max_tokens * cfg.sampling.n + 16, dtype=np.int64) for f in inputs.files]
     return tokens
 
 

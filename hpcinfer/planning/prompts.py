@@ -11,7 +11,7 @@ from typing import Dict
 
 import pyarrow as pa
 
-from hpcinfer.config import RunConfig, batch_errors
+from hpcinfer.config import RunConfig, _schema_errors, batch_errors
 from hpcinfer.errors import ConfigError, DataError
 from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, PROMPT, RequestSpec
 
@@ -30,13 +30,29 @@ def request_spec(cfg: RunConfig, fmt: str) -> RequestSpec:
     a template that names no column, or options OpenAI Batch input would ignore."""
     d, p = cfg.data, cfg.prompt
     chat_template = _read(cfg.model.chat_template, "model.chat_template") if cfg.model.chat_template else None
-    common = dict(chat_template=chat_template, chat_template_kwargs=dict(cfg.chat.template_kwargs))
+    js = cfg.sampling.structured.json_schema
+    if js is not None and not js.lstrip().startswith("{"):  # a file: its text, checked as inline JSON is
+        js = _read(js, "sampling.structured.json_schema")
+        errs = _schema_errors(js)
+        if errs:
+            raise ConfigError(f"sampling.structured.json_schema={cfg.sampling.structured.json_schema!r}: {errs[0]}")
+    common = dict(
+        chat_template=chat_template,
+        chat_template_kwargs=dict(cfg.chat.template_kwargs),
+        sampling_column=d.sampling_column,
+        json_schema=js,
+        seed_stride=cfg.sampling.n,
+        lora_column=d.lora_column,
+        lora_adapters={k: os.path.abspath(os.path.expanduser(v)) for k, v in cfg.lora.adapters.items()},
+    )
     if fmt == OPENAI_BATCH:
         if cfg.data.format != OPENAI_BATCH:  # found by `auto`: the same rules as data.format=openai_batch
             errs = batch_errors(cfg)
             if errs:
                 raise ConfigError(f"data.input is an OpenAI Batch file: {'; '.join(errs)}")
-        return RequestSpec(kind=OPENAI_BATCH, prompt_column=None, **common)
+        return RequestSpec(
+            kind=OPENAI_BATCH, prompt_column=None, **{**common, "sampling_column": None, "lora_column": None}
+        )
     if d.messages_column is not None:
         return RequestSpec(kind=MESSAGES, prompt_column=None, messages_column=d.messages_column, **common)
     template = _read(p.template_file, "prompt.template_file") if p.template_file else p.template
@@ -78,6 +94,10 @@ def needed_columns(spec: RequestSpec, cfg: RunConfig) -> Dict[str, str]:
     key = "prompt.template_file" if cfg.prompt.template_file else "prompt.template"
     for col in spec.template_columns():
         out.setdefault(col, key)
+    if spec.sampling_column is not None:
+        out.setdefault(spec.sampling_column, "data.sampling_column")
+    if spec.lora_column is not None:
+        out.setdefault(spec.lora_column, "data.lora_column")
     return out
 
 
@@ -93,6 +113,17 @@ def check_columns(spec: RequestSpec, cfg: RunConfig, path: str, schema: pa.Schem
         typ = schema.field(spec.prompt_column).type
         if not (_is_string(typ) or pa.types.is_null(typ)):
             raise DataError(f"data.prompt_column={spec.prompt_column!r} in {path!r} has type {typ}; expected string")
+    if spec.sampling_column is not None:
+        typ = schema.field(spec.sampling_column).type
+        if not (_is_string(typ) or pa.types.is_null(typ) or pa.types.is_struct(typ)):
+            raise DataError(
+                f"data.sampling_column={spec.sampling_column!r} in {path!r} has type {typ}; expected a struct of "
+                "sampling fields or JSON object text"
+            )
+    if spec.lora_column is not None:
+        typ = schema.field(spec.lora_column).type
+        if not (_is_string(typ) or pa.types.is_null(typ)):
+            raise DataError(f"data.lora_column={spec.lora_column!r} in {path!r} has type {typ}; expected adapter names")
     if spec.messages_column is not None:
         typ = schema.field(spec.messages_column).type
         if not (_is_string(typ) or pa.types.is_null(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)):
@@ -100,6 +131,31 @@ def check_columns(spec: RequestSpec, cfg: RunConfig, path: str, schema: pa.Schem
                 f"data.messages_column={spec.messages_column!r} in {path!r} has type {typ}; expected a list of "
                 "{role, content} structs or JSON text"
             )
+
+
+def check_lora_names(files, spec: RequestSpec) -> None:
+    """Every value of the LoRA column names an adapter of lora.adapters (or is null): DataError
+    naming the first that does not, its file and row. Streams the column."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if spec.lora_column is None:
+        return
+    known = pa.array(sorted(spec.lora_adapters), pa.string())
+    for f in files:
+        if not f.rows:
+            continue
+        offset = 0
+        for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=[spec.lora_column]):
+            col = batch.column(0).cast(pa.string())
+            bad = pc.and_(pc.is_valid(col), pc.invert(pc.is_in(col, value_set=known)))
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                raise DataError(
+                    f"data.lora_column={spec.lora_column!r}: row {offset + i} of {f.path!r} names adapter "
+                    f"{col[i].as_py()!r}, which is not one of lora.adapters {sorted(spec.lora_adapters)}"
+                )
+            offset += batch.num_rows
 
 
 def _is_string(typ: pa.DataType) -> bool:

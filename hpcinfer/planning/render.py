@@ -73,7 +73,23 @@ def describe_requests(plan: Plan) -> str:
         what = f"{text} as the user message, rendered with {template}" if r.chat else f"raw prompts from {text}"
     kwargs = f"; chat template kwargs {r.chat_template_kwargs}" if r.chat_template_kwargs else ""
     source = f" ({plan.input_format} input, converted to Parquet in inputs/)" if plan.input_format != "parquet" else ""
-    return what + kwargs + source
+    return what + kwargs + source + describe_output(plan)
+
+
+def describe_output(plan: Plan) -> str:
+    """The rows' own sampling and the generated columns' shapes, in a few words ('' when plain)."""
+    r, o, parts = plan.request, plan.output, []
+    if r.sampling_column is not None:
+        parts.append(f"each row's own sampling from column {r.sampling_column!r}")
+    if r.lora_column is not None:
+        parts.append(f"LoRA adapters {sorted(r.lora_adapters)} by column {r.lora_column!r}")
+    if o.samples:
+        parts.append(
+            f"up to {r.seed_stride} samples a row, "
+            + ("one output row each (sample_index)" if o.explode else "as list columns")
+        )
+    parts += [name for name, on in (("logprobs", o.logprobs), ("prompt_logprobs", o.prompt_logprobs)) if on]
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _prefix_lines(plan: Plan) -> List[str]:

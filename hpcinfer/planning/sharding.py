@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hpcinfer.config import SamplingConfig, row_sampling
 from hpcinfer.planning.inputs import InputFile
 from hpcinfer.rundir.manifest import Shard
 from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, PROMPT, RequestSpec
@@ -123,6 +125,7 @@ def row_tokens(
     max_tokens: int,
     request: Optional[RequestSpec] = None,
     max_model_len: Optional[int] = None,
+    sampling: Optional[SamplingConfig] = None,
 ) -> List[np.ndarray]:  # noqa: F821
     """Estimated work of every row, per file, in output-token equivalents: its prompt's tokens
     (UTF-8 bytes / BYTES_PER_TOKEN) weighted by PROMPT_TOKEN_COST, plus its output cap (its
@@ -133,31 +136,107 @@ def row_tokens(
     The prompt is what the engine gets (`request`, planning/prompts.py): the template's text with
     its columns filled in, a conversation's messages (and the chat template's few bytes per
     message), an OpenAI Batch line's body, whose max_tokens is then the row's cap (else
-    `max_model_len`, as vLLM's server fills the context, else `max_tokens`)."""
+    `max_model_len`, as vLLM's server fills the context, else `max_tokens`).
+
+    With `sampling` (the run's sampling.*), a row's output cap is its max_tokens times its n,
+    each the row's own in `request.sampling_column` where it has them (config.row_sampling;
+    an invalid value: the row's error, little work)."""
     import numpy as np
 
     kind = request.kind if request is not None else PROMPT
+    own = request.sampling_column if request is not None and sampling is not None else None
     measured, literal = _measured_columns(request, prompt_column)
     out = []
     for f in files:
         parts = []
         if f.rows:
-            columns = list(dict.fromkeys(measured + ([max_tokens_column] if max_tokens_column else [])))
+            columns = list(dict.fromkeys(measured + [c for c in (max_tokens_column, own) if c]))
             for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=columns):
                 nbytes = np.full(batch.num_rows, literal, dtype=np.int64)
                 for name in measured:
                     nbytes += _text_bytes(batch.column(batch.schema.get_field_index(name)))
                 if kind == OPENAI_BATCH:
                     cap = _body_caps(batch.column(batch.schema.get_field_index("body")), max_model_len or max_tokens)
+                    cap = cap * _body_ns(batch.column(batch.schema.get_field_index("body")))
                 elif max_tokens_column:
                     col = batch.column(batch.schema.get_field_index(max_tokens_column))
                     cap = pc.fill_null(col, max_tokens).to_numpy(zero_copy_only=False)
                 else:
                     cap = max_tokens
+                if sampling is not None and kind != OPENAI_BATCH:
+                    values = batch.column(batch.schema.get_field_index(own)).to_pylist() if own else None
+                    cap = row_caps(
+                        np.broadcast_to(np.asarray(cap, dtype=np.int64), (batch.num_rows,)), values, sampling
+                    )
                 prompt = nbytes // BYTES_PER_TOKEN + 1
                 parts.append((prompt * PROMPT_TOKEN_COST).astype(np.int64) + 1 + cap)
         out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64))
     return out
+
+
+def row_caps(caps: np.ndarray, values: Optional[List[Any]], sampling: SamplingConfig) -> np.ndarray:  # noqa: F821
+    """Each row's output tokens at most: its max_tokens (`caps`: data.max_tokens_column's or
+    sampling.max_tokens) times n, each overridden by the row's own sampling value (`values`,
+    data.sampling_column; None: no such column). Pure."""
+    import numpy as np
+
+    if values is None:
+        return np.asarray(caps, dtype=np.int64) * sampling.n
+    out = np.empty(len(values), dtype=np.int64)
+    for i, (cap, value) in enumerate(zip(caps, values, strict=True)):
+        own = row_sampling(value, replace(sampling, max_tokens=int(cap)))
+        out[i] = 1 if isinstance(own, str) else own.max_tokens * own.n
+    return out
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """What the rows' own sampling asks for, over the whole input (planning)."""
+
+    max_n: int = 1  # the largest n of a row
+    logprobs: bool = False  # some row asks for logprobs
+    prompt_logprobs: bool = False  # some row asks for prompt logprobs
+
+
+def scan_row_sampling(files: Sequence[InputFile], column: str, sampling: SamplingConfig) -> RowSampling:
+    """RowSampling of `column` (data.sampling_column) over `files`, each row's value over
+    `sampling` (rows with invalid values do not count: they become errors). Streams the column."""
+    max_n, lp, plp = sampling.n, sampling.logprobs is not None, sampling.prompt_logprobs is not None
+    for f in files:
+        if not f.rows:
+            continue
+        for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                own = row_sampling(value, sampling)
+                if not isinstance(own, str):
+                    max_n = max(max_n, own.n)
+                    lp = lp or own.logprobs is not None
+                    plp = plp or own.prompt_logprobs is not None
+    return RowSampling(max_n, lp, plp)
+
+
+def scan_batch_bodies(files: Sequence[InputFile]) -> RowSampling:
+    """RowSampling of OpenAI Batch bodies: the largest `n`, and whether a body asks for logprobs
+    (chat: `logprobs: true`; completions: `logprobs: k`). Streams the body column."""
+    import json
+
+    max_n, lp = 1, False
+    for f in files:
+        if not f.rows:
+            continue
+        for batch in pq.ParquetFile(f.path).iter_batches(batch_size=65536, columns=["body"]):
+            for text in batch.column(0).to_pylist():
+                try:
+                    body = json.loads(text) if text else None
+                except ValueError:
+                    continue
+                if not isinstance(body, dict):
+                    continue
+                if isinstance(body.get("n"), int) and not isinstance(body["n"], bool):
+                    max_n = max(max_n, body["n"])
+                logprobs = body.get("logprobs")
+                lp = lp or (logprobs is not None and logprobs is not False)
+    return RowSampling(max_n, lp, False)
 
 
 CHAT_BYTES_PER_MESSAGE = 16  # what a chat template adds around a message, about
@@ -202,6 +281,23 @@ def _text_bytes(column: pa.Array) -> np.ndarray:  # noqa: F821
                 )
         return np.bincount(parents, weights=sizes, minlength=len(column)).astype(np.int64)
     return np.array([0 if v is None else len(str(v).encode()) for v in column.to_pylist()], dtype=np.int64)
+
+
+def _body_ns(bodies: pa.Array) -> np.ndarray:  # noqa: F821
+    """Each OpenAI Batch body's n (else 1)."""
+    import json
+
+    import numpy as np
+
+    ns = []
+    for text in bodies.to_pylist():
+        try:
+            body = json.loads(text) if text else None
+        except ValueError:
+            body = None
+        n = body.get("n") if isinstance(body, dict) else None
+        ns.append(n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
+    return np.array(ns, dtype=np.int64)
 
 
 def _body_caps(bodies: pa.Array, default: int) -> np.ndarray:  # noqa: F821

@@ -79,11 +79,13 @@ class VllmEngine:
         self._pending: Dict[str, Tuple[Any, int]] = {}  # request id -> (tag, index)
         self._aliases: Dict[str, str] = {}  # engine-internal id -> our request id
         self.cached_tokens = 0  # prompt tokens of finished requests served by the prefix cache
+        self._logprobs: Dict[str, Tuple[Optional[int], Optional[int]]] = {}  # request id -> its k's
+        self._refused: List[Finished] = []  # requests vLLM would not take: their rows' errors, at the next step
 
     @property
     def pending(self) -> int:
         """Requests added and not finished yet."""
-        return len(self._pending)
+        return len(self._pending) + len(self._refused)
 
     @property
     def max_num_seqs(self) -> int:
@@ -93,25 +95,52 @@ class VllmEngine:
 
     def add(self, tag: Any, index: int, request: Request) -> None:
         request_id = f"hpcinfer-{request.row}-{next(self._requests)}"
-        # FINAL_ONLY, as LLM.generate sets it: no per-step partial outputs to detokenize and copy
-        if isinstance(request.sampling, dict):
-            params = self._params(**request.sampling, output_kind=self._final_only)
-        else:  # an OpenAI Batch line's SamplingParams, made by vLLM's protocol classes (batch_request)
-            params = request.sampling
-            params.output_kind = self._final_only
-        self._pending[request_id] = (tag, index)
-        internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
+        try:
+            params, lora = self._request_params(request)
+            self._pending[request_id] = (tag, index)
+            self._logprobs[request_id] = (params.logprobs, params.prompt_logprobs)
+            internal = self.llm.llm_engine.add_request(
+                request_id, {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora
+            )
+        except _refusals() as e:  # e.g. a row's regex or schema vLLM cannot compile: that row's error
+            self._pending.pop(request_id, None)
+            self._logprobs.pop(request_id, None)
+            why = f"the engine refused the request: {_why(e)}"
+            self._refused.append((tag, index, RowResult(None, None, len(request.prompt_token_ids), 0, why)))
+            return
         if isinstance(internal, str) and internal != request_id:  # outputs carry one or the other
             self._aliases[internal] = request_id
 
+    def _request_params(self, request: Request) -> Tuple[Any, Any]:
+        """(SamplingParams, LoRARequest or None) of `request`; FINAL_ONLY outputs, as
+        LLM.generate sets them: no per-step partial outputs to detokenize and copy."""
+        if isinstance(request.sampling, dict):
+            kw = dict(request.sampling)
+            if "structured_outputs" in kw:  # requests.sampling_kwargs: StructuredOutputsParams' arguments
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+            params = self._params(**kw, output_kind=self._final_only)
+        else:  # an OpenAI Batch line's SamplingParams, made by vLLM's protocol classes (batch_request)
+            params = request.sampling
+            params.output_kind = self._final_only
+        lora = None
+        if getattr(request, "lora", None) is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(*request.lora)
+        return params, lora
+
     def step(self) -> List[Finished]:
-        """One engine step: the requests it finished, as (tag, index, result)."""
-        done = []
+        """One engine step: the requests it finished, as (tag, index, result); requests it
+        refused (add) first, with their errors."""
+        done, self._refused = self._refused, []
         for out in self.llm.llm_engine.step():
             if out.finished:
                 self.cached_tokens += int(getattr(out, "num_cached_tokens", None) or 0)
-                tag, i = self._pending.pop(self._aliases.pop(out.request_id, out.request_id))
-                done.append((tag, i, row_result(out)))
+                rid = self._aliases.pop(out.request_id, out.request_id)
+                tag, i = self._pending.pop(rid)
+                done.append((tag, i, row_result(out, *self._logprobs.pop(rid, (None, None)))))
         return done
 
     # ---- rendering (requests.ChatRenderer): vLLM's own code paths, so the prompts are its prompts
@@ -179,8 +208,6 @@ class VllmEngine:
                 raise ValueError(f"url {url!r} is not /v1/chat/completions or /v1/completions")
             if getattr(req, "stream", False):
                 raise ValueError("stream=true: a batch line is answered whole")
-            if getattr(req, "n", 1) not in (None, 1):
-                raise ValueError(f"n={req.n}: one completion per line")
             ids = list(inputs[0]["prompt_token_ids"])
             max_tokens = get_max_tokens(self.max_model_len, cap, len(ids), self._defaults)
             return ids, req.to_sampling_params(max_tokens, self._defaults)
@@ -205,9 +232,11 @@ class VllmEngine:
 
     def abort(self, tag: Any) -> None:
         """Drop the unfinished requests added under `tag` (their shard went to another rank)."""
+        self._refused = [f for f in self._refused if f[0] != tag]
         ids = [rid for rid, (t, _) in self._pending.items() if t == tag]
         for rid in ids:
             del self._pending[rid]
+            self._logprobs.pop(rid, None)
         if ids:
             self.llm.llm_engine.abort_request(ids)
 
@@ -221,6 +250,33 @@ class VllmEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+def reasoning_split(name: str, tokenizer: Any):
+    """vLLM's reasoning parser `name` (ReasoningParserManager) over `tokenizer`, as a function
+    text -> (reasoning, answer): the parser's `extract_reasoning`, as vLLM's server splits a
+    chat completion's message into `reasoning` and `content`."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.reasoning import ReasoningParserManager
+
+    parser = ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
+    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": ""}]})
+
+    def split(text: str) -> Tuple[Optional[str], Optional[str]]:
+        return parser.extract_reasoning(text, request)
+
+    return split
+
+
+def _refusals() -> Tuple[type, ...]:
+    """The exceptions with which vLLM refuses one request (its fault, not the engine's):
+    ValueError, TypeError, and vLLM's VLLMClientError (VLLMValidationError: a regex that does not
+    compile), which is no ValueError."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # a vLLM without it
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, VLLMClientError)
 
 
 def _why(e: BaseException) -> str:

@@ -14,23 +14,26 @@ Rows are raw prompts, prompt templates filled from columns, chat conversations r
 chat template (by vLLM's own rendering, `ChatRenderer`), or OpenAI Batch lines (their bodies read
 by vLLM's own protocol classes), as the run's RequestSpec (plan.json) says.
 
-Features that change what is asked of the model (per-row sampling, n > 1,
-structured output, logprobs, LoRA) belong here: a new request field on `Request` and in
-`build_requests`, a new output column on `RowResult` (and `GENERATED`) and in `row_result`. The
-engine (engine.py) adds requests and steps, and renders what vLLM must render itself. Pure,
-apart from calling the tokenizer and the renderer it is given.
+What a row asks of the model beyond its prompt lives here too (issue 14): its own sampling
+(`data.sampling_column` over `sampling.*`, `row_kwargs`; an invalid value is the row's error),
+n samples and their seeds (`row_seed`), structured output (`sampling_kwargs`:
+`structured_outputs`), logprobs (`row_result`, `token_logprobs`), its LoRA adapter
+(`lora_request`), and the reasoning split of its completions (`split_reasoning`). Which output
+columns a run has, and their shapes, is the plan's OutputSpec (rundir/output.py). The engine
+(engine.py) adds requests and steps, and renders what vLLM must render itself. Pure, apart from
+calling the tokenizer and the renderer it is given.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import pyarrow as pa
 
-from hpcinfer.config import RunConfig, SamplingConfig
-from hpcinfer.rundir.output import RowResult
+from hpcinfer.config import RunConfig, SamplingConfig, row_sampling
+from hpcinfer.rundir.output import RowResult, Sample
 from hpcinfer.rundir.records import MESSAGES, OPENAI_BATCH, RequestSpec
 
 
@@ -43,6 +46,8 @@ class Request:
     # SamplingParams keyword arguments, seed and max_tokens included; an OpenAI Batch row: the
     # SamplingParams vLLM's protocol classes made of its body
     sampling: Any
+    # the row's LoRA adapter as vLLM's LoRARequest takes it: (name, id >= 1, path); None: the base model
+    lora: Optional[Tuple[str, int, str]] = None
 
 
 def row_error(prompt: Any, n_tokens: Optional[int], max_model_len: int) -> Optional[str]:
@@ -58,16 +63,55 @@ def row_error(prompt: Any, n_tokens: Optional[int], max_model_len: int) -> Optio
 
 
 def sampling_kwargs(s: SamplingConfig) -> Dict[str, Any]:
-    """SamplingParams keyword arguments (without the per-row seed)."""
+    """SamplingParams keyword arguments (without the per-row seed); structured output as
+    `structured_outputs`, the keyword arguments of vLLM's StructuredOutputsParams (json, regex,
+    choice, grammar), absent without it. Pure."""
     kw = asdict(s)
     kw.pop("seed")
+    st = kw.pop("structured")
     kw["stop"] = list(s.stop) or None
+    so = {
+        "json": json.loads(st["json_schema"]) if st["json_schema"] is not None else None,
+        "regex": st["regex"],
+        "choice": list(st["choice"]) if st["choice"] is not None else None,
+        "grammar": st["grammar"],
+    }
+    so = {k: v for k, v in so.items() if v is not None}
+    if so:
+        kw["structured_outputs"] = so
     return kw
 
 
-def row_seed(s: SamplingConfig, row: int) -> Optional[int]:
-    """Seed of global row `row`: independent of which rank or shard generates it."""
-    return None if s.seed is None or s.temperature == 0 else s.seed + row
+def row_seed(s: SamplingConfig, row: int, stride: int = 1) -> Optional[int]:
+    """Seed of global row `row`: independent of which rank or shard generates it. `stride`: the
+    run's largest n (RequestSpec.seed_stride): a row's samples take seed .. seed + n - 1 (vLLM
+    seeds sample j with the request's seed + j), so rows never share a sample's seed. Pure."""
+    return None if s.seed is None or s.temperature == 0 else s.seed + row * stride
+
+
+def run_sampling(cfg: RunConfig, spec: RequestSpec) -> SamplingConfig:
+    """The run's sampling as the ranks use it: `sampling.*`, its json_schema's text as read when
+    the run was planned (a file's). Pure."""
+    if spec.json_schema is None:
+        return cfg.sampling
+    return replace(cfg.sampling, structured=replace(cfg.sampling.structured, json_schema=spec.json_schema))
+
+
+def row_kwargs(
+    base: SamplingConfig, value: Any, cap: Optional[int], row: int, stride: int = 1
+) -> Union[Dict[str, Any], str]:
+    """One row's SamplingParams keyword arguments, seed included: `base`, its output cap `cap`
+    (data.max_tokens_column; None: base's), then its own sampling `value` (data.sampling_column:
+    a dict, JSON text or None) over them; or why the value is invalid (its error). The seed is
+    the row's own when it gives one (exact, as SamplingParams(seed=...)), else `row_seed`. A
+    row asking for more samples than the run was planned for (`stride`) is an error. Pure."""
+    own = row_sampling(value, replace(base, seed=None, max_tokens=base.max_tokens if cap is None else cap))
+    if isinstance(own, str):
+        return own
+    if own.n > stride:
+        return f"sampling_column: n={own.n} exceeds the run's planned largest n ({stride})"
+    seed = own.seed if own.seed is not None else row_seed(replace(own, seed=base.seed), row, stride)
+    return {**sampling_kwargs(own), "seed": seed}
 
 
 class ChatRenderer(Protocol):
@@ -135,24 +179,35 @@ def build_requests(
         rendered = iter(renderer.render_chat(ok, spec.chat_template, spec.chat_template_kwargs) if ok else [])
     else:
         rendered = iter(tokenizer(ok)["input_ids"] if ok else [])
-    base = sampling_kwargs(cfg.sampling)
+    base = run_sampling(cfg, spec)
+    values = (
+        table.column(spec.sampling_column).take(take).to_pylist() if spec.sampling_column else [None] * len(positions)
+    )
+    adapters = table.column(spec.lora_column).take(take).to_pylist() if spec.lora_column else [None] * len(positions)
     out: List[Union[Request, RowResult]] = []
-    for prompt, cap, row in zip(prompts, caps, rows, strict=True):
+    for prompt, cap, value, adapter, row in zip(prompts, caps, values, adapters, rows, strict=True):
         toks = None if isinstance(prompt, Failed) else next(rendered)
         if isinstance(toks, str):
             prompt, toks = Failed(toks), None
         err = prompt.why if isinstance(prompt, Failed) else row_error(prompt, len(toks), max_model_len)
+        kwargs = None if err else row_kwargs(base, value, cap, row, spec.seed_stride)
+        if isinstance(kwargs, str):
+            err = kwargs
+        if not err and adapter is not None and adapter not in spec.lora_adapters:  # planning checks them
+            err = f"data.lora_column: {adapter!r} is not one of lora.adapters {sorted(spec.lora_adapters)}"
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
-        out.append(
-            Request(
-                row,
-                toks,
-                {**base, "max_tokens": base["max_tokens"] if cap is None else cap, "seed": row_seed(cfg.sampling, row)},
-            )
-        )
+        out.append(Request(row, toks, kwargs, lora_request(spec.lora_adapters, adapter)))
     return out
+
+
+def lora_request(adapters: Dict[str, str], name: Optional[str]) -> Optional[Tuple[str, int, str]]:
+    """(name, id, path) of adapter `name` of `adapters` (RequestSpec.lora_adapters), None for
+    the base model: ids are 1 + the name's place among the sorted names, the same on every rank. Pure."""
+    if name is None:
+        return None
+    return name, 1 + sorted(adapters).index(name), adapters[name]
 
 
 @dataclass(frozen=True)
@@ -241,8 +296,11 @@ def _batch_requests(
         if err:
             out.append(RowResult(None, None, 0 if toks is None else len(toks), 0, err))
             continue
+        if params.n > spec.seed_stride:
+            out.append(RowResult(None, None, len(toks), 0, f"n={params.n} exceeds the run's planned largest n"))
+            continue
         if params.seed is None and params.temperature != 0 and cfg.sampling.seed is not None:
-            params.seed = cfg.sampling.seed + row  # as row_seed: independent of the layout
+            params.seed = cfg.sampling.seed + row * spec.seed_stride  # as row_seed: independent of the layout
         out.append(Request(row, toks, params))
     return out
 
@@ -268,7 +326,71 @@ def batch_line_error(custom_id: Any, method: Any, url: Any, body: Any) -> Option
     return None
 
 
-def row_result(output: Any) -> RowResult:
-    """The output columns of a finished request from its vLLM `RequestOutput` (one completion)."""
-    c = output.outputs[0]
-    return RowResult(c.text, c.finish_reason, len(output.prompt_token_ids), len(c.token_ids), None)
+def row_result(output: Any, logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> RowResult:
+    """The output columns of a finished request from its vLLM `RequestOutput`: every completion
+    (n of them, in vLLM's order: sample index) as a Sample, with its logprobs when it has them
+    (the request's `logprobs` = k: the top k alternatives), and the prompt's logprobs when
+    asked for (`prompt_logprobs` = k)."""
+    samples = [
+        Sample(
+            c.text,
+            c.finish_reason,
+            len(c.token_ids),
+            c.cumulative_logprob if c.logprobs is not None else None,
+            token_logprobs(c.token_ids, c.logprobs, logprobs),
+        )
+        for c in sorted(output.outputs, key=lambda c: c.index)
+    ]
+    first = samples[0]
+    prompt = output.prompt_token_ids
+    return RowResult(
+        first.text,
+        first.finish_reason,
+        len(prompt),
+        sum(s.output_tokens for s in samples),
+        None,
+        samples,
+        token_logprobs(prompt, getattr(output, "prompt_logprobs", None), prompt_logprobs),
+    )
+
+
+def split_reasoning(result: RowResult, split: Any) -> RowResult:
+    """`result` with each sample's text split by `split` (text -> (reasoning, answer), vLLM's
+    reasoning parser: engine.reasoning_split) into its reasoning_text and its text (the answer;
+    "" when there is none). An error row is returned as it is. Pure, apart from `split`."""
+    if result.error is not None or split is None:
+        return result
+    samples = []
+    for s in result.samples or [Sample(result.generated_text or "", result.finish_reason, result.output_tokens)]:
+        reasoning, answer = split(s.text)
+        samples.append(replace(s, text=answer or "", reasoning_text=reasoning))
+    return replace(result, generated_text=samples[0].text, samples=samples)
+
+
+def token_logprobs(token_ids: Sequence[int], logprobs: Any, k: Optional[int]) -> Optional[List[Dict[str, Any]]]:
+    """vLLM's logprobs of `token_ids` (per position: {token id: Logprob(logprob, rank,
+    decoded_token)}, the top k and the token itself; None for a prompt's first token) as rows of
+    output.LOGPROB: each token's id, text and logprob, and the top k alternatives (rank 1..k),
+    best first (k None: every entry). None without logprobs. Pure."""
+    if logprobs is None:
+        return None
+    out = []
+    for tid, entry in zip(token_ids, logprobs, strict=False):
+        if entry is None:
+            out.append({"token_id": int(tid), "token": None, "logprob": None, "top_logprobs": []})
+            continue
+        own = entry.get(tid)
+        top = sorted(
+            (lp.rank, int(t), lp) for t, lp in entry.items() if k is None or (lp.rank is not None and lp.rank <= k)
+        )
+        out.append(
+            {
+                "token_id": int(tid),
+                "token": getattr(own, "decoded_token", None),
+                "logprob": None if own is None else float(own.logprob),
+                "top_logprobs": [
+                    {"token_id": t, "token": lp.decoded_token, "logprob": float(lp.logprob)} for _, t, lp in top
+                ],
+            }
+        )
+    return out

@@ -35,13 +35,13 @@ from hpcinfer.errors import disk_full, disk_full_message, exit_on_signal
 from hpcinfer.launch.env import RankContext, context_from_env, pin_to_cores, replica_engine_args
 from hpcinfer.rank import staging
 from hpcinfer.rank.engine import Engine
-from hpcinfer.rank.requests import build_requests
+from hpcinfer.rank.requests import build_requests, split_reasoning
 from hpcinfer.rank.work import ClaimedWork, StaticWork, Work
 from hpcinfer.rundir.claims import ClaimLost, end_beat
 from hpcinfer.rundir.files import atomic_path, atomic_write, written_path
 from hpcinfer.rundir.integrity import describe, read_rank_checked
 from hpcinfer.rundir.manifest import Shard, load_placement, read_manifest, read_shard
-from hpcinfer.rundir.output import RowResult
+from hpcinfer.rundir.output import OutputSpec, RowResult, token_sum
 from hpcinfer.rundir.parts import ShardCheckpoint, remove_parts
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import DONE, FAILED, RUNNING, STOPPED, TERMINAL, DoneRecord, RankRecord, RequestSpec
@@ -200,7 +200,7 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
             state.write(
                 state=RUNNING, engine_seconds=time.time() - t0, startup=startup, generation_started_at=time.time()
             )
-            ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request).run()
+            ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request, plan.output).run()
             if cfg.lockstep:
                 while engine.group_busy():  # idle here, busy elsewhere: vLLM runs a dummy batch
                     engine.step()
@@ -260,8 +260,15 @@ class ShardLoop:
         rows_before: int,
         rank: int,
         spec: Optional[RequestSpec] = None,
+        output: Optional[OutputSpec] = None,
     ):
         self.spec = spec  # how rows become requests (plan.json's); None: the prompt column
+        self.output = output  # the generated columns (plan.json's); None: one sample, no logprobs
+        self.split = None  # output.reasoning_parser: text -> (reasoning, answer), vLLM's parser
+        if cfg.output.reasoning_parser is not None:
+            from hpcinfer.rank.engine import reasoning_split
+
+            self.split = reasoning_split(cfg.output.reasoning_parser, engine.tokenizer)
         self.rd, self.cfg, self.work, self.schema, self.engine, self.state, self.rank = (
             rd,
             cfg,
@@ -325,6 +332,7 @@ class ShardLoop:
             self.cfg.checkpoint.seconds,
             before_write,
             by=f"rank {self.rank} ({self.state.token})",
+            spec=self.output,
         )
         todo = ck.todo()
         o = self.open[shard.shard] = OpenShard(shard, ck, todo, len(todo), time.time())
@@ -370,6 +378,7 @@ class ShardLoop:
         o = self.open.get(tag)
         if o is None:  # its shard was dropped (taken over) while the row was in flight
             return
+        result = split_reasoning(result, self.split)
         try:
             o.ck.add(o.todo[i], result)
         except ClaimLost as e:
@@ -429,7 +438,7 @@ def finish_shard(rd: RunDir, shard: Shard, ck: ShardCheckpoint, rank: int, secon
         rows=shard.rows,
         rows_failed=out.num_rows - out.column("error").null_count,
         prompt_tokens=int(pc.sum(out.column("prompt_tokens")).as_py() or 0),
-        output_tokens=int(pc.sum(out.column("output_tokens")).as_py() or 0),
+        output_tokens=token_sum(out.column("output_tokens")),
         generation_seconds=seconds,
         rows_resumed=resumed,
         finished_at=time.time(),

@@ -27,7 +27,7 @@ from hpcinfer.config import load_run_config
 from hpcinfer.errors import RunIncomplete
 from hpcinfer.rundir.files import atomic_path
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.output import ROW_COLUMN
+from hpcinfer.rundir.output import ROW_COLUMN, OutputSpec, explode, token_sum
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import RankRecord
 
@@ -67,11 +67,19 @@ def describe_missing(missing: List[Shard], total: int) -> str:
     return f"{len(missing)} of {total} shard(s) missing: {listed}{more}"
 
 
-def merge_shards(rd: RunDir, shards: List[Shard], schema, placement: Optional[np.ndarray] = None) -> Dict[str, int]:
+def merge_shards(
+    rd: RunDir,
+    shards: List[Shard],
+    schema,
+    spec: Optional[OutputSpec] = None,
+    placement: Optional[np.ndarray] = None,
+) -> Dict[str, int]:
     """Stream shards in global order into results.parquet, checking each row's position; with
+    `spec.explode`, each row's samples become rows (`rows` counts the input rows); with
     `placement` (slot -> input row) the rows are written in input order."""
+    explode_samples = spec is not None and spec.explode
     if placement is not None:
-        return _merge_placed(rd, shards, schema, placement)
+        return _merge_placed(rd, shards, schema, placement, explode_samples)
     totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
     pending: List = []  # batches of small shards, written together: one row group per ~BATCH_ROWS rows
 
@@ -99,12 +107,16 @@ def merge_shards(rd: RunDir, shards: List[Shard], schema, placement: Optional[np
                             f"shard {s.shard} holds rows out of order, duplicated or "
                             f"foreign (expected {want[0]}..{want[-1]})"
                         )
-                    pending.append(batch.drop_columns([ROW_COLUMN]).cast(schema))
+                    rows = batch.drop_columns([ROW_COLUMN])
+                    if explode_samples:  # one row per sample
+                        pending.extend(explode(rows).cast(schema).to_batches())
+                    else:
+                        pending.append(rows.cast(schema))
                     write(writer)
                     totals["rows"] += len(pos)
                     totals["rows_failed"] += len(pos) - batch.column("error").null_count
                     totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
-                    totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+                    totals["output_tokens"] += token_sum(batch.column("output_tokens"))
             write(writer, force=True)
     return totals
 
@@ -130,20 +142,28 @@ def _checked_batches(rd: RunDir, shards: List[Shard], totals: Dict[str, int]):
             totals["rows"] += len(pos)
             totals["rows_failed"] += len(pos) - batch.column("error").null_count
             totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
-            totals["output_tokens"] += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+            totals["output_tokens"] += token_sum(batch.column("output_tokens"))
             yield batch.drop_columns([ROW_COLUMN]), pos
 
 
-def _merge_placed(rd: RunDir, shards: List[Shard], schema, placement: np.ndarray) -> Dict[str, int]:
+def _merge_placed(
+    rd: RunDir, shards: List[Shard], schema, placement: np.ndarray, explode_samples: bool = False
+) -> Dict[str, int]:
+    """A placed run's merge: the rows back in input order (rundir/permute.py), then, with
+    `explode_samples`, one row per sample (after the reorder: the placement maps rows, not samples)."""
     from hpcinfer.rundir.permute import OrderError, write_reordered
 
     totals = dict(rows=0, rows_failed=0, prompt_tokens=0, output_tokens=0)
     n = len(placement)
-    batches = ((b.cast(schema), np.asarray(placement[pos])) for b, pos in _checked_batches(rd, shards, totals))
+    batches = (
+        (b if explode_samples else b.cast(schema), np.asarray(placement[pos]))
+        for b, pos in _checked_batches(rd, shards, totals)
+    )
     with atomic_path(rd.results) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
+            write = (lambda t: writer.write_table(explode(t).cast(schema))) if explode_samples else writer.write_table
             try:
-                write_reordered(batches, n, writer.write_table, str(rd.path), out_rows=BATCH_ROWS)
+                write_reordered(batches, n, write, str(rd.path), out_rows=BATCH_ROWS)
             except OrderError as e:
                 raise RunIncomplete(f"the shards do not hold every input row exactly once: {e}") from None
     return totals

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from typing import Callable, List, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from hpcinfer.rundir.files import atomic_path
 from hpcinfer.rundir.integrity import TornFile, part_positions, set_aside
 from hpcinfer.rundir.manifest import Shard
-from hpcinfer.rundir.output import RowResult, assemble, output_table
+from hpcinfer.rundir.output import OutputSpec, RowResult, assemble, output_table
 from hpcinfer.rundir.paths import RunDir
 
 
@@ -42,8 +42,10 @@ class ShardCheckpoint:
         every_seconds: float,
         before_write: Callable[[], None] = lambda: None,
         by: str = "a rank",
+        spec: Optional[OutputSpec] = None,
     ):
         self.rd, self.shard, self.inputs, self.before_write = rd, shard, inputs, before_write
+        self.spec = spec  # the run's generated columns (plan.json's output)
         self.every_rows, self.every_seconds = max(1, every_rows), every_seconds
         self.dir = rd.shard_parts(shard.shard)
         self.dir.mkdir(exist_ok=True, mode=0o700)
@@ -77,7 +79,7 @@ class ShardCheckpoint:
             return
         self.before_write()  # e.g. raises when a newer attempt of this rank owns the shard
         positions = [p for p, _ in self.buffer]
-        table = output_table(self.inputs, positions, [r for _, r in self.buffer], self.shard.global_start)
+        table = output_table(self.inputs, positions, [r for _, r in self.buffer], self.shard.global_start, self.spec)
         with atomic_path(self.dir / f"{self.seq:06d}.parquet") as tmp:
             pq.write_table(table, tmp)
         self.seq += 1

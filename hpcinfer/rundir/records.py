@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
+from hpcinfer.rundir.output import OutputSpec
+
 T = TypeVar("T")
 
 STARTING, RUNNING, DONE, FAILED, STOPPED = "starting", "running", "done", "failed", "stopped"
@@ -138,6 +140,13 @@ class RequestSpec(Record):
     system: Optional[str] = None
     chat_template: Optional[str] = None
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    sampling_column: Optional[str] = None  # data.sampling_column: each row's own sampling
+    json_schema: Optional[str] = None  # sampling.structured.json_schema's text (a file is read when planned)
+    # derived seeds: row i's is sampling.seed + i x seed_stride (the run's largest n: its samples
+    # take seed .. seed + n - 1, so no two samples of the run share one)
+    seed_stride: int = 1
+    lora_column: Optional[str] = None  # data.lora_column: each row's adapter (a name of lora_adapters)
+    lora_adapters: Dict[str, str] = field(default_factory=dict)  # lora.adapters, absolute paths
 
     @property
     def renders_chat(self) -> bool:
@@ -196,11 +205,13 @@ class Plan(Record):
     request: RequestSpec = field(default_factory=RequestSpec)  # how rows become requests
     input_format: str = "parquet"  # the input's format (other than parquet: converted into inputs/)
     prefix: Optional[Dict[str, Any]] = None  # schedule.prefix: what the plan found (planning/prefix.py Sharing)
+    output: OutputSpec = field(default_factory=OutputSpec)  # the generated columns and their shapes
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> Plan:
         plan = from_dict(cls, d)
         plan.request = from_dict(RequestSpec, d.get("request") or {})
+        plan.output = from_dict(OutputSpec, d.get("output") or {})
         plan.memory = from_dict(Memory, d["memory"])
         plan.rank_plans = [from_dict(RankPlan, rp) for rp in d.get("rank_plans", [])]
         plan.jobs = from_dict(JobLayout, d["jobs"]) if d.get("jobs") else None

@@ -36,7 +36,7 @@ class FakeRenderer:
 
 class FakeParams:
     def __init__(self, temperature):
-        self.temperature, self.seed = temperature, None
+        self.temperature, self.seed, self.n = temperature, None, 1
 
 
 class WordTokenizer:

@@ -9,12 +9,14 @@ import pyarrow as pa
 
 from hpcinfer.cli import compose
 from hpcinfer.rank.requests import Request, build_requests, row_result, sampling_kwargs
-from hpcinfer.rundir.output import GENERATED, OUTPUT_COLUMNS, RowResult
+from hpcinfer.rundir.output import GENERATED, OUTPUT_COLUMNS, RowResult, Sample
 
 
 # ---- the output columns -------------------------------------------------------------------------
 def test_row_result_is_the_generated_columns():
-    assert [f.name for f in dataclasses.fields(RowResult)] == GENERATED.names == list(OUTPUT_COLUMNS)
+    names = [f.name for f in dataclasses.fields(RowResult)]
+    assert names[: len(GENERATED)] == GENERATED.names == list(OUTPUT_COLUMNS)[: len(GENERATED)]
+    assert names[len(GENERATED) :] == ["samples", "prompt_logprobs"]  # shaped by the run's OutputSpec
 
 
 # ---- requests.py --------------------------------------------------------------------------------
@@ -62,6 +64,6 @@ def test_row_result_from_a_request_output():
     out = SimpleNamespace(
         prompt_token_ids=[1, 2, 3],
         finished=True,
-        outputs=[SimpleNamespace(text="hello", finish_reason="stop", token_ids=[5, 6])],
+        outputs=[SimpleNamespace(index=0, text="hello", finish_reason="stop", token_ids=[5, 6], logprobs=None)],
     )
-    assert row_result(out) == RowResult("hello", "stop", 3, 2, None)
+    assert row_result(out) == RowResult("hello", "stop", 3, 2, None, [Sample("hello", "stop", 2)])

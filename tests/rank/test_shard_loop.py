@@ -360,3 +360,76 @@ def test_a_full_disk_fails_the_rank_clearly_and_a_resume_completes_identically(t
     (small_fs / "filler").unlink()  # space freed: resume
     assert run_both(rd, monkeypatch) < ROWS  # what was durable is kept
     assert finalized_texts(rd) == reference
+
+
+# ---- n samples a row (issue 14): list columns in parts and shards, exploded by finalize ---------
+class SamplingEngine(FakeEngine):
+    """FakeEngine whose rows have request.sampling["n"] samples, `gen <row>.<j>`, j tokens + 1 each."""
+
+    def add(self, tag, index, request):
+        self.queue.append((tag, index, (request.row, request.sampling["n"])))
+
+    def step(self):
+        from hpcinfer.rundir.output import Sample
+
+        out, self.queue = self.queue[: self.rows_per_step], self.queue[self.rows_per_step :]
+        done = []
+        for tag, i, (row, n) in out:
+            samples = [Sample(f"gen {row}.{j}", "length", j + 1) for j in range(n)]
+            done.append(
+                (tag, i, RowResult(samples[0].text, "length", 1, sum(s.output_tokens for s in samples), None, samples))
+            )
+        return done
+
+
+@pytest.mark.parametrize("explode", [False, True])
+def test_samples_are_list_columns_or_one_row_each_in_input_order(tmp_path, monkeypatch, explode):
+    from hpcinfer.rundir.output import OutputSpec
+    from hpcinfer.rundir.records import RequestSpec
+
+    prompts = [f"p{i}" for i in range(7)]
+    pq.write_table(
+        pa.table({"prompt": prompts, "s": ['{"n": 2}', None, "{bad", '{"n": 3}', None, None, '{"n": 1}']}),
+        tmp_path / "in.parquet",
+    )
+    rd = new_run_dir(tmp_path)
+    overrides = [
+        "dp=2",
+        "data.sampling_column=s",
+        "sampling.n=1",
+        "data.shard_rows=2",
+        f"data.input={tmp_path / 'in.parquet'}",
+    ]
+    cfg = compose([*overrides, f"output.explode_samples={str(explode).lower()}"])
+    inputs = scan([str(tmp_path / "in.parquet")], "prompt")
+    atomic_write(rd.config, config.to_yaml(cfg))
+    plan = dataclasses.replace(
+        bare_plan(2, per_rank=1),
+        engine_args=config.engine_args(cfg, "/fake"),
+        submitted_at=time.time(),
+        request=RequestSpec(sampling_column="s", seed_stride=3),
+        output=OutputSpec(samples=True, explode=explode),
+    )
+    atomic_write_json(rd.plan, plan.to_json())
+    shards = cut_by_tokens(inputs.files, row_tokens(inputs.files, "prompt", None, 8), 2, 2, 2)
+    write_manifest(str(rd.manifest), shards, inputs.schema)
+    monkeypatch.setattr("hpcinfer.rank.engine.create_engine", lambda args: SamplingEngine(args))
+    for rank in (0, 1):
+        assert (
+            worker.run(str(rd.path), RankContext(rank, 2, rank, ["localhost"], "127.0.0.1", 1, "cuda", [str(rank)]))
+            == 0
+        )
+    summary = finalize(str(rd.path))
+    rows = pq.read_table(rd.results).to_pylist()
+    n = {0: 2, 1: 1, 3: 3, 4: 1, 5: 1, 6: 1}
+    assert summary["rows"] == 7 and summary["rows_failed"] == 1
+    assert summary["output_tokens"] == sum(k * (k + 1) // 2 for k in n.values())
+    if not explode:
+        assert [r["generated_text"] for r in rows] == [
+            None if i == 2 else [f"gen {i}.{j}" for j in range(n[i])] for i in range(7)
+        ]
+        assert rows[3]["output_tokens"] == [1, 2, 3] and "not valid JSON" in rows[2]["error"]
+    else:
+        want = [(p, j, f"gen {i}.{j}") for i, p in enumerate(prompts) if i != 2 for j in range(n[i])]
+        want.insert(3, ("p2", None, None))
+        assert [(r["prompt"], r["sample_index"], r["generated_text"]) for r in rows] == want

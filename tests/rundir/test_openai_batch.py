@@ -51,3 +51,40 @@ def test_written_line_by_line_in_order(tmp_path):
     n = write_results_jsonl(tmp_path / "results.parquet", tmp_path / "results.jsonl", "/r", "tiny")
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert n == 5 and [x["custom_id"] for x in lines] == [f"c{i}" for i in range(5)]
+
+
+def test_n_choices_and_logprobs_in_the_openai_shape():
+    """Issue 14: a line with n > 1 (list columns) has n choices; its logprobs as OpenAI gives them."""
+    tok = {
+        "token_id": 5,
+        "token": "hi",
+        "logprob": -0.5,
+        "top_logprobs": [{"token_id": 5, "token": "hi", "logprob": -0.5}],
+    }
+    row = _row(
+        generated_text=["hi", "yo"],
+        finish_reason=["stop", "length"],
+        output_tokens=[1, 3],
+        logprobs=[[tok], None],
+    )
+    body = output_line(row, 0, "/r", 1, "t")["response"]["body"]
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "hi", "stop"),
+        (1, "yo", "length"),
+    ]
+    assert body["usage"]["completion_tokens"] == 4 and body["usage"]["total_tokens"] == 9
+    lp = body["choices"][0]["logprobs"]["content"][0]
+    assert lp == {
+        "token": "hi",
+        "logprob": -0.5,
+        "bytes": [104, 105],
+        "top_logprobs": [{"token": "hi", "logprob": -0.5, "bytes": [104, 105]}],
+    }
+    assert body["choices"][1]["logprobs"] is None
+    cmpl = output_line(_row(url="/v1/completions", logprobs=[tok, {**tok, "token": "!"}]), 0, "/r", 1, "t")
+    assert cmpl["response"]["body"]["choices"][0]["logprobs"] == {
+        "text_offset": [0, 2],
+        "token_logprobs": [-0.5, -0.5],
+        "tokens": ["hi", "!"],
+        "top_logprobs": [{"hi": -0.5}, {"hi": -0.5}],
+    }
