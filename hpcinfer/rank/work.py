@@ -250,12 +250,24 @@ class ClaimedWork:
         self.by_id, self.world = self.tables.by_id, world
         self.tokens, self.rows = self.tables.tokens, self.tables.rows
         set_aside = {s for s in map(repaired_shard, self.repairs) if s is not None}
-        self.claims = Claims(
-            rd, rank, token, self.tables.order, lease_s, spread=world, notdone=sorted(set_aside), weights=self.tokens
-        )
-        self.heartbeat = Heartbeat(rd, rank, token, max(0.2, lease_s / 4)).start(thread=background)
+        beat_s = max(0.2, lease_s / 4)
         self.sweep_s = min(lease_s / 2, max(min(15.0, lease_s / 8), world / 50))
         self.idle_s = min(self.sweep_s, max(1.0, world / 100))
+        # a live attempt's beat name, seen by looks sweep_s apart, stays unchanged up to beat_s +
+        # sweep_s: only beyond that (with a margin) is it suspect (its files read, the buckets listed)
+        suspect_s = min(0.9 * lease_s, max(3 * lease_s / 8, 1.1 * (beat_s + self.sweep_s)))
+        self.claims = Claims(
+            rd,
+            rank,
+            token,
+            self.tables.order,
+            lease_s,
+            spread=world,
+            notdone=sorted(set_aside),
+            weights=self.tokens,
+            suspect_s=suspect_s,
+        )
+        self.heartbeat = Heartbeat(rd, rank, token, beat_s).start(thread=background)
         self.taken: Set[int] = set()  # shards this attempt claimed (a chain goes on after them)
         first = self._going_on if self.tables.pred else None
         self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s, first)

@@ -217,13 +217,16 @@ class Claims:
         bucket: int = BUCKET,
         notdone: Sequence[int] = (),
         weights: Optional[Dict[int, int]] = None,
+        suspect_s: Optional[float] = None,
     ):
         self.rd, self.rank, self.token = rd, rank, token
         self.layout = layout(tuple(order), bucket)
         self.tag = attempt_tag(token)
         self.lease_s, self.clock = lease_s, clock
         self.cache_s = lease_s / 8 if cache_s is None else cache_s  # how long a file check is kept
-        self.suspect_s = 3 * lease_s / 8  # a beat name unchanged this long: read the files
+        # a beat name unchanged this long: read the files (ClaimedWork sets it above its beat
+        # interval plus its look interval, so that a live attempt seen between beats never is)
+        self.suspect_s = 3 * lease_s / 8 if suspect_s is None else suspect_s
         self.spread = max(1, spread)  # after a lost race, try again this far down the candidates
         self.dir = rd.claims_dir
         self.dir.mkdir(exist_ok=True, mode=0o700)

@@ -261,3 +261,18 @@ def test_a_clean_end_is_fin_and_sends_no_one_looking(tmp_path, monkeypatch):
     beats = Claims(rd, 2, "C", [s.shard for s in shards], 60).beats()
     assert beats == {(0, attempt_tag("A")): "fin", (1, attempt_tag("B")): "end"}
     assert parse_beat_name("0.abc.fin") == (0, "abc", "fin")
+
+
+@pytest.mark.parametrize("world", [2, 1000, 10000])
+def test_a_live_attempt_seen_between_beats_is_never_suspect(tmp_path, world):
+    """A beat name is renamed every lease/4 and looked at every sweep_s: unchanged up to their
+    sum while alive. Only longer is suspect (files read, buckets listed), and always before the
+    lease ends it."""
+    from hpcinfer.rank.work import ClaimedWork
+
+    rd = new_run_dir(tmp_path)
+    w = ClaimedWork(rd, 0, world, "A", [], 120, background=False)
+    beat = w.heartbeat.interval
+    assert beat + w.sweep_s < w.claims.suspect_s < w.claims.lease_s
+    assert w.claims.suspect_s >= 3 * 120 / 8
+    w.close()
