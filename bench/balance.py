@@ -35,33 +35,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-RAW_RANK = r"""
-import json, os, sys, time
-args = json.loads(sys.argv[1])
-rank, world, barrier = args["rank"], args["world"], args["barrier"]
-from vllm import LLM, SamplingParams
-import pyarrow.parquet as pq
-t = pq.read_table(args["data"])
-n = t.num_rows
-lo, hi = rank * n // world, (rank + 1) * n // world   # contiguous, as data_parallel.py splits
-prompts = t.column("prompt").to_pylist()[lo:hi]
-caps = t.column("max_tokens").to_pylist()[lo:hi]
-llm = LLM(**args["engine_args"])
-open(os.path.join(barrier, f"ready.{rank}"), "w").close()
-while len([f for f in os.listdir(barrier) if f.startswith("ready.")]) < world:
-    time.sleep(0.01)
-t0 = time.time()
-outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=c, ignore_eos=True) for c in caps],
-                    use_tqdm=False)
-t1 = time.time()
-print("RESULT " + json.dumps({"rank": rank, "start": t0, "end": t1,
-                              "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}), flush=True)
-core = getattr(llm.llm_engine, "engine_core", None)
-if core is not None and hasattr(core, "shutdown"):
-    core.shutdown()
-os._exit(0)
-"""
+from common import run_static_ranks, static_rank_script  # noqa: E402
+
+RAW_RANK = static_rank_script(
+    '[SamplingParams(temperature=0, max_tokens=c, ignore_eos=True) for c in t.column("max_tokens").to_pylist()[lo:hi]]',
+    '{"tokens": sum(len(o.outputs[0].token_ids) for o in outs)}',
+)
 
 
 def write_workload(path: Path, rows: int, long_share: float, long_tokens: int, short_tokens: int) -> int:
@@ -116,30 +97,7 @@ def rank_envs(cfg, dp: int) -> list[dict]:
 def run_raw_static(engine_args: dict, envs: list[dict], data: Path, tmp: Path) -> dict:
     barrier = tmp / "barrier"
     barrier.mkdir()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                RAW_RANK,
-                json.dumps(
-                    dict(rank=r, world=len(envs), barrier=str(barrier), data=str(data), engine_args=engine_args)
-                ),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r, env in enumerate(envs)
-    ]
-    ranks = []
-    for p in procs:
-        out, err = p.communicate()
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        if p.returncode != 0 or not lines:
-            sys.exit(f"a raw rank failed:\n{err[-3000:]}")
-        ranks.append(json.loads(lines[-1][7:]))
+    ranks = run_static_ranks(RAW_RANK, envs, barrier, data=str(data), engine_args=engine_args)
     return {
         "starts": [r["start"] for r in ranks],
         "ends": [r["end"] for r in ranks],

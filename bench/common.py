@@ -143,3 +143,63 @@ def words(rng, n: int, length: int) -> List[str]:
     per_row = max(1, length // 6)  # ~5 letters and a space per word
     idx = rng.integers(0, len(vocab), (n, per_row))
     return [" ".join(vocab[j] for j in row)[:length] for row in idx]
+
+
+def static_rank_script(params: str, result: str) -> str:
+    """The script of one rank of vLLM's static data-parallel split
+    (examples/offline_inference/data_parallel.py), run as `python -c SCRIPT ARGS_JSON`: rank r of
+    `world` takes its contiguous slice of the Parquet `data`, builds `vllm.LLM(**engine_args)`,
+    waits for every rank at the barrier folder, then times one `generate`. `params`: an expression
+    of the SamplingParams (or their list) over `t`, `lo`, `hi`, `args`; `result`: more fields of
+    its RESULT line, an expression of a dict over `outs`."""
+    return r"""
+import json, os, sys, time
+args = json.loads(sys.argv[1])
+rank, world, barrier = args["rank"], args["world"], args["barrier"]
+from vllm import LLM, SamplingParams
+import pyarrow.parquet as pq
+t = pq.read_table(args["data"])
+n = t.num_rows
+lo, hi = rank * n // world, (rank + 1) * n // world   # contiguous, as data_parallel.py splits
+prompts = t.column("prompt").to_pylist()[lo:hi]
+llm = LLM(**args["engine_args"])
+open(os.path.join(barrier, f"ready.{rank}"), "w").close()
+while len([f for f in os.listdir(barrier) if f.startswith("ready.")]) < world:
+    time.sleep(0.01)
+t0 = time.time()
+outs = llm.generate(prompts, __PARAMS__, use_tqdm=False)
+t1 = time.time()
+print("RESULT " + json.dumps({"rank": rank, "start": t0, "end": t1, "lo": lo, **(__RESULT__)}), flush=True)
+core = getattr(llm.llm_engine, "engine_core", None)
+if core is not None and hasattr(core, "shutdown"):
+    core.shutdown()
+os._exit(0)
+""".replace("__PARAMS__", params).replace("__RESULT__", result)
+
+
+def run_static_ranks(script: str, envs: List[Dict[str, str]], barrier: Path, **args) -> List[dict]:
+    """Start one `static_rank_script` process per environment in `envs` (rank r gets envs[r]; all
+    at once, meeting at `barrier`), with `args` (data, engine_args, ...); their RESULT dicts, in
+    input order of their slices. Exits naming the rank's error when one fails."""
+    import json
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, json.dumps(dict(rank=r, world=len(envs), barrier=str(barrier), **args))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, env in enumerate(envs)
+    ]
+    ranks = []
+    for p in procs:
+        out, err = p.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            sys.exit(f"a static rank failed:\n{err[-3000:]}")
+        ranks.append(json.loads(lines[-1][len("RESULT ") :]))
+    return sorted(ranks, key=lambda r: r["lo"])

@@ -49,6 +49,9 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import run_static_ranks, static_rank_script  # noqa: E402
 
 WORDS = (
     "river stone cloud lamp forest engine paper glass market winter signal garden copper harbor "
@@ -56,34 +59,10 @@ WORDS = (
     "feather lantern orchard compass blanket crystal shadow timber velvet whistle canyon pebble"
 ).split()
 
-RAW_RANK = r"""
-import json, os, sys, time
-args = json.loads(sys.argv[1])
-rank, world, barrier = args["rank"], args["world"], args["barrier"]
-from vllm import LLM, SamplingParams
-import pyarrow.parquet as pq
-t = pq.read_table(args["data"])
-n = t.num_rows
-lo, hi = rank * n // world, (rank + 1) * n // world   # contiguous, as data_parallel.py splits
-prompts = t.column("prompt").to_pylist()[lo:hi]
-llm = LLM(**args["engine_args"])
-open(os.path.join(barrier, f"ready.{rank}"), "w").close()
-while len([f for f in os.listdir(barrier) if f.startswith("ready.")]) < world:
-    time.sleep(0.01)
-t0 = time.time()
-outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True),
-                    use_tqdm=False)
-t1 = time.time()
-print("RESULT " + json.dumps({"rank": rank, "start": t0, "end": t1, "lo": lo,
-                              "texts": [o.outputs[0].text for o in outs],
-                              "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
-                              "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
-                              "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}), flush=True)
-core = getattr(llm.llm_engine, "engine_core", None)
-if core is not None and hasattr(core, "shutdown"):
-    core.shutdown()
-os._exit(0)
-"""
+RAW_RANK = static_rank_script(
+    'SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True)',
+    '{"texts": [o.outputs[0].text for o in outs], "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs), "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs), "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}',
+)
 
 
 def write_workload(path: Path, docs: int, questions: int, doc_tokens: int, tokenizer, seed: int = 0) -> int:
@@ -153,38 +132,7 @@ def run_hpcinfer(overrides: List[str], run_dir: Path) -> Dict:
 def run_static(engine_args: dict, envs: List[dict], data: Path, tmp: Path, max_tokens: int) -> Dict:
     barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=tmp))
     t0 = time.time()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                RAW_RANK,
-                json.dumps(
-                    dict(
-                        rank=r,
-                        world=len(envs),
-                        barrier=str(barrier),
-                        data=str(data),
-                        engine_args=engine_args,
-                        max_tokens=max_tokens,
-                    )
-                ),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r, env in enumerate(envs)
-    ]
-    ranks = []
-    for p in procs:
-        out, err = p.communicate()
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        if p.returncode != 0 or not lines:
-            sys.exit(f"a static rank failed:\n{err[-3000:]}")
-        ranks.append(json.loads(lines[-1][7:]))
-    ranks.sort(key=lambda r: r["lo"])
+    ranks = run_static_ranks(RAW_RANK, envs, barrier, data=str(data), engine_args=engine_args, max_tokens=max_tokens)
     return dict(
         starts=[r["start"] for r in ranks],
         ends=[r["end"] for r in ranks],

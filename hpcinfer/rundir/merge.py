@@ -90,33 +90,12 @@ def merge_shards(
 
     with atomic_path(rd.results) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
-            for s in shards:
-                if s.global_start != totals["rows"]:
-                    raise RunIncomplete(
-                        f"manifest gap or overlap at shard {s.shard}: it starts at row "
-                        f"{s.global_start}, expected {totals['rows']}"
-                    )
-                num_rows, batches = read_batches(rd.shard_output(s.shard), s)
-                if num_rows != s.rows:
-                    raise RunIncomplete(f"shard {s.shard} output has {num_rows} rows, the manifest says {s.rows}")
-                for batch in batches:
-                    pos = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
-                    want = np.arange(totals["rows"], totals["rows"] + len(pos))
-                    if not np.array_equal(pos, want):
-                        raise RunIncomplete(
-                            f"shard {s.shard} holds rows out of order, duplicated or "
-                            f"foreign (expected {want[0]}..{want[-1]})"
-                        )
-                    rows = batch.drop_columns([ROW_COLUMN])
-                    if explode_samples:  # one row per sample
-                        pending.extend(explode(rows).cast(schema).to_batches())
-                    else:
-                        pending.append(rows.cast(schema))
-                    write(writer)
-                    totals["rows"] += len(pos)
-                    totals["rows_failed"] += len(pos) - batch.column("error").null_count
-                    totals["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
-                    totals["output_tokens"] += token_sum(batch.column("output_tokens"))
+            for rows, _ in _checked_batches(rd, shards, totals):
+                if explode_samples:  # one row per sample
+                    pending.extend(explode(rows).cast(schema).to_batches())
+                else:
+                    pending.append(rows.cast(schema))
+                write(writer)
             write(writer, force=True)
     return totals
 
