@@ -143,20 +143,29 @@ def chaos_reference(chaos_inputs, tmp_path_factory, hpcinfer):
 def busy_rank(run_dir: Path, rank: int, min_rows: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
     """Wait until rank `rank` is generating and has finished `min_rows` rows (its submit `proc`
     still running); its ranks/<rank>.json record (pid, host, ...)."""
+    return next(busy_ranks(run_dir, {rank: min_rows}, proc, timeout))
+
+
+def busy_ranks(run_dir: Path, min_rows: dict, proc: subprocess.Popen, timeout: float = 300):
+    """The ranks/<r>.json record of each rank r of `min_rows` as soon as it is generating and has
+    finished min_rows[r] rows (its submit `proc` still running), watching them all at once: a
+    rank that runs ahead of another is caught before it is done."""
     import json
     import time
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline, left = time.time() + timeout, dict(min_rows)
+    while left:
+        assert time.time() < deadline, f"rank(s) {sorted(left)} never got busy"
         assert proc.poll() is None, proc.communicate()
-        try:
-            s = json.loads((run_dir / "ranks" / f"{rank}.json").read_text())
-        except (OSError, ValueError):
-            s = {}
-        if s.get("state") == "running" and s.get("rows_done", 0) >= min_rows:
-            return s
+        for rank, rows in list(left.items()):
+            try:
+                s = json.loads((run_dir / "ranks" / f"{rank}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if s.get("state") == "running" and s.get("rows_done", 0) >= rows:
+                del left[rank]
+                yield s
         time.sleep(0.02)
-    raise AssertionError(f"rank {rank} never got busy")
 
 
 def check_group(envs):

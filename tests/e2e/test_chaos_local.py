@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import CHAOS_CHUNK, CHAOS_ROWS, REPO, busy_rank, chaos_args, fill_disk
+from conftest import CHAOS_CHUNK, CHAOS_ROWS, REPO, busy_rank, busy_ranks, chaos_args, fill_disk
 
 pytestmark = pytest.mark.vllm
 
@@ -90,8 +90,10 @@ def random_kills(run_dir, proc):
     seed = int(time.time())
     rng = random.Random(seed)
     victims = rng.sample([0, 1], rng.choice([1, 2]))
-    for rank in victims:
-        kill_when_busy(run_dir, rank, rng.randrange(CHUNK, 120), proc)
+    # watched together, each killed once it has its rows: a rank whose engine started ahead of the
+    # other's is not done before its turn comes
+    for s in busy_ranks(run_dir, {rank: rng.randrange(CHUNK, 120) for rank in victims}, proc):
+        os.kill(s["pid"], signal.SIGKILL)
     return seed, victims
 
 
