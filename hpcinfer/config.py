@@ -510,7 +510,8 @@ def engine_args(
     cfg: RunConfig, model_path: str, device_kind: Optional[str] = None, input_format: Optional[str] = None
 ) -> Dict[str, Any]:
     """Exactly the keyword arguments given to `vllm.LLM`: the model's engine defaults, then the
-    non-null `engine` overrides, then the layout. Pure.
+    non-null `engine` overrides, then the layout. Pure but for reading the LoRA adapters'
+    adapter_config.json (`lora_engine_args`: their ranks), when lora.adapters is set.
 
     `device_kind` and `input_format` are the plan's (unknown: None). On CPU, a run whose rows may
     be sampled with a seed gets `enable_chunked_prefill=False` unless `engine` sets it: vLLM 0.32
