@@ -567,15 +567,7 @@ class Claims:
         files, read now."""
         if c.token == UNREADABLE:
             return True
-        tag = attempt_tag(c.token)
-        try:
-            owner = self.rd.rank_owner(c.rank).read_text()
-        except FileNotFoundError:
-            owner = None
-        if owner is not None and attempt_tag(owner) != tag:
-            return True
-        record = self.rd.read_rank(c.rank)
-        if record is not None and attempt_tag(record.token) == tag and record.state in TERMINAL:
+        if self._files_say_ended(c.rank, attempt_tag(c.token)):
             return True
         try:
             beat = self.rd.rank_beat(c.rank).read_text()
@@ -594,16 +586,22 @@ class Claims:
         now = self.clock()
         ended, at = self._files.get((rank, tag), (False, -float("inf")))
         if now - at >= self.cache_s:
-            try:
-                owner = self.rd.rank_owner(rank).read_text()
-            except FileNotFoundError:
-                owner = None
-            record = self.rd.read_rank(rank)
-            ended = (owner is not None and attempt_tag(owner) != tag) or (
-                record is not None and attempt_tag(record.token) == tag and record.state in TERMINAL
-            )
+            ended = self._files_say_ended(rank, tag)
             self._files[(rank, tag)] = (ended, now)
         return ended
+
+    def _files_say_ended(self, rank: int, tag: str) -> bool:
+        """Whether attempt `tag` of `rank` was superseded (its owner file names another attempt) or
+        recorded that it ended (its record, terminal), read now: the owner first, the record only
+        when the owner does not tell."""
+        try:
+            owner = self.rd.rank_owner(rank).read_text()
+        except FileNotFoundError:
+            owner = None
+        if owner is not None and attempt_tag(owner) != tag:
+            return True
+        record = self.rd.read_rank(rank)
+        return record is not None and attempt_tag(record.token) == tag and record.state in TERMINAL
 
     def dead_in(self, look: Look, c: Claim) -> bool:
         """Whether `c`'s attempt is gone, judged once per attempt and look: from its beat name when
