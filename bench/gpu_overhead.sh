@@ -9,6 +9,8 @@
 #                                         # the 0.83B random Llama (and the 8B-shaped one) in /tmp
 #   bash bench/gpu_overhead.sh run NAME MODEL_DIR [overhead.py options]   # carry .gpukit0 .gpukit2 .gpukit3
 #        e.g. run llama1b /tmp/llama-1b --rows 4096 --max-tokens 256 --repeats 5 --profile
+#   bash bench/gpu_overhead.sh prefix NAME MODEL_DIR [prefix.py options]   # the same carry; issue 16
+#        (more config overrides in PREFIX_SET: one --set takes them all)
 set -u
 source .gpukit0/device_kit.sh
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,5 +34,12 @@ case "${1:-}" in
       > "$O/$name.log" 2>&1
     echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
     ;;
-  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run NAME MODEL_DIR [overhead.py options]"; exit 2 ;;
+  prefix)  # prefix NAME MODEL_DIR [prefix.py options]: bench/prefix.py on the GPU
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    name=$2 model=$3; shift 3
+    cd "$ROOT" && python3 bench/prefix.py --model llama "$@" --set model.name=$name model.path=$model \
+      engine.gpu_memory_utilization=0.85 ${PREFIX_SET:-} > "$O/$name.log" 2>&1
+    echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
+    ;;
+  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix NAME MODEL_DIR [overhead.py|prefix.py options]"; exit 2 ;;
 esac

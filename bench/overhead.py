@@ -16,6 +16,8 @@ number of tokens (checked on every run):
 Method. First one untimed warm-up run per side (`--warmup-rows`, default `--rows`: torch.compile
 and autotuning caches, page cache, .pyc files), then `--repeats` pairs, alternating which side
 goes first (raw, hpcinfer | hpcinfer, raw | ...), so a drift of the machine hits both alike.
+Every side uses one vLLM cache (`VLLM_CACHE_ROOT`, unless set: a folder of the run), so no side
+compiles in a timed run.
 Per run, two numbers:
 
 - generation tokens/s: output tokens over one window, timed the same way on both sides with
@@ -270,6 +272,10 @@ def main() -> None:
     sides = ["raw", "hpcinfer"] + (["base"] if a.baseline else []) + (["engine"] if a.engine_side else [])
     roots = {"hpcinfer": REPO, "base": Path(a.baseline).resolve() if a.baseline else None}
     with tempfile.TemporaryDirectory(prefix="hpcinfer-bench-") as tmp:
+        # one vLLM cache (torch.compile artifacts) for every side, warmed by the warm-up runs: without
+        # it hpcinfer's ranks get a cache private to their run (model.compile_cache=node) and compile
+        # again in every timed run, while raw vLLM reuses ~/.cache/vllm
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(tmp) / "vllm-cache"))
         data, warm = Path(tmp) / "prompts.parquet", Path(tmp) / "warmup.parquet"
         write_prompts(data, a.rows)
         write_prompts(warm, a.warmup_rows or a.rows)

@@ -22,7 +22,8 @@ Sides (every one with `enable_prefix_caching=true`):
   rank r runs `vllm.LLM(**engine_args).generate` over its contiguous slice, starting together.
 
 Method (as bench/overhead.py): one untimed warm-up run of `off` (page cache, .pyc files,
-compile caches), then `repeats` rounds, each running every side once, the order of the sides
+compile caches; on `--warmup-docs` documents, default all), every run sharing one vLLM cache
+(`VLLM_CACHE_ROOT`, unless set), then `repeats` rounds, each running every side once, the order of the sides
 rotating between rounds. Per run: prefill tokens computed (prompt tokens less those vLLM's prefix
 cache served: each request's `num_cached_tokens`, summed by the ranks into summary.json's
 `cached_tokens`), the makespan (first rank's generation start to last rank's finish), rows/s
@@ -83,7 +84,7 @@ def write_workload(path: Path, docs: int, questions: int, doc_tokens: int, token
             prompts.append(f"Document: {texts[d]}\nQuestion {q}: which word comes {q + 1} places after the first?")
             ids.append(f"d{d}-q{q}")
     pq.write_table(pa.table({"id": ids, "prompt": prompts}), path)
-    return sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    return sum(len(ids) for ids in tokenizer(prompts)["input_ids"])  # one batch: the fast tokenizer's threads
 
 
 def common(a, data: Path) -> List[str]:
@@ -126,6 +127,9 @@ def run_hpcinfer(overrides: List[str], run_dir: Path) -> Dict:
         tokens=s["output_tokens"],
         texts=pq.read_table(run_dir / "results.parquet").column("generated_text").to_pylist(),
         rows_per_rank=[r["rows"] for r in s["ranks"]],
+        # rank 0's start: submit to the rank's start, its engine's start-up (vLLM's split of it)
+        startup=f", rank 0 started {ranks[0]['started_at'] - t0:.1f} s after submit, engine start-up "
+        f"{ranks[0].get('engine_seconds', 0):.1f} s {ranks[0].get('startup') or ''}",
     )
 
 
@@ -179,6 +183,9 @@ def main() -> None:
         "(2,048 tokens at CPU's 128 per block: less than a rank's share of the documents, as a real model's "
         "cache is at scale)",
     )
+    ap.add_argument(
+        "--warmup-docs", type=int, default=None, help="documents of the untimed warm-up run (default --docs)"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides, for every side")
     a = ap.parse_args()
     sides = a.sides.split(",")
@@ -196,6 +203,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="hpcinfer-prefix-") as tmp:
         tmp = Path(tmp)
+        # one vLLM cache (torch.compile artifacts) for every run, warmed by the warm-up: without it
+        # each hpcinfer run compiles again in a cache private to it (model.compile_cache=node)
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp / "vllm-cache"))
         data = tmp / "docs_questions.parquet"
         cfg = compose(common(a, data))
         model_path = resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=True)
@@ -212,13 +222,17 @@ def main() -> None:
             flush=True,
         )
 
-        def run(side: str, n: int) -> Dict:
+        def run(side: str, n: int, rows_file: Path = data) -> Dict:
             if side == "static":
-                return run_static(args, rank_envs(cfg, a.dp), data, tmp, a.max_tokens)
-            return run_hpcinfer(common(a, data) + [f"schedule.prefix={side}"], tmp / f"{side}-{n}")
+                return run_static(args, rank_envs(cfg, a.dp), rows_file, tmp, a.max_tokens)
+            return run_hpcinfer(common(a, rows_file) + [f"schedule.prefix={side}"], tmp / f"{side}-{n}")
 
+        warm = data
+        if a.warmup_docs and a.warmup_docs != a.docs:
+            warm = tmp / "warmup.parquet"
+            write_workload(warm, a.warmup_docs, a.questions, a.doc_tokens, AutoTokenizer.from_pretrained(model_path))
         t = time.time()
-        run("off", -1)  # warm-up, untimed
+        run("off", -1, warm)  # warm-up, untimed
         print(f"warm-up run (off) {time.time() - t:.0f} s\n", flush=True)
         results: Dict[str, List[Dict]] = {s: [] for s in sides}
         texts: Dict[str, List] = {}
@@ -234,7 +248,7 @@ def main() -> None:
                 print(
                     f"round {n} {side:>6}: prefill {m['prefill']:,} tokens (cached {m['cached']:,}), makespan "
                     f"{m['makespan']:.1f} s, wall {m['wall']:.1f} s, {m['rows_s']:.1f} rows/s, {m['tok_s']:,.0f} tok/s, "
-                    f"rows per rank {res['rows_per_rank']}",
+                    f"rows per rank {res['rows_per_rank']}{res.get('startup', '')}",
                     flush=True,
                 )
         print(
@@ -248,6 +262,10 @@ def main() -> None:
             )
         reference = texts.get("off") or next(iter(texts.values()))
         identical = all(t == reference for t in texts.values())
+        for side, t in texts.items():
+            if t != reference:
+                differ = sum(x != y for x, y in zip(t, reference, strict=True))
+                print(f"{side}: {differ} of {rows} rows' texts differ from the first off run's")
 
         def ratio(key: str, a_side: str, b_side: str) -> float:
             return statistics.median(m[key] for m in results[a_side]) / max(
