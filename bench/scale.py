@@ -21,14 +21,27 @@ Sides, interleaved when repeated: `instant` (the same fake ranks taking shards f
 in-memory pool under a lock, in claim order: claims that cost nothing, the makespan floor) and
 `claims` (the protocol). Reported: metadata ops per claim (mean over the job; p99 over ranks of
 a rank's ops per claim; every operation from the ranks' start-up on), the engine loop's time in
-claiming calls (next, release, exhausted) per loop iteration (p50, p99, max ms), `check` apart, the job's metadata ops per second, makespans and the overhead against `instant`.
+claiming calls (next, release, exhausted) per loop iteration (p50, p99, max ms), `check` apart,
+the job's metadata ops per second, makespans and the overhead against `instant`; and where the
+operations per claim were made: in which protocol call (the claimer's full and claim looks,
+claiming, publishing `.done` names, the heartbeat, start-up, the run's end) and, inside it, by
+what (listing beats/ or a holders/ bucket, reading owner and record files, creating a claim).
 The last line: `ranks=R ops_per_claim=X claim_block_ms_p99=Y job_ops_per_s=Z`.
+
+`--cheap` (thousands of ranks): no thread per rank. Each process steps its ranks round-robin in
+one loop, a rank's heartbeat and claimer rounds inside its engine loop iteration
+(ClaimedWork(background=False).tick), on a SIMULATED clock that advances one engine step
+(`--step-s`) per round, the processes in lockstep; metadata operations cost no time there
+(`--op-latency-ms` is not slept), so makespans and ops/s are in simulated seconds, and the wall
+time is reported beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
+import functools
 import io
 import multiprocessing
 import os
@@ -38,7 +51,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,7 +60,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import machine_lines, print_table, work_dir  # noqa: E402
 
 from hpcinfer.rank.schedule import by_mix, claim_order  # noqa: E402
-from hpcinfer.rank.work import ClaimedWork  # noqa: E402
+from hpcinfer.rank.work import ClaimedWork, Claimer  # noqa: E402
+from hpcinfer.rundir.claims import Claims, Heartbeat  # noqa: E402
 from hpcinfer.rundir.files import atomic_write_json  # noqa: E402
 from hpcinfer.rundir.manifest import Shard  # noqa: E402
 from hpcinfer.rundir.paths import RunDir  # noqa: E402
@@ -68,6 +82,7 @@ class Counter:
         self.by_thread: Dict[int, int] = {}  # thread ident -> rank
         self.counts: Dict[int, int] = {}  # rank (-1: unattributed) -> operations
         self.by_name: Dict[str, int] = {}  # operation -> count
+        self.by_where: Dict[str, Dict[str, int]] = {}  # where (the calls it was made in) -> operation -> count
         self.lock = threading.Lock()
         self.saved: Dict[str, object] = {}
 
@@ -90,10 +105,15 @@ class Counter:
     def _wrap(self, fn, name: str, skip_fd: bool = False):
         def counted(*args, **kw):
             if not (skip_fd and args and isinstance(args[0], int)):
-                rank = self.by_thread.get(threading.get_ident(), -1)
+                rank = getattr(WHERE, "rank", None)
+                if rank is None:
+                    rank = self.by_thread.get(threading.get_ident(), -1)
+                where = " > ".join(getattr(WHERE, "stack", None) or ["other"])
                 with self.lock:
                     self.counts[rank] = self.counts.get(rank, 0) + 1
                     self.by_name[name] = self.by_name.get(name, 0) + 1
+                    kinds = self.by_where.setdefault(where, {})
+                    kinds[name] = kinds.get(name, 0) + 1
                 if self.latency_s:
                     time.sleep(self.latency_s)
             return fn(*args, **kw)
@@ -106,10 +126,67 @@ class Counter:
 
     def reset(self) -> None:
         with self.lock:
-            self.counts, self.by_thread, self.by_name = {}, {}, {}
+            self.counts, self.by_thread, self.by_name, self.by_where = {}, {}, {}, {}
 
 
 COUNTER = Counter()
+WHERE = threading.local()  # .stack: the protocol calls the thread is in (traced), outermost first
+
+
+@contextlib.contextmanager
+def where(label: str) -> Iterator[None]:
+    """Count the metadata operations made inside under `label` (nested: "outer > inner")."""
+    stack = WHERE.__dict__.setdefault("stack", [])
+    stack.append(label)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def traced(owner: type, method: str, label: Union[str, Callable[..., str]]) -> None:
+    """Wrap `owner.method` (in this process only) so that its metadata operations are counted
+    under `label` (or `label(*args, **kw)`)."""
+    fn = getattr(owner, method)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        with where(label if isinstance(label, str) else label(*args, **kw)):
+            return fn(*args, **kw)
+
+    setattr(owner, method, wrapper)
+
+
+def trace_protocol() -> None:
+    """Where the protocol's metadata operations come from: its calls (the claimer's looks, by
+    kind; claiming; publishing; the heartbeat) and, inside them, what reads the run directory."""
+
+    def look_kind(self, full: bool = True, claiming: bool = True) -> str:
+        return "claim look" if not full else "full look" if claiming else "full look (watching)"
+
+    for owner, method, label in [
+        (ClaimedWork, "__init__", "start-up"),
+        (ClaimedWork, "close", "end"),
+        (Claimer, "over", "over (the run's end)"),
+        (Claims, "look", look_kind),
+        (Claims, "next", "next (claiming)"),
+        (Claims, "take_turn", "take_turn (claiming)"),
+        (Claims, "flush", "flush (.done names)"),
+        (Claims, "check", "check"),
+        (Heartbeat, "_beat", "heartbeat"),
+        (Claims, "beats", "beats/ listing"),
+        (Claims, "_list_bucket", "bucket listing"),
+        (Claims, "_read", "claim file read"),
+        (Claims, "_files_say_ended", "owner+record read"),
+        (Claims, "dead", "dead() from files"),
+        (Claims, "_create", "claim create"),
+        (Claims, "confirm_done", "done/ listing"),
+        (Claims, "gone_ranks", "gone ranks"),
+        (RunDir, "is_done", "done marker stat"),
+    ]:
+        traced(owner, method, label)
+
+
 STOP = threading.Event()  # --time-limit-s ran out: the ranks stop where they are
 
 
@@ -168,64 +245,123 @@ def protocol_threads(work) -> List[threading.Thread]:
     return found
 
 
-def fake_rank(rank: int, rd: Optional[RunDir], shards, args, pool, start: threading.Barrier, out: Dict) -> None:
-    """One rank: its work (ClaimedWork, or the instant pool) and a fake engine holding at most
-    OPEN_SHARDS shards, each finishing `shard_s x tokens / mean` seconds after it opened."""
-    COUNTER.attribute(threading.current_thread(), rank)
-    mean_tokens = statistics.mean(s.tokens for s in shards)
-    if pool is None:
-        work = ClaimedWork(rd, rank, args.ranks, f"rank{rank}-attempt", shards, args.lease_s, background=not args.cheap)
-        for t in protocol_threads(work):
-            COUNTER.attribute(t, rank)
-    else:
-        work = pool.work(rank)
-    start.wait()
-    t0 = time.monotonic()
-    open_: Dict[int, float] = {}
-    blocks, checks, ticks, claimed, got = [], [], [], 0, []
+class SimClock:
+    """--cheap: the simulated time of a process's ranks, advanced a step per round (all processes
+    in lockstep), so that thousands of ranks stepped in one thread keep the protocol's timing."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@contextlib.contextmanager
+def as_rank(rank: int) -> Iterator[None]:
+    """Count the metadata operations made inside for `rank` (--cheap: one thread steps them all)."""
+    WHERE.rank = rank
     try:
-        while not STOP.is_set():
-            spent = 0.0
-            if args.cheap and pool is None:  # the heartbeat and the claimer's round, in this thread
-                a = time.perf_counter()
-                work.tick()
-                ticks.append(time.perf_counter() - a)
-            while len(open_) < OPEN_SHARDS:
-                a = time.perf_counter()
-                shard = work.next()
-                spent += time.perf_counter() - a
-                if shard is None:
-                    break
-                claimed += 1
-                got.append(shard.shard)
-                open_[shard.shard] = time.monotonic() + args.shard_s * shard.tokens / mean_tokens
-            now = time.monotonic()
-            for s in [s for s, end in open_.items() if end <= now]:
-                a = time.perf_counter()
-                work.check(s)  # before the shard's last write: not claiming, timed apart
-                checks.append(time.perf_counter() - a)
-                if rd is not None:
-                    atomic_write_json(rd.done_marker(s), {"shard": s, "rank": rank}, durable=False)
-                a = time.perf_counter()
-                work.release(s, done=True)
-                spent += time.perf_counter() - a
-                del open_[s]
-            if not open_:
-                a = time.perf_counter()
-                exhausted = work.exhausted()
-                spent += time.perf_counter() - a
-                blocks.append(spent)
-                if exhausted:
-                    break
-                time.sleep(max(work.poll_s, args.step_s))
-                continue
-            blocks.append(spent)
-            time.sleep(args.step_s)  # an engine step
+        yield
     finally:
-        work.close()
-    out[rank] = dict(
-        end=time.monotonic(), start=t0, claimed=claimed, blocks=blocks, checks=checks, got=got, ticks=ticks
-    )
+        WHERE.rank = None
+
+
+class FakeRank:
+    """One rank: its work (ClaimedWork, or the instant pool) and a fake engine holding at most
+    OPEN_SHARDS shards, each finishing `shard_s x tokens / mean` seconds after it opened. `step`
+    is one iteration of its engine loop; with --cheap, the heartbeat's and the claimer's rounds
+    run there too (no threads), on `clock`."""
+
+    def __init__(self, rank: int, rd: Optional[RunDir], shards, args, pool, clock: Callable[[], float]):
+        self.rank, self.rd, self.args, self.clock = rank, rd, args, clock
+        self.mean_tokens = statistics.mean(s.tokens for s in shards)
+        self.inline = args.cheap and pool is None
+        if pool is None:
+            self.work = ClaimedWork(
+                rd,
+                rank,
+                args.ranks,
+                f"rank{rank}-attempt",
+                shards,
+                args.lease_s,
+                background=not args.cheap,
+                clock=clock,
+            )
+            for t in protocol_threads(self.work):
+                COUNTER.attribute(t, rank)
+        else:
+            self.work = pool.work(rank)
+        self.open: Dict[int, float] = {}
+        self.blocks: List[float] = []
+        self.checks: List[float] = []
+        self.ticks: List[float] = []
+        self.got: List[int] = []
+        self.start = self.end = clock()
+        self.finished = False
+
+    def step(self) -> bool:
+        """One engine loop iteration; True when the rank is through (its work exhausted)."""
+        work, spent = self.work, 0.0
+        if self.inline:  # the heartbeat and the claimer's round, in this thread
+            a = time.perf_counter()
+            work.tick()
+            self.ticks.append(time.perf_counter() - a)
+        while len(self.open) < OPEN_SHARDS:
+            a = time.perf_counter()
+            shard = work.next()
+            spent += time.perf_counter() - a
+            if shard is None:
+                break
+            self.got.append(shard.shard)
+            self.open[shard.shard] = self.clock() + self.args.shard_s * shard.tokens / self.mean_tokens
+        now = self.clock()
+        for s in [s for s, end in self.open.items() if end <= now]:
+            a = time.perf_counter()
+            work.check(s)  # before the shard's last write: not claiming, timed apart
+            self.checks.append(time.perf_counter() - a)
+            if self.rd is not None:
+                with where("done marker (the engine)"):
+                    atomic_write_json(self.rd.done_marker(s), {"shard": s, "rank": self.rank}, durable=False)
+            a = time.perf_counter()
+            work.release(s, done=True)
+            spent += time.perf_counter() - a
+            del self.open[s]
+        if not self.open:
+            a = time.perf_counter()
+            self.finished = work.exhausted()
+            spent += time.perf_counter() - a
+        self.blocks.append(spent)
+        self.end = self.clock()
+        return self.finished
+
+    def close(self) -> None:
+        self.work.close()
+        self.end = self.clock()
+
+    def result(self) -> Dict:
+        return dict(
+            end=self.end,
+            start=self.start,
+            claimed=len(self.got),
+            blocks=self.blocks,
+            checks=self.checks,
+            got=self.got,
+            ticks=self.ticks,
+        )
+
+
+def rank_thread(rank: int, rd: Optional[RunDir], shards, args, pool, start: threading.Barrier, out: Dict) -> None:
+    """A rank as a thread of its own (with its heartbeat and claimer threads), on the real clock."""
+    COUNTER.attribute(threading.current_thread(), rank)
+    fake = FakeRank(rank, rd, shards, args, pool, time.monotonic)
+    start.wait()
+    fake.start = time.monotonic()
+    try:
+        while not STOP.is_set() and not fake.step():
+            time.sleep(max(getattr(fake.work, "poll_s", 0.0), args.step_s))
+    finally:
+        fake.close()
+    out[rank] = fake.result()
 
 
 def make_shards(n: float) -> List[Shard]:
@@ -241,7 +377,8 @@ def run_side(side: str, args, root: Path) -> Dict:
         rd.create()
     pool = InstantPool(shards, args.ranks) if side == "instant" else None
     procs = args.procs if side == "claims" else 1
-    if procs == 1:
+    wall = time.monotonic()
+    if procs == 1 and not args.cheap:
         gate = threading.Barrier(2)
         box: Dict = {}
         main = threading.Thread(
@@ -249,18 +386,21 @@ def run_side(side: str, args, root: Path) -> Dict:
         )
         main.start()
         gate.wait()
-        t0 = time.monotonic()
         main.join()
         results = [box]
-    else:  # blocks of ranks in processes of their own (forked), each with its threads
+    else:  # blocks of ranks in processes of their own (forked), each with its threads (or its round)
         ctx = multiprocessing.get_context("fork")
         per = -(-args.ranks // procs)
         blocks_ = [range(i, min(args.ranks, i + per)) for i in range(0, args.ranks, per)]
         gate = ctx.Barrier(len(blocks_) + 1)
+        lockstep = Lockstep(ctx, len(blocks_), args.ranks)
         files = [root / f"result-{time.monotonic_ns()}-{i}.pickle" for i in range(len(blocks_))]
 
         def child(b: range, path: Path) -> None:
-            res = run_ranks(b, rd, shards, args, None, gate)
+            if args.cheap:
+                res = run_cheap(b, rd, shards, args, pool, gate, lockstep)
+            else:
+                res = run_ranks(b, rd, shards, args, pool, gate)
             path.write_bytes(pickle.dumps(res))
             os._exit(0)
 
@@ -268,15 +408,16 @@ def run_side(side: str, args, root: Path) -> Dict:
         for c in children:
             c.start()
         gate.wait()
-        t0 = time.monotonic()
         for c in children:
             c.join()
         if any(c.exitcode != 0 or not f.exists() for c, f in zip(children, files)):
             sys.exit(f"{side}: a process of ranks failed: exit codes {[c.exitcode for c in children]}")
         results = [pickle.loads(f.read_bytes()) for f in files]
+    wall = time.monotonic() - wall
     out: Dict[int, Dict] = {}
     ops: Dict[int, int] = {}
     by_name: Dict[str, int] = {}
+    by_where: Dict[str, Dict[str, int]] = {}
     incomplete = False
     for res in results:
         out.update(res["out"])
@@ -284,8 +425,11 @@ def run_side(side: str, args, root: Path) -> Dict:
             ops[r] = ops.get(r, 0) + n
         for k, v in res["by_name"].items():
             by_name[k] = by_name.get(k, 0) + v
+        for w, kinds in res["by_where"].items():
+            for k, v in kinds.items():
+                by_where.setdefault(w, {})[k] = by_where.get(w, {}).get(k, 0) + v
         incomplete |= res["incomplete"]
-    makespan = max(o["end"] for o in out.values()) - t0
+    makespan = max(o["end"] for o in out.values()) - min(o["start"] for o in out.values())
     claims = sum(o["claimed"] for o in out.values())
     if not incomplete and (claims != len(shards) or (rd is not None and len(rd.done_shards()) != len(shards))):
         seen: Dict[int, List[int]] = {}
@@ -303,10 +447,11 @@ def run_side(side: str, args, root: Path) -> Dict:
     total = sum(ops.values())
     return dict(
         makespan=makespan,
+        wall=wall,
         incomplete=f"stopped after {args.time_limit_s:.0f} s: {claims} of {len(shards)} shards claimed"
         if incomplete
         else "",
-        ops_per_claim=total / claims,
+        ops_per_claim=total / max(1, claims),
         ops_per_claim_p99=q(per_rank, 0.99),
         block_p50=q(blocks, 0.5),
         block_p99=q(blocks, 0.99),
@@ -316,6 +461,18 @@ def run_side(side: str, args, root: Path) -> Dict:
         job_ops_per_s=total / makespan,
         ops=total,
         by_name=dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
+        by_where=by_where,
+    )
+
+
+def counted(out: Dict[int, Dict], incomplete: bool) -> Dict:
+    """A process's results, with its operation counts."""
+    return dict(
+        out=out,
+        counts=dict(COUNTER.counts),
+        by_name=dict(COUNTER.by_name),
+        by_where={w: dict(k) for w, k in COUNTER.by_where.items()},
+        incomplete=incomplete,
     )
 
 
@@ -327,7 +484,7 @@ def run_ranks(ranks: range, rd, shards, args, pool, gate) -> Dict:
     start = threading.Barrier(len(ranks) + 1)
     COUNTER.reset()
     threads = [
-        threading.Thread(target=fake_rank, args=(r, rd, shards, args, pool, start, out), daemon=True) for r in ranks
+        threading.Thread(target=rank_thread, args=(r, rd, shards, args, pool, start, out), daemon=True) for r in ranks
     ]
     for t in threads:
         t.start()
@@ -342,7 +499,75 @@ def run_ranks(ranks: range, rd, shards, args, pool, gate) -> Dict:
     for t in threads:
         t.join()
     STOP.clear()
-    return dict(out=out, counts=dict(COUNTER.counts), by_name=dict(COUNTER.by_name), incomplete=incomplete)
+    return counted(out, incomplete)
+
+
+class Lockstep:
+    """--cheap: the processes' rounds in step. Each round every process steps its ranks once; then
+    all agree whether any rank is left (and whether the time limit passed) and advance their
+    simulated clocks by one engine step together, so that no process's ranks run ahead of
+    another's (a beat would look stalled to them)."""
+
+    def __init__(self, ctx, parties: int, ranks: int):
+        self.stepped, self.agreed = ctx.Barrier(parties), ctx.Barrier(parties)
+        self.left, self.stop = ctx.Value("i", ranks), ctx.Value("b", 0)
+
+    def round_over(self, finished: int, out_of_time: bool) -> bool:
+        """This process's ranks that finished this round; whether every process is through."""
+        with self.left.get_lock():
+            self.left.value -= finished
+        if out_of_time:
+            self.stop.value = 1
+        self.stepped.wait()
+        over = self.left.value <= 0 or bool(self.stop.value)
+        self.agreed.wait()  # every process has read them before any process changes them again
+        return over
+
+
+def run_cheap(ranks: range, rd, shards, args, pool, gate, lockstep: Lockstep) -> Dict:
+    """--cheap: ranks `ranks` stepped round-robin in this one thread on a simulated clock (an
+    engine step per round), the processes in lockstep. Results as `run_ranks`'."""
+    COUNTER.reset()
+    clock = SimClock()
+    fakes = []
+    for r in ranks:
+        with as_rank(r):
+            fakes.append(FakeRank(r, rd, shards, args, pool, clock))
+    gate.wait()
+    deadline = time.monotonic() + args.time_limit_s
+    active = list(fakes)
+    while True:
+        for fake in active:
+            with as_rank(fake.rank):
+                fake.step()
+        through = [f for f in active if f.finished]
+        for fake in through:
+            with as_rank(fake.rank):
+                fake.close()
+        active = [f for f in active if not f.finished]
+        if lockstep.round_over(len(through), time.monotonic() > deadline):
+            break
+        clock.t += args.step_s
+    for fake in active:  # stopped by the time limit
+        with as_rank(fake.rank):
+            fake.close()
+    return counted({f.rank: f.result() for f in fakes}, bool(active))
+
+
+def breakdown(side: str, by_where: Dict[str, Dict[str, int]], shards: float, floor: float = 0.05) -> List:
+    """Rows: ops per claim by where they were made (the protocol call, and what inside it), each
+    with its kinds; those under `floor` per claim together in one row."""
+    rows, rest = [], 0.0
+    for w, kinds in sorted(by_where.items(), key=lambda kv: -sum(kv[1].values())):
+        total = sum(kinds.values()) / shards
+        if total < floor:
+            rest += total
+            continue
+        each = ", ".join(f"{k} {v / shards:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        rows.append((f"{side}: per claim in {w}", f"{total:.2f} ({each})"))
+    if rest:
+        rows.append((f"{side}: per claim elsewhere (each under {floor})", f"{rest:.2f}"))
+    return rows
 
 
 def spread(xs: List[float], fmt: str) -> str:
@@ -365,8 +590,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument(
         "--cheap",
         action="store_true",
-        help="thousands of ranks: one thread per rank (its heartbeat and claimer run in its loop, "
-        "once per step), defaults 10,000 ranks x 0.5 shards, lease 600 s, 20 s shards, 2 s steps, 2 processes",
+        help="thousands of ranks: each process steps its ranks round-robin in one loop on a simulated "
+        "clock (a rank's heartbeat and claimer run in its loop, once per step; ops cost no time), "
+        "defaults 10,000 ranks x 0.5 shards, lease 600 s, 20 s shards, 2 s steps, 2 processes, time limit 900 s",
     )
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--keep", action="store_true")
@@ -374,7 +600,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.cheap:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         for key, value in dict(
-            ranks=10000, shards_per_rank=0.5, lease_s=600.0, shard_s=20.0, step_s=2.0, procs=2
+            ranks=10000, shards_per_rank=0.5, lease_s=600.0, shard_s=20.0, step_s=2.0, procs=2, time_limit_s=900.0
         ).items():
             if "--" + key.replace("_", "-") not in given:
                 setattr(args, key, value)
@@ -385,6 +611,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     sides = args.sides.split(",")
     threading.stack_size(256 * 1024)
     COUNTER.install()
+    trace_protocol()
     results: Dict[str, List[Dict]] = {s: [] for s in sides}
     try:
         with work_dir("hpcinfer-scale-", args.tmp, args.keep) as root:
@@ -393,7 +620,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             )
             for side in sides:  # warm-up: imports, first directory creation
                 run_side(side, warm, root)
-            COUNTER.latency_s = args.op_latency_ms / 1000
+            COUNTER.latency_s = 0.0 if args.cheap else args.op_latency_ms / 1000  # simulated: ops take no time
             try:
                 for _ in range(args.repeats):
                     for side in sides:  # interleaved
@@ -414,7 +641,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for side, rs in results.items():
         get = lambda k, rs=rs: [r[k] for r in rs]  # noqa: E731
         rows += [
-            (f"{side}: makespan s", spread(get("makespan"), ".2f")),
+            (f"{side}: makespan s" + (" (simulated)" if args.cheap else ""), spread(get("makespan"), ".2f")),
+            (f"{side}: wall time s", spread(get("wall"), ".1f")),
             (
                 f"{side}: metadata ops per claim, mean / p99 over ranks",
                 f"{spread(get('ops_per_claim'), '.1f')} / {spread(get('ops_per_claim_p99'), '.1f')}",
@@ -438,6 +666,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 (f"{side}: check before a write ms p99", spread(get("check_p99"), ".3f")),
                 (f"{side}: ops per claim by kind (last repeat)", per),
             ]
+            rows += breakdown(side, rs[-1]["by_where"], args.ranks * args.shards_per_rank)
     proto = next((s for s in reversed(sides) if s != "instant"), sides[-1])  # the last line's side
     last = results[proto]
     if "instant" in results and proto != "instant":

@@ -94,20 +94,27 @@ class StaticWork:
 
 class Claimer:
     """ClaimedWork's background thread: it claims (rundir/claims.py) and keeps the next shard
-    ready, so that the engine loop never waits on the filesystem. It makes a claim look (the
-    holders/ bucket with unclaimed shards: one listing) when the ready slot is empty and the loop
-    has asked for a shard, or at once after the loop releases one (this rank's share grew); a full
-    look (beats/ and the open buckets: dead ranks' claims to take over, their share to spread) at
-    least every `sweep_s`; and while the rank is idle, a full look every `idle_s` (whether the
-    run is over). A policy that declined, or found nothing, stays declined until one of these:
+    ready, so that the engine loop never waits on the filesystem. When the ready slot is empty
+    and the loop has asked for a shard, or at once after the loop releases one (this rank's share
+    grew), it takes the rank's turn (`Claims.take_turn`: no look), else makes a claim look (the
+    holders/ bucket with unclaimed shards: one listing); a full look (beats/: dead ranks' claims
+    to take over, their share to spread; the open buckets when some attempt ended or stalled, or
+    when it claims from the look) at least every `sweep_s`; and while the rank is idle, a full
+    look every `idle_s` (whether the run is over). A policy that declined, or found nothing, stays declined until one of these:
     what the others hold only ever shrinks the pool, so looking sooner cannot change its answer.
     Both intervals grow with the ranks of the run (ClaimedWork), so the job's metadata operations
     per second stay bounded however many ranks wait."""
 
     def __init__(
-        self, claims: Claims, choose: Callable, sweep_s: float, idle_s: float, first: Optional[Callable] = None
+        self,
+        claims: Claims,
+        choose: Callable,
+        sweep_s: float,
+        idle_s: float,
+        first: Optional[Callable] = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        self.claims, self.choose, self.sweep_s, self.idle_s = claims, choose, sweep_s, idle_s
+        self.claims, self.choose, self.sweep_s, self.idle_s, self.clock = claims, choose, sweep_s, idle_s, clock
         self.first = first  # candidates only this rank wants, tried before any spreading (Claims.next)
         self.ready: Optional[int] = None  # a claimed shard not yet handed to the loop
         self.wanted = True  # the loop has room (it asked, or has not started)
@@ -117,6 +124,8 @@ class Claimer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_full = self._last_idle = -float("inf")
+        if claims.turns and not claims.has_turn:  # more ranks than shards: the turns' ranks claim them
+            self._last_full = self._last_idle = clock()  # first, this one from its first idle look on
         self._thread = threading.Thread(target=self._run, name="hpcinfer-claimer", daemon=True)
 
     def start(self) -> Claimer:
@@ -148,9 +157,12 @@ class Claimer:
 
     # ---- the claimer's thread ---------------------------------------------------------
     def over(self) -> bool:
-        """Nothing unfinished that this rank does not hold, and every done marker there (a shard
-        whose marker was set aside since is claimable again: look at once)."""
-        if self.ready is not None or self.claims.unfinished() > 0:
+        """Nothing unfinished, this rank holding nothing either, and every done marker there (a
+        shard whose marker was set aside since is claimable again: look at once). While the rank
+        still holds shards the run is not over for it, and there is nothing to look at again:
+        waking here then made the claimer spin through the rank's last shards, a look and a done/
+        listing per round (half the engine's speed on CPU, a metadata storm at the tail)."""
+        if self.ready is not None or self.claims.mine or self.claims.unfinished() > 0:
             return False
         if self.claims.confirm_done():
             return True
@@ -158,24 +170,31 @@ class Claimer:
         return False
 
     def step(self) -> None:
-        """One round of the claimer: look and claim if the loop wants a shard and was woken, or a
-        look is due."""
+        """One round of the claimer: claim if the loop wants a shard and was woken, or a look is
+        due: its turn first (no look, `Claims.take_turn`), else from a claim look; and a full look
+        when due (one that only watches the others, beats/ alone, unless the rank is idle)."""
         woken = self._wake.is_set()
         self._wake.clear()
-        now = time.monotonic()
+        now = self.clock()
         self.claims.flush()
         with self._lock:
             need = self.wanted and self.ready is None
+        full = now - self._last_full >= self.sweep_s or (not self.claims.mine and now - self._last_idle >= self.idle_s)
+        if not ((need and woken) or full):
+            return
+        shard = self.claims.take_turn(self.choose) if need else None
         idle = not self.claims.mine
-        full = now - self._last_full >= self.sweep_s or (idle and now - self._last_idle >= self.idle_s)
-        if (need and woken) or full:
-            look = self.claims.look(full=full)
-            self._last_full, self._last_idle = (now if look.full else self._last_full), now
-            if need:
-                shard = self.claims.next(self.choose, look, own_first=self.first)
-                if shard is not None:
-                    with self._lock:
-                        self.ready, self.wanted = shard, False
+        look = self.claims.look(full=True, claiming=idle or (need and shard is None)) if full else None
+        if need and shard is None:
+            if look is None or not look.claiming:
+                look = self.claims.look(full=False)  # a full one when this attempt never looked
+                full = full or look.full
+            shard = self.claims.next(self.choose, look, own_first=self.first)
+        if shard is not None:
+            with self._lock:
+                self.ready, self.wanted = shard, False
+        if look is not None:
+            self._last_full, self._last_idle = (now if full else self._last_full), now
             self.finished = self.over()
 
     def _run(self) -> None:
@@ -243,6 +262,7 @@ class ClaimedWork:
         shards: List[Shard],
         lease_s: float,
         background: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ):
         verified = verify_done(rd, shards, f"rank {rank} ({token})")  # any rank may claim any shard
         self.done, self.repairs = verified.done, verified.repairs
@@ -266,17 +286,21 @@ class ClaimedWork:
             notdone=sorted(set_aside),
             weights=self.tokens,
             suspect_s=suspect_s,
+            clock=clock,
+            turns=0 if self.tables.pred else world,  # prefix placement: chains decide, not turns
+            done=self.done,
         )
-        self.heartbeat = Heartbeat(rd, rank, token, beat_s).start(thread=background)
+        self.heartbeat = Heartbeat(rd, rank, token, beat_s, clock).start(thread=background)
         self.taken: Set[int] = set()  # shards this attempt claimed (a chain goes on after them)
         first = self._going_on if self.tables.pred else None
-        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s, first)
+        self.claimer = Claimer(self.claims, self._choose, self.sweep_s, self.idle_s, first, clock)
         if background:
             self.claimer.start()
 
     def tick(self) -> None:
         """Without background threads (`background=False`: a simulation of thousands of ranks,
-        bench/scale.py --cheap): the heartbeat and the claimer's round, in the caller's thread."""
+        bench/scale.py --cheap, on a simulated `clock`): the heartbeat and the claimer's round, in
+        the caller's thread."""
         self.heartbeat.tick()
         self.claimer.step()
 

@@ -28,6 +28,12 @@ listings per look, not from reading files per claim:
                            when the attempt ends holding no claim that is not done (a clean end:
                            nothing of it to take over), else to `end` (it failed, stopped, or a
                            newer attempt of the rank started).
+    holders/<bucket>.full  markers: a rank whose listing found every shard of a bucket claimed
+    holders/<bucket>.done  (.full) or done (.done) says so, and the others read one listing of
+                           holders/ instead of listing a bucket they never listed (`Claims.look`).
+Ranks take turns (`Claims.take_turn`): rank r of R claims the shards at positions r, r+R, r+2R,
+... of the claim order without any look, the link deciding as for any claim; looks claim what the
+turns leave (a gone rank's, the tail's), and take over the claims of the dead first.
 A holder whose beat name changed since the look before is alive; `end` (or `fin`) is dead at once; one
 unchanged for `lease_s` is dead; one unchanged for 3/8 of the lease has its owner and record read
 (once per rank, kept `cache_s`) to see whether it was superseded or ended. Claims without an
@@ -54,10 +60,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from hpcinfer.errors import one_line
-from hpcinfer.rundir.files import atomic_write
 from hpcinfer.rundir.integrity import READ_ERRORS, record, relative
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import TERMINAL, Repair
@@ -150,6 +155,15 @@ def list_names(path: Path) -> List[str]:
         return []
 
 
+def make_dir(path: Path) -> None:
+    """Create a folder (0700) unless it exists: one metadata operation either way (Path.mkdir's
+    exist_ok costs a stat more when it exists, as it does for every rank but the first)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
 BUCKET = 256  # shards per holders/ folder, in claim order
 
 
@@ -191,6 +205,9 @@ class Look:
     order: List[int]  # the shards of the open buckets up to the first with unclaimed shards
     tail: int  # where in the claim order the buckets after those start
     full: bool = True
+    claiming: bool = True  # the buckets were listed up to the first with unclaimed shards (else: `order` is
+    # only the dead claims known, as a full look that only watches the others leaves it)
+    late: Optional[Dict[Tuple[int, str], str]] = None  # beats/ listed again (`Claims.dead_in`)
 
 
 class Claims:
@@ -218,6 +235,8 @@ class Claims:
         notdone: Sequence[int] = (),
         weights: Optional[Dict[int, int]] = None,
         suspect_s: Optional[float] = None,
+        turns: int = 0,
+        done: Collection[int] = (),
     ):
         self.rd, self.rank, self.token = rd, rank, token
         self.layout = layout(tuple(order), bucket)
@@ -229,20 +248,18 @@ class Claims:
         self.suspect_s = 3 * lease_s / 8 if suspect_s is None else suspect_s
         self.spread = max(1, spread)  # after a lost race, try again this far down the candidates
         self.dir = rd.claims_dir
-        self.dir.mkdir(exist_ok=True, mode=0o700)
-        rd.holders_dir.mkdir(exist_ok=True, mode=0o700)
+        make_dir(self.dir)
+        make_dir(rd.holders_dir)
         self.mine: Dict[int, int] = {}  # shard -> generation this attempt holds
         self._lock = threading.Lock()  # guards `mine`, `_pending` (release runs in the engine loop)
         self._pending: List[Tuple[int, int, Optional[bool]]] = []  # released: (shard, gen, done or unknown)
         self._beats: Dict[int, Tuple[Optional[str], float]] = {}  # rank -> (last beat seen, when it changed)
-        self._beat_seen: Set[str] = set()  # beats/ names at the latest listing
-        self._beat_map: Dict[Tuple[int, str], str] = {}  # what they say
-        self._beat_names: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name, since)
+        self.board = beat_board(str(rd.beats_dir), clock)  # the listings of beats/ (shared in a process)
+        self._ended_seen: Set[Tuple[int, str]] = set()  # attempts whose `end` a full look saw
         self._files: Dict[Tuple[int, str], Tuple[bool, float]] = {}  # (rank, tag) -> (ended, checked at)
         self._seen: Dict[Tuple[int, int], Claim] = {}  # claim files read (write-once)
         # what the listings of the open buckets showed so far: names are parsed once
         self._names: Dict[int, Set[str]] = {}  # bucket -> its names at its latest listing
-        self._made: Set[int] = set()  # buckets whose folder exists
         self._latest: Dict[int, int] = {}  # shard -> latest generation
         self._index: Dict[Tuple[int, int], Dict[Tuple[int, str], bool]] = {}  # (shard, gen) -> {(rank, tag): done}
         self._holders: Dict[int, Claim] = {}
@@ -253,6 +270,7 @@ class Claims:
         self._done: Set[int] = set()  # the same, all open buckets together
         self.closed: Set[int] = set()  # buckets all of whose shards are done
         self._full: Set[int] = set()  # buckets all of whose shards are claimed or done
+        self._marks: Set[str] = set()  # holders/<bucket>.full and .done markers known to exist
         self.notdone: Dict[int, int] = {s: -1 for s in notdone}  # shard -> a gen whose done name is stale
         self.weights = weights or {}  # shard -> its weight (tokens), for `weight_before`
         self._left = [sum(self.weights.get(x, 0) for x in self.layout.shards(b)) for b in range(self.layout.count)]
@@ -262,6 +280,12 @@ class Claims:
         self._fulls = 0  # full looks so far
         self._open: Set[Tuple[int, int]] = set()  # (shard, gen) claimed by this attempt and not done yet
         self.last: Optional[Look] = None  # the latest look
+        # taking turns (`take_turn`): this rank's next position in the claim order, every `turns`-th
+        self.turns = max(0, turns)
+        self._turn = rank if self.turns else len(self.layout.order)
+        for s in done:  # done markers checked when the attempt started
+            if s in self.layout.pos and s not in self.notdone:
+                self._mark_done(s)
 
     @property
     def order(self) -> Tuple[int, ...]:
@@ -278,8 +302,6 @@ class Claims:
         is claimed (a live holder, unknown); who holds it is parsed when a look needs to know
         (`_parse_raw`: some attempt ended or stalled)."""
         names = set(list_names(self._bdir(b)))
-        if names:
-            self._made.add(b)
         old = self._names.get(b, set())
         raw = self._raw.setdefault(b, set())
         touched = set()
@@ -392,8 +414,9 @@ class Claims:
             self._close(b)
 
     def _close(self, b: int) -> None:
-        """Every shard of `b` is done: forget it, never list it again."""
+        """Every shard of `b` is done: forget it, never list it again (and say so: `_mark`)."""
         self.closed.add(b)
+        self._mark(b, "done")
         for s in self.layout.shards(b):
             self._done.discard(s)
             self._holders.pop(s, None)
@@ -455,20 +478,9 @@ class Claims:
         return self._seen[key]
 
     def beats(self) -> Dict[Tuple[int, str], str]:
-        """Every attempt's beat name: (rank, tag) -> counter, or "end" / "fin". One listing; only names not
-        seen at the latest are parsed (an attempt has one name, renamed as it beats)."""
-        names = set(list_names(self.rd.beats_dir))
-        out = dict(self._beat_map)
-        for name in self._beat_seen - names:
-            parsed = parse_beat_name(name)
-            if parsed and out.get(parsed[:2]) == parsed[2]:
-                del out[parsed[:2]]
-        for name in names - self._beat_seen:
-            parsed = parse_beat_name(name)
-            if parsed and (parsed[2] in TERMINAL_BEATS or out.get(parsed[:2]) not in TERMINAL_BEATS):
-                out[parsed[:2]] = parsed[2]
-        self._beat_seen, self._beat_map = names, out
-        return out
+        """Every attempt's beat name: (rank, tag) -> counter, or "end" / "fin". One listing (see
+        `BeatBoard`)."""
+        return self.board.update(list_names(self.rd.beats_dir), self.clock())
 
     def _free(self, b: int) -> bool:
         """Whether bucket `b` may hold an unclaimed shard (unlisted: it may). Claims are never
@@ -483,13 +495,46 @@ class Claims:
         self._full.add(b)
         return False
 
-    def look(self, full: bool = True) -> Look:
+    MARKS = ("full", "done")  # holders/<bucket>.full: all its shards claimed; .done: all done
+
+    def _mark(self, b: int, kind: str) -> None:
+        """Leave holders/<bucket>.<kind> (once): what this rank's listing of the bucket showed, so that
+        the others need not list it to know. Both only ever become true (until a done marker is
+        set aside: `reopen`, which the rank that set it aside does, and which the markers
+        of its buckets do not override for it)."""
+        name = f"{b:06d}.{kind}"
+        if name in self._marks or any(self.layout.bucket(s) == b for s in self.notdone):
+            return
+        self._marks.add(name)
+        with contextlib.suppress(FileExistsError):
+            open(self.rd.holders_dir / name, "x").close()
+
+    def _read_marks(self) -> None:
+        """One listing of holders/: the buckets the others found full or all done (a bucket
+        holding a shard this attempt set aside or reopened is left to its own listings)."""
+        mine = {self.layout.bucket(s) for s in self.notdone}
+        for name in list_names(self.rd.holders_dir):
+            stem, _, kind = name.partition(".")
+            if kind not in self.MARKS or not stem.isdigit() or int(stem) >= self.layout.count:
+                continue
+            self._marks.add(name)
+            b = int(stem)
+            if b in mine or b in self.closed:
+                continue
+            if kind == "done":
+                self._close(b)
+            else:
+                self._full.add(b)
+
+    def look(self, full: bool = True, claiming: bool = True) -> Look:
         """A full look lists beats/, then the open buckets in claim order up to the first with an
         unclaimed shard; a claim look (`full=False`) only the buckets that may have one, up to the
         first that does, and judges liveness from the latest full look's beats (an attempt not in
         them started since: alive). Beats are listed before the buckets: an attempt whose beat name
         the look saw `end` had renamed its done names before (it ends after them), so a shard it
-        finished is never taken for one left by a dead rank."""
+        finished is never taken for one left by a dead rank. A full look not `claiming` (a rank
+        that only watches the others: it has its next shard, or takes turns) lists the buckets
+        only when some attempt ended or stalled (or at its first look): to find their claims."""
         self.flush()
         if full or self.last is None:
             at, beats, judged, full = self.clock(), self.beats(), {}, True
@@ -497,24 +542,41 @@ class Claims:
             at, beats, judged = self.last.at, self.last.beats, self.last.judged
         tail = len(self.layout.order)
         frontier: List[int] = []
-        lazy = self._fulls > 0 and bool(beats)
-        scan = False  # list every open bucket: some attempt's claims may have to be taken over
+        # who holds what is parsed, and every open bucket listed (scan), only when some attempt
+        # ended or stalled (its claims may have to be taken over), or without beat names at all (an
+        # older hpcinfer's run directory: claims are judged from their files); a first look needs
+        # no more, as every attempt that holds a holders/ name has a beat name, made before it
+        lazy = bool(beats)
+        scan = False
         if full:
             self._fulls += 1
-            scan = self._fulls == 1 or bool(self._dead)
+            scan = (self._fulls == 1 and not beats) or bool(self._dead)
             for key, beat in beats.items():  # an attempt ended or stalled: who holds what matters
-                seen = self._beat_names.get(key)
-                if seen is None or seen[0] != beat:
-                    self._beat_names[key] = (beat, at)
-                stalled = seen is not None and seen[0] == beat and at - seen[1] >= self.suspect_s
+                stalled = beat not in TERMINAL_BEATS and at - self.board.since(key, beat, at) >= self.suspect_s
                 if beat == ENDED or stalled:
                     lazy = False
-                if (beat == ENDED and (seen is None or seen[0] != ENDED)) or (stalled and beat not in TERMINAL_BEATS):
-                    scan = True  # newly ended (not `fin`), or stalled
+                if stalled or (beat == ENDED and key not in self._ended_seen):
+                    scan = True  # stalled, or newly ended (not `fin`)
+                    if beat == ENDED:
+                        self._ended_seen.add(key)
         listed: Set[int] = set()
-        for b in range(self.layout.count):
+        claiming = claiming or not full or scan
+        marks = [scan]  # whether the markers were listed (a scan lists every open bucket anyway)
+
+        def settle(b: int) -> None:
+            """Before listing bucket `b` for the first time: the others' markers may say it is
+            full or all done (one listing of holders/ per look)."""
+            if not marks[0] and b not in self._names:
+                marks[0] = True
+                self._read_marks()
+
+        for b in range(self.layout.count) if claiming else ():
             if b in self.closed:
                 continue
+            if b not in self._full:
+                settle(b)
+                if b in self.closed:
+                    continue
             if scan or self._free(b):
                 self._list_bucket(b, lazy=lazy or not full)
                 listed.add(b)
@@ -524,17 +586,24 @@ class Claims:
                 tail = min(tail, (b + 1) * self.layout.size)
                 frontier = list(self.layout.shards(b))
                 break
-        if full and not scan and not frontier:
+        if claiming and full and not scan and not frontier:
             # nothing to claim and no attempt to look after: follow the run to its end, listing the
             # open buckets in claim order only up to the first that is not all done
             for b in range(self.layout.count):
                 if b in self.closed:
                     continue
                 if b not in listed:
+                    settle(b)
+                    if b in self.closed:
+                        continue
                     self._list_bucket(b, lazy=lazy)
+                    listed.add(b)
                 if b not in self.closed:
                     break
-        self.last = look = Look(at, self._done, self._holders, beats, judged, [], tail, full)
+        for b in listed:  # what this look learned, for the others' looks (all done: `_close`)
+            if b in self._full and b not in self.closed:
+                self._mark(b, "full")
+        self.last = look = Look(at, self._done, self._holders, beats, judged, [], tail, full, claiming)
         if scan and not lazy:
             self._parse_raw()
         if full:  # judge every attempt holding a claim once: the claims of the dead are candidates
@@ -605,7 +674,9 @@ class Claims:
 
     def dead_in(self, look: Look, c: Claim) -> bool:
         """Whether `c`'s attempt is gone, judged once per attempt and look: from its beat name when
-        it has one (see the module docstring), else (full looks only) from its rank's files."""
+        it has one (see the module docstring), else (full looks only) from its rank's files. An
+        attempt without a beat name in the look's listing of beats/ lists beats/ again first (once
+        per look): one that started after that listing has one now, and is not read from files."""
         if c.token == UNREADABLE or self._stale_done(c):
             return True  # unreadable, or finished by an attempt whose done marker was set aside
         if c.rank == self.rank:  # this rank's earlier attempt: this one superseded it
@@ -615,16 +686,19 @@ class Claims:
         key = (c.rank, attempt_tag(c.token))
         if key not in look.judged:
             beat = look.beats.get(key)
+            if beat is None and look.full:  # it may have started after beats/ was listed: list it again
+                if look.late is None:
+                    look.late = self.beats()
+                late = look.late.get(key)
+                if late is not None:  # it did (a beat name is made before any claim): alive unless it ended
+                    look.judged[key] = late in TERMINAL_BEATS
+                    return look.judged[key]
             if beat is None:
                 look.judged[key] = self.dead(c) if look.full else False
             elif beat in TERMINAL_BEATS:
                 look.judged[key] = True
             else:
-                seen, since = self._beat_names.get(key, (None, look.at))
-                if beat != seen:
-                    self._beat_names[key] = (beat, look.at)
-                    since = look.at
-                stalled = look.at - since
+                stalled = look.at - self.board.since(key, beat, look.at)
                 look.judged[key] = stalled >= self.lease_s or (stalled >= self.suspect_s and self._ended(*key))
         return look.judged[key]
 
@@ -698,16 +772,71 @@ class Claims:
                 holders.pop(shard, None)
                 look.order = [s for s in look.order if s != shard]
                 continue
-            if self._create(shard, gen):
-                with self._lock:
-                    self.mine[shard] = gen
+            if self._claim(shard, gen):
                 return shard
-            # taken: by whom is not needed now (its bucket's next listing says, or its file)
-            holders[shard] = self._holders[shard] = Claim(shard, gen, UNKNOWN, "<lost race>")
-            if gen >= self._latest.get(shard, -1):
-                self._latest[shard] = gen
-            self._lost.add(shard)
+            holders[shard] = self._holders[shard]
             stale += 1
+        return None
+
+    def _claim(self, shard: int, gen: int) -> bool:
+        """Create the claim (`_create`): this attempt holds it, or the race for it was lost: taken,
+        by whom is not needed now (its bucket's next listing says, or its file)."""
+        if self._create(shard, gen):
+            with self._lock:
+                self.mine[shard] = gen
+            return True
+        self._holders[shard] = Claim(shard, gen, UNKNOWN, "<lost race>")
+        if gen >= self._latest.get(shard, -1):
+            self._latest[shard] = gen
+        self._lost.add(shard)
+        return False
+
+    TURN_TRIES = 2  # turns taken by others in a row before a look decides
+
+    @property
+    def has_turn(self) -> bool:
+        """Whether this rank may have a turn left (`take_turn`)."""
+        return self._turn < len(self.layout.order)
+
+    def _known_taken(self, shard: int) -> bool:
+        """Whether `shard` is known claimed or done (or set aside: claimed before) without a look."""
+        return (
+            shard in self._latest
+            or shard in self._done
+            or shard in self.notdone
+            or self.layout.bucket(shard) in self.closed
+        )
+
+    def take_turn(self, choose: Optional[Callable[[List[int], List[int], int], Optional[int]]] = None) -> Optional[int]:
+        """Claim this rank's next turn without looking, or None: ranks taking turns (`turns`: the
+        ranks of the run) start at their rank's position in the claim order and go on every
+        `turns` positions, so that ranks claiming together (at the start, or shards of one size
+        ending together) never race and list nothing. A turn is a shard's first claim (gen 0):
+        the link decides it as any claim, so one that a rank looking took first is a lost race,
+        and the rank goes on to its next turn (TURN_TRIES in a row, then None: `next` looks).
+        Turns known taken or done (this attempt's listings, the done shards it started with) are
+        passed over without a try. None at once, writing nothing, when the rank takes no turns,
+        has none left, the latest full look found claims to take over (`next` takes them first),
+        or the policy `choose` (as in `next`) declines the turn: the turn waits."""
+        with self._lock:
+            mine = set(self.mine)
+        if any(self._holders.get(s) == c and s not in self._done and s not in mine for s, c in self._dead.items()):
+            return None
+        order, tries = self.layout.order, 0
+        while self._turn < len(order) and tries < self.TURN_TRIES:
+            shard = order[self._turn]
+            if self._known_taken(shard):
+                self._turn += self.turns
+                continue
+            if choose is not None:
+                b = self.layout.bucket(shard)
+                unfinished = [s for s in self.layout.shards(b) if s not in self._done]
+                if choose([shard], unfinished, 0) is None:  # no claim to take over: no rank known gone
+                    return None
+            self._turn += self.turns
+            if self._claim(shard, 0):
+                return shard
+            tries += 1
         return None
 
     def _skip(self, attempt: int, found: list) -> int:
@@ -746,11 +875,10 @@ class Claims:
         the link fails if the name exists (atomic on local filesystems and NFS alike), and readers
         never see it half written. A lost race removes the holders/ name."""
         index = self._index_name(shard, gen, self.rank, self.tag)
-        b = self.layout.bucket(shard)
-        if b not in self._made:
-            index.parent.mkdir(exist_ok=True, mode=0o700)
-            self._made.add(b)
         try:
+            f = open(index, "x")
+        except FileNotFoundError:  # the first claim of its bucket: its folder is made now
+            make_dir(index.parent)
             f = open(index, "x")
         except FileExistsError:  # left by a crash of this very attempt: never, but harmless
             os.unlink(index)
@@ -849,6 +977,64 @@ def end_beat(rd: RunDir, rank: int, token: str) -> None:
                 os.rename(rd.beats_dir / name, rd.beats_dir / f"{rank}.{tag}.end")
 
 
+class BeatBoard:
+    """What the listings of a run's beats/ showed: every attempt's beat name, and since when a
+    listing has seen it unchanged (on one clock). Shared by the Claims of one process on one
+    clock (`beat_board`): one rank in a job; thousands in a simulation (bench/scale.py --cheap),
+    which then keep one map, not one each. A beat is timed from the first listing in the process
+    that saw it: never before the attempt beat, so a live attempt is no sooner suspect than when
+    each rank timed its own listings."""
+
+    def __init__(self) -> None:
+        self.names: FrozenSet[str] = frozenset()  # the latest listing's names
+        self.at = -float("inf")  # when it was listed
+        self.map: Dict[Tuple[int, str], str] = {}  # what they say (replaced, never changed in place)
+        self._since: Dict[Tuple[int, str], Tuple[str, float]] = {}  # (rank, tag) -> (beat name, seen since)
+        self._lock = threading.Lock()
+
+    def update(self, names: Sequence[str], at: float) -> Dict[Tuple[int, str], str]:
+        """A listing made at `at`: only names not seen at the latest are parsed (an attempt has
+        one name, renamed as it beats). One older than the latest changes nothing."""
+        listed = frozenset(names)
+        with self._lock:
+            if at < self.at or listed == self.names:
+                self.at = max(self.at, at)
+                return self.map
+            out = dict(self.map)
+            for name in self.names - listed:
+                parsed = parse_beat_name(name)
+                if parsed and out.get(parsed[:2]) == parsed[2]:
+                    del out[parsed[:2]]
+            for name in listed - self.names:
+                parsed = parse_beat_name(name)
+                if parsed and (parsed[2] in TERMINAL_BEATS or out.get(parsed[:2]) not in TERMINAL_BEATS):
+                    out[parsed[:2]] = parsed[2]
+                    if self._since.get(parsed[:2], ("",))[0] != parsed[2]:
+                        self._since[parsed[:2]] = (parsed[2], at)
+            self.names, self.at, self.map = listed, at, out
+            return out
+
+    def since(self, key: Tuple[int, str], beat: str, at: float) -> float:
+        """Since when `key`'s beat name has been `beat` (`at`: a look's time, when not known)."""
+        seen = self._since.get(key)
+        return seen[1] if seen is not None and seen[0] == beat else at
+
+
+_boards: Dict[Tuple[str, Callable[[], float]], BeatBoard] = {}
+_boards_lock = threading.Lock()
+
+
+def beat_board(beats_dir: str, clock: Callable[[], float]) -> BeatBoard:
+    """The BeatBoard of `beats_dir` on `clock` in this process (a few kept)."""
+    with _boards_lock:
+        board = _boards.get((beats_dir, clock))
+        if board is None:
+            if len(_boards) >= 16:
+                del _boards[next(iter(_boards))]
+            board = _boards[(beats_dir, clock)] = BeatBoard()
+        return board
+
+
 class Heartbeat:
     """Rewrites `ranks/<rank>.beat` every `interval` seconds from a daemon thread, so other ranks
     can tell this attempt is alive whatever the engine is doing; and renames its beat name
@@ -856,8 +1042,8 @@ class Heartbeat:
     listing of beats/. At start it marks the beat names of the rank's earlier attempts `end`
     (this attempt supersedes them); `stop` marks its own."""
 
-    def __init__(self, rd: RunDir, rank: int, token: str, interval: float):
-        self.path, self.token, self.interval = rd.rank_beat(rank), token, interval
+    def __init__(self, rd: RunDir, rank: int, token: str, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.path, self.token, self.interval, self.clock = rd.rank_beat(rank), token, interval, clock
         self.beats_dir, self.rank, self.tag = rd.beats_dir, rank, attempt_tag(token)
         self.n = 0
         self._stop = threading.Event()
@@ -869,32 +1055,41 @@ class Heartbeat:
 
     def start(self, thread: bool = True) -> Heartbeat:
         """Mark the earlier attempts' names `end`, beat once, and beat every `interval` from a
-        thread (`thread=False`: when `tick` is called)."""
-        self.beats_dir.mkdir(exist_ok=True, mode=0o700)
+        thread (`thread=False`: when `tick` is called, on `clock`)."""
+        make_dir(self.beats_dir)
+        mine = f"{self.rank}."
         for name in list_names(self.beats_dir):
-            parsed = parse_beat_name(name)
+            parsed = parse_beat_name(name) if name.startswith(mine) else None
             if parsed and parsed[0] == self.rank and parsed[1] != self.tag and parsed[2] not in TERMINAL_BEATS:
                 with contextlib.suppress(OSError):  # an earlier attempt of this rank: superseded
                     os.rename(self.beats_dir / name, self._name_of(parsed[1], ENDED))
         self._name(0).touch()
-        atomic_write(self.path, f"{self.token} 0", durable=False)
-        self._next = time.monotonic() + self.interval
+        self._write(0)
+        self._next = self.clock() + self.interval
         if thread:
             self._thread.start()
         return self
 
     def tick(self) -> None:
         """Beat if `interval` passed since the last beat (without the thread)."""
-        if time.monotonic() >= self._next and not self._stop.is_set():
-            self._next = time.monotonic() + self.interval
+        if self.clock() >= self._next and not self._stop.is_set():
+            self._next = self.clock() + self.interval
             with contextlib.suppress(OSError):
                 self._beat(self.n + 1)
+
+    def _write(self, n: int) -> None:
+        """Rewrite ranks/<rank>.beat in place: one metadata operation (a temp file and a rename
+        would be three). Its only readers (`Claims.dead`, for attempts without a beat name) compare
+        it with what they read before: a read in the middle of a rewrite differs from it, and is
+        taken for a beat, as this is one."""
+        with open(self.path, "w") as f:
+            f.write(f"{self.token} {n}")
 
     def _name_of(self, tag: str, n: object) -> Path:
         return self.beats_dir / f"{self.rank}.{tag}.{n}"
 
     def _beat(self, n: int) -> None:
-        atomic_write(self.path, f"{self.token} {n}", durable=False)
+        self._write(n)
         with self._lock:
             if not self._stop.is_set():
                 os.rename(self._name(self.n), self._name(n))

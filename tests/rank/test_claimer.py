@@ -40,14 +40,14 @@ def test_the_loop_takes_ready_shards_without_waiting_and_the_claimer_stops(tmp_p
         first = wait_for(work.next)
         assert first.shard == 0 and work.held == [0]
         slow = []
-        real_look = work.claims.look
+        real_create = work.claims._create
 
-        def slow_look(full=True):  # a filesystem at its worst: the loop must not notice
-            slow.append(1)
+        def slow_create(shard, gen):  # a filesystem at its worst: the loop must not notice
+            slow.append(1)  # every claim creates its file, taken in turn or from a look
             time.sleep(0.3)
-            return real_look(full)
+            return real_create(shard, gen)
 
-        monkeypatch.setattr(work.claims, "look", slow_look)
+        monkeypatch.setattr(work.claims, "_create", slow_create)
         t0 = time.perf_counter()
         assert work.next() is None  # the next one is being claimed: None at once
         assert time.perf_counter() - t0 < 0.05
@@ -71,6 +71,38 @@ def test_a_release_makes_the_claimer_look_again_and_the_end_is_seen(tmp_path):
             atomic_write_json(rd.done_marker(s), {"shard": s})
             work.release(s)
         assert wait_for(work.exhausted, timeout=5)
+    finally:
+        work.close()
+
+
+def test_a_rank_finishing_its_last_shards_does_not_spin_its_claimer(tmp_path):
+    """Every shard claimed, this rank still generating its last ones: the claimer has nothing to
+    look at until a release. (It used to wake itself on every round here, a look and a done/
+    listing each, for the whole tail: half the engine's speed on CPU, a metadata storm at scale.)"""
+    rd = new_run_dir(tmp_path)
+    work = ClaimedWork(rd, 0, 1, "A", shards(2), lease_s=120.0, background=False)  # rounds by hand
+    try:
+        got = []
+        for _ in range(10):
+            work.tick()
+            shard = work.next()
+            if shard is not None:
+                got.append(shard.shard)
+        assert got == [0, 1] and work.next() is None  # all claimed; the loop asked once more
+        work.tick()  # the round that sees nothing left to claim
+        looks = work.claims._fulls, work.claims.last
+        for _ in range(20):
+            assert not work.claimer._wake.is_set()
+            work.tick()
+        assert (work.claims._fulls, work.claims.last) == looks  # no look while it holds its last shards
+        assert not work.exhausted()
+        for s in got:
+            atomic_write_json(rd.done_marker(s), {"shard": s})
+            work.release(s)
+        work.tick()
+        work.next()
+        work.tick()
+        assert work.exhausted()
     finally:
         work.close()
 
@@ -118,3 +150,64 @@ def test_a_failing_claimer_fails_the_loop(tmp_path, monkeypatch):
             raise AssertionError("the claimer's error never reached the loop")
     finally:
         work.close()
+
+
+def test_ranks_claim_their_turns_without_looking_then_look_for_the_rest(tmp_path, monkeypatch):
+    """Without background threads (`tick`, on a clock of the test's): each rank claims its
+    turns (positions rank, rank+2, ...) with no look but its first full look, which only watches;
+    once one has no turn left, a claim look finds what the other has not claimed yet."""
+    rd = new_run_dir(tmp_path)
+    now = [0.0]
+    works = [
+        ClaimedWork(rd, r, 2, f"T{r}", shards(6), lease_s=120.0, background=False, clock=lambda: now[0]) for r in (0, 1)
+    ]
+    looks = []
+    for w in works:
+        real = w.claims.look
+
+        def look(full=True, claiming=True, real=real):
+            looks.append((full, claiming))
+            return real(full, claiming)
+
+        monkeypatch.setattr(w.claims, "look", look)
+
+    def take(w):
+        w.tick()
+        s = w.next()
+        if s is not None:
+            atomic_write_json(rd.done_marker(s.shard), {"shard": s.shard})
+            w.release(s.shard, done=True)
+        return s and s.shard
+
+    try:
+        assert [take(w) for w in works] == [0, 1] and looks == [(True, False), (True, False)]
+        assert [take(w) for w in works] == [2, 3] and take(works[0]) == 4 and len(looks) == 2  # turns: no look
+        assert take(works[0]) == 5 and looks[-1] == (False, True)  # no turn left: it looks, takes rank 1's
+        assert take(works[1]) is None and looks[-1] == (False, True)  # its turn taken: a look finds none
+        now[0] += works[0].idle_s  # idle: a full look sees the run's end
+        for w in works:
+            w.tick()
+        assert all(w.exhausted() for w in works) and looks[-2:] == [(True, True), (True, True)]
+    finally:
+        for w in works:
+            w.close()
+
+
+def test_a_rank_without_a_turn_leaves_the_shards_to_theirs_until_its_first_idle_look(tmp_path):
+    """More ranks than shards: rank 2 of 3 has no turn among 2 shards; it claims nothing (and
+    looks at nothing) before its first idle look, and then takes what a rank left."""
+    rd = new_run_dir(tmp_path)
+    now = [0.0]
+    late = ClaimedWork(rd, 2, 3, "T2", shards(2), lease_s=120.0, background=False, clock=lambda: now[0])
+    first = ClaimedWork(rd, 0, 3, "T0", shards(2), lease_s=120.0, background=False, clock=lambda: now[0])
+    try:
+        late.tick()
+        assert late.next() is None and late.claims.last is None  # no look
+        first.tick()
+        assert first.next().shard == 0
+        now[0] += late.idle_s
+        late.tick()  # rank 1 never came: its turn is left to the looks
+        assert late.next().shard == 1
+    finally:
+        late.close()
+        first.close()

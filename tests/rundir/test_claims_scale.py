@@ -276,3 +276,149 @@ def test_a_live_attempt_seen_between_beats_is_never_suspect(tmp_path, world):
     assert beat + w.sweep_s < w.claims.suspect_s < w.claims.lease_s
     assert w.claims.suspect_s >= 3 * 120 / 8
     w.close()
+
+
+def no_listing(monkeypatch):
+    import hpcinfer.rundir.claims as claims
+
+    monkeypatch.setattr(claims, "list_names", lambda path: pytest.fail(f"listed {path}"))
+
+
+def test_ranks_take_turns_without_looking(tmp_path, monkeypatch):
+    """Rank r of 3 claims positions r, r+3, r+6 of the claim order, listing nothing; a turn that a
+    rank looking took first is a lost race, and the rank goes on to its next turn."""
+    rd = new_run_dir(tmp_path)
+    order = [10 + i for i in range(9)]  # the claim order: shard ids are not positions
+    ranks = [Claims(rd, r, f"T{r}", order, 60, turns=3, bucket=4) for r in range(3)]
+    no_listing(monkeypatch)
+    assert [c.take_turn() for c in ranks] == [10, 11, 12]
+    assert [c.take_turn() for c in ranks[:2]] == [13, 14]
+    assert rd.claim(15, 0).exists() is False
+    Claims(rd, 5, "X", order, 60)._create(15, 0)  # rank 2's next turn, taken by a rank that looked
+    assert ranks[2].take_turn() == 18 and ranks[2].mine == {12: 0, 18: 0}  # 15 lost: on to 18
+    assert ranks[2].take_turn() is None  # no turn left
+    assert Claims(rd, 0, "T0b", order, 60, turns=0).take_turn() is None  # no turns taken: looks decide
+
+
+def test_a_turn_known_taken_costs_nothing_and_two_lost_in_a_row_leave_it_to_a_look(tmp_path):
+    rd = new_run_dir(tmp_path)
+    order = list(range(8))
+    other = Claims(rd, 1, "O", order, 60)
+    for s in (0, 2, 4):
+        other._create(s, 0)
+    c = Claims(rd, 0, "A", order, 60, turns=2, bucket=8)
+    tried = []
+    real = c._create
+    c._create = lambda s, g: tried.append(s) or real(s, g)
+    assert c.take_turn() is None and tried == [0, 2]  # TURN_TRIES lost in a row: a look decides
+    c.holders()  # a listing shows 4 taken
+    tried.clear()
+    assert c.take_turn() == 6 and tried == [6]  # 4 passed over without a try
+
+
+def test_a_turn_waits_for_the_policy_and_for_claims_to_take_over(tmp_path):
+    rd = new_run_dir(tmp_path)
+    order = list(range(4))
+    c = Claims(rd, 0, "A", order, 60, turns=2)
+    assert c.take_turn(lambda cands, unfinished, gone: None) is None and c._turn == 0  # declined: it waits
+    assert c.take_turn(lambda cands, unfinished, gone: cands[0]) == 0
+    a = Claims(rd, 1, "B", order, 60)
+    hb = Heartbeat(rd, 1, "B", 3600).start()
+    assert a.next() == 1
+    hb.stop()  # B ends holding shard 1: the next full look finds it dead
+    look = c.look(full=True)
+    assert 1 in look.order and c.take_turn() is None  # the dead claim first (`next` takes it over)
+    assert c.next(look=look) == 1 and c.mine[1] == 1
+    assert c.take_turn() == 2
+
+
+def test_turns_pass_over_the_shards_done_when_the_attempt_started(tmp_path):
+    rd = new_run_dir(tmp_path)
+    c = Claims(rd, 0, "A", list(range(4)), 60, turns=2, done={0})
+    assert c.take_turn() == 2 and not rd.claim(0, 0).exists()
+
+
+def test_markers_spare_the_others_listing_full_and_done_buckets(tmp_path, monkeypatch):
+    """A look that lists a bucket full (or all done) leaves holders/<bucket>.full (.done); a rank
+    that never listed it reads the markers (one listing of holders/) instead of the bucket."""
+    rd = new_run_dir(tmp_path)
+    order = list(range(6))
+    a = Claims(rd, 0, "A", order, 60, bucket=2)
+    hb = Heartbeat(rd, 0, "A", 3600).start()
+    for _ in range(5):
+        a.next()  # A holds 0-4: buckets 0 and 1 full
+    assert {p.name for p in rd.holders_dir.iterdir() if "." in p.name} == {"000000.full", "000001.full"}
+    for s in (0, 1):
+        rd.done_marker(s).write_text("{}")
+        a.release(s, done=True)
+    a.flush()  # bucket 0 all done
+    assert (rd.holders_dir / "000000.done").exists()
+    c = Claims(rd, 2, "C", order, 60, bucket=2)
+    seen = Listings(monkeypatch)
+    look = c.look(full=True)
+    assert seen.buckets == [2] and look.order == [4, 5]  # buckets 0 and 1 known from the markers
+    assert 0 in c.closed and 1 in c._full
+    assert c.next(look=look) == 5
+    # a shard set aside (its done marker) reopens its bucket for the rank that set it aside: the
+    # bucket's `.done` marker is not taken for true there
+    d = Claims(rd, 3, "D", order, 60, bucket=2, notdone=[0])
+    seen.buckets.clear()
+    d.look(full=True)
+    assert 0 not in d.closed and seen.buckets[0] == 0
+    hb.stop()
+
+
+def test_a_full_look_that_only_watches_lists_beats_alone(tmp_path, monkeypatch):
+    rd = new_run_dir(tmp_path)
+    order = list(range(4))
+    a = Claims(rd, 0, "A", order, 60, bucket=2)
+    hb = Heartbeat(rd, 0, "A", 3600).start()
+    assert a.next() == 0
+    c = Claims(rd, 1, "C", order, 60, bucket=2)
+    c.look(full=True)  # its first look
+    seen = Listings(monkeypatch)
+    look = c.look(full=True, claiming=False)
+    assert seen.beats == 1 and seen.buckets == [] and not look.claiming
+    hb.stop()  # A ended holding shard 0: the watching look lists the buckets, to take it over
+    look = c.look(full=True, claiming=False)
+    assert seen.buckets and look.order[0] == 0
+
+
+def test_an_attempt_that_started_after_the_beats_listing_is_not_read_from_files(tmp_path, monkeypatch):
+    rd = new_run_dir(tmp_path)
+    order = list(range(4))
+    c = Claims(rd, 1, "C", order, 60)
+    real_beats = c.beats
+    late = []
+
+    def beats():  # B starts and claims between C's listing of beats/ and of the buckets
+        got = real_beats()
+        if not late:
+            late.append(Heartbeat(rd, 0, "B", 3600).start())
+            assert Claims(rd, 0, "B", order, 60).next() == 0
+        return got
+
+    monkeypatch.setattr(c, "beats", beats)
+    monkeypatch.setattr(Claims, "dead", lambda *a: pytest.fail("read from files"))
+    look = c.look(full=True)
+    assert look.late is not None and look.judged == {(0, attempt_tag("B")): False}  # alive
+    assert c.next(look=look) == 1
+    late[0].stop()
+
+
+def test_the_beat_board_is_shared_on_one_clock_and_times_beats_from_their_first_sighting(tmp_path):
+    rd = new_run_dir(tmp_path)
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731
+    a, b = Claims(rd, 0, "A", [], 60, clock=clock), Claims(rd, 1, "B", [], 60, clock=clock)
+    other = Claims(rd, 2, "C", [], 60)  # another clock: a board of its own
+    assert a.board is b.board and other.board is not a.board
+    hb = Heartbeat(rd, 5, "T", 3600).start()
+    key = (5, attempt_tag("T"))
+    assert a.beats()[key] == "0"
+    now[0] += 30
+    assert b.beats()[key] == "0" and b.board.since(key, "0", now[0]) == 100.0  # A's listing saw it first
+    assert a.board.update([], 50.0)[key] == "0"  # a listing older than the latest changes nothing
+    hb._beat(1)
+    assert b.beats()[key] == "1" and b.board.since(key, "1", 0.0) == 130.0
+    hb.stop()
