@@ -135,9 +135,27 @@ def chaos_args(inputs, run_dir, *extra):
 
 
 @pytest.fixture(scope="session")
-def chaos_reference(chaos_inputs, tmp_path_factory, hpcinfer):
-    run_dir = tmp_path_factory.mktemp("chaos-ref") / "run"
-    return submit_results(hpcinfer, run_dir, *chaos_args(chaos_inputs, run_dir, "dp=1"))
+def session_shared_dir(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this test session sees (their common temp folder);
+    this process's own session folder without xdist."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.getbasetemp().parent
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session")
+def chaos_reference(chaos_inputs, session_shared_dir, hpcinfer):
+    """The undisturbed run's results, made once per test session under a lock and read by every
+    worker (the chaos suites run on both)."""
+    import pyarrow.parquet as pq
+
+    run_dir = session_shared_dir / "chaos-reference" / "run"
+    run_dir.parent.mkdir(exist_ok=True)
+    with open(session_shared_dir / "chaos-reference.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (run_dir / "results.parquet").exists():
+            return pq.read_table(run_dir / "results.parquet")
+        return submit_results(hpcinfer, run_dir, *chaos_args(chaos_inputs, run_dir, "dp=1"))
 
 
 def busy_rank(run_dir: Path, rank: int, min_rows: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
@@ -282,18 +300,28 @@ def fill_disk(directory: Path) -> Path:
     return path
 
 
-SLURM_GROUP_FIXTURES = ("slurm_env", "chaos_reference")
+SLURM_GROUP_FIXTURES = ("slurm_env",)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml). A module's tests form one
-    group, so a module fixture (one real run shared by several tests) runs once; every test on the
-    Slurm test cluster, and the chaos suite (its session-wide reference run), form the group
-    'slurm', on one worker."""
+    """Groups for pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml). Every test on the Slurm
+    test cluster is in the group 'slurm', on one worker (they hold the cluster one at a time
+    anyway); the tests of a module that share a module fixture (one real run read by several tests)
+    form the module's group, so that run is made once; every other test goes wherever a worker is
+    free."""
     for item in items:
-        slurm = any(f in getattr(item, "fixturenames", ()) for f in SLURM_GROUP_FIXTURES)
-        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.nodeid.split("::")[0]))
+        if any(f in getattr(item, "fixturenames", ()) for f in SLURM_GROUP_FIXTURES):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def _shares_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:  # not a plain test function: keep it with its module
+        return True
+    return any(defs[-1].scope in ("module", "class", "package") for defs in info.name2fixturedefs.values())
 
 
 def write_lora_adapter(path: Path, model_dir: Optional[Path] = None, rank: int = 8, seed: int = 0) -> Path:

@@ -14,7 +14,12 @@ host name): nodes that share one /tmp (a test cluster on one machine) then stage
 vLLM's cache (torch.compile artifacts: `VLLM_CACHE_ROOT`, vllm/envs.py) is set per rank to
 `<scratch>/hpcinfer-vllm-cache/<run>` unless the environment sets it: node-local and private to
 the run, so ranks on many nodes never write one shared cache at once (concurrent writers have
-corrupted it elsewhere); the ranks of one node share it, as vLLM's own locking expects.
+corrupted it elsewhere); the ranks of one node share it, as vLLM's own locking expects. One part
+of it outlives the run: `modelinfos/`, where vLLM keeps what it learnt of a model class (keyed by
+a hash of the class's source file, written by an atomic rename). On a miss vLLM starts a Python
+process that imports vLLM and the model's module to learn it (~6 s of CPU, more than the rest of
+an eager engine's start on CPU), so a run-private cache would pay that in every rank of every run:
+`<run>/modelinfos` is a link to the node's `<scratch>/hpcinfer-vllm-cache/modelinfos`.
 """
 
 from __future__ import annotations
@@ -102,6 +107,16 @@ def cache_env(scratch: Path, run: str, env: Mapping[str, str] = os.environ) -> D
     return {"VLLM_CACHE_ROOT": str(scratch / CACHE / run)}
 
 
+def share_modelinfos(cache_root: Path) -> None:
+    """Make `<cache_root>/modelinfos` a link to the node's shared `modelinfos/` beside it (see the
+    module docstring); nothing when it exists (another rank of the node made it)."""
+    shared = cache_root.parent / "modelinfos"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.symlink(shared, cache_root / "modelinfos")
+
+
 def run_id(rd: RunDir) -> str:
     """A name for the run on a node's scratch: its folder's name and a hash of its path."""
     return f"{rd.path.name}-{hashlib.sha1(str(rd.path.resolve()).encode()).hexdigest()[:8]}"
@@ -113,7 +128,11 @@ def prepare(rd: RunDir, cfg: RunConfig, args: Dict[str, Any], say: Callable[[str
     arguments to use and the start-up times measured here."""
     scratch = local_scratch(getattr(cfg.cluster, "local_scratch", None))
     if cfg.model.compile_cache == "node":
-        os.environ.update(cache_env(scratch, run_id(rd)))
+        node_cache = cache_env(scratch, run_id(rd))
+        os.environ.update(node_cache)
+        if node_cache:
+            with contextlib.suppress(OSError):  # only a cost if it fails: vLLM learns the model again
+                share_modelinfos(Path(node_cache["VLLM_CACHE_ROOT"]))
     elif not os.environ.get("VLLM_CACHE_ROOT"):
         os.environ["VLLM_CACHE_ROOT"] = str(Path(cfg.cache_path).expanduser() / "vllm")
     with contextlib.suppress(OSError):

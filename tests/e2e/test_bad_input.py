@@ -124,7 +124,7 @@ class Scratch:
         return arg.replace("{d}", str(self.root))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scratch(tmp_path_factory, cli_env) -> Scratch:
     s = Scratch(tmp_path_factory.mktemp("bad-input"), cli_env)
     _write_inputs(s.root)

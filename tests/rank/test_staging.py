@@ -1,11 +1,13 @@
 """Start-up that does not multiply by the ranks (rank/staging.py): the model staged once per node
 under a lock (processes racing: one copy, the others reuse it), the node's scratch path, the vLLM
-cache per run, and the start-up split from vLLM's log lines. No vLLM here."""
+cache per run (its model-info part shared by the runs of a node), and the start-up split from
+vLLM's log lines. vLLM only to ask where it keeps model infos."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
 
 from hpcinfer.rank import staging
 
@@ -75,6 +77,21 @@ def test_local_scratch_and_the_cache_of_the_run(tmp_path):
     assert str(staging.local_scratch("/tmp/hpc-{node}", env)) == "/tmp/hpc-node7"
     assert staging.cache_env(tmp_path, "run-1", {}) == {"VLLM_CACHE_ROOT": str(tmp_path / staging.CACHE / "run-1")}
     assert staging.cache_env(tmp_path, "run-1", {"VLLM_CACHE_ROOT": "/mine"}) == {}
+
+
+def test_runs_on_a_node_share_what_vllm_learnt_of_a_model_class(tmp_path, monkeypatch):
+    """vLLM's model-info cache outlives a run-private cache: a miss costs a Python process that
+    imports vLLM. Checked where vLLM itself looks for it (its registry's cache folder)."""
+    from vllm.model_executor.models.registry import _LazyRegisteredModel
+
+    roots = [Path(staging.cache_env(tmp_path, run, {})["VLLM_CACHE_ROOT"]) for run in ("run-1", "run-2")]
+    for root in roots:
+        staging.share_modelinfos(root)
+        staging.share_modelinfos(root)  # a second rank of the node: nothing to do
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(roots[0]))
+    (_LazyRegisteredModel._get_cache_dir() / "m.json").write_text("{}")
+    assert (roots[1] / "modelinfos" / "m.json").read_text() == "{}"
+    assert (tmp_path / staging.CACHE / "modelinfos" / "m.json").is_file()
 
 
 def test_startup_split_from_vllm_log_lines():
