@@ -317,8 +317,10 @@ class Claims:
                 if b in self.closed:
                     return
                 continue
-            if not add and name in raw:
-                raw.discard(name)
+            if not add and name in raw:  # a name never parsed is gone: who holds its shard is
+                raw.discard(name)  # not known any more (judged again: its claim file read if need be)
+                if live:
+                    touched.add(named_shard)
                 continue
             if (
                 add
@@ -799,9 +801,14 @@ class Claims:
         return self._turn < len(self.layout.order)
 
     def _known_taken(self, shard: int) -> bool:
-        """Whether `shard` is known claimed or done (or set aside: claimed before) without a look."""
+        """Whether `shard` is known claimed or done (or set aside: claimed before) without a look.
+        A claim this attempt made since its bucket's last listing is known here, not there."""
+        with self._lock:
+            if shard in self.mine:
+                return True
         return (
             shard in self._latest
+            or any(s == shard for s, _ in self._open)
             or shard in self._done
             or shard in self.notdone
             or self.layout.bucket(shard) in self.closed
@@ -880,8 +887,10 @@ class Claims:
         except FileNotFoundError:  # the first claim of its bucket: its folder is made now
             make_dir(index.parent)
             f = open(index, "x")
-        except FileExistsError:  # left by a crash of this very attempt: never, but harmless
-            os.unlink(index)
+        except FileExistsError:
+            if (shard, gen) in self._open:  # this attempt's own claim: never make it again (the
+                return False  # name removed would hide the claim from every listing)
+            os.unlink(index)  # left by a crash of this very attempt: never, but harmless
             f = open(index, "x")
         with f:
             json.dump({"rank": self.rank, "token": self.token, "host": socket.gethostname()}, f)

@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 
 import pytest
 
-from hpcinfer.rundir.claims import Claim, ClaimLost, Claims, Heartbeat, claimable, parse_claim_name
+from hpcinfer.rundir.claims import (
+    UNKNOWN,
+    Claim,
+    ClaimLost,
+    Claims,
+    Heartbeat,
+    attempt_tag,
+    claimable,
+    parse_claim_name,
+)
 from hpcinfer.rundir.files import atomic_write
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import FAILED, RankRecord
@@ -61,6 +71,33 @@ def test_two_ranks_never_claim_the_same_shard_and_go_largest_first(tmp_path):
     assert got == [3, 1, 2, 0, None, None]
     assert sorted(p.name for p in a.dir.iterdir()) == ["000000.0", "000001.0", "000002.0", "000003.0"]
     assert json.loads((a.dir / "000001.0").read_text())["token"] == "B"
+
+
+def test_a_rank_passes_over_its_own_claim_at_its_turn_and_keeps_its_name(tmp_path):
+    """A shard this attempt claimed from a look, then reached by its own turn: passed over. (A
+    second claim of it once removed the attempt's own holders/ name: a rank that had listed the
+    name lazily then waited forever for a shard another rank had finished.)"""
+    rd = new_run_dir(tmp_path)
+    a = Claims(rd, 0, "A", [0, 1, 2, 3], 60, turns=2)
+    assert a.next() == 0  # from a look; its turn is at 0 too
+    assert a.take_turn() == 2
+    assert a._create(0, 0) is False  # a claim it holds is never made again
+    tag = attempt_tag("A")
+    assert sorted(os.listdir(rd.holders_dir / "000000")) == [f"000000.0.0.{tag}", f"000002.0.0.{tag}"]
+
+
+def test_a_claim_whose_name_vanished_is_read_from_its_file(tmp_path):
+    """A holders/ name seen (lazily, unparsed) and then gone, its claim still there (a crash between
+    creating and removing a lost race's name, or the bug above): its holder is read from the claim
+    file, not taken for an unknown live one forever."""
+    rd = new_run_dir(tmp_path)
+    a, b = Claims(rd, 0, "A", [0, 1], 60), Claims(rd, 1, "B", [0, 1], 60)
+    assert a.next() == 0
+    b._list_bucket(0, lazy=True)
+    assert b._holders[0].rank == UNKNOWN
+    os.unlink(rd.holders_dir / "000000" / f"000000.0.0.{attempt_tag('A')}")
+    b._list_bucket(0, lazy=True)
+    assert (b._holders[0].rank, b._holders[0].token) == (0, "A")
 
 
 def _claim_all(run_dir, rank, order, barrier, out):
