@@ -13,6 +13,9 @@ rank's processes here; a Slurm task runs the one process its node holds of its r
   process fails while its leader runs, the leader is killed (and so restarted like any failed
   rank). A supervisor that holds only headless processes (a Slurm task on a replica's other node)
   starts them again each time the leader is restarted after a failure.
+- **superseded**: a leader that ended while a newer attempt of its rank, started by another
+  launcher, owns the rank (a requeued job runs it elsewhere, this node was cut off) is neither
+  recorded nor restarted here: its record and claims are the newer attempt's.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 from hpcinfer.launch.env import Process
 from hpcinfer.rank.headless import LeaderWatch
-from hpcinfer.rank.worker import should_restart
+from hpcinfer.rank.worker import should_restart, superseded_by
 from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import FAILED
 
@@ -67,6 +70,7 @@ class RankSupervisor:
         self.leader: Optional[subprocess.Popen] = None
         self.headless: List[subprocess.Popen] = []
         self.watch: Optional[LeaderWatch] = None
+        self.pids: Set[int] = set()  # the leaders started here: a newer attempt of the rank is none of them
 
     def start(self) -> RankSupervisor:
         todo = self.processes()
@@ -74,6 +78,8 @@ class RankSupervisor:
         self.watch = None if leader_here else LeaderWatch(self.rd, self.rank)  # before the headless one starts
         started = [(p, self._start(self.rd, self.rank, p)) for p in todo]
         self.leader = next((proc for p, proc in started if p.node_rank == 0), None)
+        if self.leader is not None:
+            self.pids.add(self.leader.pid)
         self.headless = [proc for p, proc in started if p.node_rank != 0]
         return self
 
@@ -93,6 +99,10 @@ class RankSupervisor:
                 signal_process(self.leader, signal.SIGKILL)
             return None
         reap(self.headless)
+        other = superseded_by(self.rd, self.rank, self.pids)
+        if other is not None:
+            self.say(f"rank {self.rank} was started again elsewhere ({other}): not recorded nor restarted here")
+            return code
         if should_restart(self.rd, self.rank, code, self.retries_left):
             self.retries_left -= 1
             self.say(

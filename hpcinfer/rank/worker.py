@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Collection, Dict, List, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -446,6 +446,23 @@ def finish_shard(rd: RunDir, shard: Shard, ck: ShardCheckpoint, rank: int, secon
     rd.mark_done(done)
     remove_parts(rd, shard.shard)
     return done
+
+
+def superseded_by(rd: RunDir, rank: int, pids: Collection[int], host: Optional[str] = None) -> Optional[str]:
+    """The attempt that owns `rank` now (ranks/<r>.owner) when it is none of the processes `pids`
+    this launcher started on this host: another launcher started the rank again (Slurm requeued
+    the job elsewhere while this node was cut off but its processes ran on). None when the owner
+    is one of them, or none has said so yet. Its record and its claims are not this launcher's to
+    touch, and the rank not its to restart (that would supersede the attempt that now runs it)."""
+    try:
+        owner = rd.rank_owner(rank).read_text()
+    except FileNotFoundError:
+        return None
+    owner_host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if owner_host == (host or socket.gethostname()) and pid.isdigit() and int(pid) in pids:
+        return None
+    return owner
 
 
 def should_restart(rd: RunDir, rank: int, returncode: int, retries_left: int) -> bool:

@@ -40,6 +40,10 @@ if os.environ.get("FAKE_LEADER_FAILS_ONCE") and not os.path.exists(f"{run}/faile
     open(f"{run}/failed-once", "w").close()
     record("failed")
     sys.exit(1)
+if os.environ.get("FAKE_LEADER_SUPERSEDED"):  # started again elsewhere meanwhile: stops without writing
+    open(f"{run}/ranks/{rank}.owner", "w").write("elsewhere:1:0.0")
+    atomic_write_json(f"{run}/ranks/{rank}.json", {**me, "token": "elsewhere:1:0.0", "host": "elsewhere", "pid": 1, "state": "running"})
+    sys.exit(1)
 if os.environ.get("FAKE_LEADER_HANGS"):
     time.sleep(120)
 record("done")
@@ -153,6 +157,17 @@ def test_slurm_leader_task_restarts_a_failed_rank(tmp_path, monkeypatch, fake_ra
     rd, _ = slurm_task_run(tmp_path, monkeypatch, 0, ["rank_retries=1"], FAKE_LEADER_FAILS_ONCE="1")
     assert entry.run_task(str(rd.path), [0]) == 0
     assert starts(rd, "leader") == 2 and "restarting it (1 of 1)" in capsys.readouterr().out
+
+
+def test_slurm_task_leaves_a_rank_started_again_elsewhere_alone(tmp_path, monkeypatch, fake_ranks, capsys):
+    """Its rank's process ended because a newer attempt (a requeued job on another node) owns the
+    rank: the newer attempt's record stays as it is (not marked failed, its claims not ended) and
+    the rank is not restarted here (that would supersede the attempt that now runs it)."""
+    rd, _ = slurm_task_run(tmp_path, monkeypatch, 0, ["rank_retries=2"], FAKE_LEADER_SUPERSEDED="1")
+    with pytest.raises(RuntimeError, match="rank 0 failed"):
+        entry.run_task(str(rd.path), [0])
+    assert starts(rd, "leader") == 1 and "started again elsewhere (elsewhere:1:0.0)" in capsys.readouterr().out
+    assert (rank_record(rd)["token"], rank_record(rd)["state"]) == ("elsewhere:1:0.0", "running")
 
 
 def test_slurm_leader_task_fails_once_retries_are_spent(tmp_path, monkeypatch, fake_ranks):
