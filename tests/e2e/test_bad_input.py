@@ -1,7 +1,7 @@
 """Bad input gives one clear line on stderr, exit code 2, and touches no run directory.
 
-Every case runs the real CLIs (`python -m hpcinfer.submit` and `python -m hpcinfer.plan`) in a
-subprocess, from a scratch working directory that holds a finished-looking run directory. After
+Every case runs the real CLIs (`hpcinfer.submit` and `hpcinfer.plan` as `__main__`) in a forked
+process (conftest.run_cli_forked; a test checks it answers as `python -m` does), from a scratch working directory that holds a finished-looking run directory. After
 each bad submission that finished run is byte-identical, the new run directory it named (a sibling
 of the finished one) does not exist, and no `outputs/` appeared in the working directory.
 Per-row problems (null or over-long prompts) are not bad input: the e2e tests cover them.
@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli_forked
 
 TIMEOUT = 60
 
@@ -111,6 +112,10 @@ class Scratch:
         self.new = self.runs / "new"
 
     def run(self, module: str, *args: str) -> subprocess.CompletedProcess:
+        """The command in a fork of this process (conftest.run_cli_forked: no interpreter start)."""
+        return run_cli_forked(module, args, self.root, self.env, TIMEOUT)
+
+    def run_subprocess(self, module: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", f"hpcinfer.{module}", *args],
             cwd=self.root,
@@ -329,6 +334,24 @@ def test_the_scratch_inputs_are_otherwise_good(scratch):
     proc = scratch.run("plan", f"data.input={scratch.root}/in/good.parquet", "data.id_column=id")
     assert proc.returncode == 0, proc.stderr
     assert not (scratch.root / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "module,args",
+    [
+        ("plan", ["data.input={d}/in/good.parquet", "data.id_column=id"]),
+        ("submit", ["data.input={d}/in/no_prompt.parquet", "run_dir={d}/runs/new"]),
+        ("submit", ["sampling.nope=1", "run_dir={d}/runs/new"]),
+        ("plan", ["cluster=slurm", "+cluster.sbatch.nodes=2"]),
+    ],
+)
+def test_the_forked_command_answers_as_the_subprocess_does(scratch, module, args):
+    """The cases above run each command in a fork of the test process (conftest.run_cli_forked):
+    it prints the same, line for line, and exits with the same code as `python -m`."""
+    args = [scratch.sub(a) for a in args]
+    forked, real = scratch.run(module, *args), scratch.run_subprocess(module, *args)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert not (scratch.root / "outputs").exists() and not scratch.new.exists()
 
 
 # ---- Slurm: values that reach sbatch -------------------------------------------------------------
