@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -46,84 +45,38 @@ def hpcinfer(cli_env):
     return run
 
 
+_FORK_SERVER = None
+
+
 def run_cli_forked(module: str, args, cwd, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m hpcinfer.<module> args...` run in a fork of this test process: the command's
-    module runs as __main__ with that argv, environment, working directory and fresh standard
-    streams, as the subprocess would, without a new interpreter's start and imports (~0.7 s a
-    call; tests/e2e/test_bad_input.py makes hundreds). What it prints and its exit code come back
-    as a CompletedProcess. Only for commands that start no engine here (the bad-input cases; a
-    test there checks that both ways give the same)."""
-    import atexit
-    import importlib
-    import io
-    import runpy
-    import signal
-    import traceback
-    import warnings
+    """`python -m hpcinfer.<module> args...` as a fork of a server process that has the commands'
+    imports loaded (tests/cli_fork.py), not a new interpreter (~0.7 s a call less; the bad-input
+    tests make hundreds). A fork of a clean server, not of this test process: a command that
+    imports torch must not inherit the threads of an engine a test ran here. What it prints and
+    its exit code come back as a CompletedProcess (a test checks they equal `python -m`'s)."""
+    import multiprocessing
 
-    importlib.import_module(f"hpcinfer.{module}")  # its imports made once, here, for every fork
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.fork()
-        if pid == 0:  # the child: a fresh command, as far as it can tell
-            code = 1
-            try:
-                signal.setitimer(signal.ITIMER_REAL, 0)  # pytest-timeout's alarm is the parent's
-                for sig in (signal.SIGALRM, signal.SIGTERM, signal.SIGUSR2):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-                sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
-                sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
-                os.chdir(cwd)
-                os.environ.clear()
-                os.environ.update(env)
-                import logging
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        _FORK_SERVER = multiprocessing.get_context("forkserver")
+        _FORK_SERVER.set_forkserver_preload(["cli_fork"])
+    import cli_fork
 
-                from hydra.core.global_hydra import GlobalHydra
-
-                logging.root.handlers.clear()  # pytest's capture handlers
-                GlobalHydra.instance().clear()
-                atexit._clear()  # only the command's own exit handlers run
-                warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
-                sys.argv = [f"hpcinfer.{module}", *args]
-                try:
-                    runpy.run_module(f"hpcinfer.{module}", run_name="__main__", alter_sys=True)
-                    code = 0
-                except SystemExit as e:  # as the interpreter reads it
-                    if e.code is None or isinstance(e.code, int):
-                        code = e.code or 0
-                    else:
-                        print(e.code, file=sys.stderr)
-                atexit._run_exitfuncs()
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except Exception:
-                        pass
-                os._exit(code)
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                raise subprocess.TimeoutExpired([module, *args], timeout)
-            time.sleep(0.005)
-        out.seek(0)
-        err.seek(0)
+    with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
+        p = _FORK_SERVER.Process(
+            target=cli_fork.run, args=(module, list(args), str(cwd), dict(env), out.name, err.name)
+        )
+        p.start()
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise subprocess.TimeoutExpired([module, *args], timeout)
         return subprocess.CompletedProcess(
             [sys.executable, "-m", f"hpcinfer.{module}", *args],
-            os.waitstatus_to_exitcode(status),
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
+            p.exitcode,
+            Path(out.name).read_text(errors="replace"),
+            Path(err.name).read_text(errors="replace"),
         )
 
 
