@@ -161,10 +161,10 @@ FAULTS = {
         ("rank_retries=2", "schedule.mode=static"), during=random_kills, check=check_random_kills
     ),
     "torn-shard-output-then-resume": Fault(("schedule.mode=static",), recover=tear_shard_then_resume, check=check_torn),
-    # 16 rows in flight per rank: its rows finish a part at a time, not a whole shard in one engine
+    # 32 rows in flight per rank: its rows finish a few parts at a time, not a whole shard in one engine
     # step, so the disk fills while its parts are being written (not after its shard is done)
     "disk-full-then-resume": Fault(
-        ("rank_retries=0", "engine.max_num_seqs=16"),
+        ("rank_retries=0", "engine.max_num_seqs=32"),
         during=fill_when_busy,
         exit_code=1,
         recover=free_space_then_resume,
