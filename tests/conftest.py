@@ -59,7 +59,9 @@ def run_cli_forked(module: str, args, cwd, env: dict, timeout: float = 60) -> su
     global _FORK_SERVER
     if _FORK_SERVER is None:
         _FORK_SERVER = multiprocessing.get_context("forkserver")
-        _FORK_SERVER.set_forkserver_preload(["cli_fork"])
+        # the server cannot import cli_fork (Python 3.11's fork server ignores the caller's
+        # sys.path): what it imports is preloaded, cli_fork itself comes with each fork's task
+        _FORK_SERVER.set_forkserver_preload(["hpcinfer.plan", "hpcinfer.submit"])
     import cli_fork
 
     with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
