@@ -142,16 +142,21 @@ def check_disk_full(run_dir, summary, err, seen):
     assert summary["rows_recomputed"] <= 2 * CHUNK  # at most one part's rows per rank
 
 
+# 32 rows in flight per rank: its rows finish a few parts at a time, not a whole shard in one engine
+# step (all 240 rows of a shard end together at the default batch), so a fault "mid-shard" (a kill,
+# the disk filling) lands while the shard's parts are being written, not after it is done
+STAGGERED = "engine.max_num_seqs=32"
+
 FAULTS = {
     "kill9-static-then-resume": Fault(
-        ("rank_retries=0", "schedule.mode=static"),
+        ("rank_retries=0", "schedule.mode=static", STAGGERED),
         during=lambda run_dir, proc: kill_when_busy(run_dir, 1, 3 * CHUNK, proc),
         exit_code=1,
         recover=resume,
         check=check_static_kill,
     ),
     "kill9-dynamic-takeover": Fault(
-        ("rank_retries=0",),
+        ("rank_retries=0", STAGGERED),
         during=lambda run_dir, proc: kill_when_busy(run_dir, 1, 3 * CHUNK, proc),
         check=check_takeover,
     ),
@@ -161,10 +166,8 @@ FAULTS = {
         ("rank_retries=2", "schedule.mode=static"), during=random_kills, check=check_random_kills
     ),
     "torn-shard-output-then-resume": Fault(("schedule.mode=static",), recover=tear_shard_then_resume, check=check_torn),
-    # 32 rows in flight per rank: its rows finish a few parts at a time, not a whole shard in one engine
-    # step, so the disk fills while its parts are being written (not after its shard is done)
     "disk-full-then-resume": Fault(
-        ("rank_retries=0", "engine.max_num_seqs=32"),
+        ("rank_retries=0", STAGGERED),
         during=fill_when_busy,
         exit_code=1,
         recover=free_space_then_resume,
