@@ -802,10 +802,8 @@ class Claims:
 
     def _known_taken(self, shard: int) -> bool:
         """Whether `shard` is known claimed or done (or set aside: claimed before) without a look.
-        A claim this attempt made since its bucket's last listing is known here, not there."""
-        with self._lock:
-            if shard in self.mine:
-                return True
+        A claim this attempt made since its bucket's last listing is known from `_open` (every
+        claim it holds is there), not from the listing."""
         return (
             shard in self._latest
             or any(s == shard for s, _ in self._open)
