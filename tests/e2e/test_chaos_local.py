@@ -146,6 +146,9 @@ def check_disk_full(run_dir, summary, err, seen):
 # step (all 240 rows of a shard end together at the default batch), so a fault "mid-shard" (a kill,
 # the disk filling) lands while the shard's parts are being written, not after it is done
 STAGGERED = "engine.max_num_seqs=32"
+# A fault that must leave parts behind runs static: the dynamic plan cuts this workload into 30-row
+# shards, fewer than the 32 rows in flight, so a shard's rows end in one step and its parts are gone
+# with it (merged into its output) before any fault can land between them
 
 FAULTS = {
     "kill9-static-then-resume": Fault(
@@ -167,7 +170,7 @@ FAULTS = {
     ),
     "torn-shard-output-then-resume": Fault(("schedule.mode=static",), recover=tear_shard_then_resume, check=check_torn),
     "disk-full-then-resume": Fault(
-        ("rank_retries=0", STAGGERED),
+        ("rank_retries=0", "schedule.mode=static", STAGGERED),
         during=fill_when_busy,
         exit_code=1,
         recover=free_space_then_resume,
