@@ -8,6 +8,7 @@ a Slurm task (which rank it is, its environment, supervising its process).
                    identity (task.py) and the in-task entry (entry.py)
     env.py         the rank environment contract (pure): ProcessSpec -> Process (module + env)
     supervisor.py  one rank's processes on a machine: restarts, a replica's leader/headless lifetime
+    forkserver.py  local ranks on CPU forked from one process that imported vLLM once
     progress.py    progress shown while a run goes (rows, tokens/s, ETA)
 
 `launcher_for` below is the one place that looks at the cluster kind. May import: config, errors,

@@ -1,4 +1,5 @@
-"""The local launcher: every rank is a process on this machine (`python -m hpcinfer.rank.worker`),
+"""The local launcher: every rank is a process on this machine (`python -m hpcinfer.rank.worker`; on CPU
+cores a fork of one process that imported vLLM once, forkserver.py),
 with the same environment contract a Slurm task gets (launch/env.py), each on its own devices;
 then finalize runs here. Ranks log to logs/rank-<r>.log; a failed rank does not stop the others.
 
@@ -29,6 +30,7 @@ from hpcinfer.errors import EXIT_FAILED, EXIT_OK, RunIncomplete, exit_on_signal
 from hpcinfer.launch import supervisor
 from hpcinfer.launch.base import Launcher, Placement, unfinished_ranks
 from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, RankContext, Replica, free_port, process
+from hpcinfer.launch.forkserver import ForkServer
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
 from hpcinfer.launch.supervisor import RankSupervisor
 from hpcinfer.planning.devices import Devices, NodeMemory, detect, machine_memory, node_slices, split
@@ -162,29 +164,33 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: 
             replica_port=free_port() if plan.nodes_per_rank > 1 else None,
         )
 
-    start = functools.partial(supervisor.spawn, new_session=True)
-    supervisors = {
-        r: RankSupervisor(rd, r, functools.partial(processes, r), cfg.rank_retries, start, say=log).start()
-        for r in ranks
-    }
-    ended: Dict[int, int] = {}
-    display = ProgressDisplay(plan.rows)
-    previous = {sig: signal.signal(sig, exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        while len(ended) < len(supervisors):
-            for r, sup in supervisors.items():
-                if r not in ended:
-                    code = sup.poll()
-                    if code is not None:
-                        ended[r] = code
-            display.update(snapshot(rd, plan.rows))
-            time.sleep(poll_s)
-    except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (scancel, a closed terminal): take the ranks down too
-        for sup in supervisors.values():
-            sup.stop()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        display.update(snapshot(rd, plan.rows), final=True)
-    return [RankOutcome(r, code, str(rd.rank_log(r))) for r, code in sorted(ended.items())]
+    # on CPU the ranks are forks of one process that imported vLLM once (forkserver.py)
+    with ForkServer(rd.forkserver_log()) as server:
+        start = functools.partial(
+            supervisor.spawn, new_session=True, server=server if plan.device_kind == "cpu" else None
+        )
+        supervisors = {
+            r: RankSupervisor(rd, r, functools.partial(processes, r), cfg.rank_retries, start, say=log).start()
+            for r in ranks
+        }
+        ended: Dict[int, int] = {}
+        display = ProgressDisplay(plan.rows)
+        previous = {sig: signal.signal(sig, exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            while len(ended) < len(supervisors):
+                for r, sup in supervisors.items():
+                    if r not in ended:
+                        code = sup.poll()
+                        if code is not None:
+                            ended[r] = code
+                display.update(snapshot(rd, plan.rows))
+                time.sleep(poll_s)
+        except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (scancel, a closed terminal): take the ranks down too
+            for sup in supervisors.values():
+                sup.stop()
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            display.update(snapshot(rd, plan.rows), final=True)
+        return [RankOutcome(r, code, str(rd.rank_log(r))) for r, code in sorted(ended.items())]

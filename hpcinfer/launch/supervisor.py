@@ -28,6 +28,7 @@ import time
 from typing import Callable, List, Optional, Set
 
 from hpcinfer.launch.env import Process
+from hpcinfer.launch.forkserver import ForkServer
 from hpcinfer.rank.headless import LeaderWatch
 from hpcinfer.rank.worker import should_restart, superseded_by
 from hpcinfer.rundir.paths import RunDir
@@ -37,15 +38,20 @@ HEADLESS_GRACE_S = 15.0  # a headless process leaves within ~2 s of its leader's
 STOP_GRACE_S = 30.0  # as Slurm's KillWait: time for a rank to write its finished rows to a slow shared filesystem
 
 
-def spawn(rd: RunDir, rank: int, p: Process, new_session: bool) -> subprocess.Popen:
-    """Start `python -m <module> <run_dir>` for a process of `rank`, logging to its log file.
+def spawn(rd: RunDir, rank: int, p: Process, new_session: bool, server: Optional[ForkServer] = None):
+    """Start `python -m <module> <run_dir>` for a process of `rank`, logging to its log file: a
+    fork of `server` when given and it can fork this process (forkserver.py), else a new process.
     `new_session`: its own process group (the local launcher stops groups); a Slurm task's
     processes stay in the step's, so that Slurm's signals reach them."""
-    with open(rd.node_log(rank, p.node_rank), "ab") as log:
+    log = rd.node_log(rank, p.node_rank)
+    forked = server.spawn(p.module, [str(rd.path)], p.env, log, new_session) if server is not None else None
+    if forked is not None:
+        return forked
+    with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", p.module, str(rd.path)],
             env=p.env,
-            stdout=log,
+            stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=new_session,
         )

@@ -21,6 +21,7 @@ names every path and reads and writes the JSON records as the typed records of r
       beats/<r>.<tag>.<n>         the attempt's heartbeat as a name: renamed each beat (claims.py)
       logs/rank-<r>.log           per-rank output (a spanning replica's leader, node 0)
       logs/rank-<r>-node-<n>.log  node n > 0 of a rank spanning nodes (its headless process)
+      logs/forkserver.log         local launch on CPU: the process the ranks are forked from
       lock                        held (flock) while a submission of this run is live
       finalize.lock               held (flock) while a finalize of this run writes; a second one waits
       repair.lock                 held (flock) while a torn file is checked again and set aside
@@ -134,6 +135,9 @@ class RunDir:
         """The log of node `node_rank` of a rank (a replica spanning nodes): node 0, the leader,
         writes the rank's own log; the others a log each."""
         return self.rank_log(rank) if node_rank == 0 else self.logs_dir / f"rank-{rank}-node-{node_rank}.log"
+
+    def forkserver_log(self) -> Path:
+        return self.logs_dir / "forkserver.log"
 
     # ---- lifecycle ---------------------------------------------------------------------
     def create(self) -> None:

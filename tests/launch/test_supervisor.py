@@ -63,7 +63,7 @@ sys.exit(exit_code(LeaderWatch(RunDir(run), int(os.environ["HPCINFER_RANK"])).wa
 def fake_ranks(monkeypatch):
     """Both launchers start processes through supervisor.spawn: start the fake scripts instead."""
 
-    def spawn(rd, rank, p, new_session):
+    def spawn(rd, rank, p, new_session, server=None):  # never forked: the fakes are not vLLM
         script = FAKE_LEADER if p.module == WORKER else FAKE_HEADLESS
         return subprocess.Popen([sys.executable, "-c", script, str(rd.path)], env=p.env, start_new_session=new_session)
 
