@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,7 +57,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -191,8 +192,8 @@ def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int) -> di
     return {"tokens": res["tokens"], "window_s": res["window_s"], "wall_s": wall}
 
 
-def hpcinfer_argv(model: str, data: Path, max_tokens: int, run_dir: Path) -> List[str]:
-    return [sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir)]
+def hpcinfer_argv(model: str, data: Path, max_tokens: int, run_dir: Path, extra: Sequence[str] = ()) -> List[str]:
+    return [sys.executable, "-m", "hpcinfer.submit", *overrides(model, data, max_tokens, run_dir), *extra]
 
 
 def hpcinfer_env(root: Path) -> Dict[str, str]:
@@ -201,17 +202,17 @@ def hpcinfer_env(root: Path) -> Dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root) + (os.pathsep + path if path else "")}
 
 
-def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: Path) -> dict:
-    t0 = time.monotonic()
+def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: Path, extra: Sequence[str] = ()) -> dict:
+    t0, cpu0 = time.monotonic(), children_cpu_s()
     r = subprocess.run(
-        hpcinfer_argv(model, data, max_tokens, run_dir),
+        hpcinfer_argv(model, data, max_tokens, run_dir, extra),
         cwd=root,
         env=hpcinfer_env(root),
         capture_output=True,
         text=True,
         check=False,
     )
-    wall = time.monotonic() - t0
+    wall, cpu = time.monotonic() - t0, children_cpu_s() - cpu0
     check(r, f"hpcinfer ({root})")
     summary = json.loads((run_dir / "summary.json").read_text())
     rank = json.loads((run_dir / "ranks" / "0.json").read_text())
@@ -227,7 +228,13 @@ def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: P
         "engine_s": rank["engine_seconds"],
         "finalize_s": summary["finished_at"] - rank["finished_at"],
         "wall_s": wall,
+        "cpu_s": cpu,  # user + system of the submit and every process it waited for (ranks, finalize)
     }
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def bootstrap_median(values: List[float], n: int = 10_000, seed: int = 0) -> tuple:

@@ -1,7 +1,7 @@
 """Start-up: one short run end to end with vLLM's model-info cache warm on the node, and cold.
 
     .venv/bin/python bench/startup.py [--rows 64] [--max-tokens 16] [--repeats 3] [--model tiny]
-        [--baseline DIR]
+        [--dp 1] [--baseline DIR]
 
 vLLM learns a model class (`_ModelInfo`: is it multimodal, does it take token ids, ...) once and
 keeps it in `<VLLM_CACHE_ROOT>/modelinfos`; on a miss it starts a Python process that imports
@@ -17,10 +17,13 @@ runs. Sides, each `python -m hpcinfer.submit dp=1` on the same prompts:
 
 One untimed warm-up per side, then `--repeats` rounds, the sides' order rotating each round.
 Every side gets one scratch folder (`TMPDIR`, so `cluster.local_scratch`'s default) private to
-this benchmark. Reported per run: end-to-end wall (the submit process, start to exit) and the
-rank's engine start (process start to its first request); per round the wall ratio cold/warm
-(> 1: the shared cache is faster); over the rounds the median, min-max and a bootstrap interval.
-Last line: `startup_wall_ratio=X` (cold / warm, median).
+this benchmark. Reported per run: end-to-end wall (the submit process, start to exit), the CPU
+time of the submit and every process it waited for (its ranks, and on CPU the process they are
+forked from: launch/forkserver.py) and rank 0's engine start (process start to its first
+request); per round the wall ratio cold/warm (> 1: the shared cache is faster); over the rounds
+the median, min-max and a bootstrap interval. `--dp 2` starts two ranks (on CPU, the second is
+what the fork server saves: compare with a baseline before it). Last line: `startup_wall_ratio=X`
+(cold / warm, median).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--baseline", default=None, help="another checkout of hpcinfer: a third side")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hpcinfer-startup-"))
@@ -68,7 +72,7 @@ def main() -> None:
         runs += 1
         if side == "cold":
             shutil.rmtree(modelinfos, ignore_errors=True)
-        out = run_hpcinfer(roots[side], args.model, data, args.max_tokens, work / f"run-{runs}")
+        out = run_hpcinfer(roots[side], args.model, data, args.max_tokens, work / f"run-{runs}", [f"dp={args.dp}"])
         shutil.rmtree(work / f"run-{runs}")
         return out
 
@@ -82,23 +86,26 @@ def main() -> None:
             for side in order:
                 results[side].append(run(side))
             line = ", ".join(
-                f"{s} wall {results[s][-1]['wall_s']:.1f} s (engine start {results[s][-1]['engine_s']:.1f} s)"
+                f"{s} wall {results[s][-1]['wall_s']:.1f} s, cpu {results[s][-1]['cpu_s']:.1f} s "
+                f"(engine start {results[s][-1]['engine_s']:.1f} s)"
                 for s in sides
             )
             print(f"round {i} ({', '.join(order)}): {line}", flush=True)
         for s in sides:
             walls = [r["wall_s"] for r in results[s]]
             engines = [r["engine_s"] for r in results[s]]
+            cpus = [r["cpu_s"] for r in results[s]]
             print(
                 f"{s}: wall median {statistics.median(walls):.1f} s ({min(walls):.1f}-{max(walls):.1f}), "
+                f"cpu median {statistics.median(cpus):.1f} s ({min(cpus):.1f}-{max(cpus):.1f}), "
                 f"engine start median {statistics.median(engines):.1f} s ({min(engines):.1f}-{max(engines):.1f})"
             )
         ratios = [c["wall_s"] / w["wall_s"] for c, w in zip(results["cold"], results["warm"])]
         print(f"wall cold/warm: {describe(ratios)}")
         if args.baseline:
-            print(
-                f"wall base/warm: {describe([b['wall_s'] / w['wall_s'] for b, w in zip(results['base'], results['warm'])])}"
-            )
+            for what in ("wall", "cpu"):
+                pairs = zip(results["base"], results["warm"])
+                print(f"{what} base/warm: {describe([b[f'{what}_s'] / w[f'{what}_s'] for b, w in pairs])}")
         print(f"load {loadavg()}")
         print(f"startup_wall_ratio={statistics.median(ratios):.3f}")
     finally:

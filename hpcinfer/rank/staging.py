@@ -20,6 +20,13 @@ a hash of the class's source file, written by an atomic rename). On a miss vLLM 
 process that imports vLLM and the model's module to learn it (~6 s of CPU, more than the rest of
 an eager engine's start on CPU), so a run-private cache would pay that in every rank of every run:
 `<run>/modelinfos` is a link to the node's `<scratch>/hpcinfer-vllm-cache/modelinfos`.
+
+Node scratch does not fill up with old runs: a rank marks the run cache and the staged model it
+uses as in use (`hold`: a shared `flock` on `<entry>.inuse`, held until the process ends, kill -9
+included, whose mtime says when the entry was last used), and at its start removes the entries of
+the node's `hpcinfer-vllm-cache/` and `hpcinfer-models/` unused for `KEEP_DAYS` that no process
+holds (`sweep`: an exclusive non-blocking `flock` on the marker; the entry renamed away, then
+deleted). A run resumed after that compiles again, or stages its model again: nothing is lost.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ if TYPE_CHECKING:
 
 MODELS = "hpcinfer-models"
 CACHE = "hpcinfer-vllm-cache"
+KEEP_DAYS = 7.0  # a node's run caches and staged models unused this long are removed (sweep)
+INUSE = ".inuse"
+_held: list = []  # this process's in-use markers (open, locked) until it ends
 
 
 def node_name(env: Mapping[str, str] = os.environ) -> str:
@@ -74,14 +84,16 @@ def _fingerprint(src: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_model(src: Path, scratch: Path) -> Staged:
+def stage_model(src: Path, scratch: Path, use: Callable[[Path], None] = lambda dest: None) -> Staged:
     """Copy model directory `src` to `<scratch>/hpcinfer-models/<name>-<fingerprint>` once (see the
-    module docstring); the staged path, whether this call copied, and the time it took."""
+    module docstring); the staged path, whether this call copied, and the time it took. `use(dest)`
+    is called first (`hold`: the copy is not swept away while this rank loads it)."""
     t0 = time.monotonic()
     src = Path(src)
     root = scratch / MODELS
     root.mkdir(parents=True, exist_ok=True)
     dest = root / f"{src.resolve().name}-{_fingerprint(src)}"
+    use(dest)
     if dest.is_dir():  # staged before: no lock needed (it exists only complete)
         return Staged(dest, False, time.monotonic() - t0)
     with open(f"{dest}.lock", "a") as lock:
@@ -132,6 +144,7 @@ def prepare(rd: RunDir, cfg: RunConfig, args: Dict[str, Any], say: Callable[[str
         os.environ.update(node_cache)
         if node_cache:
             with contextlib.suppress(OSError):  # only a cost if it fails: vLLM learns the model again
+                hold(Path(node_cache["VLLM_CACHE_ROOT"]))
                 share_modelinfos(Path(node_cache["VLLM_CACHE_ROOT"]))
     elif not os.environ.get("VLLM_CACHE_ROOT"):
         os.environ["VLLM_CACHE_ROOT"] = str(Path(cfg.cache_path).expanduser() / "vllm")
@@ -141,14 +154,82 @@ def prepare(rd: RunDir, cfg: RunConfig, args: Dict[str, Any], say: Callable[[str
     model = args.get("model")
     if cfg.model.stage == "node":
         if isinstance(model, str) and os.path.isdir(model):
-            staged = stage_model(Path(model), scratch)
+            staged = stage_model(Path(model), scratch, hold)
             args = {k: (str(staged.path) if k in ("model", "tokenizer") and v == model else v) for k, v in args.items()}
             startup.update(stage_seconds=round(staged.seconds, 3), staged_here=float(staged.copied))
             how = "copied" if staged.copied else f"reused (waited {staged.waited:.1f} s)"
             say(f"model staged on {node_name()} at {staged.path}: {how} in {staged.seconds:.1f} s")
         else:
             say(f"model.stage=node: {model!r} is not a local directory; it is loaded as it is")
+    for root in (scratch / CACHE, scratch / MODELS):
+        for gone in sweep(root, KEEP_DAYS * 86400, skip={"modelinfos"}):
+            say(f"removed {gone}: unused for {KEEP_DAYS:g} days")
     return args, startup
+
+
+def hold(entry: Path) -> None:
+    """Mark `entry` (a run's cache, a staged model; it need not exist yet) in use by this process
+    until it ends, and used now: a shared flock on `<entry>.inuse`, its mtime set to now. Call it
+    before using or creating the entry: a sweep that removed it first left no marker to lock."""
+    marker = Path(f"{entry}{INUSE}")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            if os.fstat(fd).st_ino == os.stat(marker).st_ino:  # not unlinked by a sweep meanwhile
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.utime(marker)
+    _held.append(fd)
+
+
+def sweep(root: Path, keep_s: float, skip=frozenset(), now: Optional[float] = None) -> list:
+    """Remove the entries of `root` (a node's run caches or staged models) last used more than
+    `keep_s` ago (their marker's mtime, else their own) that no process holds; the removed paths.
+    A held entry, a copy in progress (`*.tmp-<pid>`) and `skip` are left alone; what a sweep
+    killed half way left (`*.tmp-removing-*`) goes."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = [e for e in root.iterdir() if e.is_dir() and e.name not in skip]
+    except OSError:
+        return removed
+    for entry in entries:
+        if ".tmp-" in entry.name:
+            if ".tmp-removing-" in entry.name:
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        marker = Path(f"{entry}{INUSE}")
+        if now - _last_used(entry, marker) < keep_s:
+            continue
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # in use
+            os.close(fd)
+            continue
+        try:  # nobody uses it now; a rank that starts meanwhile waits, then finds it gone (hold)
+            trash = root / f"{entry.name}.tmp-removing-{os.getpid()}"
+            os.rename(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            os.unlink(marker)  # under the lock: a rank waiting on it sees a new marker (hold)
+            removed.append(entry)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _last_used(entry: Path, marker: Path) -> float:
+    """When `entry` was last used: its marker's mtime, else (no rank has held it) its own."""
+    try:
+        return marker.stat().st_mtime
+    except FileNotFoundError:
+        return entry.stat().st_mtime
 
 
 @contextlib.contextmanager

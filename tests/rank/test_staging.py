@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 from hpcinfer.rank import staging
@@ -109,3 +110,86 @@ INFO 12-02 [core.py:396] init engine (profile, create kv cache, warmup model) to
     }
     cpu = "Loading weights took 0.05 seconds\ninit engine (profile, create kv cache, warmup model) took 1.20 s\n"
     assert staging.startup_split(cpu) == {"weights_seconds": 0.05, "init_engine_seconds": 1.2}
+
+
+# ---- node scratch does not fill up: entries unused for KEEP_DAYS and held by nobody go ------------
+DAY = 86400.0
+
+
+def _entry(root: Path, name: str, age_days: float) -> Path:
+    d = root / name
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "artifact").write_bytes(b"x" * 100)
+    t = time.time() - age_days * DAY
+    os.utime(d, (t, t))
+    return d
+
+
+def _held_elsewhere(entry: Path, started, stop) -> None:
+    staging.hold(entry)
+    started.set()
+    stop.wait(60)
+
+
+def test_sweep_removes_old_unheld_entries_and_keeps_the_rest(tmp_path):
+    root = tmp_path / staging.CACHE
+    old, recent, shared = _entry(root, "run-old", 30), _entry(root, "run-recent", 1), _entry(root, "modelinfos", 90)
+    busy = _entry(root, "run-busy", 30)
+    copying, trash = _entry(root, "model.tmp-123", 30), _entry(root, "run-x.tmp-removing-9", 0)
+    ctx = multiprocessing.get_context("fork")
+    started, stop = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_held_elsewhere, args=(busy, started, stop))
+    holder.start()
+    try:
+        assert started.wait(30)
+        t = time.time() - 30 * DAY  # its marker says when it was last used: long ago, but it is held now
+        os.utime(f"{busy}{staging.INUSE}", (t, t))
+        removed = staging.sweep(root, staging.KEEP_DAYS * DAY, skip={"modelinfos"})
+    finally:
+        stop.set()
+        holder.join(10)
+    assert removed == [old]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(
+        [recent.name, shared.name, busy.name, copying.name]
+    )
+    assert not trash.exists()  # what a killed sweep left
+    # the holder has ended (its lock went with it): the next sweep removes its entry, marker too
+    assert staging.sweep(root, staging.KEEP_DAYS * DAY, skip={"modelinfos"}) == [busy]
+    assert not Path(f"{busy}{staging.INUSE}").exists()
+
+
+def test_a_held_entry_is_used_now_and_a_rank_waiting_on_a_sweep_holds_the_new_marker(tmp_path):
+    root = tmp_path / staging.MODELS
+    entry = _entry(root, "model-abc", 30)
+    staging.hold(entry)  # this process uses it: its marker is fresh, so no sweep takes it
+    assert staging.sweep(root, staging.KEEP_DAYS * DAY) == []
+    marker = Path(f"{entry}{staging.INUSE}")
+    assert time.time() - marker.stat().st_mtime < 60
+    # a sweep that got the marker first and unlinked it: hold locks the marker that exists now
+    os.unlink(marker)
+    staging.hold(entry)
+    assert os.fstat(staging._held[-1]).st_ino == marker.stat().st_ino
+
+
+def test_staging_holds_the_copy_it_loads(tmp_path):
+    src, scratch = model_dir(tmp_path), tmp_path / "node"
+    used = []
+    staged = staging.stage_model(src, scratch, used.append)
+    assert used == [staged.path]
+
+
+def test_a_rank_start_holds_its_run_cache_and_sweeps_the_node(tmp_path, monkeypatch):
+    from hpcinfer.cli import compose
+    from hpcinfer.rundir.paths import RunDir
+
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    scratch = tmp_path / "scratch"
+    old = _entry(scratch / staging.CACHE, "run-long-ago-0123abcd", 30)
+    stale_model = _entry(scratch / staging.MODELS, "model-0123", 30)
+    rd = RunDir(tmp_path / "run")
+    said = []
+    staging.prepare(rd, compose([f"cluster.local_scratch={scratch}"]), {"model": "m"}, said.append)
+    mine = Path(os.environ["VLLM_CACHE_ROOT"])
+    assert mine.parent == scratch / staging.CACHE and Path(f"{mine}{staging.INUSE}").is_file()
+    assert not old.exists() and not stale_model.exists()
+    assert f"removed {old}: unused for 7 days" in said
