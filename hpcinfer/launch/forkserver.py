@@ -24,8 +24,9 @@ was imported under. So:
 The protocol is one JSON object per line: the launcher writes {module, argv, env, log,
 new_session} to the server's stdin; the server answers {"pid": n} once the child has its own
 session, and {"pid": n, "exit": code} when it ends (code as subprocess gives it: -signal when
-killed). The server reaps its children, ignores the terminal's and the launcher's signals (the
-launcher stops the ranks itself) and leaves when its stdin closes (the launcher ended). Its own
+killed). The server reaps its children, ignores the terminal's, the launcher's and Slurm's signals
+(INT, TERM, HUP, USR1, USR2: the launcher stops the ranks itself; a local launch may run inside an
+allocation) and leaves when its stdin closes (the launcher ended). Its own
 output goes to logs/forkserver.log.
 """
 
@@ -208,6 +209,9 @@ def _alive(pid: int) -> bool:
 # --- the server ----------------------------------------------------------------------------------------
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _exit_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
@@ -216,9 +220,9 @@ def _child(request: dict, ready: int) -> None:
     """In the forked child: become the requested process, then run its module as `__main__`."""
     code = 1
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (*SIGNALS, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if request["new_session"]:
             os.setsid()
         os.close(ready)  # the server answers the launcher only now: signals to the new session reach it
@@ -266,8 +270,10 @@ def _fork(request: dict) -> int:
 
 
 def serve(preload: List[str]) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # the launcher stops the ranks; this server leaves with it
+    # the terminal's, the launcher's and Slurm's signals (USR2 before a preemption): the launcher
+    # stops the ranks; this server leaves with it
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     t0 = time.monotonic()
     for name in preload:
         __import__(name)

@@ -110,3 +110,15 @@ def test_the_server_leaves_when_its_launcher_closes_it(server):
     time.sleep(0.5)
     assert child.poll() is None  # the rank is not the server's to stop
     os.kill(child.pid, signal.SIGKILL)
+
+
+def test_the_server_outlives_the_signals_meant_for_the_ranks_and_its_children_do_not_inherit_that(server):
+    s, env, d = server
+    child = s.spawn("forkee", [], {**env, "HPCINFER_TEST_MODE": "sleep"}, d / "0.log", False)
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):  # Slurm's, a terminal's
+        os.kill(s.proc.pid, sig)
+    time.sleep(0.3)
+    assert s.proc.poll() is None
+    os.kill(child.pid, signal.SIGUSR2)  # a rank gets the default disposition (or its own handler)
+    assert child.wait(timeout=30) == -signal.SIGUSR2
+    assert s.spawn("forkee", [], env, d / "1.log", False).wait(timeout=30) == 0
