@@ -33,6 +33,7 @@ output goes to logs/forkserver.log.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -282,6 +283,7 @@ def serve(preload: List[str]) -> None:
         file=sys.stderr,
         flush=True,
     )
+    gc.freeze()  # what the imports made is never collected here: a child's collector leaves those pages shared
     if threading.active_count() != 1:  # a fork keeps only the forking thread: refuse to fork at all
         print(f"hpcinfer forkserver: threads after import: {threading.enumerate()}", file=sys.stderr)
         return
@@ -308,7 +310,9 @@ def serve(preload: List[str]) -> None:
             continue
         chunk = os.read(0, 1 << 16)
         if not chunk:
-            return  # the launcher is gone; the children go on (init reaps them)
+            os._exit(
+                0
+            )  # the launcher is gone; the children go on (init reaps them). No teardown: torch's and vLLM's take seconds
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
@@ -321,3 +325,4 @@ def serve(preload: List[str]) -> None:
 
 if __name__ == "__main__":
     serve(sys.argv[1:])
+    os._exit(0)

@@ -246,9 +246,13 @@ class VllmEngine:
         return bool(self.llm.llm_engine.has_unfinished_requests())
 
     def shutdown(self) -> None:
-        """Stop engine-core processes so the rank can exit without hanging."""
+        """Stop engine-core processes so the rank can exit without hanging. An engine in this
+        process (one CPU worker: VLLM_ENABLE_V1_MULTIPROCESSING=0) has none: its shutdown only
+        frees memory for a next engine in the same process (~0.5-1 s on CPU), and the rank exits."""
+        from vllm.v1.engine.core_client import InprocClient
+
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
+        if core is not None and hasattr(core, "shutdown") and not isinstance(core, InprocClient):
             core.shutdown()
 
 
