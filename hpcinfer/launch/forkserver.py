@@ -217,7 +217,7 @@ def _exit_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def _child(request: dict, ready: int) -> None:
+def _child(request: dict, ready: int, protocol: int) -> None:
     """In the forked child: become the requested process, then run its module as `__main__`."""
     code = 1
     try:
@@ -227,13 +227,13 @@ def _child(request: dict, ready: int) -> None:
         if request["new_session"]:
             os.setsid()
         os.close(ready)  # the server answers the launcher only now: signals to the new session reach it
+        os.close(protocol)  # the server's end of the launcher's pipe: the launcher sees EOF when the server ends
         null = os.open(os.devnull, os.O_RDONLY)
         out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         for fd, to in ((null, 0), (out, 1), (out, 2)):
             os.dup2(fd, to)
         os.close(null)
         os.close(out)
-        sys.stdout = sys.__stdout__
         os.environ.clear()
         os.environ.update(request["env"])
         import runpy
@@ -256,14 +256,14 @@ def _child(request: dict, ready: int) -> None:
         os._exit(code)
 
 
-def _fork(request: dict) -> int:
+def _fork(request: dict, protocol: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _child(request, w)
+        _child(request, w, protocol)
     os.close(w)
     os.read(r, 1)  # EOF once the child has its session (or died trying)
     os.close(r)
@@ -275,6 +275,11 @@ def serve(preload: List[str]) -> None:
     # stops the ranks; this server leaves with it
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # the protocol gets an fd of its own; fd 1 (where vLLM's log handlers write) goes to this
+    # server's log: nothing the imports or vLLM print can break a message
+    protocol = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(protocol, "w")
     t0 = time.monotonic()
     for name in preload:
         __import__(name)
@@ -287,8 +292,6 @@ def serve(preload: List[str]) -> None:
     if threading.active_count() != 1:  # a fork keeps only the forking thread: refuse to fork at all
         print(f"hpcinfer forkserver: threads after import: {threading.enumerate()}", file=sys.stderr)
         return
-    out = sys.stdout
-    sys.stdout = sys.stderr  # what an import prints stays off the protocol (a child takes its own back)
     children: set = set()
 
     def say(msg: dict) -> None:
@@ -317,7 +320,7 @@ def serve(preload: List[str]) -> None:
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             request = json.loads(line)
-            pid = _fork(request)
+            pid = _fork(request, protocol)
             children.add(pid)
             say({"pid": pid})
             print(f"hpcinfer forkserver: forked {request['module']} as pid {pid}", file=sys.stderr, flush=True)

@@ -122,3 +122,15 @@ def test_the_server_outlives_the_signals_meant_for_the_ranks_and_its_children_do
     os.kill(child.pid, signal.SIGUSR2)  # a rank gets the default disposition (or its own handler)
     assert child.wait(timeout=30) == -signal.SIGUSR2
     assert s.spawn("forkee", [], env, d / "1.log", False).wait(timeout=30) == 0
+
+
+def test_what_an_import_prints_goes_to_the_server_log_not_into_its_messages(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "forkee.py").write_text(SCRIPT)
+    (tmp_path / "pkg" / "noisy.py").write_text('import sys\nprint("noise at import")\nsys.stdout.flush()\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'pkg'}:{os.environ.get('PYTHONPATH', '')}"}
+    with ForkServer(tmp_path / "forkserver.log", preload=("noisy",)) as s:
+        child = s.spawn("forkee", [], env, tmp_path / "0.log", True)
+        assert child is not None and child.wait(timeout=30) == 0
+    assert "noise at import" in (tmp_path / "forkserver.log").read_text()
+    assert "noise" not in (tmp_path / "0.log").read_text()
