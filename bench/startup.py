@@ -7,7 +7,7 @@ vLLM learns a model class (`_ModelInfo`: is it multimodal, does it take token id
 keeps it in `<VLLM_CACHE_ROOT>/modelinfos`; on a miss it starts a Python process that imports
 vLLM and the model's module to learn it. hpcinfer gives each run its own node-local vLLM cache
 (`model.compile_cache=node`), whose `modelinfos/` is now a link to the node's one, shared by its
-runs. Sides, each `python -m hpcinfer.submit dp=1` on the same prompts:
+runs. Sides, each `python -m hpcinfer.submit dp=<--dp>` on the same prompts:
 
 - warm: as hpcinfer runs now (the node's `modelinfos/` filled by the warm-up);
 - cold: that folder removed before the run: what every rank of every run paid before, since

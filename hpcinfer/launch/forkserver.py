@@ -15,7 +15,7 @@ was imported under. So:
   environment differs from that one in `PER_PROCESS` variables alone, which vLLM and hpcinfer read
   when the engine starts, never at import (vLLM's `envs` reads lazily until its engine caches
   them, after the fork); any other difference (say OMP_NUM_THREADS, which OpenMP reads when torch
-  loads it) gets a fresh process (`spawn_fresh`);
+  loads it) gets a fresh process (`spawn` returns None; supervisor.spawn starts it anew);
 - nothing but the main thread runs in the server (checked when it starts), and CUDA is never
   initialized there. The local launcher uses it for ranks on CPU cores; ranks on GPUs start fresh
   until the fork is measured on the lent GPU machine (vLLM forks its own workers after the same
@@ -213,10 +213,6 @@ def _alive(pid: int) -> bool:
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _exit_code(status: int) -> int:
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 def _child(request: dict, ready: int, protocol: int) -> None:
     """In the forked child: become the requested process, then run its module as `__main__`."""
     code = 1
@@ -303,7 +299,7 @@ def serve(preload: List[str]) -> None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 children.discard(pid)
-                say({"pid": pid, "exit": _exit_code(status)})
+                say({"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
 
     buffer = b""
     while True:
@@ -312,10 +308,8 @@ def serve(preload: List[str]) -> None:
         if not ready:
             continue
         chunk = os.read(0, 1 << 16)
-        if not chunk:
-            os._exit(
-                0
-            )  # the launcher is gone; the children go on (init reaps them). No teardown: torch's and vLLM's take seconds
+        if not chunk:  # the launcher is gone; the children go on (init reaps them). No interpreter
+            os._exit(0)  # teardown: torch's and vLLM's take seconds
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
