@@ -8,13 +8,18 @@
 #   bash bench/gpu_overhead.sh prep [8b]  # carry .gpukit0 .gpukit1 .gpudeps .gpuspy: deps, py-spy,
 #                                         # the 0.83B random Llama (and the 8B-shaped one) in /tmp
 #   bash bench/gpu_overhead.sh run NAME MODEL_DIR [overhead.py options]   # carry .gpukit0 .gpukit2 .gpukit3
-#        e.g. run llama1b /tmp/llama-1b --rows 4096 --max-tokens 256 --repeats 5 --profile
+#        e.g. run llama1b /tmp/llama-1b --rows 4096 --max-tokens 256 --repeats 5 --budget-s 540 --profile
+#        (--budget-s: stop before a pair that would not end within the call's 600 s; a next call on
+#        the same machine goes on with --warmup-rows 0)
 #   bash bench/gpu_overhead.sh prefix NAME MODEL_DIR [prefix.py options]   # the same carry; issue 16
 #        (more config overrides in PREFIX_SET: one --set takes them all)
 set -u
 source .gpukit0/device_kit.sh
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=/tmp/hdeps:$ROOT:${PYTHONPATH:-} HPCINFER_CACHE=/tmp/hc
+# one vLLM cache (torch.compile artifacts) for every side and every call while the machine stays
+# up: a later call may then skip the warm-up runs (--warmup-rows 0) without compiling in a timed run
+export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 case "${1:-}" in
   prep)

@@ -64,10 +64,12 @@ sys.path.insert(0, str(REPO))
 
 RAW = r"""
 import json, sys, time
+t0 = time.time()
 from vllm import LLM, SamplingParams, __version__
 import pyarrow.parquet as pq
 args = json.loads(sys.argv[1])
 prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
+t_imp = time.time()
 llm = LLM(**args["engine_args"])
 params = SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True)
 t1 = time.time()
@@ -77,7 +79,7 @@ core = getattr(llm.llm_engine, "engine_core", None)  # as the rank: stop engine-
 if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
     core.shutdown()
 print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "window_s": t2 - t1,
-                  "vllm": __version__}), flush=True)
+                  "vllm": __version__, "t": [t0, t_imp, t1, t2, time.time()]}), flush=True)
 import os; os._exit(0)
 """
 
@@ -156,7 +158,7 @@ def check(r: subprocess.CompletedProcess, what: str) -> None:
 
 
 def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
-    t0 = time.monotonic()
+    launched, t0 = time.time(), time.monotonic()
     r = subprocess.run(
         [sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens}), str(data)],
         env=raw_env(),
@@ -167,11 +169,22 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
     wall = time.monotonic() - t0
     check(r, "raw vLLM")
     res = json.loads(r.stdout.strip().splitlines()[-1])
+    started, imported, t1, t2, shut = res["t"]
     return {
         "tokens": res["tokens"],
         "window_s": res["window_s"],
         "wall_s": wall,
         "vllm": res["vllm"],
+        # where the wall went: to the engine's start (interpreter, imports, prompts read), the
+        # engine's start-up (LLM()), the window, after it (engine core stopped, the process's exit)
+        "split": {
+            "to_engine_s": imported - launched,
+            "engine_s": t1 - imported,
+            "window_s": t2 - t1,
+            "after_s": launched + wall - t2,
+        },
+        "startup": startup_split(r.stdout + r.stderr),
+        "exit_s": launched + wall - shut,
     }
 
 
@@ -203,7 +216,7 @@ def hpcinfer_env(root: Path) -> Dict[str, str]:
 
 
 def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: Path, extra: Sequence[str] = ()) -> dict:
-    t0, cpu0 = time.monotonic(), children_cpu_s()
+    launched, t0, cpu0 = time.time(), time.monotonic(), children_cpu_s()
     r = subprocess.run(
         hpcinfer_argv(model, data, max_tokens, run_dir, extra),
         cwd=root,
@@ -217,9 +230,11 @@ def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: P
     summary = json.loads((run_dir / "summary.json").read_text())
     rank = json.loads((run_dir / "ranks" / "0.json").read_text())
     end = rank.get("last_output_at")
+    began = rank["generation_started_at"]
+    engine_start = began - rank["engine_seconds"]
     return {
         "tokens": summary["output_tokens"],
-        "window_s": (end or rank["generation_ended_at"]) - rank["generation_started_at"],
+        "window_s": (end or rank["generation_ended_at"]) - began,
         "window_end": "last output" if end else "last shard done",
         "durable_lag_s": rank["generation_ended_at"] - end if end else 0.0,  # last output -> its shard done
         # hpcinfer's fixed costs: submit (plan, shard, launch) to the rank's start, the engine's
@@ -229,7 +244,40 @@ def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: P
         "finalize_s": summary["finished_at"] - rank["finished_at"],
         "wall_s": wall,
         "cpu_s": cpu,  # user + system of the submit and every process it waited for (ranks, finalize)
+        # the same split as raw's: to the engine's start (submit, planning, the rank process up to
+        # its engine, `import vllm` aside: the rank imports it inside the engine's start-up), the
+        # engine's start-up, the window, after it (durable parts, engine stopped, finalize, exit)
+        "split": {
+            "to_engine_s": engine_start - launched,
+            "engine_s": rank["engine_seconds"],
+            "window_s": (end or rank["generation_ended_at"]) - began,
+            "after_s": launched + wall - (end or rank["generation_ended_at"]),
+        },
+        "startup": rank.get("startup") or {},
+        "rank_after_s": rank["finished_at"] - (end or rank["generation_ended_at"]),  # last output -> rank done
+        "exit_s": launched + wall - summary["finished_at"],  # summary written -> submit's exit
     }
+
+
+def startup_split(log: str) -> Dict[str, float]:
+    from hpcinfer.rank.staging import startup_split as split
+
+    return split(log)
+
+
+def split_line(side: str, r: dict) -> str:
+    """One run's wall, where it went: `  raw      wall 57.2 = to engine 9.1 + engine 30.2 (...) + ...`."""
+    sp, st = r["split"], r.get("startup") or {}
+    vllm = ", ".join(f"{k.replace('_seconds', '')} {v:.1f}" for k, v in st.items())
+    extra = ""
+    if side != "raw" and "rank_after_s" in r:
+        extra = f" (rank done +{r['rank_after_s']:.1f}, finalize +{r['finalize_s']:.1f}, exit +{r['exit_s']:.1f})"
+    elif "exit_s" in r:
+        extra = f" (process exit +{r['exit_s']:.1f})"
+    return (
+        f"  {side:<8} wall {r['wall_s']:.1f} s = to engine {sp['to_engine_s']:.1f} + engine start-up {sp['engine_s']:.1f}"
+        f"{f' [{vllm}]' if vllm else ''} + window {sp['window_s']:.1f} + after {sp['after_s']:.1f}{extra}"
+    )
 
 
 def children_cpu_s() -> float:
@@ -252,6 +300,33 @@ def describe(ratios: List[float]) -> str:
     )
 
 
+def report_pair(i: int, order: List[str], sides: List[str], results: Dict[str, List[dict]]) -> None:
+    """A pair's line (tokens/s, walls, the ratio) and each side's wall split, as soon as it ends."""
+    tokens = {s: results[s][-1]["tokens"] for s in sides}
+    assert len(set(tokens.values())) == 1, f"token counts differ: {tokens}"
+    raw, hp = results["raw"][-1], results["hpcinfer"][-1]
+    line = (
+        f"pair {i} ({' then '.join(order)}): raw {raw['tokens'] / raw['window_s']:,.0f} tok/s "
+        f"{raw['wall_s']:.1f} s wall | hpcinfer {hp['tokens'] / hp['window_s']:,.0f} tok/s "
+        f"{hp['wall_s']:.1f} s wall"
+    )
+    for extra in sides[2:]:
+        b = results[extra][-1]
+        line += f" | {extra} {b['tokens'] / b['window_s']:,.0f} tok/s {b['wall_s']:.1f} s wall"
+    print(f"{line} | tok/s ratio {raw['window_s'] / hp['window_s']:.3f} | load {raw['load']}")
+    for side in sides:
+        if "split" in results[side][-1]:
+            print(split_line(side, results[side][-1]))
+    sys.stdout.flush()
+
+
+def save(a: argparse.Namespace, engine_args: dict, results: Dict[str, List[dict]]) -> None:
+    """Every run's numbers so far (rewritten after each pair: a cut run keeps what it took)."""
+    tmp = Path(f"{a.json}.tmp")
+    tmp.write_text(json.dumps({"args": vars(a), "engine_args": engine_args, "results": results}, indent=1))
+    os.replace(tmp, a.json)
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -261,7 +336,18 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timed pairs (at least 5 for a usable interval)")
-    ap.add_argument("--warmup-rows", type=int, default=None, help="rows of the untimed warm-up runs (default --rows)")
+    ap.add_argument(
+        "--warmup-rows",
+        type=int,
+        default=None,
+        help="rows of the untimed warm-up runs (default --rows; 0: none, the caches are warm already)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no pair that would end past this many seconds from the start (by the longest pair so far)",
+    )
     ap.add_argument("--model", default="tiny", help="a conf/model name (tiny, tiny_moe, llama, ...)")
     ap.add_argument("--baseline", default=None, help="another checkout's root: run its hpcinfer as a third side")
     ap.add_argument("--engine-side", action="store_true", help="add a side: hpcinfer's engine wrapper alone")
@@ -299,30 +385,38 @@ def main() -> None:
                 return run_engine(args, a.model, prompts, a.max_tokens)
             return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name)
 
-        for side in sides:
-            t0 = time.monotonic()
-            run(side, warm, f"warm-{side}")
-            print(f"warm-up {side}: {time.monotonic() - t0:.1f} s (untimed)", flush=True)
+        began = time.monotonic()
+        if a.warmup_rows != 0:
+            for side in sides:
+                t0 = time.monotonic()
+                run(side, warm, f"warm-{side}")
+                print(f"warm-up {side}: {time.monotonic() - t0:.1f} s (untimed)", flush=True)
+        else:
+            print("no warm-up runs (--warmup-rows 0): the caches must be warm already", flush=True)
 
         results: Dict[str, List[dict]] = {s: [] for s in sides}
-        for i in range(a.repeats):
-            order = sides[i % len(sides) :] + sides[: i % len(sides)]
-            for side in order:
-                r = run(side, data, f"run{i}-{side}")
-                r["load"] = loadavg()
-                results[side].append(r)
-            tokens = {s: results[s][-1]["tokens"] for s in sides}
-            assert len(set(tokens.values())) == 1, f"token counts differ: {tokens}"
-            raw, hp = results["raw"][-1], results["hpcinfer"][-1]
-            line = (
-                f"pair {i} ({' then '.join(order)}): raw {raw['tokens'] / raw['window_s']:,.0f} tok/s "
-                f"{raw['wall_s']:.1f} s wall | hpcinfer {hp['tokens'] / hp['window_s']:,.0f} tok/s "
-                f"{hp['wall_s']:.1f} s wall"
-            )
-            for extra in sides[2:]:
-                b = results[extra][-1]
-                line += f" | {extra} {b['tokens'] / b['window_s']:,.0f} tok/s {b['wall_s']:.1f} s wall"
-            print(f"{line} | tok/s ratio {raw['window_s'] / hp['window_s']:.3f} | load {raw['load']}", flush=True)
+        longest = 0.0  # the longest pair so far: --budget-s starts no pair that would not fit
+        try:
+            for i in range(a.repeats):
+                if a.budget_s and time.monotonic() - began + longest > a.budget_s:
+                    print(f"--budget-s {a.budget_s:g}: no room for pair {i} (the longest took {longest:.0f} s)")
+                    break
+                t_pair = time.monotonic()
+                order = sides[i % len(sides) :] + sides[: i % len(sides)]
+                done = {side: run(side, data, f"run{i}-{side}") for side in order}
+                for side in sides:
+                    done[side]["load"] = loadavg()
+                    results[side].append(done[side])
+                longest = max(longest, time.monotonic() - t_pair)
+                report_pair(i, order, sides, results)
+                if a.json:
+                    save(a, args, results)
+        except KeyboardInterrupt:  # timeout -s INT: report the pairs taken
+            print(f"interrupted: {len(results['raw'])} complete pair(s)", flush=True)
+            for side in sides:
+                del results[side][len(results["raw"]) :]
+        if not results["raw"] or not all(len(results[s]) == len(results["raw"]) for s in sides):
+            sys.exit("no complete pair")
 
         tokens = results["raw"][0]["tokens"]
         print(f"\nvLLM {results['raw'][0]['vllm']}; {tokens:,} output tokens per run; load average at end: {loadavg()}")
@@ -357,7 +451,7 @@ def main() -> None:
             ratio = [b["window_s"] / h["window_s"] for b, h in zip(results["base"], results["hpcinfer"], strict=True)]
             print(f"\ntokens/s ratio hpcinfer/base: {describe(ratio)}")
         if a.json:
-            Path(a.json).write_text(json.dumps({"args": vars(a), "engine_args": args, "results": results}, indent=1))
+            save(a, args, results)
         if a.profile:
             argv = [a.py_spy, "record", "--subprocesses", "--idle", "--format", "raw", "--rate", "200"]
             argv += ["-o", a.profile, "--", *hpcinfer_argv(a.model, data, a.max_tokens, Path(tmp) / "profiled")]

@@ -47,6 +47,8 @@ from typing import Dict, List, Mapping, Optional
 
 PRELOAD = ("vllm.entrypoints.llm", "pyarrow.parquet")  # what a rank process imports before its engine starts
 
+REAP_S = 0.05  # how soon an ended child is reported (the launcher then finalizes): a run's wall waits for it
+
 # Read when a rank's engine starts, not at import: a fork may differ from the server in these alone.
 PER_PROCESS_PREFIXES = ("HPCINFER_", "VLLM_DP_")
 PER_PROCESS = frozenset(
@@ -303,7 +305,7 @@ def serve(preload: List[str]) -> None:
 
     buffer = b""
     while True:
-        ready, _, _ = select.select([0], [], [], 0.2)
+        ready, _, _ = select.select([0], [], [], REAP_S)
         reap()
         if not ready:
             continue
