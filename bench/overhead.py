@@ -1,7 +1,7 @@
 """Overhead of hpcinfer against raw vLLM: interleaved pairs, the same window on both sides.
 
     .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 5] [--model tiny]
-        [--warmup-rows N] [--baseline DIR] [--profile FILE] [--json FILE]
+        [--warmup-rows N] [--budget-s S] [--baseline DIR] [--profile FILE] [--json FILE]
         [--set model.path=/models/m engine.max_model_len=512 ...]   (any further config overrides)
 
 Both sides get the same prompts (Parquet written once), the same engine arguments (hpcinfer's
@@ -30,6 +30,12 @@ Per run, two numbers:
   generate; hpcinfer: submit = config, planning, sharding, the rank process with its engine,
   durable parts, finalize).
 
+Each run's wall is also split the same way on both sides, printed as its pair ends: to the
+engine (raw: interpreter, `import vllm`, prompts read; hpcinfer: submit with planning, then the
+rank process up to its engine), the engine's start-up (raw: `LLM()`; hpcinfer: the rank's engine,
+which imports vLLM there), the window, and after it (engine stopped, durable parts, finalize, the
+process's exit), with vLLM's own start-up lines (weights, init engine, graph capture).
+
 Reported per pair: tokens/s ratio hpcinfer/raw and wall ratio raw/hpcinfer (both > 1 when hpcinfer
 is faster); over the pairs: median, min-max and a bootstrap 95% interval of the median (10,000
 resamples of the pairs). Targets: median tokens/s ratio >= 0.98; wall ratio >= 0.97 for runs of
@@ -39,6 +45,9 @@ resamples of the pairs). Targets: median tokens/s ratio >= 0.98; wall ratio >= 0
 before a change; `git archive <commit> hpcinfer conf | tar -x -C DIR`), interleaved with the
 other two, so that before and after are measured in one run under the same load. A baseline that
 does not record `last_output_at` is timed to its last shard done instead (said in the output).
+`--budget-s S` starts no pair that would end past S seconds (by the longest pair so far; a device
+call's limit), and `--warmup-rows 0` skips the warm-ups (a machine an earlier call warmed, with the
+same `VLLM_CACHE_ROOT`); `--json` is rewritten after every pair.
 `--profile FILE` runs one more, untimed, hpcinfer run under `py-spy record --subprocesses --idle`
 (collapsed stacks in FILE).
 """
