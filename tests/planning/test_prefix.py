@@ -53,6 +53,18 @@ def test_hashing_in_chunks_gives_the_same_hashes(monkeypatch):
     assert (hashes_of(texts) == whole).all()
 
 
+def test_the_powers_table_grows_with_the_input_and_hashes_alike(monkeypatch):
+    monkeypatch.setattr(px, "_POWERS", [])
+    small = hashes_of(["ab" * 10])
+    assert len(px._POWERS[0]) == 1 << 16  # a small input makes a small table (not a whole chunk's)
+    rows = ["ab" * 10, "z" * 200_000, "zz" + "y" * 70_000]
+    grown = hashes_of(rows)
+    assert len(px._POWERS[0]) >= 270_000
+    assert (grown[0] == small[0]).all()
+    monkeypatch.setattr(px, "_POWERS", [])  # a table made at the full size at once
+    assert (hashes_of(rows[::-1])[::-1] == grown).all()
+
+
 @pytest.mark.parametrize(
     "spec, columns, want",
     [
