@@ -110,10 +110,11 @@ def test_collect_reads_the_records(rd):
 def test_progress_snapshot_sums_the_records(rd):
     assert snapshot(rd, 30).rows_done == 0
     rd.write_rank(RankRecord(0, state=RUNNING, rows_done=3, output_tokens=30, generation_started_at=5.0))
-    rd.write_rank(RankRecord(2, state=DONE, rows_done=10, output_tokens=70, generation_started_at=4.0))
+    rd.write_rank(RankRecord(2, state=DONE, rows_done=10, output_tokens=70, generation_started_at=4.0, finished_at=9.0))
     snap = snapshot(rd, 30)
     assert (snap.rows_done, snap.output_tokens, snap.generation_started_at) == (13, 100, 4.0)
     assert snap.states == {0: RUNNING, 2: DONE}
+    assert snap.ended_at == {2: 9.0}  # the launcher looks again soon once its ranks' attempts ended
 
 
 def test_report_row_from_the_plan(rd):

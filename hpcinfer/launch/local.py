@@ -36,7 +36,7 @@ from hpcinfer.launch.supervisor import RankSupervisor
 from hpcinfer.planning.devices import Devices, NodeMemory, detect, machine_memory, node_slices, split
 from hpcinfer.rundir.files import tail
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import TERMINAL, Plan
+from hpcinfer.rundir.records import Plan
 
 LOOPBACK = "127.0.0.1"
 
@@ -185,9 +185,11 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: 
                             ended[r] = code
                 snap = snapshot(rd, plan.rows)
                 display.update(snap)
-                # a rank whose record says it ended exits within moments: look again soon, not a
-                # whole poll later (every run's wall waited up to poll_s for its last rank)
-                ending = all(snap.states.get(r) in TERMINAL for r in supervisors if r not in ended)
+                # ranks whose records say the attempt started here ended exit within moments: look
+                # again soon, not a whole poll later (every run's wall waited up to poll_s for its last rank)
+                ending = all(
+                    snap.ended_at.get(r, 0.0) >= sup.started_at for r, sup in supervisors.items() if r not in ended
+                )
                 time.sleep(poll_s / 25 if ending else poll_s)
         except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (scancel, a closed terminal): take the ranks down too
             for sup in supervisors.values():

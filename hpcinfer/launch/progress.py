@@ -20,6 +20,7 @@ class Snapshot:
     output_tokens: int = 0
     generation_started_at: float | None = None
     states: Dict[int, str] = field(default_factory=dict)
+    ended_at: Dict[int, float] = field(default_factory=dict)  # ranks whose latest attempt ended: when
 
     @property
     def tokens_per_second(self) -> float:
@@ -35,6 +36,8 @@ def snapshot(rd: RunDir, rows_total: int) -> Snapshot:
         snap.rows_done += record.rows_done
         snap.output_tokens += record.output_tokens
         snap.states[rank] = record.state
+        if record.ended and record.finished_at is not None:
+            snap.ended_at[rank] = record.finished_at
         started = record.generation_started_at
         if started and (snap.generation_started_at is None or started < snap.generation_started_at):
             snap.generation_started_at = started

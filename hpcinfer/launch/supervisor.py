@@ -77,8 +77,10 @@ class RankSupervisor:
         self.headless: List[subprocess.Popen] = []
         self.watch: Optional[LeaderWatch] = None
         self.pids: Set[int] = set()  # the leaders started here: a newer attempt of the rank is none of them
+        self.started_at = 0.0  # when the latest start here began (time.time())
 
     def start(self) -> RankSupervisor:
+        self.started_at = time.time()
         todo = self.processes()
         leader_here = any(p.node_rank == 0 for p in todo)
         self.watch = None if leader_here else LeaderWatch(self.rd, self.rank)  # before the headless one starts
