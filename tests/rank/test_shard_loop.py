@@ -86,7 +86,7 @@ class FakeEngine:
         return False
 
     def shutdown(self):
-        pass
+        self.shut_down = True
 
 
 def test_the_fake_engine_is_an_engine():
@@ -173,6 +173,17 @@ def test_a_dead_ranks_claims_are_taken_over_with_their_parts(claimed_run, monkey
     assert sum(rd.read_done(s.shard).rows_resumed for s in shards) == in_parts  # parts were kept, not redone
     rows_by_0 = sum(s.rows for s in shards if s.shard in done_by_0)
     assert FakeEngine.instances[-1].generated == ROWS - rows_by_0 - in_parts
+
+
+def test_a_rank_process_keeps_its_shut_down_engine_until_it_exits_and_drops_a_failed_one(claimed_run, monkeypatch):
+    """worker.main ends with os._exit: freeing the engine before it only cost time (~1.2 s on CPU).
+    A failed attempt's engine is not kept: its destructor stops the engine's processes."""
+    rd, _ = claimed_run
+    monkeypatch.setattr(worker, "KEEP_UNTIL_EXIT", [])  # as main() sets it
+    assert run_rank(rd, 0, monkeypatch, crash_after=6) == 1
+    assert worker.KEEP_UNTIL_EXIT == []
+    assert run_rank(rd, 1, monkeypatch) == 0
+    assert worker.KEEP_UNTIL_EXIT == [FakeEngine.instances[-1]] and FakeEngine.instances[-1].shut_down
 
 
 def test_a_silent_rank_loses_its_claim_when_its_lease_expires(claimed_run, monkeypatch):
