@@ -177,6 +177,8 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
     )
     wall = time.monotonic() - t0
     check(r, "raw vLLM")
+    from hpcinfer.rank.staging import startup_split  # vLLM's start-up lines, parsed as the rank's are
+
     res = json.loads(r.stdout.strip().splitlines()[-1])
     started, imported, t1, t2, shut = res["t"]
     return {
@@ -239,11 +241,13 @@ def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: P
     summary = json.loads((run_dir / "summary.json").read_text())
     rank = json.loads((run_dir / "ranks" / "0.json").read_text())
     end = rank.get("last_output_at")
+    # the window's end (a baseline that does not record last_output_at: its last shard done)
+    last = end or rank["generation_ended_at"]
     began = rank["generation_started_at"]
     engine_start = began - rank["engine_seconds"]
     return {
         "tokens": summary["output_tokens"],
-        "window_s": (end or rank["generation_ended_at"]) - began,
+        "window_s": last - began,
         "window_end": "last output" if end else "last shard done",
         "durable_lag_s": rank["generation_ended_at"] - end if end else 0.0,  # last output -> its shard done
         # hpcinfer's fixed costs: submit (plan, shard, launch) to the rank's start, the engine's
@@ -259,19 +263,13 @@ def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: P
         "split": {
             "to_engine_s": engine_start - launched,
             "engine_s": rank["engine_seconds"],
-            "window_s": (end or rank["generation_ended_at"]) - began,
-            "after_s": launched + wall - (end or rank["generation_ended_at"]),
+            "window_s": last - began,
+            "after_s": launched + wall - last,
         },
         "startup": rank.get("startup") or {},
-        "rank_after_s": rank["finished_at"] - (end or rank["generation_ended_at"]),  # last output -> rank done
+        "rank_after_s": rank["finished_at"] - last,  # last output -> rank done
         "exit_s": launched + wall - summary["finished_at"],  # summary written -> submit's exit
     }
-
-
-def startup_split(log: str) -> Dict[str, float]:
-    from hpcinfer.rank.staging import startup_split as split
-
-    return split(log)
 
 
 def split_line(side: str, r: dict) -> str:
@@ -420,11 +418,12 @@ def main() -> None:
                 report_pair(i, order, sides, results)
                 if a.json:
                     save(a, args, results)
-        except KeyboardInterrupt:  # timeout -s INT: report the pairs taken
-            print(f"interrupted: {len(results['raw'])} complete pair(s)", flush=True)
+        except KeyboardInterrupt:  # timeout -s INT: report the complete pairs
+            complete = min(len(results[s]) for s in sides)
+            print(f"interrupted: {complete} complete pair(s)", flush=True)
             for side in sides:
-                del results[side][len(results["raw"]) :]
-        if not results["raw"] or not all(len(results[s]) == len(results["raw"]) for s in sides):
+                del results[side][complete:]
+        if not results["raw"]:
             sys.exit("no complete pair")
 
         tokens = results["raw"][0]["tokens"]
