@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--short-tokens", type=int, default=16)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--sides", default="raw-static,hpcinfer,hpcinfer-static")
-    ap.add_argument("--set", nargs="*", default=[], help="more config overrides, for every side")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], help="more config overrides, for every side")
     a = ap.parse_args()
     sides = a.sides.split(",")
 

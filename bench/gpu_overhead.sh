@@ -9,10 +9,11 @@
 #                                         # the 0.83B random Llama (and the 8B-shaped one) in /tmp
 #   bash bench/gpu_overhead.sh run NAME MODEL_DIR [overhead.py options]   # carry .gpukit0 .gpukit2 .gpukit3
 #        e.g. run llama1b /tmp/llama-1b --rows 4096 --max-tokens 256 --repeats 5 --budget-s 540 --profile
-#        (--budget-s: stop before a pair that would not end within the call's 600 s; a next call on
+#        (a further --set adds overrides to the script's, e.g. --set engine.max_num_seqs=512;
+#        --budget-s: stop before a pair that would not end within the call's 600 s; a next call on
 #        the same machine goes on with --warmup-rows 0)
 #   bash bench/gpu_overhead.sh prefix NAME MODEL_DIR [prefix.py options]   # the same carry; issue 16
-#        (more config overrides in PREFIX_SET: one --set takes them all)
+#        (more config overrides: PREFIX_SET, or a further --set, as for run)
 set -u
 source .gpukit0/device_kit.sh
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

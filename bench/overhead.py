@@ -361,7 +361,9 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="py-spy collapsed stacks of one extra hpcinfer run to this file")
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     ap.add_argument("--json", default=None, help="write every run's numbers to this file")
-    ap.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. model.path=/models/m")
+    ap.add_argument(
+        "--set", nargs="*", action="extend", default=[], help="more config overrides, e.g. model.path=/models/m"
+    )
     a = ap.parse_args()
     EXTRA.extend(a.set)
 

@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument(
         "--warmup-docs", type=int, default=None, help="documents of the untimed warm-up run (default --docs)"
     )
-    ap.add_argument("--set", nargs="*", default=[], help="more config overrides, for every side")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], help="more config overrides, for every side")
     a = ap.parse_args()
     sides = a.sides.split(",")
     if a.kv_blocks is None and a.model == "tiny":
