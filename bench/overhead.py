@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 5] [--model tiny]
         [--warmup-rows N] [--budget-s S] [--baseline DIR] [--profile FILE] [--json FILE]
+    .venv/bin/python bench/overhead.py --report A.json B.json ...   (the pairs of several runs, pooled)
         [--set model.path=/models/m engine.max_model_len=512 ...]   (any further config overrides)
 
 Both sides get the same prompts (Parquet written once), the same engine arguments (hpcinfer's
@@ -48,6 +49,8 @@ does not record `last_output_at` is timed to its last shard done instead (said i
 `--budget-s S` starts no pair that would end past S seconds (by the longest pair so far; a device
 call's limit), and `--warmup-rows 0` skips the warm-ups (a machine an earlier call warmed, with the
 same `VLLM_CACHE_ROOT`); `--json` is rewritten after every pair.
+`--report A.json B.json ...` runs nothing: it prints the summary over the pairs of several runs'
+`--json` files (e.g. one per device call on one machine), refusing files that measured something else.
 `--profile FILE` runs one more, untimed, hpcinfer run under `py-spy record --subprocesses --idle`
 (collapsed stacks in FILE).
 """
@@ -327,6 +330,69 @@ def report_pair(i: int, order: List[str], sides: List[str], results: Dict[str, L
     sys.stdout.flush()
 
 
+def split_differences(raw: List[dict], side: List[dict]) -> str:
+    """Per pair, the side's start (to engine + engine start-up) and after minus raw's: medians, ranges."""
+
+    def start(r: dict) -> float:
+        return r["split"]["to_engine_s"] + r["split"]["engine_s"]
+
+    parts = []
+    for name, part in (("start", start), ("after", lambda r: r["split"]["after_s"])):
+        d = [part(h) - part(r) for r, h in zip(raw, side, strict=True)]
+        parts.append(f"{name} median {statistics.median(d):+.2f} s ({min(d):+.1f} to {max(d):+.1f})")
+    return ", ".join(parts)
+
+
+def pooled(files: Sequence[str]) -> Dict[str, List[dict]]:
+    """The pairs of several runs' --json files (e.g. one per device call) as one list per side; the
+    runs must have measured the same thing: rows, tokens, engine arguments and sides."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    key = [(r["args"]["rows"], r["args"]["max_tokens"], r["engine_args"], sorted(r["results"])) for r in runs]
+    bad = [f for f, k in zip(files, key) if k != key[0]]
+    if bad:
+        sys.exit(f"--report: {', '.join(bad)} measured something else than {files[0]} (rows, tokens, engine, sides)")
+    return {side: [x for r in runs for x in r["results"][side]] for side in runs[0]["results"]}
+
+
+def report(results: Dict[str, List[dict]], end: str = "") -> None:
+    """The summary over the pairs: each side's tokens/s and walls, then each side's ratios to raw."""
+    sides = list(results)
+    tokens = results["raw"][0]["tokens"]
+    print(f"\nvLLM {results['raw'][0]['vllm']}; {tokens:,} output tokens per run{end}")
+    print("\n| side | generation tok/s (per pair) | median | wall s (per pair) | median |")
+    print("| --- | --- | ---: | --- | ---: |")
+    for s in sides:
+        tps = [r["tokens"] / r["window_s"] for r in results[s]]
+        walls = [r["wall_s"] for r in results[s]]
+        print(
+            f"| {s} | {' / '.join(f'{x:,.0f}' for x in tps)} | {statistics.median(tps):,.0f} | "
+            f"{' / '.join(f'{x:.1f}' for x in walls)} | {statistics.median(walls):.1f} |"
+        )
+    for s in sides[1:]:
+        tok = [r["window_s"] / h["window_s"] for r, h in zip(results["raw"], results[s], strict=True)]
+        wall = [r["wall_s"] / h["wall_s"] for r, h in zip(results["raw"], results[s], strict=True)]
+        med = statistics.median(tok)
+        print(f"\n{s} (window to its {results[s][0].get('window_end', 'last output')}):")
+        print(f"  tokens/s ratio {s}/raw: {describe(tok)}: {'met' if med >= 0.98 else 'NOT met'} (target >= 0.98)")
+        print(f"  wall ratio raw/{s}:     {describe(wall)}")
+        if s == "engine":
+            continue
+        lags = [r["durable_lag_s"] for r in results[s] if r["durable_lag_s"]]
+        if lags:
+            print(f"  last output -> its shard durable: median {statistics.median(lags) * 1000:.0f} ms")
+        print(f"  per-pair tokens/s ratios: {' '.join(f'{x:.3f}' for x in tok)}")
+        if all("split" in r for r in results["raw"] + results[s]):
+            print(f"  per pair, {s} minus raw: {split_differences(results['raw'], results[s])}")
+        fixed = {k: statistics.median(r[k] for r in results[s]) for k in ("to_rank_s", "engine_s", "finalize_s")}
+        print(
+            f"  medians: submit to rank start {fixed['to_rank_s']:.2f} s, engine start-up {fixed['engine_s']:.2f} s, "
+            f"rank end to summary {fixed['finalize_s']:.2f} s"
+        )
+    if "base" in results:
+        ratio = [b["window_s"] / h["window_s"] for b, h in zip(results["base"], results["hpcinfer"], strict=True)]
+        print(f"\ntokens/s ratio hpcinfer/base: {describe(ratio)}")
+
+
 def save(a: argparse.Namespace, engine_args: dict, results: Dict[str, List[dict]]) -> None:
     """Every run's numbers so far (rewritten after each pair: a cut run keeps what it took)."""
     tmp = Path(f"{a.json}.tmp")
@@ -364,7 +430,13 @@ def main() -> None:
     ap.add_argument(
         "--set", nargs="*", action="extend", default=[], help="more config overrides, e.g. model.path=/models/m"
     )
+    ap.add_argument(
+        "--report", nargs="+", default=None, metavar="JSON", help="only report the pairs of these --json files, pooled"
+    )
     a = ap.parse_args()
+    if a.report:
+        report(pooled(a.report))
+        return
     EXTRA.extend(a.set)
 
     from hpcinfer.cli import compose
@@ -428,38 +500,7 @@ def main() -> None:
         if not results["raw"]:
             sys.exit("no complete pair")
 
-        tokens = results["raw"][0]["tokens"]
-        print(f"\nvLLM {results['raw'][0]['vllm']}; {tokens:,} output tokens per run; load average at end: {loadavg()}")
-        print("\n| side | generation tok/s (per pair) | median | wall s (per pair) | median |")
-        print("| --- | --- | ---: | --- | ---: |")
-        for s in sides:
-            tps = [r["tokens"] / r["window_s"] for r in results[s]]
-            walls = [r["wall_s"] for r in results[s]]
-            print(
-                f"| {s} | {' / '.join(f'{x:,.0f}' for x in tps)} | {statistics.median(tps):,.0f} | "
-                f"{' / '.join(f'{x:.1f}' for x in walls)} | {statistics.median(walls):.1f} |"
-            )
-        for s in sides[1:]:
-            tok = [r["window_s"] / h["window_s"] for r, h in zip(results["raw"], results[s], strict=True)]
-            wall = [r["wall_s"] / h["wall_s"] for r, h in zip(results["raw"], results[s], strict=True)]
-            med = statistics.median(tok)
-            print(f"\n{s} (window to its {results[s][0].get('window_end', 'last output')}):")
-            print(f"  tokens/s ratio {s}/raw: {describe(tok)}: {'met' if med >= 0.98 else 'NOT met'} (target >= 0.98)")
-            print(f"  wall ratio raw/{s}:     {describe(wall)}")
-            if s == "engine":
-                continue
-            lags = [r["durable_lag_s"] for r in results[s] if r["durable_lag_s"]]
-            if lags:
-                print(f"  last output -> its shard durable: median {statistics.median(lags) * 1000:.0f} ms")
-            print(f"  per-pair tokens/s ratios: {' '.join(f'{x:.3f}' for x in tok)}")
-            fixed = {k: statistics.median(r[k] for r in results[s]) for k in ("to_rank_s", "engine_s", "finalize_s")}
-            print(
-                f"  medians: submit to rank start {fixed['to_rank_s']:.2f} s, engine start-up {fixed['engine_s']:.2f} s, "
-                f"rank end to summary {fixed['finalize_s']:.2f} s"
-            )
-        if a.baseline:
-            ratio = [b["window_s"] / h["window_s"] for b, h in zip(results["base"], results["hpcinfer"], strict=True)]
-            print(f"\ntokens/s ratio hpcinfer/base: {describe(ratio)}")
+        report(results, f"; load average at end: {loadavg()}")
         if a.json:
             save(a, args, results)
         if a.profile:
