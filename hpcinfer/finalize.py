@@ -22,8 +22,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from hpcinfer.config import RunConfig
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, NoSpace, RunIncomplete, disk_full, disk_full_message
 from hpcinfer.rundir.files import atomic_write_json, written_path
 from hpcinfer.rundir.integrity import set_aside_shard, verify_done
@@ -36,9 +37,10 @@ from hpcinfer.rundir.paths import RunDir
 from hpcinfer.rundir.records import OPENAI_BATCH, FinalizeOutcome, Repair
 
 
-def finalize(run_dir: str) -> Dict:
+def finalize(run_dir: str, cfg: Optional[RunConfig] = None) -> Dict:
     """Publish results.parquet and summary.json for a complete run (the summary); RunIncomplete
-    otherwise (NoSpace on a full disk)."""
+    otherwise (NoSpace on a full disk). `cfg`: the run's config where the caller has it (else
+    read from the run directory)."""
     rd = RunDir(run_dir)
     shards, schema = read_manifest(str(rd.manifest))
 
@@ -47,7 +49,7 @@ def finalize(run_dir: str) -> Dict:
 
     with rd.finalizing(waiting):
         try:
-            return _finalize(rd, shards, schema)
+            return _finalize(rd, shards, schema, cfg)
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -55,7 +57,7 @@ def finalize(run_dir: str) -> Dict:
             raise NoSpace(disk_full_message(e, where, f"run finalize again (hpcinfer finalize {rd.path})")) from None
 
 
-def _finalize(rd: RunDir, shards: List[Shard], schema) -> Dict:
+def _finalize(rd: RunDir, shards: List[Shard], schema, cfg: Optional[RunConfig]) -> Dict:
     remove_temp_files(rd.path, (rd.results.name, rd.summary.name, rd.results_jsonl.name))  # a finalize killed mid-write
     verified = verify_done(rd, shards, "finalize")
     if verified.repairs:
@@ -72,7 +74,7 @@ def _finalize(rd: RunDir, shards: List[Shard], schema) -> Dict:
         with rd.repairing():
             repair = set_aside_shard(rd, e.shard, rd.shard_output(e.shard.shard), e.why, "finalize")
         raise RunIncomplete(torn_message(rd, [repair] if repair else [])) from None
-    summary = build_summary(rd, shards, totals)
+    summary = build_summary(rd, shards, totals, cfg)
     plan = rd.read_plan()
     if plan.input_format == OPENAI_BATCH:  # the OpenAI Batch output file, line by line as run-batch's
         write_results_jsonl(rd.results, rd.results_jsonl, str(rd.path), str(plan.model.get("name") or "model"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import REPO, bare_plan, fill_disk
 
 from hpcinfer import config
@@ -157,6 +158,23 @@ def test_finalize_merges_in_input_order(tmp_path, order):
         assert per_rank[r]["host"] == "fakehost"
     assert rd.summary.exists()
     assert leftover_temp_files(rd.path) == []
+
+
+def test_finalize_given_the_config_in_hand_writes_the_summary_config_yaml_gives(tmp_path):
+    """The local launcher passes the config it has: the summary is the one config.yaml gives,
+    and config.yaml is not read again (here it no longer parses)."""
+    rd, _, _ = fake_run_dir(tmp_path)
+    want = finalize(str(rd.path))
+    cfg = config.load_run_config(rd.config)
+    rd.results.unlink()
+    rd.summary.unlink()
+    rd.config.write_text("model: [not yaml\n")
+    got = finalize(str(rd.path), cfg)
+    timed = ("wall_seconds", "finished_at")
+    assert {k: v for k, v in got.items() if k not in timed} == {k: v for k, v in want.items() if k not in timed}
+    assert got["model"] == "tiny" and got["sampling"]["max_tokens"] == cfg.sampling.max_tokens
+    with pytest.raises(yaml.YAMLError):  # without the config in hand it is read, and fails here
+        finalize(str(rd.path))
 
 
 def test_finalize_drops_parts_left_by_a_rank_killed_after_its_done_marker(tmp_path):

@@ -85,7 +85,7 @@ class LocalLauncher(Launcher):
             if o.returncode != 0:
                 log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{tail(o.log)}")
         try:
-            summary = finalize(str(rd.path))
+            summary = finalize(str(rd.path), self.cfg)  # the config in hand: not read again
         except RunIncomplete as e:
             log(f"incomplete, nothing published: {e}")
             log(f"fix the cause and re-run with run_dir={rd.path} to continue")
