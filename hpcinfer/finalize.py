@@ -67,15 +67,15 @@ def _finalize(rd: RunDir, shards: List[Shard], schema, cfg: Optional[RunConfig])
         raise RunIncomplete(describe_missing(missing, len(shards)))
     with contextlib.suppress(FileNotFoundError):  # a summary describes the results beside it
         rd.summary.unlink()
+    plan = rd.read_plan()
+    output = plan.output
     try:
-        output = rd.read_plan().output
         totals = merge_shards(rd, shards, result_schema(schema, output), output, load_placement(str(rd.manifest)))
     except TornShard as e:  # torn inside, its footer whole: set it aside like any torn shard
         with rd.repairing():
             repair = set_aside_shard(rd, e.shard, rd.shard_output(e.shard.shard), e.why, "finalize")
         raise RunIncomplete(torn_message(rd, [repair] if repair else [])) from None
-    summary = build_summary(rd, shards, totals, cfg)
-    plan = rd.read_plan()
+    summary = build_summary(rd, shards, totals, plan, cfg)
     if plan.input_format == OPENAI_BATCH:  # the OpenAI Batch output file, line by line as run-batch's
         write_results_jsonl(rd.results, rd.results_jsonl, str(rd.path), str(plan.model.get("name") or "model"))
         summary["results_jsonl"] = str(rd.results_jsonl)

@@ -29,7 +29,7 @@ from hpcinfer.rundir.files import atomic_path
 from hpcinfer.rundir.manifest import Shard
 from hpcinfer.rundir.output import ROW_COLUMN, OutputSpec, explode, token_sum
 from hpcinfer.rundir.paths import RunDir
-from hpcinfer.rundir.records import RankRecord
+from hpcinfer.rundir.records import Plan, RankRecord
 
 BATCH_ROWS = 64 * 1024
 
@@ -157,12 +157,14 @@ def rank_generation_seconds(record: Optional[RankRecord], shard_seconds: float) 
     return max(0.0, end - start) if start and end else shard_seconds
 
 
-def build_summary(rd: RunDir, shards: List[Shard], totals: Dict[str, int], cfg: Optional[RunConfig] = None) -> Dict:
+def build_summary(
+    rd: RunDir, shards: List[Shard], totals: Dict[str, int], plan: Plan, cfg: Optional[RunConfig] = None
+) -> Dict:
     """summary.json: the run's totals, layout, model, sampling and engine_args, and per rank its
-    share of the rows and tokens (from the done markers) and its times (from its record). `cfg`:
-    the run's config where the caller has it (the local launcher: submit refuses a config that
-    differs from config.yaml in what the summary takes), else read from config.yaml (~0.15 s)."""
-    plan = rd.read_plan()
+    share of the rows and tokens (from the done markers) and its times (from its record). `plan`:
+    plan.json, as the caller read it. `cfg`: the run's config where the caller has it (the local
+    launcher: submit refuses a config that differs from config.yaml in what the summary takes),
+    else read from config.yaml (~0.15 s)."""
     cfg = cfg or load_run_config(rd.config)
     ranks = rd.read_ranks()
     per_rank: Dict[int, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
