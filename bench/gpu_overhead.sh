@@ -8,6 +8,7 @@
 #   bash bench/gpu_overhead.sh prep [8b]  # carry .gpukit0 .gpukit1 .gpudeps .gpuspy: deps, py-spy,
 #                                         # the 0.83B random Llama (and the 8B-shaped one) in /tmp
 #   bash bench/gpu_overhead.sh run NAME MODEL_DIR [overhead.py options]   # carry .gpukit0 .gpukit2 .gpukit3
+#        (one pair per call: --first-pair N, N the pairs of earlier calls, keeps alternating which side goes first)
 #        e.g. run llama1b /tmp/llama-1b --rows 4096 --max-tokens 256 --repeats 5 --budget-s 540 --profile
 #        (a further --set adds overrides to the script's, e.g. --set engine.max_num_seqs=512;
 #        --budget-s: stop before a pair that would not end within the call's 600 s; a next call on

@@ -1,7 +1,7 @@
 """Overhead of hpcinfer against raw vLLM: interleaved pairs, the same window on both sides.
 
     .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 5] [--model tiny]
-        [--warmup-rows N] [--budget-s S] [--baseline DIR] [--profile FILE] [--json FILE]
+        [--warmup-rows N] [--budget-s S] [--first-pair N] [--baseline DIR] [--profile FILE] [--json FILE]
     .venv/bin/python bench/overhead.py --report A.json B.json ...   (the pairs of several runs, pooled)
         [--set model.path=/models/m engine.max_model_len=512 ...]   (any further config overrides)
 
@@ -17,7 +17,9 @@ number of tokens (checked on every run):
 Method. First one untimed warm-up run per side (`--warmup-rows`, default `--rows`: torch.compile
 and autotuning caches, page cache, .pyc files), then `--repeats` pairs, alternating which side
 goes first (raw, hpcinfer | hpcinfer, raw | ...), so a drift of the machine hits both alike.
-Every side uses one vLLM cache (`VLLM_CACHE_ROOT`, unless set: a folder of the run), so no side
+Before each timed run the benchmark waits until no process holds the GPU (`settle`: the previous
+run's engine core may still be freeing its memory after its parent exited; the wait is printed and
+kept as `settled_s`, outside both walls). Every side uses one vLLM cache (`VLLM_CACHE_ROOT`, unless set: a folder of the run), so no side
 compiles in a timed run.
 Per run, two numbers:
 
@@ -48,7 +50,10 @@ other two, so that before and after are measured in one run under the same load.
 does not record `last_output_at` is timed to its last shard done instead (said in the output).
 `--budget-s S` starts no pair that would end past S seconds (by the longest pair so far; a device
 call's limit), and `--warmup-rows 0` skips the warm-ups (a machine an earlier call warmed, with the
-same `VLLM_CACHE_ROOT`); `--json` is rewritten after every pair.
+same `VLLM_CACHE_ROOT`); `--first-pair N` numbers a later call's pairs on from an earlier call's N,
+so which side goes first keeps alternating across calls (one pair per call would otherwise always
+start raw first, and the second process to start may pay for the first one's exit: the report
+splits the start difference by which side went first); `--json` is rewritten after every pair.
 `--report A.json B.json ...` runs nothing: it prints the summary over the pairs of several runs'
 `--json` files (e.g. one per device call on one machine), refusing files that measured something else.
 `--profile FILE` runs one more, untimed, hpcinfer run under `py-spy record --subprocesses --idle`
@@ -287,6 +292,7 @@ def split_line(side: str, r: dict) -> str:
     return (
         f"  {side:<8} wall {r['wall_s']:.1f} s = to engine {sp['to_engine_s']:.1f} + engine start-up {sp['engine_s']:.1f}"
         f"{f' [{vllm}]' if vllm else ''} + window {sp['window_s']:.1f} + after {sp['after_s']:.1f}{extra}"
+        + (f"; waited {r['settled_s']:.1f} s for the GPU before it" if r.get("settled_s", 0) >= 0.1 else "")
     )
 
 
@@ -331,16 +337,29 @@ def report_pair(i: int, order: List[str], sides: List[str], results: Dict[str, L
 
 
 def split_differences(raw: List[dict], side: List[dict]) -> str:
-    """Per pair, the side's start (to engine + engine start-up) and after minus raw's: medians, ranges."""
+    """Per pair, the side's start (to engine + engine start-up) and after minus raw's: medians,
+    ranges; and the start's by which of the two went first (the second process to start on a
+    machine may pay for the first one's exit: with only one order, that cost is all one side's)."""
 
     def start(r: dict) -> float:
         return r["split"]["to_engine_s"] + r["split"]["engine_s"]
 
+    def stats(d: List[float]) -> str:
+        return f"median {statistics.median(d):+.2f} s ({min(d):+.1f} to {max(d):+.1f})"
+
     parts = []
     for name, part in (("start", start), ("after", lambda r: r["split"]["after_s"])):
         d = [part(h) - part(r) for r, h in zip(raw, side, strict=True)]
-        parts.append(f"{name} median {statistics.median(d):+.2f} s ({min(d):+.1f} to {max(d):+.1f})")
-    return ", ".join(parts)
+        parts.append(f"{name} {stats(d)}")
+    by_order = []
+    for label, first in (("it went first", True), ("raw went first", False)):
+        d = [
+            start(h) - start(r)
+            for r, h in zip(raw, side)
+            if "position" in h and (h["position"] < r["position"]) == first
+        ]
+        by_order.append(f"{label}: {stats(d)}, {len(d)} pairs" if d else f"{label}: no pair")
+    return f"{', '.join(parts)}\n  start minus raw's where {'; where '.join(by_order)}"
 
 
 def pooled(files: Sequence[str]) -> Dict[str, List[dict]]:
@@ -351,6 +370,11 @@ def pooled(files: Sequence[str]) -> Dict[str, List[dict]]:
     bad = [f for f, k in zip(files, key) if k != key[0]]
     if bad:
         sys.exit(f"--report: {', '.join(bad)} measured something else than {files[0]} (rows, tokens, engine, sides)")
+    for r in runs:  # runs from before "position" was recorded: pair i of a run started at rotation i
+        sides = list(r["results"])
+        for side in sides:
+            for i, x in enumerate(r["results"][side]):
+                x.setdefault("position", (sides.index(side) - i) % len(sides))
     return {side: [x for r in runs for x in r["results"][side]] for side in runs[0]["results"]}
 
 
@@ -400,6 +424,23 @@ def save(a: argparse.Namespace, engine_args: dict, results: Dict[str, List[dict]
     os.replace(tmp, a.json)
 
 
+def settle(limit_s: float = 60.0) -> float:
+    """Before a timed run: wait until no process holds the GPU (the previous run's engine core may
+    still be freeing its memory after its parent exited), so that neither side starts while the
+    other's teardown runs; the seconds waited (0 without nvidia-smi: on CPU the runs' processes
+    have ended when subprocess.run returns)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0.0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        r = subprocess.run([smi, "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True)
+        if r.returncode != 0 or not r.stdout.strip():
+            break
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -420,6 +461,13 @@ def main() -> None:
         type=float,
         default=None,
         help="start no pair that would end past this many seconds from the start (by the longest pair so far)",
+    )
+    ap.add_argument(
+        "--first-pair",
+        type=int,
+        default=0,
+        help="number the pairs from here, so that which side goes first alternates on across calls "
+        "(a call that goes on from earlier calls' N pairs: N)",
     )
     ap.add_argument("--model", default="tiny", help="a conf/model name (tiny, tiny_moe, llama, ...)")
     ap.add_argument("--baseline", default=None, help="another checkout's root: run its hpcinfer as a third side")
@@ -478,15 +526,18 @@ def main() -> None:
         results: Dict[str, List[dict]] = {s: [] for s in sides}
         longest = 0.0  # the longest pair so far: --budget-s starts no pair that would not fit
         try:
-            for i in range(a.repeats):
+            for i in range(a.first_pair, a.first_pair + a.repeats):
                 if a.budget_s and time.monotonic() - began + longest > a.budget_s:
                     print(f"--budget-s {a.budget_s:g}: no room for pair {i} (the longest took {longest:.0f} s)")
                     break
                 t_pair = time.monotonic()
                 order = sides[i % len(sides) :] + sides[: i % len(sides)]
-                done = {side: run(side, data, f"run{i}-{side}") for side in order}
+                done = {}
+                for side in order:
+                    waited = settle()
+                    done[side] = {**run(side, data, f"run{i}-{side}"), "settled_s": round(waited, 2)}
                 for side in sides:
-                    done[side]["load"] = loadavg()
+                    done[side].update(load=loadavg(), position=order.index(side))
                     results[side].append(done[side])
                 longest = max(longest, time.monotonic() - t_pair)
                 report_pair(i, order, sides, results)

@@ -1,0 +1,60 @@
+"""bench/overhead.py's pure parts: pooling several runs' --json files (which side went first in
+each pair, also for runs from before that was recorded) and the start difference split by order."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    spec = importlib.util.spec_from_file_location("bench_overhead", REPO / "bench" / "overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(start: float, after: float = 1.0, position=None) -> dict:
+    r = {"split": {"to_engine_s": 1.0, "engine_s": start - 1.0, "window_s": 10.0, "after_s": after}}
+    if position is not None:
+        r["position"] = position
+    return r
+
+
+def write(path: Path, raw, hpc, rows=512) -> str:
+    args = {"rows": rows, "max_tokens": 16}
+    path.write_text(json.dumps({"args": args, "engine_args": {"model": "m"}, "results": {"raw": raw, "hpcinfer": hpc}}))
+    return str(path)
+
+
+def test_pooled_runs_know_which_side_went_first_recorded_or_not(overhead, tmp_path):
+    # an old run (no position): its pair i started with side i % 2 (raw, hpcinfer, raw, ...)
+    old = write(tmp_path / "old.json", [run(30), run(31), run(32)], [run(33), run(34), run(35)])
+    # a later call of one pair numbered on (--first-pair 3): hpcinfer went first, as recorded
+    new = write(tmp_path / "new.json", [run(40, position=1)], [run(38, position=0)])
+    pooled = overhead.pooled([old, new])
+    assert [r["position"] for r in pooled["raw"]] == [0, 1, 0, 1]
+    assert [r["position"] for r in pooled["hpcinfer"]] == [1, 0, 1, 0]
+    text = overhead.split_differences(pooled["raw"], pooled["hpcinfer"])
+    # all pairs: +3, +3, +3, -2; it first: +3 (pair 1) and -2 (the new call); raw first: +3, +3
+    assert "start median +3.00 s (-2.0 to +3.0)" in text
+    assert "where it went first: median +0.50 s (-2.0 to +3.0), 2 pairs" in text
+    assert "where raw went first: median +3.00 s (+3.0 to +3.0), 2 pairs" in text
+
+
+def test_pooled_refuses_a_run_that_measured_something_else(overhead, tmp_path):
+    a = write(tmp_path / "a.json", [run(30)], [run(31)])
+    b = write(tmp_path / "b.json", [run(30)], [run(31)], rows=1024)
+    with pytest.raises(SystemExit, match="b.json measured something else"):
+        overhead.pooled([a, b])
+
+
+def test_one_order_only_says_so(overhead):
+    text = overhead.split_differences([run(30, position=0)], [run(35, position=1)])
+    assert "where it went first: no pair; where raw went first: median +5.00 s" in text
