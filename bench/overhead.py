@@ -17,10 +17,11 @@ number of tokens (checked on every run):
 Method. First one untimed warm-up run per side (`--warmup-rows`, default `--rows`: torch.compile
 and autotuning caches, page cache, .pyc files), then `--repeats` pairs, alternating which side
 goes first (raw, hpcinfer | hpcinfer, raw | ...), so a drift of the machine hits both alike.
-Before each timed run the benchmark waits until no process holds the GPU (`settle`: the previous
-run's engine core may still be freeing its memory after its parent exited; the wait is printed and
-kept as `settled_s`, outside both walls). Every side uses one vLLM cache (`VLLM_CACHE_ROOT`, unless set: a folder of the run), so no side
-compiles in a timed run.
+Before each timed run the benchmark waits until no process holds the GPU but those that held it
+before it began (`settle`: the previous run's engine core may still be freeing its memory after its
+parent exited; at most 30 s, printed and kept as `settled_s`, outside both walls). Every side uses
+one vLLM cache (`VLLM_CACHE_ROOT`, unless set: a folder of the run), so no side compiles in a timed
+run.
 Per run, two numbers:
 
 - generation tokens/s: output tokens over one window, timed the same way on both sides with
@@ -424,19 +425,22 @@ def save(a: argparse.Namespace, engine_args: dict, results: Dict[str, List[dict]
     os.replace(tmp, a.json)
 
 
-def settle(limit_s: float = 60.0) -> float:
-    """Before a timed run: wait until no process holds the GPU (the previous run's engine core may
-    still be freeing its memory after its parent exited), so that neither side starts while the
-    other's teardown runs; the seconds waited (0 without nvidia-smi: on CPU the runs' processes
-    have ended when subprocess.run returns)."""
+def gpu_pids() -> Optional[set]:
+    """The processes holding a GPU now (nvidia-smi), or None without nvidia-smi (CPU)."""
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return 0.0
+        return None
+    r = subprocess.run([smi, "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True)
+    return {p.strip() for p in r.stdout.splitlines() if p.strip()} if r.returncode == 0 else set()
+
+
+def settle(before: Optional[set], limit_s: float = 30.0) -> float:
+    """Before a timed run: wait until no process holds the GPU but those that held it before the
+    benchmark began (`before`; the previous run's engine core may still be freeing its memory
+    after its parent exited), so that neither side starts while the other's teardown runs; the
+    seconds waited (0 on CPU, where the runs' processes have ended when subprocess.run returns)."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < limit_s:
-        r = subprocess.run([smi, "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True)
-        if r.returncode != 0 or not r.stdout.strip():
-            break
+    while before is not None and time.monotonic() - t0 < limit_s and (gpu_pids() or set()) - before:
         time.sleep(0.2)
     return time.monotonic() - t0
 
@@ -514,7 +518,7 @@ def main() -> None:
                 return run_engine(args, a.model, prompts, a.max_tokens)
             return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name)
 
-        began = time.monotonic()
+        began, on_gpu_before = time.monotonic(), gpu_pids()
         if a.warmup_rows != 0:
             for side in sides:
                 t0 = time.monotonic()
@@ -534,7 +538,7 @@ def main() -> None:
                 order = sides[i % len(sides) :] + sides[: i % len(sides)]
                 done = {}
                 for side in order:
-                    waited = settle()
+                    waited = settle(on_gpu_before)
                     done[side] = {**run(side, data, f"run{i}-{side}"), "settled_s": round(waited, 2)}
                 for side in sides:
                     done[side].update(load=loadavg(), position=order.index(side))

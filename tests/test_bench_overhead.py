@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,26 @@ def test_pooled_refuses_a_run_that_measured_something_else(overhead, tmp_path):
 def test_one_order_only_says_so(overhead):
     text = overhead.split_differences([run(30, position=0)], [run(35, position=1)])
     assert "where it went first: no pair; where raw went first: median +5.00 s" in text
+
+
+def test_settle_waits_for_the_gpu_processes_that_came_after_the_benchmark_began(overhead, tmp_path, monkeypatch):
+    apps = tmp_path / "apps"
+    smi = tmp_path / "bin" / "nvidia-smi"  # a stand-in: prints the pids listed in `apps`
+    smi.parent.mkdir()
+    smi.write_text(f"#!/bin/sh\ncat {apps}\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    apps.write_text("100\n")
+    before = overhead.gpu_pids()
+    assert before == {"100"}
+    assert overhead.settle(before) < 0.1  # only the process that was there before: no wait
+    apps.write_text("100\n200\n")  # the previous run's engine core, still freeing its memory
+    threading.Timer(0.5, lambda: apps.write_text("100\n")).start()
+    waited = overhead.settle(before)
+    assert 0.4 < waited < 5
+    assert overhead.settle(before, limit_s=0.3) < 0.1
+
+
+def test_settle_on_cpu_waits_for_nothing(overhead, monkeypatch):
+    monkeypatch.setattr(overhead.shutil, "which", lambda name: None)
+    assert overhead.gpu_pids() is None and overhead.settle(None) == pytest.approx(0, abs=0.05)
