@@ -316,6 +316,9 @@ def wait(rd: RunDir, record: Submission, rows: int, poll_s: float) -> int:
         while True:
             outcome = rd.read_finalize_outcome()
             if outcome and str(outcome.job_id) == str(fin):
+                # the job writes its outcome and then ends: return once Slurm has it ended too, so
+                # that what runs next (sacct, a dependent job, a script) sees the job done
+                until_ended(fin, deadline=time.time() + max(30.0, 2 * poll_s), poll_s=min(poll_s, 0.5))
                 display.update(snapshot(rd, rows), final=True)
                 log(("" if outcome.exit_code else "done: ") + outcome.message)
                 return int(outcome.exit_code)
@@ -343,6 +346,16 @@ def wait(rd: RunDir, record: Submission, rows: int, poll_s: float) -> int:
     except KeyboardInterrupt:
         log(f"stopped waiting; the jobs keep running: python -m hpcinfer.status {rd.path}")
         raise
+
+
+def until_ended(job: str, deadline: float, poll_s: float) -> str:
+    """Wait until Slurm no longer lists `job` as pending, running or completing, or until
+    `deadline` (time.time()); its last state."""
+    while True:
+        state = summarized([job])[job]
+        if not is_live(state) or time.time() >= deadline:
+            return state
+        time.sleep(poll_s)
 
 
 def rank_jobs(record: Submission, max_array_size: int) -> Dict[int, str]:

@@ -272,3 +272,36 @@ def test_array_parallelism_without_an_array_is_noted():
     ]
     assert notes("cluster.array=2", "cluster.array_parallelism=2") == []
     assert notes() == []
+
+
+def test_wait_returns_once_the_finalize_job_has_ended_not_when_its_outcome_lands(tmp_path, monkeypatch):
+    """The finalize job writes finalize.json and then ends: `wait=true` returns after both, so that
+    what runs next sees the job done (a race the Slurm end-to-end test once hit)."""
+    import hpcinfer.launch.slurm.launcher as launcher
+    from hpcinfer.rundir.paths import RunDir
+    from hpcinfer.rundir.records import FinalizeOutcome
+
+    rd = RunDir(tmp_path)
+    rd.write_finalize_outcome(FinalizeOutcome(job_id="8", exit_code=0, message="12 rows"))
+    states = iter(["RUNNING", "COMPLETING", "COMPLETED"])
+    asked = []
+
+    def summarized(jobs):
+        asked.append(next(states))
+        return {jobs[0]: asked[-1]}
+
+    monkeypatch.setattr(launcher, "summarized", summarized)
+    monkeypatch.setattr(launcher.time, "sleep", lambda s: None)
+    record = Submission(submitted_at=0.0, workers=["7"], finalize="8", rank_groups=[[0]])
+    assert launcher.wait(rd, record, rows=12, poll_s=0.01) == 0
+    assert asked == ["RUNNING", "COMPLETING", "COMPLETED"]
+
+
+def test_wait_gives_up_on_a_job_that_never_ends_after_its_outcome(tmp_path, monkeypatch):
+    import hpcinfer.launch.slurm.launcher as launcher
+
+    clock = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(launcher, "summarized", lambda jobs: {jobs[0]: "COMPLETING"})
+    monkeypatch.setattr(launcher.time, "time", lambda: float(next(clock)))
+    monkeypatch.setattr(launcher.time, "sleep", lambda s: None)
+    assert launcher.until_ended("8", deadline=30.0, poll_s=0.5) == "COMPLETING"
