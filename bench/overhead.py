@@ -348,19 +348,14 @@ def split_differences(raw: List[dict], side: List[dict]) -> str:
     def stats(d: List[float]) -> str:
         return f"median {statistics.median(d):+.2f} s ({min(d):+.1f} to {max(d):+.1f})"
 
-    parts = []
-    for name, part in (("start", start), ("after", lambda r: r["split"]["after_s"])):
-        d = [part(h) - part(r) for r, h in zip(raw, side, strict=True)]
-        parts.append(f"{name} {stats(d)}")
+    starts = [start(h) - start(r) for r, h in zip(raw, side, strict=True)]
+    afters = [h["split"]["after_s"] - r["split"]["after_s"] for r, h in zip(raw, side, strict=True)]
+    went_first = [h["position"] < r["position"] if "position" in h else None for r, h in zip(raw, side)]
     by_order = []
     for label, first in (("it went first", True), ("raw went first", False)):
-        d = [
-            start(h) - start(r)
-            for r, h in zip(raw, side)
-            if "position" in h and (h["position"] < r["position"]) == first
-        ]
+        d = [x for x, f in zip(starts, went_first) if f is first]
         by_order.append(f"{label}: {stats(d)}, {len(d)} pairs" if d else f"{label}: no pair")
-    return f"{', '.join(parts)}\n  start minus raw's where {'; where '.join(by_order)}"
+    return f"start {stats(starts)}, after {stats(afters)}\n  start minus raw's where {'; where '.join(by_order)}"
 
 
 def pooled(files: Sequence[str]) -> Dict[str, List[dict]]:
