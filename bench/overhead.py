@@ -84,6 +84,7 @@ RAW = r"""
 import json, sys, time
 t0 = time.time()
 from vllm import LLM, SamplingParams, __version__
+t_vllm = time.time()
 import pyarrow.parquet as pq
 args = json.loads(sys.argv[1])
 prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
@@ -97,7 +98,8 @@ core = getattr(llm.llm_engine, "engine_core", None)  # as the rank: stop engine-
 if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
     core.shutdown()
 print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "window_s": t2 - t1,
-                  "vllm": __version__, "t": [t0, t_imp, t1, t2, time.time()]}), flush=True)
+                  "vllm": __version__, "t": [t0, t_imp, t1, t2, time.time()], "import_s": t_vllm - t0}),
+      flush=True)
 import os; os._exit(0)
 """
 
@@ -203,7 +205,8 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
             "window_s": t2 - t1,
             "after_s": launched + wall - t2,
         },
-        "startup": startup_split(r.stdout + r.stderr),
+        # vLLM's logged parts, and `import vllm` (the rank records its own)
+        "startup": {**startup_split(r.stdout + r.stderr), "import_seconds": round(res["import_s"], 3)},
         "exit_s": launched + wall - shut,
     }
 
@@ -355,7 +358,26 @@ def split_differences(raw: List[dict], side: List[dict]) -> str:
     for label, first in (("it went first", True), ("raw went first", False)):
         d = [x for x, f in zip(starts, went_first) if f is first]
         by_order.append(f"{label}: {stats(d)}, {len(d)} pairs" if d else f"{label}: no pair")
-    return f"start {stats(starts)}, after {stats(afters)}\n  start minus raw's where {'; where '.join(by_order)}"
+    out = f"start {stats(starts)}, after {stats(afters)}\n  start minus raw's where {'; where '.join(by_order)}"
+    parts = [(start_parts(r), start_parts(h)) for r, h in zip(raw, side)]
+    if all(r and h for r, h in parts):  # runs that recorded their `import vllm`
+        names = ("import vllm", "LLM()", "the rest")
+        out += "\n  start minus raw's by part: " + ", ".join(
+            f"{name} {stats([h[k] - r[k] for r, h in parts])}" for k, name in enumerate(names)
+        )
+    return out
+
+
+def start_parts(r: dict) -> Optional[tuple]:
+    """A run's start as (`import vllm`, `LLM()`, the rest), or None where it did not record its
+    import. hpcinfer's rank imports vLLM inside its engine start-up; raw imports it before."""
+    imp = (r.get("startup") or {}).get("import_seconds")
+    if imp is None:
+        return None
+    sp = r["split"]
+    if "to_rank_s" in r:  # hpcinfer: the rest is submit, planning and the rank up to its engine
+        return imp, sp["engine_s"] - imp, sp["to_engine_s"]
+    return imp, sp["engine_s"], sp["to_engine_s"] - imp  # raw: the rest is the interpreter, the prompts read
 
 
 def pooled(files: Sequence[str]) -> Dict[str, List[dict]]:

@@ -83,3 +83,21 @@ def test_settle_waits_for_the_gpu_processes_that_came_after_the_benchmark_began(
 def test_settle_on_cpu_waits_for_nothing(overhead, monkeypatch):
     monkeypatch.setattr(overhead.shutil, "which", lambda name: None)
     assert overhead.gpu_pids() is None and overhead.settle(None) == pytest.approx(0, abs=0.05)
+
+
+def test_start_difference_by_part_where_both_sides_recorded_their_import(overhead):
+    # raw: interpreter + import 14 + prompts = to engine 16, LLM() 18; hpcinfer: 2 before its
+    # engine, whose start-up 41 is its rank's import 20 and LLM() 21
+    raw = {"split": {"to_engine_s": 16.0, "engine_s": 18.0, "after_s": 1.0}, "startup": {"import_seconds": 14.0}}
+    hpc = {"split": {"to_engine_s": 2.0, "engine_s": 41.0, "after_s": 1.5}, "startup": {"import_seconds": 20.0}}
+    hpc["to_rank_s"] = 1.0
+    assert overhead.start_parts(raw) == (14.0, 18.0, 2.0)
+    assert overhead.start_parts(hpc) == (20.0, 21.0, 2.0)
+    text = overhead.split_differences([raw], [hpc])
+    assert "start median +9.00 s" in text
+    assert (
+        "by part: import vllm median +6.00 s (+6.0 to +6.0), LLM() median +3.00 s (+3.0 to +3.0), the rest median +0.00 s"
+        in text
+    )
+    # a run from before the import was recorded: no split by part
+    assert "by part" not in overhead.split_differences([run(30)], [run(31)])

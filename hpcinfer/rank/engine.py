@@ -12,6 +12,7 @@ VllmEngine is built.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any, Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
 
 from hpcinfer.rank.requests import Request, row_result
@@ -68,9 +69,12 @@ class VllmEngine:
     `llm_engine` (add_request / step), as `LLM.generate` drives it."""
 
     def __init__(self, engine_args: Dict[str, Any]):
+        t0 = time.monotonic()
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # `import vllm` (a fork of the preloaded process: ~0), a part of the rank's start-up split
+        self.import_seconds = time.monotonic() - t0
         self.llm = LLM(**engine_args)
         self._params, self._final_only = SamplingParams, RequestOutputKind.FINAL_ONLY
         self.tokenizer = self.llm.get_tokenizer()

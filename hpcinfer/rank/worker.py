@@ -197,6 +197,8 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
             with staging.compile_lock(rd, cfg, args):
                 engine = create_engine(args)
             startup.update(staging.startup_split(staging.read_from(log, offset)))
+            if getattr(engine, "import_seconds", None) is not None:  # a VllmEngine (not a test's fake)
+                startup["import_seconds"] = round(engine.import_seconds, 3)
             state.write(
                 state=RUNNING, engine_seconds=time.time() - t0, startup=startup, generation_started_at=time.time()
             )

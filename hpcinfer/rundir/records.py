@@ -248,7 +248,8 @@ class RankRecord(Record):
     started_at: Optional[float] = None
     engine_seconds: float = 0.0
     # the engine's start-up split (rank/staging.py): stage_seconds and staged_here (model.stage=node),
-    # and what vLLM logged: weights_seconds, compile_seconds, graph_capture_seconds, init_engine_seconds
+    # what vLLM logged: weights_seconds, compile_seconds, graph_capture_seconds, init_engine_seconds;
+    # and import_seconds, the rank's `import vllm` (~0 in a rank forked from a preloaded process)
     startup: Dict[str, float] = field(default_factory=dict)
     generation_seconds: float = 0.0
     generation_started_at: Optional[float] = None
