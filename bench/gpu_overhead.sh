@@ -40,6 +40,10 @@ case "${1:-}" in
       --set model.name=$name model.path=$model engine.max_model_len=1024 engine.gpu_memory_utilization=0.85 "$@" \
       > "$O/$name.log" 2>&1
     echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
+    # a call brings back 8 files at most: the runs' logs (overhead.py keeps them in $O/$name/) as one
+    [ -d "$O/$name" ] && tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"
+    # py-spy's raw stacks run to ~40 MB for a 2-minute run, past what a device call brings back
+    [ -f "$O/$name-pyspy.txt" ] && gzip -9 "$O/$name-pyspy.txt" && ls -la "$O/$name-pyspy.txt.gz"
     ;;
   prefix)  # prefix NAME MODEL_DIR [prefix.py options]: bench/prefix.py on the GPU
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }

@@ -54,7 +54,11 @@ call's limit), and `--warmup-rows 0` skips the warm-ups (a machine an earlier ca
 same `VLLM_CACHE_ROOT`); `--first-pair N` numbers a later call's pairs on from an earlier call's N,
 so which side goes first keeps alternating across calls (one pair per call would otherwise always
 start raw first, and the second process to start may pay for the first one's exit: the report
-splits the start difference by which side went first); `--json` is rewritten after every pair.
+splits the start difference by which side went first); `--json` is rewritten after every pair,
+and each run's log (raw's output; hpcinfer's output and its rank's log, with vLLM's timestamped
+start-up lines) is kept in the folder beside it named as the file without `.json`. Both sides
+record their `import vllm` (`startup.import_seconds`), and the report splits the start difference
+into the import, `LLM()` and the rest.
 `--report A.json B.json ...` runs nothing: it prints the summary over the pairs of several runs'
 `--json` files (e.g. one per device call on one machine), refusing files that measured something else.
 `--profile FILE` runs one more, untimed, hpcinfer run under `py-spy record --subprocesses --idle`
@@ -177,7 +181,14 @@ def check(r: subprocess.CompletedProcess, what: str) -> None:
         sys.exit(f"{what} failed with exit code {r.returncode}:\n{r.stderr[-4000:]}")
 
 
-def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
+def keep_log(log: Optional[Path], text: str) -> None:
+    """A run's vLLM log (timestamped lines: where its start went), kept beside the --json file."""
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(text)
+
+
+def run_raw(engine_args: dict, data: Path, max_tokens: int, log: Optional[Path] = None) -> dict:
     launched, t0 = time.time(), time.monotonic()
     r = subprocess.run(
         [sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens}), str(data)],
@@ -187,6 +198,7 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int) -> dict:
         check=False,
     )
     wall = time.monotonic() - t0
+    keep_log(log, r.stdout + r.stderr)
     check(r, "raw vLLM")
     from hpcinfer.rank.staging import startup_split  # vLLM's start-up lines, parsed as the rank's are
 
@@ -238,7 +250,15 @@ def hpcinfer_env(root: Path) -> Dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root) + (os.pathsep + path if path else "")}
 
 
-def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: Path, extra: Sequence[str] = ()) -> dict:
+def run_hpcinfer(
+    root: Path,
+    model: str,
+    data: Path,
+    max_tokens: int,
+    run_dir: Path,
+    extra: Sequence[str] = (),
+    log: Optional[Path] = None,
+) -> dict:
     launched, t0, cpu0 = time.time(), time.monotonic(), children_cpu_s()
     r = subprocess.run(
         hpcinfer_argv(model, data, max_tokens, run_dir, extra),
@@ -249,6 +269,8 @@ def run_hpcinfer(root: Path, model: str, data: Path, max_tokens: int, run_dir: P
         check=False,
     )
     wall, cpu = time.monotonic() - t0, children_cpu_s() - cpu0
+    rank_log = run_dir / "logs" / "rank-0.log"
+    keep_log(log, r.stdout + r.stderr + (rank_log.read_text(errors="replace") if rank_log.exists() else ""))
     check(r, f"hpcinfer ({root})")
     summary = json.loads((run_dir / "summary.json").read_text())
     rank = json.loads((run_dir / "ranks" / "0.json").read_text())
@@ -495,7 +517,11 @@ def main() -> None:
     ap.add_argument("--engine-side", action="store_true", help="add a side: hpcinfer's engine wrapper alone")
     ap.add_argument("--profile", default=None, help="py-spy collapsed stacks of one extra hpcinfer run to this file")
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
-    ap.add_argument("--json", default=None, help="write every run's numbers to this file")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="write every run's numbers to this file, and each run's log to <json stem>/<run>.log",
+    )
     ap.add_argument(
         "--set", nargs="*", action="extend", default=[], help="more config overrides, e.g. model.path=/models/m"
     )
@@ -528,12 +554,15 @@ def main() -> None:
         print(f"{a.rows} prompts x {a.max_tokens} tokens, {a.repeats} pair(s), sides {', '.join(sides)}")
         print(f"load average at start: {loadavg()}", flush=True)
 
+        logs = Path(a.json).with_suffix("") if a.json else None  # each run's log: <json>/<run>.log
+
         def run(side: str, prompts: Path, name: str) -> dict:
+            log = logs / f"{name}.log" if logs else None
             if side == "raw":
-                return run_raw(args, prompts, a.max_tokens)
+                return run_raw(args, prompts, a.max_tokens, log)
             if side == "engine":
                 return run_engine(args, a.model, prompts, a.max_tokens)
-            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name)
+            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name, log=log)
 
         began, on_gpu_before = time.monotonic(), gpu_pids()
         if a.warmup_rows != 0:
