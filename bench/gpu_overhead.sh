@@ -41,9 +41,9 @@ case "${1:-}" in
       > "$O/$name.log" 2>&1
     echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
     # a call brings back 8 files at most: the runs' logs (overhead.py keeps them in $O/$name/) as one
-    [ -d "$O/$name" ] && tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"
+    if [ -d "$O/$name" ]; then tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"; fi
     # py-spy's raw stacks run to ~40 MB for a 2-minute run, past what a device call brings back
-    [ -f "$O/$name-pyspy.txt" ] && gzip -9 "$O/$name-pyspy.txt" && ls -la "$O/$name-pyspy.txt.gz"
+    if [ -f "$O/$name-pyspy.txt" ]; then gzip -9 "$O/$name-pyspy.txt" && ls -la "$O/$name-pyspy.txt.gz"; fi
     ;;
   prefix)  # prefix NAME MODEL_DIR [prefix.py options]: bench/prefix.py on the GPU
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }

@@ -38,6 +38,7 @@ def test_two_ranks_per_node_on_two_nodes_stage_the_model_once_per_node(tmp_path,
     for rank in summary["ranks"]:
         by_node.setdefault(rank["host"], []).append(rank)
         assert rank["startup"]["stage_seconds"] >= 0 and "init_engine_seconds" in rank["startup"], rank
+        assert rank["startup"]["import_seconds"] > 0, rank  # a Slurm rank imports vLLM itself (no fork server)
     assert sorted(len(v) for v in by_node.values()) == [2, 2], summary["ranks"]  # two nodes, two ranks each
     for node, ranks in by_node.items():
         assert sum(rank["startup"]["staged_here"] for rank in ranks) == 1  # one copy per node
