@@ -15,6 +15,9 @@
 #        the same machine goes on with --warmup-rows 0)
 #   bash bench/gpu_overhead.sh prefix NAME MODEL_DIR [prefix.py options]   # the same carry; issue 16
 #        (more config overrides: PREFIX_SET, or a further --set, as for run)
+#   bash bench/gpu_overhead.sh importtime [N]   # the same carry (or .gpukit0 alone on a machine that
+#        has the kit): `from vllm import LLM` in a fresh process, N times (default 3) each with raw's
+#        environment and with a rank's additions (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), interleaved
 set -u
 source .gpukit0/device_kit.sh
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,5 +55,13 @@ case "${1:-}" in
       engine.gpu_memory_utilization=0.85 ${PREFIX_SET:-} > "$O/$name.log" 2>&1
     echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
     ;;
-  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix NAME MODEL_DIR [overhead.py|prefix.py options]"; exit 2 ;;
+  importtime)
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    imp='import time; t = time.monotonic(); from vllm import LLM; print(f"{time.monotonic() - t:.2f}")'
+    for i in $(seq "${2:-3}"); do
+      echo "$i raw  $(CUDA_VISIBLE_DEVICES=0 python3 -c "$imp" 2>/dev/null | tail -1) s"
+      echo "$i rank $(CUDA_VISIBLE_DEVICES=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python3 -c "$imp" 2>/dev/null | tail -1) s"
+    done
+    ;;
+  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix NAME MODEL_DIR [overhead.py|prefix.py options] | importtime [N]"; exit 2 ;;
 esac
