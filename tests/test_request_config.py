@@ -87,3 +87,20 @@ def test_the_plan_says_what_a_request_is():
     )
     back = Plan.from_json(batch.to_json())  # plan.json keeps the request
     assert back.request == batch.request and back.input_format == "openai_batch"
+
+
+def test_the_messages_column_takes_structs_lists_or_json_text_and_an_all_null_column_reads_as_any():
+    import pyarrow as pa
+
+    from hpcinfer.errors import DataError
+    from hpcinfer.planning.prompts import check_columns
+
+    cfg = compose(["data.messages_column=m"])
+    spec = request_spec(cfg, "parquet")
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    for typ in (pa.list_(turn), pa.large_list(turn), pa.string(), pa.large_string(), pa.null()):
+        check_columns(spec, cfg, "x.parquet", pa.schema([("m", typ)]))
+    with pytest.raises(DataError, match=r"data.messages_column='m' in 'x.parquet' has type int64; expected a list of"):
+        check_columns(spec, cfg, "x.parquet", pa.schema([("m", pa.int64())]))
+    with pytest.raises(DataError, match="data.messages_column='m' is not a column of 'x.parquet'"):
+        check_columns(spec, cfg, "x.parquet", pa.schema([("prompt", pa.string())]))

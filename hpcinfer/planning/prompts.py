@@ -109,28 +109,30 @@ def check_columns(spec: RequestSpec, cfg: RunConfig, path: str, schema: pa.Schem
             if key.startswith("prompt.template"):
                 raise DataError(f"{key} names column {{{col}}}, which is not a column of {path!r} (columns: {names})")
             raise DataError(f"{key}={col!r} is not a column of {path!r} (columns: {names})")
-    if spec.prompt_column is not None:
-        typ = schema.field(spec.prompt_column).type
-        if not (_is_string(typ) or pa.types.is_null(typ)):
-            raise DataError(f"data.prompt_column={spec.prompt_column!r} in {path!r} has type {typ}; expected string")
-    if spec.sampling_column is not None:
-        typ = schema.field(spec.sampling_column).type
-        if not (_is_string(typ) or pa.types.is_null(typ) or pa.types.is_struct(typ)):
-            raise DataError(
-                f"data.sampling_column={spec.sampling_column!r} in {path!r} has type {typ}; expected a struct of "
-                "sampling fields or JSON object text"
-            )
-    if spec.lora_column is not None:
-        typ = schema.field(spec.lora_column).type
-        if not (_is_string(typ) or pa.types.is_null(typ)):
-            raise DataError(f"data.lora_column={spec.lora_column!r} in {path!r} has type {typ}; expected adapter names")
-    if spec.messages_column is not None:
-        typ = schema.field(spec.messages_column).type
-        if not (_is_string(typ) or pa.types.is_null(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)):
-            raise DataError(
-                f"data.messages_column={spec.messages_column!r} in {path!r} has type {typ}; expected a list of "
-                "{role, content} structs or JSON text"
-            )
+    for field, accepts, expected in COLUMN_TYPES:
+        col = getattr(spec, field)
+        if col is None:
+            continue
+        typ = schema.field(col).type
+        if not (pa.types.is_null(typ) or accepts(typ)):  # an all-null column reads as any type
+            raise DataError(f"data.{field}={col!r} in {path!r} has type {typ}; expected {expected}")
+
+
+# the typed columns requests read: (RequestSpec's field, the Arrow types it takes, what it expects)
+COLUMN_TYPES = (
+    ("prompt_column", lambda t: _is_string(t), "string"),
+    (
+        "sampling_column",
+        lambda t: _is_string(t) or pa.types.is_struct(t),
+        "a struct of sampling fields or JSON object text",
+    ),
+    ("lora_column", lambda t: _is_string(t), "adapter names"),
+    (
+        "messages_column",
+        lambda t: _is_string(t) or pa.types.is_list(t) or pa.types.is_large_list(t),
+        "a list of {role, content} structs or JSON text",
+    ),
+)
 
 
 def check_lora_names(files, spec: RequestSpec) -> None:
