@@ -6,21 +6,21 @@ import pytest
 
 from hpcinfer.launch.env import VLLM_DP_VARS, RankContext, context_from_env, free_port, rank_env
 
+CTX = dict(
+    rank=1,
+    world_size=2,
+    local_rank=1,
+    hosts=["n1", "n2"],
+    master_addr="10.0.0.1",
+    master_port=29555,
+    device_kind="cuda",
+    devices=["2", "3"],
+)
 BASE = {"PATH": "/usr/bin", "HOME": "/home/u", "CUDA_VISIBLE_DEVICES": "0,1,2,3", **{k: "7" for k in VLLM_DP_VARS}}
 
 
 def make_env(base=None, workers_per_rank=2, cpu_kvcache_gib=3, offline=False, **kw):
-    ctx = dict(
-        rank=1,
-        world_size=2,
-        local_rank=1,
-        hosts=["n1", "n2"],
-        master_addr="10.0.0.1",
-        master_port=29555,
-        device_kind="cuda",
-        devices=["2", "3"],
-    )
-    ctx.update(kw)
+    ctx = {**CTX, **kw}
     return rank_env(
         BASE if base is None else base,
         RankContext(**ctx),
@@ -113,16 +113,7 @@ def test_offline_flags(kind):
 def test_context_round_trip(kind, devices):
     env = make_env(device_kind=kind, devices=devices, workers_per_rank=1)
     ctx = context_from_env(env)
-    assert ctx == RankContext(
-        rank=1,
-        world_size=2,
-        local_rank=1,
-        hosts=["n1", "n2"],
-        master_addr="10.0.0.1",
-        master_port=29555,
-        device_kind=kind,
-        devices=devices,
-    )
+    assert ctx == RankContext(**{**CTX, "device_kind": kind, "devices": devices})
     assert ctx.host == socket.gethostname()
 
 

@@ -63,22 +63,26 @@ def test_eplb_config_holds_only_what_is_set():
     assert "eplb_config" not in engine_args(compose(MOE_EP + ["expert.eplb=true"]), "/m")
 
 
+# engine arguments hpcinfer sets from expert.* and the layout: +engine.<key> is refused, naming the field to set
+ENGINE_KEYS = [
+    "enable_eplb",
+    "eplb_config",
+    "expert_placement_strategy",
+    "all2all_backend",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+]
+
+
 def test_vllm_accepts_these_names():
     """The names exist in the installed vLLM's EngineArgs and EPLBConfig (both 0.26 and 0.32 have them)."""
     import dataclasses
 
     vllm_args = pytest.importorskip("vllm.engine.arg_utils")
     fields = {f.name for f in dataclasses.fields(vllm_args.EngineArgs)}
-    assert {
-        "enable_eplb",
-        "eplb_config",
-        "expert_placement_strategy",
-        "all2all_backend",
-        "nnodes",
-        "node_rank",
-        "master_addr",
-        "master_port",
-    } <= fields
+    assert set(ENGINE_KEYS) <= fields
     from typing import get_args
 
     from vllm.config.parallel import All2AllBackend, EPLBConfig, ExpertPlacementStrategy
@@ -88,19 +92,7 @@ def test_vllm_accepts_these_names():
     EPLBConfig(window_size=500, step_interval=2000, num_redundant_experts=2)
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "enable_eplb",
-        "eplb_config",
-        "expert_placement_strategy",
-        "all2all_backend",
-        "nnodes",
-        "node_rank",
-        "master_addr",
-        "master_port",
-    ],
-)
+@pytest.mark.parametrize("key", ENGINE_KEYS)
 def test_these_engine_keys_are_set_by_hpcinfer(key):
     msg = errors_of(MOE_EP + [f"+engine.{key}=1"])
     assert f"engine.{key}=1: set {LAYOUT_ENGINE_ARGS[key]} instead" in msg
