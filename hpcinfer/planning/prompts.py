@@ -118,15 +118,23 @@ def check_columns(spec: RequestSpec, cfg: RunConfig, path: str, schema: pa.Schem
             raise DataError(f"data.{field}={col!r} in {path!r} has type {typ}; expected {expected}")
 
 
+def _is_string(typ: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(typ)
+        or pa.types.is_large_string(typ)
+        or getattr(pa.types, "is_string_view", lambda t: False)(typ)
+    )
+
+
 # the typed columns requests read: (RequestSpec's field, the Arrow types it takes, what it expects)
 COLUMN_TYPES = (
-    ("prompt_column", lambda t: _is_string(t), "string"),
+    ("prompt_column", _is_string, "string"),
     (
         "sampling_column",
         lambda t: _is_string(t) or pa.types.is_struct(t),
         "a struct of sampling fields or JSON object text",
     ),
-    ("lora_column", lambda t: _is_string(t), "adapter names"),
+    ("lora_column", _is_string, "adapter names"),
     (
         "messages_column",
         lambda t: _is_string(t) or pa.types.is_list(t) or pa.types.is_large_list(t),
@@ -158,11 +166,3 @@ def check_lora_names(files, spec: RequestSpec) -> None:
                     f"{col[i].as_py()!r}, which is not one of lora.adapters {sorted(spec.lora_adapters)}"
                 )
             offset += batch.num_rows
-
-
-def _is_string(typ: pa.DataType) -> bool:
-    return (
-        pa.types.is_string(typ)
-        or pa.types.is_large_string(typ)
-        or getattr(pa.types, "is_string_view", lambda t: False)(typ)
-    )
