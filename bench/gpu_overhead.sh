@@ -15,6 +15,8 @@
 #        the same machine goes on with --warmup-rows 0)
 #   bash bench/gpu_overhead.sh prefix NAME MODEL_DIR [prefix.py options]   # the same carry; issue 16
 #        (more config overrides: PREFIX_SET, or a further --set, as for run)
+#   bash bench/gpu_overhead.sh startgap NAME MODEL_DIR [start_gap.py options]   # the same carry; start-only
+#        runs of raw vLLM, a rank-like process and hpcinfer, interleaved: where the rank's start goes
 #   bash bench/gpu_overhead.sh importtime [N]   # the same carry (or .gpukit0 alone on a machine that
 #        has the kit): `from vllm import LLM` in a fresh process, N times (default 3) each with raw's
 #        environment and with a rank's additions (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), interleaved
@@ -55,6 +57,15 @@ case "${1:-}" in
       engine.gpu_memory_utilization=0.85 ${PREFIX_SET:-} > "$O/$name.log" 2>&1
     echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
     ;;
+  startgap)  # startgap NAME MODEL_DIR [start_gap.py options]: where the rank's start goes (issue 18)
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    name=$2 model=$3; shift 3
+    cd "$ROOT" && python3 bench/start_gap.py --model llama --json "$O/$name.json" \
+      --set model.name=$name model.path=$model engine.max_model_len=1024 engine.gpu_memory_utilization=0.85 "$@" \
+      > "$O/$name.log" 2>&1
+    echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -30
+    if [ -d "$O/$name" ]; then tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"; fi
+    ;;
   importtime)
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
     imp='import time; t = time.monotonic(); from vllm import LLM; print(f"{time.monotonic() - t:.2f}")'
@@ -63,5 +74,5 @@ case "${1:-}" in
       echo "$i rank $(CUDA_VISIBLE_DEVICES=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python3 -c "$imp" 2>/dev/null | tail -1) s"
     done
     ;;
-  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix NAME MODEL_DIR [overhead.py|prefix.py options] | importtime [N]"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix|startgap NAME MODEL_DIR [overhead.py|prefix.py|start_gap.py options] | importtime [N]"; exit 2 ;;
 esac
