@@ -136,6 +136,10 @@ def run_start(engine_args: dict, rank_like: bool, rank_env: Dict[str, str], log:
 def run_whole(model: str, data: Path, run_dir: Path, log: Path) -> dict:
     """One hpcinfer run with max_tokens=1: its rank's start, split as the others."""
     r = run_hpcinfer(REPO, model, data, 1, run_dir, log=log)
+    server = run_dir / "logs" / "forkserver.log"  # whether the rank was forked (its import then ~0)
+    if server.exists():
+        with open(log, "a") as f:
+            f.write(server.read_text(errors="replace"))
     imp = r["startup"].get("import_seconds", 0.0)
     rank = json.loads((run_dir / "ranks" / "0.json").read_text())
     text = (run_dir / "logs" / "rank-0.log").read_text(errors="replace")
