@@ -16,15 +16,12 @@ was imported under. So:
   when the engine starts, never at import (vLLM's `envs` reads lazily until its engine caches
   them, after the fork); any other difference (say OMP_NUM_THREADS, which OpenMP reads when torch
   loads it) gets a fresh process (`spawn` returns None; supervisor.spawn starts it anew);
-- nothing but the main thread runs in the server, and the CUDA driver is not even loaded there
-  (both checked once the imports are done; otherwise the server leaves and every process starts
-  fresh). So CUDA_VISIBLE_DEVICES, read when CUDA starts, is per process: a GPU rank forked
-  from the server sees only its own GPUs, as vLLM's workers forked after the same imports do.
-
-A server may be started before its first process is known (`start`, with the environment its
-processes are expected to have): the local launcher starts it on a GPU machine before planning,
-so that vLLM's import (~20 s on the lent H200 machine) runs while the run is planned. Its log is
-then a temp file until the run directory exists (`log_to`), copied there when the server ends.
+- nothing but the main thread runs in the server (checked when it starts), and CUDA is never
+  initialized there. The local launcher uses it for ranks on CPU cores; ranks on GPUs start fresh.
+  On the lent H200 machine `import vllm.entrypoints.llm` loads the CUDA driver (libcuda.so
+  mapped in the process, seen 2026-12-03 with a server that checked /proc/self/maps), so whether
+  a fork can still choose its GPUs (CUDA_VISIBLE_DEVICES) rests on the driver not being
+  initialized yet, which nothing here checks; until a GPU run shows it, GPU ranks are not forked.
 
 The protocol is one JSON object per line: the launcher writes {module, argv, env, log,
 new_session} to the server's stdin; the server answers {"pid": n} once the child has its own
@@ -45,27 +42,19 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
-# what a rank process imports before its engine starts (the rank's own module: pyarrow, omegaconf, hpcinfer)
-PRELOAD = ("vllm.entrypoints.llm", "hpcinfer.rank.worker")
+PRELOAD = ("vllm.entrypoints.llm", "pyarrow.parquet")  # what a rank process imports before its engine starts
 
 REAP_S = 0.05  # how soon an ended child is reported (the launcher then finalizes): a run's wall waits for it
 
 # Read when a rank's engine starts, not at import: a fork may differ from the server in these alone.
 PER_PROCESS_PREFIXES = ("HPCINFER_", "VLLM_DP_")
 PER_PROCESS = frozenset(
-    {
-        "VLLM_CPU_OMP_THREADS_BIND",
-        "VLLM_CPU_KVCACHE_SPACE",
-        "VLLM_ENABLE_V1_MULTIPROCESSING",
-        "VLLM_HOST_IP",
-        "CUDA_VISIBLE_DEVICES",  # read when CUDA starts: never in the server (`driver_loaded`)
-    }
+    {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_HOST_IP"}
 )
 
 
@@ -110,13 +99,12 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The launcher's side: the server process, started by `start` or on the first `spawn`, and
-    the exits it reports (read by a thread). Use as a context manager: leaving it ends the server
-    (not the processes it forked). `log`: where its output goes (None: a temp file until `log_to`)."""
+    """The launcher's side: the server process, started on the first `spawn`, and the exits it
+    reports (read by a thread). Use as a context manager: leaving it ends the server (not the
+    processes it forked)."""
 
-    def __init__(self, log: Optional[Path] = None, preload=PRELOAD):
+    def __init__(self, log: Path, preload=PRELOAD):
         self.log, self.preload = log, tuple(preload)
-        self._temp_log: Optional[Path] = None
         self.proc: Optional[subprocess.Popen] = None
         self.env: Dict[str, str] = {}
         self._exits: Dict[int, int] = {}
@@ -140,37 +128,9 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._keep_log()
-
-    def log_to(self, log: Path) -> None:
-        """Where the log goes from now on: a server started without one (before the run directory
-        existed) wrote to a temp file, copied there when the server ends."""
-        if self.log is None or self.log == self._temp_log:
-            self.log = log
-
-    def _keep_log(self) -> None:
-        temp, self._temp_log = self._temp_log, None
-        if temp is None:
-            return
-        with contextlib.suppress(OSError):
-            if self.log is not None and self.log != temp:
-                with open(temp, "rb") as src, open(self.log, "ab") as dst:
-                    dst.write(src.read())
-            temp.unlink()
-
-    def start(self, env: Mapping[str, str]) -> None:
-        """Start the server now, for processes whose environment will be `env` (but for
-        per-process variables): it imports while the caller goes on."""
-        with self._lock:
-            if self.proc is None:
-                self._start(env)
 
     def _start(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
-        if self.log is None:
-            fd, name = tempfile.mkstemp(prefix="hpcinfer-forkserver-", suffix=".log")
-            os.close(fd)
-            self.log = self._temp_log = Path(name)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, *self.preload],
@@ -234,12 +194,6 @@ class ForkServer:
                     return False
                 self._cond.wait(0.2 if left is None else min(0.2, left))
             return True
-
-
-def driver_loaded(maps: str) -> bool:
-    """Whether a process whose /proc/<pid>/maps is `maps` has loaded the CUDA driver (libcuda):
-    after that, CUDA_VISIBLE_DEVICES may be read already, and a fork must not change it. Pure."""
-    return any(line.rsplit("/", 1)[-1].startswith("libcuda.so") for line in maps.splitlines())
 
 
 def _alive(pid: int) -> bool:
@@ -338,11 +292,6 @@ def serve(preload: List[str]) -> None:
     if threading.active_count() != 1:  # a fork keeps only the forking thread: refuse to fork at all
         print(f"hpcinfer forkserver: threads after import: {threading.enumerate()}", file=sys.stderr)
         return
-    with contextlib.suppress(OSError):
-        with open("/proc/self/maps") as f:
-            if driver_loaded(f.read()):  # a child could not choose its GPUs: refuse to fork at all
-                print("hpcinfer forkserver: the imports loaded the CUDA driver; no forks", file=sys.stderr)
-                return
     children: set = set()
 
     def say(msg: dict) -> None:
