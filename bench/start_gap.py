@@ -75,7 +75,9 @@ print("START_GAP " + json.dumps({"t": [t0, t_pre, t_imp, t_llm]}), flush=True)
 os._exit(0)
 """
 
-LINE = re.compile(r"^\((\w+) pid=\d+\) (?:DEBUG|INFO|WARNING|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) ", re.M)
+# vLLM's log lines: `(EngineCore pid=1515) INFO 12-03 16:36:28 [file.py:1] ...`; the main process's
+# bare where its output is not a terminal (`INFO 12-03 16:36:26 [...]`), prefixed on CPU
+LINE = re.compile(r"^(?:\((\w+) pid=\d+\) )?(?:DEBUG|INFO|WARNING|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) ", re.M)
 
 
 def log_times(log: str, year: int) -> Dict[str, float]:
@@ -83,7 +85,7 @@ def log_times(log: str, year: int) -> Dict[str, float]:
     process logged in `LLM()` ('non-default args') and of the engine core process's first line. Pure."""
     out: Dict[str, float] = {}
     for m in LINE.finditer(log):
-        proc, stamp = m.group(1), m.group(2)
+        proc, stamp = m.group(1) or "MainProcess", m.group(2)
         t = datetime.datetime.strptime(f"{year}-{stamp}", "%Y-%m-%d %H:%M:%S").timestamp()
         rest = log[m.end() : log.find("\n", m.end())]
         if proc != "EngineCore" and "non-default args" in rest:

@@ -262,9 +262,11 @@ def compile_lock(rd: RunDir, cfg: RunConfig, args: Optional[Dict[str, Any]] = No
 
 # ---- the start-up split, from vLLM's log lines ----------------------------------------------
 PATTERNS = {
-    "weights_seconds": r"Model loading took [\d.]+ ?GiB memory and ([\d.]+) seconds",
+    # "... GiB memory and 3.4 seconds" (gpu_model_runner); vLLM 0.26's V2 runner: "... GiB and 4.1 seconds"
+    "weights_seconds": r"Model loading took [\d.]+ ?GiB (?:memory )?and ([\d.]+) seconds",
     "load_weights_seconds": r"Loading weights took ([\d.]+) seconds",
-    "compile_seconds": r"torch\.compile and initial profiling/warmup run together took ([\d.]+) s",
+    # "... and initial profiling/warmup run together took 21.3 s"; vLLM 0.26: "torch.compile took 4.27 s in total"
+    "compile_seconds": r"torch\.compile (?:and initial profiling/warmup run together )?took ([\d.]+) s",
     "graph_capture_seconds": r"Graph capturing finished in ([\d.]+) secs",
     "init_engine_seconds": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
 }

@@ -108,6 +108,19 @@ INFO 12-02 [core.py:396] init engine (profile, create kv cache, warmup model) to
         "graph_capture_seconds": 9.0,
         "init_engine_seconds": 40.1,
     }
+    v026 = """(EngineCore pid=1515) INFO 12-03 16:36:32 [default_loader.py:430] Loading weights took 2.28 seconds
+(EngineCore pid=1515) INFO 12-03 16:36:33 [model_runner.py:305] Model loading took 13.04 GiB and 4.127739 seconds
+(EngineCore pid=1515) INFO 12-03 16:36:37 [monitor.py:53] torch.compile took 4.27 s in total
+(EngineCore pid=1515) INFO 12-03 16:36:37 [monitor.py:81] Initial profiling/warmup run took 0.11 s
+(EngineCore pid=1515) INFO 12-03 16:36:46 [model_runner.py:747] Graph capturing finished in 7 secs, took 0.99 GiB
+(EngineCore pid=1515) INFO 12-03 16:36:47 [core.py:340] init engine (profile, create kv cache, warmup model) took 14.62 s (compilation: 4.27 s)
+"""
+    assert staging.startup_split(v026) == {  # vLLM 0.26 on the H200 machine (its V2 model runner)
+        "weights_seconds": 4.127739,
+        "compile_seconds": 4.27,
+        "graph_capture_seconds": 7.0,
+        "init_engine_seconds": 14.62,
+    }
     cpu = "Loading weights took 0.05 seconds\ninit engine (profile, create kv cache, warmup model) took 1.20 s\n"
     assert staging.startup_split(cpu) == {"weights_seconds": 0.05, "init_engine_seconds": 1.2}
 
