@@ -229,6 +229,16 @@ def check_group(envs):
     assert sorted(int(e["VLLM_DP_RANK"]) for e in envs) == list(range(int(envs[0]["VLLM_DP_SIZE"]))), envs
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package), for its pure parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def plan_for(cfg, devices, rows=100, files=1, model_path=None, **plan_kw):
     """make_plan as prepare() calls it (with the launcher's placement), without touching the model
     or the data: `rows` rows over `files` input files that need not exist. `plan_kw`: make_plan's

@@ -3,23 +3,18 @@ each pair, also for runs from before that was recorded) and the start difference
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("bench_overhead", REPO / "bench" / "overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("overhead")
 
 
 def run(start: float, after: float = 1.0, position=None) -> dict:

@@ -4,12 +4,9 @@ GPU machine, or prefixed, as on CPU) and a start-only run split by part."""
 from __future__ import annotations
 
 import datetime
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 GPU_LOG = """INFO 12-03 16:36:26 [api_utils.py:273] non-default args: {'dtype': 'bfloat16', 'model': '/tmp/llama-8b'}
 INFO 12-03 16:36:26 [model.py:623] Resolved architecture: LlamaForCausalLM
@@ -24,10 +21,7 @@ CPU_LOG = """(MainProcess pid=20101) INFO 12-03 16:16:07 [api_utils.py:286] non-
 
 @pytest.fixture(scope="module")
 def start_gap():
-    spec = importlib.util.spec_from_file_location("bench_start_gap", REPO / "bench" / "start_gap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("start_gap")
 
 
 def at(stamp: str) -> float:
