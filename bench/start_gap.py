@@ -88,10 +88,10 @@ def log_times(log: str, year: int) -> Dict[str, float]:
         proc, stamp = m.group(1) or "MainProcess", m.group(2)
         t = datetime.datetime.strptime(f"{year}-{stamp}", "%Y-%m-%d %H:%M:%S").timestamp()
         rest = log[m.end() : log.find("\n", m.end())]
-        if proc != "EngineCore" and "non-default args" in rest:
-            out.setdefault("llm_call", t)
-        if proc.startswith("EngineCore"):
+        if proc.startswith("EngineCore"):  # EngineCore, EngineCore_DP0, ...
             out.setdefault("core_up", t)
+        elif "non-default args" in rest:
+            out.setdefault("llm_call", t)
     return out
 
 
@@ -131,7 +131,7 @@ def run_start(engine_args: dict, rank_like: bool, rank_env: Dict[str, str], log:
         text = r.stdout + r.stderr
         keep_log(log, text)
     check(subprocess.CompletedProcess(argv, r.returncode, "", text), "a start-only run")
-    t0, t_pre, t_imp, t_llm = json.loads(text.split("START_GAP ")[-1].splitlines()[0])["t"]
+    _, t_pre, t_imp, t_llm = json.loads(text.split("START_GAP ")[-1].splitlines()[0])["t"]
     return parts(t_pre - launched, t_imp - t_pre, t_llm - t_imp, text, t_llm)
 
 
