@@ -17,6 +17,8 @@
 #        (more config overrides: PREFIX_SET, or a further --set, as for run)
 #   bash bench/gpu_overhead.sh startgap NAME MODEL_DIR [start_gap.py options]   # the same carry; start-only
 #        runs of raw vLLM, a rank-like process and hpcinfer, interleaved: where the rank's start goes
+#   bash bench/gpu_overhead.sh forkcheck   # the same carry: after vLLM's import, does a fork with
+#        CUDA_VISIBLE_DEVICES="" see no GPU and one with "0" see GPU 0 (GPU ranks as forks: forkserver.py)
 #   bash bench/gpu_overhead.sh importtime [N]   # the same carry (or .gpukit0 alone on a machine that
 #        has the kit): `from vllm import LLM` in a fresh process, N times (default 3) each with raw's
 #        environment and with a rank's additions (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), interleaved
@@ -66,6 +68,30 @@ case "${1:-}" in
     echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -30
     if [ -d "$O/$name" ]; then tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"; fi
     ;;
+  forkcheck)  # whether a fork made after vLLM's import (as forkserver.py's) still chooses its GPUs
+    [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
+    python3 - <<'PY' 2>&1 | grep -E "^(parent|child)"
+import json, os
+import vllm.entrypoints.llm  # noqa: F401  what the fork server imports
+import torch
+maps = open("/proc/self/maps").read()
+print("parent: libcuda loaded", "libcuda.so" in maps, "torch.cuda.is_initialized", torch.cuda.is_initialized())
+for visible in ("", "0"):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        try:
+            out = {"count": torch.cuda.device_count(), "sum": float(torch.ones(2, device="cuda").sum())}
+        except Exception as e:
+            out = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+        os.write(w, json.dumps({"CUDA_VISIBLE_DEVICES": visible, **out}).encode())
+        os._exit(0)
+    os.close(w)
+    print("child:", os.read(r, 4096).decode())
+    os.waitpid(pid, 0)
+PY
+    ;;
   importtime)
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
     imp='import time; t = time.monotonic(); from vllm import LLM; print(f"{time.monotonic() - t:.2f}")'
@@ -74,5 +100,5 @@ case "${1:-}" in
       echo "$i rank $(CUDA_VISIBLE_DEVICES=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python3 -c "$imp" 2>/dev/null | tail -1) s"
     done
     ;;
-  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix|startgap NAME MODEL_DIR [overhead.py|prefix.py|start_gap.py options] | importtime [N]"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_overhead.sh prep [8b] | run|prefix|startgap NAME MODEL_DIR [overhead.py|prefix.py|start_gap.py options] | forkcheck | importtime [N]"; exit 2 ;;
 esac
