@@ -30,6 +30,12 @@ export PYTHONPATH=/tmp/hdeps:$ROOT:${PYTHONPATH:-} HPCINFER_CACHE=/tmp/hc
 # up: a later call may then skip the warm-up runs (--warmup-rows 0) without compiling in a timed run
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-/tmp/vllm-cache}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
+# after a benchmark wrote $O/NAME.log (and its runs' logs in $O/NAME/): its exit, its lines without
+# vLLM's, and the runs' logs as one file (a call brings back 8 files at most)
+finish() {
+  echo "exit $2"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$1.log" | tail -40
+  if [ -d "$O/$1" ]; then tar czf "$O/$1-logs.tgz" -C "$O" "$1" && rm -rf "${O:?}/$1"; fi
+}
 case "${1:-}" in
   prep)
     pip install -q --no-index --no-deps --target /tmp/hdeps .gpudeps/*.whl && echo deps ok
@@ -46,9 +52,7 @@ case "${1:-}" in
     cd "$ROOT" && python3 bench/overhead.py --model llama --json "$O/$name.json" "${prof[@]}" \
       --set model.name=$name model.path=$model engine.max_model_len=1024 engine.gpu_memory_utilization=0.85 "$@" \
       > "$O/$name.log" 2>&1
-    echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
-    # a call brings back 8 files at most: the runs' logs (overhead.py keeps them in $O/$name/) as one
-    if [ -d "$O/$name" ]; then tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"; fi
+    finish "$name" $?
     # py-spy's raw stacks run to ~40 MB for a 2-minute run, past what a device call brings back
     if [ -f "$O/$name-pyspy.txt" ]; then gzip -9 "$O/$name-pyspy.txt" && ls -la "$O/$name-pyspy.txt.gz"; fi
     ;;
@@ -57,7 +61,7 @@ case "${1:-}" in
     name=$2 model=$3; shift 3
     cd "$ROOT" && python3 bench/prefix.py --model llama "$@" --set model.name=$name model.path=$model \
       engine.gpu_memory_utilization=0.85 ${PREFIX_SET:-} > "$O/$name.log" 2>&1
-    echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -40
+    finish "$name" $?
     ;;
   startgap)  # startgap NAME MODEL_DIR [start_gap.py options]: where the rank's start goes (issue 18)
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }
@@ -65,8 +69,7 @@ case "${1:-}" in
     cd "$ROOT" && python3 bench/start_gap.py --model llama --json "$O/$name.json" \
       --set model.name=$name model.path=$model engine.max_model_len=1024 engine.gpu_memory_utilization=0.85 "$@" \
       > "$O/$name.log" 2>&1
-    echo "exit $?"; grep -v -E "INFO|WARNING|it/s|^\s*$|Warning|warn\(" "$O/$name.log" | tail -30
-    if [ -d "$O/$name" ]; then tar czf "$O/$name-logs.tgz" -C "$O" "$name" && rm -rf "${O:?}/$name"; fi
+    finish "$name" $?
     ;;
   forkcheck)  # whether a fork made after vLLM's import (as forkserver.py's) still chooses its GPUs
     [ "${GPUKIT_READY:-0}" = 1 ] || { echo "kit not complete"; exit 1; }

@@ -84,7 +84,15 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-RAW = r"""
+# the end of a script that built `llm`: as the rank, stop vLLM's engine-core processes, if any
+STOP_CORE = r"""
+core = getattr(llm.llm_engine, "engine_core", None)
+if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
+    core.shutdown()
+"""
+
+RAW = (
+    r"""
 import json, sys, time
 t0 = time.time()
 from vllm import LLM, SamplingParams, __version__
@@ -98,14 +106,15 @@ params = SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos
 t1 = time.time()
 outs = llm.generate(prompts, params, use_tqdm=False)
 t2 = time.time()
-core = getattr(llm.llm_engine, "engine_core", None)  # as the rank: stop engine-core processes, if any
-if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
-    core.shutdown()
+"""
+    + STOP_CORE
+    + r"""
 print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "window_s": t2 - t1,
                   "vllm": __version__, "t": [t0, t_imp, t1, t2, time.time()], "import_s": t_vllm - t0}),
       flush=True)
 import os; os._exit(0)
 """
+)
 
 # `--engine-side`: hpcinfer's own engine wrapper and request building, without the rank around
 # them: every request built and added at once, then stepped to the end, timed as raw is

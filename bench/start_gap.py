@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (  # noqa: E402
     EXTRA,
     REPO,
+    STOP_CORE,
     check,
     gpu_pids,
     hpcinfer_env,
@@ -58,7 +59,8 @@ from overhead import (  # noqa: E402
 KINDS = ("raw", "rank", "hpcinfer")
 PARTS = ("pre_s", "import_s", "llm_s", "to_core_s", "weights_s", "init_engine_s", "rest_s")
 
-START = r"""
+START = (
+    r"""
 import json, os, sys, time
 t0 = time.time()
 for m in json.loads(sys.argv[2]):
@@ -68,16 +70,17 @@ from vllm import LLM
 t_imp = time.time()
 llm = LLM(**json.loads(sys.argv[1]))
 t_llm = time.time()
-core = getattr(llm.llm_engine, "engine_core", None)  # as the rank: stop engine-core processes, if any
-if core is not None and hasattr(core, "shutdown") and type(core).__name__ != "InprocClient":
-    core.shutdown()
+"""
+    + STOP_CORE
+    + r"""
 print("START_GAP " + json.dumps({"t": [t0, t_pre, t_imp, t_llm]}), flush=True)
 os._exit(0)
 """
+)
 
 # vLLM's log lines: `(EngineCore pid=1515) INFO 12-03 16:36:28 [file.py:1] ...`; the main process's
 # bare where its output is not a terminal (`INFO 12-03 16:36:26 [...]`), prefixed on CPU
-LINE = re.compile(r"^(?:\((\w+) pid=\d+\) )?(?:DEBUG|INFO|WARNING|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) ", re.M)
+LINE = re.compile(r"^(?:\((\w+) pid=\d+\) )?(?:DEBUG|INFO|WARNING|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) (.*)$", re.M)
 
 
 def log_times(log: str, year: int) -> Dict[str, float]:
@@ -85,9 +88,8 @@ def log_times(log: str, year: int) -> Dict[str, float]:
     process logged in `LLM()` ('non-default args') and of the engine core process's first line. Pure."""
     out: Dict[str, float] = {}
     for m in LINE.finditer(log):
-        proc, stamp = m.group(1) or "MainProcess", m.group(2)
+        proc, stamp, rest = m.group(1) or "MainProcess", m.group(2), m.group(3)
         t = datetime.datetime.strptime(f"{year}-{stamp}", "%Y-%m-%d %H:%M:%S").timestamp()
-        rest = log[m.end() : log.find("\n", m.end())]
         if proc.startswith("EngineCore"):  # EngineCore, EngineCore_DP0, ...
             out.setdefault("core_up", t)
         elif "non-default args" in rest:

@@ -32,6 +32,8 @@ def test_the_engine_core_is_told_from_the_main_process_bare_or_prefixed(start_ga
     assert start_gap.log_times(GPU_LOG, 2026) == {"llm_call": at("12-03 16:36:26"), "core_up": at("12-03 16:36:28")}
     # on CPU the engine runs in the rank's own process: its main process's lines alone
     assert start_gap.log_times(CPU_LOG, 2026) == {"llm_call": at("12-03 16:16:07")}
+    # a log cut after its first line (no newline at the end) still has it
+    assert start_gap.log_times(CPU_LOG.splitlines()[0], 2026) == {"llm_call": at("12-03 16:16:07")}
 
 
 def test_llm_is_split_into_the_engine_cores_start_weights_init_and_the_rest(start_gap):
