@@ -77,15 +77,17 @@ case "${1:-}" in
 import json, os
 import vllm.entrypoints.llm  # noqa: F401  what the fork server imports
 import torch
+from hpcinfer.launch.forkserver import driver_initialized, driver_path
 maps = open("/proc/self/maps").read()
-print("parent: libcuda loaded", "libcuda.so" in maps, "torch.cuda.is_initialized", torch.cuda.is_initialized())
+print("parent: libcuda", driver_path(maps), "initialized", driver_initialized(maps), "torch", torch.cuda.is_initialized())
 for visible in ("", "0"):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
         try:
-            out = {"count": torch.cuda.device_count(), "sum": float(torch.ones(2, device="cuda").sum())}
+            out = {"driver_count": torch._C._cuda_getDeviceCount(), "count": torch.cuda.device_count()}
+            out["sum"] = float(torch.ones(2, device="cuda").sum())
         except Exception as e:
             out = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
         os.write(w, json.dumps({"CUDA_VISIBLE_DEVICES": visible, **out}).encode())

@@ -30,6 +30,7 @@ from hpcinfer.cli import hydra_main
 from hpcinfer.config import RunConfig, load_run_config, to_yaml
 from hpcinfer.errors import EXIT_OK, RunInProgress, UserError
 from hpcinfer.launch import launcher_for
+from hpcinfer.launch.base import Launcher
 from hpcinfer.planning.prepare import default_run_dir, prepare
 from hpcinfer.rundir.files import atomic_write
 from hpcinfer.rundir.integrity import describe, verify_done
@@ -71,6 +72,14 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def submit(cfg: RunConfig) -> int:
     submitted_at = time.time()
     launcher = launcher_for(cfg)
+    launcher.prestart()  # local on GPUs: vLLM's import starts now, beside planning (launch/local.py)
+    try:
+        return _submit(cfg, launcher, submitted_at)
+    finally:
+        launcher.close()
+
+
+def _submit(cfg: RunConfig, launcher: Launcher, submitted_at: float) -> int:
     rd = RunDir(cfg.run_dir or default_run_dir())
     resuming = rd.exists()
     foreign = not resuming and rd.path.exists() and any(rd.path.iterdir())

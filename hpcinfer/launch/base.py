@@ -68,6 +68,13 @@ class Launcher(abc.ABC):
         (unreachable, or its nodes do not offer what the layout needs)."""
 
     # ---- running ----------------------------------------------------------------------------
+    def prestart(self) -> None:  # noqa: B027  (optional: only the local launcher has work to start early)
+        """Before planning (submit): start what the ranks will need and can be started without
+        the plan, so that it overlaps planning. `close` ends it if the run does not start."""
+
+    def close(self) -> None:  # noqa: B027
+        """After the submission, whatever its outcome: end what `prestart` started."""
+
     @abc.abstractmethod
     def start(self, rd: RunDir, plan: Plan) -> Optional[int]:
         """Start the ranks with work left (`unfinished_ranks`). Returns the run's exit code when it

@@ -16,12 +16,17 @@ was imported under. So:
   when the engine starts, never at import (vLLM's `envs` reads lazily until its engine caches
   them, after the fork); any other difference (say OMP_NUM_THREADS, which OpenMP reads when torch
   loads it) gets a fresh process (`spawn` returns None; supervisor.spawn starts it anew);
-- nothing but the main thread runs in the server (checked when it starts), and CUDA is never
-  initialized there. The local launcher uses it for ranks on CPU cores; ranks on GPUs start fresh.
-  On the lent H200 machine `import vllm.entrypoints.llm` loads the CUDA driver (libcuda.so
-  mapped in the process, seen 2026-12-03 with a server that checked /proc/self/maps), so whether
-  a fork can still choose its GPUs (CUDA_VISIBLE_DEVICES) rests on the driver not being
-  initialized yet, which nothing here checks; until a GPU run shows it, GPU ranks are not forked.
+- nothing but the main thread runs in the server, and CUDA is not initialized there (both checked
+  once the imports are done; otherwise the server leaves and every process starts fresh). vLLM's
+  import loads the CUDA driver on a GPU machine (libcuda.so mapped, seen on the lent H200 machine)
+  but does not initialize it (cuInit, which reads CUDA_VISIBLE_DEVICES): `driver_initialized` asks
+  the driver itself. So CUDA_VISIBLE_DEVICES is per process: a GPU rank forked from the server
+  sees only its own GPUs, as vLLM's workers forked after the same imports do.
+
+A server may be started before its first process is known (`start`, with the environment its
+processes are expected to have): the local launcher starts it on a GPU machine before planning,
+so that vLLM's import (~20 s on the lent H200 machine) runs while the run is planned. Its log is
+then a temp file until the run directory exists (`log_to`), copied there when the server ends.
 
 The protocol is one JSON object per line: the launcher writes {module, argv, env, log,
 new_session} to the server's stdin; the server answers {"pid": n} once the child has its own
@@ -42,19 +47,27 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
-PRELOAD = ("vllm.entrypoints.llm", "pyarrow.parquet")  # what a rank process imports before its engine starts
+# what a rank process imports before its engine starts (the rank's own module: pyarrow, omegaconf, hpcinfer)
+PRELOAD = ("vllm.entrypoints.llm", "hpcinfer.rank.worker")
 
 REAP_S = 0.05  # how soon an ended child is reported (the launcher then finalizes): a run's wall waits for it
 
 # Read when a rank's engine starts, not at import: a fork may differ from the server in these alone.
 PER_PROCESS_PREFIXES = ("HPCINFER_", "VLLM_DP_")
 PER_PROCESS = frozenset(
-    {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_HOST_IP"}
+    {
+        "VLLM_CPU_OMP_THREADS_BIND",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_ENABLE_V1_MULTIPROCESSING",
+        "VLLM_HOST_IP",
+        "CUDA_VISIBLE_DEVICES",  # read when CUDA starts: never in the server (`driver_initialized`)
+    }
 )
 
 
@@ -99,12 +112,13 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The launcher's side: the server process, started on the first `spawn`, and the exits it
-    reports (read by a thread). Use as a context manager: leaving it ends the server (not the
-    processes it forked)."""
+    """The launcher's side: the server process, started by `start` or on the first `spawn`, and
+    the exits it reports (read by a thread). Use as a context manager: leaving it ends the server
+    (not the processes it forked). `log`: where its output goes (None: a temp file until `log_to`)."""
 
-    def __init__(self, log: Path, preload=PRELOAD):
+    def __init__(self, log: Optional[Path] = None, preload=PRELOAD):
         self.log, self.preload = log, tuple(preload)
+        self._temp_log: Optional[Path] = None
         self.proc: Optional[subprocess.Popen] = None
         self.env: Dict[str, str] = {}
         self._exits: Dict[int, int] = {}
@@ -128,9 +142,37 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._keep_log()
+
+    def log_to(self, log: Path) -> None:
+        """Where the log goes from now on: a server started without one (before the run directory
+        existed) wrote to a temp file, copied there when the server ends."""
+        if self.log is None or self.log == self._temp_log:
+            self.log = log
+
+    def _keep_log(self) -> None:
+        temp, self._temp_log = self._temp_log, None
+        if temp is None:
+            return
+        with contextlib.suppress(OSError):
+            if self.log is not None and self.log != temp:
+                with open(temp, "rb") as src, open(self.log, "ab") as dst:
+                    dst.write(src.read())
+            temp.unlink()
+
+    def start(self, env: Mapping[str, str]) -> None:
+        """Start the server now, for processes whose environment will be `env` (but for
+        per-process variables): it imports while the caller goes on."""
+        with self._lock:
+            if self.proc is None:
+                self._start(env)
 
     def _start(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
+        if self.log is None:
+            fd, name = tempfile.mkstemp(prefix="hpcinfer-forkserver-", suffix=".log")
+            os.close(fd)
+            self.log = self._temp_log = Path(name)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, *self.preload],
@@ -196,6 +238,33 @@ class ForkServer:
             return True
 
 
+def driver_path(maps: str) -> Optional[str]:
+    """The CUDA driver library (libcuda) a process whose /proc/<pid>/maps is `maps` has loaded,
+    or None (NVML and the CUDA runtime are other libraries). Pure."""
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith("libcuda.so"):
+            return fields[5]
+    return None
+
+
+CUDA_ERROR_NOT_INITIALIZED = 3
+
+
+def driver_initialized(maps: str) -> bool:
+    """Whether this process has initialized the CUDA driver (cuInit: CUDA_VISIBLE_DEVICES read,
+    and no fork can use CUDA after it). A driver only loaded, as vLLM's import loads it on a GPU
+    machine, is asked without being initialized: before cuInit every other call of the driver's
+    API answers CUDA_ERROR_NOT_INITIALIZED."""
+    path = driver_path(maps)
+    if path is None:
+        return False
+    import ctypes
+
+    count = ctypes.c_int(0)
+    return ctypes.CDLL(path).cuDeviceGetCount(ctypes.byref(count)) != CUDA_ERROR_NOT_INITIALIZED
+
+
 def _alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
     try:
@@ -239,6 +308,9 @@ def _child(request: dict, ready: int, protocol: int) -> None:
         import runpy
 
         sys.argv = [request["module"], *request["argv"]]
+        # a preloaded module (the rank's own) runs anew as __main__, from its already imported
+        # dependencies; left in sys.modules, runpy would warn that it runs twice
+        sys.modules.pop(request["module"], None)
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
@@ -292,6 +364,11 @@ def serve(preload: List[str]) -> None:
     if threading.active_count() != 1:  # a fork keeps only the forking thread: refuse to fork at all
         print(f"hpcinfer forkserver: threads after import: {threading.enumerate()}", file=sys.stderr)
         return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as f:
+            if driver_initialized(f.read()):  # a child could not choose its GPUs: refuse to fork at all
+                print("hpcinfer forkserver: the imports initialized CUDA; no forks", file=sys.stderr)
+                return
     children: set = set()
 
     def say(msg: dict) -> None:

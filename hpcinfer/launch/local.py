@@ -1,5 +1,6 @@
-"""The local launcher: every rank is a process on this machine (`python -m hpcinfer.rank.worker`; on CPU
-cores a fork of one process that imported vLLM once, forkserver.py),
+"""The local launcher: every rank is a process on this machine (`python -m hpcinfer.rank.worker`, a
+fork of one process that imported vLLM once where it can be: forkserver.py; on GPUs that process
+starts before planning, `prestart`),
 with the same environment contract a Slurm task gets (launch/env.py), each on its own devices;
 then finalize runs here. Ranks log to logs/rank-<r>.log; a failed rank does not stop the others.
 
@@ -16,6 +17,7 @@ Two kinds of ranks get more (`rank_processes`, pure):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -29,8 +31,8 @@ from hpcinfer.config import RunConfig
 from hpcinfer.errors import EXIT_FAILED, EXIT_OK, RunIncomplete, exit_on_signal
 from hpcinfer.launch import supervisor
 from hpcinfer.launch.base import Launcher, Placement, unfinished_ranks
-from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, RankContext, Replica, free_port, process
-from hpcinfer.launch.forkserver import ForkServer
+from hpcinfer.launch.env import Lockstep, Process, ProcessSpec, RankContext, Replica, free_port, process, rank_env
+from hpcinfer.launch.forkserver import PRELOAD, ForkServer
 from hpcinfer.launch.progress import ProgressDisplay, snapshot
 from hpcinfer.launch.supervisor import RankSupervisor
 from hpcinfer.planning.devices import Devices, NodeMemory, detect, machine_memory, node_slices, split
@@ -51,8 +53,43 @@ class RankOutcome:
 class LocalLauncher(Launcher):
     """Ranks as processes on this machine (cluster=local)."""
 
+    preload = PRELOAD  # what the fork server imports (tests: something light)
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.server: Optional[ForkServer] = None
+        self._devices: Optional[Devices] = None
+
     def devices(self) -> Devices:
-        return detect(gpus=self.cfg.cluster.gpus)
+        if self._devices is None:  # nvidia-smi once per submission (prestart, then planning)
+            self._devices = detect(gpus=self.cfg.cluster.gpus)
+        return self._devices
+
+    def prestart(self) -> None:
+        """On a GPU machine, start the fork server now with the environment the ranks will have
+        (but for per-process variables: forkserver.py), so that vLLM's import overlaps planning.
+        Not on CPU cores, where the ranks' thread settings depend on the plan (the server then
+        starts with the first rank). Whatever goes wrong here is left to planning to report."""
+        try:
+            devices = self.devices()
+        except Exception:
+            return
+        if not devices.gpus:
+            return
+        m = self.cfg.model
+        offline = m.builtin is not None or (m.path is not None and os.path.isdir(os.path.expanduser(m.path)))
+        # every offered GPU visible, as the launcher sees them (a rank sees its own: CUDA_VISIBLE_DEVICES
+        # is per process), so that vLLM's import finds the platform a rank will find
+        ctx = RankContext(0, 1, 0, ["localhost"], LOOPBACK, 0, "cuda", list(devices.gpus))
+        env = rank_env(
+            os.environ, ctx, workers_per_rank=1, cpu_kvcache_gib=self.cfg.cluster.cpu_kvcache_gib, offline=offline
+        )
+        self.server = ForkServer(preload=self.preload)
+        self.server.start(env)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
     def gpus_offered(self, devices: Devices) -> Optional[int]:
         return len(devices.gpus) or None  # 0: a CPU machine, where ranks run on cores
@@ -81,7 +118,7 @@ class LocalLauncher(Launcher):
         """Run the ranks with unfinished shards here, then finalize."""
         from hpcinfer.finalize import finalize
 
-        for o in run_ranks(rd, self.cfg, plan, unfinished_ranks(rd, plan)):
+        for o in run_ranks(rd, self.cfg, plan, unfinished_ranks(rd, plan), server=self.server):
             if o.returncode != 0:
                 log(f"rank {o.rank} failed (exit {o.returncode}); last lines of {o.log}:\n{tail(o.log)}")
         try:
@@ -147,9 +184,13 @@ def rank_processes(
     ]
 
 
-def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: float = 0.5) -> List[RankOutcome]:
+def run_ranks(
+    rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: float = 0.5, server: Optional[ForkServer] = None
+) -> List[RankOutcome]:
     """Start `ranks`, show progress until all have ended (each supervised: restarted up to
-    cfg.rank_retries times, a replica's processes as a unit); return their exit codes."""
+    cfg.rank_retries times, a replica's processes as a unit); return their exit codes. The rank
+    processes are forks of `server` (one started already: LocalLauncher.prestart), else of one
+    started here with the first rank, where their environments allow (forkserver.py)."""
     port, host = free_port(), socket.gethostname()
 
     def processes(rank: int) -> List[Process]:
@@ -164,11 +205,10 @@ def run_ranks(rd: RunDir, cfg: RunConfig, plan: Plan, ranks: List[int], poll_s: 
             replica_port=free_port() if plan.nodes_per_rank > 1 else None,
         )
 
-    # on CPU the ranks are forks of one process that imported vLLM once (forkserver.py)
-    with ForkServer(rd.forkserver_log()) as server:
-        start = functools.partial(
-            supervisor.spawn, new_session=True, server=server if plan.device_kind == "cpu" else None
-        )
+    # the ranks are forks of one process that imported vLLM once (forkserver.py)
+    with contextlib.nullcontext(server) if server is not None else ForkServer(rd.forkserver_log()) as server:
+        server.log_to(rd.forkserver_log())
+        start = functools.partial(supervisor.spawn, new_session=True, server=server)
         supervisors = {
             r: RankSupervisor(rd, r, functools.partial(processes, r), cfg.rank_retries, start, say=log).start()
             for r in ranks

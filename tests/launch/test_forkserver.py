@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hpcinfer.launch.forkserver import ForkServer, forkable
+from hpcinfer.launch.forkserver import ForkServer, driver_initialized, driver_path, forkable
 
 BASE = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HPCINFER_RANK": "0"}
 
@@ -25,13 +25,34 @@ BASE = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HPCI
         ({"VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_DP_RANK": "1", "VLLM_HOST_IP": "10.0.0.2"}, True),
         ({"OMP_NUM_THREADS": "2"}, False),  # OpenMP reads it when torch loads it: in the server
         ({"HF_HUB_OFFLINE": None}, False),  # huggingface_hub reads it at import
-        ({"CUDA_VISIBLE_DEVICES": "1"}, False),
+        ({"CUDA_VISIBLE_DEVICES": "1"}, True),  # read when CUDA starts: never in the server
         ({"SOME_USER_VARIABLE": "x"}, False),
     ],
 )
 def test_a_fork_differs_from_its_server_in_per_process_variables_alone(change, ok):
     env = {k: v for k, v in {**BASE, **change}.items() if v is not None}
     assert forkable(BASE, env) is ok
+
+
+MAPS = """7f1c2a000000-7f1c2a200000 r-xp 00000000 fd:01 1234 /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.580.1
+7f1c2b000000-7f1c2b100000 r-xp 00000000 fd:01 1235 /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
+7f1c2c000000-7f1c2c100000 r--p 00000000 00:00 0 [heap]
+"""
+
+
+def test_the_cuda_driver_is_told_apart_from_nvml_and_the_runtime():
+    assert driver_path(MAPS) is None  # NVML (vLLM's platform check) and cudart loaded: not the driver
+    driver = "7f1c2d000000-7f1c2d100000 r-xp 00000000 fd:01 9 /usr/lib64/libcuda.so.580.159.04\n"
+    assert driver_path(MAPS + driver) == "/usr/lib64/libcuda.so.580.159.04"
+    assert driver_path("") is None
+
+
+def test_without_the_driver_loaded_cuda_is_not_initialized():
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    if driver_path(maps) is not None:
+        pytest.skip("this test process loaded the CUDA driver")
+    assert not driver_initialized(maps)
 
 
 SCRIPT = """import os, sys, time
@@ -67,6 +88,18 @@ def test_children_run_their_module_with_their_own_env_log_and_session(server):
     assert len({p.pid for p in procs}) == 2 and os.getpid() not in {p.pid for p in procs}
     server = (d / "forkserver.log").read_text()
     assert "imported colorsys" in server and server.count("forked forkee") == 2
+
+
+def test_a_preloaded_module_runs_as_main_without_runpy_warning_of_a_second_copy(tmp_path):
+    (tmp_path / "pkg").mkdir()  # as hpcinfer.rank.worker: a module in a package, preloaded
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "main.py").write_text(
+        "import sys\nif __name__ == '__main__':\n    print('ran', sys.argv[1:])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}", "PYTHONWARNINGS": "default"}
+    with ForkServer(tmp_path / "forkserver.log", preload=("pkg.main",)) as s:
+        assert s.spawn("pkg.main", ["x"], env, tmp_path / "0.log", True).wait(timeout=30) == 0
+    assert (tmp_path / "0.log").read_text() == "ran ['x']\n"  # no RuntimeWarning from runpy
 
 
 def test_exit_codes_are_as_subprocess_gives_them(server):
