@@ -493,6 +493,22 @@ def settle(before: Optional[set], limit_s: float = 30.0) -> float:
     return time.monotonic() - t0
 
 
+def rounds(kinds: Sequence[str], first: int, count: int, budget_s: Optional[float], began: float, what: str = "pair"):
+    """Rounds first..first+count-1 as (i, the kinds in the order they run): the order rotates by
+    one each round (so each kind goes first in turn, across calls too, by `first`). No round starts
+    that would end past `budget_s` from `began`, by the longest round so far (the time between
+    one yield and the next)."""
+    longest = 0.0
+    for i in range(first, first + count):
+        if budget_s and time.monotonic() - began + longest > budget_s:
+            print(f"--budget-s {budget_s:g}: no room for {what} {i} (the longest took {longest:.0f} s)", flush=True)
+            return
+        t = time.monotonic()
+        k = i % len(kinds)
+        yield i, list(kinds[k:]) + list(kinds[:k])
+        longest = max(longest, time.monotonic() - t)
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -583,14 +599,8 @@ def main() -> None:
             print("no warm-up runs (--warmup-rows 0): the caches must be warm already", flush=True)
 
         results: Dict[str, List[dict]] = {s: [] for s in sides}
-        longest = 0.0  # the longest pair so far: --budget-s starts no pair that would not fit
         try:
-            for i in range(a.first_pair, a.first_pair + a.repeats):
-                if a.budget_s and time.monotonic() - began + longest > a.budget_s:
-                    print(f"--budget-s {a.budget_s:g}: no room for pair {i} (the longest took {longest:.0f} s)")
-                    break
-                t_pair = time.monotonic()
-                order = sides[i % len(sides) :] + sides[: i % len(sides)]
+            for i, order in rounds(sides, a.first_pair, a.repeats, a.budget_s, began):
                 done = {}
                 for side in order:
                     waited = settle(on_gpu_before)
@@ -598,7 +608,6 @@ def main() -> None:
                 for side in sides:
                     done[side].update(load=loadavg(), position=order.index(side))
                     results[side].append(done[side])
-                longest = max(longest, time.monotonic() - t_pair)
                 report_pair(i, order, sides, results)
                 if a.json:
                     save(a, args, results)

@@ -51,6 +51,7 @@ from overhead import (  # noqa: E402
     loadavg,
     overrides,
     raw_env,
+    rounds,
     run_hpcinfer,
     settle,
     write_prompts,
@@ -228,19 +229,13 @@ def main() -> None:
             run(kind, f"warm-{kind}")
             print(f"warm-up {kind}: {time.monotonic() - t0:.1f} s (untimed)", flush=True)
         runs: Dict[str, List[dict]] = {k: [] for k in KINDS}
-        longest = 0.0
-        for i in range(a.repeats):
-            if a.budget_s and time.monotonic() - began + longest > a.budget_s:
-                print(f"--budget-s {a.budget_s:g}: no room for round {i} (the longest took {longest:.0f} s)")
-                break
-            t_round, order = time.monotonic(), KINDS[i % 3 :] + KINDS[: i % 3]
+        for i, order in rounds(KINDS, 0, a.repeats, a.budget_s, began, what="round"):
             done = {}
             for kind in order:
                 settle(before)
                 done[kind] = run(kind, f"run{i}-{kind}")
             for kind in KINDS:
                 runs[kind].append(done[kind])
-            longest = max(longest, time.monotonic() - t_round)
             print(
                 f"round {i} ({' '.join(order)}): " + ", ".join(f"{k} {start(done[k]):.1f} s" for k in KINDS), flush=True
             )

@@ -96,3 +96,17 @@ def test_start_difference_by_part_where_both_sides_recorded_their_import(overhea
     )
     # a run from before the import was recorded: no split by part
     assert "by part" not in overhead.split_differences([run(30)], [run(31)])
+
+
+def test_rounds_rotate_the_order_across_calls_and_stop_before_one_past_the_budget(overhead, monkeypatch, capsys):
+    kinds = ["raw", "hpcinfer"]
+    assert [o for _, o in overhead.rounds(kinds, 0, 3, None, 0.0)] == [kinds, kinds[::-1], kinds]
+    assert [i for i, _ in overhead.rounds(kinds, 3, 2, None, 0.0)] == [3, 4]  # a later call goes on
+    now = [100.0]
+    monkeypatch.setattr(overhead.time, "monotonic", lambda: now[0])
+    ran = []
+    for i, _ in overhead.rounds(("a", "b", "c"), 0, 5, 250.0, 100.0, what="round"):
+        ran.append(i)
+        now[0] += 100.0  # each round takes 100 s: at 200 s, one more would end at 300 s > 250 s
+    assert ran == [0, 1]
+    assert "no room for round 2 (the longest took 100 s)" in capsys.readouterr().out

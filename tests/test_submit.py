@@ -88,6 +88,12 @@ def test_submit_checks_the_cluster_before_writing_anything(tmp_path, monkeypatch
     checked = []
 
     class Refusing:
+        def prestart(self):  # the Launcher interface's optional start before planning: nothing here
+            pass
+
+        def close(self):
+            pass
+
         def check(self, p):
             checked.append(p)
             raise UserError("cluster.gpus_per_node=8, but the nodes of partition 'debug' have no GPUs")
