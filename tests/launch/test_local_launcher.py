@@ -38,6 +38,8 @@ def test_values_this_machine_ignores_are_noted():
 def prestarted(monkeypatch, tmp_path, devices, overrides=()):
     """A LocalLauncher prestarted on `devices` (its fork server preloading a small module)."""
     monkeypatch.setattr("hpcinfer.launch.local.detect", lambda gpus=None: devices)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # whether a rank is offline is the launcher's to say
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(LocalLauncher, "preload", ("colorsys",))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the server's temp log, until the run directory exists
     launcher = LocalLauncher(compose(list(overrides)))
@@ -50,7 +52,6 @@ def test_on_gpus_the_fork_server_starts_before_planning_with_the_ranks_environme
         "import os, sys; print('gpus', os.environ['CUDA_VISIBLE_DEVICES'], 'colorsys' in sys.modules)\n"
     )
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     launcher = prestarted(monkeypatch, tmp_path, GPUS)
     server = launcher.server
     assert server is not None and server.proc is not None  # started: importing while planning goes on
