@@ -1,7 +1,8 @@
 """Overhead of hpcinfer against raw vLLM: interleaved pairs, the same window on both sides.
 
-    .venv/bin/python bench/overhead.py [--rows 2000] [--max-tokens 64] [--repeats 5] [--model tiny]
-        [--warmup-rows N] [--budget-s S] [--first-pair N] [--baseline DIR] [--profile FILE] [--json FILE]
+    .venv/bin/python bench/overhead.py [--rows 4000] [--max-tokens 64] [--repeats 5] [--model tiny]
+        [--mode sequential|concurrent] [--warmup-rows N] [--budget-s S] [--first-pair N] [--baseline DIR]
+        [--profile FILE] [--json FILE]
     .venv/bin/python bench/overhead.py --report A.json B.json ...   (the pairs of several runs, pooled)
         [--set model.path=/models/m engine.max_model_len=512 ...]   (any further config overrides)
 
@@ -15,8 +16,24 @@ number of tokens (checked on every run):
   streaming engine with durable parts, finalize).
 
 Method. First one untimed warm-up run per side (`--warmup-rows`, default `--rows`: torch.compile
-and autotuning caches, page cache, .pyc files), then `--repeats` pairs, alternating which side
-goes first (raw, hpcinfer | hpcinfer, raw | ...), so a drift of the machine hits both alike.
+and autotuning caches, page cache, .pyc files), then `--repeats` pairs, in one of two modes
+(`--mode`):
+
+- sequential (the default on a GPU machine): one side at a time on the whole machine, alternating
+  which side goes first (raw, hpcinfer | hpcinfer, raw | ...), so a drift of the machine hits
+  both alike;
+- concurrent (the default on a CPU machine with a core per side): the sides of a pair run at the
+  same time, each with its own equal share of the cores (`taskset`: the side's every process, and
+  its engine's threads, bound there; hpcinfer's submit, rank and finalize included), the shares
+  going round the sides from pair to pair. A side's launch is held back by how much sooner it
+  reaches its window than the slowest side (medians of the runs so far, the warm-ups' included),
+  so that the windows begin together; each pair prints how much of the windows overlapped. Why:
+  on the 2-core VMs this project runs on, the machine's speed drifts within minutes
+  (`bench/cpu_drift.py`), so two runs one after the other differ by 10-30% whatever they run
+  (sequential per-pair ratios 0.80-1.41 here), while two runs at the same time see the same
+  drift (concurrent per-pair ratios 0.96-1.04; docs/benchmarks.md). The price: each side has
+  half the cores, and the two engines share the machine's caches and memory (a core's speed
+  falls ~8% while the other is busy, alike for both sides while both windows run).
 Before each timed run the benchmark waits until no process holds the GPU but those that held it
 before it began (`settle`: the previous run's engine core may still be freeing its memory after its
 parent exited; at most 30 s, printed and kept as `settled_s`, outside both walls). Every side uses
@@ -77,9 +94,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -171,8 +189,9 @@ def write_prompts(path: Path, rows: int) -> None:
     pq.write_table(pa.table({"id": list(range(rows)), "prompt": prompts}), path)
 
 
-def raw_env() -> Dict[str, str]:
-    """The environment a dp=1 hpcinfer rank gets, for the raw side too."""
+def raw_env(cpus: Optional[List[int]] = None) -> Dict[str, str]:
+    """The environment a dp=1 hpcinfer rank gets, for the raw side too (on `cpus` alone where
+    given: the rank of a submit pinned to them sees only those)."""
     from hpcinfer.launch.env import cpu_engine_env
     from hpcinfer.planning.devices import detect, split
 
@@ -181,8 +200,13 @@ def raw_env() -> Dict[str, str]:
     if devices.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(split(devices, 1, 1)[0])
     else:
-        env.update(cpu_engine_env(os.environ, [str(c) for c in devices.cpus], 1, 1))
+        env.update(cpu_engine_env(os.environ, [str(c) for c in (cpus or devices.cpus)], 1, 1))
     return env
+
+
+def pinned(cpus: Optional[List[int]]) -> List[str]:
+    """The argv prefix that runs a command and every process it starts on `cpus` alone."""
+    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
 
 
 def check(r: subprocess.CompletedProcess, what: str) -> None:
@@ -197,11 +221,14 @@ def keep_log(log: Optional[Path], text: str) -> None:
         log.write_text(text)
 
 
-def run_raw(engine_args: dict, data: Path, max_tokens: int, log: Optional[Path] = None) -> dict:
+def run_raw(
+    engine_args: dict, data: Path, max_tokens: int, log: Optional[Path] = None, cpus: Optional[List[int]] = None
+) -> dict:
     launched, t0 = time.time(), time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens}), str(data)],
-        env=raw_env(),
+        [*pinned(cpus), sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens})]
+        + [str(data)],
+        env=raw_env(cpus),
         capture_output=True,
         text=True,
         check=False,
@@ -218,6 +245,8 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int, log: Optional[Path] 
         "window_s": res["window_s"],
         "wall_s": wall,
         "vllm": res["vllm"],
+        "launched_at": launched,
+        "window_at": [t1, t2],
         # where the wall went: to the engine's start (interpreter, imports, prompts read), the
         # engine's start-up (LLM()), the window, after it (engine core stopped, the process's exit)
         "split": {
@@ -232,12 +261,12 @@ def run_raw(engine_args: dict, data: Path, max_tokens: int, log: Optional[Path] 
     }
 
 
-def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int) -> dict:
-    t0 = time.monotonic()
+def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int, cpus: Optional[List[int]] = None) -> dict:
+    launched, t0 = time.time(), time.monotonic()
     spec = {"engine_args": engine_args, "overrides": overrides(model, data, max_tokens)}
     r = subprocess.run(
-        [sys.executable, "-c", ENGINE, json.dumps(spec), str(data)],
-        env={**hpcinfer_env(REPO), **raw_env()},
+        [*pinned(cpus), sys.executable, "-c", ENGINE, json.dumps(spec), str(data)],
+        env={**hpcinfer_env(REPO), **raw_env(cpus)},
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -246,7 +275,7 @@ def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int) -> di
     wall = time.monotonic() - t0
     check(r, "hpcinfer's engine alone")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"tokens": res["tokens"], "window_s": res["window_s"], "wall_s": wall}
+    return {"tokens": res["tokens"], "window_s": res["window_s"], "wall_s": wall, "launched_at": launched}
 
 
 def hpcinfer_argv(model: str, data: Path, max_tokens: int, run_dir: Path, extra: Sequence[str] = ()) -> List[str]:
@@ -267,10 +296,11 @@ def run_hpcinfer(
     run_dir: Path,
     extra: Sequence[str] = (),
     log: Optional[Path] = None,
+    cpus: Optional[List[int]] = None,
 ) -> dict:
     launched, t0, cpu0 = time.time(), time.monotonic(), children_cpu_s()
     r = subprocess.run(
-        hpcinfer_argv(model, data, max_tokens, run_dir, extra),
+        [*pinned(cpus), *hpcinfer_argv(model, data, max_tokens, run_dir, extra)],
         cwd=root,
         env=hpcinfer_env(root),
         capture_output=True,
@@ -299,7 +329,11 @@ def run_hpcinfer(
         "engine_s": rank["engine_seconds"],
         "finalize_s": summary["finished_at"] - rank["finished_at"],
         "wall_s": wall,
-        "cpu_s": cpu,  # user + system of the submit and every process it waited for (ranks, finalize)
+        # user + system of the submit and every process it waited for (ranks, finalize); None when
+        # another side ran at the same time (the benchmark's children's times are one sum)
+        "cpu_s": None if cpus else cpu,
+        "launched_at": launched,
+        "window_at": [began, last],
         # the same split as raw's: to the engine's start (submit, planning, the rank process up to
         # its engine, `import vllm` aside: the rank imports it inside the engine's start-up), the
         # engine's start-up, the window, after it (durable parts, engine stopped, finalize, exit)
@@ -357,7 +391,7 @@ def report_pair(i: int, order: List[str], sides: List[str], results: Dict[str, L
     assert len(set(tokens.values())) == 1, f"token counts differ: {tokens}"
     raw, hp = results["raw"][-1], results["hpcinfer"][-1]
     line = (
-        f"pair {i} ({' then '.join(order)}): raw {raw['tokens'] / raw['window_s']:,.0f} tok/s "
+        f"pair {i} ({arrangement(order, [results[s][-1] for s in order])}): raw {raw['tokens'] / raw['window_s']:,.0f} tok/s "
         f"{raw['wall_s']:.1f} s wall | hpcinfer {hp['tokens'] / hp['window_s']:,.0f} tok/s "
         f"{hp['wall_s']:.1f} s wall"
     )
@@ -369,6 +403,20 @@ def report_pair(i: int, order: List[str], sides: List[str], results: Dict[str, L
         if "split" in results[side][-1]:
             print(split_line(side, results[side][-1]))
     sys.stdout.flush()
+
+
+def arrangement(order: List[str], runs: List[dict]) -> str:
+    """How a pair's runs were arranged: one after the other, or at the same time on which cores,
+    with how well their windows lined up (raw's first: the others' start and end against it)."""
+    if "cpus" not in runs[0]:
+        return " then ".join(order)
+    where = ", ".join(f"{s} on {','.join(map(str, r['cpus']))}" for s, r in zip(order, runs))
+    timed = [(s, r["window_at"]) for s, r in zip(order, runs) if "window_at" in r]
+    if len(timed) < 2:
+        return f"together: {where}"
+    (_, (s0, e0)), *others = sorted(timed, key=lambda x: x[0] != "raw")
+    apart = "; ".join(f"{s} began {w[0] - s0:+.1f} s, ended {w[1] - e0:+.1f} s" for s, w in others)
+    return f"together: {where}; windows overlap {overlap([w for _, w in timed]):.0%}, {apart}"
 
 
 def split_differences(raw: List[dict], side: List[dict]) -> str:
@@ -384,12 +432,16 @@ def split_differences(raw: List[dict], side: List[dict]) -> str:
 
     starts = [start(h) - start(r) for r, h in zip(raw, side, strict=True)]
     afters = [h["split"]["after_s"] - r["split"]["after_s"] for r, h in zip(raw, side, strict=True)]
-    went_first = [h["position"] < r["position"] if "position" in h else None for r, h in zip(raw, side)]
-    by_order = []
-    for label, first in (("it went first", True), ("raw went first", False)):
-        d = [x for x, f in zip(starts, went_first) if f is first]
-        by_order.append(f"{label}: {stats(d)}, {len(d)} pairs" if d else f"{label}: no pair")
-    out = f"start {stats(starts)}, after {stats(afters)}\n  start minus raw's where {'; where '.join(by_order)}"
+    went_first = [
+        h["position"] < r["position"] if "position" in h and "position" in r else None for r, h in zip(raw, side)
+    ]
+    out = f"start {stats(starts)}, after {stats(afters)}"
+    if any(f is not None for f in went_first):  # sequential pairs (concurrent ones start together)
+        by_order = []
+        for label, first in (("it went first", True), ("raw went first", False)):
+            d = [x for x, f in zip(starts, went_first) if f is first]
+            by_order.append(f"{label}: {stats(d)}, {len(d)} pairs" if d else f"{label}: no pair")
+        out += f"\n  start minus raw's where {'; where '.join(by_order)}"
     parts = [(start_parts(r), start_parts(h)) for r, h in zip(raw, side)]
     if all(r and h for r, h in parts):  # runs that recorded their `import vllm`
         names = ("import vllm", "LLM()", "the rest")
@@ -411,15 +463,35 @@ def start_parts(r: dict) -> Optional[tuple]:
     return imp, sp["engine_s"], sp["to_engine_s"] - imp  # raw: the rest is the interpreter, the prompts read
 
 
+def concurrent_summary(raw: List[dict], side: List[dict], ratios: List[float]) -> str:
+    """Pairs run at the same time: how well the windows lined up, and the ratios by the side's
+    cores (a difference between the shares shows as a difference between these)."""
+    overlaps = [overlap([r["window_at"], h["window_at"]]) for r, h in zip(raw, side)]
+    by_cores: Dict[str, List[float]] = {}
+    for h, x in zip(side, ratios):
+        by_cores.setdefault(",".join(map(str, h["cpus"])), []).append(x)
+    cores = "; ".join(
+        f"on cores {c}: median {statistics.median(x):.3f} ({len(x)} pairs)" for c, x in sorted(by_cores.items())
+    )
+    return f"windows overlap median {statistics.median(overlaps):.1%} (min {min(overlaps):.1%}); ratio {cores}"
+
+
 def pooled(files: Sequence[str]) -> Dict[str, List[dict]]:
     """The pairs of several runs' --json files (e.g. one per device call) as one list per side; the
     runs must have measured the same thing: rows, tokens, engine arguments and sides."""
     runs = [json.loads(Path(f).read_text()) for f in files]
-    key = [(r["args"]["rows"], r["args"]["max_tokens"], r["engine_args"], sorted(r["results"])) for r in runs]
+    key = [
+        (r["args"]["rows"], r["args"]["max_tokens"], r["engine_args"], sorted(r["results"]), r["args"].get("mode"))
+        for r in runs
+    ]
     bad = [f for f, k in zip(files, key) if k != key[0]]
     if bad:
-        sys.exit(f"--report: {', '.join(bad)} measured something else than {files[0]} (rows, tokens, engine, sides)")
+        sys.exit(
+            f"--report: {', '.join(bad)} measured something else than {files[0]} (rows, tokens, engine, sides, mode)"
+        )
     for r in runs:  # runs from before "position" was recorded: pair i of a run started at rotation i
+        if r["args"].get("mode", "sequential") != "sequential":
+            continue  # concurrent pairs: no side went first
         sides = list(r["results"])
         for side in sides:
             for i, x in enumerate(r["results"][side]):
@@ -454,6 +526,8 @@ def report(results: Dict[str, List[dict]], end: str = "") -> None:
         if lags:
             print(f"  last output -> its shard durable: median {statistics.median(lags) * 1000:.0f} ms")
         print(f"  per-pair tokens/s ratios: {' '.join(f'{x:.3f}' for x in tok)}")
+        if all("cpus" in r and "window_at" in r for r in results["raw"] + results[s]):
+            print(f"  at the same time: {concurrent_summary(results['raw'], results[s], tok)}")
         if all("split" in r for r in results["raw"] + results[s]):
             print(f"  per pair, {s} minus raw: {split_differences(results['raw'], results[s])}")
         fixed = {k: statistics.median(r[k] for r in results[s]) for k in ("to_rank_s", "engine_s", "finalize_s")}
@@ -509,13 +583,85 @@ def rounds(kinds: Sequence[str], first: int, count: int, budget_s: Optional[floa
         longest = max(longest, time.monotonic() - t)
 
 
+def split_cores(cpus: Sequence[int], n: int) -> List[List[int]]:
+    """`cpus` in `n` equal shares of neighbouring cores, one per side run at the same time (what
+    does not divide evenly is left idle). Pure."""
+    if len(cpus) < n:
+        raise ValueError(f"{n} sides at once need {n} cores or more; this machine offers {len(cpus)}")
+    k = len(cpus) // n
+    cores = sorted(cpus)
+    return [cores[i * k : (i + 1) * k] for i in range(n)]
+
+
+def staggered(leads: Dict[str, List[float]]) -> Dict[str, float]:
+    """How long to hold back each side's launch so that the windows of sides started together
+    begin together: `leads[side]` are its runs' seconds from launch to window start so far (the
+    warm-up's included); the side that takes longest to get there is launched first. Pure."""
+    med = {side: statistics.median(x) for side, x in leads.items() if x}
+    top = max(med.values(), default=0.0)
+    return {side: round(top - med.get(side, top), 2) for side in leads}
+
+
+def overlap(windows: Sequence[Sequence[float]]) -> float:
+    """The share of the time any of the windows ran in which all of them ran (1.0: they began and
+    ended together). Pure."""
+    both = min(e for _, e in windows) - max(s for s, _ in windows)
+    return max(0.0, both) / (max(e for _, e in windows) - min(s for s, _ in windows))
+
+
+def together(calls: Dict[str, Callable[[], dict]], delays: Dict[str, float]) -> Dict[str, dict]:
+    """Each side's run in a thread of its own, launched after its delay; their results once all
+    have ended (a side that failed: its SystemExit, raised here)."""
+    results: Dict[str, dict] = {}
+    errors: List[BaseException] = []
+
+    def go(side: str) -> None:
+        time.sleep(delays.get(side, 0.0))
+        try:
+            results[side] = calls[side]()
+        except BaseException as e:  # check()'s SystemExit: the main thread raises it
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(side,), daemon=True) for side in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+MODES = ("sequential", "concurrent")
+
+
+def default_mode(sides: int) -> str:
+    """concurrent where there is no GPU and a core for each side; else sequential."""
+    from hpcinfer.planning.devices import detect
+
+    devices = detect()
+    return "concurrent" if not devices.gpus and len(devices.cpus) >= sides else "sequential"
+
+
+def concurrent_shares(sides: int) -> List[List[int]]:
+    from hpcinfer.planning.devices import detect
+
+    devices = detect()
+    if devices.gpus:
+        sys.exit("--mode concurrent is for CPU machines: the sides would share the GPU")
+    try:
+        return split_cores(devices.cpus, sides)
+    except ValueError as e:
+        sys.exit(f"--mode concurrent: {e}")
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="hpcinfer dp=1 against raw vLLM on the same prompts, in interleaved pairs")
-    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timed pairs (at least 5 for a usable interval)")
     ap.add_argument(
@@ -536,6 +682,13 @@ def main() -> None:
         default=0,
         help="number the pairs from here, so that which side goes first alternates on across calls "
         "(a call that goes on from earlier calls' N pairs: N)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="sequential: one side at a time on the whole machine; concurrent: the sides at the same time, "
+        "each on its own share of the cores (default: concurrent on a CPU machine with a core per side)",
     )
     ap.add_argument("--model", default="tiny", help="a conf/model name (tiny, tiny_moe, llama, ...)")
     ap.add_argument("--baseline", default=None, help="another checkout's root: run its hpcinfer as a third side")
@@ -564,6 +717,8 @@ def main() -> None:
     from hpcinfer.planning.models import resolve_model_path
 
     sides = ["raw", "hpcinfer"] + (["base"] if a.baseline else []) + (["engine"] if a.engine_side else [])
+    a.mode = a.mode or default_mode(len(sides))
+    shares = concurrent_shares(len(sides)) if a.mode == "concurrent" else None
     roots = {"hpcinfer": REPO, "base": Path(a.baseline).resolve() if a.baseline else None}
     with tempfile.TemporaryDirectory(prefix="hpcinfer-bench-") as tmp:
         # one vLLM cache (torch.compile artifacts) for every side, warmed by the warm-up runs: without
@@ -577,36 +732,60 @@ def main() -> None:
         args = engine_args(cfg, resolve_model_path(cfg.model.builtin, cfg.model.path, cfg.cache_path, build=True))
         print(f"engine_args {json.dumps(args)}")
         print(f"{a.rows} prompts x {a.max_tokens} tokens, {a.repeats} pair(s), sides {', '.join(sides)}")
+        if shares:
+            print(f"{a.mode}: the sides run at the same time, on the cores {' and '.join(map(str, shares))} in turn")
+        else:
+            print(f"{a.mode}: one side at a time on the whole machine, in turn")
         print(f"load average at start: {loadavg()}", flush=True)
 
         logs = Path(a.json).with_suffix("") if a.json else None  # each run's log: <json>/<run>.log
 
-        def run(side: str, prompts: Path, name: str) -> dict:
+        def run(side: str, prompts: Path, name: str, cpus: Optional[List[int]] = None) -> dict:
             log = logs / f"{name}.log" if logs else None
             if side == "raw":
-                return run_raw(args, prompts, a.max_tokens, log)
+                return run_raw(args, prompts, a.max_tokens, log, cpus)
             if side == "engine":
-                return run_engine(args, a.model, prompts, a.max_tokens)
-            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name, log=log)
+                return run_engine(args, a.model, prompts, a.max_tokens, cpus)
+            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name, log=log, cpus=cpus)
 
         began, on_gpu_before = time.monotonic(), gpu_pids()
-        if a.warmup_rows != 0:
+        leads: Dict[str, List[float]] = {s: [] for s in sides}  # concurrent: launch -> window start
+
+        def run_together(name: str, prompts: Path, cores: Dict[str, List[int]]) -> Dict[str, dict]:
+            delays = staggered(leads)
+            calls = {s: (lambda s=s: run(s, prompts, f"{name}-{s}", cores[s])) for s in sides}
+            done = together(calls, delays)
+            for s, r in done.items():
+                r.update(cpus=cores[s], delay_s=delays[s])
+                if "window_at" in r:
+                    leads[s].append(r["window_at"][0] - r["launched_at"])
+            return done
+
+        if a.warmup_rows == 0:
+            print("no warm-up runs (--warmup-rows 0): the caches must be warm already", flush=True)
+        elif shares:
+            t0 = time.monotonic()
+            run_together("warm", warm, dict(zip(sides, shares)))
+            print(f"warm-up, the sides together: {time.monotonic() - t0:.1f} s (untimed)", flush=True)
+        else:
             for side in sides:
                 t0 = time.monotonic()
                 run(side, warm, f"warm-{side}")
                 print(f"warm-up {side}: {time.monotonic() - t0:.1f} s (untimed)", flush=True)
-        else:
-            print("no warm-up runs (--warmup-rows 0): the caches must be warm already", flush=True)
 
         results: Dict[str, List[dict]] = {s: [] for s in sides}
         try:
             for i, order in rounds(sides, a.first_pair, a.repeats, a.budget_s, began):
-                done = {}
-                for side in order:
-                    waited = settle(on_gpu_before)
-                    done[side] = {**run(side, data, f"run{i}-{side}"), "settled_s": round(waited, 2)}
+                if shares:  # the core shares go round the sides as the order does in sequence
+                    done = run_together(f"run{i}", data, dict(zip(order, shares)))
+                else:
+                    done = {}
+                    for side in order:
+                        waited = settle(on_gpu_before)
+                        done[side] = {**run(side, data, f"run{i}-{side}"), "settled_s": round(waited, 2)}
+                        done[side]["position"] = order.index(side)
                 for side in sides:
-                    done[side].update(load=loadavg(), position=order.index(side))
+                    done[side]["load"] = loadavg()
                     results[side].append(done[side])
                 report_pair(i, order, sides, results)
                 if a.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -110,3 +111,82 @@ def test_rounds_rotate_the_order_across_calls_and_stop_before_one_past_the_budge
         now[0] += 100.0  # each round takes 100 s: at 200 s, one more would end at 300 s > 250 s
     assert ran == [0, 1]
     assert "no room for round 2 (the longest took 100 s)" in capsys.readouterr().out
+
+
+def test_split_cores_gives_each_side_an_equal_share_of_neighbouring_cores(overhead):
+    assert overhead.split_cores([1, 0], 2) == [[0], [1]]
+    assert overhead.split_cores([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3]]  # core 4 stays idle
+    assert overhead.split_cores(range(6), 3) == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="3 sides at once need 3 cores or more; this machine offers 2"):
+        overhead.split_cores([0, 1], 3)
+
+
+def test_staggered_holds_back_the_sides_that_reach_their_window_sooner(overhead):
+    # hpcinfer reaches its window 9-11 s after its launch, raw after 7-8 s: raw waits the difference
+    delays = overhead.staggered({"raw": [7.0, 8.0, 7.5], "hpcinfer": [9.0, 11.0, 10.0]})
+    assert delays == {"raw": 2.5, "hpcinfer": 0.0}
+    # nothing measured yet (the warm-up): all at once; a side with no window (engine) is not held back
+    assert overhead.staggered({"raw": [], "hpcinfer": []}) == {"raw": 0.0, "hpcinfer": 0.0}
+    assert overhead.staggered({"raw": [3.0], "engine": []}) == {"raw": 0.0, "engine": 0.0}
+
+
+def test_overlap_is_the_shared_time_over_the_union(overhead):
+    assert overhead.overlap([(0, 10), (0, 10)]) == 1.0
+    assert overhead.overlap([(0, 10), (1, 11)]) == pytest.approx(9 / 11)
+    assert overhead.overlap([(0, 4), (5, 9)]) == 0.0
+
+
+def concurrent(start: float, window, cpus) -> dict:
+    return {**run(start), "window_at": list(window), "cpus": cpus}
+
+
+def test_concurrent_pairs_are_described_by_their_cores_and_windows_not_by_an_order(overhead, tmp_path):
+    raw = [concurrent(10, (100, 130), [0]), concurrent(10, (200, 230), [1])]
+    hpc = [concurrent(9, (101, 131), [1]), concurrent(9, (200, 229), [0])]
+    text = overhead.arrangement(["raw", "hpcinfer"], [raw[0], hpc[0]])
+    assert text.startswith("together: raw on 0, hpcinfer on 1; windows overlap 94%")
+    assert text.endswith("hpcinfer began +1.0 s, ended +1.0 s")
+    assert "raw on 1" in overhead.arrangement(["hpcinfer", "raw"], [hpc[1], raw[1]])
+    summary = overhead.concurrent_summary(raw, hpc, [0.99, 1.01])
+    assert summary == (
+        "windows overlap median 95.1% (min 93.5%); ratio on cores 0: median 1.010 (1 pairs); "
+        "on cores 1: median 0.990 (1 pairs)"
+    )
+    # nobody went first: no split of the start difference by order, and pooling leaves it so
+    text = overhead.split_differences(raw, hpc)
+    assert "start median -1.00 s" in text and "went first" not in text
+    path = tmp_path / "c.json"
+    path.write_text(
+        json.dumps(
+            {
+                "args": {"rows": 8, "max_tokens": 4, "mode": "concurrent"},
+                "engine_args": {},
+                "results": {"raw": raw, "hpcinfer": hpc},
+            }
+        )
+    )
+    assert all("position" not in r for r in overhead.pooled([str(path)])["raw"])
+    seq = write(tmp_path / "s.json", [run(30)], [run(31)], rows=8)
+    with pytest.raises(SystemExit, match="s.json measured something else"):
+        overhead.pooled([str(path), seq])
+
+
+def test_together_runs_the_sides_at_once_after_their_delays_and_raises_a_sides_failure(overhead):
+    began = overhead.time.monotonic()
+    seen = {}
+
+    def side(name):
+        seen[name] = overhead.time.monotonic() - began
+        overhead.time.sleep(0.3)
+        return {"name": name}
+
+    out = overhead.together({"a": lambda: side("a"), "b": lambda: side("b")}, {"a": 0.2, "b": 0.0})
+    assert out == {"a": {"name": "a"}, "b": {"name": "b"}}
+    assert seen["b"] < 0.1 < 0.15 < seen["a"] < 0.3  # b at once, a held back 0.2 s, both running together
+    assert overhead.time.monotonic() - began < 0.55
+
+    def fails():
+        sys.exit("raw vLLM failed with exit code 1")
+
+    with pytest.raises(SystemExit, match="raw vLLM failed"):
+        overhead.together({"a": fails, "b": lambda: {}}, {})
