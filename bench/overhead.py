@@ -25,9 +25,12 @@ and autotuning caches, page cache, .pyc files), then `--repeats` pairs, in one o
 - concurrent (the default on a CPU machine with a core per side): the sides of a pair run at the
   same time, each with its own equal share of the cores (`taskset`: the side's every process, and
   its engine's threads, bound there; hpcinfer's submit, rank and finalize included), the shares
-  going round the sides from pair to pair. A side's launch is held back by how much sooner it
-  reaches its window than the slowest side (medians of the runs so far, the warm-ups' included),
-  so that the windows begin together; each pair prints how much of the windows overlapped. Why:
+  going round the sides from pair to pair. They are launched together, and each waits at a gate
+  once its engine is up, just before its window (hpcinfer's rank: `HPCINFER_START_GATE`,
+  `hpcinfer.rank.worker.wait_at_gate`; raw: the same few lines in its script); the gates open
+  together when every side has reached its own, so the windows begin together (each pair prints
+  how far apart they began and ended, and how much of them overlapped). A side's wall leaves out
+  its wait at the gate (`gate_s`, kept in the JSON). Why:
   on the 2-core VMs this project runs on, the machine's speed drifts within minutes
   (`bench/cpu_drift.py`), so two runs one after the other differ by 10-30% whatever they run
   (sequential per-pair ratios 0.80-1.41 here), while two runs at the same time see the same
@@ -102,6 +105,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# before a script's window: with a gate (argv[3], concurrent mode), say the engine is up
+# (`<gate>.ready`, holding the time `t_ready`) and wait for the gate to open, as the rank does
+# (hpcinfer.rank.worker.wait_at_gate), so that the sides' windows begin together
+GATE = r"""
+import os
+t_ready = time.time()
+if len(sys.argv) > 3:
+    with open(sys.argv[3] + ".ready.tmp", "w") as f:
+        f.write(repr(time.time()))
+    os.replace(sys.argv[3] + ".ready.tmp", sys.argv[3] + ".ready")
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.01)
+"""
+
 # the end of a script that built `llm`: as the rank, stop vLLM's engine-core processes, if any
 STOP_CORE = r"""
 core = getattr(llm.llm_engine, "engine_core", None)
@@ -121,6 +138,9 @@ prompts = pq.read_table(sys.argv[2]).column("prompt").to_pylist()
 t_imp = time.time()
 llm = LLM(**args["engine_args"])
 params = SamplingParams(temperature=0, max_tokens=args["max_tokens"], ignore_eos=True)
+"""
+    + GATE
+    + r"""
 t1 = time.time()
 outs = llm.generate(prompts, params, use_tqdm=False)
 t2 = time.time()
@@ -128,7 +148,8 @@ t2 = time.time()
     + STOP_CORE
     + r"""
 print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "window_s": t2 - t1,
-                  "vllm": __version__, "t": [t0, t_imp, t1, t2, time.time()], "import_s": t_vllm - t0}),
+                  "vllm": __version__, "t": [t0, t_imp, t1, t2, time.time()], "import_s": t_vllm - t0,
+                  "gate_s": t1 - t_ready}),
       flush=True)
 import os; os._exit(0)
 """
@@ -136,7 +157,8 @@ import os; os._exit(0)
 
 # `--engine-side`: hpcinfer's own engine wrapper and request building, without the rank around
 # them: every request built and added at once, then stepped to the end, timed as raw is
-ENGINE = r"""
+ENGINE = (
+    r"""
 import json, sys, time
 import pyarrow.parquet as pq
 from hpcinfer.cli import compose
@@ -146,6 +168,9 @@ args = json.loads(sys.argv[1])
 table = pq.read_table(sys.argv[2])
 cfg = compose(args["overrides"])
 engine = VllmEngine(args["engine_args"])
+"""
+    + GATE
+    + r"""
 t1 = time.time()
 requests = build_requests(table, range(table.num_rows), range(table.num_rows), cfg, engine.tokenizer,
                           engine.max_model_len)
@@ -156,11 +181,13 @@ while engine.pending:
     tokens += sum(res.output_tokens for _, _, res in engine.step())
 t2 = time.time()
 engine.shutdown()
-print(json.dumps({"tokens": tokens, "window_s": t2 - t1}), flush=True)
+print(json.dumps({"tokens": tokens, "window_s": t2 - t1, "gate_s": t1 - t_ready}), flush=True)
 import os; os._exit(0)
 """
+)
 
 EXTRA: List[str] = []  # --set overrides, for every side
+START_GATE, WORKER = "HPCINFER_START_GATE", "hpcinfer/rank/worker.py"  # the rank's gate (concurrent mode)
 SIDES = ("raw", "hpcinfer", "base")
 
 
@@ -222,12 +249,17 @@ def keep_log(log: Optional[Path], text: str) -> None:
 
 
 def run_raw(
-    engine_args: dict, data: Path, max_tokens: int, log: Optional[Path] = None, cpus: Optional[List[int]] = None
+    engine_args: dict,
+    data: Path,
+    max_tokens: int,
+    log: Optional[Path] = None,
+    cpus: Optional[List[int]] = None,
+    gate: Optional[Path] = None,
 ) -> dict:
     launched, t0 = time.time(), time.monotonic()
     r = subprocess.run(
         [*pinned(cpus), sys.executable, "-c", RAW, json.dumps({"engine_args": engine_args, "max_tokens": max_tokens})]
-        + [str(data)],
+        + [str(data), *([str(gate)] if gate else [])],
         env=raw_env(cpus),
         capture_output=True,
         text=True,
@@ -240,18 +272,19 @@ def run_raw(
 
     res = json.loads(r.stdout.strip().splitlines()[-1])
     started, imported, t1, t2, shut = res["t"]
+    gate_s = res["gate_s"]  # waited at the gate for the other sides (0 without one)
     return {
         "tokens": res["tokens"],
         "window_s": res["window_s"],
-        "wall_s": wall,
+        "wall_s": wall - gate_s,  # without the wait at the gate
+        "gate_s": gate_s,
         "vllm": res["vllm"],
-        "launched_at": launched,
         "window_at": [t1, t2],
         # where the wall went: to the engine's start (interpreter, imports, prompts read), the
         # engine's start-up (LLM()), the window, after it (engine core stopped, the process's exit)
         "split": {
             "to_engine_s": imported - launched,
-            "engine_s": t1 - imported,
+            "engine_s": t1 - gate_s - imported,
             "window_s": t2 - t1,
             "after_s": launched + wall - t2,
         },
@@ -261,11 +294,18 @@ def run_raw(
     }
 
 
-def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int, cpus: Optional[List[int]] = None) -> dict:
-    launched, t0 = time.time(), time.monotonic()
+def run_engine(
+    engine_args: dict,
+    model: str,
+    data: Path,
+    max_tokens: int,
+    cpus: Optional[List[int]] = None,
+    gate: Optional[Path] = None,
+) -> dict:
+    t0 = time.monotonic()
     spec = {"engine_args": engine_args, "overrides": overrides(model, data, max_tokens)}
     r = subprocess.run(
-        [*pinned(cpus), sys.executable, "-c", ENGINE, json.dumps(spec), str(data)],
+        [*pinned(cpus), sys.executable, "-c", ENGINE, json.dumps(spec), str(data), *([str(gate)] if gate else [])],
         env={**hpcinfer_env(REPO), **raw_env(cpus)},
         cwd=REPO,
         capture_output=True,
@@ -275,7 +315,12 @@ def run_engine(engine_args: dict, model: str, data: Path, max_tokens: int, cpus:
     wall = time.monotonic() - t0
     check(r, "hpcinfer's engine alone")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"tokens": res["tokens"], "window_s": res["window_s"], "wall_s": wall, "launched_at": launched}
+    return {
+        "tokens": res["tokens"],
+        "window_s": res["window_s"],
+        "wall_s": wall - res["gate_s"],
+        "gate_s": res["gate_s"],
+    }
 
 
 def hpcinfer_argv(model: str, data: Path, max_tokens: int, run_dir: Path, extra: Sequence[str] = ()) -> List[str]:
@@ -297,12 +342,13 @@ def run_hpcinfer(
     extra: Sequence[str] = (),
     log: Optional[Path] = None,
     cpus: Optional[List[int]] = None,
+    gate: Optional[Path] = None,
 ) -> dict:
     launched, t0, cpu0 = time.time(), time.monotonic(), children_cpu_s()
     r = subprocess.run(
         [*pinned(cpus), *hpcinfer_argv(model, data, max_tokens, run_dir, extra)],
         cwd=root,
-        env=hpcinfer_env(root),
+        env={**hpcinfer_env(root), **({START_GATE: str(gate)} if gate else {})},
         capture_output=True,
         text=True,
         check=False,
@@ -317,7 +363,9 @@ def run_hpcinfer(
     # the window's end (a baseline that does not record last_output_at: its last shard done)
     last = end or rank["generation_ended_at"]
     began = rank["generation_started_at"]
-    engine_start = began - rank["engine_seconds"]
+    # waited at the gate for the other sides (hpcinfer.rank.worker.wait_at_gate; 0 without one)
+    gate_s = began - float(Path(f"{gate}.rank0.ready").read_text()) if gate else 0.0
+    engine_start = began - gate_s - rank["engine_seconds"]
     return {
         "tokens": summary["output_tokens"],
         "window_s": last - began,
@@ -328,11 +376,11 @@ def run_hpcinfer(
         "to_rank_s": rank["started_at"] - (summary["finished_at"] - summary["wall_seconds"]),
         "engine_s": rank["engine_seconds"],
         "finalize_s": summary["finished_at"] - rank["finished_at"],
-        "wall_s": wall,
+        "wall_s": wall - gate_s,  # without the wait at the gate
+        "gate_s": gate_s,
         # user + system of the submit and every process it waited for (ranks, finalize); None when
         # another side ran at the same time (the benchmark's children's times are one sum)
         "cpu_s": None if cpus else cpu,
-        "launched_at": launched,
         "window_at": [began, last],
         # the same split as raw's: to the engine's start (submit, planning, the rank process up to
         # its engine, `import vllm` aside: the rank imports it inside the engine's start-up), the
@@ -593,15 +641,6 @@ def split_cores(cpus: Sequence[int], n: int) -> List[List[int]]:
     return [cores[i * k : (i + 1) * k] for i in range(n)]
 
 
-def staggered(leads: Dict[str, List[float]]) -> Dict[str, float]:
-    """How long to hold back each side's launch so that the windows of sides started together
-    begin together: `leads[side]` are its runs' seconds from launch to window start so far (the
-    warm-up's included); the side that takes longest to get there is launched first. Pure."""
-    med = {side: statistics.median(x) for side, x in leads.items() if x}
-    top = max(med.values(), default=0.0)
-    return {side: round(top - med.get(side, top), 2) for side in leads}
-
-
 def overlap(windows: Sequence[Sequence[float]]) -> float:
     """The share of the time any of the windows ran in which all of them ran (1.0: they began and
     ended together). Pure."""
@@ -609,27 +648,39 @@ def overlap(windows: Sequence[Sequence[float]]) -> float:
     return max(0.0, both) / (max(e for _, e in windows) - min(s for s, _ in windows))
 
 
-def together(calls: Dict[str, Callable[[], dict]], delays: Dict[str, float]) -> Dict[str, dict]:
-    """Each side's run in a thread of its own, launched after its delay; their results once all
-    have ended (a side that failed: its SystemExit, raised here)."""
+def together(calls: Dict[str, Callable[[], dict]], gates: Dict[str, Path], poll_s: float = 0.01) -> Dict[str, dict]:
+    """Each side's run in a thread of its own, all launched at once; each waits before its window
+    until it finds its gate (`gates[side]`), and the gates open together once every side has said
+    that its engine is up (`ready(side, gate)`), so that the windows begin together. Their results
+    once all have ended. A side that ends before it is ready (it failed) opens the gates, so the
+    others go on; its error (check()'s SystemExit) is raised here."""
     results: Dict[str, dict] = {}
     errors: List[BaseException] = []
 
     def go(side: str) -> None:
-        time.sleep(delays.get(side, 0.0))
         try:
             results[side] = calls[side]()
-        except BaseException as e:  # check()'s SystemExit: the main thread raises it
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=go, args=(side,), daemon=True) for side in calls]
     for t in threads:
         t.start()
+    while not all(ready(side, gates[side]).exists() for side in gates) and all(t.is_alive() for t in threads):
+        time.sleep(poll_s)
+    for gate in gates.values():
+        gate.touch()
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
     return results
+
+
+def ready(side: str, gate: Path) -> Path:
+    """The file a side writes when its engine is up and it waits at `gate`: a rank's
+    (`hpcinfer.rank.worker.wait_at_gate`, rank 0) or a script's (`GATE`)."""
+    return Path(f"{gate}.rank0.ready" if side in ("hpcinfer", "base") else f"{gate}.ready")
 
 
 MODES = ("sequential", "concurrent")
@@ -740,25 +791,28 @@ def main() -> None:
 
         logs = Path(a.json).with_suffix("") if a.json else None  # each run's log: <json>/<run>.log
 
-        def run(side: str, prompts: Path, name: str, cpus: Optional[List[int]] = None) -> dict:
+        def run(
+            side: str, prompts: Path, name: str, cpus: Optional[List[int]] = None, gate: Optional[Path] = None
+        ) -> dict:
             log = logs / f"{name}.log" if logs else None
             if side == "raw":
-                return run_raw(args, prompts, a.max_tokens, log, cpus)
+                return run_raw(args, prompts, a.max_tokens, log, cpus, gate)
             if side == "engine":
-                return run_engine(args, a.model, prompts, a.max_tokens, cpus)
-            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, Path(tmp) / name, log=log, cpus=cpus)
+                return run_engine(args, a.model, prompts, a.max_tokens, cpus, gate)
+            run_dir = Path(tmp) / name
+            return run_hpcinfer(roots[side], a.model, prompts, a.max_tokens, run_dir, log=log, cpus=cpus, gate=gate)
 
         began, on_gpu_before = time.monotonic(), gpu_pids()
-        leads: Dict[str, List[float]] = {s: [] for s in sides}  # concurrent: launch -> window start
+
+        # a baseline from before the rank's start gate cannot wait at one: it starts when it is up
+        gated = [s for s in sides if s != "base" or START_GATE in (roots["base"] / WORKER).read_text()]
 
         def run_together(name: str, prompts: Path, cores: Dict[str, List[int]]) -> Dict[str, dict]:
-            delays = staggered(leads)
-            calls = {s: (lambda s=s: run(s, prompts, f"{name}-{s}", cores[s])) for s in sides}
-            done = together(calls, delays)
+            gates = {s: Path(tmp) / f"gate-{name}-{s}" for s in gated}
+            calls = {s: (lambda s=s: run(s, prompts, f"{name}-{s}", cores[s], gates.get(s))) for s in sides}
+            done = together(calls, gates)
             for s, r in done.items():
-                r.update(cpus=cores[s], delay_s=delays[s])
-                if "window_at" in r:
-                    leads[s].append(r["window_at"][0] - r["launched_at"])
+                r["cpus"] = cores[s]
             return done
 
         if a.warmup_rows == 0:

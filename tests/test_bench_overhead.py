@@ -121,15 +121,6 @@ def test_split_cores_gives_each_side_an_equal_share_of_neighbouring_cores(overhe
         overhead.split_cores([0, 1], 3)
 
 
-def test_staggered_holds_back_the_sides_that_reach_their_window_sooner(overhead):
-    # hpcinfer reaches its window 9-11 s after its launch, raw after 7-8 s: raw waits the difference
-    delays = overhead.staggered({"raw": [7.0, 8.0, 7.5], "hpcinfer": [9.0, 11.0, 10.0]})
-    assert delays == {"raw": 2.5, "hpcinfer": 0.0}
-    # nothing measured yet (the warm-up): all at once; a side with no window (engine) is not held back
-    assert overhead.staggered({"raw": [], "hpcinfer": []}) == {"raw": 0.0, "hpcinfer": 0.0}
-    assert overhead.staggered({"raw": [3.0], "engine": []}) == {"raw": 0.0, "engine": 0.0}
-
-
 def test_overlap_is_the_shared_time_over_the_union(overhead):
     assert overhead.overlap([(0, 10), (0, 10)]) == 1.0
     assert overhead.overlap([(0, 10), (1, 11)]) == pytest.approx(9 / 11)
@@ -171,22 +162,36 @@ def test_concurrent_pairs_are_described_by_their_cores_and_windows_not_by_an_ord
         overhead.pooled([str(path), seq])
 
 
-def test_together_runs_the_sides_at_once_after_their_delays_and_raises_a_sides_failure(overhead):
+def test_together_opens_every_gate_once_all_sides_wait_at_theirs_and_raises_a_sides_failure(overhead, tmp_path):
+    """Each side says it is ready (its ready file), then waits for its gate, as the rank and the
+    raw script do; no gate opens before the slower side is ready."""
+    gates = {"raw": tmp_path / "g-raw", "hpcinfer": tmp_path / "g-hpcinfer"}
+    assert overhead.ready("raw", gates["raw"]).name == "g-raw.ready"
+    assert overhead.ready("hpcinfer", gates["hpcinfer"]).name == "g-hpcinfer.rank0.ready"
     began = overhead.time.monotonic()
-    seen = {}
 
-    def side(name):
-        seen[name] = overhead.time.monotonic() - began
-        overhead.time.sleep(0.3)
-        return {"name": name}
+    def side(name, up_after):
+        overhead.time.sleep(up_after)
+        overhead.ready(name, gates[name]).write_text(repr(overhead.time.time()))
+        ready_at = overhead.time.monotonic() - began
+        while not gates[name].exists():
+            overhead.time.sleep(0.01)
+        return {"ready": ready_at, "go": overhead.time.monotonic() - began}
 
-    out = overhead.together({"a": lambda: side("a"), "b": lambda: side("b")}, {"a": 0.2, "b": 0.0})
-    assert out == {"a": {"name": "a"}, "b": {"name": "b"}}
-    assert seen["b"] < 0.1 < 0.15 < seen["a"] < 0.3  # b at once, a held back 0.2 s, both running together
-    assert overhead.time.monotonic() - began < 0.55
+    out = overhead.together({"raw": lambda: side("raw", 0.05), "hpcinfer": lambda: side("hpcinfer", 0.4)}, gates)
+    assert out["raw"]["ready"] < 0.2 and out["hpcinfer"]["ready"] >= 0.4
+    assert out["raw"]["go"] >= 0.4 and abs(out["raw"]["go"] - out["hpcinfer"]["go"]) < 0.1  # together
 
     def fails():
         sys.exit("raw vLLM failed with exit code 1")
 
+    others = tmp_path / "other"  # a side waiting at its gate goes on once the other has failed
     with pytest.raises(SystemExit, match="raw vLLM failed"):
-        overhead.together({"a": fails, "b": lambda: {}}, {})
+        overhead.together(
+            {"raw": fails, "hpcinfer": lambda: side("hpcinfer", 0.0)},
+            {"raw": others, "hpcinfer": gates["hpcinfer"]},
+        )
+    # a side without a gate (a baseline from before the rank's gate) does not hold the others
+    gates = {"raw": tmp_path / "g2-raw", "hpcinfer": tmp_path / "g2-hpcinfer"}
+    out = overhead.together({"raw": lambda: side("raw", 0.0), "base": lambda: {}}, {"raw": gates["raw"]})
+    assert out["base"] == {} and out["raw"]["go"] < 5

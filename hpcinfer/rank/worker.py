@@ -149,6 +149,21 @@ def failure_message(rd: RunDir, e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+START_GATE = "HPCINFER_START_GATE"
+
+
+def wait_at_gate(gate: Optional[str], rank: int, poll_s: float = 0.01) -> None:
+    """For benchmarks (bench/overhead.py): with `HPCINFER_START_GATE=<path>` set, a rank whose
+    engine is up says so (`<path>.rank<r>.ready`, holding the time) and waits until `<path>`
+    exists before it generates, so that its generation starts together with another process's.
+    Unset: returns at once."""
+    if not gate:
+        return
+    atomic_write(f"{gate}.rank{rank}.ready", repr(time.time()), durable=False)
+    while not os.path.exists(gate):
+        time.sleep(poll_s)
+
+
 def say(msg: str) -> None:
     """A line in the rank's log; lost, not raised, when the log's disk is full."""
     with contextlib.suppress(OSError):
@@ -199,8 +214,10 @@ def _run(rd: RunDir, ctx: RankContext) -> int:
             startup.update(staging.startup_split(staging.read_from(log, offset)))
             if getattr(engine, "import_seconds", None) is not None:  # a VllmEngine (not a test's fake)
                 startup["import_seconds"] = round(engine.import_seconds, 3)
+            engine_seconds = time.time() - t0
+            wait_at_gate(os.environ.get(START_GATE), ctx.rank)
             state.write(
-                state=RUNNING, engine_seconds=time.time() - t0, startup=startup, generation_started_at=time.time()
+                state=RUNNING, engine_seconds=engine_seconds, startup=startup, generation_started_at=time.time()
             )
             ShardLoop(rd, cfg, work, schema, engine, state, finished_rows, ctx.rank, plan.request, plan.output).run()
             if cfg.lockstep:

@@ -81,3 +81,23 @@ def test_record_exit_marks_silent_deaths_failed(rd, code, state, expect):
 def test_should_restart_only_failures_within_budget(rd, code, state, left, restart):
     rd.write_rank(RankRecord(0, state=state))
     assert should_restart(rd, 0, code, left) is restart
+
+
+def test_start_gate_says_ready_then_waits_for_the_gate_and_unset_waits_for_nothing(tmp_path):
+    """HPCINFER_START_GATE (bench/overhead.py's concurrent pairs): the rank writes its ready file
+    with the time, and generates only once the gate exists."""
+    import threading
+    import time
+
+    from hpcinfer.rank.worker import wait_at_gate
+
+    t0 = time.time()
+    wait_at_gate(None, 0)
+    wait_at_gate("", 0)
+    assert time.time() - t0 < 0.05 and list(tmp_path.iterdir()) == []
+    gate = tmp_path / "gate"
+    threading.Timer(0.3, gate.touch).start()
+    wait_at_gate(str(gate), 3)
+    assert time.time() - t0 >= 0.3
+    ready = float((tmp_path / "gate.rank3.ready").read_text())
+    assert t0 <= ready < t0 + 0.2
