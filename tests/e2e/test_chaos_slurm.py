@@ -1,10 +1,11 @@
 """Exactly once on a real Slurm cluster: a preemption signal (USR2) requeues the job and it resumes
-from the durable parts; a node whose slurmd dies is requeued elsewhere and the run completes; a
-killed rank process restarts in place. Each run's results equal the session's undisturbed chaos
+from the durable parts; a lost node (its slurmd dead, its rank stopped) is requeued elsewhere and
+the run completes; a killed rank process restarts in place. Each run's results equal the session's undisturbed chaos
 reference (conftest.chaos_reference)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,17 +37,21 @@ def test_preemption_signal_requeues_and_resumes(chaos_inputs, tmp_path, slurm_en
 
 
 def test_killed_node_is_requeued_and_the_run_completes(chaos_inputs, tmp_path, slurm_env, chaos_reference):
+    """The node of rank 1 is lost: its slurmd dies and its rank makes no more progress (stopped;
+    killed once the run is over: the node never comes back). The job cannot end until Slurm
+    declares the node dead (~16 s), requeues the job, and the rerun on other nodes completes."""
     run_dir = tmp_path / "run"
-    # two sequences at a time: the ranks must outlast Slurm's ~16 s to declare the node dead
-    # (results do not depend on the batch in float32: the reference ran with vLLM's default batch)
-    args = chaos_args(chaos_inputs, run_dir, "dp=2", "engine.max_num_seqs=2")
-    proc = submit_in_background(slurm_env, args, run_dir)
-    victim = busy_rank(run_dir, 1, 4, proc)["host"]
+    proc = submit_in_background(slurm_env, chaos_args(chaos_inputs, run_dir, "dp=2"), run_dir)
+    rank = busy_rank(run_dir, 1, 4, proc)
+    victim = rank["host"]
     script = str(REPO / "slurm" / "cluster.sh")
     subprocess.run(["bash", script, "kill-node", victim], env=slurm_env, check=True, capture_output=True)
+    os.kill(rank["pid"], signal.SIGSTOP)
     try:
         out, err = proc.communicate(timeout=600)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank["pid"], signal.SIGKILL)
         subprocess.run(["bash", script, "revive-node", victim], env=slurm_env, capture_output=True)
     assert proc.returncode == 0, err
     job = json.loads((run_dir / "jobs.json").read_text())["submissions"][-1]["workers"][0]
