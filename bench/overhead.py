@@ -113,7 +113,7 @@ import os
 t_ready = time.time()
 if len(sys.argv) > 3:
     with open(sys.argv[3] + ".ready.tmp", "w") as f:
-        f.write(repr(time.time()))
+        f.write(repr(t_ready))
     os.replace(sys.argv[3] + ".ready.tmp", sys.argv[3] + ".ready")
     while not os.path.exists(sys.argv[3]):
         time.sleep(0.01)
@@ -364,7 +364,7 @@ def run_hpcinfer(
     last = end or rank["generation_ended_at"]
     began = rank["generation_started_at"]
     # waited at the gate for the other sides (hpcinfer.rank.worker.wait_at_gate; 0 without one)
-    gate_s = began - float(Path(f"{gate}.rank0.ready").read_text()) if gate else 0.0
+    gate_s = began - float(ready("hpcinfer", gate).read_text()) if gate else 0.0
     engine_start = began - gate_s - rank["engine_seconds"]
     return {
         "tokens": summary["output_tokens"],
@@ -686,18 +686,13 @@ def ready(side: str, gate: Path) -> Path:
 MODES = ("sequential", "concurrent")
 
 
-def default_mode(sides: int) -> str:
+def default_mode(sides: int, devices) -> str:
     """concurrent where there is no GPU and a core for each side; else sequential."""
-    from hpcinfer.planning.devices import detect
-
-    devices = detect()
     return "concurrent" if not devices.gpus and len(devices.cpus) >= sides else "sequential"
 
 
-def concurrent_shares(sides: int) -> List[List[int]]:
-    from hpcinfer.planning.devices import detect
-
-    devices = detect()
+def concurrent_shares(sides: int, devices) -> List[List[int]]:
+    """`devices`' cores in a share per side (`split_cores`); refused on a GPU machine."""
     if devices.gpus:
         sys.exit("--mode concurrent is for CPU machines: the sides would share the GPU")
     try:
@@ -765,11 +760,13 @@ def main() -> None:
 
     from hpcinfer.cli import compose
     from hpcinfer.config import engine_args
+    from hpcinfer.planning.devices import detect
     from hpcinfer.planning.models import resolve_model_path
 
     sides = ["raw", "hpcinfer"] + (["base"] if a.baseline else []) + (["engine"] if a.engine_side else [])
-    a.mode = a.mode or default_mode(len(sides))
-    shares = concurrent_shares(len(sides)) if a.mode == "concurrent" else None
+    devices = detect()
+    a.mode = a.mode or default_mode(len(sides), devices)
+    shares = concurrent_shares(len(sides), devices) if a.mode == "concurrent" else None
     roots = {"hpcinfer": REPO, "base": Path(a.baseline).resolve() if a.baseline else None}
     with tempfile.TemporaryDirectory(prefix="hpcinfer-bench-") as tmp:
         # one vLLM cache (torch.compile artifacts) for every side, warmed by the warm-up runs: without
